@@ -1,0 +1,135 @@
+// CPU implementations of the mbf_kernels ops: shape checks, output
+// allocation and a parallel split over blocks around the torch-free kernels
+// of block_kernels.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../ops_common.h"
+#include "mbf/batched.h"
+
+namespace mbf {
+namespace ops {
+namespace {
+
+// Blocks per parallel task: enough work (about d^3 flops each) to amortise
+// the task overhead, so small batches stay on one thread.
+int64_t grain_for(int64_t d) { return 1 + 32768 / (d * d * d + 1); }
+
+std::tuple<at::Tensor, at::Tensor> cholesky_ex_cpu(const at::Tensor& A_in,
+                                                   double damping) {
+  check_blocks(A_in, "A");
+  const auto A = A_in.contiguous();
+  const int64_t n = A.size(0);
+  const int d = static_cast<int>(A.size(1));
+  auto L = at::empty_like(A);
+  auto info = at::empty({n}, A.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "mbf_cholesky_ex_cpu", [&] {
+    const scalar_t* a = A.const_data_ptr<scalar_t>();
+    scalar_t* l = L.mutable_data_ptr<scalar_t>();
+    int32_t* inf = info.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
+      cpu::cholesky_batched<scalar_t>(a, l, inf, b, e, d,
+                                      static_cast<scalar_t>(damping));
+    });
+  });
+  return {L, info};
+}
+
+at::Tensor cholesky_solve_cpu(const at::Tensor& B_in, const at::Tensor& L_in) {
+  check_blocks(L_in, "L");
+  check_rhs(B_in, L_in);
+  const auto L = L_in.contiguous();
+  const auto B = B_in.contiguous();
+  const int64_t n = L.size(0);
+  const int d = static_cast<int>(L.size(1));
+  const int k = static_cast<int>(B.size(2));
+  auto X = B.clone();
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "mbf_cholesky_solve_cpu", [&] {
+    const scalar_t* l = L.const_data_ptr<scalar_t>();
+    scalar_t* x = X.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
+      cpu::cholesky_solve_batched<scalar_t>(l, x, b, e, d, k);
+    });
+  });
+  return X;
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_spd_ex_cpu(const at::Tensor& A_in,
+                                                    const at::Tensor& B_in,
+                                                    double damping) {
+  check_blocks(A_in, "A");
+  const auto A = A_in.contiguous();
+  check_rhs(B_in, A);
+  const auto B = B_in.contiguous();
+  const int64_t n = A.size(0);
+  const int d = static_cast<int>(A.size(1));
+  const int k = static_cast<int>(B.size(2));
+  auto X = B.clone();
+  auto info = at::empty({n}, A.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "mbf_solve_spd_ex_cpu", [&] {
+    const scalar_t* a = A.const_data_ptr<scalar_t>();
+    scalar_t* x = X.mutable_data_ptr<scalar_t>();
+    int32_t* inf = info.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
+      cpu::solve_spd_batched<scalar_t>(a, x, inf, b, e, d, k,
+                                       static_cast<scalar_t>(damping));
+    });
+  });
+  return {X, info};
+}
+
+std::tuple<at::Tensor, at::Tensor> inv_spd_ex_cpu(const at::Tensor& A_in,
+                                                  double damping) {
+  check_blocks(A_in, "A");
+  const auto A = A_in.contiguous();
+  const int64_t n = A.size(0);
+  const int d = static_cast<int>(A.size(1));
+  auto Ainv = at::empty_like(A);
+  auto info = at::empty({n}, A.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "mbf_inv_spd_ex_cpu", [&] {
+    const scalar_t* a = A.const_data_ptr<scalar_t>();
+    scalar_t* out = Ainv.mutable_data_ptr<scalar_t>();
+    int32_t* inf = info.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
+      cpu::inv_spd_batched<scalar_t>(a, out, inf, b, e, d,
+                                     static_cast<scalar_t>(damping));
+    });
+  });
+  return {Ainv, info};
+}
+
+void outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
+  check_blocks(F, "F");
+  check_vectors(G_in, F);
+  const auto G = G_in.contiguous();
+  const bool in_place = F.is_contiguous();
+  at::Tensor Fc = in_place ? F : F.contiguous();
+  const int64_t n = Fc.size(0);
+  const int d = static_cast<int>(Fc.size(1));
+  const int S = static_cast<int>(G.size(1));
+  AT_DISPATCH_FLOATING_TYPES(Fc.scalar_type(), "mbf_outer_ema_cpu", [&] {
+    scalar_t* f = Fc.mutable_data_ptr<scalar_t>();
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
+      cpu::outer_ema_batched<scalar_t>(f, g, b, e, d, S,
+                                       static_cast<scalar_t>(beta));
+    });
+  });
+  if (!in_place) F.copy_(Fc);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
+  m.impl("cholesky_ex", &cholesky_ex_cpu);
+  m.impl("cholesky_solve", &cholesky_solve_cpu);
+  m.impl("solve_spd_ex", &solve_spd_ex_cpu);
+  m.impl("inv_spd_ex", &inv_spd_ex_cpu);
+  m.impl("outer_ema_", &outer_ema_cpu);
+}
+
+}  // namespace ops
+}  // namespace mbf

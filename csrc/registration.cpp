@@ -1,0 +1,67 @@
+// The one place where the mbf_kernels op schemas are declared; each backend
+// registers implementations in its own file (csrc/cpu/ops.cpp,
+// csrc/cuda/ops.cu). Also the Python module `mbf_kernels._C`, whose import
+// runs the registrations and which exposes build facts for `mbf info`.
+#include <torch/extension.h>
+
+#include <string>
+
+TORCH_LIBRARY(mbf_kernels, m) {
+  // All ops take flat, contiguous batches: A, L, F (N, d, d); B, X (N, d, k);
+  // G (N, S, d); info (N,) int32. Broadcasting and reshaping live in Python.
+  m.def("cholesky_ex(Tensor A, float damping) -> (Tensor L, Tensor info)");
+  m.def("cholesky_solve(Tensor B, Tensor L) -> Tensor");
+  m.def(
+      "solve_spd_ex(Tensor A, Tensor B, float damping) -> (Tensor X, Tensor "
+      "info)");
+  m.def("inv_spd_ex(Tensor A, float damping) -> (Tensor Ainv, Tensor info)");
+  m.def("outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  std::string simd;
+#if defined(__AVX512F__)
+  simd += "avx512f ";
+#endif
+#if defined(__AVX2__)
+  simd += "avx2 ";
+#endif
+#if defined(__FMA__)
+  simd += "fma ";
+#endif
+#if defined(__ARM_NEON)
+  simd += "neon ";
+#endif
+  if (!simd.empty()) simd.pop_back();  // trailing separator
+  info["simd"] = simd.empty() ? std::string("none") : simd;
+#if defined(MBF_WITH_CUDA)
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["hot_block_sizes"] = pybind11::make_tuple(1, 4, 9, 10, 16, 25, 27);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mbf_kernels compiled ops (registered under torch.ops.mbf_kernels)";
+  m.def("build_info", &build_info,
+        "Compiler, SIMD and CUDA facts of this build of the extension.");
+}

@@ -1,0 +1,248 @@
+// Unit tests of the torch-free CPU kernels against known mathematics:
+// L L^T = A + damping I, (A + damping I) x = b, A A^{-1} = I, the outer-product
+// EMA against its definition in double, and failure reporting per block.
+// Run by ctest, one case per process: `test_block_kernels <case>`.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "mbf/batched.h"
+#include "mbf/small_spd.h"
+
+namespace {
+
+int g_failures = 0;
+
+#define EXPECT(cond, ...)                                  \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++g_failures;                                        \
+      std::fprintf(stderr, "%s:%d: expected %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                   \
+      std::fprintf(stderr, "\n");                          \
+    }                                                      \
+  } while (0)
+
+const int kDims[] = {1, 2, 4, 9, 10, 16, 25, 27, 33, 64};
+constexpr int64_t kBlocks = 37;  // not a multiple of anything in particular
+
+template <typename T>
+T tolerance() {
+  return std::is_same_v<T, float> ? T(2e-4) : T(1e-11);
+}
+
+// Well-conditioned SPD blocks M M^T / d + 0.1 I, exactly symmetric.
+template <typename T>
+std::vector<T> random_spd(int64_t n, int d, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  std::vector<T> A(n * d * d);
+  std::vector<double> M(d * d);
+  for (int64_t b = 0; b < n; ++b) {
+    for (auto& m : M) m = normal(rng);
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j <= i; ++j) {
+        double s = 0;
+        for (int k = 0; k < d; ++k) s += M[i * d + k] * M[j * d + k];
+        s = s / d + (i == j ? 0.1 : 0.0);
+        A[b * d * d + i * d + j] = A[b * d * d + j * d + i] = static_cast<T>(s);
+      }
+  }
+  return A;
+}
+
+template <typename T>
+std::vector<T> random_vec(int64_t count, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  std::vector<T> v(count);
+  for (auto& x : v) x = static_cast<T>(normal(rng));
+  return v;
+}
+
+// Relative max-norm difference of (A + damping I) and what `product` rebuilds.
+template <typename T>
+void test_cholesky_reconstructs_t() {
+  for (int d : kDims) {
+    const T damping = T(0.25);
+    auto A = random_spd<T>(kBlocks, d, 1 + d);
+    std::vector<T> L(A.size());
+    std::vector<int32_t> info(kBlocks, -1);
+    mbf::cpu::cholesky_batched<T>(A.data(), L.data(), info.data(), 0, kBlocks, d, damping);
+    for (int64_t b = 0; b < kBlocks; ++b) {
+      EXPECT(info[b] == 0, "d=%d block %lld info %d", d, (long long)b, info[b]);
+      const T* l = &L[b * d * d];
+      const T* a = &A[b * d * d];
+      double err = 0, scale = 0;
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) {
+          if (j > i) EXPECT(l[i * d + j] == T(0), "upper triangle not zero at (%d,%d)", i, j);
+          double s = 0;
+          for (int k = 0; k < d; ++k) s += double(l[i * d + k]) * l[j * d + k];
+          const double want = a[i * d + j] + (i == j ? damping : 0);
+          err = std::fmax(err, std::fabs(s - want));
+          scale = std::fmax(scale, std::fabs(want));
+        }
+      EXPECT(err <= tolerance<T>() * scale, "d=%d L L^T error %g (scale %g)", d, err, scale);
+    }
+  }
+}
+
+template <typename T>
+void test_solve_residual_t() {
+  for (int d : kDims) {
+    for (int k : {1, 3}) {
+      const T damping = T(0.01);
+      auto A = random_spd<T>(kBlocks, d, 7 + d);
+      auto B = random_vec<T>(kBlocks * d * k, 11 + d);
+      auto X = B;
+      std::vector<int32_t> info(kBlocks, -1);
+      mbf::cpu::solve_spd_batched<T>(A.data(), X.data(), info.data(), 0, kBlocks, d, k, damping);
+      for (int64_t b = 0; b < kBlocks; ++b) {
+        EXPECT(info[b] == 0, "d=%d info %d", d, info[b]);
+        const T* a = &A[b * d * d];
+        double err = 0, scale = 0;
+        for (int c = 0; c < k; ++c)
+          for (int i = 0; i < d; ++i) {
+            double s = 0;
+            for (int j = 0; j < d; ++j)
+              s += (double(a[i * d + j]) + (i == j ? damping : 0)) * X[b * d * k + j * k + c];
+            err = std::fmax(err, std::fabs(s - B[b * d * k + i * k + c]));
+            scale = std::fmax(scale, std::fabs(double(B[b * d * k + i * k + c])));
+          }
+        EXPECT(err <= 10 * tolerance<T>() * scale, "d=%d k=%d residual %g", d, k, err);
+      }
+    }
+  }
+}
+
+template <typename T>
+void test_inverse_identity_t() {
+  for (int d : kDims) {
+    const T damping = T(0.5);
+    auto A = random_spd<T>(kBlocks, d, 3 + d);
+    std::vector<T> Ainv(A.size());
+    std::vector<int32_t> info(kBlocks, -1);
+    mbf::cpu::inv_spd_batched<T>(A.data(), Ainv.data(), info.data(), 0, kBlocks, d, damping);
+    for (int64_t b = 0; b < kBlocks; ++b) {
+      EXPECT(info[b] == 0, "d=%d info %d", d, info[b]);
+      double err = 0;
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) {
+          double s = 0;
+          for (int k = 0; k < d; ++k)
+            s += (double(A[b * d * d + i * d + k]) + (i == k ? damping : 0)) *
+                 Ainv[b * d * d + k * d + j];
+          err = std::fmax(err, std::fabs(s - (i == j ? 1.0 : 0.0)));
+        }
+      EXPECT(err <= 10 * tolerance<T>(), "d=%d A A^-1 - I = %g", d, err);
+    }
+  }
+}
+
+template <typename T>
+void test_outer_ema_t() {
+  for (int d : kDims) {
+    for (int S : {1, 5}) {
+      const T beta = T(0.9);
+      auto F = random_spd<T>(kBlocks, d, 5 + d);
+      const auto F0 = F;
+      auto G = random_vec<T>(kBlocks * S * d, 13 + d);
+      mbf::cpu::outer_ema_batched<T>(F.data(), G.data(), 0, kBlocks, d, S, beta);
+      double err = 0;
+      for (int64_t b = 0; b < kBlocks; ++b)
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) {
+            double c = 0;
+            for (int s = 0; s < S; ++s)
+              c += double(G[(b * S + s) * d + i]) * G[(b * S + s) * d + j];
+            const double want = double(beta) * F0[b * d * d + i * d + j] + (1 - double(beta)) * c / S;
+            err = std::fmax(err, std::fabs(F[b * d * d + i * d + j] - want));
+            EXPECT(F[b * d * d + i * d + j] == F[b * d * d + j * d + i], "not symmetric");
+          }
+      EXPECT(err <= tolerance<T>() * 10, "d=%d S=%d error %g", d, S, err);
+    }
+  }
+}
+
+template <typename T>
+void test_failures_are_isolated_t() {
+  const int d = 9;
+  const int64_t n = 6;
+  auto A = random_spd<T>(n, d, 42);
+  A[1 * d * d + 4 * d + 4] = T(-5);                 // not PD at order 5
+  A[3 * d * d + 6 * d + 2] = std::numeric_limits<T>::quiet_NaN();  // row 6
+  A[4 * d * d] = std::numeric_limits<T>::infinity();  // pivot 0 is +Inf
+  auto X = random_vec<T>(n * d, 9);
+  const auto B = X;
+  std::vector<int32_t> info(n, -1);
+  mbf::cpu::solve_spd_batched<T>(A.data(), X.data(), info.data(), 0, n, d, 1, T(0));
+  const int32_t want[] = {0, 5, 0, 7, 1, 0};
+  for (int64_t b = 0; b < n; ++b) {
+    EXPECT(info[b] == want[b], "block %lld info %d, want %d", (long long)b, info[b], want[b]);
+    for (int i = 0; i < d; ++i) {
+      const T x = X[b * d + i];
+      EXPECT(std::isfinite(x), "block %lld has a non-finite solution", (long long)b);
+      if (want[b] != 0) EXPECT(x == T(0), "failed block %lld not zeroed", (long long)b);
+    }
+  }
+  // The good blocks equal a solve of those blocks alone.
+  for (int64_t b : {0, 2, 5}) {
+    std::vector<T> x1(B.begin() + b * d, B.begin() + (b + 1) * d);
+    int32_t one = -1;
+    mbf::cpu::solve_spd_batched<T>(&A[b * d * d], x1.data(), &one, 0, 1, d, 1, T(0));
+    for (int i = 0; i < d; ++i)
+      EXPECT(x1[i] == X[b * d + i], "neighbour of a bad block changed at %d", i);
+  }
+}
+
+// The compile-time specialisations must compute what the generic path computes.
+template <typename T>
+void test_hot_sizes_match_generic_t() {
+  for (int d : {1, 4, 9, 10, 16, 25, 27}) {
+    auto A = random_spd<T>(1, d, 77 + d);
+    std::vector<T> Lg(d * d), Lh(d * d);
+    int32_t ig = mbf::cholesky_block<T, 0>(A.data(), Lg.data(), d, T(0.1));
+    int32_t ih = MBF_DISPATCH_BLOCK_DIM(d, [&] {
+      return mbf::cholesky_block<T, kD>(A.data(), Lh.data(), d, T(0.1));
+    });
+    EXPECT(ig == 0 && ih == 0, "d=%d info %d %d", d, ig, ih);
+    double err = 0;
+    for (int i = 0; i < d * d; ++i) err = std::fmax(err, std::fabs(double(Lg[i]) - Lh[i]));
+    EXPECT(err <= tolerance<T>() * 1e-2, "d=%d hot vs generic differ by %g", d, err);
+  }
+}
+
+template <void (*F32)(), void (*F64)()>
+void both() {
+  F32();
+  F64();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, std::function<void()>> cases = {
+      {"cholesky_reconstructs", both<test_cholesky_reconstructs_t<float>, test_cholesky_reconstructs_t<double>>},
+      {"solve_residual", both<test_solve_residual_t<float>, test_solve_residual_t<double>>},
+      {"inverse_identity", both<test_inverse_identity_t<float>, test_inverse_identity_t<double>>},
+      {"outer_ema", both<test_outer_ema_t<float>, test_outer_ema_t<double>>},
+      {"failures_are_isolated", both<test_failures_are_isolated_t<float>, test_failures_are_isolated_t<double>>},
+      {"hot_sizes_match_generic", both<test_hot_sizes_match_generic_t<float>, test_hot_sizes_match_generic_t<double>>},
+  };
+  if (argc != 2 || !cases.count(argv[1])) {
+    std::fprintf(stderr, "usage: %s <case>; cases:", argv[0]);
+    for (const auto& kv : cases) std::fprintf(stderr, " %s", kv.first.c_str());
+    std::fprintf(stderr, "\n");
+    return 2;
+  }
+  cases.at(argv[1])();
+  if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);
+  return g_failures ? 1 : 0;
+}

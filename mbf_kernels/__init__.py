@@ -1,0 +1,16 @@
+"""mbf-kernels: fast batched small-SPD kernels and the Mini-Block Fisher (MBF) optimizer.
+
+``mbf_kernels.linalg``   batched Cholesky / solve / inverse / outer-product EMA with backends
+``mbf_kernels.packed``   the canonical packed lower-triangle layout of blocks
+``mbf_kernels.reference`` the plain-PyTorch oracle every backend is tested against
+``mbf_kernels.backends()`` what is available on this machine, and why anything is not
+"""
+
+from __future__ import annotations
+
+from . import linalg, packed, reference
+from .dispatch import BackendStatus, backends
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendStatus", "backends", "linalg", "packed", "reference", "__version__"]

@@ -1,0 +1,92 @@
+"""Loads the compiled extension ``mbf_kernels._C`` defensively and wraps its ops.
+
+The package must import and work on a machine where the extension was not built (or fails to
+load): the torch reference backend then serves every call, and a one-line warning says why.
+The wrappers below are typed one-liners over ``torch.ops.mbf_kernels.*``; the fake (meta)
+implementations let ``torch.compile`` trace them without running them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+#: Set MBF_KERNELS_QUIET=1 to silence the warning when the extension is missing on purpose.
+_QUIET_ENV = "MBF_KERNELS_QUIET"
+
+try:
+    from . import _C  # type: ignore[attr-defined]  # runs the TORCH_LIBRARY registrations
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not os.environ.get(_QUIET_ENV):
+        warnings.warn(
+            f"mbf_kernels: compiled kernels unavailable ({LOAD_ERROR}); "
+            "using the torch reference backend",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+AVAILABLE: bool = _C is not None
+_BUILD_INFO: dict = dict(_C.build_info()) if _C is not None else {}
+
+
+def build_info() -> dict:
+    """Compiler, SIMD and CUDA facts of the loaded extension (empty when it is not loaded)."""
+    return dict(_BUILD_INFO)
+
+
+def cholesky_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A: (N, d, d) contiguous -> (L (N, d, d), info (N,) int32)."""
+    return torch.ops.mbf_kernels.cholesky_ex.default(A, damping)
+
+
+def cholesky_solve(B: Tensor, L: Tensor) -> Tensor:
+    """B: (N, d, k), L: (N, d, d) -> X: (N, d, k)."""
+    return torch.ops.mbf_kernels.cholesky_solve.default(B, L)
+
+
+def solve_spd_ex(A: Tensor, B: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A: (N, d, d), B: (N, d, k) -> (X (N, d, k), info (N,) int32)."""
+    return torch.ops.mbf_kernels.solve_spd_ex.default(A, B, damping)
+
+
+def inv_spd_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A: (N, d, d) -> (Ainv (N, d, d), info (N,) int32)."""
+    return torch.ops.mbf_kernels.inv_spd_ex.default(A, damping)
+
+
+def outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
+    """In place on F: (N, d, d) contiguous; G: (N, S, d)."""
+    torch.ops.mbf_kernels.outer_ema_.default(F, G, beta)
+
+
+if AVAILABLE:
+
+    def _info_like(A: Tensor) -> Tensor:
+        return A.new_empty(A.shape[:1], dtype=torch.int32)
+
+    @torch.library.register_fake("mbf_kernels::cholesky_ex")
+    def _(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(A), _info_like(A)
+
+    @torch.library.register_fake("mbf_kernels::cholesky_solve")
+    def _(B: Tensor, L: Tensor) -> Tensor:
+        return torch.empty_like(B)
+
+    @torch.library.register_fake("mbf_kernels::solve_spd_ex")
+    def _(A: Tensor, B: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(B), _info_like(A)
+
+    @torch.library.register_fake("mbf_kernels::inv_spd_ex")
+    def _(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(A), _info_like(A)
+
+    @torch.library.register_fake("mbf_kernels::outer_ema_")
+    def _(F: Tensor, G: Tensor, beta: float) -> None:
+        return None

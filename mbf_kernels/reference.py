@@ -1,0 +1,98 @@
+"""Plain-PyTorch reference for every kernel: the oracle all other backends are tested against.
+
+Each function accepts any leading batch shape, follows ``torch.linalg`` semantics and is
+differentiable where the underlying torch functions are. The compiled and Triton backends
+must agree with these functions to within floating-point rounding.
+
+Conventions shared by every backend:
+
+* Only the lower triangle of an SPD input is read (as ``torch.linalg.cholesky`` does).
+* ``info`` is int32 per matrix: 0 when the damped factorisation succeeded with finite
+  values, else the order of the first leading minor whose pivot is not a finite positive
+  number (LAPACK's convention, extended to non-finite input).
+* The ``_ex`` solves return zeros for matrices whose factorisation failed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_damping",
+    "cholesky_ex",
+    "cholesky_solve",
+    "solve_spd_ex",
+    "inv_spd_ex",
+    "outer_ema_",
+]
+
+
+def add_damping(A: Tensor, damping: float) -> Tensor:
+    """``A + damping * I`` for a batch ``A`` of shape (..., d, d); ``A`` itself when damping is 0."""
+    if damping == 0:
+        return A
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return A + damping * eye
+
+
+def _first_bad_row(bad_rows: Tensor) -> Tensor:
+    """1 + index of the first True along the last dim, 0 where there is none (int32)."""
+    first = bad_rows.to(torch.int32).argmax(dim=-1).to(torch.int32) + 1
+    return torch.where(bad_rows.any(dim=-1), first, 0).to(torch.int32)
+
+
+def cholesky_ex(A: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor of ``A + damping*I``. A: (..., d, d) -> (L (..., d, d), info (...) int32).
+
+    ``info`` follows the contract in the module docstring exactly, also for non-finite input,
+    where LAPACK implementations disagree (MKL's float32 potrf reports +Inf at (0, 0) as a
+    failure of order 2, its float64 one as success). With row i the first row of the lower
+    triangle holding a non-finite entry, the first pivot that is not a finite positive number is
+    either that of a non-PD leading minor of order <= i (rows before i are finite), or pivot i,
+    which the non-finite entry reaches whatever its position in the row.
+    """
+    Ad = add_damping(A, damping)
+    d = Ad.shape[-1]
+    lower = torch.ones(d, d, dtype=torch.bool, device=Ad.device).tril()
+    bad = ~torch.isfinite(Ad) & lower
+    # Factor a copy with the non-finite entries zeroed: its leading minors before the first
+    # non-finite row are those of Ad itself. Branch-free, so no host sync.
+    L, info = torch.linalg.cholesky_ex(Ad.masked_fill(bad, 0))
+    first_bad = _first_bad_row(bad.any(dim=-1))
+    info = torch.where((first_bad > 0) & ((info == 0) | (info > first_bad)), first_bad, info)
+    # Finite input can still overflow inside the factorisation (entries near the dtype's max),
+    # leaving Inf in L with info == 0: report the first such row too.
+    overflow = _first_bad_row(~torch.isfinite(L).all(dim=-1))
+    info = torch.where((info == 0) & (overflow > 0), overflow, info)
+    return L, info
+
+
+def cholesky_solve(B: Tensor, L: Tensor) -> Tensor:
+    """Solve ``(L L^T) X = B``. B: (..., d, k), L: (..., d, d) lower -> X: (..., d, k)."""
+    return torch.cholesky_solve(B, L)
+
+
+def _zero_failed(X: Tensor, info: Tensor) -> Tensor:
+    return X.masked_fill((info != 0)[..., None, None], 0)
+
+
+def solve_spd_ex(A: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Solve ``(A + damping*I) X = B`` through a Cholesky factor. A: (..., d, d), B: (..., d, k)."""
+    L, info = cholesky_ex(A, damping)
+    return _zero_failed(torch.cholesky_solve(B, L), info), info
+
+
+def inv_spd_ex(A: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(A + damping*I)^{-1}`` through a Cholesky factor. A: (..., d, d)."""
+    L, info = cholesky_ex(A, damping)
+    return _zero_failed(torch.cholesky_inverse(L), info), info
+
+
+def outer_ema_(F: Tensor, G: Tensor, beta: float) -> Tensor:
+    """In place ``F = beta*F + (1-beta) * mean_s g_s g_s^T``. F: (..., d, d), G: (..., S, d)."""
+    C = torch.matmul(G.mT, G) / G.shape[-2]
+    # The kernels mirror the lower triangle, so the reference does too: F stays exactly
+    # symmetric whatever the rounding of the matmul.
+    C = torch.tril(C) + torch.tril(C, diagonal=-1).mT
+    return F.mul_(beta).add_(C, alpha=1 - beta)

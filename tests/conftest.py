@@ -1,0 +1,81 @@
+"""Shared test helpers: random SPD batches, the backends under test, fp64-anchored tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mbf_kernels as mk
+
+# Awkward sizes on purpose (STYLE.md): d = 1, non-powers of two, both sides of the hot sizes.
+BLOCK_DIMS = (1, 2, 9, 10, 25, 27, 33)
+BATCH_SIZES = (0, 1, 7, 1000)
+DTYPES = (torch.float32, torch.float64)
+
+
+def batch_sizes_for(d: int) -> tuple[int, ...]:
+    # 1000 blocks of 33x33 would only slow the suite without covering anything new.
+    return BATCH_SIZES if d <= 10 else (0, 1, 7, 64)
+
+
+def random_spd(*batch: int, d: int, dtype=torch.float64, seed: int = 0, ridge: float = 0.1):
+    """Well-conditioned SPD matrices M M^T / d + ridge * I with shape (*batch, d, d)."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(*batch, d, d, dtype=torch.float64, generator=g)
+    A = M @ M.mT / d + ridge * torch.eye(d, dtype=torch.float64)
+    return ((A + A.mT) / 2).to(dtype)  # exactly symmetric, whatever the matmul rounding
+
+
+def randn(*shape: int, dtype=torch.float64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype)
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a strided (non-contiguous) view."""
+    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    big[..., ::2] = t
+    view = big[..., ::2]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+def compiled_backends() -> list:
+    """pytest params for every non-reference backend that can run on CPU tensors here."""
+    status = mk.backends()
+    params = []
+    for name in ("cpu",):
+        s = status[name]
+        params.append(
+            pytest.param(name, marks=pytest.mark.skipif(not s.available, reason=s.detail), id=name)
+        )
+    return params
+
+
+def assert_close_fp64_anchored(ours, theirs, exact, *, factor: float = 2.0, what: str = ""):
+    """``ours`` is at most ``factor`` x further from the fp64 ``exact`` than ``theirs``.
+
+    ``theirs`` is torch's result at the same precision as ``ours``: a backend is judged
+    against what plain PyTorch achieves, not against an absolute tolerance (flash-attention's
+    rule). For float64 ``theirs`` and ``exact`` are the same computation, so a floor of
+    O(d) ulps of the data's scale (the textbook error growth of a d x d Cholesky solve on these
+    well-conditioned inputs) stands in for the unavailable higher-precision anchor.
+    """
+    ours64, theirs64, exact = ours.double(), theirs.double(), exact.double()
+    assert ours.shape == exact.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
+    if exact.numel() == 0:
+        return
+    d = exact.shape[-1]
+    scale = exact.abs().max().clamp_min(1.0)
+    floor = 4 * d * torch.finfo(ours.dtype).eps * scale
+    err_ours = (ours64 - exact).abs().max()
+    err_theirs = (theirs64 - exact).abs().max()
+    bound = factor * err_theirs + floor
+    if not err_ours <= bound:
+        diff = (ours64 - exact).abs()
+        worst = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(
+            f"{what}: error {err_ours:.3e} vs fp64 exceeds {factor} x torch's {err_theirs:.3e} "
+            f"(+ floor {floor:.1e}); worst at {worst}: ours {ours64[worst]:.8g}, "
+            f"exact {exact[worst]:.8g}"
+        )
