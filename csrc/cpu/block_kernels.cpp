@@ -1,75 +1,195 @@
-// CPU batched block kernels: a loop over blocks around the per-block numerics
-// of small_spd.h, with the hot block sizes as compile-time constants.
+// CPU batched block kernels for the dense (N, d, d) layout of the public API.
+//
+// Factor / solve / inverse run SIMD-across-blocks (mbf/lanes.h): each tile of W blocks is
+// transposed into lanes on load (only the lower triangle is read), computed with one
+// vector instruction per scalar step, and transposed back on store. The transposition
+// works in L1 while memory streams in, so these kernels are bounded by memory bandwidth,
+// not by the per-block arithmetic. The hot block sizes are compile-time constants.
 // Torch-free: built into the extension and into the CMake library alike.
 #include "mbf/batched.h"
 
+#include <algorithm>
 #include <vector>
 
+#include "mbf/lanes.h"
 #include "mbf/small_spd.h"
 
 namespace mbf {
 namespace cpu {
+namespace {
 
 template <typename T>
-void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin,
-                      int64_t end, int d, T damping) {
+using Ln = lanes::Lanes<T>;
+template <typename T>
+using V = typename Ln<T>::V;
+template <typename T>
+using M = typename Ln<T>::M;
+using lanes::tri_index;
+
+// Per-call scratch of the tile kernels: the full d x d blocks in lanes (for the transposes),
+// packed triangles, 1/diag and right-hand sides.
+template <typename T>
+struct TileScratch {
+  std::vector<V<T>> full, a, inv_diag, x, extra;
+  TileScratch(int n, int k, bool with_extra)
+      : full(size_t(n) * n), a(n * (n + 1) / 2), inv_diag(n), x(size_t(n) * k),
+        extra(with_extra ? n * (n + 1) / 2 : 0) {}
+};
+
+template <typename T>
+T* elements(std::vector<V<T>>& v) {
+  // GCC/Clang vector types alias their element type.
+  return reinterpret_cast<T*>(v.data());
+}
+
+// `cnt` consecutive dense blocks (only their lower triangles are used) into packed lanes,
+// plus `damping` on the diagonal. Lanes past `cnt` (the batch tail) get the identity so that
+// they stay finite.
+template <typename T, int D>
+void load_lower(const T* A, TileScratch<T>& s, int d, int cnt, T damping) {
+  constexpr int W = Ln<T>::W;
+  const int n = D > 0 ? D : d;
+  lanes::gather_lanes<T>(A, int64_t(n) * n, n * n, cnt, T(0), elements<T>(s.full));
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < i; ++j) s.a[tri_index(i, j)] = s.full[i * n + j];
+    V<T> diag = s.full[i * n + i] + damping;
+    for (int l = cnt; l < W; ++l) diag[l] = T(1) + damping;
+    s.a[tri_index(i, i)] = diag;
+  }
+}
+
+// Packed lanes `a` back to `cnt` dense blocks: lower triangle plus the mirrored (symmetric)
+// or zero (triangular) upper one. Lanes whose `info` is non-zero are written as zeros.
+template <typename T, int D>
+void store_blocks(const V<T>* a, const M<T>& info, TileScratch<T>& s, T* out, int d, int cnt,
+                  bool symmetric) {
+  const int n = D > 0 ? D : d;
+  const M<T> ok = info == 0;
+  const V<T> zero = lanes::splat<V<T>>(T(0));
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) {
+      const V<T> v = ok ? a[tri_index(i, j)] : zero;
+      s.full[j * n + i] = symmetric ? v : zero;  // first, so that the diagonal keeps v
+      s.full[i * n + j] = v;
+    }
+  }
+  lanes::scatter_lanes<T>(elements<T>(s.full), n * n, cnt, int64_t(n) * n, out);
+}
+
+template <typename T>
+void load_rhs(const T* B, TileScratch<T>& s, int dk, int cnt) {
+  lanes::gather_lanes<T>(B, dk, dk, cnt, T(0), elements<T>(s.x));
+}
+
+// Solutions of `cnt` blocks back to row-major (d, k); failed lanes (info != 0) get zeros.
+template <typename T>
+void store_rhs(TileScratch<T>& s, const M<T>& info, T* X, int dk, int cnt) {
+  const M<T> ok = info == 0;
+  for (int e = 0; e < dk; ++e) s.x[e] = ok ? s.x[e] : lanes::splat<V<T>>(T(0));
+  lanes::scatter_lanes<T>(elements<T>(s.x), dk, cnt, dk, X);
+}
+
+template <typename T>
+void store_info(const M<T>& info, int32_t* out, int cnt) {
+  for (int l = 0; l < cnt; ++l) out[l] = static_cast<int32_t>(info[l]);
+}
+
+// The diagonal of a stored factor, inverted, for the solve of cholesky_solve.
+template <typename T, int D>
+void inverse_diagonal(const V<T>* a, V<T>* inv_diag, int d) {
+  const int n = D > 0 ? D : d;
+  for (int i = 0; i < n; ++i) inv_diag[i] = T(1) / a[tri_index(i, i)];
+}
+
+// Calls body(b0, cnt) for each tile of at most W blocks in [begin, end). Before each
+// tile, the next tile of `stream` (elements_per_block elements per block) is prefetched, so
+// that its memory traffic overlaps this tile's arithmetic instead of alternating with it.
+template <typename T, typename Body>
+void for_each_tile(int64_t begin, int64_t end, const T* stream, int64_t elements_per_block,
+                   Body&& body) {
+  constexpr int W = Ln<T>::W;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t b0 = begin; b0 < end; b0 += W) {
+    const int64_t next = b0 + W;
+    if (next < end) {
+      const T* p = stream + next * elements_per_block;
+      const int64_t count = std::min<int64_t>(W, end - next) * elements_per_block;
+      for (int64_t e = 0; e < count; e += kLine) __builtin_prefetch(p + e, 0, 0);
+    }
+    body(b0, static_cast<int>(std::min<int64_t>(W, end - b0)));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin, int64_t end, int d,
+                      T damping) {
   const int64_t dd = int64_t(d) * d;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    for (int64_t b = begin; b < end; ++b)
-      info[b] = cholesky_block<T, kD>(A + b * dd, L + b * dd, d, damping);
+    TileScratch<T> s(d, 0, false);
+    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
+      load_lower<T, kD>(A + b0 * dd, s, d, cnt, damping);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.a.data(), s.inv_diag.data(), d);
+      store_blocks<T, kD>(s.a.data(), inf, s, L + b0 * dd, d, cnt, /*symmetric=*/false);
+      store_info<T>(inf, info + b0, cnt);
+    });
   });
 }
 
 template <typename T>
-void cholesky_solve_batched(const T* L, T* X, int64_t begin, int64_t end,
-                            int d, int k) {
+void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin, int64_t end, int d,
+                            int k) {
   const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    for (int64_t b = begin; b < end; ++b)
-      cholesky_solve_block<T, kD>(L + b * dd, X + b * dk, d, k);
+    TileScratch<T> s(d, k, false);
+    const M<T> ok = lanes::splat<M<T>>(0);
+    for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt) {
+      load_lower<T, kD>(L + b0 * dd, s, d, cnt, T(0));
+      inverse_diagonal<T, kD>(s.a.data(), s.inv_diag.data(), d);
+      load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
+      lanes::solve_tile<T, kD>(s.a.data(), s.inv_diag.data(), s.x.data(), d, k);
+      store_rhs<T>(s, ok, X + b0 * dk, static_cast<int>(dk), cnt);
+    });
   });
 }
 
 template <typename T>
-void solve_spd_batched(const T* A, T* X, int32_t* info, int64_t begin,
+void solve_spd_batched(const T* A, const T* B, T* X, int32_t* info, int64_t begin,
                        int64_t end, int d, int k, T damping) {
   const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
-  // One factor buffer per call (per parallel chunk), reused for every block.
-  std::vector<T> L(static_cast<size_t>(dd));
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    for (int64_t b = begin; b < end; ++b) {
-      info[b] = cholesky_block<T, kD>(A + b * dd, L.data(), d, damping);
-      T* x = X + b * dk;
-      if (info[b] == 0) {
-        cholesky_solve_block<T, kD>(L.data(), x, d, k);
-      } else {
-        for (int64_t i = 0; i < dk; ++i) x[i] = T(0);
-      }
-    }
+    TileScratch<T> s(d, k, false);
+    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
+      load_lower<T, kD>(A + b0 * dd, s, d, cnt, damping);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.a.data(), s.inv_diag.data(), d);
+      load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
+      lanes::solve_tile<T, kD>(s.a.data(), s.inv_diag.data(), s.x.data(), d, k);
+      store_rhs<T>(s, inf, X + b0 * dk, static_cast<int>(dk), cnt);
+      store_info<T>(inf, info + b0, cnt);
+    });
   });
 }
 
 template <typename T>
-void inv_spd_batched(const T* A, T* Ainv, int32_t* info, int64_t begin,
-                     int64_t end, int d, T damping) {
+void inv_spd_batched(const T* A, T* Ainv, int32_t* info, int64_t begin, int64_t end, int d,
+                     T damping) {
   const int64_t dd = int64_t(d) * d;
-  std::vector<T> L(static_cast<size_t>(dd));
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    for (int64_t b = begin; b < end; ++b) {
-      info[b] = cholesky_block<T, kD>(A + b * dd, L.data(), d, damping);
-      T* out = Ainv + b * dd;
-      if (info[b] == 0) {
-        cholesky_inverse_block<T, kD>(L.data(), out, d);
-      } else {
-        for (int64_t i = 0; i < dd; ++i) out[i] = T(0);
-      }
-    }
+    TileScratch<T> s(d, 0, true);
+    std::vector<V<T>> out(s.a.size());
+    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
+      load_lower<T, kD>(A + b0 * dd, s, d, cnt, damping);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.a.data(), s.inv_diag.data(), d);
+      lanes::inverse_tile<T, kD>(s.a.data(), s.inv_diag.data(), s.extra.data(), out.data(), d);
+      store_blocks<T, kD>(out.data(), inf, s, Ainv + b0 * dd, d, cnt, /*symmetric=*/true);
+      store_info<T>(inf, info + b0, cnt);
+    });
   });
 }
 
 template <typename T>
-void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d,
-                       int S, T beta) {
+void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d, int S, T beta) {
   const int64_t dd = int64_t(d) * d, sd = int64_t(S) * d;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     for (int64_t b = begin; b < end; ++b)
@@ -77,17 +197,13 @@ void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d,
   });
 }
 
-#define MBF_INSTANTIATE(T)                                                    \
-  template void cholesky_batched<T>(const T*, T*, int32_t*, int64_t, int64_t, \
-                                    int, T);                                  \
-  template void cholesky_solve_batched<T>(const T*, T*, int64_t, int64_t, int, \
-                                          int);                               \
-  template void solve_spd_batched<T>(const T*, T*, int32_t*, int64_t, int64_t, \
-                                     int, int, T);                            \
-  template void inv_spd_batched<T>(const T*, T*, int32_t*, int64_t, int64_t,  \
-                                   int, T);                                   \
-  template void outer_ema_batched<T>(T*, const T*, int64_t, int64_t, int, int, \
-                                     T);
+#define MBF_INSTANTIATE(T)                                                                  \
+  template void cholesky_batched<T>(const T*, T*, int32_t*, int64_t, int64_t, int, T);      \
+  template void cholesky_solve_batched<T>(const T*, const T*, T*, int64_t, int64_t, int, int); \
+  template void solve_spd_batched<T>(const T*, const T*, T*, int32_t*, int64_t, int64_t, int,  \
+                                     int, T);                                                 \
+  template void inv_spd_batched<T>(const T*, T*, int32_t*, int64_t, int64_t, int, T);       \
+  template void outer_ema_batched<T>(T*, const T*, int64_t, int64_t, int, int, T);
 
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)

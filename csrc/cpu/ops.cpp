@@ -5,7 +5,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../ops_common.h"
 #include "mbf/batched.h"
@@ -13,6 +18,23 @@
 namespace mbf {
 namespace ops {
 namespace {
+
+// Large outputs are fresh memory from the allocator (mmap'ed by malloc), and first-touch
+// page faults on 4 KiB pages cost more than the kernels themselves: 18 ms for a 36 MB
+// output on the development VM, against 2 ms to fill it once mapped. Where transparent huge
+// pages are in "madvise" mode (a common default), asking for them before the first touch
+// cuts the faults 512-fold. A hint only: if the kernel refuses, nothing changes.
+at::Tensor with_huge_pages(at::Tensor t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && hi > lo)
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+  return t;
+}
 
 // Blocks per parallel task: enough work (about d^3 flops each) to amortise
 // the task overhead, so small batches stay on one thread.
@@ -24,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_ex_cpu(const at::Tensor& A_in,
   const auto A = A_in.contiguous();
   const int64_t n = A.size(0);
   const int d = static_cast<int>(A.size(1));
-  auto L = at::empty_like(A);
+  auto L = with_huge_pages(at::empty_like(A));
   auto info = at::empty({n}, A.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "mbf_cholesky_ex_cpu", [&] {
     const scalar_t* a = A.const_data_ptr<scalar_t>();
@@ -46,12 +68,13 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& B_in, const at::Tensor& L_in) {
   const int64_t n = L.size(0);
   const int d = static_cast<int>(L.size(1));
   const int k = static_cast<int>(B.size(2));
-  auto X = B.clone();
+  auto X = with_huge_pages(at::empty_like(B));
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "mbf_cholesky_solve_cpu", [&] {
     const scalar_t* l = L.const_data_ptr<scalar_t>();
+    const scalar_t* rhs = B.const_data_ptr<scalar_t>();
     scalar_t* x = X.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::cholesky_solve_batched<scalar_t>(l, x, b, e, d, k);
+      cpu::cholesky_solve_batched<scalar_t>(l, rhs, x, b, e, d, k);
     });
   });
   return X;
@@ -67,14 +90,15 @@ std::tuple<at::Tensor, at::Tensor> solve_spd_ex_cpu(const at::Tensor& A_in,
   const int64_t n = A.size(0);
   const int d = static_cast<int>(A.size(1));
   const int k = static_cast<int>(B.size(2));
-  auto X = B.clone();
+  auto X = with_huge_pages(at::empty_like(B));
   auto info = at::empty({n}, A.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "mbf_solve_spd_ex_cpu", [&] {
     const scalar_t* a = A.const_data_ptr<scalar_t>();
+    const scalar_t* rhs = B.const_data_ptr<scalar_t>();
     scalar_t* x = X.mutable_data_ptr<scalar_t>();
     int32_t* inf = info.mutable_data_ptr<int32_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::solve_spd_batched<scalar_t>(a, x, inf, b, e, d, k,
+      cpu::solve_spd_batched<scalar_t>(a, rhs, x, inf, b, e, d, k,
                                        static_cast<scalar_t>(damping));
     });
   });
@@ -87,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> inv_spd_ex_cpu(const at::Tensor& A_in,
   const auto A = A_in.contiguous();
   const int64_t n = A.size(0);
   const int d = static_cast<int>(A.size(1));
-  auto Ainv = at::empty_like(A);
+  auto Ainv = with_huge_pages(at::empty_like(A));
   auto info = at::empty({n}, A.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "mbf_inv_spd_ex_cpu", [&] {
     const scalar_t* a = A.const_data_ptr<scalar_t>();

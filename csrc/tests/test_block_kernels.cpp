@@ -103,7 +103,8 @@ void test_solve_residual_t() {
       auto B = random_vec<T>(kBlocks * d * k, 11 + d);
       auto X = B;
       std::vector<int32_t> info(kBlocks, -1);
-      mbf::cpu::solve_spd_batched<T>(A.data(), X.data(), info.data(), 0, kBlocks, d, k, damping);
+      mbf::cpu::solve_spd_batched<T>(A.data(), B.data(), X.data(), info.data(), 0, kBlocks, d, k,
+                                     damping);
       for (int64_t b = 0; b < kBlocks; ++b) {
         EXPECT(info[b] == 0, "d=%d info %d", d, info[b]);
         const T* a = &A[b * d * d];
@@ -182,7 +183,7 @@ void test_failures_are_isolated_t() {
   auto X = random_vec<T>(n * d, 9);
   const auto B = X;
   std::vector<int32_t> info(n, -1);
-  mbf::cpu::solve_spd_batched<T>(A.data(), X.data(), info.data(), 0, n, d, 1, T(0));
+  mbf::cpu::solve_spd_batched<T>(A.data(), B.data(), X.data(), info.data(), 0, n, d, 1, T(0));
   const int32_t want[] = {0, 5, 0, 7, 1, 0};
   for (int64_t b = 0; b < n; ++b) {
     EXPECT(info[b] == want[b], "block %lld info %d, want %d", (long long)b, info[b], want[b]);
@@ -196,7 +197,8 @@ void test_failures_are_isolated_t() {
   for (int64_t b : {0, 2, 5}) {
     std::vector<T> x1(B.begin() + b * d, B.begin() + (b + 1) * d);
     int32_t one = -1;
-    mbf::cpu::solve_spd_batched<T>(&A[b * d * d], x1.data(), &one, 0, 1, d, 1, T(0));
+    // In place (B aliasing X) is allowed.
+    mbf::cpu::solve_spd_batched<T>(&A[b * d * d], x1.data(), x1.data(), &one, 0, 1, d, 1, T(0));
     for (int i = 0; i < d; ++i)
       EXPECT(x1[i] == X[b * d + i], "neighbour of a bad block changed at %d", i);
   }

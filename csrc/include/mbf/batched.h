@@ -4,7 +4,7 @@
 // caller chooses the parallel split (at::parallel_for in the extension, a
 // plain loop in the unit tests). Layouts, for N blocks of size d:
 //   A, L, Ainv, F : N x d x d, row-major, contiguous
-//   X (right-hand sides in, solutions out) : N x d x k
+//   B (right-hand sides), X (solutions) : N x d x k; X may alias B
 //   G : N x S x d (S vectors per block)
 //   info : N int32, 0 on success, else the failing leading-minor order
 //
@@ -22,14 +22,14 @@ void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin,
                       int64_t end, int d, T damping);
 
 template <typename T>
-void cholesky_solve_batched(const T* L, T* X, int64_t begin, int64_t end,
-                            int d, int k);
+void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin,
+                            int64_t end, int d, int k);
 
 // Fused factor + solve of (A + damping I) X = B; blocks whose factorisation
 // fails get X = 0 and a non-zero info.
 template <typename T>
-void solve_spd_batched(const T* A, T* X, int32_t* info, int64_t begin,
-                       int64_t end, int d, int k, T damping);
+void solve_spd_batched(const T* A, const T* B, T* X, int32_t* info,
+                       int64_t begin, int64_t end, int d, int k, T damping);
 
 // (A + damping I)^{-1}; blocks whose factorisation fails get Ainv = 0.
 template <typename T>

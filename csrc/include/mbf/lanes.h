@@ -1,0 +1,294 @@
+// SIMD across blocks: one vector lane per block, W blocks per tile.
+//
+// A 9x9 block is too small to vectorise inside, but W blocks side by side fill a vector
+// register (W = 8 floats with AVX2, 16 with AVX-512): each scalar step of the per-block
+// algorithm becomes one vector instruction for W blocks, with no shuffles and no branches.
+// This is the layout MKL's "compact" batched routines use. Written with GCC/Clang vector
+// extensions so the same code compiles to AVX2, AVX-512 or NEON, and torch-free.
+//
+// A tile holds the packed lower triangle of each of its blocks as tri = d(d+1)/2 vectors,
+// entry (i, j), j <= i, at index i(i+1)/2 + j (the canonical packed order), lane l = block l.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace mbf {
+namespace lanes {
+
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+inline constexpr int kVectorBytes = 32;
+#else
+inline constexpr int kVectorBytes = 16;  // SSE2 / NEON
+#endif
+
+template <typename T>
+struct Lanes {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  static constexpr int W = kVectorBytes / int(sizeof(T));
+  using I = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+  typedef T V __attribute__((vector_size(kVectorBytes)));   // W values, one per block
+  typedef I M __attribute__((vector_size(kVectorBytes)));   // lane masks / lane integers
+};
+
+template <typename V, typename S>
+inline V splat(S x) {
+  return V{} + x;
+}
+
+inline constexpr int tri_index(int i, int j) { return i * (i + 1) / 2 + j; }
+
+// ---------------------------------------------------------------------------------------
+// Compile-time loops. GCC does not fully unroll the triangular loop nests on its own (the
+// d = 9 factorisation kept its loops, with ~6 scalar index instructions per vector
+// multiply-add), so the hot sizes are unrolled explicitly: a bound is either Ic<N>, a
+// compile-time constant, or a plain int (generic path). loop(lo, hi, f) expands f(Ic<k>)
+// for every k when both bounds are constants and is an ordinary loop otherwise, so each
+// algorithm below is written once for both.
+template <int N>
+struct Ic {
+  static constexpr int value = N;
+  constexpr operator int() const { return N; }
+};
+template <int A, int B>
+constexpr Ic<A + B> operator+(Ic<A>, Ic<B>) { return {}; }
+template <int A, int B>
+constexpr Ic<A - B> operator-(Ic<A>, Ic<B>) { return {}; }
+
+template <typename X>
+inline constexpr bool is_ic = false;
+template <int N>
+inline constexpr bool is_ic<Ic<N>> = true;
+
+template <int Lo, typename F, int... K>
+__attribute__((always_inline)) inline void unrolled(F&& f, std::integer_sequence<int, K...>) {
+  (f(Ic<Lo + K>{}), ...);
+}
+
+template <typename Lo, typename Hi, typename F>
+__attribute__((always_inline)) inline void loop(Lo lo, Hi hi, F&& f) {
+  if constexpr (is_ic<Lo> && is_ic<Hi>) {
+    if constexpr (Hi::value > Lo::value)
+      unrolled<Lo::value>(f, std::make_integer_sequence<int, Hi::value - Lo::value>{});
+  } else {
+    for (int k = lo; k < hi; ++k) f(k);
+  }
+}
+
+// Sizes up to this are unrolled completely; larger hot sizes (25, 27) keep compile-time
+// bounds but run as loops, which keeps the code size and the compile time reasonable.
+inline constexpr int kMaxUnrolled = 16;
+
+template <int D>
+using BlockDim = std::conditional_t<(D > 0 && D <= kMaxUnrolled), Ic<D>, int>;
+
+template <int D>
+inline BlockDim<D> block_dim(int d) {
+  if constexpr (D > 0 && D <= kMaxUnrolled) return {};
+  else return D > 0 ? D : d;
+}
+
+// Lane-wise sqrt. With -fno-math-errno the compiler emits one vector sqrt instruction.
+template <typename T>
+inline typename Lanes<T>::V vsqrt(typename Lanes<T>::V x) {
+  typename Lanes<T>::V r;
+  for (int l = 0; l < Lanes<T>::W; ++l) r[l] = std::sqrt(x[l]);
+  return r;
+}
+
+// In-place Cholesky of a tile: `a` holds the damped lower triangles (tri vectors) on entry
+// and the lower factors on exit; `inv_diag` (n vectors) receives 1 / L_ii.
+// Returns per-lane info: 0 on success, else 1 + the first row whose pivot was not a finite
+// positive number (same contract as cholesky_block). A failed lane keeps computing on a
+// pivot of 1 so that it stays finite; its results are discarded by the caller.
+//
+// Right-looking (outer-product) order: after column j is scaled, the trailing update's
+// multiply-adds are all independent, which keeps the pipeline full. The row-by-row
+// (left-looking) order is one long dependency chain per row and ran at an IPC below 0.5.
+// Each entry still receives its updates in the same order (k = 0, 1, ...), so the rounding
+// is that of the row-by-row version.
+template <typename T, int D>
+inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<T>::V* inv_diag,
+                                        int d) {
+  using V = typename Lanes<T>::V;
+  using M = typename Lanes<T>::M;
+  const auto n = block_dim<D>(d);
+  constexpr Ic<1> one;
+  M info = splat<M>(0);
+  loop(Ic<0>{}, n, [&](auto j) {
+    V s = a[tri_index(j, j)];
+    // (s - s) == 0 is false exactly for Inf and NaN; s > 0 is false for NaN.
+    const M ok = (s > T(0)) & ((s - s) == T(0));
+    info = ((info == 0) & ~ok) ? splat<M>(int(j) + 1) : info;
+    s = ok ? s : splat<V>(T(1));
+    const V r = vsqrt<T>(s);
+    const V inv = T(1) / r;
+    a[tri_index(j, j)] = r;
+    inv_diag[j] = inv;
+    loop(j + one, n, [&](auto i) { a[tri_index(i, j)] *= inv; });
+    loop(j + one, n, [&](auto i) {
+      const V lij = a[tri_index(i, j)];
+      loop(j + one, i + one, [&](auto k) { a[tri_index(i, k)] -= lij * a[tri_index(k, j)]; });
+    });
+  });
+  return info;
+}
+
+// Solve (L L^T) x = b in place for k right-hand sides: x[i * k + c], i < n, c < k.
+// Column-oriented substitutions, for the same reason as the right-looking factorisation.
+template <typename T, int D>
+inline void solve_tile(const typename Lanes<T>::V* L, const typename Lanes<T>::V* inv_diag,
+                       typename Lanes<T>::V* x, int d, int k) {
+  using V = typename Lanes<T>::V;
+  const auto n = block_dim<D>(d);
+  constexpr Ic<1> one;
+  for (int c = 0; c < k; ++c) {
+    loop(Ic<0>{}, n, [&](auto j) {  // L y = b
+      const V yj = x[j * k + c] * inv_diag[j];
+      x[j * k + c] = yj;
+      loop(j + one, n, [&](auto i) { x[i * k + c] -= L[tri_index(i, j)] * yj; });
+    });
+    loop(Ic<0>{}, n, [&](auto r) {  // L^T x = y, rows from the last
+      const auto i = n - one - r;
+      const V xi = x[i * k + c] * inv_diag[i];
+      x[i * k + c] = xi;
+      loop(Ic<0>{}, i, [&](auto j) { x[j * k + c] -= L[tri_index(i, j)] * xi; });
+    });
+  }
+}
+
+// (L L^T)^{-1} = L^{-T} L^{-1}, written as a packed lower triangle `out` (tri vectors);
+// `linv` is scratch for the packed L^{-1}. Forming the product from L^{-1} makes the
+// inverse exactly symmetric, unlike a solve against the identity.
+template <typename T, int D>
+inline void inverse_tile(const typename Lanes<T>::V* L, const typename Lanes<T>::V* inv_diag,
+                         typename Lanes<T>::V* linv, typename Lanes<T>::V* out, int d) {
+  using V = typename Lanes<T>::V;
+  const auto n = block_dim<D>(d);
+  constexpr Ic<1> one;
+  loop(Ic<0>{}, n, [&](auto j) {
+    linv[tri_index(j, j)] = inv_diag[j];
+    loop(j + one, n, [&](auto i) {
+      V s = splat<V>(T(0));
+      loop(j, i, [&](auto k) { s += L[tri_index(i, k)] * linv[tri_index(k, j)]; });
+      linv[tri_index(i, j)] = -s * inv_diag[i];
+    });
+  });
+  loop(Ic<0>{}, n, [&](auto i) {
+    loop(Ic<0>{}, i + one, [&](auto j) {
+      V s = splat<V>(T(0));
+      loop(i, n, [&](auto k) { s += linv[tri_index(k, i)] * linv[tri_index(k, j)]; });
+      out[tri_index(i, j)] = s;
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Moving tiles between the blocks' own layout and lanes.
+//
+// gather_lanes: `count` consecutive elements of each of `cnt` blocks (block l starts at
+// src + l * stride) into lane l of dst[0 .. count): dst[e * W + l] = src[l * stride + e].
+// Lanes from cnt to W are set to `pad`. scatter_lanes is the inverse, for lanes < cnt.
+//
+// With AVX2 and a full tile, 8 (float) or 4 (double) blocks' rows are loaded as vectors and
+// transposed in registers: a handful of shuffles per vector instead of one scalar store per
+// element, whose vector reloads stall on store forwarding. Other ISAs, the batch tail and
+// the last `count % W` elements take the scalar loop.
+
+#if defined(__AVX2__)
+inline void transpose_in_registers(__m256* r) {  // 8 x 8 floats
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+inline void transpose_in_registers(__m256d* r) {  // 4 x 4 doubles
+  const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+  const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+  r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+  r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+  r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+  r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
+// Unaligned loads and stores of one AVX2 register, by element type. (Specialisations rather
+// than std::conditional_t: template arguments drop the vector types' alignment attributes.)
+template <typename T>
+struct Avx2;
+template <>
+struct Avx2<float> {
+  using R = __m256;
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+};
+template <>
+struct Avx2<double> {
+  using R = __m256d;
+  static R load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+};
+#endif
+
+template <typename T>
+inline void gather_lanes(const T* src, int64_t stride, int count, int cnt, T pad, T* dst) {
+  constexpr int W = Lanes<T>::W;
+  int e0 = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (cnt == W) {
+    typename Avx2<T>::R r[W];
+    for (; e0 + W <= count; e0 += W) {
+      for (int l = 0; l < W; ++l) r[l] = Avx2<T>::load(src + l * stride + e0);
+      transpose_in_registers(r);
+      for (int e = 0; e < W; ++e) Avx2<T>::store(dst + (e0 + e) * W, r[e]);
+    }
+  }
+#endif
+  for (int l = 0; l < W; ++l)
+    for (int e = e0; e < count; ++e) dst[e * W + l] = l < cnt ? src[l * stride + e] : pad;
+}
+
+template <typename T>
+inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* dst) {
+  constexpr int W = Lanes<T>::W;
+  int e0 = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (cnt == W) {
+    typename Avx2<T>::R r[W];
+    for (; e0 + W <= count; e0 += W) {
+      for (int e = 0; e < W; ++e) r[e] = Avx2<T>::load(src + (e0 + e) * W);
+      transpose_in_registers(r);
+      for (int l = 0; l < W; ++l) Avx2<T>::store(dst + l * stride + e0, r[l]);
+    }
+  }
+#endif
+  for (int l = 0; l < cnt; ++l)
+    for (int e = e0; e < count; ++e) dst[l * stride + e] = src[e * W + l];
+}
+
+}  // namespace lanes
+}  // namespace mbf
