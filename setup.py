@@ -77,6 +77,7 @@ def _extensions():
         "csrc/registration.cpp",
         "csrc/cpu/ops.cpp",
         "csrc/cpu/block_kernels.cpp",
+        "csrc/cpu/step_kernels.cpp",
     ]
     include_dirs = [str(CSRC / "include")]
     if with_cuda:

@@ -16,6 +16,14 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "info)");
   m.def("inv_spd_ex(Tensor A, float damping) -> (Tensor Ainv, Tensor info)");
   m.def("outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
+  // The fused MBF step for one bucket: param, grad, momentum (N, d); curvature and factor in
+  // the compact layout (ceil(N/16), d(d+1)/2, 16) (see mbf/batched.h); stats int64 (2,)
+  // accumulates [skipped curvature blocks, failed factorisations].
+  m.def(
+      "mbf_step_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum, Tensor(c!) curvature, "
+      "Tensor(d!) factor, Tensor(e!) stats, float lr, float momentum_coef, float beta, "
+      "float damping, float weight_decay, bool decoupled_weight_decay, bool update_curvature, "
+      "bool first_curvature, bool refactor) -> ()");
 }
 
 namespace {

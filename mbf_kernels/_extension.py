@@ -66,6 +66,16 @@ def outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
     torch.ops.mbf_kernels.outer_ema_.default(F, G, beta)
 
 
+def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,
+              stats: Tensor, *, lr: float, momentum_coef: float, beta: float, damping: float,
+              weight_decay: float, decoupled_weight_decay: bool, update_curvature: bool,
+              first_curvature: bool, refactor: bool) -> None:
+    """The fused step: param/grad/momentum (N, d); curvature/factor compact (see compact.py)."""
+    torch.ops.mbf_kernels.mbf_step_.default(
+        param, grad, momentum, curvature, factor, stats, lr, momentum_coef, beta, damping,
+        weight_decay, decoupled_weight_decay, update_curvature, first_curvature, refactor)
+
+
 if AVAILABLE:
 
     def _info_like(A: Tensor) -> Tensor:
@@ -89,4 +99,10 @@ if AVAILABLE:
 
     @torch.library.register_fake("mbf_kernels::outer_ema_")
     def _(F: Tensor, G: Tensor, beta: float) -> None:
+        return None
+
+    @torch.library.register_fake("mbf_kernels::mbf_step_")
+    def _(param, grad, momentum, curvature, factor, stats, lr, momentum_coef, beta, damping,
+          weight_decay, decoupled_weight_decay, update_curvature, first_curvature,
+          refactor) -> None:
         return None

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "mbf_step_",
     "add_damping",
     "cholesky_ex",
     "cholesky_solve",
@@ -96,3 +97,56 @@ def outer_ema_(F: Tensor, G: Tensor, beta: float) -> Tensor:
     # symmetric whatever the rounding of the matmul.
     C = torch.tril(C) + torch.tril(C, diagonal=-1).mT
     return F.mul_(beta).add_(C, alpha=1 - beta)
+
+
+def mbf_step_(
+    param: Tensor,
+    grad: Tensor,
+    momentum: Tensor,
+    curvature: Tensor,
+    factor: Tensor,
+    stats: Tensor,
+    *,
+    lr: float,
+    momentum_coef: float,
+    beta: float,
+    damping: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    update_curvature: bool,
+    first_curvature: bool,
+    refactor: bool,
+) -> None:
+    """One MBF step for a bucket of N blocks of size d, straight from MBF_SPEC section 3.
+
+    param, grad, momentum: (N, d), updated in place (not grad). curvature, factor: (N, T)
+    canonical packed rows (the factor with its diagonal inverted, see :mod:`mbf_kernels.compact`).
+    stats: int64 (2,) += [blocks whose non-finite gradient skipped the curvature update,
+    blocks whose factorisation failed and fell back to the diagonal].
+    """
+    from .compact import cholesky_from_factor, factor_from_cholesky
+    from .packed import pack_tril, unpack_tril
+
+    if update_curvature:
+        finite = torch.isfinite(grad).all(dim=-1)
+        C = pack_tril(grad[:, :, None] * grad[:, None, :])
+        new = C if first_curvature else beta * curvature + (1 - beta) * C
+        curvature.copy_(torch.where(finite[:, None], new, curvature))
+        stats[0] += int((~finite).sum())
+    if refactor:
+        L, info = cholesky_ex(unpack_tril(curvature), damping)
+        failed = info != 0
+        s = unpack_tril(curvature).diagonal(dim1=-2, dim2=-1) + damping
+        ok = torch.isfinite(s) & (s > 0)
+        floor = damping ** -0.5 if damping > 0 else 1.0
+        fallback = torch.where(ok, s.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(),
+                               torch.full_like(s, floor))
+        # Failed blocks: the diagonal preconditioner (fallback already holds 1 / L_ii).
+        factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
+                                 factor_from_cholesky(L)))
+        stats[1] += int(failed.sum())
+    direction = grad if decoupled_weight_decay else grad + weight_decay * param
+    momentum.mul_(momentum_coef).add_(direction)
+    u = torch.cholesky_solve(momentum[:, :, None], cholesky_from_factor(factor))[:, :, 0]
+    update = lr * u + (lr * weight_decay * param if decoupled_weight_decay else 0)
+    param.sub_(update)

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 
@@ -145,6 +146,61 @@ void outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
   if (!in_place) F.copy_(Fc);
 }
 
+void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum,
+                  at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats, double lr,
+                  double momentum_coef, double beta, double damping, double weight_decay,
+                  bool decoupled_weight_decay, bool update_curvature, bool first_curvature,
+                  bool refactor) {
+  TORCH_CHECK(param.dim() == 2, "mbf_kernels: param must have shape (N, d), got ",
+              param.sizes());
+  const int64_t n = param.size(0);
+  const int64_t d = param.size(1);
+  const int64_t tiles = (n + cpu::kCompactTile - 1) / cpu::kCompactTile;
+  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
+              "mbf_kernels: param must be float32 or float64, got ", param.scalar_type());
+  for (const at::Tensor* t : {&grad, static_cast<const at::Tensor*>(&momentum)}) {
+    TORCH_CHECK(t->sizes() == param.sizes(), "mbf_kernels: grad and momentum must have shape ",
+                param.sizes(), ", got ", t->sizes());
+  }
+  for (const auto* t : {&curvature, &factor}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == d * (d + 1) / 2 &&
+                    t->size(2) == cpu::kCompactTile,
+                "mbf_kernels: curvature and factor must have the compact shape (", tiles, ", ",
+                d * (d + 1) / 2, ", ", cpu::kCompactTile, "), got ", t->sizes());
+  }
+  for (const at::Tensor* t : {&grad, static_cast<const at::Tensor*>(&momentum),
+                              static_cast<const at::Tensor*>(&curvature),
+                              static_cast<const at::Tensor*>(&factor)})
+    check_like(*t, param, "state");
+  for (const auto* t : {&param, &momentum, &curvature, &factor}) {
+    TORCH_CHECK(t->is_contiguous(), "mbf_kernels: mbf_step_ updates its state in place, which "
+                "must be contiguous");
+  }
+  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
+                  stats.device().is_cpu(),
+              "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
+  const auto g = grad.contiguous();
+  const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
+                            decoupled_weight_decay, update_curvature, first_curvature, refactor};
+  std::atomic<int64_t> skipped{0}, failed{0};
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "mbf_step_cpu", [&] {
+    scalar_t* p = param.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* mp = momentum.mutable_data_ptr<scalar_t>();
+    scalar_t* fp = curvature.mutable_data_ptr<scalar_t>();
+    scalar_t* lp = factor.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, tiles, 1 + grain_for(d) / cpu::kCompactTile, [&](int64_t b, int64_t e) {
+      const cpu::StepStats s = cpu::mbf_step_tiles<scalar_t>(p, gp, mp, fp, lp, n,
+                                                             static_cast<int>(d), b, e, cfg);
+      skipped += s.skipped_curvature;
+      failed += s.failed_factor;
+    });
+  });
+  auto* counters = stats.mutable_data_ptr<int64_t>();
+  counters[0] += skipped.load();
+  counters[1] += failed.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
@@ -153,6 +209,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("solve_spd_ex", &solve_spd_ex_cpu);
   m.impl("inv_spd_ex", &inv_spd_ex_cpu);
   m.impl("outer_ema_", &outer_ema_cpu);
+  m.impl("mbf_step_", &mbf_step_cpu);
 }
 
 }  // namespace ops

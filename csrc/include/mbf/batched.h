@@ -40,6 +40,40 @@ template <typename T>
 void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d,
                        int S, T beta);
 
+// ---------------------------------------------------------------------------------------
+// The fused MBF optimizer step for a bucket of N same-size blocks (MBF_SPEC section 3).
+//
+// Compact layout of the per-block state (curvature F and factor): tiles of kCompactTile
+// blocks, each tile holding tri = d(d+1)/2 rows of kCompactTile values, block index fastest:
+// element (i, j), j <= i, of block b sits at
+//   [(b / kCompactTile) * tri + i(i+1)/2 + j] * kCompactTile + b % kCompactTile.
+// 16 = one AVX-512 register, two AVX2 ones, or a coalesced 64-byte row on a GPU. Padding
+// blocks (N up to a multiple of 16) hold finite values and are never written back to p or m.
+// The factor is L with its diagonal stored inverted (1 / L_ii): an exact representation
+// that makes the solve multiplication-only.
+inline constexpr int kCompactTile = 16;
+
+struct StepConfig {
+  double lr, momentum, beta, damping, weight_decay;
+  bool decoupled_weight_decay;
+  bool update_curvature;  // this step refreshes F
+  bool first_curvature;   // ... and it is the first refresh: F = C instead of the EMA
+  bool refactor;          // this step refactors F + damping I
+};
+
+// Counters the step adds to (per call, summed over the blocks of [tile_begin, tile_end)).
+struct StepStats {
+  int64_t skipped_curvature = 0;  // blocks whose gradient had a NaN/Inf: F left as it was
+  int64_t failed_factor = 0;      // blocks whose factorisation failed: diagonal fallback
+};
+
+// One step for the blocks of compact tiles [tile_begin, tile_end): p, g, m are N x d
+// row-major; F and factor are compact. Updates p, m (real blocks only), F (when
+// update_curvature) and factor (when refactor) in one pass over memory.
+template <typename T>
+StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
+                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg);
+
 }  // namespace cpu
 
 #if defined(__CUDACC__) || defined(MBF_WITH_CUDA)
