@@ -20,5 +20,5 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -c constraints.txt setuptools wheel ninja torch
 command -v cmake >/dev/null 2>&1 || "${pip[@]}" install "cmake>=3.25"
 start=$(date +%s)
-"${pip[@]}" install -c constraints.txt --no-build-isolation -e ".[test]"
+"${pip[@]}" install -c constraints.txt --no-build-isolation -e ".[test,bench]"
 echo "bootstrap: mbf-kernels installed in $venv (build and install took $(( $(date +%s) - start )) s)"

@@ -1,0 +1,248 @@
+"""CPU kernel benchmark: batched SPD solves against torch.linalg, and the fused MBF step
+against the machine's memory roof, measured in one run.
+
+    python bench/bench_cpu_kernels.py            # full grid (several minutes)
+    python bench/bench_cpu_kernels.py --quick    # a few points (under a minute)
+
+Every number is the median of repeated timed calls after a warm-up, with the spread (min and
+max) beside it. Ratios are against torch.linalg measured in the same run; the roof is the bytes
+an operation must move divided by the copy bandwidth measured in the same run (a large
+tensor copy, read + write). Writes <out>/cpu_kernels.csv, <out>/cpu_kernels.json (device and
+versions) and <out>/cpu_kernels.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import mbf_kernels as mk
+from mbf_kernels import compact
+from mbf_kernels.packed import tril_size
+
+DIMS = (4, 9, 10, 16, 25, 32)
+SIZES = tuple(2**e for e in range(10, 22))
+QUICK_DIMS = (9, 25)
+QUICK_SIZES = (2**10, 2**14, 2**18)
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    dtype: str
+    d: int
+    n: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    blocks_per_s: float
+    gbytes_per_s: float
+    roof_fraction: float
+    speedup_vs_torch: float | None = None
+
+
+def timed(fn, *, min_repeats: int, budget_s: float) -> list[float]:
+    """Seconds per call: one warm-up, then at least min_repeats calls within about budget_s."""
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_repeats or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Bytes per second of a large tensor copy, counting the read and the write."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = timed(lambda: dst.copy_(src), min_repeats=7, budget_s=2.0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def random_spd(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(d * 1000 + n % 997)
+    M = torch.randn(n, d, d, generator=g, dtype=dtype)
+    return M @ M.mT / d + torch.eye(d, dtype=dtype)
+
+
+def make_row(op, impl, dtype, d, n, times, nbytes, roof_bw) -> Row:
+    med = statistics.median(times)
+    return Row(op, impl, str(dtype).removeprefix("torch."), d, n, med * 1e3, min(times) * 1e3,
+               max(times) * 1e3, len(times), n / med, nbytes / med / 1e9,
+               (nbytes / roof_bw) / med)
+
+
+def bench_solve(d, n, dtype, roof_bw, budget_s) -> list[Row]:
+    A = random_spd(n, d, dtype)
+    b = torch.randn(n, d, dtype=dtype)
+    eye = torch.eye(d, dtype=dtype)
+    damping = 1e-3
+    # Bytes the dense API must move: read A and b, write x.
+    nbytes = n * (d * d + 2 * d) * A.element_size()
+
+    def torch_baseline():
+        return torch.cholesky_solve(b.unsqueeze(-1), torch.linalg.cholesky(A + damping * eye))
+
+    rows = [make_row("solve_spd", "torch.linalg", dtype, d, n,
+                     timed(torch_baseline, min_repeats=3, budget_s=budget_s), nbytes, roof_bw)]
+    expected = torch_baseline().squeeze(-1)
+    for backend in ("cpu",):
+        if not mk.backends()[backend].available:
+            continue
+        x = mk.linalg.solve_spd(A, b, damping, backend=backend)
+        torch.testing.assert_close(x, expected, rtol=1e-3, atol=1e-4)  # never time a wrong answer
+        times = timed(lambda: mk.linalg.solve_spd(A, b, damping, backend=backend),
+                      min_repeats=5, budget_s=budget_s)
+        row = make_row("solve_spd", f"mbf_kernels[{backend}]", dtype, d, n, times, nbytes, roof_bw)
+        row.speedup_vs_torch = rows[0].median_ms / row.median_ms
+        rows.append(row)
+    return rows
+
+
+def bench_step(d, n, dtype, roof_bw, budget_s) -> list[Row]:
+    """The fused optimizer step on one bucket, in its three variants."""
+    t = tril_size(d)
+    p = torch.randn(n, d, dtype=dtype)
+    g = torch.randn(n, d, dtype=dtype) * 1e-2
+    m = torch.zeros(n, d, dtype=dtype)
+    F = torch.zeros(compact.compact_shape(n, d), dtype=dtype)
+    L = compact.to_compact(compact.identity_factor(d, dtype).expand(n, t))
+    stats = torch.zeros(2, dtype=torch.int64)
+    hyper = dict(lr=1e-3, momentum_coef=0.9, beta=0.9, damping=1e-2, weight_decay=1e-4,
+                 decoupled_weight_decay=False)
+    size = p.element_size()
+    # MBF_SPEC section 6: read g, m, p and the factor, write m and p; a curvature refresh adds
+    # a read and a write of F; a refactor adds a read of F and a write of the factor.
+    base = n * (5 * d + t) * size
+    variants = {
+        "step (cached factor)": (dict(update_curvature=False, first_curvature=False, refactor=False), base),
+        "step + curvature": (dict(update_curvature=True, first_curvature=False, refactor=False), base + 2 * n * t * size),
+        "step + curvature + refactor": (dict(update_curvature=True, first_curvature=False, refactor=True), base + 3 * n * t * size),
+    }
+    rows = []
+    mk._extension.mbf_step_(p, g, m, F, L, stats, **hyper, update_curvature=True,
+                            first_curvature=True, refactor=True)
+    for name, (flags, nbytes) in variants.items():
+        times = timed(lambda: mk._extension.mbf_step_(p, g, m, F, L, stats, **hyper, **flags),
+                      min_repeats=5, budget_s=budget_s)
+        rows.append(make_row(name, "mbf_kernels[cpu]", dtype, d, n, times, nbytes, roof_bw))
+    return rows
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "mbf_kernels": mk.__version__, "commit": commit,
+            "extension": mk._extension.build_info()}
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    solve = [r for r in rows if r.op == "solve_spd"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for d in sorted({r.d for r in solve}):
+        for impl, style in (("torch.linalg", "--"), ("mbf_kernels[cpu]", "-")):
+            pts = sorted((r.n, r.blocks_per_s) for r in solve if r.d == d and r.impl == impl)
+            if pts:
+                ax1.plot(*zip(*pts), style, marker="o", ms=3, label=f"{impl} d={d}")
+        pts = sorted((r.n, r.speedup_vs_torch) for r in solve if r.d == d and r.speedup_vs_torch)
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", ms=3, label=f"d={d}")
+    ax1.set(xscale="log", yscale="log", xlabel="blocks N", ylabel="blocks / s (median)",
+            title="solve_spd throughput, float32")
+    ax2.set(xscale="log", xlabel="blocks N", ylabel="speed-up vs torch.linalg (same run)",
+            title="solve_spd speed-up")
+    ax1.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few points, under a minute")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per point")
+    parser.add_argument("--max-gib", type=float, default=2.0,
+                        help="skip points whose matrices A exceed this many GiB")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+
+    console = Console(width=160)
+    dims, sizes = (QUICK_DIMS, QUICK_SIZES) if args.quick else (DIMS, SIZES)
+    roof_bw = copy_bandwidth()
+    env = environment()
+    console.print(f"CPU: {env['cpu']}, {env['threads']} threads; torch {env['torch']}; "
+                  f"copy bandwidth (read+write) {roof_bw / 1e9:.1f} GB/s")
+    points = [(d, n) for d in dims for n in sizes if n * d * d * 4 <= args.max_gib * 2**30]
+    skipped = [(d, n) for d in dims for n in sizes if (d, n) not in points]
+    rows: list[Row] = []
+    for d, n in track(points, description="solve_spd", console=console):
+        rows += bench_solve(d, n, torch.float32, roof_bw, args.budget)
+    step_points = [(9, 2**14), (9, 2**20)] if args.quick else [(d, 2**20) for d in DIMS]
+    for d, n in track(step_points, description="fused step", console=console):
+        rows += bench_step(d, n, torch.float32, roof_bw, args.budget)
+
+    table = Table(title=f"CPU kernels, float32 (median of repeats; copy roof {roof_bw / 1e9:.1f} GB/s)")
+    for col in ("op", "impl", "d", "N", "median ms", "min-max ms", "Mblocks/s", "GB/s",
+                "roof %", "vs torch"):
+        table.add_column(col, justify="right" if col not in ("op", "impl") else "left")
+    for r in rows:
+        table.add_row(r.op, r.impl.replace("[", "\\["), str(r.d), f"2^{r.n.bit_length() - 1}",
+                      f"{r.median_ms:.3f}", f"{r.min_ms:.3f}-{r.max_ms:.3f}",
+                      f"{r.blocks_per_s / 1e6:.2f}", f"{r.gbytes_per_s:.1f}",
+                      f"{100 * r.roof_fraction:.0f}",
+                      f"{r.speedup_vs_torch:.1f}x" if r.speedup_vs_torch else "")
+    console.print(table)
+    if skipped:
+        console.print(f"skipped (A over {args.max_gib} GiB): " +
+                      ", ".join(f"d={d} N=2^{n.bit_length() - 1}" for d, n in skipped))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "cpu_kernels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    env["copy_bandwidth_gb_s"] = roof_bw / 1e9
+    (args.out / "cpu_kernels.json").write_text(json.dumps(env, indent=2))
+    plot(rows, args.out / "cpu_kernels.png")
+    console.print(f"wrote {args.out}/cpu_kernels.csv, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
