@@ -172,13 +172,6 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
                               static_cast<const at::Tensor*>(&curvature),
                               static_cast<const at::Tensor*>(&factor)})
     check_like(*t, param, "state");
-  for (const auto* t : {&curvature, &factor}) {
-    // The kernel reads compact rows as aligned vectors; fresh torch allocations are 64-byte
-    // aligned, a view at an odd offset is not.
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 64 == 0,
-                "mbf_kernels: curvature and factor must be 64-byte aligned (allocate them with "
-                "torch.empty/zeros, not as views into other tensors)");
-  }
   for (const auto* t : {&param, &momentum, &curvature, &factor}) {
     TORCH_CHECK(t->is_contiguous(), "mbf_kernels: mbf_step_ updates its state in place, which "
                 "must be contiguous");

@@ -22,6 +22,19 @@ template <typename T>
 using M = typename Ln<T>::M;
 using lanes::tri_index;
 
+// Row t of one sub-tile of a compact tile (W lanes at `base`, row stride kCompactTile),
+// read in place. memcpy: the buffer may be aligned to the element only (any std::vector),
+// and this compiles to one unaligned vector load.
+template <typename T>
+struct CompactRows {
+  const T* base;
+  V<T> operator[](int t) const {
+    V<T> v;
+    std::memcpy(&v, base + t * kCompactTile, sizeof(V<T>));
+    return v;
+  }
+};
+
 // Compact rows of one sub-tile (W lanes at `base`, row stride kCompactTile) in and out.
 template <typename T>
 void load_compact(const T* base, int rows, V<T>* out) {
@@ -112,9 +125,7 @@ struct StepTile {
     }
     // Solve straight from the compact rows (the diagonal there holds 1 / L_ii), which the
     // refactor branch above has just written when it ran: no copy of the factor per tile.
-    constexpr int kStride = kCompactTile / W;
-    const V<T>* Lrows = reinterpret_cast<const V<T>*>(Lc);
-    lanes::solve_tile<T, D, kStride, /*InvDiagInL=*/true>(Lrows, nullptr, x.data(), n, 1);
+    lanes::solve_tile<T, D, /*InvDiagInL=*/true>(CompactRows<T>{Lc}, nullptr, x.data(), n, 1);
     for (int e = 0; e < n; ++e) {
       const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
       pv[e] = pv[e] - lr * x[e] - decay;

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -221,6 +222,62 @@ void test_hot_sizes_match_generic_t() {
   }
 }
 
+// The fused step on the compact layout. Step 1 refreshes F = g g^T and refactors, so the
+// update is p -= lr (g g^T + lambda I)^{-1} g = lr g / (lambda + |g|^2) (Sherman-Morrison),
+// for every block, whatever d. Blocks N..padding stay untouched in p and m.
+template <typename T>
+void test_step_first_is_sherman_morrison_t() {
+  for (int d : {1, 4, 9, 10, 27, 33}) {
+    const int64_t n = 37, tri = int64_t(d) * (d + 1) / 2;
+    const int64_t tiles = (n + mbf::cpu::kCompactTile - 1) / mbf::cpu::kCompactTile;
+    auto p = random_vec<T>(n * d, 21 + d);
+    const auto p0 = p;
+    const auto g = random_vec<T>(n * d, 22 + d);
+    std::vector<T> m(n * d, T(0)), F(tiles * tri * mbf::cpu::kCompactTile, T(0));
+    std::vector<T> L(F.size(), T(0));
+    const double lr = 0.1, lambda = 0.5;
+    const mbf::cpu::StepConfig cfg{lr, 0.9, 0.9, lambda, 0.0, false, true, true, true};
+    const auto stats = mbf::cpu::mbf_step_tiles<T>(p.data(), g.data(), m.data(), F.data(),
+                                                   L.data(), n, d, 0, tiles, cfg);
+    EXPECT(stats.skipped_curvature == 0 && stats.failed_factor == 0, "d=%d stats", d);
+    for (int64_t b = 0; b < n; ++b) {
+      double g2 = 0;
+      for (int i = 0; i < d; ++i) g2 += double(g[b * d + i]) * g[b * d + i];
+      for (int i = 0; i < d; ++i) {
+        const double want = p0[b * d + i] - lr * g[b * d + i] / (lambda + g2);
+        EXPECT(std::fabs(p[b * d + i] - want) <= 10 * tolerance<T>() * (1 + std::fabs(want)),
+               "d=%d block %lld: p %g, want %g", d, (long long)b, double(p[b * d + i]), want);
+        EXPECT(m[b * d + i] == g[b * d + i], "momentum after step 1 is the gradient");
+      }
+    }
+  }
+}
+
+// damping 0 with a zero gradient: F = 0 is singular, the block falls back to the diagonal
+// (here 1 / sqrt(damping) is unavailable, so the identity) and stays finite.
+template <typename T>
+void test_step_failure_falls_back_t() {
+  const int d = 9;
+  const int64_t n = 16, tri = 45;
+  std::vector<T> p(n * d, T(1)), g = random_vec<T>(n * d, 5), m(n * d, T(0));
+  for (int i = 0; i < d; ++i) g[3 * d + i] = T(0);
+  g[7 * d + 2] = std::numeric_limits<T>::quiet_NaN();
+  std::vector<T> F(tri * mbf::cpu::kCompactTile, T(0)), L(F.size(), T(0));
+  const mbf::cpu::StepConfig cfg{0.1, 0.9, 0.9, 0.0, 0.0, false, true, true, true};
+  const auto stats = mbf::cpu::mbf_step_tiles<T>(p.data(), g.data(), m.data(), F.data(),
+                                                 L.data(), n, d, 0, 1, cfg);
+  EXPECT(stats.skipped_curvature == 1, "one NaN gradient block, got %lld",
+         (long long)stats.skipped_curvature);
+  EXPECT(stats.failed_factor >= 2, "zero and NaN blocks fail, got %lld",
+         (long long)stats.failed_factor);
+  for (int i = 0; i < d; ++i) EXPECT(p[3 * d + i] == T(1), "zero gradient: p unchanged");
+  for (int64_t b = 0; b < n; ++b)
+    if (b != 7)
+      for (int i = 0; i < d; ++i) EXPECT(std::isfinite(p[b * d + i]), "block %lld not finite", (long long)b);
+  for (const T v : F) EXPECT(std::isfinite(v), "curvature must stay finite");
+  for (const T v : L) EXPECT(std::isfinite(v), "factor must stay finite");
+}
+
 template <void (*F32)(), void (*F64)()>
 void both() {
   F32();
@@ -237,6 +294,8 @@ int main(int argc, char** argv) {
       {"outer_ema", both<test_outer_ema_t<float>, test_outer_ema_t<double>>},
       {"failures_are_isolated", both<test_failures_are_isolated_t<float>, test_failures_are_isolated_t<double>>},
       {"hot_sizes_match_generic", both<test_hot_sizes_match_generic_t<float>, test_hot_sizes_match_generic_t<double>>},
+      {"step_first_is_sherman_morrison", both<test_step_first_is_sherman_morrison_t<float>, test_step_first_is_sherman_morrison_t<double>>},
+      {"step_failure_falls_back", both<test_step_failure_falls_back_t<float>, test_step_failure_falls_back_t<double>>},
   };
   if (argc != 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: %s <case>; cases:", argv[0]);

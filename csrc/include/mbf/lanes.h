@@ -144,30 +144,30 @@ inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<
 
 // Solve (L L^T) x = b in place for k right-hand sides: x[i * k + c], i < n, c < k.
 // Column-oriented substitutions, for the same reason as the right-looking factorisation.
-// L's packed entry t is the vector L[t * Stride] (Stride > 1 reads a compact tile in place).
-// 1 / L_ii is inv_diag[i], or, with InvDiagInL, L's own diagonal entry (the compact factor
-// stores it that way); L's diagonal is not read otherwise.
-template <typename T, int D, int Stride = 1, bool InvDiagInL = false>
-inline void solve_tile(const typename Lanes<T>::V* L, const typename Lanes<T>::V* inv_diag,
+// L[t] is packed entry t of the factor: a pointer to vectors, or any accessor returning
+// one (the step reads a compact tile in place that way). 1 / L_ii is inv_diag[i], or, with
+// InvDiagInL, L's own diagonal entry (the compact factor stores it that way).
+template <typename T, int D, bool InvDiagInL = false, typename Rows>
+inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
                        typename Lanes<T>::V* x, int d, int k) {
   using V = typename Lanes<T>::V;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
   auto inverse_pivot = [&](auto i) -> V {
-    if constexpr (InvDiagInL) return L[tri_index(i, i) * Stride];
+    if constexpr (InvDiagInL) return L[tri_index(i, i)];
     else return inv_diag[i];
   };
   for (int c = 0; c < k; ++c) {
     loop(Ic<0>{}, n, [&](auto j) {  // L y = b
       const V yj = x[j * k + c] * inverse_pivot(j);
       x[j * k + c] = yj;
-      loop(j + one, n, [&](auto i) { x[i * k + c] -= L[tri_index(i, j) * Stride] * yj; });
+      loop(j + one, n, [&](auto i) { x[i * k + c] -= L[tri_index(i, j)] * yj; });
     });
     loop(Ic<0>{}, n, [&](auto r) {  // L^T x = y, rows from the last
       const auto i = n - one - r;
       const V xi = x[i * k + c] * inverse_pivot(i);
       x[i * k + c] = xi;
-      loop(Ic<0>{}, i, [&](auto j) { x[j * k + c] -= L[tri_index(i, j) * Stride] * xi; });
+      loop(Ic<0>{}, i, [&](auto j) { x[j * k + c] -= L[tri_index(i, j)] * xi; });
     });
   }
 }
