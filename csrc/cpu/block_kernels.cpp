@@ -26,14 +26,14 @@ template <typename T>
 using M = typename Ln<T>::M;
 using lanes::tri_index;
 
-// Per-call scratch of the tile kernels: the full d x d blocks in lanes (for the transposes),
-// packed triangles, 1/diag and right-hand sides.
+// Per-call scratch of the tile kernels: the full d x d blocks in lanes (transposed in and
+// factored in place), 1/diag, right-hand sides, and packed triangles for the inverse.
 template <typename T>
 struct TileScratch {
-  std::vector<V<T>> full, a, inv_diag, x, extra;
-  TileScratch(int n, int k, bool with_extra)
-      : full(size_t(n) * n), a(n * (n + 1) / 2), inv_diag(n), x(size_t(n) * k),
-        extra(with_extra ? n * (n + 1) / 2 : 0) {}
+  std::vector<V<T>> full, inv_diag, x, linv, out;
+  TileScratch(int n, int k, bool for_inverse)
+      : full(size_t(n) * n), inv_diag(n), x(size_t(n) * k),
+        linv(for_inverse ? n * (n + 1) / 2 : 0), out(for_inverse ? n * (n + 1) / 2 : 0) {}
 };
 
 template <typename T>
@@ -42,33 +42,33 @@ T* elements(std::vector<V<T>>& v) {
   return reinterpret_cast<T*>(v.data());
 }
 
-// `cnt` consecutive dense blocks (only their lower triangles are used) into packed lanes,
-// plus `damping` on the diagonal. Lanes past `cnt` (the batch tail) get the identity so that
-// they stay finite.
+// `cnt` consecutive dense blocks into lanes, in place in s.full (row-major n x n per lane;
+// only the lower triangle is used), plus `damping` on the diagonal. Lanes past `cnt` (the
+// batch tail) get the identity so that they stay finite.
 template <typename T, int D>
-void load_lower(const T* A, TileScratch<T>& s, int d, int cnt, T damping) {
+void load_blocks(const T* A, TileScratch<T>& s, int d, int cnt, T damping) {
   constexpr int W = Ln<T>::W;
   const int n = D > 0 ? D : d;
   lanes::gather_lanes<T>(A, int64_t(n) * n, n * n, cnt, T(0), elements<T>(s.full));
   for (int i = 0; i < n; ++i) {
-    for (int j = 0; j < i; ++j) s.a[tri_index(i, j)] = s.full[i * n + j];
-    V<T> diag = s.full[i * n + i] + damping;
-    for (int l = cnt; l < W; ++l) diag[l] = T(1) + damping;
-    s.a[tri_index(i, i)] = diag;
+    V<T>& diag = s.full[i * n + i];
+    for (int l = cnt; l < W; ++l) diag[l] = T(1);
+    diag += damping;
   }
 }
 
-// Packed lanes `a` back to `cnt` dense blocks: lower triangle plus the mirrored (symmetric)
-// or zero (triangular) upper one. Lanes whose `info` is non-zero are written as zeros.
-template <typename T, int D>
-void store_blocks(const V<T>* a, const M<T>& info, TileScratch<T>& s, T* out, int d, int cnt,
-                  bool symmetric) {
+// Lanes back to `cnt` dense blocks. `a` holds the lower triangles in `idx`'s layout (it may
+// be s.full itself); the upper triangle is mirrored (symmetric) or zero (triangular). Lanes
+// whose `info` is non-zero are written as zeros.
+template <typename T, int D, typename Index>
+void store_blocks(const V<T>* a, Index idx, const M<T>& info, TileScratch<T>& s, T* out, int d,
+                  int cnt, bool symmetric) {
   const int n = D > 0 ? D : d;
   const M<T> ok = info == 0;
   const V<T> zero = lanes::splat<V<T>>(T(0));
   for (int i = 0; i < n; ++i) {
     for (int j = 0; j <= i; ++j) {
-      const V<T> v = ok ? a[tri_index(i, j)] : zero;
+      const V<T> v = ok ? a[idx(i, j)] : zero;
       s.full[j * n + i] = symmetric ? v : zero;  // first, so that the diagonal keeps v
       s.full[i * n + j] = v;
     }
@@ -94,11 +94,11 @@ void store_info(const M<T>& info, int32_t* out, int cnt) {
   for (int l = 0; l < cnt; ++l) out[l] = static_cast<int32_t>(info[l]);
 }
 
-// The diagonal of a stored factor, inverted, for the solve of cholesky_solve.
+// The diagonal of a stored (full-layout) factor, inverted, for the solve of cholesky_solve.
 template <typename T, int D>
 void inverse_diagonal(const V<T>* a, V<T>* inv_diag, int d) {
   const int n = D > 0 ? D : d;
-  for (int i = 0; i < n; ++i) inv_diag[i] = T(1) / a[tri_index(i, i)];
+  for (int i = 0; i < n; ++i) inv_diag[i] = T(1) / a[i * n + i];
 }
 
 // Calls body(b0, cnt) for each tile of at most W blocks in [begin, end). Before each
@@ -128,10 +128,11 @@ void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin, int64_t en
   const int64_t dd = int64_t(d) * d;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, 0, false);
+    const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
     for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
-      load_lower<T, kD>(A + b0 * dd, s, d, cnt, damping);
-      const M<T> inf = lanes::factor_tile<T, kD>(s.a.data(), s.inv_diag.data(), d);
-      store_blocks<T, kD>(s.a.data(), inf, s, L + b0 * dd, d, cnt, /*symmetric=*/false);
+      load_blocks<T, kD>(A + b0 * dd, s, d, cnt, damping);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full);
+      store_blocks<T, kD>(s.full.data(), full, inf, s, L + b0 * dd, d, cnt, /*symmetric=*/false);
       store_info<T>(inf, info + b0, cnt);
     });
   });
@@ -143,12 +144,13 @@ void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin, int64_t
   const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, k, false);
+    const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
     const M<T> ok = lanes::splat<M<T>>(0);
     for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt) {
-      load_lower<T, kD>(L + b0 * dd, s, d, cnt, T(0));
-      inverse_diagonal<T, kD>(s.a.data(), s.inv_diag.data(), d);
+      load_blocks<T, kD>(L + b0 * dd, s, d, cnt, T(0));
+      inverse_diagonal<T, kD>(s.full.data(), s.inv_diag.data(), d);
       load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
-      lanes::solve_tile<T, kD>(s.a.data(), s.inv_diag.data(), s.x.data(), d, k);
+      lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, full);
       store_rhs<T>(s, ok, X + b0 * dk, static_cast<int>(dk), cnt);
     });
   });
@@ -160,11 +162,12 @@ void solve_spd_batched(const T* A, const T* B, T* X, int32_t* info, int64_t begi
   const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, k, false);
+    const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
     for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
-      load_lower<T, kD>(A + b0 * dd, s, d, cnt, damping);
-      const M<T> inf = lanes::factor_tile<T, kD>(s.a.data(), s.inv_diag.data(), d);
+      load_blocks<T, kD>(A + b0 * dd, s, d, cnt, damping);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full);
       load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
-      lanes::solve_tile<T, kD>(s.a.data(), s.inv_diag.data(), s.x.data(), d, k);
+      lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, full);
       store_rhs<T>(s, inf, X + b0 * dk, static_cast<int>(dk), cnt);
       store_info<T>(inf, info + b0, cnt);
     });
@@ -177,12 +180,14 @@ void inv_spd_batched(const T* A, T* Ainv, int32_t* info, int64_t begin, int64_t 
   const int64_t dd = int64_t(d) * d;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, 0, true);
-    std::vector<V<T>> out(s.a.size());
+    const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
     for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
-      load_lower<T, kD>(A + b0 * dd, s, d, cnt, damping);
-      const M<T> inf = lanes::factor_tile<T, kD>(s.a.data(), s.inv_diag.data(), d);
-      lanes::inverse_tile<T, kD>(s.a.data(), s.inv_diag.data(), s.extra.data(), out.data(), d);
-      store_blocks<T, kD>(out.data(), inf, s, Ainv + b0 * dd, d, cnt, /*symmetric=*/true);
+      load_blocks<T, kD>(A + b0 * dd, s, d, cnt, damping);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full);
+      lanes::inverse_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.linv.data(), s.out.data(),
+                                 d, full);
+      store_blocks<T, kD>(s.out.data(), lanes::PackedIndex{}, inf, s, Ainv + b0 * dd, d, cnt,
+                          /*symmetric=*/true);
       store_info<T>(inf, info + b0, cnt);
     });
   });

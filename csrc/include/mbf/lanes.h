@@ -6,8 +6,9 @@
 // This is the layout MKL's "compact" batched routines use. Written with GCC/Clang vector
 // extensions so the same code compiles to AVX2, AVX-512 or NEON, and torch-free.
 //
-// A tile holds the packed lower triangle of each of its blocks as tri = d(d+1)/2 vectors,
-// entry (i, j), j <= i, at index i(i+1)/2 + j (the canonical packed order), lane l = block l.
+// A tile holds the lower triangle of each of its blocks as vectors, lane l = block l: by
+// default packed, entry (i, j), j <= i, at index i(i+1)/2 + j (the canonical packed order);
+// the dense kernels use full row-major blocks in place instead (FullIndex).
 #pragma once
 
 #include <cmath>
@@ -90,6 +91,20 @@ inline constexpr int kMaxUnrolled = 16;
 template <int D>
 using BlockDim = std::conditional_t<(D > 0 && D <= kMaxUnrolled), Ic<D>, int>;
 
+// Where entry (i, j), j <= i, of a tile's block lives: the packed triangle (the default,
+// and the compact layout's order) or a full row-major n x n block (the dense API's layout,
+// used in place after the transposing load). With Ic arguments both fold to constants.
+struct PackedIndex {
+  template <typename I, typename J>
+  constexpr int operator()(I i, J j) const { return tri_index(i, j); }
+};
+template <typename N>
+struct FullIndex {
+  N n;
+  template <typename I, typename J>
+  constexpr int operator()(I i, J j) const { return int(i) * int(n) + int(j); }
+};
+
 template <int D>
 inline BlockDim<D> block_dim(int d) {
   if constexpr (D > 0 && D <= kMaxUnrolled) return {};
@@ -115,28 +130,28 @@ inline typename Lanes<T>::V vsqrt(typename Lanes<T>::V x) {
 // (left-looking) order is one long dependency chain per row and ran at an IPC below 0.5.
 // Each entry still receives its updates in the same order (k = 0, 1, ...), so the rounding
 // is that of the row-by-row version.
-template <typename T, int D>
+template <typename T, int D, typename Index = PackedIndex>
 inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<T>::V* inv_diag,
-                                        int d) {
+                                        int d, Index idx = {}) {
   using V = typename Lanes<T>::V;
   using M = typename Lanes<T>::M;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
   M info = splat<M>(0);
   loop(Ic<0>{}, n, [&](auto j) {
-    V s = a[tri_index(j, j)];
+    V s = a[idx(j, j)];
     // (s - s) == 0 is false exactly for Inf and NaN; s > 0 is false for NaN.
     const M ok = (s > T(0)) & ((s - s) == T(0));
     info = ((info == 0) & ~ok) ? splat<M>(int(j) + 1) : info;
     s = ok ? s : splat<V>(T(1));
     const V r = vsqrt<T>(s);
     const V inv = T(1) / r;
-    a[tri_index(j, j)] = r;
+    a[idx(j, j)] = r;
     inv_diag[j] = inv;
-    loop(j + one, n, [&](auto i) { a[tri_index(i, j)] *= inv; });
+    loop(j + one, n, [&](auto i) { a[idx(i, j)] *= inv; });
     loop(j + one, n, [&](auto i) {
-      const V lij = a[tri_index(i, j)];
-      loop(j + one, i + one, [&](auto k) { a[tri_index(i, k)] -= lij * a[tri_index(k, j)]; });
+      const V lij = a[idx(i, j)];
+      loop(j + one, i + one, [&](auto k) { a[idx(i, k)] -= lij * a[idx(k, j)]; });
     });
   });
   return info;
@@ -147,27 +162,28 @@ inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<
 // L[t] is packed entry t of the factor: a pointer to vectors, or any accessor returning
 // one (the step reads a compact tile in place that way). 1 / L_ii is inv_diag[i], or, with
 // InvDiagInL, L's own diagonal entry (the compact factor stores it that way).
-template <typename T, int D, bool InvDiagInL = false, typename Rows>
+template <typename T, int D, bool InvDiagInL = false, typename Rows,
+          typename Index = PackedIndex>
 inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
-                       typename Lanes<T>::V* x, int d, int k) {
+                       typename Lanes<T>::V* x, int d, int k, Index idx = {}) {
   using V = typename Lanes<T>::V;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
   auto inverse_pivot = [&](auto i) -> V {
-    if constexpr (InvDiagInL) return L[tri_index(i, i)];
+    if constexpr (InvDiagInL) return L[idx(i, i)];
     else return inv_diag[i];
   };
   for (int c = 0; c < k; ++c) {
     loop(Ic<0>{}, n, [&](auto j) {  // L y = b
       const V yj = x[j * k + c] * inverse_pivot(j);
       x[j * k + c] = yj;
-      loop(j + one, n, [&](auto i) { x[i * k + c] -= L[tri_index(i, j)] * yj; });
+      loop(j + one, n, [&](auto i) { x[i * k + c] -= L[idx(i, j)] * yj; });
     });
     loop(Ic<0>{}, n, [&](auto r) {  // L^T x = y, rows from the last
       const auto i = n - one - r;
       const V xi = x[i * k + c] * inverse_pivot(i);
       x[i * k + c] = xi;
-      loop(Ic<0>{}, i, [&](auto j) { x[j * k + c] -= L[tri_index(i, j)] * xi; });
+      loop(Ic<0>{}, i, [&](auto j) { x[j * k + c] -= L[idx(i, j)] * xi; });
     });
   }
 }
@@ -175,9 +191,10 @@ inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
 // (L L^T)^{-1} = L^{-T} L^{-1}, written as a packed lower triangle `out` (tri vectors);
 // `linv` is scratch for the packed L^{-1}. Forming the product from L^{-1} makes the
 // inverse exactly symmetric, unlike a solve against the identity.
-template <typename T, int D>
+template <typename T, int D, typename Index = PackedIndex>
 inline void inverse_tile(const typename Lanes<T>::V* L, const typename Lanes<T>::V* inv_diag,
-                         typename Lanes<T>::V* linv, typename Lanes<T>::V* out, int d) {
+                         typename Lanes<T>::V* linv, typename Lanes<T>::V* out, int d,
+                         Index idx = {}) {
   using V = typename Lanes<T>::V;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
@@ -185,7 +202,7 @@ inline void inverse_tile(const typename Lanes<T>::V* L, const typename Lanes<T>:
     linv[tri_index(j, j)] = inv_diag[j];
     loop(j + one, n, [&](auto i) {
       V s = splat<V>(T(0));
-      loop(j, i, [&](auto k) { s += L[tri_index(i, k)] * linv[tri_index(k, j)]; });
+      loop(j, i, [&](auto k) { s += L[idx(i, k)] * linv[tri_index(k, j)]; });
       linv[tri_index(i, j)] = -s * inv_diag[i];
     });
   });
