@@ -169,16 +169,19 @@ def plot(rows: list[Row], path: Path) -> None:
 
     solve = [r for r in rows if r.op == "solve_spd"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for d in sorted({r.d for r in solve}):
+    colors = plt.get_cmap("tab10")
+    for c, d in enumerate(sorted({r.d for r in solve})):
+        # One colour per block size; solid = mbf_kernels, dashed = torch.linalg.
         for impl, style in (("torch.linalg", "--"), ("mbf_kernels[cpu]", "-")):
             pts = sorted((r.n, r.blocks_per_s) for r in solve if r.d == d and r.impl == impl)
             if pts:
-                ax1.plot(*zip(*pts), style, marker="o", ms=3, label=f"{impl} d={d}")
+                ax1.plot(*zip(*pts), style, color=colors(c), marker="o", ms=3,
+                         label=f"{impl} d={d}")
         pts = sorted((r.n, r.speedup_vs_torch) for r in solve if r.d == d and r.speedup_vs_torch)
         if pts:
-            ax2.plot(*zip(*pts), marker="o", ms=3, label=f"d={d}")
+            ax2.plot(*zip(*pts), color=colors(c), marker="o", ms=3, label=f"d={d}")
     ax1.set(xscale="log", yscale="log", xlabel="blocks N", ylabel="blocks / s (median)",
-            title="solve_spd throughput, float32")
+            title="solve_spd throughput, float32 (solid: mbf_kernels, dashed: torch.linalg)")
     ax2.set(xscale="log", xlabel="blocks N", ylabel="speed-up vs torch.linalg (same run)",
             title="solve_spd speed-up")
     ax1.legend(fontsize=6, ncol=2)
@@ -189,6 +192,41 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown_summary(rows: list[Row], env: dict) -> str:
+    """Two Markdown tables: solve_spd speed-ups over (d, N), and the fused step's roof share."""
+    solve = {(r.d, r.n, r.impl): r for r in rows if r.op == "solve_spd"}
+    dims = sorted({d for d, _, _ in solve})
+    sizes = sorted({n for _, n, _ in solve})
+    lines = [
+        f"Device: {env['cpu']}, {env['threads']} threads; torch {env['torch']}; "
+        f"mbf_kernels {env['mbf_kernels']} (commit {env['commit']}); copy bandwidth "
+        f"{env['copy_bandwidth_gb_s']:.1f} GB/s (read + write).",
+        "",
+        "`solve_spd`, float32: speed-up of `mk.linalg.solve_spd(A, b, damping)` [cpu] over "
+        "`torch.cholesky_solve(b, torch.linalg.cholesky(A + damping I))` in the same run "
+        "(median of repeats each; ours in ms in brackets).",
+        "",
+        "| d \\ N | " + " | ".join(f"2^{n.bit_length() - 1}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for d in dims:
+        cells = []
+        for n in sizes:
+            ours = solve.get((d, n, "mbf_kernels[cpu]"))
+            cells.append(f"{ours.speedup_vs_torch:.1f}x ({ours.median_ms:.2f})" if ours else "-")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    steps = [r for r in rows if r.op.startswith("step")]
+    if steps:
+        lines += ["", "Fused MBF step (compact layout), float32, one bucket: median ms "
+                  "(min-max) and the share of the copy roof for the bytes it must move "
+                  "(MBF_SPEC section 6).", "",
+                  "| d | N | variant | median ms | min-max ms | roof |", "|---|---|---|---|---|---|"]
+        for r in steps:
+            lines.append(f"| {r.d} | 2^{r.n.bit_length() - 1} | {r.op} | {r.median_ms:.2f} | "
+                         f"{r.min_ms:.2f}-{r.max_ms:.2f} | {100 * r.roof_fraction:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few points, under a minute")
@@ -196,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per point")
     parser.add_argument("--max-gib", type=float, default=2.0,
                         help="skip points whose matrices A exceed this many GiB")
+    parser.add_argument("--dims", type=int, nargs="+", help="block sizes d (overrides the grid)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="block counts N (overrides the grid)")
+    parser.add_argument("--step-n", type=int, help="blocks per bucket for the fused step")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -204,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=160)
     dims, sizes = (QUICK_DIMS, QUICK_SIZES) if args.quick else (DIMS, SIZES)
+    dims, sizes = tuple(args.dims or dims), tuple(args.sizes or sizes)
     roof_bw = copy_bandwidth()
     env = environment()
     console.print(f"CPU: {env['cpu']}, {env['threads']} threads; torch {env['torch']}; "
@@ -213,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for d, n in track(points, description="solve_spd", console=console):
         rows += bench_solve(d, n, torch.float32, roof_bw, args.budget)
-    step_points = [(9, 2**14), (9, 2**20)] if args.quick else [(d, 2**20) for d in DIMS]
+    step_n = args.step_n or (2**18 if args.quick else 2**20)
+    step_points = [(d, step_n) for d in dims]
     for d, n in track(step_points, description="fused step", console=console):
         rows += bench_step(d, n, torch.float32, roof_bw, args.budget)
 
@@ -240,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     env["copy_bandwidth_gb_s"] = roof_bw / 1e9
     (args.out / "cpu_kernels.json").write_text(json.dumps(env, indent=2))
     plot(rows, args.out / "cpu_kernels.png")
-    console.print(f"wrote {args.out}/cpu_kernels.csv, .json, .png")
+    (args.out / "cpu_kernels.md").write_text(markdown_summary(rows, env))
+    console.print(f"wrote {args.out}/cpu_kernels.csv, .json, .md, .png")
     return 0
 
 

@@ -1,0 +1,39 @@
+"""The CPU benchmark script end to end at toy size: it runs, checks its answers, writes its files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import mbf_kernels as mk
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_cpu_kernels.py"
+
+
+@pytest.mark.skipif(not mk.backends()["cpu"].available, reason="C++ kernels not built")
+def test_bench_cpu_kernels_toy(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dims", "4", "9", "--sizes", "64", "1000", "--step-n", "100",
+                       "--budget", "0.05", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "cpu_kernels.csv")))
+    solve = [r for r in rows if r["op"] == "solve_spd"]
+    assert {(r["impl"], r["d"], r["n"]) for r in solve} == {
+        (impl, d, n) for impl in ("torch.linalg", "mbf_kernels[cpu]") for d in ("4", "9")
+        for n in ("64", "1000")}
+    for r in solve:
+        assert float(r["median_ms"]) > 0 and float(r["min_ms"]) <= float(r["median_ms"])
+        if r["impl"] != "torch.linalg":
+            assert float(r["speedup_vs_torch"]) > 0
+    steps = [r for r in rows if r["op"].startswith("step")]
+    assert len(steps) == 6 and all(float(r["roof_fraction"]) > 0 for r in steps)
+    md = (tmp_path / "cpu_kernels.md").read_text()
+    assert "| 9 |" in md and "roof" in md
+    assert (tmp_path / "cpu_kernels.png").stat().st_size > 10_000
+    assert (tmp_path / "cpu_kernels.json").exists()
