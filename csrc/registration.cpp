@@ -24,6 +24,10 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "Tensor(d!) factor, Tensor(e!) stats, float lr, float momentum_coef, float beta, "
       "float damping, float weight_decay, bool decoupled_weight_decay, bool update_curvature, "
       "bool first_curvature, bool refactor) -> ()");
+  // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
+  m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
+  m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");
+  m.def("compact_solve(Tensor factor, Tensor B) -> Tensor");
 }
 
 namespace {

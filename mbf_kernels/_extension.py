@@ -76,6 +76,21 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
         weight_decay, decoupled_weight_decay, update_curvature, first_curvature, refactor)
 
 
+def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
+    """F compact (in place), G (N, d): F = beta F + (1 - beta) g g^T."""
+    torch.ops.mbf_kernels.compact_outer_ema_.default(F, G, beta)
+
+
+def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
+    """F compact -> (factor compact with inverted diagonal, info (N,) int32)."""
+    return torch.ops.mbf_kernels.compact_cholesky_ex.default(F, n_blocks, damping)
+
+
+def compact_solve(factor: Tensor, B: Tensor) -> Tensor:
+    """factor compact, B (N, d) -> X (N, d)."""
+    return torch.ops.mbf_kernels.compact_solve.default(factor, B)
+
+
 if AVAILABLE:
 
     def _info_like(A: Tensor) -> Tensor:
@@ -100,6 +115,18 @@ if AVAILABLE:
     @torch.library.register_fake("mbf_kernels::outer_ema_")
     def _(F: Tensor, G: Tensor, beta: float) -> None:
         return None
+
+    @torch.library.register_fake("mbf_kernels::compact_outer_ema_")
+    def _(F: Tensor, G: Tensor, beta: float) -> None:
+        return None
+
+    @torch.library.register_fake("mbf_kernels::compact_cholesky_ex")
+    def _(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(F), F.new_empty((n_blocks,), dtype=torch.int32)
+
+    @torch.library.register_fake("mbf_kernels::compact_solve")
+    def _(factor: Tensor, B: Tensor) -> Tensor:
+        return torch.empty_like(B)
 
     @torch.library.register_fake("mbf_kernels::mbf_step_")
     def _(param, grad, momentum, curvature, factor, stats, lr, momentum_coef, beta, damping,

@@ -17,13 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .packed import pack_tril, tril_size, unpack_tril
+from . import _validation as v
+from .packed import pack_tril, tril_dim, tril_size, unpack_tril
 
 #: Blocks per compact tile (csrc/include/mbf/batched.h: kCompactTile).
 COMPACT_TILE = 16
 
 __all__ = [
     "COMPACT_TILE",
+    "outer_ema_",
+    "cholesky_ex",
+    "solve",
     "compact_shape",
     "to_compact",
     "from_compact",
@@ -72,3 +76,64 @@ def cholesky_from_factor(P: Tensor) -> Tensor:
     L.diagonal(dim1=-2, dim2=-1).reciprocal_()
     return L
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops on the compact layout: the phases of the fused step, one at a time. Each takes backend=
+# like mbf_kernels.linalg ("torch" goes through the canonical layout and the reference).
+
+
+def _check_compact(fn: str, name: str, C: Tensor, n_blocks: int, d: int) -> None:
+    v.check_float_dtype(fn, name, C)
+    if tuple(C.shape) != compact_shape(n_blocks, d):
+        raise ValueError(f"{fn}: {name} must have the compact shape {compact_shape(n_blocks, d)} "
+                         f"for {n_blocks} blocks of size {d}, got {tuple(C.shape)}")
+
+
+def _check_rows(fn: str, name: str, X: Tensor, ref_name: str, ref: Tensor) -> Tensor:
+    v.check_same_kind(fn, name, X, ref_name, ref)
+    if X.ndim != 2:
+        raise ValueError(f"{fn}: {name} must have shape (N, d), got {tuple(X.shape)}")
+    return X
+
+
+def outer_ema_(F: Tensor, G: Tensor, beta: float, *, backend: str = "auto") -> Tensor:
+    """In place on the compact curvature F: F = beta F + (1 - beta) g g^T, G (N, d); returns F."""
+    from .dispatch import select
+
+    fn = "mbf_kernels.compact.outer_ema_"
+    _check_rows(fn, "G", G, "F", F)
+    _check_compact(fn, "F", F, G.shape[0], G.shape[1])
+    beta = v.check_unit_interval(fn, "beta", beta)
+    if not F.is_contiguous():
+        raise ValueError(f"{fn}: F is updated in place and must be contiguous")
+    select(backend, F.device, differentiable=False, fn=fn).compact_outer_ema_(F, G, beta)
+    return F
+
+
+def cholesky_ex(F: Tensor, n_blocks: int, damping: float = 0.0, *,
+                backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Factor of every damped block of the compact curvature F.
+
+    Returns the compact factor (L with its diagonal inverted; zero where info != 0) and info
+    (N,) int32 with the :mod:`mbf_kernels.reference` convention.
+    """
+    from .dispatch import select
+
+    fn = "mbf_kernels.compact.cholesky_ex"
+    if F.ndim != 3:
+        raise ValueError(f"{fn}: F must be a compact tensor (tiles, T, 16), got {tuple(F.shape)}")
+    _check_compact(fn, "F", F, n_blocks, tril_dim(F.shape[1]))
+    damping = v.check_nonnegative(fn, "damping", damping)
+    return select(backend, F.device, differentiable=False, fn=fn).compact_cholesky_ex(
+        F, n_blocks, damping)
+
+
+def solve(factor: Tensor, B: Tensor, *, backend: str = "auto") -> Tensor:
+    """X = (L L^T)^{-1} B for the compact factor and B (N, d): the solve with a cached factor."""
+    from .dispatch import select
+
+    fn = "mbf_kernels.compact.solve"
+    _check_rows(fn, "B", B, "factor", factor)
+    _check_compact(fn, "factor", factor, B.shape[0], B.shape[1])
+    return select(backend, factor.device, differentiable=False, fn=fn).compact_solve(factor, B)

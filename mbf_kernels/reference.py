@@ -20,6 +20,9 @@ from torch import Tensor
 
 __all__ = [
     "mbf_step_",
+    "compact_outer_ema_",
+    "compact_cholesky_ex",
+    "compact_solve",
     "add_damping",
     "cholesky_ex",
     "cholesky_solve",
@@ -150,3 +153,37 @@ def mbf_step_(
     u = torch.cholesky_solve(momentum[:, :, None], cholesky_from_factor(factor))[:, :, 0]
     update = lr * u + (lr * weight_decay * param if decoupled_weight_decay else 0)
     param.sub_(update)
+
+
+# The packed-layout ops: the same math on the compact layout, through the canonical one.
+
+
+def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
+    """F compact (ceil(N/16), T, 16), in place; G (N, d): F = beta F + (1 - beta) g g^T."""
+    from .compact import from_compact, to_compact
+    from .packed import pack_tril, unpack_tril
+
+    n = G.shape[0]
+    dense = unpack_tril(from_compact(F, n))
+    outer_ema_(dense, G[:, None, :], beta)
+    rows = F.transpose(1, 2).reshape(-1, F.shape[1]).clone()  # padding blocks kept as they are
+    rows[:n] = pack_tril(dense)
+    F.copy_(to_compact(rows))
+
+
+def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
+    """F compact -> (factor compact, diagonal inverted, failed blocks zero; info (N,) int32)."""
+    from .compact import factor_from_cholesky, from_compact, to_compact
+    from .packed import unpack_tril
+
+    L, info = cholesky_ex(unpack_tril(from_compact(F, n_blocks)), damping)
+    rows = factor_from_cholesky(L).masked_fill((info != 0)[:, None], 0)
+    return to_compact(rows), info
+
+
+def compact_solve(factor: Tensor, B: Tensor) -> Tensor:
+    """factor compact (diagonal inverted), B (N, d) -> X = (L L^T)^{-1} B, (N, d)."""
+    from .compact import cholesky_from_factor, from_compact
+
+    L = cholesky_from_factor(from_compact(factor, B.shape[0]))
+    return torch.cholesky_solve(B[:, :, None], L)[:, :, 0]

@@ -52,3 +52,24 @@ def test_torch_compile_traces_ops_without_graph_breaks():
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     for got, want in zip(compiled(A, G), f(A, G)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d", [(0, 3), (5, 9), (37, 10)])
+def test_opcheck_compact_ops(n, d, dtype):
+    from mbf_kernels import compact
+    from mbf_kernels.packed import pack_tril
+
+    ops = torch.ops.mbf_kernels
+    F = compact.to_compact(pack_tril(random_spd(n, d=d, dtype=dtype)))
+    G = randn(n, d, dtype=dtype)
+    factor, _ = ops.compact_cholesky_ex(F, n, 0.1)
+    torch.library.opcheck(ops.compact_outer_ema_.default, (F.clone(), G, 0.9))
+    torch.library.opcheck(ops.compact_cholesky_ex.default, (F, n, 0.1))
+    torch.library.opcheck(ops.compact_solve.default, (factor, G))
+    stats = torch.zeros(2, dtype=torch.int64)
+    torch.library.opcheck(
+        ops.mbf_step_.default,
+        (randn(n, d, dtype=dtype), G, torch.zeros(n, d, dtype=dtype), F.clone(), factor.clone(),
+         stats, 0.1, 0.9, 0.9, 0.1, 0.0, False, True, False, True),
+    )

@@ -141,3 +141,61 @@ def test_compact_round_trip():
     assert C.shape == compact.compact_shape(37, 9) == (3, 45, 16)
     assert torch.equal(compact.from_compact(C, 37), P)
     assert torch.equal(C[1, :, 2], P[18])  # block 18 = tile 1, lane 2
+
+
+# --------------------------------------------------------------------------------------------
+# The step's phases as standalone ops on the compact layout, every backend against the torch one.
+
+from conftest import compiled_backends, random_spd  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", compiled_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 4, 9, 10, 27, 33])
+@pytest.mark.parametrize("n", [0, 1, 7, 16, 37])
+def test_compact_ops_match_reference(backend, n, d, dtype):
+    tol = TOL[dtype]
+    F = compact.to_compact(pack_tril(random_spd(n, d=d, dtype=dtype, seed=9)))
+    G = randn(n, d, dtype=dtype, seed=10)
+    ours = compact.outer_ema_(F.clone(), G, 0.8, backend=backend)
+    ref = compact.outer_ema_(F.clone(), G, 0.8, backend="torch")
+    torch.testing.assert_close(compact.from_compact(ours, n), compact.from_compact(ref, n), **tol)
+
+    factor, info = compact.cholesky_ex(ref, n, 0.05, backend=backend)
+    factor_ref, info_ref = compact.cholesky_ex(ref, n, 0.05, backend="torch")
+    assert info.dtype == torch.int32 and torch.equal(info, info_ref)
+    torch.testing.assert_close(compact.from_compact(factor, n), compact.from_compact(factor_ref, n), **tol)
+
+    B = randn(n, d, dtype=dtype, seed=11)
+    X = compact.solve(factor, B, backend=backend)
+    torch.testing.assert_close(X, compact.solve(factor_ref, B, backend="torch"), **tol)
+    # and it is the solve of the damped curvature itself
+    A = mk.packed.unpack_tril(compact.from_compact(ref, n)) + 0.05 * torch.eye(d, dtype=dtype)
+    if n:
+        torch.testing.assert_close(X, torch.linalg.solve(A, B), **tol)
+
+
+@pytest.mark.parametrize("backend", compiled_backends())
+def test_compact_cholesky_reports_failures(backend):
+    n, d = 20, 4
+    F = torch.eye(d).repeat(n, 1, 1)
+    F[3, 2, 2] = -1.0
+    F[11, 0, 0] = float("nan")
+    factor, info = compact.cholesky_ex(compact.to_compact(pack_tril(F)), n, 0.0, backend=backend)
+    assert info.tolist() == [0] * 3 + [3] + [0] * 7 + [1] + [0] * 8
+    rows = compact.from_compact(factor, n)
+    assert (rows[[3, 11]] == 0).all() and torch.isfinite(rows).all()
+
+
+def test_compact_ops_validate():
+    F = torch.zeros(compact.compact_shape(20, 4))
+    with pytest.raises(ValueError, match=r"F must have the compact shape \(3, 10, 16\) for 33 blocks"):
+        compact.outer_ema_(F, torch.zeros(33, 4), 0.5)  # 2 tiles hold at most 32 blocks
+    with pytest.raises(TypeError, match="G has dtype torch.float64 but F has dtype torch.float32"):
+        compact.outer_ema_(F, torch.zeros(20, 4, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+        compact.outer_ema_(F, torch.zeros(20, 4), 2.0)
+    with pytest.raises(ValueError, match="damping must be finite and >= 0"):
+        compact.cholesky_ex(F, 20, -1.0)
+    with pytest.raises(ValueError, match="B must have shape"):
+        compact.solve(F, torch.zeros(20, 4, 1))

@@ -11,20 +11,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "lane_types.h"
 #include "mbf/lanes.h"
 #include "mbf/small_spd.h"
 
 namespace mbf {
 namespace cpu {
 namespace {
-
-template <typename T>
-using Ln = lanes::Lanes<T>;
-template <typename T>
-using V = typename Ln<T>::V;
-template <typename T>
-using M = typename Ln<T>::M;
-using lanes::tri_index;
 
 // Per-call scratch of the tile kernels: the full d x d blocks in lanes (transposed in and
 // factored in place), 1/diag, right-hand sides, and packed triangles for the inverse.

@@ -146,6 +146,21 @@ void outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
   if (!in_place) F.copy_(Fc);
 }
 
+// A compact state tensor (ceil(N/16), d(d+1)/2, 16) for N blocks of size d.
+void check_compact(const at::Tensor& C, int64_t n, int64_t d, const char* name) {
+  const int64_t tiles = (n + cpu::kCompactTile - 1) / cpu::kCompactTile;
+  TORCH_CHECK(C.dim() == 3 && C.size(0) == tiles && C.size(1) == d * (d + 1) / 2 &&
+                  C.size(2) == cpu::kCompactTile,
+              "mbf_kernels: ", name, " must have the compact shape (", tiles, ", ",
+              d * (d + 1) / 2, ", ", cpu::kCompactTile, ") for ", n, " blocks of size ", d,
+              ", got ", C.sizes());
+  TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
+              "mbf_kernels: ", name, " must be float32 or float64, got ", C.scalar_type());
+}
+
+// Compact tiles per parallel task.
+int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / cpu::kCompactTile; }
+
 void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum,
                   at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats, double lr,
                   double momentum_coef, double beta, double damping, double weight_decay,
@@ -155,19 +170,14 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
               param.sizes());
   const int64_t n = param.size(0);
   const int64_t d = param.size(1);
-  const int64_t tiles = (n + cpu::kCompactTile - 1) / cpu::kCompactTile;
   TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
               "mbf_kernels: param must be float32 or float64, got ", param.scalar_type());
   for (const at::Tensor* t : {&grad, static_cast<const at::Tensor*>(&momentum)}) {
     TORCH_CHECK(t->sizes() == param.sizes(), "mbf_kernels: grad and momentum must have shape ",
                 param.sizes(), ", got ", t->sizes());
   }
-  for (const auto* t : {&curvature, &factor}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == tiles && t->size(1) == d * (d + 1) / 2 &&
-                    t->size(2) == cpu::kCompactTile,
-                "mbf_kernels: curvature and factor must have the compact shape (", tiles, ", ",
-                d * (d + 1) / 2, ", ", cpu::kCompactTile, "), got ", t->sizes());
-  }
+  check_compact(curvature, n, d, "curvature");
+  check_compact(factor, n, d, "factor");
   for (const at::Tensor* t : {&grad, static_cast<const at::Tensor*>(&momentum),
                               static_cast<const at::Tensor*>(&curvature),
                               static_cast<const at::Tensor*>(&factor)})
@@ -189,7 +199,7 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
     scalar_t* mp = momentum.mutable_data_ptr<scalar_t>();
     scalar_t* fp = curvature.mutable_data_ptr<scalar_t>();
     scalar_t* lp = factor.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tiles, 1 + grain_for(d) / cpu::kCompactTile, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, curvature.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
       const cpu::StepStats s = cpu::mbf_step_tiles<scalar_t>(p, gp, mp, fp, lp, n,
                                                              static_cast<int>(d), b, e, cfg);
       skipped += s.skipped_curvature;
@@ -201,6 +211,64 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
   counters[1] += failed.load();
 }
 
+void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
+  TORCH_CHECK(G_in.dim() == 2, "mbf_kernels: G must have shape (N, d), got ", G_in.sizes());
+  const int64_t n = G_in.size(0), d = G_in.size(1);
+  check_compact(F, n, d, "F");
+  check_like(G_in, F, "G");
+  TORCH_CHECK(F.is_contiguous(), "mbf_kernels: F is updated in place and must be contiguous");
+  const auto G = G_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "mbf_compact_outer_ema_cpu", [&] {
+    scalar_t* f = F.mutable_data_ptr<scalar_t>();
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    at::parallel_for(0, F.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
+      cpu::compact_outer_ema_tiles<scalar_t>(f, g, n, static_cast<int>(d), b, e,
+                                             static_cast<scalar_t>(beta));
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_cholesky_ex_cpu(const at::Tensor& F_in, int64_t n,
+                                                           double damping) {
+  TORCH_CHECK(F_in.dim() == 3, "mbf_kernels: F must be a compact tensor, got ", F_in.sizes());
+  const int64_t tri = F_in.size(1);
+  int64_t d = 0;
+  while (d * (d + 1) / 2 < tri) ++d;
+  check_compact(F_in, n, d, "F");
+  const auto F = F_in.contiguous();
+  auto factor = at::empty_like(F);
+  auto info = at::empty({n}, F.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "mbf_compact_cholesky_cpu", [&] {
+    const scalar_t* f = F.const_data_ptr<scalar_t>();
+    scalar_t* l = factor.mutable_data_ptr<scalar_t>();
+    int32_t* inf = info.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, F.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
+      cpu::compact_cholesky_tiles<scalar_t>(f, l, inf, n, static_cast<int>(d), b, e,
+                                            static_cast<scalar_t>(damping));
+    });
+  });
+  return {factor, info};
+}
+
+at::Tensor compact_solve_cpu(const at::Tensor& factor_in, const at::Tensor& B_in) {
+  TORCH_CHECK(B_in.dim() == 2, "mbf_kernels: B must have shape (N, d), got ", B_in.sizes());
+  const int64_t n = B_in.size(0), d = B_in.size(1);
+  check_compact(factor_in, n, d, "factor");
+  check_like(B_in, factor_in, "B");
+  const auto factor = factor_in.contiguous();
+  const auto B = B_in.contiguous();
+  auto X = with_huge_pages(at::empty_like(B));
+  AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "mbf_compact_solve_cpu", [&] {
+    const scalar_t* l = factor.const_data_ptr<scalar_t>();
+    const scalar_t* rhs = B.const_data_ptr<scalar_t>();
+    scalar_t* x = X.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, factor.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
+      cpu::compact_solve_tiles<scalar_t>(l, rhs, x, n, static_cast<int>(d), b, e);
+    });
+  });
+  return X;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
@@ -210,6 +278,9 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("inv_spd_ex", &inv_spd_ex_cpu);
   m.impl("outer_ema_", &outer_ema_cpu);
   m.impl("mbf_step_", &mbf_step_cpu);
+  m.impl("compact_outer_ema_", &compact_outer_ema_cpu);
+  m.impl("compact_cholesky_ex", &compact_cholesky_ex_cpu);
+  m.impl("compact_solve", &compact_solve_cpu);
 }
 
 }  // namespace ops

@@ -7,20 +7,13 @@
 #include <vector>
 
 #include "mbf/batched.h"
+#include "lane_types.h"
 #include "mbf/lanes.h"
 #include "mbf/small_spd.h"
 
 namespace mbf {
 namespace cpu {
 namespace {
-
-template <typename T>
-using Ln = lanes::Lanes<T>;
-template <typename T>
-using V = typename Ln<T>::V;
-template <typename T>
-using M = typename Ln<T>::M;
-using lanes::tri_index;
 
 // Row t of one sub-tile of a compact tile (W lanes at `base`, row stride kCompactTile),
 // read in place. memcpy: the buffer may be aligned to the element only (any std::vector),
@@ -57,65 +50,92 @@ int64_t count_lanes(const M<T>& mask, int cnt) {
   return c;
 }
 
+// One sub-tile (W blocks: lanes) of a bucket on the compact layout, with the phases of the
+// step as members so that the fused step and the standalone packed ops share them.
 template <typename T, int D>
-struct StepTile {
+struct CompactTile {
   static constexpr int W = Ln<T>::W;
   std::vector<V<T>> gv, mv, pv, F, L, inv_diag, x;
   int n, tri;
-  explicit StepTile(int d)
+  explicit CompactTile(int d)
       : gv(d), mv(d), pv(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
         n(D > 0 ? D : d), tri(n * (n + 1) / 2) {}
 
-  // One sub-tile: W blocks starting at block b0, of which cnt are real.
-  void run(T* p, const T* g, T* m, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
-           StepStats& stats) {
-    const auto nd = lanes::block_dim<D>(n);
-    const int64_t row = int64_t(n);
-    lanes::gather_lanes<T>(g + b0 * row, row, n, cnt, T(0), reinterpret_cast<T*>(gv.data()));
+  // W rows of length n (block-major, blocks b0.. of `src`) into lanes `dst`, and back.
+  void gather(const T* src, int64_t b0, int cnt, std::vector<V<T>>& dst) {
+    lanes::gather_lanes<T>(src + b0 * n, n, n, cnt, T(0), reinterpret_cast<T*>(dst.data()));
+  }
+  void scatter(const std::vector<V<T>>& src, int64_t b0, int cnt, T* dst) {
+    lanes::scatter_lanes<T>(reinterpret_cast<const T*>(src.data()), n, cnt, n, dst + b0 * n);
+  }
 
+  // F (compact rows at Fc) = beta F + (1 - beta) g g^T with g = gv, or g g^T when `first`.
+  // Lanes in `keep` (a NaN/Inf gradient, when the step protects F) keep their F.
+  // Leaves the refreshed F in the F scratch.
+  void refresh_curvature(T* Fc, T beta_, bool first, const M<T>& keep) {
+    const auto nd = lanes::block_dim<D>(n);
+    load_compact<T>(Fc, tri, F.data());
+    const T beta = beta_, w = T(1) - beta_;
+    lanes::loop(lanes::Ic<0>{}, nd, [&](auto i) {
+      lanes::loop(lanes::Ic<0>{}, i + lanes::Ic<1>{}, [&](auto j) {
+        const V<T> c = gv[i] * gv[j];
+        V<T>& f = F[tri_index(i, j)];
+        const V<T> updated = first ? c : beta * f + w * c;
+        f = keep ? f : updated;
+      });
+    });
+    store_compact<T>(F.data(), tri, Fc);
+  }
+
+  // Factor of F + damping I (F in the F scratch) into compact rows at Lc, diagonal inverted.
+  // Failed lanes get the diagonal fallback of MBF_SPEC section 4 when `fallback` is set
+  // (1 / sqrt(F_ii + damping) where finite and positive, else 1 / sqrt(damping), else 1),
+  // zeros otherwise. Returns the per-lane info of the factorisation.
+  M<T> refactor(T* Lc, T damping, bool fallback) {
+    for (int t = 0; t < tri; ++t) L[t] = F[t];
+    for (int i = 0; i < n; ++i) L[tri_index(i, i)] += damping;
+    const M<T> info = lanes::factor_tile<T, D>(L.data(), inv_diag.data(), n);
+    const M<T> failed = info != 0;
+    const V<T> zero = lanes::splat<V<T>>(T(0));
+    const T inv_sqrt_damping = damping > 0 ? T(1) / std::sqrt(damping) : T(1);
+    for (int i = 0; i < n; ++i) {
+      V<T> replacement = zero;
+      if (fallback) {
+        const V<T> s = F[tri_index(i, i)] + damping;
+        const M<T> ok = (s > T(0)) & ((s - s) == T(0));
+        const V<T> root = lanes::vsqrt<T>(ok ? s : lanes::splat<V<T>>(T(1)));
+        replacement = ok ? T(1) / root : lanes::splat<V<T>>(inv_sqrt_damping);
+      }
+      for (int j = 0; j < i; ++j) L[tri_index(i, j)] = failed ? zero : L[tri_index(i, j)];
+      L[tri_index(i, i)] = failed ? replacement : inv_diag[i];
+    }
+    store_compact<T>(L.data(), tri, Lc);
+    return info;
+  }
+
+  // x = (L L^T)^{-1} x, read straight from the compact factor rows at Lc (whose diagonal
+  // holds 1 / L_ii): no copy of the factor per tile.
+  void solve(const T* Lc) {
+    lanes::solve_tile<T, D, /*InvDiagInL=*/true>(CompactRows<T>{Lc}, nullptr, x.data(), n, 1);
+  }
+
+  // The fused step for W blocks starting at block b0, of which cnt are real.
+  void step(T* p, const T* g, T* m, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
+            StepStats& stats) {
+    gather(g, b0, cnt, gv);
     if (cfg.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
       for (int e = 0; e < n; ++e) finite &= (gv[e] - gv[e]) == T(0);
       stats.skipped_curvature += count_lanes<T>(~finite, cnt);
-      load_compact<T>(Fc, tri, F.data());
-      const T beta = static_cast<T>(cfg.beta), w = T(1) - static_cast<T>(cfg.beta);
-      lanes::loop(lanes::Ic<0>{}, nd, [&](auto i) {
-        lanes::loop(lanes::Ic<0>{}, i + lanes::Ic<1>{}, [&](auto j) {
-          const V<T> c = gv[i] * gv[j];
-          V<T>& f = F[tri_index(i, j)];
-          const V<T> updated = cfg.first_curvature ? c : beta * f + w * c;
-          f = finite ? updated : f;
-        });
-      });
-      store_compact<T>(F.data(), tri, Fc);
+      refresh_curvature(Fc, static_cast<T>(cfg.beta), cfg.first_curvature, ~finite);
     }
-
     if (cfg.refactor) {
       if (!cfg.update_curvature) load_compact<T>(Fc, tri, F.data());
-      const T damping = static_cast<T>(cfg.damping);
-      for (int t = 0; t < tri; ++t) L[t] = F[t];
-      for (int i = 0; i < n; ++i) L[tri_index(i, i)] += damping;
-      const M<T> info = lanes::factor_tile<T, D>(L.data(), inv_diag.data(), n);
-      const M<T> failed = info != 0;
-      stats.failed_factor += count_lanes<T>(failed, cnt);
-      // Diagonal fallback for failed blocks (MBF_SPEC section 4): 1 / sqrt(F_ii + damping)
-      // where that is finite and positive, else 1 / sqrt(damping), else 1.
-      const T inv_sqrt_damping = damping > 0 ? T(1) / std::sqrt(damping) : T(1);
-      for (int i = 0; i < n; ++i) {
-        const V<T> s = F[tri_index(i, i)] + damping;
-        const M<T> ok = (s > T(0)) & ((s - s) == T(0));
-        V<T> fallback = lanes::vsqrt<T>(ok ? s : lanes::splat<V<T>>(T(1)));
-        fallback = ok ? T(1) / fallback : lanes::splat<V<T>>(inv_sqrt_damping);
-        inv_diag[i] = failed ? fallback : inv_diag[i];
-        for (int j = 0; j < i; ++j)
-          L[tri_index(i, j)] = failed ? lanes::splat<V<T>>(T(0)) : L[tri_index(i, j)];
-        L[tri_index(i, i)] = inv_diag[i];
-      }
-      store_compact<T>(L.data(), tri, Lc);
+      const M<T> info = refactor(Lc, static_cast<T>(cfg.damping), /*fallback=*/true);
+      stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
-
-    lanes::gather_lanes<T>(m + b0 * row, row, n, cnt, T(0), reinterpret_cast<T*>(mv.data()));
-    lanes::gather_lanes<T>(p + b0 * row, row, n, cnt, T(0), reinterpret_cast<T*>(pv.data()));
+    gather(m, b0, cnt, mv);
+    gather(p, b0, cnt, pv);
     const T lr = static_cast<T>(cfg.lr), rho = static_cast<T>(cfg.momentum);
     const T wd = static_cast<T>(cfg.weight_decay);
     for (int e = 0; e < n; ++e) {
@@ -123,17 +143,28 @@ struct StepTile {
       mv[e] = rho * mv[e] + dir;
       x[e] = mv[e];
     }
-    // Solve straight from the compact rows (the diagonal there holds 1 / L_ii), which the
-    // refactor branch above has just written when it ran: no copy of the factor per tile.
-    lanes::solve_tile<T, D, /*InvDiagInL=*/true>(CompactRows<T>{Lc}, nullptr, x.data(), n, 1);
+    solve(Lc);
     for (int e = 0; e < n; ++e) {
       const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
       pv[e] = pv[e] - lr * x[e] - decay;
     }
-    lanes::scatter_lanes<T>(reinterpret_cast<const T*>(mv.data()), n, cnt, row, m + b0 * row);
-    lanes::scatter_lanes<T>(reinterpret_cast<const T*>(pv.data()), n, cnt, row, p + b0 * row);
+    scatter(mv, b0, cnt, m);
+    scatter(pv, b0, cnt, p);
   }
 };
+
+// Calls body(tile, first block of the sub-tile, real blocks in it, row offset of the
+// sub-tile inside the tile) for every sub-tile of compact tiles [t0, t1).
+template <typename T, typename Body>
+void for_each_subtile(int64_t n_blocks, int64_t t0, int64_t t1, Body&& body) {
+  constexpr int W = Ln<T>::W;
+  static_assert(kCompactTile % W == 0, "a compact tile must hold whole vectors");
+  for (int64_t t = t0; t < t1; ++t)
+    for (int u = 0; u < kCompactTile; u += W) {
+      const int64_t b0 = t * kCompactTile + u;
+      body(t, b0, static_cast<int>(std::clamp<int64_t>(n_blocks - b0, 0, W)), u);
+    }
+}
 
 }  // namespace
 
@@ -141,40 +172,82 @@ template <typename T>
 StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
                          int64_t tile_begin, int64_t tile_end, const StepConfig& cfg) {
   StepStats stats;
-  const int64_t tri = int64_t(d) * (d + 1) / 2;
-  constexpr int W = Ln<T>::W;
-  static_assert(kCompactTile % W == 0, "a compact tile must hold whole vectors");
-  const int64_t tile_bytes = tri * kCompactTile * int64_t(sizeof(T));
+  const int64_t tri = int64_t(d) * (d + 1) / 2, tile_elems = tri * kCompactTile;
+  const int64_t tile_bytes = tile_elems * int64_t(sizeof(T));
   const int64_t rows_bytes = int64_t(kCompactTile) * d * int64_t(sizeof(T));
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    StepTile<T, kD> tile(d);
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      T* Ft = F + t * tri * kCompactTile;
-      T* Lt = factor + t * tri * kCompactTile;
-      // Prefetch the next tile of every stream the step reads, so that memory traffic
-      // overlaps this tile's arithmetic (worth 10-15% here, like in the dense kernels).
-      if (t + 1 < tile_end) {
+    CompactTile<T, kD> tile(d);
+    for_each_subtile<T>(n_blocks, tile_begin, tile_end, [&](int64_t t, int64_t b0, int cnt, int u) {
+      // At a tile's start, prefetch the next tile of every stream the step reads, so that
+      // memory traffic overlaps this tile's arithmetic (worth 10-15% here).
+      if (u == 0 && t + 1 < tile_end) {
         const int64_t next_row = (t + 1) * kCompactTile * int64_t(d);
-        prefetch_bytes(Lt + tri * kCompactTile, tile_bytes);
-        if (cfg.update_curvature || cfg.refactor) prefetch_bytes(Ft + tri * kCompactTile, tile_bytes);
+        prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
+        if (cfg.update_curvature || cfg.refactor) prefetch_bytes(F + (t + 1) * tile_elems, tile_bytes);
         prefetch_bytes(g + next_row, rows_bytes);
         prefetch_bytes(m + next_row, rows_bytes);
         prefetch_bytes(p + next_row, rows_bytes);
       }
-      for (int u = 0; u < kCompactTile; u += W) {
-        const int64_t b0 = t * kCompactTile + u;
-        const int cnt = static_cast<int>(std::clamp<int64_t>(n_blocks - b0, 0, W));
-        tile.run(p, g, m, Ft + u, Lt + u, b0, cnt, cfg, stats);
-      }
-    }
+      tile.step(p, g, m, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg,
+                stats);
+    });
   });
   return stats;
 }
 
-template StepStats mbf_step_tiles<float>(float*, const float*, float*, float*, float*, int64_t,
-                                         int, int64_t, int64_t, const StepConfig&);
-template StepStats mbf_step_tiles<double>(double*, const double*, double*, double*, double*,
-                                          int64_t, int, int64_t, int64_t, const StepConfig&);
+template <typename T>
+void compact_outer_ema_tiles(T* F, const T* G, int64_t n_blocks, int d, int64_t tile_begin,
+                             int64_t tile_end, T beta) {
+  const int64_t tile_elems = int64_t(d) * (d + 1) / 2 * kCompactTile;
+  MBF_DISPATCH_BLOCK_DIM(d, [&] {
+    CompactTile<T, kD> tile(d);
+    const M<T> keep_none = lanes::splat<M<T>>(0);
+    for_each_subtile<T>(n_blocks, tile_begin, tile_end, [&](int64_t t, int64_t b0, int cnt, int u) {
+      tile.gather(G, b0, cnt, tile.gv);
+      tile.refresh_curvature(F + t * tile_elems + u, beta, /*first=*/false, keep_none);
+    });
+  });
+}
+
+template <typename T>
+void compact_cholesky_tiles(const T* F, T* factor, int32_t* info, int64_t n_blocks, int d,
+                            int64_t tile_begin, int64_t tile_end, T damping) {
+  const int64_t tri = int64_t(d) * (d + 1) / 2, tile_elems = tri * kCompactTile;
+  MBF_DISPATCH_BLOCK_DIM(d, [&] {
+    CompactTile<T, kD> tile(d);
+    for_each_subtile<T>(n_blocks, tile_begin, tile_end, [&](int64_t t, int64_t b0, int cnt, int u) {
+      load_compact<T>(F + t * tile_elems + u, static_cast<int>(tri), tile.F.data());
+      const M<T> inf = tile.refactor(factor + t * tile_elems + u, damping, /*fallback=*/false);
+      for (int l = 0; l < cnt; ++l) info[b0 + l] = static_cast<int32_t>(inf[l]);
+    });
+  });
+}
+
+template <typename T>
+void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, int d,
+                         int64_t tile_begin, int64_t tile_end) {
+  const int64_t tile_elems = int64_t(d) * (d + 1) / 2 * kCompactTile;
+  MBF_DISPATCH_BLOCK_DIM(d, [&] {
+    CompactTile<T, kD> tile(d);
+    for_each_subtile<T>(n_blocks, tile_begin, tile_end, [&](int64_t t, int64_t b0, int cnt, int u) {
+      tile.gather(B, b0, cnt, tile.x);
+      tile.solve(factor + t * tile_elems + u);
+      tile.scatter(tile.x, b0, cnt, X);
+    });
+  });
+}
+
+#define MBF_INSTANTIATE(T)                                                                   \
+  template StepStats mbf_step_tiles<T>(T*, const T*, T*, T*, T*, int64_t, int, int64_t,      \
+                                       int64_t, const StepConfig&);                          \
+  template void compact_outer_ema_tiles<T>(T*, const T*, int64_t, int, int64_t, int64_t, T); \
+  template void compact_cholesky_tiles<T>(const T*, T*, int32_t*, int64_t, int, int64_t,     \
+                                          int64_t, T);                                       \
+  template void compact_solve_tiles<T>(const T*, const T*, T*, int64_t, int, int64_t, int64_t);
+
+MBF_INSTANTIATE(float)
+MBF_INSTANTIATE(double)
+#undef MBF_INSTANTIATE
 
 }  // namespace cpu
 }  // namespace mbf

@@ -74,6 +74,22 @@ template <typename T>
 StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
                          int64_t tile_begin, int64_t tile_end, const StepConfig& cfg);
 
+// The step's phases as standalone ops on the compact layout, for compact tiles
+// [tile_begin, tile_end) of a bucket of n_blocks blocks:
+//   compact_outer_ema: F = beta F + (1 - beta) g g^T, G is N x d (one vector per block);
+//   compact_cholesky:  factor = chol(F + damping I), diagonal inverted; info per real block
+//                      (0, or the failing leading-minor order; failed blocks are zero);
+//   compact_solve:     X = (L L^T)^{-1} B for the factor, B and X N x d (X may alias B).
+template <typename T>
+void compact_outer_ema_tiles(T* F, const T* G, int64_t n_blocks, int d, int64_t tile_begin,
+                             int64_t tile_end, T beta);
+template <typename T>
+void compact_cholesky_tiles(const T* F, T* factor, int32_t* info, int64_t n_blocks, int d,
+                            int64_t tile_begin, int64_t tile_end, T damping);
+template <typename T>
+void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, int d,
+                         int64_t tile_begin, int64_t tile_end);
+
 }  // namespace cpu
 
 #if defined(__CUDACC__) || defined(MBF_WITH_CUDA)
