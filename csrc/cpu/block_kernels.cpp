@@ -94,21 +94,17 @@ void inverse_diagonal(const V<T>* a, V<T>* inv_diag, int d) {
   for (int i = 0; i < n; ++i) inv_diag[i] = T(1) / a[i * n + i];
 }
 
-// Calls body(b0, cnt) for each tile of at most W blocks in [begin, end). Before each
-// tile, the next tile of `stream` (elements_per_block elements per block) is prefetched, so
-// that its memory traffic overlaps this tile's arithmetic instead of alternating with it.
+// Calls body(b0, cnt) for each tile of at most W blocks in [begin, end), prefetching the
+// next tile of `stream` (elements_per_block elements per block) before each.
 template <typename T, typename Body>
 void for_each_tile(int64_t begin, int64_t end, const T* stream, int64_t elements_per_block,
                    Body&& body) {
   constexpr int W = Ln<T>::W;
-  constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t b0 = begin; b0 < end; b0 += W) {
     const int64_t next = b0 + W;
-    if (next < end) {
-      const T* p = stream + next * elements_per_block;
-      const int64_t count = std::min<int64_t>(W, end - next) * elements_per_block;
-      for (int64_t e = 0; e < count; e += kLine) __builtin_prefetch(p + e, 0, 0);
-    }
+    if (next < end)
+      prefetch_bytes(stream + next * elements_per_block,
+                     std::min<int64_t>(W, end - next) * elements_per_block * int64_t(sizeof(T)));
     body(b0, static_cast<int>(std::min<int64_t>(W, end - b0)));
   }
 }

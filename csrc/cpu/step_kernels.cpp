@@ -38,11 +38,6 @@ void store_compact(const V<T>* in, int rows, T* base) {
   for (int r = 0; r < rows; ++r) std::memcpy(base + r * kCompactTile, &in[r], sizeof(V<T>));
 }
 
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 0);
-}
-
 template <typename T>
 int64_t count_lanes(const M<T>& mask, int cnt) {
   int64_t c = 0;
@@ -178,8 +173,7 @@ StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_bloc
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     CompactTile<T, kD> tile(d);
     for_each_subtile<T>(n_blocks, tile_begin, tile_end, [&](int64_t t, int64_t b0, int cnt, int u) {
-      // At a tile's start, prefetch the next tile of every stream the step reads, so that
-      // memory traffic overlaps this tile's arithmetic (worth 10-15% here).
+      // At a tile's start, prefetch the next tile of every stream the step reads.
       if (u == 0 && t + 1 < tile_end) {
         const int64_t next_row = (t + 1) * kCompactTile * int64_t(d);
         prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
