@@ -77,7 +77,6 @@ def cholesky_from_factor(P: Tensor) -> Tensor:
     return L
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Ops on the compact layout: the phases of the fused step, one at a time. Each takes backend=
 # like mbf_kernels.linalg ("torch" goes through the canonical layout and the reference).

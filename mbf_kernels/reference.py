@@ -137,9 +137,10 @@ def mbf_step_(
         curvature.copy_(torch.where(finite[:, None], new, curvature))
         stats[0] += int((~finite).sum())
     if refactor:
-        L, info = cholesky_ex(unpack_tril(curvature), damping)
+        blocks = unpack_tril(curvature)
+        L, info = cholesky_ex(blocks, damping)
         failed = info != 0
-        s = unpack_tril(curvature).diagonal(dim1=-2, dim2=-1) + damping
+        s = blocks.diagonal(dim1=-2, dim2=-1) + damping
         ok = torch.isfinite(s) & (s > 0)
         floor = damping ** -0.5 if damping > 0 else 1.0
         fallback = torch.where(ok, s.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(),

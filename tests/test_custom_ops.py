@@ -73,3 +73,13 @@ def test_opcheck_compact_ops(n, d, dtype):
         (randn(n, d, dtype=dtype), G, torch.zeros(n, d, dtype=dtype), F.clone(), factor.clone(),
          stats, 0.1, 0.9, 0.9, 0.1, 0.0, False, True, False, True),
     )
+
+
+def test_step_op_names_the_mismatched_argument():
+    n, d = 5, 3
+    p = torch.zeros(n, d)
+    C = torch.zeros(1, 6, 16)
+    with pytest.raises(RuntimeError, match="momentum must have dtype Float"):
+        torch.ops.mbf_kernels.mbf_step_(p, p.clone(), p.double(), C, C.clone(),
+                                        torch.zeros(2, dtype=torch.int64), 0.1, 0.9, 0.9, 0.1,
+                                        0.0, False, True, True, True)

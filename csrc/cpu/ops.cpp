@@ -178,10 +178,10 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
   }
   check_compact(curvature, n, d, "curvature");
   check_compact(factor, n, d, "factor");
-  for (const at::Tensor* t : {&grad, static_cast<const at::Tensor*>(&momentum),
-                              static_cast<const at::Tensor*>(&curvature),
-                              static_cast<const at::Tensor*>(&factor)})
-    check_like(*t, param, "state");
+  check_like(grad, param, "grad");
+  check_like(momentum, param, "momentum");
+  check_like(curvature, param, "curvature");
+  check_like(factor, param, "factor");
   for (const auto* t : {&param, &momentum, &curvature, &factor}) {
     TORCH_CHECK(t->is_contiguous(), "mbf_kernels: mbf_step_ updates its state in place, which "
                 "must be contiguous");
