@@ -24,6 +24,18 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "Tensor(d!) factor, Tensor(e!) stats, float lr, float momentum_coef, float beta, "
       "float damping, float weight_decay, bool decoupled_weight_decay, bool update_curvature, "
       "bool first_curvature, bool refactor) -> ()");
+  // The fused step for a whole bucket (one call per block size per param group): the blocks
+  // of many tensors, which share d. `segments` holds 8 ints per segment, sorted by tile:
+  //   [tensor, tail tensor or -1, n_blocks, offset, width, row_stride, tile_offset, flags]
+  // block i of the segment is params[tensor].flatten()[offset + i * row_stride :][:width],
+  // then params[tail][i] (a Linear bias joined to its weight's row); likewise grads/momenta.
+  // It owns compact tiles [tile_offset, tile_offset + ceil(n_blocks / 16)) of curvature and
+  // factor. flags: 1 refresh the curvature, 2 it is the first refresh, 4 refactor.
+  m.def(
+      "mbf_bucket_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, "
+      "Tensor(c!) curvature, Tensor(d!) factor, Tensor(e!) stats, int[] segments, float lr, "
+      "float momentum_coef, float beta, float damping, float weight_decay, "
+      "bool decoupled_weight_decay) -> ()");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

@@ -76,6 +76,16 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
         weight_decay, decoupled_weight_decay, update_curvature, first_curvature, refactor)
 
 
+def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
+                     lr: float, momentum_coef: float, beta: float, damping: float,
+                     weight_decay: float, decoupled_weight_decay: bool) -> None:
+    """The fused step for a bucket of segments (layout: csrc/registration.cpp)."""
+    torch.ops.mbf_kernels.mbf_bucket_step_.default(
+        params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
+        damping, weight_decay, decoupled_weight_decay)
+
+
 def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
     """F compact (in place), G (N, d): F = beta F + (1 - beta) g g^T."""
     torch.ops.mbf_kernels.compact_outer_ema_.default(F, G, beta)
@@ -127,6 +137,11 @@ if AVAILABLE:
     @torch.library.register_fake("mbf_kernels::compact_solve")
     def _(factor: Tensor, B: Tensor) -> Tensor:
         return torch.empty_like(B)
+
+    @torch.library.register_fake("mbf_kernels::mbf_bucket_step_")
+    def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
+          damping, weight_decay, decoupled_weight_decay) -> None:
+        return None
 
     @torch.library.register_fake("mbf_kernels::mbf_step_")
     def _(param, grad, momentum, curvature, factor, stats, lr, momentum_coef, beta, damping,

@@ -135,7 +135,7 @@ def mbf_step_(
         C = pack_tril(grad[:, :, None] * grad[:, None, :])
         new = C if first_curvature else beta * curvature + (1 - beta) * C
         curvature.copy_(torch.where(finite[:, None], new, curvature))
-        stats[0] += int((~finite).sum())
+        stats[0] += (~finite).sum().to(stats.device)  # a tensor add: no host sync
     if refactor:
         blocks = unpack_tril(curvature)
         L, info = cholesky_ex(blocks, damping)
@@ -148,12 +148,64 @@ def mbf_step_(
         # Failed blocks: the diagonal preconditioner (fallback already holds 1 / L_ii).
         factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
                                  factor_from_cholesky(L)))
-        stats[1] += int(failed.sum())
+        stats[1] += failed.sum().to(stats.device)
     direction = grad if decoupled_weight_decay else grad + weight_decay * param
     momentum.mul_(momentum_coef).add_(direction)
     u = torch.cholesky_solve(momentum[:, :, None], cholesky_from_factor(factor))[:, :, 0]
     update = lr * u + (lr * weight_decay * param if decoupled_weight_decay else 0)
     param.sub_(update)
+
+
+#: ints per segment in the ``segments`` list of :func:`mbf_bucket_step_`.
+SEGMENT_FIELDS = 8
+
+
+def segment_rows(tensor: Tensor, n_blocks: int, offset: int, width: int, row_stride: int) -> Tensor:
+    """The (n_blocks, width) strided view of a contiguous tensor that one segment reads."""
+    flat = tensor.reshape(-1)
+    return flat.as_strided((n_blocks, width), (row_stride, 1), flat.storage_offset() + offset)
+
+
+def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
+                     lr: float, momentum_coef: float, beta: float, damping: float,
+                     weight_decay: float, decoupled_weight_decay: bool) -> None:
+    """The fused step for a bucket of segments: :func:`mbf_step_` on each segment's blocks.
+
+    ``segments`` holds :data:`SEGMENT_FIELDS` ints per segment, as the compiled op takes them
+    (csrc/registration.cpp): [tensor, tail tensor or -1, n_blocks, offset, width, row_stride,
+    tile_offset, flags]; block i is ``params[tensor].flatten()[offset + i * row_stride:][:width]``
+    followed by ``params[tail][i]``. curvature/factor are compact; flags 1 refresh, 2 first
+    refresh, 4 refactor.
+    """
+    from .compact import COMPACT_TILE, from_compact, to_compact
+
+    for s in range(0, len(segments), SEGMENT_FIELDS):
+        main, tail, n, offset, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
+        if n == 0:
+            continue
+        tiles = -(-n // COMPACT_TILE)
+
+        def rows(ts: list[Tensor]) -> Tensor:
+            r = segment_rows(ts[main], n, offset, width, stride)
+            return r if tail < 0 else torch.cat([r, ts[tail].reshape(-1)[:n, None]], dim=1)
+
+        P, G, Mm = rows(params), rows(grads), rows(momenta)
+        F_c, L_c = curvature[tile0:tile0 + tiles], factor[tile0:tile0 + tiles]
+        F, L = from_compact(F_c, n), from_compact(L_c, n)
+        mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
+                  damping=damping, weight_decay=weight_decay,
+                  decoupled_weight_decay=decoupled_weight_decay,
+                  update_curvature=bool(flags & 1), first_curvature=bool(flags & 2),
+                  refactor=bool(flags & 4))
+        for ts, X in ((params, P), (momenta, Mm)):
+            segment_rows(ts[main], n, offset, width, stride).copy_(X[:, :width])
+            if tail >= 0:
+                ts[tail].reshape(-1)[:n].copy_(X[:, width])
+        for C, X in ((F_c, F), (L_c, L)):  # real blocks only; padding keeps its values
+            padded = C.transpose(1, 2).reshape(tiles * COMPACT_TILE, -1).clone()
+            padded[:n] = X
+            C.copy_(to_compact(padded))
 
 
 # The packed-layout ops: the same math on the compact layout, through the canonical one.

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -191,7 +192,8 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
               "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
   const auto g = grad.contiguous();
   const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
-                            decoupled_weight_decay, update_curvature, first_curvature, refactor};
+                            decoupled_weight_decay};
+  const cpu::StepFlags flags{update_curvature, first_curvature, refactor};
   std::atomic<int64_t> skipped{0}, failed{0};
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "mbf_step_cpu", [&] {
     scalar_t* p = param.mutable_data_ptr<scalar_t>();
@@ -200,8 +202,8 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
     scalar_t* fp = curvature.mutable_data_ptr<scalar_t>();
     scalar_t* lp = factor.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, curvature.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
-      const cpu::StepStats s = cpu::mbf_step_tiles<scalar_t>(p, gp, mp, fp, lp, n,
-                                                             static_cast<int>(d), b, e, cfg);
+      const cpu::StepStats s = cpu::mbf_step_tiles<scalar_t>(
+          p, gp, mp, fp, lp, n, static_cast<int>(d), b, e, cfg, flags);
       skipped += s.skipped_curvature;
       failed += s.failed_factor;
     });
@@ -209,6 +211,112 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
   auto* counters = stats.mutable_data_ptr<int64_t>();
   counters[0] += skipped.load();
   counters[1] += failed.load();
+}
+
+// The step for a whole bucket: `segments` holds kSegmentFields ints per segment (see
+// registration.cpp); the tensors it indexes are params[i] / grads[i] / momenta[i].
+constexpr int kSegmentFields = 8;
+
+void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
+                         at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats,
+                         at::IntArrayRef segments, double lr, double momentum_coef, double beta,
+                         double damping, double weight_decay, bool decoupled_weight_decay) {
+  TORCH_CHECK(curvature.dim() == 3 && curvature.size(2) == cpu::kCompactTile,
+              "mbf_kernels: curvature must be a compact tensor (tiles, d(d+1)/2, ",
+              cpu::kCompactTile, "), got ", curvature.sizes());
+  const int64_t tiles = curvature.size(0), tri = curvature.size(1);
+  int64_t d = 0;
+  while (d * (d + 1) / 2 < tri) ++d;
+  TORCH_CHECK(d >= 1 && d * (d + 1) / 2 == tri, "mbf_kernels: curvature has ", tri,
+              " rows per tile, not a triangle number d(d+1)/2");
+  TORCH_CHECK(factor.sizes() == curvature.sizes(), "mbf_kernels: factor must have shape ",
+              curvature.sizes(), ", got ", factor.sizes());
+  TORCH_CHECK(curvature.scalar_type() == at::kFloat || curvature.scalar_type() == at::kDouble,
+              "mbf_kernels: curvature must be float32 or float64, got ", curvature.scalar_type());
+  check_like(factor, curvature, "factor");
+  TORCH_CHECK(curvature.is_contiguous() && factor.is_contiguous(),
+              "mbf_kernels: curvature and factor are updated in place and must be contiguous");
+  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
+                  stats.device().is_cpu(),
+              "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
+  TORCH_CHECK(grads.size() == params.size() && momenta.size() == params.size(),
+              "mbf_kernels: params, grads and momenta must have the same length, got ",
+              params.size(), ", ", grads.size(), ", ", momenta.size());
+  std::vector<at::Tensor> grads_c;
+  grads_c.reserve(grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    check_like(p, curvature, "params[i]");
+    check_like(grads[i], curvature, "grads[i]");
+    check_like(momenta[i], curvature, "momenta[i]");
+    TORCH_CHECK(grads[i].sizes() == p.sizes() && momenta[i].sizes() == p.sizes(),
+                "mbf_kernels: grads[", i, "] and momenta[", i, "] must have shape ", p.sizes(),
+                ", got ", grads[i].sizes(), " and ", momenta[i].sizes());
+    TORCH_CHECK(p.is_contiguous() && momenta[i].is_contiguous(), "mbf_kernels: params[", i,
+                "] and momenta[", i, "] are updated in place and must be contiguous");
+    grads_c.push_back(grads[i].contiguous());
+  }
+  TORCH_CHECK(segments.size() % kSegmentFields == 0, "mbf_kernels: segments must hold ",
+              kSegmentFields, " ints per segment, got ", segments.size());
+  const int64_t n_segments = static_cast<int64_t>(segments.size()) / kSegmentFields;
+  const auto n_tensors = static_cast<int64_t>(params.size());
+  AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
+    using Seg = cpu::StepSegment<scalar_t>;
+    std::vector<Seg> segs;
+    segs.reserve(n_segments);
+    int64_t next_free_tile = 0;
+    for (int64_t s = 0; s < n_segments; ++s) {
+      const int64_t* f = segments.data() + s * kSegmentFields;
+      const int64_t main = f[0], tail = f[1], n = f[2], col = f[3], width = f[4],
+                    stride = f[5], tile_offset = f[6], flag_bits = f[7];
+      TORCH_CHECK(main >= 0 && main < n_tensors && tail >= -1 && tail < n_tensors,
+                  "mbf_kernels: segment ", s, " names tensor ", main, " / ", tail, " of ",
+                  n_tensors);
+      TORCH_CHECK(width + (tail >= 0 ? 1 : 0) == d, "mbf_kernels: segment ", s,
+                  " has blocks of ", width, (tail >= 0 ? " + 1" : ""), " values, the bucket ",
+                  d);
+      TORCH_CHECK(n >= 0 && col >= 0 && stride >= width, "mbf_kernels: segment ", s,
+                  " has a bad layout (n ", n, ", offset ", col, ", stride ", stride, ")");
+      TORCH_CHECK(n == 0 || col + (n - 1) * stride + width <= params[main].numel(),
+                  "mbf_kernels: segment ", s, " reaches past the end of params[", main, "]");
+      TORCH_CHECK(tail < 0 || params[tail].numel() >= n, "mbf_kernels: segment ", s,
+                  " needs ", n, " tail values, params[", tail, "] has ",
+                  tail < 0 ? 0 : params[tail].numel());
+      const int64_t seg_tiles = (n + cpu::kCompactTile - 1) / cpu::kCompactTile;
+      TORCH_CHECK(tile_offset >= next_free_tile && tile_offset + seg_tiles <= tiles,
+                  "mbf_kernels: segment ", s, " owns tiles [", tile_offset, ", ",
+                  tile_offset + seg_tiles, "), which overlap the previous segment's or exceed ",
+                  "the ", tiles, " tiles of the state");
+      TORCH_CHECK(flag_bits >= 0 && flag_bits < 8 && (flag_bits & 2) <= 2 * (flag_bits & 1),
+                  "mbf_kernels: segment ", s, " has bad flags ", flag_bits,
+                  " (1: update curvature, 2: first update, which needs 1, 4: refactor)");
+      next_free_tile = tile_offset + seg_tiles;
+      auto ptr = [&](const at::Tensor& t) { return t.template mutable_data_ptr<scalar_t>(); };
+      auto cptr = [&](const at::Tensor& t) { return t.template const_data_ptr<scalar_t>(); };
+      const bool has_tail = tail >= 0;
+      segs.push_back(Seg{ptr(params[main]) + col, cptr(grads_c[main]) + col,
+                         ptr(momenta[main]) + col, has_tail ? ptr(params[tail]) : nullptr,
+                         has_tail ? cptr(grads_c[tail]) : nullptr,
+                         has_tail ? ptr(momenta[tail]) : nullptr, n, stride, tile_offset,
+                         static_cast<int>(width),
+                         cpu::StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0,
+                                        (flag_bits & 4) != 0}});
+    }
+    const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
+                              decoupled_weight_decay};
+    std::atomic<int64_t> skipped{0}, failed{0};
+    scalar_t* fp = curvature.mutable_data_ptr<scalar_t>();
+    scalar_t* lp = factor.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, next_free_tile, tile_grain(d), [&](int64_t b, int64_t e) {
+      const cpu::StepStats st = cpu::mbf_bucket_step_tiles<scalar_t>(
+          segs.data(), static_cast<int>(segs.size()), fp, lp, static_cast<int>(d), b, e, cfg);
+      skipped += st.skipped_curvature;
+      failed += st.failed_factor;
+    });
+    auto* counters = stats.mutable_data_ptr<int64_t>();
+    counters[0] += skipped.load();
+    counters[1] += failed.load();
+  });
 }
 
 void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
@@ -278,6 +386,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("inv_spd_ex", &inv_spd_ex_cpu);
   m.impl("outer_ema_", &outer_ema_cpu);
   m.impl("mbf_step_", &mbf_step_cpu);
+  m.impl("mbf_bucket_step_", &mbf_bucket_step_cpu);
   m.impl("compact_outer_ema_", &compact_outer_ema_cpu);
   m.impl("compact_cholesky_ex", &compact_cholesky_ex_cpu);
   m.impl("compact_solve", &compact_solve_cpu);

@@ -56,12 +56,29 @@ struct CompactTile {
       : gv(d), mv(d), pv(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
         n(D > 0 ? D : d), tri(n * (n + 1) / 2) {}
 
-  // W rows of length n (block-major, blocks b0.. of `src`) into lanes `dst`, and back.
-  void gather(const T* src, int64_t b0, int cnt, std::vector<V<T>>& dst) {
-    lanes::gather_lanes<T>(src + b0 * n, n, n, cnt, T(0), reinterpret_cast<T*>(dst.data()));
+  // Lanes dst[0, n) of blocks b0 .. b0 + cnt of a stream laid out as StepSegment describes:
+  // `width` values per block at main + b * row_stride, then tail[b] when there is a tail.
+  // Padding lanes (cnt .. W) are zero.
+  void gather(const T* main, int64_t row_stride, int width, const T* tail, int64_t b0, int cnt,
+              std::vector<V<T>>& dst) {
+    T* out = reinterpret_cast<T*>(dst.data());
+    lanes::gather_lanes<T>(main + b0 * row_stride, row_stride, width, cnt, T(0), out);
+    if (tail != nullptr)
+      for (int l = 0; l < W; ++l) out[width * W + l] = l < cnt ? tail[b0 + l] : T(0);
   }
-  void scatter(const std::vector<V<T>>& src, int64_t b0, int cnt, T* dst) {
-    lanes::scatter_lanes<T>(reinterpret_cast<const T*>(src.data()), n, cnt, n, dst + b0 * n);
+  void scatter(const std::vector<V<T>>& src, int64_t b0, int cnt, T* main, int64_t row_stride,
+               int width, T* tail) {
+    const T* in = reinterpret_cast<const T*>(src.data());
+    lanes::scatter_lanes<T>(in, width, cnt, row_stride, main + b0 * row_stride);
+    if (tail != nullptr)
+      for (int l = 0; l < cnt; ++l) tail[b0 + l] = in[width * W + l];
+  }
+  // Contiguous rows of n values (the standalone ops' B, G, X).
+  void gather(const T* rows, int64_t b0, int cnt, std::vector<V<T>>& dst) {
+    gather(rows, n, n, nullptr, b0, cnt, dst);
+  }
+  void scatter(const std::vector<V<T>>& src, int64_t b0, int cnt, T* rows) {
+    scatter(src, b0, cnt, rows, n, n, nullptr);
   }
 
   // F (compact rows at Fc) = beta F + (1 - beta) g g^T with g = gv, or g g^T when `first`.
@@ -114,23 +131,24 @@ struct CompactTile {
     lanes::solve_tile<T, D, /*InvDiagInL=*/true>(CompactRows<T>{Lc}, nullptr, x.data(), n, 1);
   }
 
-  // The fused step for W blocks starting at block b0, of which cnt are real.
-  void step(T* p, const T* g, T* m, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
+  // The fused step for the W blocks of segment `s` starting at its block b0, of which cnt
+  // are real.
+  void step(const StepSegment<T>& s, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
             StepStats& stats) {
-    gather(g, b0, cnt, gv);
-    if (cfg.update_curvature) {
+    gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
+    if (s.flags.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
       for (int e = 0; e < n; ++e) finite &= (gv[e] - gv[e]) == T(0);
       stats.skipped_curvature += count_lanes<T>(~finite, cnt);
-      refresh_curvature(Fc, static_cast<T>(cfg.beta), cfg.first_curvature, ~finite);
+      refresh_curvature(Fc, static_cast<T>(cfg.beta), s.flags.first_curvature, ~finite);
     }
-    if (cfg.refactor) {
-      if (!cfg.update_curvature) load_compact<T>(Fc, tri, F.data());
+    if (s.flags.refactor) {
+      if (!s.flags.update_curvature) load_compact<T>(Fc, tri, F.data());
       const M<T> info = refactor(Lc, static_cast<T>(cfg.damping), /*fallback=*/true);
       stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
-    gather(m, b0, cnt, mv);
-    gather(p, b0, cnt, pv);
+    gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
+    gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
     const T lr = static_cast<T>(cfg.lr), rho = static_cast<T>(cfg.momentum);
     const T wd = static_cast<T>(cfg.weight_decay);
     for (int e = 0; e < n; ++e) {
@@ -143,8 +161,8 @@ struct CompactTile {
       const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
       pv[e] = pv[e] - lr * x[e] - decay;
     }
-    scatter(mv, b0, cnt, m);
-    scatter(pv, b0, cnt, p);
+    scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+    scatter(pv, b0, cnt, s.p, s.row_stride, s.width, s.p_tail);
   }
 };
 
@@ -164,29 +182,50 @@ void for_each_subtile(int64_t n_blocks, int64_t t0, int64_t t1, Body&& body) {
 }  // namespace
 
 template <typename T>
-StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
-                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg) {
+StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
+                                T* factor, int d, int64_t tile_begin, int64_t tile_end,
+                                const StepConfig& cfg) {
   StepStats stats;
   const int64_t tri = int64_t(d) * (d + 1) / 2, tile_elems = tri * kCompactTile;
   const int64_t tile_bytes = tile_elems * int64_t(sizeof(T));
-  const int64_t rows_bytes = int64_t(kCompactTile) * d * int64_t(sizeof(T));
+  // The last segment starting at or before tile_begin (segments are sorted by tile_offset).
+  const StepSegment<T>* end = segments + n_segments;
+  const StepSegment<T>* first = std::upper_bound(
+      segments, end, tile_begin,
+      [](int64_t t, const StepSegment<T>& s) { return t < s.tile_offset; });
+  if (first != segments) --first;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     CompactTile<T, kD> tile(d);
-    for_each_subtile<T>(n_blocks, tile_begin, tile_end, [&](int64_t t, int64_t b0, int cnt, int u) {
-      // At a tile's start, prefetch the next tile of every stream the step reads.
-      if (u == 0 && t + 1 < tile_end) {
-        const int64_t next_row = (t + 1) * kCompactTile * int64_t(d);
-        prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
-        if (cfg.update_curvature || cfg.refactor) prefetch_bytes(F + (t + 1) * tile_elems, tile_bytes);
-        prefetch_bytes(g + next_row, rows_bytes);
-        prefetch_bytes(m + next_row, rows_bytes);
-        prefetch_bytes(p + next_row, rows_bytes);
-      }
-      tile.step(p, g, m, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg,
-                stats);
-    });
+    for (const StepSegment<T>* s = first; s != end && s->tile_offset < tile_end; ++s) {
+      const int64_t seg_tiles = (s->n_blocks + kCompactTile - 1) / kCompactTile;
+      const int64_t t0 = std::max(tile_begin, s->tile_offset) - s->tile_offset;
+      const int64_t t1 = std::min(tile_end, s->tile_offset + seg_tiles) - s->tile_offset;
+      const bool touches_F = s->flags.update_curvature || s->flags.refactor;
+      const int64_t rows_bytes = int64_t(kCompactTile) * s->row_stride * int64_t(sizeof(T));
+      for_each_subtile<T>(s->n_blocks, t0, t1, [&](int64_t lt, int64_t b0, int cnt, int u) {
+        const int64_t t = s->tile_offset + lt;
+        // At a tile's start, prefetch the next tile of every stream the step reads.
+        if (u == 0 && lt + 1 < t1) {
+          const int64_t next_row = (b0 + kCompactTile) * s->row_stride;
+          prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
+          if (touches_F) prefetch_bytes(F + (t + 1) * tile_elems, tile_bytes);
+          prefetch_bytes(s->g + next_row, rows_bytes);
+          prefetch_bytes(s->m + next_row, rows_bytes);
+          prefetch_bytes(s->p + next_row, rows_bytes);
+        }
+        tile.step(*s, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg, stats);
+      });
+    }
   });
   return stats;
+}
+
+template <typename T>
+StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
+                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg,
+                         const StepFlags& flags) {
+  const StepSegment<T> whole{p, g, m, nullptr, nullptr, nullptr, n_blocks, d, 0, d, flags};
+  return mbf_bucket_step_tiles<T>(&whole, 1, F, factor, d, tile_begin, tile_end, cfg);
 }
 
 template <typename T>
@@ -233,7 +272,9 @@ void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, in
 
 #define MBF_INSTANTIATE(T)                                                                   \
   template StepStats mbf_step_tiles<T>(T*, const T*, T*, T*, T*, int64_t, int, int64_t,      \
-                                       int64_t, const StepConfig&);                          \
+                                       int64_t, const StepConfig&, const StepFlags&);        \
+  template StepStats mbf_bucket_step_tiles<T>(const StepSegment<T>*, int, T*, T*, int,       \
+                                              int64_t, int64_t, const StepConfig&);          \
   template void compact_outer_ema_tiles<T>(T*, const T*, int64_t, int, int64_t, int64_t, T); \
   template void compact_cholesky_tiles<T>(const T*, T*, int32_t*, int64_t, int, int64_t,     \
                                           int64_t, T);                                       \

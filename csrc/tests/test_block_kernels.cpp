@@ -222,6 +222,9 @@ void test_hot_sizes_match_generic_t() {
   }
 }
 
+// First step of a bucket: refresh (F = g g^T), refactor, update.
+constexpr mbf::cpu::StepFlags kFullStep{true, true, true};
+
 // The fused step on the compact layout. Step 1 refreshes F = g g^T and refactors, so the
 // update is p -= lr (g g^T + lambda I)^{-1} g = lr g / (lambda + |g|^2) (Sherman-Morrison),
 // for every block, whatever d. Blocks N..padding stay untouched in p and m.
@@ -236,9 +239,9 @@ void test_step_first_is_sherman_morrison_t() {
     std::vector<T> m(n * d, T(0)), F(tiles * tri * mbf::cpu::kCompactTile, T(0));
     std::vector<T> L(F.size(), T(0));
     const double lr = 0.1, lambda = 0.5;
-    const mbf::cpu::StepConfig cfg{lr, 0.9, 0.9, lambda, 0.0, false, true, true, true};
+    const mbf::cpu::StepConfig cfg{lr, 0.9, 0.9, lambda, 0.0, false};
     const auto stats = mbf::cpu::mbf_step_tiles<T>(p.data(), g.data(), m.data(), F.data(),
-                                                   L.data(), n, d, 0, tiles, cfg);
+                                                   L.data(), n, d, 0, tiles, cfg, kFullStep);
     EXPECT(stats.skipped_curvature == 0 && stats.failed_factor == 0, "d=%d stats", d);
     for (int64_t b = 0; b < n; ++b) {
       double g2 = 0;
@@ -263,9 +266,9 @@ void test_step_failure_falls_back_t() {
   for (int i = 0; i < d; ++i) g[3 * d + i] = T(0);
   g[7 * d + 2] = std::numeric_limits<T>::quiet_NaN();
   std::vector<T> F(tri * mbf::cpu::kCompactTile, T(0)), L(F.size(), T(0));
-  const mbf::cpu::StepConfig cfg{0.1, 0.9, 0.9, 0.0, 0.0, false, true, true, true};
+  const mbf::cpu::StepConfig cfg{0.1, 0.9, 0.9, 0.0, 0.0, false};
   const auto stats = mbf::cpu::mbf_step_tiles<T>(p.data(), g.data(), m.data(), F.data(),
-                                                 L.data(), n, d, 0, 1, cfg);
+                                                 L.data(), n, d, 0, 1, cfg, kFullStep);
   EXPECT(stats.skipped_curvature == 1, "one NaN gradient block, got %lld",
          (long long)stats.skipped_curvature);
   EXPECT(stats.failed_factor >= 2, "zero and NaN blocks fail, got %lld",
@@ -276,6 +279,82 @@ void test_step_failure_falls_back_t() {
       for (int i = 0; i < d; ++i) EXPECT(std::isfinite(p[b * d + i]), "block %lld not finite", (long long)b);
   for (const T v : F) EXPECT(std::isfinite(v), "curvature must stay finite");
   for (const T v : L) EXPECT(std::isfinite(v), "factor must stay finite");
+}
+
+// A bucket of segments (a weight joined to its bias, a column range of a wider weight, a
+// plain row-major tensor, and one left out) must give, block for block, what the contiguous
+// step gives on the same blocks gathered into rows; the left-out segment's tiles and the
+// columns outside a range stay untouched.
+template <typename T>
+void test_bucket_segments_match_rows_t() {
+  using Seg = mbf::cpu::StepSegment<T>;
+  const int d = 9, tile = mbf::cpu::kCompactTile;
+  const int64_t tri = 45;
+  // Segment A: W (20, 8) + bias (20): d = 8 + 1. Segment B: columns [3, 12) of V (5, 14).
+  // Segment C: rows of R (33, 9). Segment D: rows of S (4, 9), no gradient this step.
+  auto W = random_vec<T>(20 * 8, 1), b = random_vec<T>(20, 2), V = random_vec<T>(5 * 14, 3);
+  auto R = random_vec<T>(33 * 9, 4), S = random_vec<T>(4 * 9, 5);
+  const auto gW = random_vec<T>(20 * 8, 6), gb = random_vec<T>(20, 7);
+  const auto gV = random_vec<T>(5 * 14, 8), gR = random_vec<T>(33 * 9, 9);
+  std::vector<T> mW(W.size(), T(0.5)), mb(b.size(), T(-0.25)), mV(V.size(), T(0.125));
+  std::vector<T> mR(R.size(), T(0)), mS(S.size(), T(0)), gS(S.size(), T(0));
+  const int64_t tiles = 2 + 1 + 3 + 1;
+  std::vector<T> F(tiles * tri * tile, T(0)), L(F.size(), T(0));
+  // D's tiles hold a marker the step must not touch.
+  for (int64_t i = 3 * tri * tile; i < 4 * tri * tile; ++i) F[i] = L[i] = T(7);
+  const mbf::cpu::StepConfig cfg{0.05, 0.9, 0.9, 0.3, 0.01, false};
+  const mbf::cpu::StepFlags flags = kFullStep;
+  const Seg segs[] = {
+      {W.data(), gW.data(), mW.data(), b.data(), gb.data(), mb.data(), 20, 8, 0, 8, flags},
+      {V.data() + 3, gV.data() + 3, mV.data() + 3, nullptr, nullptr, nullptr, 5, 14, 2, 9, flags},
+      {R.data(), gR.data(), mR.data(), nullptr, nullptr, nullptr, 33, 9, 4, 9, flags},
+  };
+  // Expected: each segment's blocks as contiguous rows through mbf_step_tiles.
+  auto rows_of = [&](const Seg& s, const std::vector<T>& main, const std::vector<T>* tail,
+                     int64_t offset) {
+    std::vector<T> out(s.n_blocks * d);
+    for (int64_t i = 0; i < s.n_blocks; ++i) {
+      for (int c = 0; c < s.width; ++c) out[i * d + c] = main[offset + i * s.row_stride + c];
+      if (tail) out[i * d + d - 1] = (*tail)[i];
+    }
+    return out;
+  };
+  struct Want { std::vector<T> p, m; };
+  std::vector<Want> want;
+  const std::vector<T>* mains[][3] = {{&W, &gW, &mW}, {&V, &gV, &mV}, {&R, &gR, &mR}};
+  const std::vector<T>* tails[][3] = {{&b, &gb, &mb}, {nullptr, nullptr, nullptr},
+                                      {nullptr, nullptr, nullptr}};
+  const int64_t offsets[] = {0, 3, 0};
+  for (int k = 0; k < 3; ++k) {
+    const Seg& s = segs[k];
+    auto p = rows_of(s, *mains[k][0], tails[k][0], offsets[k]);
+    auto g = rows_of(s, *mains[k][1], tails[k][1], offsets[k]);
+    auto m = rows_of(s, *mains[k][2], tails[k][2], offsets[k]);
+    const int64_t t = (s.n_blocks + tile - 1) / tile;
+    std::vector<T> Fk(t * tri * tile, T(0)), Lk(Fk.size(), T(0));
+    mbf::cpu::mbf_step_tiles<T>(p.data(), g.data(), m.data(), Fk.data(), Lk.data(), s.n_blocks,
+                                d, 0, t, cfg, flags);
+    want.push_back({p, m});
+  }
+  const auto V0 = V;
+  // Two calls splitting the tile range in the middle of segment C, as parallel_for may.
+  mbf::cpu::mbf_bucket_step_tiles<T>(segs, 3, F.data(), L.data(), d, 0, 5, cfg);
+  mbf::cpu::mbf_bucket_step_tiles<T>(segs, 3, F.data(), L.data(), d, 5, tiles, cfg);
+  for (int k = 0; k < 3; ++k) {
+    const Seg& s = segs[k];
+    const auto p = rows_of(s, *mains[k][0], tails[k][0], offsets[k]);
+    const auto m = rows_of(s, *mains[k][2], tails[k][2], offsets[k]);
+    for (size_t i = 0; i < p.size(); ++i) {
+      EXPECT(p[i] == want[k].p[i], "segment %d value %zu: p %g, want %g", k, i, double(p[i]),
+             double(want[k].p[i]));
+      EXPECT(m[i] == want[k].m[i], "segment %d value %zu: m differs", k, i);
+    }
+  }
+  for (int r = 0; r < 5; ++r)
+    for (int c : {0, 1, 2, 12, 13})
+      EXPECT(V[r * 14 + c] == V0[r * 14 + c], "V column %d outside the range changed", c);
+  for (int64_t i = 3 * tri * tile; i < 4 * tri * tile; ++i)
+    EXPECT(F[i] == T(7) && L[i] == T(7), "a tile no segment owns changed at %lld", (long long)i);
 }
 
 template <void (*F32)(), void (*F64)()>
@@ -296,6 +375,7 @@ int main(int argc, char** argv) {
       {"hot_sizes_match_generic", both<test_hot_sizes_match_generic_t<float>, test_hot_sizes_match_generic_t<double>>},
       {"step_first_is_sherman_morrison", both<test_step_first_is_sherman_morrison_t<float>, test_step_first_is_sherman_morrison_t<double>>},
       {"step_failure_falls_back", both<test_step_failure_falls_back_t<float>, test_step_failure_falls_back_t<double>>},
+      {"bucket_segments_match_rows", both<test_bucket_segments_match_rows_t<float>, test_bucket_segments_match_rows_t<double>>},
   };
   if (argc != 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: %s <case>; cases:", argv[0]);

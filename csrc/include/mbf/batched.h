@@ -53,9 +53,14 @@ void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d,
 // that makes the solve multiplication-only.
 inline constexpr int kCompactTile = 16;
 
+// Hyper-parameters of one step (one param group).
 struct StepConfig {
   double lr, momentum, beta, damping, weight_decay;
   bool decoupled_weight_decay;
+};
+
+// What this step does besides the update; per parameter, since each one counts its own steps.
+struct StepFlags {
   bool update_curvature;  // this step refreshes F
   bool first_curvature;   // ... and it is the first refresh: F = C instead of the EMA
   bool refactor;          // this step refactors F + damping I
@@ -72,7 +77,35 @@ struct StepStats {
 // update_curvature) and factor (when refactor) in one pass over memory.
 template <typename T>
 StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
-                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg);
+                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg,
+                         const StepFlags& flags);
+
+// A bucket is the blocks of many parameters that share d and the hyper-parameters; each
+// parameter (or weight + bias pair, or column range of a weight) is one segment, whose
+// blocks need not be contiguous rows: block i of a segment is the `width` values at
+// p + i * row_stride (likewise g, m), followed, when the segment has a tail, by the one
+// value p_tail[i] (a Linear bias joined to its weight row), so d = width + (tail ? 1 : 0).
+// The segment owns compact tiles [tile_offset, tile_offset + ceil(n_blocks / 16)) of the
+// bucket's F and factor; segments are sorted by tile_offset and do not overlap (tiles no
+// segment owns are left alone, e.g. those of a parameter without a gradient this step).
+template <typename T>
+struct StepSegment {
+  T* p;
+  const T* g;
+  T* m;
+  T* p_tail;  // nullptr: no tail
+  const T* g_tail;
+  T* m_tail;
+  int64_t n_blocks, row_stride, tile_offset;
+  int width;
+  StepFlags flags;
+};
+
+// The fused step over compact tiles [tile_begin, tile_end) of a bucket (see StepSegment).
+template <typename T>
+StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
+                                T* factor, int d, int64_t tile_begin, int64_t tile_end,
+                                const StepConfig& cfg);
 
 // The step's phases as standalone ops on the compact layout, for compact tiles
 // [tile_begin, tile_end) of a bucket of n_blocks blocks:

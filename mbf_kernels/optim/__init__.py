@@ -1,0 +1,8 @@
+"""The MBF optimizer (:class:`MBF`), its parameter-to-block rules and a dense reference."""
+
+from __future__ import annotations
+
+from .mbf import DEFAULTS, MBF
+from .reference import ReferenceMBF
+
+__all__ = ["DEFAULTS", "MBF", "ReferenceMBF"]

@@ -1,0 +1,202 @@
+"""Parameters -> mini-blocks: the rules of MBF_SPEC section 2, decided once per parameter.
+
+A :class:`Unit` is what keeps one step counter: a parameter, or a Linear weight with its
+bias. Its blocks are described by :class:`Segment` s, each a strided run of same-size blocks:
+block i of a segment is ``params[main].flatten()[offset + i * row_stride:][:width]``, followed
+by ``params[tail][i]`` when the segment has a tail (the bias joined to its weight row). That is
+exactly the layout the fused bucket-step kernel reads in place (csrc/registration.cpp), so no
+parameter, gradient or momentum is ever copied into block order.
+
+Kinds of unit: ``"blocks"`` (one curvature block per block of its segments, which may have
+several sizes when a wide row is chunked) and ``"shared"`` (one d x d block for all rows of a
+large linear layer: the paper's spatial averaging).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..reference import segment_rows
+
+#: Values of the per-group option ``large_linear``.
+LARGE_LINEAR = ("shared", "chunk", "diagonal")
+#: Values of the per-group option ``conv1x1``.
+CONV1X1 = ("conv", "row")
+#: What a module-aware walk says a parameter is (None: decide by shape).
+ROLES = ("conv", "linear", "embedding", "diagonal")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A strided run of ``n_blocks`` blocks of size :attr:`d` (indices into ``Unit.params``)."""
+
+    main: int
+    tail: int | None
+    n_blocks: int
+    offset: int
+    width: int
+    row_stride: int
+
+    @property
+    def d(self) -> int:
+        return self.width + (self.tail is not None)
+
+    def rows(self, tensors: list[Tensor]) -> Tensor:
+        """The segment's blocks of ``tensors`` (the unit's params, grads or momenta): (n, d)."""
+        r = segment_rows(tensors[self.main], self.n_blocks, self.offset, self.width,
+                         self.row_stride)
+        if self.tail is None:
+            return r
+        return torch.cat([r, tensors[self.tail].reshape(-1)[: self.n_blocks, None]], dim=1)
+
+    def write_rows(self, tensors: list[Tensor], X: Tensor) -> None:
+        """Inverse of :meth:`rows`: write (n, d) block values back into ``tensors`` in place."""
+        segment_rows(tensors[self.main], self.n_blocks, self.offset, self.width,
+                     self.row_stride).copy_(X[:, : self.width])
+        if self.tail is not None:
+            tensors[self.tail].reshape(-1)[: self.n_blocks].copy_(X[:, self.width])
+
+
+@dataclass
+class Unit:
+    """A parameter (or weight + bias) with its block layout. ``name`` is for messages."""
+
+    params: list[Tensor]
+    kind: str  # "blocks" | "shared"
+    segments: list[Segment]
+    name: str
+
+    @property
+    def n_blocks(self) -> int:
+        return 1 if self.kind == "shared" else sum(s.n_blocks for s in self.segments)
+
+
+def _diagonal(index: int, p: Tensor) -> Segment:
+    return Segment(index, None, p.numel(), 0, 1, 1)
+
+
+def _rows(weight: Tensor, has_bias: bool, group: dict, name: str) -> Unit:
+    """A (out, in) row layout (linear, embedding, 1x1 conv as rows) with an optional bias."""
+    out = weight.shape[0]
+    width = weight.numel() // out if out else 0
+    d = width + has_bias
+    tail = 1 if has_bias else None  # index of the bias in Unit.params
+    if d <= group["max_block_size"]:
+        return Unit([], "blocks", [Segment(0, tail, out, 0, width, width)], name)
+    mode = group["large_linear"]
+    if mode == "shared":
+        return Unit([], "shared", [Segment(0, tail, out, 0, width, width)], name)
+    if mode == "diagonal":
+        segs = [Segment(0, None, weight.numel(), 0, 1, 1)]
+        if has_bias:
+            segs.append(Segment(1, None, out, 0, 1, 1))
+        return Unit([], "blocks", segs, name)
+    # "chunk": consecutive pieces of at most max_block_size of the row [W[j, :], b[j]]; the
+    # piece that reaches past the weight's columns takes the bias as its tail.
+    size = group["max_block_size"]
+    segs = []
+    for c0 in range(0, d, size):
+        c1 = min(c0 + size, d)
+        w = min(c1, width) - c0
+        segs.append(Segment(0, tail if c1 > width else None, out, c0, w, width))
+    return Unit([], "blocks", segs, name)
+
+
+def plan_unit(weight: Tensor, bias: Tensor | None, role: str | None, group: dict,
+              name: str) -> Unit:
+    """The unit for ``weight`` (with ``bias`` paired into its rows, for a linear role)."""
+    if role not in (None, *ROLES):
+        raise ValueError(f"MBF: unknown block role {role!r} for {name}; expected one of {ROLES}")
+    ndim = weight.ndim
+    if role is None:
+        role = "conv" if ndim >= 3 else ("linear" if ndim == 2 else "diagonal")
+    if role == "diagonal" or ndim <= 1:
+        unit = Unit([], "blocks", [_diagonal(0, weight)], name)
+    elif role == "conv":
+        kernel = math.prod(weight.shape[2:])
+        if kernel == 1 and group["conv1x1"] == "row":
+            unit = _rows(weight, bias is not None, group, name)
+        else:
+            n = weight.numel() // kernel if kernel else 0
+            unit = Unit([], "blocks", [Segment(0, None, n, 0, kernel, kernel)], name)
+            bias = None  # a conv bias is diagonal: its own unit
+    else:  # linear or embedding rows
+        unit = _rows(weight, bias is not None, group, name)
+    uses_bias = any(s.tail == 1 or s.main == 1 for s in unit.segments)
+    unit.params = [weight, bias] if uses_bias else [weight]
+    return unit
+
+
+@dataclass(frozen=True)
+class ModuleRoles:
+    """What :meth:`MBF.from_model` learned from the modules: roles and weight -> bias pairs."""
+
+    roles: dict[int, str]  # id(param) -> role
+    bias_of: dict[int, Tensor]  # id(weight) -> its bias, for Linear (and 1x1 conv as rows)
+    names: dict[int, str]  # id(param) -> qualified name
+
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d)
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def module_roles(model: nn.Module) -> ModuleRoles:
+    """Walk ``model`` once: convolutions, linears (with their biases), embeddings, norms."""
+    roles: dict[int, str] = {}
+    bias_of: dict[int, Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        if isinstance(module, _CONV_TYPES):
+            roles[id(weight)] = "conv"
+            if bias is not None:
+                roles[id(bias)] = "diagonal"
+                # A 1x1 conv used as rows takes its bias like a linear; the group decides.
+                bias_of[id(weight)] = bias
+        elif isinstance(module, nn.Linear):
+            roles[id(weight)] = "linear"
+            if bias is not None:
+                bias_of[id(weight)] = bias
+        elif isinstance(module, nn.Embedding):
+            roles[id(weight)] = "embedding"
+        elif isinstance(module, _NORM_TYPES):
+            roles[id(weight)] = "diagonal"
+            if bias is not None:
+                roles[id(bias)] = "diagonal"
+    return ModuleRoles(roles, bias_of, names)
+
+
+def plan_group(params: list[Tensor], group: dict, roles: ModuleRoles | None,
+               first_index: int) -> list[Unit]:
+    """The units of one param group, in parameter order (a paired bias joins its weight)."""
+    in_group = {id(p) for p in params}
+    paired: set[int] = set()
+    units: list[Unit] = []
+    if roles is not None:
+        for p in params:
+            bias = roles.bias_of.get(id(p))
+            if bias is not None and id(bias) in in_group and bias.requires_grad == p.requires_grad:
+                paired.add(id(bias))
+    for i, p in enumerate(params):
+        if id(p) in paired:
+            continue  # handled with its weight (if the weight's layout used it)
+        name = (roles.names.get(id(p)) if roles else None) or f"parameter {first_index + i}"
+        role = roles.roles.get(id(p)) if roles else None
+        bias = roles.bias_of.get(id(p)) if roles else None
+        bias = bias if bias is not None and id(bias) in paired else None
+        unit = plan_unit(p, bias, role, group, name)
+        units.append(unit)
+        if bias is not None and len(unit.params) == 1:
+            # The layout did not use the bias (a conv bias, or a 1x1 conv kept as a conv):
+            # it is diagonal on its own.
+            bname = (roles.names.get(id(bias)) if roles else None) or f"bias of {name}"
+            units.append(plan_unit(bias, None, "diagonal", group, bname))
+    return units
