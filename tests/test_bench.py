@@ -37,3 +37,40 @@ def test_bench_cpu_kernels_toy(tmp_path):
     assert "| 9 |" in md and "roof" in md
     assert (tmp_path / "cpu_kernels.png").stat().st_size > 10_000
     assert (tmp_path / "cpu_kernels.json").exists()
+
+
+def _load(name: str):
+    path = BENCH.parent / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_optimizer_toy(tmp_path):
+    bench = _load("bench_optimizer")
+    assert bench.main(["--models", "small_cnn", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "optimizer_step.csv")))
+    # small_cnn's 512 -> 64 linear is large: both large_linear settings, five rows each.
+    assert [(r["large_linear"], r["step"]) for r in rows] == [
+        (mode, step) for mode in ("shared", "diagonal")
+        for step in ("adamw", "cached", "refresh", "refactor", "amortised")]
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["ratio_vs_adamw"]) > 0
+    adamw = [r for r in rows if r["step"] == "adamw"]
+    assert all(float(r["ratio_vs_adamw"]) == 1.0 and float(r["state_x_params"]) == 2.0
+               for r in adamw)
+    # MBF state: momentum (1x) + curvature and factor (d(d+1)/2 per d parameters each) > 3x.
+    assert all(float(r["state_x_params"]) > 3 for r in rows if r["optimizer"] == "MBF")
+    assert "| small_cnn |" in (tmp_path / "optimizer_step.md").read_text()
+
+
+def test_sweep_defaults_toy(tmp_path):
+    sweep = _load("sweep_defaults")
+    assert sweep.main(["--epochs", "1", "--seeds", "1", "--lrs", "0.03", "0.1", "--dampings",
+                       "0.1", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "defaults_sweep.csv")))
+    assert len(rows) == 4 and all(0 < float(r["loss"]) < 10 for r in rows)
+    assert "Chosen: lr = " in (tmp_path / "defaults_sweep.md").read_text()

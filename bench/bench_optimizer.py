@@ -1,0 +1,137 @@
+"""One optimizer step of MBF against torch.optim.AdamW(foreach=True), on real model shapes.
+
+    python bench/bench_optimizer.py                      # ResNet-32 and VGG16 (a few minutes)
+    python bench/bench_optimizer.py --models resnet32 --repeats 5
+
+Gradients are random (fixed seed): a step's cost does not depend on their values. MBF is
+timed in each kind of step, by setting the group's T1/T2 between measurements:
+  cached    momentum + solve with the cached factor + update (most steps)
+  refresh   + curvature EMA (every T1 steps)
+  refactor  + curvature EMA + refactorisation (every T2 steps)
+and amortised over T1 = 10, T2 = 100: (90 cached + 9 refresh + 1 refactor) / 100. Every
+number is a median over rounds that interleave AdamW and MBF, so that both see the same
+machine state; min and max beside it. Optimizer state memory is reported as a multiple of the
+parameter bytes (AdamW: 2x). Writes <out>/optimizer_step.csv/.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_kernels import environment  # noqa: E402  (same directory)
+
+import mbf_kernels as mk  # noqa: E402
+from mbf_kernels import models  # noqa: E402
+
+T1, T2 = 10, 100
+NEVER = 10**9
+KINDS = {"cached": (NEVER, NEVER), "refresh": (1, NEVER), "refactor": (1, 1)}
+
+
+def build(name: str, num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = models.MODELS[name](num_classes=num_classes)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    return model
+
+
+def time_step(opt: torch.optim.Optimizer) -> float:
+    start = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def set_freqs(opt: mk.MBF, t1: int, t2: int) -> None:
+    for g in opt.param_groups:
+        g["curvature_update_freq"], g["inverse_update_freq"] = t1, t2
+
+
+def bench_model(name: str, num_classes: int, large_linear: str, repeats: int) -> list[dict]:
+    model = build(name, num_classes)
+    params = list(model.parameters())
+    param_bytes = sum(p.nbytes for p in params)
+    adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    mbf = mk.MBF.from_model(model, lr=1e-3, large_linear=large_linear)
+    # Step 1 (refresh + refactor) fills the state; AdamW's first step allocates its state.
+    adamw.step()
+    mbf.step()
+    times: dict[str, list[float]] = {"adamw": [], **{k: [] for k in KINDS}}
+    for _ in range(repeats):
+        times["adamw"].append(time_step(adamw))
+        for kind, (t1, t2) in KINDS.items():
+            set_freqs(mbf, t1, t2)
+            times[kind].append(time_step(mbf))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    amortised = (90 * med["cached"] + 9 * med["refresh"] + med["refactor"]) / 100
+    shared = [r for r in mbf.block_summary() if r["kind"] == "shared"]
+    rows = []
+    for kind in ("adamw", *KINDS, "amortised"):
+        t = amortised if kind == "amortised" else med[kind]
+        spread = times.get(kind, [t])
+        rows.append(dict(
+            model=name, large_linear=large_linear, step=kind,
+            optimizer="AdamW(foreach)" if kind == "adamw" else "MBF",
+            median_ms=t * 1e3, min_ms=min(spread) * 1e3, max_ms=max(spread) * 1e3,
+            ratio_vs_adamw=t / med["adamw"], repeats=len(spread),
+            params=sum(p.numel() for p in params),
+            blocks=sum(r["blocks"] for r in mbf.block_summary() if r["kind"] == "blocks"),
+            shared_blocks=",".join(str(r["d"]) for r in shared),
+            state_x_params=(2.0 if kind == "adamw" else mbf.state_bytes() / param_bytes)))
+    return rows
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [f"CPU: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
+             f"commit {env['commit']}", "",
+             "| model | large_linear | step | median ms (min-max) | x AdamW | state / params |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['large_linear']} | {r['step']} | {r['median_ms']:.1f} "
+                     f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['ratio_vs_adamw']:.2f} | "
+                     f"{r['state_x_params']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet32", "vgg16"],
+                    choices=["resnet32", "vgg11", "vgg16", "small_cnn"])
+    ap.add_argument("--large-linear", nargs="+", default=["shared", "diagonal"],
+                    choices=["shared", "chunk", "diagonal"],
+                    help="large_linear settings to run for models that have large linears")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = ap.parse_args(argv)
+    env = environment()
+    rows: list[dict] = []
+    for name in args.models:
+        num_classes = 100 if name.startswith("vgg") else 10  # the paper: CIFAR-100 on VGG16
+        probe = models.MODELS[name](num_classes=num_classes)
+        has_large = any(isinstance(m, torch.nn.Linear) and m.in_features + 1 > 64
+                        for m in probe.modules())
+        for mode in (args.large_linear if has_large else ["shared"]):
+            rows += bench_model(name, num_classes, mode, args.repeats)
+            print(markdown([r for r in rows if r["model"] == name and r["large_linear"] == mode],
+                           env), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "optimizer_step.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (args.out / "optimizer_step.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (args.out / "optimizer_step.md").write_text(markdown(rows, env))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
