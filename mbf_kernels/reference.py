@@ -15,6 +15,8 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -102,6 +104,17 @@ def outer_ema_(F: Tensor, G: Tensor, beta: float) -> Tensor:
     return F.mul_(beta).add_(C, alpha=1 - beta)
 
 
+def diagonal_fallback(F: Tensor, damping: float) -> Tensor:
+    """1 / L_ii of the diagonal preconditioner that replaces a failed factor of F + damping I
+    (MBF_SPEC section 4): 1 / sqrt(F_ii + damping) where that is finite and positive, else
+    1 / sqrt(damping), else 1. F: (..., d, d) -> (..., d)."""
+    s = F.diagonal(dim1=-2, dim2=-1) + damping
+    ok = torch.isfinite(s) & (s > 0)
+    floor = damping ** -0.5 if damping > 0 else 1.0
+    return torch.where(ok, s.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(),
+                       torch.full_like(s, floor))
+
+
 def mbf_step_(
     param: Tensor,
     grad: Tensor,
@@ -140,11 +153,7 @@ def mbf_step_(
         blocks = unpack_tril(curvature)
         L, info = cholesky_ex(blocks, damping)
         failed = info != 0
-        s = blocks.diagonal(dim1=-2, dim2=-1) + damping
-        ok = torch.isfinite(s) & (s > 0)
-        floor = damping ** -0.5 if damping > 0 else 1.0
-        fallback = torch.where(ok, s.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(),
-                               torch.full_like(s, floor))
+        fallback = diagonal_fallback(blocks, damping)
         # Failed blocks: the diagonal preconditioner (fallback already holds 1 / L_ii).
         factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
                                  factor_from_cholesky(L)))
@@ -160,10 +169,51 @@ def mbf_step_(
 SEGMENT_FIELDS = 8
 
 
-def segment_rows(tensor: Tensor, n_blocks: int, offset: int, width: int, row_stride: int) -> Tensor:
-    """The (n_blocks, width) strided view of a contiguous tensor that one segment reads."""
-    flat = tensor.reshape(-1)
-    return flat.as_strided((n_blocks, width), (row_stride, 1), flat.storage_offset() + offset)
+@dataclass(frozen=True)
+class Segment:
+    """A strided run of ``n_blocks`` same-size blocks, as the bucket step reads them: block i is
+    ``tensors[main].flatten()[offset + i * row_stride:][:width]``, followed by
+    ``tensors[tail][i]`` when ``tail`` is not None (d = width + 1: a Linear bias joined to its
+    weight row). ``tensors`` are params, grads or momenta, all contiguous in the layout."""
+
+    main: int
+    tail: int | None
+    n_blocks: int
+    offset: int
+    width: int
+    row_stride: int
+
+    @property
+    def d(self) -> int:
+        return self.width + (self.tail is not None)
+
+    def _main_view(self, tensor: Tensor) -> Tensor:
+        flat = tensor.reshape(-1)
+        return flat.as_strided((self.n_blocks, self.width), (self.row_stride, 1),
+                               flat.storage_offset() + self.offset)
+
+    def rows(self, tensors: list[Tensor]) -> Tensor:
+        """The segment's blocks of ``tensors``: (n_blocks, d) (a copy when there is a tail)."""
+        r = self._main_view(tensors[self.main])
+        if self.tail is None:
+            return r
+        return torch.cat([r, tensors[self.tail].reshape(-1)[: self.n_blocks, None]], dim=1)
+
+    def write_rows(self, tensors: list[Tensor], X: Tensor) -> None:
+        """Inverse of :meth:`rows`: write (n_blocks, d) block values into ``tensors`` in place."""
+        self._main_view(tensors[self.main]).copy_(X[:, : self.width])
+        if self.tail is not None:
+            tensors[self.tail].reshape(-1)[: self.n_blocks].copy_(X[:, self.width])
+
+
+def _write_compact_rows(C: Tensor, X: Tensor) -> None:
+    """Write the (n, T) canonical rows X into the first n blocks of the compact C, in place;
+    the padding blocks keep their values."""
+    from .compact import to_compact
+
+    padded = C.transpose(1, 2).reshape(-1, C.shape[1]).clone()
+    padded[: X.shape[0]] = X
+    C.copy_(to_compact(padded))
 
 
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
@@ -174,23 +224,18 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
 
     ``segments`` holds :data:`SEGMENT_FIELDS` ints per segment, as the compiled op takes them
     (csrc/registration.cpp): [tensor, tail tensor or -1, n_blocks, offset, width, row_stride,
-    tile_offset, flags]; block i is ``params[tensor].flatten()[offset + i * row_stride:][:width]``
-    followed by ``params[tail][i]``. curvature/factor are compact; flags 1 refresh, 2 first
-    refresh, 4 refactor.
+    tile_offset, flags], the fields of :class:`Segment` plus where its compact tiles start.
+    curvature/factor are compact; flags 1 refresh, 2 first refresh, 4 refactor.
     """
-    from .compact import COMPACT_TILE, from_compact, to_compact
+    from .compact import COMPACT_TILE, from_compact
 
     for s in range(0, len(segments), SEGMENT_FIELDS):
         main, tail, n, offset, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
         if n == 0:
             continue
+        seg = Segment(main, None if tail < 0 else tail, n, offset, width, stride)
         tiles = -(-n // COMPACT_TILE)
-
-        def rows(ts: list[Tensor]) -> Tensor:
-            r = segment_rows(ts[main], n, offset, width, stride)
-            return r if tail < 0 else torch.cat([r, ts[tail].reshape(-1)[:n, None]], dim=1)
-
-        P, G, Mm = rows(params), rows(grads), rows(momenta)
+        P, G, Mm = seg.rows(params), seg.rows(grads), seg.rows(momenta)
         F_c, L_c = curvature[tile0:tile0 + tiles], factor[tile0:tile0 + tiles]
         F, L = from_compact(F_c, n), from_compact(L_c, n)
         mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
@@ -198,14 +243,10 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                   decoupled_weight_decay=decoupled_weight_decay,
                   update_curvature=bool(flags & 1), first_curvature=bool(flags & 2),
                   refactor=bool(flags & 4))
-        for ts, X in ((params, P), (momenta, Mm)):
-            segment_rows(ts[main], n, offset, width, stride).copy_(X[:, :width])
-            if tail >= 0:
-                ts[tail].reshape(-1)[:n].copy_(X[:, width])
-        for C, X in ((F_c, F), (L_c, L)):  # real blocks only; padding keeps its values
-            padded = C.transpose(1, 2).reshape(tiles * COMPACT_TILE, -1).clone()
-            padded[:n] = X
-            C.copy_(to_compact(padded))
+        seg.write_rows(params, P)
+        seg.write_rows(momenta, Mm)
+        _write_compact_rows(F_c, F)
+        _write_compact_rows(L_c, L)
 
 
 # The packed-layout ops: the same math on the compact layout, through the canonical one.
@@ -213,15 +254,13 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
 
 def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
     """F compact (ceil(N/16), T, 16), in place; G (N, d): F = beta F + (1 - beta) g g^T."""
-    from .compact import from_compact, to_compact
+    from .compact import from_compact
     from .packed import pack_tril, unpack_tril
 
     n = G.shape[0]
     dense = unpack_tril(from_compact(F, n))
     outer_ema_(dense, G[:, None, :], beta)
-    rows = F.transpose(1, 2).reshape(-1, F.shape[1]).clone()  # padding blocks kept as they are
-    rows[:n] = pack_tril(dense)
-    F.copy_(to_compact(rows))
+    _write_compact_rows(F, pack_tril(dense))
 
 
 def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:

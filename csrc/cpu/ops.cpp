@@ -162,6 +162,36 @@ void check_compact(const at::Tensor& C, int64_t n, int64_t d, const char* name) 
 // Compact tiles per parallel task.
 int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / cpu::kCompactTile; }
 
+// The smallest d with d(d+1)/2 >= tri: the block size of a compact tensor with tri rows.
+int64_t tri_dim(int64_t tri) {
+  int64_t d = 0;
+  while (d * (d + 1) / 2 < tri) ++d;
+  return d;
+}
+
+void check_stats(const at::Tensor& stats) {
+  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
+                  stats.device().is_cpu(),
+              "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
+}
+
+// The fused step over compact tiles [0, n_tiles) of the segments, split across threads;
+// adds the counters to stats ([skipped curvature blocks, failed factorisations]).
+template <typename T>
+void run_step(const std::vector<cpu::StepSegment<T>>& segs, T* F, T* factor, int64_t d,
+              int64_t n_tiles, const cpu::StepConfig& cfg, at::Tensor& stats) {
+  std::atomic<int64_t> skipped{0}, failed{0};
+  at::parallel_for(0, n_tiles, tile_grain(d), [&](int64_t b, int64_t e) {
+    const cpu::StepStats st = cpu::mbf_bucket_step_tiles<T>(
+        segs.data(), static_cast<int>(segs.size()), F, factor, static_cast<int>(d), b, e, cfg);
+    skipped += st.skipped_curvature;
+    failed += st.failed_factor;
+  });
+  auto* counters = stats.mutable_data_ptr<int64_t>();
+  counters[0] += skipped.load();
+  counters[1] += failed.load();
+}
+
 void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum,
                   at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats, double lr,
                   double momentum_coef, double beta, double damping, double weight_decay,
@@ -187,30 +217,20 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
     TORCH_CHECK(t->is_contiguous(), "mbf_kernels: mbf_step_ updates its state in place, which "
                 "must be contiguous");
   }
-  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
-                  stats.device().is_cpu(),
-              "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
+  check_stats(stats);
   const auto g = grad.contiguous();
   const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                             decoupled_weight_decay};
   const cpu::StepFlags flags{update_curvature, first_curvature, refactor};
-  std::atomic<int64_t> skipped{0}, failed{0};
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "mbf_step_cpu", [&] {
-    scalar_t* p = param.mutable_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    scalar_t* mp = momentum.mutable_data_ptr<scalar_t>();
-    scalar_t* fp = curvature.mutable_data_ptr<scalar_t>();
-    scalar_t* lp = factor.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, curvature.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
-      const cpu::StepStats s = cpu::mbf_step_tiles<scalar_t>(
-          p, gp, mp, fp, lp, n, static_cast<int>(d), b, e, cfg, flags);
-      skipped += s.skipped_curvature;
-      failed += s.failed_factor;
-    });
+    // The whole (N, d) array is one segment of contiguous rows.
+    const std::vector<cpu::StepSegment<scalar_t>> whole{
+        {param.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+         momentum.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, n, d, 0,
+         static_cast<int>(d), flags}};
+    run_step<scalar_t>(whole, curvature.mutable_data_ptr<scalar_t>(),
+                       factor.mutable_data_ptr<scalar_t>(), d, curvature.size(0), cfg, stats);
   });
-  auto* counters = stats.mutable_data_ptr<int64_t>();
-  counters[0] += skipped.load();
-  counters[1] += failed.load();
 }
 
 // The step for a whole bucket: `segments` holds kSegmentFields ints per segment (see
@@ -225,8 +245,7 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
               "mbf_kernels: curvature must be a compact tensor (tiles, d(d+1)/2, ",
               cpu::kCompactTile, "), got ", curvature.sizes());
   const int64_t tiles = curvature.size(0), tri = curvature.size(1);
-  int64_t d = 0;
-  while (d * (d + 1) / 2 < tri) ++d;
+  const int64_t d = tri_dim(tri);
   TORCH_CHECK(d >= 1 && d * (d + 1) / 2 == tri, "mbf_kernels: curvature has ", tri,
               " rows per tile, not a triangle number d(d+1)/2");
   TORCH_CHECK(factor.sizes() == curvature.sizes(), "mbf_kernels: factor must have shape ",
@@ -236,9 +255,7 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   check_like(factor, curvature, "factor");
   TORCH_CHECK(curvature.is_contiguous() && factor.is_contiguous(),
               "mbf_kernels: curvature and factor are updated in place and must be contiguous");
-  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
-                  stats.device().is_cpu(),
-              "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
+  check_stats(stats);
   TORCH_CHECK(grads.size() == params.size() && momenta.size() == params.size(),
               "mbf_kernels: params, grads and momenta must have the same length, got ",
               params.size(), ", ", grads.size(), ", ", momenta.size());
@@ -304,18 +321,8 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     }
     const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                               decoupled_weight_decay};
-    std::atomic<int64_t> skipped{0}, failed{0};
-    scalar_t* fp = curvature.mutable_data_ptr<scalar_t>();
-    scalar_t* lp = factor.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, next_free_tile, tile_grain(d), [&](int64_t b, int64_t e) {
-      const cpu::StepStats st = cpu::mbf_bucket_step_tiles<scalar_t>(
-          segs.data(), static_cast<int>(segs.size()), fp, lp, static_cast<int>(d), b, e, cfg);
-      skipped += st.skipped_curvature;
-      failed += st.failed_factor;
-    });
-    auto* counters = stats.mutable_data_ptr<int64_t>();
-    counters[0] += skipped.load();
-    counters[1] += failed.load();
+    run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(),
+                       factor.mutable_data_ptr<scalar_t>(), d, next_free_tile, cfg, stats);
   });
 }
 
@@ -340,8 +347,7 @@ std::tuple<at::Tensor, at::Tensor> compact_cholesky_ex_cpu(const at::Tensor& F_i
                                                            double damping) {
   TORCH_CHECK(F_in.dim() == 3, "mbf_kernels: F must be a compact tensor, got ", F_in.sizes());
   const int64_t tri = F_in.size(1);
-  int64_t d = 0;
-  while (d * (d + 1) / 2 < tri) ++d;
+  const int64_t d = tri_dim(tri);
   check_compact(F_in, n, d, "F");
   const auto F = F_in.contiguous();
   auto factor = at::empty_like(F);

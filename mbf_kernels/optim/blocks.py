@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from ..reference import segment_rows
+from ..reference import Segment  # the layout the bucket-step op reads, defined beside it
 
 #: Values of the per-group option ``large_linear``.
 LARGE_LINEAR = ("shared", "chunk", "diagonal")
@@ -28,37 +27,6 @@ LARGE_LINEAR = ("shared", "chunk", "diagonal")
 CONV1X1 = ("conv", "row")
 #: What a module-aware walk says a parameter is (None: decide by shape).
 ROLES = ("conv", "linear", "embedding", "diagonal")
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A strided run of ``n_blocks`` blocks of size :attr:`d` (indices into ``Unit.params``)."""
-
-    main: int
-    tail: int | None
-    n_blocks: int
-    offset: int
-    width: int
-    row_stride: int
-
-    @property
-    def d(self) -> int:
-        return self.width + (self.tail is not None)
-
-    def rows(self, tensors: list[Tensor]) -> Tensor:
-        """The segment's blocks of ``tensors`` (the unit's params, grads or momenta): (n, d)."""
-        r = segment_rows(tensors[self.main], self.n_blocks, self.offset, self.width,
-                         self.row_stride)
-        if self.tail is None:
-            return r
-        return torch.cat([r, tensors[self.tail].reshape(-1)[: self.n_blocks, None]], dim=1)
-
-    def write_rows(self, tensors: list[Tensor], X: Tensor) -> None:
-        """Inverse of :meth:`rows`: write (n, d) block values back into ``tensors`` in place."""
-        segment_rows(tensors[self.main], self.n_blocks, self.offset, self.width,
-                     self.row_stride).copy_(X[:, : self.width])
-        if self.tail is not None:
-            tensors[self.tail].reshape(-1)[: self.n_blocks].copy_(X[:, self.width])
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _extension, reference
-from ..compact import COMPACT_TILE, compact_shape, from_compact, to_compact
+from ..compact import COMPACT_TILE, from_compact, to_compact
 from ..dispatch import CHOICES, select
 from ..packed import pack_tril, tril_size, unpack_tril
 from .blocks import CONV1X1, LARGE_LINEAR, ModuleRoles, Segment, Unit, module_roles, plan_group
@@ -209,8 +209,8 @@ class MBF(torch.optim.Optimizer):
             self.state[p0][STEP] = 0
             if unit.kind == "shared":
                 d = unit.segments[0].d
-                eye = torch.zeros(d, d, dtype=dtype, device=device)
-                shared.append(_Shared(unit, eye.clone(), eye.clone(), eye.clone(),
+                zeros = torch.zeros(d, d, dtype=dtype, device=device)
+                shared.append(_Shared(unit, zeros.clone(), zeros.clone(), zeros.clone(),
                                       torch.zeros(2, dtype=torch.int64, device=device)))
                 continue
             for seg in unit.segments:
@@ -345,14 +345,9 @@ class MBF(torch.optim.Optimizer):
             L, info = torch.linalg.cholesky_ex(F + damping * torch.eye(
                 F.shape[0], dtype=dtype, device=F.device))
             failed = info != 0
-            # Diagonal fallback (MBF_SPEC section 4), as in the kernels: 1 / sqrt(F_ii + damping).
-            s = F.diagonal() + damping
-            floor = damping ** -0.5 if damping > 0 else 1.0
-            inv_diag = torch.where(torch.isfinite(s) & (s > 0),
-                                   s.clamp_min(torch.finfo(dtype).tiny).rsqrt(),
-                                   torch.full_like(s, floor))
             L.diagonal().reciprocal_()
-            sh.factor.copy_(torch.where(failed, torch.diag(inv_diag), L))
+            fallback = torch.diag(reference.diagonal_fallback(F, damping))
+            sh.factor.copy_(torch.where(failed, fallback, L))
             sh.derive_inverse()
             sh.stats[1] += failed.to(torch.int64)
         P = seg.rows(ps).to(dtype)
@@ -500,9 +495,10 @@ class MBF(torch.optim.Optimizer):
                 if kind == "shared":
                     C.copy_(unpack_tril(c[0].to(C)))
                     L.copy_(unpack_tril(f[0].to(L), symmetric=False))
-                    sh = next(s for pl in self._plans for s in pl.shared if s.unit is unit)
-                    sh.derive_inverse()
                 else:
                     # Padding blocks keep finite values (zeros), as on a fresh optimizer.
                     C.copy_(to_compact(c.to(C)))
                     L.copy_(to_compact(f.to(L)))
+        for plan in self._plans:
+            for sh in plan.shared:
+                sh.derive_inverse()
