@@ -438,3 +438,34 @@ def test_explicit_backend_is_used(backend, monkeypatch):
     train(model, opt, batches(2))
     n_buckets = sum(r["kind"] == "blocks" for r in opt.block_summary())
     assert len(calls) == 2 * n_buckets
+
+
+def test_non_contiguous_parameters_match_contiguous_ones():
+    """A transposed weight (shared block) and a channels_last conv are updated through copies."""
+    torch.manual_seed(0)
+    w = torch.randn(80, 3, dtype=torch.float64)  # used as a (3, 80) linear weight: d = 81 > 64
+    k = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    g_w, g_k = torch.randn(3, 80, dtype=torch.float64), torch.randn_like(k)
+    w0 = w.t().flatten().clone()  # the strided parameter below is a view of w
+    out = []
+    for layout in ("contiguous", "strided"):
+        lin = nn.Linear(80, 3, dtype=torch.float64)
+        conv = nn.Conv2d(3, 2, 3, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            lin.bias.zero_()
+            if layout == "strided":
+                lin.weight = nn.Parameter(w.t())
+                conv.weight = nn.Parameter(k.to(memory_format=torch.channels_last))
+            else:
+                lin.weight = nn.Parameter(w.t().contiguous())
+                conv.weight = nn.Parameter(k.clone())
+        assert lin.weight.is_contiguous() == (layout == "contiguous")
+        model = nn.ModuleList([lin, conv])
+        opt = mk.MBF.from_model(model, lr=0.1, damping=0.5)
+        for _ in range(2):
+            lin.weight.grad, lin.bias.grad = g_w.clone(), torch.ones(3, dtype=torch.float64)
+            conv.weight.grad = g_k.clone()
+            opt.step()
+        out.append(torch.cat([lin.weight.detach().flatten(), conv.weight.detach().flatten()]))
+    assert not torch.equal(out[0][:240], w0)  # it moved
+    torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=1e-14)

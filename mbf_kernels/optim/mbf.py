@@ -328,9 +328,11 @@ class MBF(torch.optim.Optimizer):
     def _step_shared(self, group: dict, sh: _Shared, f: int) -> None:
         unit, seg = sh.unit, sh.unit.segments[0]
         dtype = sh.curvature.dtype
+        # Segment views need contiguous tensors: a strided parameter is updated in a copy.
         ps = [p if p.is_contiguous() else p.contiguous() for p in unit.params]
-        gs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
-        ms = [self.state[p][MOMENTUM] for p in ps]
+        gs = [(p.grad if p.grad is not None else torch.zeros_like(p)).contiguous()
+              for p in unit.params]
+        ms = [self.state[p][MOMENTUM] for p in unit.params]
         beta, damping = group["beta"], group["damping"]
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
         G = seg.rows(gs).to(dtype)  # (out, d)
