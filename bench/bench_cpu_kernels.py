@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
-import statistics
-import subprocess
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import mbf_kernels as mk
 from mbf_kernels import compact
+from mbf_kernels.benchmark import Row, bench_linalg, copy_bandwidth, environment, make_row, timed
 from mbf_kernels.packed import tril_size
 
 DIMS = (4, 9, 10, 16, 25, 32)
@@ -35,81 +32,13 @@ QUICK_DIMS = (9, 25)
 QUICK_SIZES = (2**10, 2**14, 2**18)
 
 
-@dataclass
-class Row:
-    op: str
-    impl: str
-    dtype: str
-    d: int
-    n: int
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    repeats: int
-    blocks_per_s: float
-    gbytes_per_s: float
-    roof_fraction: float
-    speedup_vs_torch: float | None = None
-
-
-def timed(fn, *, min_repeats: int, budget_s: float) -> list[float]:
-    """Seconds per call: one warm-up, then at least min_repeats calls within about budget_s."""
-    fn()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < min_repeats or (time.perf_counter() < deadline and len(times) < 50):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
-    """Bytes per second of a large tensor copy, counting the read and the write."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    times = timed(lambda: dst.copy_(src), min_repeats=7, budget_s=2.0)
-    return 2 * nbytes / statistics.median(times)
-
-
-def random_spd(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(d * 1000 + n % 997)
-    M = torch.randn(n, d, d, generator=g, dtype=dtype)
-    return M @ M.mT / d + torch.eye(d, dtype=dtype)
-
-
-def make_row(op, impl, dtype, d, n, times, nbytes, roof_bw) -> Row:
-    med = statistics.median(times)
-    return Row(op, impl, str(dtype).removeprefix("torch."), d, n, med * 1e3, min(times) * 1e3,
-               max(times) * 1e3, len(times), n / med, nbytes / med / 1e9,
-               (nbytes / roof_bw) / med)
+BASELINE = "torch cholesky+cholesky_solve"
 
 
 def bench_solve(d, n, dtype, roof_bw, budget_s) -> list[Row]:
-    A = random_spd(n, d, dtype)
-    b = torch.randn(n, d, dtype=dtype)
-    eye = torch.eye(d, dtype=dtype)
-    damping = 1e-3
-    # Bytes the dense API must move: read A and b, write x.
-    nbytes = n * (d * d + 2 * d) * A.element_size()
-
-    def torch_baseline():
-        return torch.cholesky_solve(b.unsqueeze(-1), torch.linalg.cholesky(A + damping * eye))
-
-    rows = [make_row("solve_spd", "torch.linalg", dtype, d, n,
-                     timed(torch_baseline, min_repeats=3, budget_s=budget_s), nbytes, roof_bw)]
-    expected = torch_baseline().squeeze(-1)
-    for backend in ("cpu",):
-        if not mk.backends()[backend].available:
-            continue
-        x = mk.linalg.solve_spd(A, b, damping, backend=backend)
-        torch.testing.assert_close(x, expected, rtol=1e-3, atol=1e-4)  # never time a wrong answer
-        times = timed(lambda: mk.linalg.solve_spd(A, b, damping, backend=backend),
-                      min_repeats=5, budget_s=budget_s)
-        row = make_row("solve_spd", f"mbf_kernels[{backend}]", dtype, d, n, times, nbytes, roof_bw)
-        row.speedup_vs_torch = rows[0].median_ms / row.median_ms
-        rows.append(row)
-    return rows
+    """solve_spd on the C++ kernels against torch's Cholesky + cholesky_solve."""
+    rows = bench_linalg("solve_spd", d, n, dtype, torch.device("cpu"), roof_bw, budget_s, ["cpu"])
+    return [r for r in rows if r.impl in (BASELINE, "mbf_kernels[cpu]")]
 
 
 def bench_step(d, n, dtype, roof_bw, budget_s) -> list[Row]:
@@ -142,25 +71,6 @@ def bench_step(d, n, dtype, roof_bw, budget_s) -> list[Row]:
     return rows
 
 
-def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "mbf_kernels": mk.__version__, "commit": commit,
-            "extension": mk._extension.build_info()}
-
-
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -172,7 +82,7 @@ def plot(rows: list[Row], path: Path) -> None:
     colors = plt.get_cmap("tab10")
     for c, d in enumerate(sorted({r.d for r in solve})):
         # One colour per block size; solid = mbf_kernels, dashed = torch.linalg.
-        for impl, style in (("torch.linalg", "--"), ("mbf_kernels[cpu]", "-")):
+        for impl, style in ((BASELINE, "--"), ("mbf_kernels[cpu]", "-")):
             pts = sorted((r.n, r.blocks_per_s) for r in solve if r.d == d and r.impl == impl)
             if pts:
                 ax1.plot(*zip(*pts), style, color=colors(c), marker="o", ms=3,

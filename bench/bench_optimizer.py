@@ -20,17 +20,14 @@ import argparse
 import csv
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_kernels import environment  # noqa: E402  (same directory)
-
-import mbf_kernels as mk  # noqa: E402
-from mbf_kernels import models  # noqa: E402
+import mbf_kernels as mk
+from mbf_kernels import models
+from mbf_kernels.benchmark import environment
 
 T1, T2 = 10, 100
 NEVER = 10**9

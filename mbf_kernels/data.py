@@ -1,9 +1,37 @@
-"""Data sets that need no download: scikit-learn's bundled handwritten digits."""
+"""Data sets for ``mbf train``: scikit-learn's bundled handwritten digits (no download), and
+CIFAR-10, CIFAR-100 (python pickle format) and SVHN (.mat) read from files the user already
+has. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import Tensor
+
+__all__ = ["Dataset", "DATASETS", "load_dataset", "load_digits", "load_cifar", "load_svhn"]
+
+
+@dataclass
+class Dataset:
+    """Images (N, C, H, W) float32 and labels (N,) int64, split into train and test."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -24,3 +52,103 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tens
     n_test = int(round(test_fraction * len(y)))
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
+
+
+# Where each data set's files live under --data-dir: the folder names of the official archives
+# (cifar-10-python.tar.gz unpacks to cifar-10-batches-py/), or the files directly in --data-dir.
+_CIFAR = {
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    100: ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+_SVHN = ("svhn", "train_32x32.mat", "test_32x32.mat")
+
+
+def _find(data_dir: Path, subdir: str, names: list[str], what: str) -> list[Path]:
+    for folder in (data_dir / subdir, data_dir):
+        paths = [folder / n for n in names]
+        if all(p.is_file() for p in paths):
+            return paths
+    raise FileNotFoundError(
+        f"{what} not found under {data_dir}: expected {', '.join(names)} in "
+        f"{data_dir / subdir} or in {data_dir} itself (nothing is downloaded; unpack the "
+        f"official archive there)")
+
+
+def _normalise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel standardisation with the training set's mean and std."""
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def load_cifar(data_dir: str | Path, num_classes: int = 10) -> Dataset:
+    """CIFAR-10 or CIFAR-100 from the python pickle batches (uint8 rows of 3x32x32)."""
+    if num_classes not in _CIFAR:
+        raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
+    subdir, train_names, test_names, label_key = _CIFAR[num_classes]
+    paths = _find(Path(data_dir), subdir, train_names + test_names, f"CIFAR-{num_classes}")
+
+    def read(batch_paths: list[Path]) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for path in batch_paths:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            if b"data" not in batch or label_key not in batch:
+                raise ValueError(f"{path} is not a CIFAR-{num_classes} python batch "
+                                 f"(needs keys b'data' and {label_key!r})")
+            xs.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(batch[label_key], dtype=torch.int64))
+        return torch.cat(xs).float() / 255.0, torch.cat(ys)
+
+    x_train, y_train = read(paths[:len(train_names)])
+    x_test, y_test = read(paths[len(train_names):])
+    x_train, x_test = _normalise(x_train, x_test)
+    return Dataset(f"cifar{num_classes}", x_train, y_train, x_test, y_test, num_classes)
+
+
+def load_svhn(data_dir: str | Path) -> Dataset:
+    """SVHN's cropped digits (train_32x32.mat, test_32x32.mat: X (32, 32, 3, N), y in 1..10
+    where 10 stands for the digit 0)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as exc:
+        raise ImportError("reading SVHN's .mat files needs scipy: pip install scipy") from exc
+    subdir, train_name, test_name = _SVHN
+    paths = _find(Path(data_dir), subdir, [train_name, test_name], "SVHN")
+
+    def read(path: Path) -> tuple[Tensor, Tensor]:
+        mat = loadmat(path)
+        if "X" not in mat or "y" not in mat:
+            raise ValueError(f"{path} is not an SVHN .mat file (needs variables X and y)")
+        x = torch.as_tensor(mat["X"]).permute(3, 2, 0, 1).float() / 255.0
+        y = torch.as_tensor(mat["y"].astype("int64")).reshape(-1) % 10
+        return x, y
+
+    x_train, y_train = read(paths[0])
+    x_test, y_test = read(paths[1])
+    x_train, x_test = _normalise(x_train, x_test)
+    return Dataset("svhn", x_train, y_train, x_test, y_test, 10)
+
+
+def _digits(_data_dir: str | Path | None) -> Dataset:
+    return Dataset("digits", *load_digits(), num_classes=10)
+
+
+DATASETS = {
+    "digits": _digits,
+    "cifar10": lambda d: load_cifar(d, 10),
+    "cifar100": lambda d: load_cifar(d, 100),
+    "svhn": load_svhn,
+}
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """One of DATASETS; every one but the bundled digits is read from data_dir."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name != "digits" and data_dir is None:
+        raise ValueError(f"data set {name!r} is read from disk: pass --data-dir (the folder "
+                         f"holding its files; nothing is downloaded)")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+    return DATASETS[name](data_dir)

@@ -84,14 +84,16 @@ def vgg16(num_classes: int = 10, **kw) -> VGG:
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv stages and a small classifier, for 8x8 single-channel digits."""
+    """Two 3x3 conv stages and a small classifier, for 8x8 single-channel digits by default;
+    larger images are average-pooled to 4x4 before the classifier (in_channels=3 for
+    CIFAR/SVHN), so its 512 -> 64 linear layer is the same for every input size."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.MaxPool2d(2))
+            nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(4))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 64), nn.ReLU(),
                                         nn.Linear(64, num_classes))
 

@@ -1,0 +1,412 @@
+"""``mbf train``: train one model with MBF and with baseline optimizers on the same data, the
+same seeds and the same budget, and report what each reached.
+
+Fairness, as the comparison defines it:
+  * every run of a task starts from the same initial weights (the model is built after
+    ``torch.manual_seed(seed)``) and sees the same mini-batches in the same order (one seeded
+    permutation per epoch, drawn from a generator that only the data order uses);
+  * every run gets the same budget: ``epochs`` and, if given, ``budget_s`` seconds of training
+    time (evaluation is not counted), whichever ends first;
+  * with ``tune``, every optimizer's learning rate (MBF's included) comes from a sweep of the
+    same size around its default, scored on the training loss after ``tune_epochs`` epochs.
+Training loss is the mean of the mini-batch losses of each epoch (the loss the optimizer saw);
+test loss and accuracy are computed after each epoch in eval mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import models
+from .data import Dataset
+from .optim import MBF
+from .optim.mbf import DEFAULTS as MBF_DEFAULTS
+
+__all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimizers",
+           "make_task", "train_run", "tune_lr", "compare", "write_outputs"]
+
+# Default learning rates: MBF's from its sweep (bench/RESULTS.md); SGD and AdamW the usual
+# starting points for CNNs; SOAP its library's default.
+DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "sgd": 0.05, "adamw": 1e-3, "soap": 3e-3}
+#: Multipliers of the default learning rate tried by --tune, the same for every optimizer.
+TUNE_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+
+
+@dataclass
+class TrainConfig:
+    """One comparison's settings (every field is a ``mbf train`` flag)."""
+
+    epochs: int = 10
+    budget_s: float | None = None
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False
+    amp: str | None = None  # None or "bf16"
+    weight_decay: float = 0.0
+    lr: dict[str, float] = field(default_factory=dict)  # per optimizer; DEFAULT_LR otherwise
+    momentum: float = 0.9  # SGD's and MBF's momentum
+    damping: float = MBF_DEFAULTS["damping"]
+    curvature_update_freq: int = MBF_DEFAULTS["curvature_update_freq"]
+    inverse_update_freq: int = MBF_DEFAULTS["inverse_update_freq"]
+    mbf_backend: str = "auto"
+    lr_milestones: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    tune: bool = False
+    tune_epochs: int = 2
+
+    def lr_of(self, optimizer: str) -> float:
+        return self.lr.get(optimizer, DEFAULT_LR[optimizer])
+
+
+def _make_sgd(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _make_adamw(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return MBF.from_model(model, lr=lr, momentum=cfg.momentum, damping=cfg.damping,
+                          weight_decay=cfg.weight_decay,
+                          curvature_update_freq=cfg.curvature_update_freq,
+                          inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
+
+
+def _make_soap(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SOAP
+
+    return SOAP(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "sgd": _make_sgd, "adamw": _make_adamw,
+                                   "soap": _make_soap}
+LABELS = {"mbf": "MBF", "sgd": "SGD(momentum)", "adamw": "AdamW", "soap": "SOAP"}
+
+
+def available_optimizers() -> dict[str, str]:
+    """Name -> '' when usable here, else why not (SOAP comes from pytorch-optimizer)."""
+    out = {name: "" for name in OPTIMIZERS}
+    if importlib.util.find_spec("pytorch_optimizer") is None:
+        out["soap"] = "pytorch-optimizer is not installed (pip install pytorch-optimizer)"
+    return out
+
+
+@dataclass
+class Task:
+    """A data set, a model built from it, and the loss it is trained on."""
+
+    name: str
+    data: Dataset
+    model_name: str
+    kind: str  # "classify" (cross-entropy) or "autoencode" (BCE on the reconstruction, less its floor)
+
+    def build_model(self) -> nn.Module:
+        ds = self.data
+        if self.model_name == "autoencoder":
+            size = ds.in_channels * ds.image_size**2
+            return models.DigitsAutoencoder((size, 256, 128, 64, 16))
+        if self.model_name == "small_cnn":
+            return models.SmallCNN(ds.num_classes, ds.in_channels)
+        return models.MODELS[self.model_name](num_classes=ds.num_classes,
+                                              in_channels=ds.in_channels)
+
+    def loss(self, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        if self.kind == "autoencode":
+            # Grey-level targets t make the binary cross-entropy's minimum the entropy H(t),
+            # not 0; subtracting it (a constant, so the gradient is unchanged) reports the KL
+            # divergence, whose floor is 0 and whose ratios between optimizers mean something.
+            t = x.flatten(1).float()
+            entropy = -(torch.special.xlogy(t, t) + torch.special.xlogy(1 - t, 1 - t)).mean()
+            return F.binary_cross_entropy_with_logits(out.float(), t) - entropy
+        return F.cross_entropy(out.float(), y)
+
+
+MODEL_CHOICES = ("small_cnn", "autoencoder", "resnet32", "vgg11", "vgg16")
+
+
+def make_task(data: Dataset, model_name: str) -> Task:
+    if model_name not in MODEL_CHOICES:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_CHOICES)}")
+    if model_name == "autoencoder":
+        lo, hi = float(data.x_train.min()), float(data.x_train.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"the autoencoder reconstructs pixels in [0, 1] (binary "
+                             f"cross-entropy); {data.name} is standardised to [{lo:.2f}, {hi:.2f}]."
+                             f" Use it on the digits data set")
+        return Task(f"{data.name}/autoencoder", data, model_name, "autoencode")
+    if model_name in ("resnet32", "vgg11", "vgg16") and data.image_size != 32:
+        raise ValueError(f"{model_name} expects 32x32 images; {data.name} has "
+                         f"{data.image_size}x{data.image_size} (use small_cnn or autoencoder)")
+    return Task(f"{data.name}/{model_name}", data, model_name, "classify")
+
+
+@dataclass
+class Point:
+    epoch: float  # epochs completed (fractional when the time budget ended mid-epoch)
+    time_s: float  # training time so far, evaluation excluded
+    train_loss: float  # mean mini-batch loss since the previous point
+    test_loss: float
+    test_acc: float | None  # None for the autoencoder
+    lr: float  # the learning rate of the epoch's last step (after the step decay, if any)
+
+
+@dataclass
+class RunResult:
+    task: str
+    optimizer: str
+    lr: float
+    points: list[Point]
+    diverged: bool = False
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> Point:
+        return self.points[-1]
+
+
+def _evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor, batch: int,
+              amp: torch.autocast) -> tuple[float, float | None]:
+    model.eval()
+    total, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    with torch.no_grad(), amp:
+        for i in range(0, len(x), batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            out = model(xb)
+            total += task.loss(out, xb, yb) * len(xb)
+            if task.kind == "classify":
+                correct += (out.argmax(1) == yb).sum()
+    model.train()
+    n = max(len(x), 1)
+    acc = float(correct) / n if task.kind == "classify" else None
+    return float(total) / n, acc
+
+
+def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs: int | None = None,
+              budget_s: float | None = None, on_epoch: Callable[[Point], None] | None = None
+              ) -> RunResult:
+    """Train ``task``'s model from the seeded initialisation with one optimizer."""
+    epochs = cfg.epochs if epochs is None else epochs
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(device)
+    opt = OPTIMIZERS[optimizer](model.parameters(), lr, cfg, model)
+    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
+             if cfg.lr_milestones else None)
+    # The optimizer is built on the eager module (MBF reads the module types); the compiled
+    # wrapper shares its parameters.
+    forward = torch.compile(model) if cfg.compile else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    ds = task.data
+    x, y = ds.x_train.to(device), ds.y_train.to(device)
+    xt, yt = ds.x_test.to(device), ds.y_test.to(device)
+    order = torch.Generator().manual_seed(cfg.seed)
+    n_batches = max(math.ceil(len(x) / cfg.batch_size), 1)
+    result = RunResult(task.name, optimizer, lr, [])
+    elapsed = 0.0
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x), generator=order).to(device)
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+        done = 0
+        start = time.perf_counter()
+        for idx in perm.split(cfg.batch_size):
+            xb, yb = x[idx], y[idx]
+            with amp:
+                out = forward(xb)
+            loss = task.loss(out, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            done += 1
+            if budget_s is not None and elapsed + time.perf_counter() - start >= budget_s:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+        lr_used = opt.param_groups[0]["lr"]
+        if sched is not None:
+            sched.step()
+        train_loss = float(loss_sum) / done
+        test_loss, test_acc = _evaluate(task, forward, xt, yt, 512, amp)
+        point = Point(epoch + done / n_batches, elapsed, train_loss, test_loss, test_acc, lr_used)
+        result.points.append(point)
+        if on_epoch is not None:
+            on_epoch(point)
+        if not math.isfinite(train_loss):
+            result.diverged = True
+            break
+        if budget_s is not None and elapsed >= budget_s:
+            break
+    if isinstance(opt, MBF):
+        result.stats = opt.stats
+    return result
+
+
+def tune_lr(task: Task, optimizer: str, cfg: TrainConfig,
+            on_trial: Callable[[float, float], None] | None = None) -> tuple[float, list[dict]]:
+    """The learning rate among default x TUNE_FACTORS with the lowest training loss after
+    ``cfg.tune_epochs`` epochs (a diverged trial scores +inf); returns it and every trial."""
+    base = cfg.lr_of(optimizer)
+    trials = []
+    for factor in TUNE_FACTORS:
+        lr = base * factor
+        run = train_run(task, optimizer, lr, cfg, epochs=cfg.tune_epochs)
+        score = math.inf if run.diverged else run.final.train_loss
+        trials.append({"task": task.name, "optimizer": optimizer, "lr": lr, "train_loss": score})
+        if on_trial is not None:
+            on_trial(lr, score)
+    best = min(trials, key=lambda t: t["train_loss"])
+    return best["lr"], trials
+
+
+def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress=None
+            ) -> tuple[list[RunResult], list[dict]]:
+    """Every optimizer on every task; ``progress`` is an optional rich.progress.Progress (one
+    bar per run, and one per tuning sweep)."""
+    results, trials = [], []
+    for task in tasks:
+        for name in optimizers:
+            lr = cfg.lr_of(name)
+            if cfg.tune:
+                bar = progress.add_task(f"tune {task.name} {LABELS[name]}", total=len(TUNE_FACTORS),
+                                        status="") if progress else None
+
+                def on_trial(trial_lr: float, score: float, bar=bar) -> None:
+                    if progress:
+                        progress.update(bar, advance=1, status=f"lr {trial_lr:.3g}: {score:.4f}")
+
+                lr, tried = tune_lr(task, name, cfg, on_trial)
+                trials += tried
+            # The bar counts epochs, or seconds when a time budget is set.
+            total = cfg.budget_s if cfg.budget_s else cfg.epochs
+            bar = progress.add_task(f"{task.name} {LABELS[name]} lr={lr:.3g}", total=total,
+                                    status="") if progress else None
+
+            def on_epoch(p: Point, bar=bar) -> None:
+                if progress:
+                    acc = f" acc {100 * p.test_acc:.1f}%" if p.test_acc is not None else ""
+                    progress.update(bar, completed=p.time_s if cfg.budget_s else p.epoch,
+                                    status=f"epoch {p.epoch:.0f} train {p.train_loss:.4f} "
+                                    f"test {p.test_loss:.4f}{acc}")
+
+            run = train_run(task, name, lr, cfg, budget_s=cfg.budget_s, on_epoch=on_epoch)
+            if progress:
+                progress.update(bar, completed=total)
+            results.append(run)
+    return results, trials
+
+
+def summary_rows(results: list[RunResult]) -> list[dict]:
+    """One row per run: what it reached, and how long it took to reach the task's common loss
+    (the highest final training loss among the task's runs that did not diverge: a level every
+    such run reached, so the times compare like with like)."""
+    rows = []
+    for r in results:
+        p = r.final
+        rows.append(dict(task=r.task, optimizer=LABELS[r.optimizer], lr=r.lr,
+                         epochs=round(p.epoch, 2), train_s=round(p.time_s, 2),
+                         s_per_epoch=round(p.time_s / max(p.epoch, 1e-9), 3),
+                         train_loss=p.train_loss, test_loss=p.test_loss, test_acc=p.test_acc,
+                         diverged=r.diverged))
+    for task in dict.fromkeys(r.task for r in results):
+        runs = [r for r in results if r.task == task]
+        finals = [r.final.train_loss for r in runs if not r.diverged]
+        common = max(finals) if finals else math.nan
+        for r, row in zip(runs, (row for row in rows if row["task"] == task)):
+            row["common_loss"] = common
+            row["s_to_common_loss"] = next((p.time_s for p in r.points if p.train_loss <= common),
+                                           None)
+    return rows
+
+
+def _plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r.task for r in results))
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 4 * len(tasks)), squeeze=False)
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(OPTIMIZERS)}
+    for row, task in zip(axes, tasks):
+        for r in (r for r in results if r.task == task):
+            kw = dict(color=colors[r.optimizer], marker="o", ms=3,
+                      label=f"{LABELS[r.optimizer]} (lr {r.lr:.3g})")
+            row[0].plot([p.time_s for p in r.points], [p.train_loss for p in r.points], **kw)
+            row[1].plot([p.epoch for p in r.points], [p.train_loss for p in r.points], **kw)
+            if r.points[0].test_acc is not None:
+                row[2].plot([p.epoch for p in r.points], [100 * p.test_acc for p in r.points], **kw)
+                row[2].set_ylabel("test accuracy %")
+            else:
+                row[2].plot([p.epoch for p in r.points], [p.test_loss for p in r.points], **kw)
+                row[2].set_ylabel("test loss")
+        row[0].set(xlabel="training time s", ylabel="training loss", yscale="log",
+                   title=f"{task}: loss vs time")
+        row[1].set(xlabel="epoch", ylabel="training loss", yscale="log",
+                   title=f"{task}: loss vs epoch")
+        row[2].set(xlabel="epoch", title=f"{task}: test")
+        for ax in row:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| task | optimizer | lr | epochs | train s | train loss | s to common loss | "
+             "test loss | test acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = format_row(r)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_row(r: dict) -> list[str]:
+    """A summary row as the table cells both the terminal and summary.md show."""
+    acc = f"{100 * r['test_acc']:.1f}%" if r["test_acc"] is not None else "-"
+    reach = (f"{r['s_to_common_loss']:.1f} (<= {r['common_loss']:.3g})"
+             if r["s_to_common_loss"] is not None else "never")
+    loss = f"{r['train_loss']:.3g}" + (" diverged" if r["diverged"] else "")
+    return [r["task"], r["optimizer"], f"{r['lr']:.3g}", f"{r['epochs']:g}", f"{r['train_s']:.1f}",
+            loss, reach, f"{r['test_loss']:.3g}", acc]
+
+
+def write_outputs(out: Path, results: list[RunResult], trials: list[dict], cfg: TrainConfig,
+                  env: dict) -> dict[str, Path]:
+    """curves.csv (one row per run and epoch), results.json (config, environment, summary,
+    curves, tuning trials), summary.md and loss.png; returns the paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / n for k, n in (("csv", "curves.csv"), ("json", "results.json"),
+                                     ("md", "summary.md"), ("png", "loss.png"))}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "optimizer", "lr", "epoch", "time_s", "train_loss", "test_loss",
+                    "test_acc", "epoch_lr"])
+        for r in results:
+            for p in r.points:
+                w.writerow([r.task, r.optimizer, r.lr, p.epoch, p.time_s, p.train_loss,
+                            p.test_loss, "" if p.test_acc is None else p.test_acc, p.lr])
+    rows = summary_rows(results)
+    doc = {"config": asdict(cfg), "environment": env, "summary": rows, "tuning": trials,
+           "runs": [dict(task=r.task, optimizer=r.optimizer, lr=r.lr, diverged=r.diverged,
+                         mbf_stats=r.stats, points=[asdict(p) for p in r.points])
+                    for r in results]}
+    paths["json"].write_text(json.dumps(doc, indent=1, default=str))
+    paths["md"].write_text(markdown_table(rows))
+    _plot(results, paths["png"])
+    return paths
+

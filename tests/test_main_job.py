@@ -1,0 +1,342 @@
+"""The main job's commands end to end at toy size (`mbf train`, `mbf bench`, `mbf profile`), and
+the data readers on tiny files written in each supported format."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+import mbf_kernels as mk
+from mbf_kernels import cli, training
+from mbf_kernels.data import load_cifar, load_dataset, load_svhn
+
+HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
+needs_sklearn = pytest.mark.skipif(not HAS_SKLEARN,
+                                   reason="scikit-learn (the digits data set) is not installed")
+
+
+def _learnable_images(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (n, 3, 32, 32) images whose class sets the brightness of one image row band."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randint(0, 60, (n, 3, 32, 32), generator=g)
+    for i, c in enumerate(y.tolist()):
+        band = (c * 32) // classes
+        x[i, :, band:band + max(32 // classes, 1)] += 180
+    return x.to(torch.uint8), y
+
+
+def write_cifar(root, classes: int, n_train: int = 20, n_test: int = 10) -> None:
+    """The official python-pickle layout: cifar-10-batches-py/data_batch_{1..5} + test_batch,
+    or cifar-100-python/train + test, each {b'data': uint8 (n, 3072), b'labels' / b'fine_labels'}."""
+    key = b"labels" if classes == 10 else b"fine_labels"
+    folder = root / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    x, y = _learnable_images(n_train + n_test, classes, 0)
+    data = x.reshape(len(x), -1).numpy()
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] if classes == 10 else ["train"]
+    per = n_train // len(train_files)
+    for i, name in enumerate(train_files):
+        sl = slice(i * per, (i + 1) * per)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data[sl], key: y[sl].tolist()}, f)
+    with open(folder / ("test_batch" if classes == 10 else "test"), "wb") as f:
+        pickle.dump({b"data": data[n_train:], key: y[n_train:].tolist()}, f)
+
+
+def write_svhn(root, n_train: int = 20, n_test: int = 10) -> None:
+    """SVHN's .mat files: X (32, 32, 3, N) uint8 and y (N, 1) in 1..10 (10 is the digit 0)."""
+    scipy_io = pytest.importorskip("scipy.io")
+    folder = root / "svhn"
+    folder.mkdir(parents=True)
+    x, y = _learnable_images(n_train + n_test, 10, 1)
+    labels = torch.where(y == 0, torch.tensor(10), y).numpy().reshape(-1, 1)
+    X = x.permute(2, 3, 1, 0).numpy()
+    scipy_io.savemat(folder / "train_32x32.mat", {"X": X[..., :n_train], "y": labels[:n_train]})
+    scipy_io.savemat(folder / "test_32x32.mat", {"X": X[..., n_train:], "y": labels[n_train:]})
+
+
+# ---------------------------------------------------------------------------------------------
+# data readers
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_reader(tmp_path, classes):
+    write_cifar(tmp_path, classes)
+    ds = load_cifar(tmp_path, classes)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (10, 3, 32, 32)
+    expected_y = torch.arange(30) % classes
+    assert torch.equal(ds.y_train, expected_y[:20]) and torch.equal(ds.y_test, expected_y[20:])
+    # Standardised per channel with the training set's statistics.
+    assert ds.x_train.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert (ds.x_train.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4
+    # The files' pixel order (3 channel planes of 32 rows) is kept: each image's brightest row
+    # is its class's band.
+    band_start = (expected_y[:20] * 32) // classes
+    brightest = ds.x_train.mean(dim=(1, 3)).argmax(dim=1)
+    assert ((brightest >= band_start) & (brightest < band_start + max(32 // classes, 1))).all()
+    # The folder itself may be passed as well as its parent.
+    sub = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    assert torch.equal(load_cifar(tmp_path / sub, classes).y_test, ds.y_test)
+
+
+def test_svhn_reader_maps_label_10_to_digit_0(tmp_path):
+    write_svhn(tmp_path)
+    ds = load_svhn(tmp_path)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.num_classes == 10
+    assert torch.equal(ds.y_train, torch.arange(20) % 10)
+    assert torch.equal(ds.y_test, torch.arange(20, 30) % 10)
+
+
+def test_readers_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*test_batch"):
+        load_cifar(tmp_path, 10)
+    with pytest.raises(FileNotFoundError, match="train_32x32.mat"):
+        load_svhn(tmp_path)
+    with pytest.raises(ValueError, match="pass --data-dir"):
+        load_dataset("cifar100")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_dataset("svhn", tmp_path / "nowhere")
+    (tmp_path / "cifar-100-python").mkdir()
+    for name in ("train", "test"):
+        with open(tmp_path / "cifar-100-python" / name, "wb") as f:
+            pickle.dump({b"data": [], b"labels": []}, f)  # CIFAR-10 keys in a CIFAR-100 file
+    with pytest.raises(ValueError, match="fine_labels"):
+        load_cifar(tmp_path, 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# mbf train
+
+
+def _read_curves(out):
+    return list(csv.DictReader(open(out / "curves.csv")))
+
+
+@needs_sklearn
+def test_train_digits_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "3", "--optimizers", "mbf,sgd,adamw",
+                     "--models", "small_cnn,autoencoder", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = _read_curves(out)
+    runs = {(r["task"], r["optimizer"]) for r in rows}
+    assert runs == {(t, o) for t in ("digits/small_cnn", "digits/autoencoder")
+                    for o in ("mbf", "sgd", "adamw")}
+    for task, opt in runs:
+        curve = [r for r in rows if (r["task"], r["optimizer"]) == (task, opt)]
+        assert [float(r["epoch"]) for r in curve] == [1.0, 2.0, 3.0]
+        losses = [float(r["train_loss"]) for r in curve]
+        assert all(math.isfinite(v) and v >= -1e-6 for v in losses)
+        assert losses[-1] < losses[0], (task, opt, losses)
+        times = [float(r["time_s"]) for r in curve]
+        assert times == sorted(times) and times[0] > 0
+        if task.endswith("small_cnn"):
+            assert 0.5 < float(curve[-1]["test_acc"]) <= 1.0  # 10 classes: far above chance
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["summary"]) == 6 and doc["config"]["epochs"] == 3
+    assert doc["environment"]["torch"] == torch.__version__
+    for row in doc["summary"]:
+        # Every run that did not diverge reached the common loss, and took time to.
+        assert row["s_to_common_loss"] is not None and row["s_to_common_loss"] > 0
+    md = (out / "summary.md").read_text()
+    assert md.count("| digits/") == 6 and "MBF" in md and "AdamW" in md
+    assert (out / "loss.png").stat().st_size > 20_000
+    assert "digits/small_cnn" in printed and "SGD(momentum)" in printed
+
+
+@needs_sklearn
+def test_train_same_data_order_and_init_for_every_optimizer():
+    """Same seed: identical runs; a different optimizer still starts from the same weights."""
+    ds = load_dataset("digits")
+    task = training.make_task(ds, "small_cnn")
+    cfg = training.TrainConfig(epochs=1)
+    a = training.train_run(task, "sgd", 0.05, cfg)
+    b = training.train_run(task, "sgd", 0.05, cfg)
+    assert a.final.train_loss == b.final.train_loss  # seeded init and order: bit-identical
+    c = training.train_run(task, "sgd", 0.05, training.TrainConfig(epochs=1, seed=1))
+    assert c.final.train_loss != a.final.train_loss
+    torch.manual_seed(cfg.seed)
+    w0 = task.build_model().state_dict()
+    torch.manual_seed(cfg.seed)
+    w1 = task.build_model().state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@needs_sklearn
+def test_train_tune_picks_the_best_trial(tmp_path):
+    out = tmp_path / "tuned"
+    assert cli.main(["train", "--epochs", "1", "--tune", "--tune-epochs", "1",
+                     "--optimizers", "mbf,adamw", "--models", "small_cnn",
+                     "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    for opt in ("mbf", "adamw"):
+        trials = [t for t in doc["tuning"] if t["optimizer"] == opt]
+        # The same-size sweep for every optimizer, around its default.
+        assert len(trials) == len(training.TUNE_FACTORS)
+        lrs = sorted(t["lr"] for t in trials)
+        assert lrs[0] == pytest.approx(training.DEFAULT_LR[opt] * min(training.TUNE_FACTORS))
+        best = min(trials, key=lambda t: t["train_loss"])
+        run = next(r for r in doc["runs"] if r["optimizer"] == opt)
+        assert run["lr"] == best["lr"]
+
+
+@needs_sklearn
+def test_train_time_budget_and_step_decay():
+    ds = load_dataset("digits")
+    task = training.make_task(ds, "small_cnn")
+    cfg = training.TrainConfig(epochs=10_000, budget_s=0.5)
+    run = training.train_run(task, "adamw", 1e-3, cfg, budget_s=cfg.budget_s)
+    assert 0.5 <= run.final.time_s < 5.0 and run.final.epoch < 10_000
+    cfg = training.TrainConfig(epochs=4, lr_milestones=(1, 3), lr_gamma=0.5)
+    run = training.train_run(task, "mbf", 0.01, cfg)
+    assert [p.lr for p in run.points] == pytest.approx([0.01, 0.005, 0.005, 0.0025])
+
+
+@needs_sklearn
+def test_train_bf16_autocast_runs_finite():
+    task = training.make_task(load_dataset("digits"), "small_cnn")
+    run = training.train_run(task, "mbf", 0.01, training.TrainConfig(epochs=2, amp="bf16"))
+    assert all(math.isfinite(p.train_loss) for p in run.points)
+    assert run.points[-1].train_loss < run.points[0].train_loss
+
+
+def test_train_compiled_model_matches_eager(tmp_path):
+    """--compile: MBF is built on the eager module, the compiled wrapper shares its weights."""
+    write_cifar(tmp_path, 10, n_train=20, n_test=10)
+    task = training.make_task(load_dataset("cifar10", tmp_path), "small_cnn")
+    eager = training.train_run(task, "mbf", 0.01, training.TrainConfig(epochs=2, batch_size=10))
+    compiled = training.train_run(task, "mbf", 0.01,
+                                  training.TrainConfig(epochs=2, batch_size=10, compile=True))
+    assert [p.train_loss for p in compiled.points] == pytest.approx(
+        [p.train_loss for p in eager.points], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn"])
+def test_train_reads_each_on_disk_format(tmp_path, dataset, capsys):
+    if dataset == "svhn":
+        write_svhn(tmp_path)
+    else:
+        write_cifar(tmp_path, 10 if dataset == "cifar10" else 100)
+    out = tmp_path / "out"
+    assert cli.main(["train", "--dataset", dataset, "--data-dir", str(tmp_path), "--models",
+                     "small_cnn", "--optimizers", "mbf,sgd", "--epochs", "3", "--batch-size",
+                     "10", "--out", str(out)]) == 0
+    rows = _read_curves(out)
+    assert {r["optimizer"] for r in rows} == {"mbf", "sgd"}
+    assert all(r["task"] == f"{dataset}/small_cnn" for r in rows)
+    for opt in ("mbf", "sgd"):
+        losses = [float(r["train_loss"]) for r in rows if r["optimizer"] == opt]
+        assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+        assert losses[-1] < losses[0]
+
+
+@needs_sklearn
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_optimizer") is None,
+                    reason="pytorch-optimizer (SOAP) is not installed")
+def test_train_soap_baseline():
+    task = training.make_task(load_dataset("digits"), "small_cnn")
+    run = training.train_run(task, "soap", 3e-3, training.TrainConfig(epochs=2))
+    assert run.points[-1].train_loss < run.points[0].train_loss
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar10"], "pass --data-dir"),
+    (["--optimizers", "mbf,lion"], "unknown optimizer 'lion'"),
+    (["--models", "transformer"], "unknown model 'transformer'"),
+    (["--models", "autoencoder", "--dataset", "cifar10", "--data-dir", "{tmp}"],
+     "autoencoder reconstructs pixels in \\[0, 1\\]"),
+    (["--models", "resnet32"], "resnet32 expects 32x32 images"),
+])
+def test_train_bad_input_names_the_problem(tmp_path, argv, message):
+    write_cifar(tmp_path, 10)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--dataset" not in argv and not HAS_SKLEARN:
+        pytest.skip("scikit-learn is not installed")
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["train", "--epochs", "1", "--out", str(tmp_path / "o"), *argv])
+
+
+def test_train_rejects_bad_numbers(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--epochs", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--lr-mbf", "-1"])
+    assert "must be a positive number" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# mbf bench and mbf profile
+
+
+def test_bench_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--device", "cpu", "--dims", "1", "9", "--sizes", "7", "64",
+                     "--dtypes", "float32,float64", "--budget", "0.01", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "bench.csv")))
+    ours = [b for b, s in mk.backends().items() if s.available and b in ("torch", "cpu")]
+    expected_impls = {
+        "solve_spd": {"torch cholesky+cholesky_solve", "torch.linalg.solve"},
+        "cholesky_ex": {"torch.linalg.cholesky_ex"},
+        "inv_spd": {"torch.linalg.inv"},
+    }
+    for op, baselines in expected_impls.items():
+        impls = baselines | {f"mbf_kernels[{b}]" for b in ours}
+        for dtype in ("float32", "float64"):
+            for d in ("1", "9"):
+                for n in ("7", "64"):
+                    got = {r["impl"] for r in rows
+                           if (r["op"], r["dtype"], r["d"], r["n"]) == (op, dtype, d, n)}
+                    assert got == impls, (op, dtype, d, n)
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["speedup_vs_torch"]) > 0
+        assert float(r["roof_fraction"]) > 0 and float(r["blocks_per_s"]) > 0
+        if r["impl"].startswith("mbf_kernels"):
+            assert float(r["max_abs_err"]) < (1e-4 if r["dtype"] == "float32" else 1e-10)
+    first = [r for r in rows if r["impl"] == "torch cholesky+cholesky_solve"]
+    assert all(float(r["speedup_vs_torch"]) == 1.0 for r in first)
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["environment"]["copy_bandwidth_gb_s"] > 0
+    assert (out / "bench.png").stat().st_size > 20_000
+    assert "roof" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_op():
+    with pytest.raises(SystemExit, match="unknown op 'qr'"):
+        cli.main(["bench", "--ops", "qr", "--quick"])
+
+
+def test_profile_end_to_end(tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert cli.main(["profile", "--model", "small_cnn", "--device", "cpu", "--steps", "2",
+                     "--batch-size", "8", "--out", str(out)]) == 0
+    doc = json.loads((out / "profile.json").read_text())
+    names = [r["variant"] for r in doc["results"]]
+    expected = ["AdamW(foreach)", "SGD(foreach)", "MBF [torch] (torch ops)"]
+    if mk.backends()["cpu"].available:
+        expected.append("MBF [cpu] (kernels)")
+    assert names == expected + ["ReferenceMBF (dense torch.linalg)"]
+    for r in doc["results"]:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["mean_ms"] > 0
+        assert r["top_ops"] and all(0 <= o["share"] <= 1 for o in r["top_ops"])
+        trace = json.loads((out / r["trace"]).read_text())
+        assert any(e.get("name") == "optimizer.step" for e in trace["traceEvents"])
+    assert doc["results"][0]["ratio_vs_adamw"] == 1.0
+    if mk.backends()["cpu"].available:
+        kernels = next(r for r in doc["results"] if r["variant"] == "MBF [cpu] (kernels)")
+        assert any(o["op"] == "mbf_kernels::mbf_bucket_step_" for o in kernels["top_ops"])
+    md = (out / "profile.md").read_text()
+    assert "x AdamW" in md and "top operators" in md
+    assert "ReferenceMBF" in capsys.readouterr().out
+
+
+def test_profile_rejects_unknown_model(tmp_path):
+    with pytest.raises(SystemExit, match="unknown model 'gpt'"):
+        cli.main(["profile", "--model", "gpt", "--device", "cpu", "--out", str(tmp_path)])
