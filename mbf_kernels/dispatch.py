@@ -40,12 +40,13 @@ class BackendStatus:
 def _triton_status() -> BackendStatus:
     if importlib.util.find_spec("triton") is None:
         return BackendStatus("triton", False, "triton is not installed")
-    # The Triton kernels are not part of this version; report the installed Triton honestly
-    # instead of pretending the backend works.
+    # Triton kernels exist for the optimizer's fused step and compact ops only (reached with
+    # MBF(backend="triton")); the dense linalg API has none yet, so it reports unavailable.
     import triton
 
     return BackendStatus(
-        "triton", False, f"no Triton kernels in this version (triton {triton.__version__} found)"
+        "triton", False, f"triton {triton.__version__}: kernels for MBF(backend='triton') and "
+        "mbf_kernels.triton only; none yet for the linalg API"
     )
 
 

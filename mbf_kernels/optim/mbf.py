@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ class _Bucket:
     curvature: Tensor | None = None
     factor: Tensor | None = None
     stats: Tensor | None = None
-    uses_extension: bool | None = None  # compiled op (True) or torch reference; at first step
+    step_backend: str | None = None  # 'cpu', 'torch' or 'triton': set at first step
 
 
 @dataclass
@@ -104,6 +105,20 @@ class _GroupPlan:
     units: list[Unit]
     buckets: list[_Bucket]
     shared: list[_Shared]
+
+
+def _triton_step_module(device: torch.device):
+    """mbf_kernels.triton.ops, when it can run on ``device`` (CUDA, or CPU under
+    TRITON_INTERPRET=1); otherwise a RuntimeError saying why."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not (device.type == "cpu" and interpreted):
+        raise RuntimeError(f"MBF: backend 'triton' runs on CUDA tensors (or CPU tensors under "
+                           f"TRITON_INTERPRET=1), not on {device.type} tensors")
+    try:
+        from ..triton import ops
+    except ImportError as exc:
+        raise RuntimeError(f"MBF: backend 'triton' is not available: {exc}") from exc
+    return ops
 
 
 def _check_real(name: str, value: object) -> float:
@@ -270,18 +285,27 @@ class MBF(torch.optim.Optimizer):
 
     def _backend(self, group: dict, bucket: _Bucket):
         """The module serving ``mbf_bucket_step_`` for this bucket (chosen once)."""
-        if bucket.uses_extension is None:
-            module = select(group["backend"], bucket.device, differentiable=False, fn="MBF")
+        if bucket.step_backend is None:
+            if group["backend"] == "triton":
+                # The Triton fused step is only reached by name until it has been run on a GPU
+                # (issue 4); "auto" keeps to the tested paths.
+                module = _triton_step_module(bucket.device)
+            else:
+                module = select(group["backend"], bucket.device, differentiable=False, fn="MBF")
             if module is _extension and bucket.device.type != "cpu":
                 # The compiled fused step exists for CPU tensors only in this version.
                 if group["backend"] != "auto":
                     raise RuntimeError(f"MBF: backend {group['backend']!r} has no fused "
                                        f"optimizer step for {bucket.device.type} tensors yet")
                 module = reference
-            bucket.uses_extension = module is _extension
             stats_device = "cpu" if module is _extension else bucket.device
             bucket.stats = torch.zeros(2, dtype=torch.int64, device=stats_device)
-        return _extension if bucket.uses_extension else reference
+            # A name, not the module: buckets are deep-copied with the optimizer.
+            bucket.step_backend = ("cpu" if module is _extension else
+                                   "torch" if module is reference else "triton")
+        if bucket.step_backend == "triton":
+            return _triton_step_module(bucket.device)
+        return _extension if bucket.step_backend == "cpu" else reference
 
     def _step_bucket(self, group: dict, bucket: _Bucket, flags: dict[int, int]) -> None:
         index: dict[int, int] = {}
