@@ -86,3 +86,49 @@ def assert_close_fp64_anchored(ours, theirs, exact, *, factor: float = 2.0, what
             f"(+ floor {floor:.1e}); worst at {worst}: ours {ours64[worst]:.8g}, "
             f"exact {exact[worst]:.8g}"
         )
+
+
+#: Fused-step tolerances against the reference step (float32 after a few refactorisations).
+STEP_TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+class StepBucket:
+    """One bucket's state in both forms, stepped by the reference (canonical packed rows) and by
+    a fused-step kernel ``step_fn`` with ``mbf_step_``'s signature (compact layout)."""
+
+    def __init__(self, n, d, dtype, step_fn, *, device="cpu", seed=0):
+        from mbf_kernels import compact
+        from mbf_kernels.packed import tril_size
+
+        self.n, self.d, self.step_fn = n, d, step_fn
+        self.p_ref = randn(n, d, dtype=dtype, seed=seed).to(device)
+        self.m_ref = torch.zeros_like(self.p_ref)
+        self.F_ref = torch.zeros(n, tril_size(d), dtype=dtype, device=device)
+        identity = compact.identity_factor(d, dtype).to(device)
+        self.L_ref = identity.expand(n, -1).clone()
+        self.stats_ref = torch.zeros(2, dtype=torch.int64, device=device)
+        self.p, self.m = self.p_ref.clone(), self.m_ref.clone()
+        self.F = compact.to_compact(self.F_ref)
+        self.L = compact.to_compact(self.L_ref, pad=identity)
+        self.stats = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def step(self, grad, **cfg):
+        from mbf_kernels import reference
+
+        reference.mbf_step_(self.p_ref, grad, self.m_ref, self.F_ref, self.L_ref, self.stats_ref,
+                            **cfg)
+        self.step_fn(self.p, grad, self.m, self.F, self.L, self.stats, **cfg)
+
+    def assert_matches(self, dtype, what=""):
+        from mbf_kernels import compact
+
+        # A NaN gradient makes that block's momentum and parameter NaN in both (MBF_SPEC
+        # protects the curvature only; GradScaler skips such steps before they happen).
+        tol = dict(STEP_TOL[dtype], equal_nan=True)
+        torch.testing.assert_close(self.p, self.p_ref, **tol, msg=lambda m: f"param {what}: {m}")
+        torch.testing.assert_close(self.m, self.m_ref, **tol, msg=lambda m: f"momentum {what}: {m}")
+        torch.testing.assert_close(compact.from_compact(self.F, self.n), self.F_ref, **tol,
+                                   msg=lambda m: f"curvature {what}: {m}")
+        torch.testing.assert_close(compact.from_compact(self.L, self.n), self.L_ref, **tol,
+                                   msg=lambda m: f"factor {what}: {m}")
+        assert self.stats.tolist() == self.stats_ref.tolist(), what

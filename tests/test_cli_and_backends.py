@@ -13,7 +13,6 @@ import torch
 import mbf_kernels as mk
 from mbf_kernels import dispatch
 from mbf_kernels import cli, reference
-from conftest import randn, random_spd
 
 
 def test_backends_report_every_backend_with_a_reason():

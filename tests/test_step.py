@@ -6,47 +6,18 @@ import pytest
 import torch
 
 import mbf_kernels as mk
-from mbf_kernels import compact, reference
-from mbf_kernels.packed import pack_tril, tril_size
-from conftest import randn
+from mbf_kernels import compact
+from mbf_kernels.packed import pack_tril
+from conftest import STEP_TOL as TOL, StepBucket, randn
 
 pytestmark = pytest.mark.skipif(
     not mk._extension.AVAILABLE, reason=f"C++ kernels not built: {mk._extension.LOAD_ERROR}"
 )
 
-TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
-
-class Bucket:
-    """One bucket's state in both forms: canonical for the reference, compact for the kernel."""
-
-    def __init__(self, n, d, dtype, seed=0):
-        self.n, self.d = n, d
-        self.p_ref = randn(n, d, dtype=dtype, seed=seed)
-        self.m_ref = torch.zeros(n, d, dtype=dtype)
-        self.F_ref = torch.zeros(n, tril_size(d), dtype=dtype)
-        self.L_ref = compact.identity_factor(d, dtype).expand(n, -1).clone()
-        self.stats_ref = torch.zeros(2, dtype=torch.int64)
-        self.p, self.m = self.p_ref.clone(), self.m_ref.clone()
-        self.F = compact.to_compact(self.F_ref)
-        self.L = compact.to_compact(self.L_ref, pad=compact.identity_factor(d, dtype))
-        self.stats = torch.zeros(2, dtype=torch.int64)
-
-    def step(self, grad, **cfg):
-        reference.mbf_step_(self.p_ref, grad, self.m_ref, self.F_ref, self.L_ref, self.stats_ref, **cfg)
-        mk._extension.mbf_step_(self.p, grad, self.m, self.F, self.L, self.stats, **cfg)
-
-    def assert_matches(self, dtype, what=""):
-        # A NaN gradient makes that block's momentum and parameter NaN in both (MBF_SPEC
-        # protects the curvature only; GradScaler skips such steps before they happen).
-        tol = dict(TOL[dtype], equal_nan=True)
-        torch.testing.assert_close(self.p, self.p_ref, **tol, msg=lambda m: f"param {what}: {m}")
-        torch.testing.assert_close(self.m, self.m_ref, **tol, msg=lambda m: f"momentum {what}: {m}")
-        torch.testing.assert_close(compact.from_compact(self.F, self.n), self.F_ref, **tol,
-                                   msg=lambda m: f"curvature {what}: {m}")
-        torch.testing.assert_close(compact.from_compact(self.L, self.n), self.L_ref, **tol,
-                                   msg=lambda m: f"factor {what}: {m}")
-        assert self.stats.tolist() == self.stats_ref.tolist()
+def Bucket(n, d, dtype):
+    """A bucket stepped by the reference and by the compiled C++ fused step."""
+    return StepBucket(n, d, dtype, mk._extension.mbf_step_)
 
 
 def schedule(k, t1, t2):

@@ -15,15 +15,14 @@ pytest.importorskip("triton", reason="triton is not installed")
 import mbf_kernels as mk  # noqa: E402
 from mbf_kernels import compact, reference  # noqa: E402
 from mbf_kernels import triton as mt  # noqa: E402
-from mbf_kernels.packed import pack_tril, tril_size  # noqa: E402
-from conftest import randn  # noqa: E402
+from mbf_kernels.packed import pack_tril  # noqa: E402
+from conftest import STEP_TOL as TOL, StepBucket, randn  # noqa: E402
 from test_optimizer import OPTIONS, batches, flat, make_net, train  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 # d = 1, a non-power of two on each side of 8, and a hot size; N = 0, one partial tile, and
 # more than one program of 64 blocks with a ragged end.
 CASES = [(d, n) for d in (1, 2, 9, 10) for n in (0, 7, 37)] + [(9, 70)]
@@ -70,34 +69,9 @@ def test_cholesky_reports_each_failing_block_and_zeroes_it():
     torch.testing.assert_close(rows_out, compact.from_compact(L_ref, n), rtol=1e-12, atol=0)
 
 
-class Pair:
-    """One bucket stepped by the reference (canonical rows) and by Triton (compact)."""
-
-    def __init__(self, n, d, dtype):
-        self.n = n
-        self.p_ref = randn(n, d, dtype=dtype, seed=4).to(DEVICE)
-        self.m_ref = torch.zeros_like(self.p_ref)
-        self.F_ref = torch.zeros(n, tril_size(d), dtype=dtype, device=DEVICE)
-        self.L_ref = compact.identity_factor(d, dtype).to(DEVICE).expand(n, -1).clone()
-        self.s_ref = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-        self.p, self.m = self.p_ref.clone(), self.m_ref.clone()
-        self.F = compact.to_compact(self.F_ref)
-        self.L = compact.to_compact(self.L_ref)
-        self.s = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-
-    def step(self, g, **cfg):
-        reference.mbf_step_(self.p_ref, g, self.m_ref, self.F_ref, self.L_ref, self.s_ref, **cfg)
-        mt.mbf_step_(self.p, g, self.m, self.F, self.L, self.s, **cfg)
-
-    def check(self, dtype, what):
-        tol = dict(TOL[dtype], equal_nan=True)
-        torch.testing.assert_close(self.p, self.p_ref, **tol, msg=lambda m: f"param {what}: {m}")
-        torch.testing.assert_close(self.m, self.m_ref, **tol, msg=lambda m: f"momentum {what}: {m}")
-        torch.testing.assert_close(compact.from_compact(self.F, self.n), self.F_ref, **tol,
-                                   msg=lambda m: f"curvature {what}: {m}")
-        torch.testing.assert_close(compact.from_compact(self.L, self.n), self.L_ref, **tol,
-                                   msg=lambda m: f"factor {what}: {m}")
-        assert self.s.tolist() == self.s_ref.tolist(), what
+def Pair(n, d, dtype):
+    """A bucket stepped by the reference and by the Triton fused step."""
+    return StepBucket(n, d, dtype, mt.mbf_step_, device=DEVICE, seed=4)
 
 
 # Steps 1-4 with T1 = 2, T2 = 3: first refresh + refactor, cached, refresh, refactor only...
@@ -121,14 +95,14 @@ def test_fused_step_matches_reference_on_every_branch(d, n, decoupled, dtype):
         pair.step(g.to(dtype), **hyper, **flags)
         exact.step(g, **hyper, **flags)
         if dtype == torch.float64:
-            pair.check(dtype, f"step {k + 1} {flags}")
+            pair.assert_matches(dtype, f"step {k + 1} {flags}")
         elif n:
             # float32 after a rank-deficient first curvature is ill-conditioned; as
             # flash-attention does, Triton must be no worse than 2x torch's own float32 error.
             ours = (pair.p.double() - exact.p_ref).abs().max()
             torchs = (pair.p_ref.double() - exact.p_ref).abs().max()
             assert ours <= 2 * torchs + 1e-6, (k, float(ours), float(torchs))
-            assert pair.s.tolist() == pair.s_ref.tolist()
+            assert pair.stats.tolist() == pair.stats_ref.tolist()
 
 
 def test_fused_step_non_finite_gradient_and_failed_factor():
@@ -141,11 +115,11 @@ def test_fused_step_non_finite_gradient_and_failed_factor():
     g = randn(n, d, dtype=torch.float64, seed=5).to(DEVICE)
     g[4, 1] = float("nan")
     pair.step(g, **hyper, **SCHEDULE[0])  # rank-1 blocks at damping 0: every factor fails
-    pair.check(torch.float64, "first step")
-    assert pair.s.tolist() == [1, n]  # the NaN block kept F = 0: its factor fails too
+    pair.assert_matches(torch.float64, "first step")
+    assert pair.stats.tolist() == [1, n]  # the NaN block kept F = 0: its factor fails too
     g2 = randn(n, d, dtype=torch.float64, seed=6).to(DEVICE)
     pair.step(g2, **dict(hyper, damping=0.1), **SCHEDULE[4])
-    pair.check(torch.float64, "second step")
+    pair.assert_matches(torch.float64, "second step")
 
 
 def test_optimizer_triton_backend_matches_torch_backend():
@@ -175,4 +149,4 @@ def test_fused_step_on_cuda_large_bucket():
                  decoupled_weight_decay=False)
     for k, flags in enumerate(SCHEDULE):
         pair.step(randn(100_000, 9, dtype=torch.float32, seed=k).cuda(), **hyper, **flags)
-    pair.check(torch.float32, "cuda")
+    pair.assert_matches(torch.float32, "cuda")
