@@ -23,7 +23,8 @@ import torch
 
 import mbf_kernels as mk
 from mbf_kernels import compact
-from mbf_kernels.benchmark import Row, bench_linalg, copy_bandwidth, environment, make_row, timed
+from mbf_kernels.benchmark import (OPS, Row, bench_linalg, copy_bandwidth, environment,
+                                   make_row, timed)
 from mbf_kernels.packed import tril_size
 
 DIMS = (4, 9, 10, 16, 25, 32)
@@ -32,13 +33,13 @@ QUICK_DIMS = (9, 25)
 QUICK_SIZES = (2**10, 2**14, 2**18)
 
 
-BASELINE = "torch cholesky+cholesky_solve"
+BASELINE = next(iter(OPS["solve_spd"].baselines))  # torch's Cholesky + cholesky_solve
 
 
 def bench_solve(d, n, dtype, roof_bw, budget_s) -> list[Row]:
     """solve_spd on the C++ kernels against torch's Cholesky + cholesky_solve."""
-    rows = bench_linalg("solve_spd", d, n, dtype, torch.device("cpu"), roof_bw, budget_s, ["cpu"])
-    return [r for r in rows if r.impl in (BASELINE, "mbf_kernels[cpu]")]
+    return bench_linalg("solve_spd", d, n, dtype, torch.device("cpu"), roof_bw, budget_s, ["cpu"],
+                        all_baselines=False)
 
 
 def bench_step(d, n, dtype, roof_bw, budget_s) -> list[Row]:

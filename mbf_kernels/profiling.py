@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from . import models
-from .benchmark import kernel_backends
+from .benchmark import kernel_backends, sync
 from .optim import MBF, ReferenceMBF
 
 __all__ = ["Variant", "ProfileResult", "variants", "profile_step", "PROFILE_MODELS"]
@@ -88,11 +88,6 @@ def _model_with_grads(model_name: str, batch_size: int, device: torch.device) ->
     return model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_step(model_name: str, device: torch.device, out: Path, *, batch_size: int = 32,
                  steps: int = 10, top: int = 8, mbf_options: dict | None = None,
                  only: list[str] | None = None, on_variant: Callable[[str], None] | None = None
@@ -114,18 +109,18 @@ def profile_step(model_name: str, device: torch.device, out: Path, *, batch_size
             q.grad = p.grad.clone()
         opt = var.make(model)
         opt.step()  # warm-up: state allocation, first curvature refresh and factorisation
-        _sync(device)
+        sync(device)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
             opt.step()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 with record_function("optimizer.step"):
                     opt.step()
-            _sync(device)
+            sync(device)
         slug = re.sub(r"[^a-z0-9]+", "_", var.name.lower()).strip("_")
         trace = out / f"trace_{slug}.json"
         prof.export_chrome_trace(str(trace))

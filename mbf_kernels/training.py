@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import models
+from .benchmark import sync
 from .data import Dataset
 from .optim import MBF
 from .optim.mbf import DEFAULTS as MBF_DEFAULTS
@@ -233,8 +234,7 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
             done += 1
             if budget_s is not None and elapsed + time.perf_counter() - start >= budget_s:
                 break
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         elapsed += time.perf_counter() - start
         lr_used = opt.param_groups[0]["lr"]
         if sched is not None:

@@ -78,7 +78,7 @@ class _Bucket:
     curvature: Tensor | None = None
     factor: Tensor | None = None
     stats: Tensor | None = None
-    step_backend: str | None = None  # 'cpu', 'torch' or 'triton': set at first step
+    step_fn: Callable | None = None  # the mbf_bucket_step_ serving it (at first step)
 
 
 @dataclass
@@ -283,9 +283,10 @@ class MBF(torch.optim.Optimizer):
             flags[id(unit)] = f
         return flags
 
-    def _backend(self, group: dict, bucket: _Bucket):
-        """The module serving ``mbf_bucket_step_`` for this bucket (chosen once)."""
-        if bucket.step_backend is None:
+    def _bucket_step_fn(self, group: dict, bucket: _Bucket) -> Callable:
+        """The ``mbf_bucket_step_`` serving this bucket (chosen once; a plain function, which
+        deep-copies with the optimizer where a module would not)."""
+        if bucket.step_fn is None:
             if group["backend"] == "triton":
                 # The Triton fused step is only reached by name until it has been run on a GPU
                 # (issue 4); "auto" keeps to the tested paths.
@@ -300,12 +301,8 @@ class MBF(torch.optim.Optimizer):
                 module = reference
             stats_device = "cpu" if module is _extension else bucket.device
             bucket.stats = torch.zeros(2, dtype=torch.int64, device=stats_device)
-            # A name, not the module: buckets are deep-copied with the optimizer.
-            bucket.step_backend = ("cpu" if module is _extension else
-                                   "torch" if module is reference else "triton")
-        if bucket.step_backend == "triton":
-            return _triton_step_module(bucket.device)
-        return _extension if bucket.step_backend == "cpu" else reference
+            bucket.step_fn = module.mbf_bucket_step_
+        return bucket.step_fn
 
     def _step_bucket(self, group: dict, bucket: _Bucket, flags: dict[int, int]) -> None:
         index: dict[int, int] = {}
@@ -341,7 +338,7 @@ class MBF(torch.optim.Optimizer):
             segments += [main, tail, seg.n_blocks, seg.offset, seg.width, seg.row_stride, tile0, f]
         if not segments:
             return
-        self._backend(group, bucket).mbf_bucket_step_(
+        self._bucket_step_fn(group, bucket)(
             params, grads, momenta, bucket.curvature, bucket.factor, bucket.stats, segments,
             lr=group["lr"], momentum_coef=group["momentum"], beta=group["beta"],
             damping=group["damping"], weight_decay=group["weight_decay"],
