@@ -8,6 +8,10 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
+#include "mbf/batched.h"
+
 namespace mbf {
 namespace ops {
 
@@ -42,6 +46,199 @@ inline void check_vectors(const at::Tensor& G, const at::Tensor& F) {
               "mbf_kernels: G must have shape (", F.size(0), ", S, ",
               F.size(1), ") with S >= 1, got ", G.sizes());
   check_like(G, F, "G");
+}
+
+
+// A compact state tensor (ceil(N/16), d(d+1)/2, 16) for N blocks of size d.
+inline void check_compact(const at::Tensor& C, int64_t n, int64_t d, const char* name) {
+  const int64_t tiles = (n + kCompactTile - 1) / kCompactTile;
+  TORCH_CHECK(C.dim() == 3 && C.size(0) == tiles && C.size(1) == d * (d + 1) / 2 &&
+                  C.size(2) == kCompactTile,
+              "mbf_kernels: ", name, " must have the compact shape (", tiles, ", ",
+              d * (d + 1) / 2, ", ", kCompactTile, ") for ", n, " blocks of size ", d,
+              ", got ", C.sizes());
+  TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
+              "mbf_kernels: ", name, " must be float32 or float64, got ", C.scalar_type());
+}
+
+// The smallest d with d(d+1)/2 >= tri: the block size of a compact tensor with tri rows.
+inline int64_t tri_dim(int64_t tri) {
+  int64_t d = 0;
+  while (d * (d + 1) / 2 < tri) ++d;
+  return d;
+}
+
+// The step's counters: int64 (2,), contiguous, on `device` (the CPU ops add to them on the
+// host, the CUDA ones with device atomics).
+inline void check_stats(const at::Tensor& stats, const at::Device& device) {
+  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
+                  stats.device() == device,
+              "mbf_kernels: stats must be a contiguous int64 tensor of 2 counters on ", device,
+              ", got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
+}
+
+// The compact ops' arguments. Each returns the block size d.
+// compact_outer_ema_: F compact (updated in place, contiguous), G (N, d).
+inline int64_t check_compact_outer_ema(const at::Tensor& F, const at::Tensor& G) {
+  TORCH_CHECK(G.dim() == 2, "mbf_kernels: G must have shape (N, d), got ", G.sizes());
+  check_compact(F, G.size(0), G.size(1), "F");
+  check_like(G, F, "G");
+  TORCH_CHECK(F.is_contiguous(), "mbf_kernels: F is updated in place and must be contiguous");
+  return G.size(1);
+}
+
+// compact_cholesky_ex: F compact for n blocks.
+inline int64_t check_compact_cholesky(const at::Tensor& F, int64_t n) {
+  TORCH_CHECK(F.dim() == 3, "mbf_kernels: F must be a compact tensor, got ", F.sizes());
+  const int64_t d = tri_dim(F.size(1));
+  check_compact(F, n, d, "F");
+  return d;
+}
+
+// compact_solve: factor compact, B (N, d).
+inline int64_t check_compact_solve(const at::Tensor& factor, const at::Tensor& B) {
+  TORCH_CHECK(B.dim() == 2, "mbf_kernels: B must have shape (N, d), got ", B.sizes());
+  check_compact(factor, B.size(0), B.size(1), "factor");
+  check_like(B, factor, "B");
+  return B.size(1);
+}
+
+// mbf_step_'s arguments: param, grad, momentum (N, d); curvature and factor compact; the
+// in-place ones contiguous. Returns d.
+inline int64_t check_step(const at::Tensor& param, const at::Tensor& grad,
+                          const at::Tensor& momentum, const at::Tensor& curvature,
+                          const at::Tensor& factor) {
+  TORCH_CHECK(param.dim() == 2, "mbf_kernels: param must have shape (N, d), got ",
+              param.sizes());
+  const int64_t n = param.size(0), d = param.size(1);
+  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
+              "mbf_kernels: param must be float32 or float64, got ", param.scalar_type());
+  for (const at::Tensor* t : {&grad, &momentum}) {
+    TORCH_CHECK(t->sizes() == param.sizes(), "mbf_kernels: grad and momentum must have shape ",
+                param.sizes(), ", got ", t->sizes());
+  }
+  check_compact(curvature, n, d, "curvature");
+  check_compact(factor, n, d, "factor");
+  check_like(grad, param, "grad");
+  check_like(momentum, param, "momentum");
+  check_like(curvature, param, "curvature");
+  check_like(factor, param, "factor");
+  for (const at::Tensor* t : {&param, &momentum, &curvature, &factor}) {
+    TORCH_CHECK(t->is_contiguous(), "mbf_kernels: mbf_step_ updates its state in place, which "
+                "must be contiguous");
+  }
+  return d;
+}
+
+// mbf_step_'s (N, d) arrays as the one segment of a bucket: contiguous rows.
+template <typename T>
+StepSegment<T> whole_segment(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum,
+                             const StepFlags& flags) {
+  const int64_t n = param.size(0), d = param.size(1);
+  return {param.mutable_data_ptr<T>(), grad.const_data_ptr<T>(), momentum.mutable_data_ptr<T>(),
+          nullptr, nullptr, nullptr, n, d, 0, static_cast<int>(d), flags};
+}
+
+// ints per segment in mbf_bucket_step_'s `segments` (schema in registration.cpp).
+inline constexpr int kSegmentFields = 8;
+
+// mbf_bucket_step_'s tensors: curvature/factor compact and contiguous, params/grads/momenta
+// alike in dtype and device, the in-place ones contiguous. Returns d.
+inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::TensorList momenta,
+                            const at::Tensor& curvature, const at::Tensor& factor,
+                            const at::Tensor& stats) {
+  TORCH_CHECK(curvature.dim() == 3 && curvature.size(2) == kCompactTile,
+              "mbf_kernels: curvature must be a compact tensor (tiles, d(d+1)/2, ", kCompactTile,
+              "), got ", curvature.sizes());
+  const int64_t tri = curvature.size(1);
+  const int64_t d = tri_dim(tri);
+  TORCH_CHECK(d >= 1 && d * (d + 1) / 2 == tri, "mbf_kernels: curvature has ", tri,
+              " rows per tile, not a triangle number d(d+1)/2");
+  TORCH_CHECK(factor.sizes() == curvature.sizes(), "mbf_kernels: factor must have shape ",
+              curvature.sizes(), ", got ", factor.sizes());
+  TORCH_CHECK(curvature.scalar_type() == at::kFloat || curvature.scalar_type() == at::kDouble,
+              "mbf_kernels: curvature must be float32 or float64, got ", curvature.scalar_type());
+  check_like(factor, curvature, "factor");
+  TORCH_CHECK(curvature.is_contiguous() && factor.is_contiguous(),
+              "mbf_kernels: curvature and factor are updated in place and must be contiguous");
+  check_stats(stats, curvature.device());
+  TORCH_CHECK(grads.size() == params.size() && momenta.size() == params.size(),
+              "mbf_kernels: params, grads and momenta must have the same length, got ",
+              params.size(), ", ", grads.size(), ", ", momenta.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    check_like(p, curvature, "params[i]");
+    check_like(grads[i], curvature, "grads[i]");
+    check_like(momenta[i], curvature, "momenta[i]");
+    TORCH_CHECK(grads[i].sizes() == p.sizes() && momenta[i].sizes() == p.sizes(),
+                "mbf_kernels: grads[", i, "] and momenta[", i, "] must have shape ", p.sizes(),
+                ", got ", grads[i].sizes(), " and ", momenta[i].sizes());
+    TORCH_CHECK(p.is_contiguous() && momenta[i].is_contiguous(), "mbf_kernels: params[", i,
+                "] and momenta[", i, "] are updated in place and must be contiguous");
+  }
+  return d;
+}
+
+// The segments of a bucket step, checked, with pointers into params / grads (contiguous) /
+// momenta; segments without blocks are dropped. `*tiles_used` is the end of the last
+// segment's tiles.
+template <typename T>
+std::vector<StepSegment<T>> parse_segments(at::TensorList params,
+                                           const std::vector<at::Tensor>& grads,
+                                           at::TensorList momenta, at::IntArrayRef segments,
+                                           int64_t d, int64_t tiles, int64_t* tiles_used) {
+  TORCH_CHECK(segments.size() % kSegmentFields == 0, "mbf_kernels: segments must hold ",
+              kSegmentFields, " ints per segment, got ", segments.size());
+  const int64_t n_segments = static_cast<int64_t>(segments.size()) / kSegmentFields;
+  const auto n_tensors = static_cast<int64_t>(params.size());
+  std::vector<StepSegment<T>> out;
+  out.reserve(n_segments);
+  int64_t next_free_tile = 0;
+  for (int64_t s = 0; s < n_segments; ++s) {
+    const int64_t* f = segments.data() + s * kSegmentFields;
+    const int64_t main = f[0], tail = f[1], n = f[2], col = f[3], width = f[4], stride = f[5],
+                  tile_offset = f[6], flag_bits = f[7];
+    TORCH_CHECK(main >= 0 && main < n_tensors && tail >= -1 && tail < n_tensors,
+                "mbf_kernels: segment ", s, " names tensor ", main, " / ", tail, " of ",
+                n_tensors);
+    TORCH_CHECK(width + (tail >= 0 ? 1 : 0) == d, "mbf_kernels: segment ", s, " has blocks of ",
+                width, (tail >= 0 ? " + 1" : ""), " values, the bucket ", d);
+    TORCH_CHECK(n >= 0 && col >= 0 && stride >= width, "mbf_kernels: segment ", s,
+                " has a bad layout (n ", n, ", offset ", col, ", stride ", stride, ")");
+    TORCH_CHECK(n == 0 || col + (n - 1) * stride + width <= params[main].numel(),
+                "mbf_kernels: segment ", s, " reaches past the end of params[", main, "]");
+    TORCH_CHECK(tail < 0 || params[tail].numel() >= n, "mbf_kernels: segment ", s, " needs ", n,
+                " tail values, params[", tail, "] has ", tail < 0 ? 0 : params[tail].numel());
+    const int64_t seg_tiles = (n + kCompactTile - 1) / kCompactTile;
+    TORCH_CHECK(tile_offset >= next_free_tile && tile_offset + seg_tiles <= tiles,
+                "mbf_kernels: segment ", s, " owns tiles [", tile_offset, ", ",
+                tile_offset + seg_tiles, "), which overlap the previous segment's or exceed ",
+                "the ", tiles, " tiles of the state");
+    TORCH_CHECK(flag_bits >= 0 && flag_bits < 8 && (flag_bits & 2) <= 2 * (flag_bits & 1),
+                "mbf_kernels: segment ", s, " has bad flags ", flag_bits,
+                " (1: update curvature, 2: first update, which needs 1, 4: refactor)");
+    next_free_tile = tile_offset + seg_tiles;
+    if (n == 0) continue;
+    auto ptr = [](const at::Tensor& t) { return t.template mutable_data_ptr<T>(); };
+    auto cptr = [](const at::Tensor& t) { return t.template const_data_ptr<T>(); };
+    const bool has_tail = tail >= 0;
+    out.push_back(StepSegment<T>{
+        ptr(params[main]) + col, cptr(grads[main]) + col, ptr(momenta[main]) + col,
+        has_tail ? ptr(params[tail]) : nullptr, has_tail ? cptr(grads[tail]) : nullptr,
+        has_tail ? ptr(momenta[tail]) : nullptr, n, stride, tile_offset,
+        static_cast<int>(width),
+        StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0, (flag_bits & 4) != 0}});
+  }
+  *tiles_used = next_free_tile;
+  return out;
+}
+
+// grads made contiguous (kept alive by the caller while the kernels read them).
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
 }
 
 }  // namespace ops

@@ -106,7 +106,8 @@ def outer_ema_(F: Tensor, G: Tensor, beta: float, *, backend: str = "auto") -> T
     beta = v.check_unit_interval(fn, "beta", beta)
     if not F.is_contiguous():
         raise ValueError(f"{fn}: F is updated in place and must be contiguous")
-    select(backend, F.device, differentiable=False, fn=fn).compact_outer_ema_(F, G, beta)
+    select(backend, F.device, differentiable=False, fn=fn, d=G.shape[1],
+           step=True).compact_outer_ema_(F, G, beta)
     return F
 
 
@@ -122,10 +123,11 @@ def cholesky_ex(F: Tensor, n_blocks: int, damping: float = 0.0, *,
     fn = "mbf_kernels.compact.cholesky_ex"
     if F.ndim != 3:
         raise ValueError(f"{fn}: F must be a compact tensor (tiles, T, 16), got {tuple(F.shape)}")
-    _check_compact(fn, "F", F, n_blocks, tril_dim(F.shape[1]))
+    d = tril_dim(F.shape[1])
+    _check_compact(fn, "F", F, n_blocks, d)
     damping = v.check_nonnegative(fn, "damping", damping)
-    return select(backend, F.device, differentiable=False, fn=fn).compact_cholesky_ex(
-        F, n_blocks, damping)
+    return select(backend, F.device, differentiable=False, fn=fn, d=d,
+                  step=True).compact_cholesky_ex(F, n_blocks, damping)
 
 
 def solve(factor: Tensor, B: Tensor, *, backend: str = "auto") -> Tensor:
@@ -135,4 +137,5 @@ def solve(factor: Tensor, B: Tensor, *, backend: str = "auto") -> Tensor:
     fn = "mbf_kernels.compact.solve"
     _check_rows(fn, "B", B, "factor", factor)
     _check_compact(fn, "factor", factor, B.shape[0], B.shape[1])
-    return select(backend, factor.device, differentiable=False, fn=fn).compact_solve(factor, B)
+    return select(backend, factor.device, differentiable=False, fn=fn, d=B.shape[1],
+                  step=True).compact_solve(factor, B)

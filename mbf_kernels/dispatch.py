@@ -5,18 +5,24 @@ Backends:
 ``torch``   the plain-PyTorch reference (:mod:`mbf_kernels.reference`); always available,
             the only differentiable one, and the oracle for the others.
 ``cpu``     the C++ kernels of the compiled extension, on CPU tensors.
-``cuda``    the CUDA kernels of the compiled extension, on CUDA tensors.
-``triton``  fused Triton kernels, on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
+``cuda``    the CUDA kernels of the compiled extension, on CUDA tensors (the fused step and the
+            compact ops up to d = 64, the dense ops for any d).
+``triton``  fused Triton kernels for d <= TRITON_MAX_D, on CUDA tensors (or on CPU tensors in
+            Triton's interpreter, TRITON_INTERPRET=1: how CI tests them).
 
-``"auto"`` picks, for CUDA tensors, Triton, then the CUDA extension, then torch; for CPU
-tensors the C++ kernels, then torch; and torch whenever autograd has to flow through the call.
-It never fails where the torch reference would work. An explicitly requested backend that
-cannot serve the call raises, naming the reason.
+``"auto"`` picks, for CUDA tensors, Triton where it covers the block size, then the CUDA
+extension where it does, then torch; for CPU tensors the C++ kernels, then torch (never the
+interpreter); and torch whenever autograd has to flow through the call. It never fails where
+the torch reference would work. An explicitly requested backend that cannot serve the call
+raises, naming the reason.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -26,6 +32,13 @@ from . import _extension, reference
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 CHOICES = ("auto", *BACKEND_NAMES)
+
+#: Largest block size of the Triton kernels: they unroll everything over d at compile time, so
+#: compile time and registers grow as d^3 and d^2 (mbf_kernels.triton.kernels).
+TRITON_MAX_D = 16
+#: Largest block size of the CUDA kernels' fused step and compact ops (their generic path keeps
+#: vectors in local arrays of this size: csrc/include/mbf/compact_block.h kMaxGenericDim).
+CUDA_STEP_MAX_D = 64
 
 
 @dataclass(frozen=True)
@@ -37,17 +50,25 @@ class BackendStatus:
     detail: str
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_status() -> BackendStatus:
+    # No import of triton here (seconds, and it must follow TRITON_INTERPRET): its metadata says
+    # whether it is installed.
     if importlib.util.find_spec("triton") is None:
         return BackendStatus("triton", False, "triton is not installed")
-    # Triton kernels exist for the optimizer's fused step and compact ops only (reached with
-    # MBF(backend="triton")); the dense linalg API has none yet, so it reports unavailable.
-    import triton
-
-    return BackendStatus(
-        "triton", False, f"triton {triton.__version__}: kernels for MBF(backend='triton') and "
-        "mbf_kernels.triton only; none yet for the linalg API"
-    )
+    version = importlib.metadata.version("triton")
+    if triton_interpreted():
+        return BackendStatus("triton", True, f"triton {version} in its CPU interpreter "
+                             f"(TRITON_INTERPRET=1; for tests), d <= {TRITON_MAX_D}")
+    if not torch.cuda.is_available():
+        return BackendStatus("triton", False, f"triton {version}: no CUDA device visible "
+                             "(TRITON_INTERPRET=1 runs the kernels in its CPU interpreter)")
+    return BackendStatus("triton", True, f"triton {version} kernels, d <= {TRITON_MAX_D}, on "
+                         f"{torch.cuda.get_device_name()}")
 
 
 def _cuda_status() -> BackendStatus:
@@ -83,6 +104,8 @@ def _status() -> dict[str, BackendStatus]:
             cuda=_cuda_status(),
             triton=_triton_status(),
         )
+        if _STATUS["triton"].available:
+            module("triton")
     return _STATUS
 
 
@@ -96,11 +119,30 @@ def _serves_device(name: str, device: torch.device) -> bool:
         return True
     if name == "cpu":
         return device.type == "cpu"
+    if name == "triton" and triton_interpreted():
+        return device.type in ("cuda", "cpu")
     return device.type == "cuda"
 
 
-def select(backend: str, device: torch.device, *, differentiable: bool, fn: str) -> ModuleType:
-    """The module whose flat-batch functions serve a call (see :mod:`mbf_kernels.reference`)."""
+def max_block_size(name: str, *, step: bool = False) -> int | None:
+    """Largest block size ``name`` takes (None: any); ``step``: for the fused step and the
+    compact ops rather than the dense linalg ops."""
+    if name == "triton":
+        return TRITON_MAX_D
+    if name == "cuda" and step:
+        return CUDA_STEP_MAX_D
+    return None
+
+
+def _covers(name: str, d: int | None, step: bool) -> bool:
+    limit = max_block_size(name, step=step)
+    return d is None or limit is None or d <= limit
+
+
+def select(backend: str, device: torch.device, *, differentiable: bool, fn: str,
+           d: int | None = None, step: bool = False) -> ModuleType:
+    """The module whose flat-batch functions serve a call (see :mod:`mbf_kernels.reference`)
+    on blocks of size ``d`` (``step``: the fused step or a compact op)."""
     if backend not in CHOICES:
         raise ValueError(f"{fn}: backend must be one of {CHOICES}, got {backend!r}")
     if backend == "auto":
@@ -109,8 +151,9 @@ def select(backend: str, device: torch.device, *, differentiable: bool, fn: str)
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         status = _status()
         for name in order:
-            if status[name].available and _serves_device(name, device):
-                return _MODULES[name]
+            if (status[name].available and _serves_device(name, device)
+                    and _covers(name, d, step)):
+                return module(name)
         return reference
     if backend == "torch":
         return reference
@@ -119,12 +162,28 @@ def select(backend: str, device: torch.device, *, differentiable: bool, fn: str)
         raise RuntimeError(f"{fn}: backend {backend!r} is not available: {status.detail}")
     if not _serves_device(backend, device):
         raise ValueError(f"{fn}: backend {backend!r} cannot run on {device.type} tensors")
+    if not _covers(backend, d, step):
+        raise ValueError(f"{fn}: backend {backend!r} takes blocks up to d = "
+                         f"{max_block_size(backend, step=step)}, got d = {d}; backend='auto' "
+                         "picks a backend per block size")
     if differentiable:
         raise RuntimeError(
             f"{fn}: backend {backend!r} is not differentiable; use backend='torch' "
             "(or 'auto') when gradients must flow through this call"
         )
-    return _MODULES[backend]
+    return module(backend)
 
 
+_MODULE_NAMES = {"torch": "mbf_kernels.reference", "cpu": "mbf_kernels._extension",
+                 "cuda": "mbf_kernels._extension", "triton": "mbf_kernels.triton.ops"}
 _MODULES: dict[str, ModuleType] = {"torch": reference, "cpu": _extension, "cuda": _extension}
+
+
+def module(name: str) -> ModuleType:
+    """The flat-batch functions of backend ``name``: a dict lookup, which torch.compile traces
+    without a graph break. The Triton ones are imported with the backends' status (importing
+    Triton takes a while, so not before a backend is asked for)."""
+    loaded = _MODULES.get(name)
+    if loaded is None:
+        loaded = _MODULES[name] = importlib.import_module(_MODULE_NAMES[name])
+    return loaded

@@ -53,8 +53,8 @@ def cholesky_ex(
     fn = "mbf_kernels.linalg.cholesky_ex"
     v.check_matrix_batch(fn, "A", A)
     damping = v.check_nonnegative(fn, "damping", damping)
-    impl = select(backend, A.device, differentiable=_needs_grad(A), fn=fn)
     d = A.shape[-1]
+    impl = select(backend, A.device, differentiable=_needs_grad(A), fn=fn, d=d)
     L, info = impl.cholesky_ex(A.reshape(-1, d, d).contiguous(), damping)
     L, info = L.reshape(A.shape), info.reshape(A.shape[:-2])
     if check_errors:
@@ -104,7 +104,7 @@ def cholesky_solve(B: Tensor, L: Tensor, *, backend: str = "auto") -> Tensor:
     fn = "mbf_kernels.linalg.cholesky_solve"
     v.check_matrix_batch(fn, "L", L)
     Bm, vector = _as_rhs(fn, B, L, "L")
-    impl = select(backend, L.device, differentiable=_needs_grad(B, L), fn=fn)
+    impl = select(backend, L.device, differentiable=_needs_grad(B, L), fn=fn, d=L.shape[-1])
     L3, B3, batch = _flat_pair(fn, L, Bm, "L")
     X = impl.cholesky_solve(B3, L3).reshape(*batch, *Bm.shape[-2:])
     return X.squeeze(-1) if vector else X
@@ -120,7 +120,7 @@ def solve_spd(A: Tensor, B: Tensor, damping: float = 0.0, *, backend: str = "aut
     v.check_matrix_batch(fn, "A", A)
     Bm, vector = _as_rhs(fn, B, A, "A")
     damping = v.check_nonnegative(fn, "damping", damping)
-    impl = select(backend, A.device, differentiable=_needs_grad(A, B), fn=fn)
+    impl = select(backend, A.device, differentiable=_needs_grad(A, B), fn=fn, d=A.shape[-1])
     A3, B3, batch = _flat_pair(fn, A, Bm, "A")
     X, info = impl.solve_spd_ex(A3, B3, damping)
     _raise_if_failed(fn, info.reshape(batch))
@@ -136,8 +136,8 @@ def inv_spd(A: Tensor, damping: float = 0.0, *, backend: str = "auto") -> Tensor
     fn = "mbf_kernels.linalg.inv_spd"
     v.check_matrix_batch(fn, "A", A)
     damping = v.check_nonnegative(fn, "damping", damping)
-    impl = select(backend, A.device, differentiable=_needs_grad(A), fn=fn)
     d = A.shape[-1]
+    impl = select(backend, A.device, differentiable=_needs_grad(A), fn=fn, d=d)
     Ainv, info = impl.inv_spd_ex(A.reshape(-1, d, d).contiguous(), damping)
     _raise_if_failed(fn, info.reshape(A.shape[:-2]))
     return Ainv.reshape(A.shape)
@@ -173,7 +173,7 @@ def outer_ema_(F: Tensor, G: Tensor, beta: float, *, backend: str = "auto") -> T
             f"{fn}: the batch dimensions of G {tuple(G.shape[:-2])} must broadcast to those "
             f"of F {tuple(batch)} (F is updated in place)"
         )
-    impl = select(backend, F.device, differentiable=_needs_grad(F, G), fn=fn)
+    impl = select(backend, F.device, differentiable=_needs_grad(F, G), fn=fn, d=d)
     S = G.shape[-2]
     G3 = G.expand(*batch, S, d).reshape(-1, S, d).contiguous()
     if F.is_contiguous():

@@ -11,6 +11,9 @@ import torch
 # when a kernel is defined, so it is set before any test imports mbf_kernels.triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton 3.9 warns once per process until this is chosen; 1 keeps its current default (fused
+# multiply-adds), which the tolerances here allow for.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import mbf_kernels as mk
 
@@ -47,16 +50,36 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def compiled_backends() -> list:
-    """pytest params for every non-reference backend that can run on CPU tensors here."""
+def compiled_backends(*, covering: int | None = None) -> list:
+    """pytest params for every non-reference backend that can run on CPU tensors here: the C++
+    kernels, and the Triton kernels in Triton's interpreter (set above when there is no GPU);
+    with ``covering``, only those whose fused step takes blocks up to that size."""
+    from mbf_kernels import dispatch
+
     status = mk.backends()
     params = []
-    for name in ("cpu",):
+    for name in ("cpu", "triton"):
+        if covering is not None and not covers(name, covering, step=True):
+            continue
         s = status[name]
-        params.append(
-            pytest.param(name, marks=pytest.mark.skipif(not s.available, reason=s.detail), id=name)
-        )
+        runs = s.available and dispatch._serves_device(name, torch.device("cpu"))
+        params.append(pytest.param(name, marks=pytest.mark.skipif(not runs, reason=s.detail),
+                                   id=name))
     return params
+
+
+def covers(backend: str, d: int, *, step: bool = False) -> bool:
+    """Whether ``backend`` takes blocks of size d (the Triton kernels stop at TRITON_MAX_D)."""
+    from mbf_kernels import dispatch
+
+    limit = dispatch.max_block_size(backend, step=step)
+    return limit is None or d <= limit
+
+
+def assert_refuses_block_size(backend: str, d: int, call) -> None:
+    """An explicitly chosen backend refuses a block size it does not cover, naming its limit."""
+    with pytest.raises(ValueError, match=rf"backend '{backend}' takes blocks up to d = \d+, got d = {d}"):
+        call()
 
 
 def assert_close_fp64_anchored(ours, theirs, exact, *, factor: float = 2.0, what: str = ""):

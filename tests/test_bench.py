@@ -1,4 +1,4 @@
-"""The CPU benchmark script end to end at toy size: it runs, checks its answers, writes its files."""
+"""The benchmark scripts end to end at toy size: they run, check their answers, write their files."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 import mbf_kernels as mk
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_cpu_kernels.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
 
 
 @pytest.mark.skipif(not mk.backends()["cpu"].available, reason="C++ kernels not built")
-def test_bench_cpu_kernels_toy(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", BENCH)
+def test_bench_kernels_toy(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)

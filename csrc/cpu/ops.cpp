@@ -147,33 +147,8 @@ void outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
   if (!in_place) F.copy_(Fc);
 }
 
-// A compact state tensor (ceil(N/16), d(d+1)/2, 16) for N blocks of size d.
-void check_compact(const at::Tensor& C, int64_t n, int64_t d, const char* name) {
-  const int64_t tiles = (n + cpu::kCompactTile - 1) / cpu::kCompactTile;
-  TORCH_CHECK(C.dim() == 3 && C.size(0) == tiles && C.size(1) == d * (d + 1) / 2 &&
-                  C.size(2) == cpu::kCompactTile,
-              "mbf_kernels: ", name, " must have the compact shape (", tiles, ", ",
-              d * (d + 1) / 2, ", ", cpu::kCompactTile, ") for ", n, " blocks of size ", d,
-              ", got ", C.sizes());
-  TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
-              "mbf_kernels: ", name, " must be float32 or float64, got ", C.scalar_type());
-}
-
 // Compact tiles per parallel task.
-int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / cpu::kCompactTile; }
-
-// The smallest d with d(d+1)/2 >= tri: the block size of a compact tensor with tri rows.
-int64_t tri_dim(int64_t tri) {
-  int64_t d = 0;
-  while (d * (d + 1) / 2 < tri) ++d;
-  return d;
-}
-
-void check_stats(const at::Tensor& stats) {
-  TORCH_CHECK(stats.scalar_type() == at::kLong && stats.numel() == 2 && stats.is_contiguous() &&
-                  stats.device().is_cpu(),
-              "mbf_kernels: stats must be a contiguous int64 CPU tensor of 2 counters");
-}
+int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / kCompactTile; }
 
 // The fused step over compact tiles [0, n_tiles) of the segments, split across threads;
 // adds the counters to stats ([skipped curvature blocks, failed factorisations]).
@@ -197,141 +172,40 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
                   double momentum_coef, double beta, double damping, double weight_decay,
                   bool decoupled_weight_decay, bool update_curvature, bool first_curvature,
                   bool refactor) {
-  TORCH_CHECK(param.dim() == 2, "mbf_kernels: param must have shape (N, d), got ",
-              param.sizes());
-  const int64_t n = param.size(0);
-  const int64_t d = param.size(1);
-  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
-              "mbf_kernels: param must be float32 or float64, got ", param.scalar_type());
-  for (const at::Tensor* t : {&grad, static_cast<const at::Tensor*>(&momentum)}) {
-    TORCH_CHECK(t->sizes() == param.sizes(), "mbf_kernels: grad and momentum must have shape ",
-                param.sizes(), ", got ", t->sizes());
-  }
-  check_compact(curvature, n, d, "curvature");
-  check_compact(factor, n, d, "factor");
-  check_like(grad, param, "grad");
-  check_like(momentum, param, "momentum");
-  check_like(curvature, param, "curvature");
-  check_like(factor, param, "factor");
-  for (const auto* t : {&param, &momentum, &curvature, &factor}) {
-    TORCH_CHECK(t->is_contiguous(), "mbf_kernels: mbf_step_ updates its state in place, which "
-                "must be contiguous");
-  }
-  check_stats(stats);
+  const int64_t d = check_step(param, grad, momentum, curvature, factor);
+  check_stats(stats, param.device());
   const auto g = grad.contiguous();
-  const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
-                            decoupled_weight_decay};
-  const cpu::StepFlags flags{update_curvature, first_curvature, refactor};
+  const StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay};
+  const StepFlags flags{update_curvature, first_curvature, refactor};
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "mbf_step_cpu", [&] {
-    // The whole (N, d) array is one segment of contiguous rows.
-    const std::vector<cpu::StepSegment<scalar_t>> whole{
-        {param.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-         momentum.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, n, d, 0,
-         static_cast<int>(d), flags}};
+    const std::vector<StepSegment<scalar_t>> whole{
+        whole_segment<scalar_t>(param, g, momentum, flags)};
     run_step<scalar_t>(whole, curvature.mutable_data_ptr<scalar_t>(),
                        factor.mutable_data_ptr<scalar_t>(), d, curvature.size(0), cfg, stats);
   });
 }
 
-// The step for a whole bucket: `segments` holds kSegmentFields ints per segment (see
-// registration.cpp); the tensors it indexes are params[i] / grads[i] / momenta[i].
-constexpr int kSegmentFields = 8;
-
+// The step for a whole bucket (segments: see registration.cpp).
 void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                          at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats,
                          at::IntArrayRef segments, double lr, double momentum_coef, double beta,
                          double damping, double weight_decay, bool decoupled_weight_decay) {
-  TORCH_CHECK(curvature.dim() == 3 && curvature.size(2) == cpu::kCompactTile,
-              "mbf_kernels: curvature must be a compact tensor (tiles, d(d+1)/2, ",
-              cpu::kCompactTile, "), got ", curvature.sizes());
-  const int64_t tiles = curvature.size(0), tri = curvature.size(1);
-  const int64_t d = tri_dim(tri);
-  TORCH_CHECK(d >= 1 && d * (d + 1) / 2 == tri, "mbf_kernels: curvature has ", tri,
-              " rows per tile, not a triangle number d(d+1)/2");
-  TORCH_CHECK(factor.sizes() == curvature.sizes(), "mbf_kernels: factor must have shape ",
-              curvature.sizes(), ", got ", factor.sizes());
-  TORCH_CHECK(curvature.scalar_type() == at::kFloat || curvature.scalar_type() == at::kDouble,
-              "mbf_kernels: curvature must be float32 or float64, got ", curvature.scalar_type());
-  check_like(factor, curvature, "factor");
-  TORCH_CHECK(curvature.is_contiguous() && factor.is_contiguous(),
-              "mbf_kernels: curvature and factor are updated in place and must be contiguous");
-  check_stats(stats);
-  TORCH_CHECK(grads.size() == params.size() && momenta.size() == params.size(),
-              "mbf_kernels: params, grads and momenta must have the same length, got ",
-              params.size(), ", ", grads.size(), ", ", momenta.size());
-  std::vector<at::Tensor> grads_c;
-  grads_c.reserve(grads.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    check_like(p, curvature, "params[i]");
-    check_like(grads[i], curvature, "grads[i]");
-    check_like(momenta[i], curvature, "momenta[i]");
-    TORCH_CHECK(grads[i].sizes() == p.sizes() && momenta[i].sizes() == p.sizes(),
-                "mbf_kernels: grads[", i, "] and momenta[", i, "] must have shape ", p.sizes(),
-                ", got ", grads[i].sizes(), " and ", momenta[i].sizes());
-    TORCH_CHECK(p.is_contiguous() && momenta[i].is_contiguous(), "mbf_kernels: params[", i,
-                "] and momenta[", i, "] are updated in place and must be contiguous");
-    grads_c.push_back(grads[i].contiguous());
-  }
-  TORCH_CHECK(segments.size() % kSegmentFields == 0, "mbf_kernels: segments must hold ",
-              kSegmentFields, " ints per segment, got ", segments.size());
-  const int64_t n_segments = static_cast<int64_t>(segments.size()) / kSegmentFields;
-  const auto n_tensors = static_cast<int64_t>(params.size());
+  const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
+  const auto grads_c = contiguous_all(grads);
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
-    using Seg = cpu::StepSegment<scalar_t>;
-    std::vector<Seg> segs;
-    segs.reserve(n_segments);
-    int64_t next_free_tile = 0;
-    for (int64_t s = 0; s < n_segments; ++s) {
-      const int64_t* f = segments.data() + s * kSegmentFields;
-      const int64_t main = f[0], tail = f[1], n = f[2], col = f[3], width = f[4],
-                    stride = f[5], tile_offset = f[6], flag_bits = f[7];
-      TORCH_CHECK(main >= 0 && main < n_tensors && tail >= -1 && tail < n_tensors,
-                  "mbf_kernels: segment ", s, " names tensor ", main, " / ", tail, " of ",
-                  n_tensors);
-      TORCH_CHECK(width + (tail >= 0 ? 1 : 0) == d, "mbf_kernels: segment ", s,
-                  " has blocks of ", width, (tail >= 0 ? " + 1" : ""), " values, the bucket ",
-                  d);
-      TORCH_CHECK(n >= 0 && col >= 0 && stride >= width, "mbf_kernels: segment ", s,
-                  " has a bad layout (n ", n, ", offset ", col, ", stride ", stride, ")");
-      TORCH_CHECK(n == 0 || col + (n - 1) * stride + width <= params[main].numel(),
-                  "mbf_kernels: segment ", s, " reaches past the end of params[", main, "]");
-      TORCH_CHECK(tail < 0 || params[tail].numel() >= n, "mbf_kernels: segment ", s,
-                  " needs ", n, " tail values, params[", tail, "] has ",
-                  tail < 0 ? 0 : params[tail].numel());
-      const int64_t seg_tiles = (n + cpu::kCompactTile - 1) / cpu::kCompactTile;
-      TORCH_CHECK(tile_offset >= next_free_tile && tile_offset + seg_tiles <= tiles,
-                  "mbf_kernels: segment ", s, " owns tiles [", tile_offset, ", ",
-                  tile_offset + seg_tiles, "), which overlap the previous segment's or exceed ",
-                  "the ", tiles, " tiles of the state");
-      TORCH_CHECK(flag_bits >= 0 && flag_bits < 8 && (flag_bits & 2) <= 2 * (flag_bits & 1),
-                  "mbf_kernels: segment ", s, " has bad flags ", flag_bits,
-                  " (1: update curvature, 2: first update, which needs 1, 4: refactor)");
-      next_free_tile = tile_offset + seg_tiles;
-      auto ptr = [&](const at::Tensor& t) { return t.template mutable_data_ptr<scalar_t>(); };
-      auto cptr = [&](const at::Tensor& t) { return t.template const_data_ptr<scalar_t>(); };
-      const bool has_tail = tail >= 0;
-      segs.push_back(Seg{ptr(params[main]) + col, cptr(grads_c[main]) + col,
-                         ptr(momenta[main]) + col, has_tail ? ptr(params[tail]) : nullptr,
-                         has_tail ? cptr(grads_c[tail]) : nullptr,
-                         has_tail ? ptr(momenta[tail]) : nullptr, n, stride, tile_offset,
-                         static_cast<int>(width),
-                         cpu::StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0,
-                                        (flag_bits & 4) != 0}});
-    }
+    int64_t tiles_used = 0;
+    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, segments, d,
+                                               curvature.size(0), &tiles_used);
     const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                               decoupled_weight_decay};
     run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(),
-                       factor.mutable_data_ptr<scalar_t>(), d, next_free_tile, cfg, stats);
+                       factor.mutable_data_ptr<scalar_t>(), d, tiles_used, cfg, stats);
   });
 }
 
 void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
-  TORCH_CHECK(G_in.dim() == 2, "mbf_kernels: G must have shape (N, d), got ", G_in.sizes());
-  const int64_t n = G_in.size(0), d = G_in.size(1);
-  check_compact(F, n, d, "F");
-  check_like(G_in, F, "G");
-  TORCH_CHECK(F.is_contiguous(), "mbf_kernels: F is updated in place and must be contiguous");
+  const int64_t d = check_compact_outer_ema(F, G_in);
+  const int64_t n = G_in.size(0);
   const auto G = G_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "mbf_compact_outer_ema_cpu", [&] {
     scalar_t* f = F.mutable_data_ptr<scalar_t>();
@@ -345,10 +219,7 @@ void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
 
 std::tuple<at::Tensor, at::Tensor> compact_cholesky_ex_cpu(const at::Tensor& F_in, int64_t n,
                                                            double damping) {
-  TORCH_CHECK(F_in.dim() == 3, "mbf_kernels: F must be a compact tensor, got ", F_in.sizes());
-  const int64_t tri = F_in.size(1);
-  const int64_t d = tri_dim(tri);
-  check_compact(F_in, n, d, "F");
+  const int64_t d = check_compact_cholesky(F_in, n);
   const auto F = F_in.contiguous();
   auto factor = at::empty_like(F);
   auto info = at::empty({n}, F.options().dtype(at::kInt));
@@ -365,10 +236,8 @@ std::tuple<at::Tensor, at::Tensor> compact_cholesky_ex_cpu(const at::Tensor& F_i
 }
 
 at::Tensor compact_solve_cpu(const at::Tensor& factor_in, const at::Tensor& B_in) {
-  TORCH_CHECK(B_in.dim() == 2, "mbf_kernels: B must have shape (N, d), got ", B_in.sizes());
-  const int64_t n = B_in.size(0), d = B_in.size(1);
-  check_compact(factor_in, n, d, "factor");
-  check_like(B_in, factor_in, "B");
+  const int64_t d = check_compact_solve(factor_in, B_in);
+  const int64_t n = B_in.size(0);
   const auto factor = factor_in.contiguous();
   const auto B = B_in.contiguous();
   auto X = with_huge_pages(at::empty_like(B));

@@ -4,6 +4,7 @@
 // file with plain nvcc on machines without a GPU or a CUDA build of torch.
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "mbf/batched.h"
 #include "mbf/small_spd.h"
 
@@ -12,10 +13,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
-
-inline unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>((n + kThreads - 1) / kThreads);
-}
 
 template <typename T, int D>
 __global__ void cholesky_kernel(const T* __restrict__ A, T* __restrict__ L,
@@ -56,8 +53,6 @@ __global__ void outer_ema_kernel(T* __restrict__ F, const T* __restrict__ G,
                         beta);
 }
 
-inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
-
 }  // namespace
 
 template <typename T>
@@ -65,7 +60,7 @@ int cholesky_batched(const T* A, T* L, int32_t* info, int64_t n, int d,
                      T damping, void* stream) {
   if (n == 0) return cudaSuccess;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    cholesky_kernel<T, kD><<<grid_for(n), kThreads, 0, as_stream(stream)>>>(
+    cholesky_kernel<T, kD><<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
         A, L, info, n, d, damping);
   });
   return cudaGetLastError();
@@ -77,7 +72,7 @@ int cholesky_solve_batched(const T* L, T* X, int64_t n, int d, int k,
   if (n == 0) return cudaSuccess;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     cholesky_solve_kernel<T, kD>
-        <<<grid_for(n), kThreads, 0, as_stream(stream)>>>(L, X, n, d, k);
+        <<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(L, X, n, d, k);
   });
   return cudaGetLastError();
 }
@@ -88,7 +83,7 @@ int cholesky_inverse_batched(const T* L, T* Ainv, int64_t n, int d,
   if (n == 0) return cudaSuccess;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     cholesky_inverse_kernel<T, kD>
-        <<<grid_for(n), kThreads, 0, as_stream(stream)>>>(L, Ainv, n, d);
+        <<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(L, Ainv, n, d);
   });
   return cudaGetLastError();
 }
@@ -99,7 +94,7 @@ int outer_ema_batched(T* F, const T* G, int64_t n, int d, int S, T beta,
   if (n == 0) return cudaSuccess;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     outer_ema_kernel<T, kD>
-        <<<grid_for(n), kThreads, 0, as_stream(stream)>>>(F, G, n, d, S, beta);
+        <<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(F, G, n, d, S, beta);
   });
   return cudaGetLastError();
 }

@@ -1,15 +1,19 @@
 // CUDA implementations of the mbf_kernels ops: checks, allocation and the
-// current stream around the torch-free launchers of block_kernels.cu.
-// Compiled only when setup.py finds a CUDA build of torch and nvcc.
+// current stream around the torch-free launchers of block_kernels.cu and
+// step_kernels.cu. Compiled only when setup.py finds a CUDA build of torch and
+// nvcc (and, compile-only, by the CMake build's check against torch's headers).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "../ops_common.h"
 #include "mbf/batched.h"
+#include "mbf/compact_block.h"
 
 namespace mbf {
 namespace ops {
@@ -113,6 +117,142 @@ void outer_ema_cuda(at::Tensor& F, const at::Tensor& G_in, double beta) {
   if (!in_place) F.copy_(Fc);
 }
 
+
+// The fused step and the compact ops: one thread per block (step_kernels.cu).
+
+void check_step_dim(int64_t d) {
+  TORCH_CHECK(d >= 1 && d <= kMaxGenericDim, "mbf_kernels: the CUDA fused step and compact ops "
+              "take blocks of size 1 to ", kMaxGenericDim, ", got ", d);
+}
+
+// The bucket's segment table and the CUDA-block prefix over it, in one device buffer: copied
+// from pinned memory on the current stream, so the step never waits for the host (the
+// caching host allocator keeps the pinned buffer until the copy has run).
+template <typename T>
+std::pair<at::Tensor, int64_t> upload_segments(const std::vector<StepSegment<T>>& segs,
+                                               const at::Device& device) {
+  const size_t seg_bytes = segs.size() * sizeof(StepSegment<T>);
+  const size_t prefix_bytes = (segs.size() + 1) * sizeof(int64_t);
+  auto host = at::empty({static_cast<int64_t>(seg_bytes + prefix_bytes)},
+                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* bytes = host.mutable_data_ptr<uint8_t>();
+  std::memcpy(bytes, segs.data(), seg_bytes);
+  int64_t ctas = 0;
+  auto* prefix = reinterpret_cast<int64_t*>(bytes + seg_bytes);
+  for (size_t s = 0; s < segs.size(); ++s) {
+    prefix[s] = ctas;
+    ctas += (segs[s].n_blocks + cuda::kStepThreads - 1) / cuda::kStepThreads;
+  }
+  prefix[segs.size()] = ctas;
+  return {host.to(device, /*non_blocking=*/true), ctas};
+}
+
+template <typename T>
+void run_bucket_step(const std::vector<StepSegment<T>>& segs, at::Tensor& curvature,
+                     at::Tensor& factor, at::Tensor& stats, int64_t d, const StepConfig& cfg) {
+  if (segs.empty()) return;
+  const std::pair<at::Tensor, int64_t> uploaded = upload_segments<T>(segs, curvature.device());
+  const at::Tensor& table = uploaded.first;
+  const int64_t ctas = uploaded.second;
+  const uint8_t* base = table.const_data_ptr<uint8_t>();
+  check_launch(cuda::bucket_step<T>(
+                   reinterpret_cast<const StepSegment<T>*>(base),
+                   reinterpret_cast<const int64_t*>(base + segs.size() * sizeof(StepSegment<T>)),
+                   static_cast<int>(segs.size()), ctas, curvature.mutable_data_ptr<T>(),
+                   factor.mutable_data_ptr<T>(), static_cast<int>(d), cfg,
+                   reinterpret_cast<unsigned long long*>(stats.mutable_data_ptr<int64_t>()),
+                   current_stream()),
+               "bucket_step");
+}
+
+void mbf_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum,
+                   at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats, double lr,
+                   double momentum_coef, double beta, double damping, double weight_decay,
+                   bool decoupled_weight_decay, bool update_curvature, bool first_curvature,
+                   bool refactor) {
+  const int64_t d = check_step(param, grad, momentum, curvature, factor);
+  check_step_dim(d);
+  check_stats(stats, param.device());
+  const c10::cuda::CUDAGuard guard(param.device());
+  const auto g = grad.contiguous();
+  const StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay};
+  const StepFlags flags{update_curvature, first_curvature, refactor};
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "mbf_step_cuda", [&] {
+    std::vector<StepSegment<scalar_t>> whole;
+    if (param.size(0) > 0) whole.push_back(whole_segment<scalar_t>(param, g, momentum, flags));
+    run_bucket_step<scalar_t>(whole, curvature, factor, stats, d, cfg);
+  });
+}
+
+void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
+                          at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats,
+                          at::IntArrayRef segments, double lr, double momentum_coef,
+                          double beta, double damping, double weight_decay,
+                          bool decoupled_weight_decay) {
+  const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
+  check_step_dim(d);
+  const c10::cuda::CUDAGuard guard(curvature.device());
+  const auto grads_c = contiguous_all(grads);
+  const StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay};
+  AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cuda", [&] {
+    int64_t tiles_used = 0;
+    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, segments, d,
+                                               curvature.size(0), &tiles_used);
+    run_bucket_step<scalar_t>(segs, curvature, factor, stats, d, cfg);
+  });
+}
+
+void compact_outer_ema_cuda(at::Tensor& F, const at::Tensor& G_in, double beta) {
+  const int64_t d = check_compact_outer_ema(F, G_in);
+  const int64_t n = G_in.size(0);
+  check_step_dim(d);
+  const c10::cuda::CUDAGuard guard(F.device());
+  const auto G = G_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "mbf_compact_outer_ema_cuda", [&] {
+    check_launch(cuda::compact_outer_ema<scalar_t>(F.mutable_data_ptr<scalar_t>(),
+                                                   G.const_data_ptr<scalar_t>(), n,
+                                                   static_cast<int>(d),
+                                                   static_cast<scalar_t>(beta), current_stream()),
+                 "compact_outer_ema");
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_cholesky_ex_cuda(const at::Tensor& F_in, int64_t n,
+                                                            double damping) {
+  const int64_t d = check_compact_cholesky(F_in, n);
+  check_step_dim(d);
+  const c10::cuda::CUDAGuard guard(F_in.device());
+  const auto F = F_in.contiguous();
+  auto factor = at::zeros_like(F);  // padding blocks stay finite (zeros)
+  auto info = at::empty({n}, F.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "mbf_compact_cholesky_cuda", [&] {
+    check_launch(cuda::compact_cholesky<scalar_t>(
+                     F.const_data_ptr<scalar_t>(), factor.mutable_data_ptr<scalar_t>(),
+                     info.mutable_data_ptr<int32_t>(), n, static_cast<int>(d),
+                     static_cast<scalar_t>(damping), current_stream()),
+                 "compact_cholesky");
+  });
+  return {factor, info};
+}
+
+at::Tensor compact_solve_cuda(const at::Tensor& factor_in, const at::Tensor& B_in) {
+  const int64_t d = check_compact_solve(factor_in, B_in);
+  const int64_t n = B_in.size(0);
+  check_step_dim(d);
+  const c10::cuda::CUDAGuard guard(B_in.device());
+  const auto factor = factor_in.contiguous();
+  const auto B = B_in.contiguous();
+  auto X = at::empty_like(B);
+  AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "mbf_compact_solve_cuda", [&] {
+    check_launch(cuda::compact_solve<scalar_t>(factor.const_data_ptr<scalar_t>(),
+                                               B.const_data_ptr<scalar_t>(),
+                                               X.mutable_data_ptr<scalar_t>(), n,
+                                               static_cast<int>(d), current_stream()),
+                 "compact_solve");
+  });
+  return X;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CUDA, m) {
@@ -121,6 +261,11 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CUDA, m) {
   m.impl("solve_spd_ex", &solve_spd_ex_cuda);
   m.impl("inv_spd_ex", &inv_spd_ex_cuda);
   m.impl("outer_ema_", &outer_ema_cuda);
+  m.impl("mbf_step_", &mbf_step_cuda);
+  m.impl("mbf_bucket_step_", &mbf_bucket_step_cuda);
+  m.impl("compact_outer_ema_", &compact_outer_ema_cuda);
+  m.impl("compact_cholesky_ex", &compact_cholesky_ex_cuda);
+  m.impl("compact_solve", &compact_solve_cuda);
 }
 
 }  // namespace ops

@@ -1,6 +1,8 @@
 // Unit tests of the torch-free CPU kernels against known mathematics:
 // L L^T = A + damping I, (A + damping I) x = b, A A^{-1} = I, the outer-product
-// EMA against its definition in double, and failure reporting per block.
+// EMA against its definition in double, and failure reporting per block; and of
+// the per-block code the CUDA kernels run (mbf/compact_block.h), run here on the
+// host against the CPU kernels.
 // Run by ctest, one case per process: `test_block_kernels <case>`.
 #include <cmath>
 #include <cstdint>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "mbf/batched.h"
+#include "mbf/compact_block.h"
 #include "mbf/small_spd.h"
 
 namespace {
@@ -357,6 +360,140 @@ void test_bucket_segments_match_rows_t() {
     EXPECT(F[i] == T(7) && L[i] == T(7), "a tile no segment owns changed at %lld", (long long)i);
 }
 
+// Elementwise |a - b| <= tol * (1 + |b|), NaN equal to NaN.
+template <typename T>
+int count_mismatches(const std::vector<T>& a, const std::vector<T>& b, T tol) {
+  int bad = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const bool both_nan = std::isnan(a[i]) && std::isnan(b[i]);
+    if (!both_nan && !(std::fabs(a[i] - b[i]) <= tol * (1 + std::fabs(b[i])))) ++bad;
+  }
+  return bad;
+}
+
+// The per-block step of the CUDA kernels (compact_block.h), run on the host block by block,
+// against the CPU kernels' step on the same bucket, over a schedule that takes every branch:
+// first refresh + refactor, cached factor, refresh (decoupled decay), refactor with a block made
+// indefinite (it fails and falls back to the diagonal), with a NaN gradient in one block. Hot
+// sizes and the generic path (d = 2, 33, 64).
+template <typename T>
+void test_device_step_matches_cpu_step_t() {
+  struct Phase {
+    mbf::StepFlags flags;
+    double damping;
+    bool decoupled;
+  };
+  const Phase schedule[] = {{{true, true, true}, 0.1, false},
+                            {{false, false, false}, 0.1, false},
+                            {{true, false, false}, 0.1, true},
+                            {{false, false, true}, 0.05, false},
+                            {{true, false, true}, 0.05, false}};
+  for (int d : kDims) {
+    const int64_t n = kBlocks, tri = int64_t(d) * (d + 1) / 2;
+    const int64_t tiles = (n + mbf::kCompactTile - 1) / mbf::kCompactTile;
+    auto p_cpu = random_vec<T>(n * d, 31 + d);
+    std::vector<T> m_cpu(n * d, T(0)), F_cpu(tiles * tri * mbf::kCompactTile, T(0));
+    std::vector<T> L_cpu(F_cpu.size(), T(0));
+    auto p_dev = p_cpu, m_dev = m_cpu, F_dev = F_cpu, L_dev = L_cpu;
+    for (int k = 0; k < 5; ++k) {
+      const Phase& ph = schedule[k];
+      auto g = random_vec<T>(n * d, 100 * d + k);
+      g[5 * d + d / 2] = std::numeric_limits<T>::quiet_NaN();
+      if (k == 3)  // block 7 indefinite: a failure that does not hang on rounding
+        for (auto* F : {&F_cpu, &F_dev}) mbf::compact_entries<T>(F->data(), 7, d)[0] = T(-100);
+      const mbf::StepConfig cfg{0.05, 0.9, 0.8, ph.damping, 0.01, ph.decoupled};
+      const auto want = mbf::cpu::mbf_step_tiles<T>(p_cpu.data(), g.data(), m_cpu.data(),
+                                                    F_cpu.data(), L_cpu.data(), n, d, 0, tiles,
+                                                    cfg, ph.flags);
+      const mbf::StepScalars<T> c = mbf::step_scalars<T>(cfg);
+      int64_t skipped = 0, failed = 0;
+      MBF_DISPATCH_BLOCK_DIM(d, [&] {
+        for (int64_t b = 0; b < n; ++b) {
+          const mbf::BlockCounts counts = mbf::step_block<T, kD>(
+              {p_dev.data() + b * d, nullptr, d}, {g.data() + b * d, nullptr, d},
+              {m_dev.data() + b * d, nullptr, d}, mbf::compact_entries<T>(F_dev.data(), b, d),
+              mbf::compact_entries<T>(L_dev.data(), b, d), d, c, ph.flags.update_curvature,
+              ph.flags.first_curvature, ph.flags.refactor);
+          skipped += counts.skipped_curvature;
+          failed += counts.failed_factor;
+        }
+      });
+      EXPECT(k != 3 || failed >= 1, "d=%d: the indefinite block must fail", d);
+      EXPECT(skipped == want.skipped_curvature && failed == want.failed_factor,
+             "d=%d step %d: counts %lld/%lld, cpu %lld/%lld", d, k + 1, (long long)skipped,
+             (long long)failed, (long long)want.skipped_curvature,
+             (long long)want.failed_factor);
+      const T tol = 20 * tolerance<T>();
+      EXPECT(count_mismatches(p_dev, p_cpu, tol) == 0, "d=%d step %d: parameters differ", d, k + 1);
+      EXPECT(count_mismatches(m_dev, m_cpu, tol) == 0, "d=%d step %d: momenta differ", d, k + 1);
+      // Padding blocks hold whatever each implementation leaves there: compare real blocks.
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t e = 0; e < tri; ++e) {
+          const int64_t at = (b / 16) * tri * 16 + e * 16 + b % 16;
+          EXPECT(count_mismatches<T>({F_dev[at], L_dev[at]}, {F_cpu[at], L_cpu[at]}, tol) == 0,
+                 "d=%d step %d block %lld entry %lld: F %g / %g, L %g / %g", d, k + 1,
+                 (long long)b, (long long)e, double(F_dev[at]), double(F_cpu[at]),
+                 double(L_dev[at]), double(L_cpu[at]));
+        }
+    }
+  }
+}
+
+// The compact ops' per-block code (compact_block.h) against the CPU compact ops.
+template <typename T>
+void test_device_compact_ops_match_cpu_t() {
+  for (int d : kDims) {
+    const int64_t n = kBlocks, tri = int64_t(d) * (d + 1) / 2;
+    const int64_t tiles = (n + mbf::kCompactTile - 1) / mbf::kCompactTile;
+    const auto A = random_spd<T>(n, d, 7 + d);
+    std::vector<T> F_cpu(tiles * tri * mbf::kCompactTile, T(0));
+    for (int64_t b = 0; b < n; ++b)
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j <= i; ++j)
+          mbf::compact_entries<T>(F_cpu.data(), b, d)[mbf::packed_index(i, j)] =
+              A[b * d * d + i * d + j];
+    // One block indefinite at damping 0.05: info and zeros must match too.
+    mbf::compact_entries<T>(F_cpu.data(), 3, d)[0] = T(-100);
+    auto F_dev = F_cpu;
+    const auto G = random_vec<T>(n * d, 9 + d);
+    mbf::cpu::compact_outer_ema_tiles<T>(F_cpu.data(), G.data(), n, d, 0, tiles, T(0.9));
+    std::vector<T> L_cpu(F_cpu.size(), T(0)), L_dev(F_cpu.size(), T(0));
+    std::vector<int32_t> info_cpu(n), info_dev(n);
+    mbf::cpu::compact_cholesky_tiles<T>(F_cpu.data(), L_cpu.data(), info_cpu.data(), n, d, 0,
+                                        tiles, T(0.05));
+    std::vector<T> X_cpu(n * d), X_dev(n * d);
+    mbf::cpu::compact_solve_tiles<T>(L_cpu.data(), G.data(), X_cpu.data(), n, d, 0, tiles);
+    MBF_DISPATCH_BLOCK_DIM(d, [&] {
+      for (int64_t b = 0; b < n; ++b)
+        mbf::compact_outer_ema_block<T, kD>(mbf::compact_entries<T>(F_dev.data(), b, d),
+                                            G.data() + b * d, d, T(0.9));
+      for (int64_t b = 0; b < n; ++b)
+        info_dev[b] = mbf::compact_cholesky_block<T, kD>(
+            mbf::compact_entries<const T>(F_dev.data(), b, d),
+            mbf::compact_entries<T>(L_dev.data(), b, d), d, T(0.05));
+      for (int64_t b = 0; b < n; ++b)
+        mbf::compact_solve_block<T, kD>(mbf::compact_entries<const T>(L_dev.data(), b, d),
+                                        G.data() + b * d, X_dev.data() + b * d, d);
+    });
+    const T tol = 10 * tolerance<T>();
+    EXPECT(info_dev == info_cpu && info_dev[3] == 1, "d=%d: info differs", d);
+    // Real blocks only: the CPU kernels also compute on the padding lanes of the last tile.
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t e = 0; e < tri; ++e) {
+        const int64_t at = (b / 16) * tri * 16 + e * 16 + b % 16;
+        EXPECT(count_mismatches<T>({F_dev[at]}, {F_cpu[at]}, tol) == 0,
+               "d=%d block %lld: outer EMA differs", d, (long long)b);
+        EXPECT(count_mismatches<T>({L_dev[at]}, {L_cpu[at]}, tol) == 0,
+               "d=%d block %lld: factor differs", d, (long long)b);
+      }
+      if (info_dev[b] == 0)
+        for (int i = 0; i < d; ++i)
+          EXPECT(count_mismatches<T>({X_dev[b * d + i]}, {X_cpu[b * d + i]}, tol) == 0,
+                 "d=%d block %lld: solve differs", d, (long long)b);
+    }
+  }
+}
+
 template <void (*F32)(), void (*F64)()>
 void both() {
   F32();
@@ -376,6 +513,8 @@ int main(int argc, char** argv) {
       {"step_first_is_sherman_morrison", both<test_step_first_is_sherman_morrison_t<float>, test_step_first_is_sherman_morrison_t<double>>},
       {"step_failure_falls_back", both<test_step_failure_falls_back_t<float>, test_step_failure_falls_back_t<double>>},
       {"bucket_segments_match_rows", both<test_bucket_segments_match_rows_t<float>, test_bucket_segments_match_rows_t<double>>},
+      {"device_step_matches_cpu_step", both<test_device_step_matches_cpu_step_t<float>, test_device_step_matches_cpu_step_t<double>>},
+      {"device_compact_ops_match_cpu", both<test_device_compact_ops_match_cpu_t<float>, test_device_compact_ops_match_cpu_t<double>>},
   };
   if (argc != 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: %s <case>; cases:", argv[0]);

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .. import _extension, reference
+from .. import reference
 from ..compact import COMPACT_TILE, from_compact, to_compact
 from ..dispatch import CHOICES, select
 from ..packed import pack_tril, tril_size, unpack_tril
@@ -105,20 +104,6 @@ class _GroupPlan:
     units: list[Unit]
     buckets: list[_Bucket]
     shared: list[_Shared]
-
-
-def _triton_step_module(device: torch.device):
-    """mbf_kernels.triton.ops, when it can run on ``device`` (CUDA, or CPU under
-    TRITON_INTERPRET=1); otherwise a RuntimeError saying why."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type != "cuda" and not (device.type == "cpu" and interpreted):
-        raise RuntimeError(f"MBF: backend 'triton' runs on CUDA tensors (or CPU tensors under "
-                           f"TRITON_INTERPRET=1), not on {device.type} tensors")
-    try:
-        from ..triton import ops
-    except ImportError as exc:
-        raise RuntimeError(f"MBF: backend 'triton' is not available: {exc}") from exc
-    return ops
 
 
 def _check_real(name: str, value: object) -> float:
@@ -284,23 +269,13 @@ class MBF(torch.optim.Optimizer):
         return flags
 
     def _bucket_step_fn(self, group: dict, bucket: _Bucket) -> Callable:
-        """The ``mbf_bucket_step_`` serving this bucket (chosen once; a plain function, which
-        deep-copies with the optimizer where a module would not)."""
+        """The ``mbf_bucket_step_`` serving this bucket, chosen once for its device and block
+        size (a plain function, which deep-copies with the optimizer where a module would
+        not). The counters live on the bucket's device: adding to them never syncs."""
         if bucket.step_fn is None:
-            if group["backend"] == "triton":
-                # The Triton fused step is only reached by name until it has been run on a GPU
-                # (issue 4); "auto" keeps to the tested paths.
-                module = _triton_step_module(bucket.device)
-            else:
-                module = select(group["backend"], bucket.device, differentiable=False, fn="MBF")
-            if module is _extension and bucket.device.type != "cpu":
-                # The compiled fused step exists for CPU tensors only in this version.
-                if group["backend"] != "auto":
-                    raise RuntimeError(f"MBF: backend {group['backend']!r} has no fused "
-                                       f"optimizer step for {bucket.device.type} tensors yet")
-                module = reference
-            stats_device = "cpu" if module is _extension else bucket.device
-            bucket.stats = torch.zeros(2, dtype=torch.int64, device=stats_device)
+            module = select(group["backend"], bucket.device, differentiable=False, fn="MBF",
+                            d=bucket.d, step=True)
+            bucket.stats = torch.zeros(2, dtype=torch.int64, device=bucket.device)
             bucket.step_fn = module.mbf_bucket_step_
         return bucket.step_fn
 

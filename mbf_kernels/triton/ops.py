@@ -1,83 +1,436 @@
-"""Host launchers of the Triton kernels: the compact-layout ops and the fused MBF step, with
-the same signatures and results as their references in :mod:`mbf_kernels.reference`
-(``compact_outer_ema_``, ``compact_cholesky_ex``, ``compact_solve``, ``mbf_step_``,
-``mbf_bucket_step_``). They run on CUDA tensors, or on CPU tensors under
-``TRITON_INTERPRET=1`` (how CI tests them)."""
+"""Host launchers of the Triton kernels, registered as torch ops in the ``mbf_kernels`` namespace.
+
+The functions here take the flat batches of :mod:`mbf_kernels.reference` (same names, same
+results) and are what ``backend="triton"`` dispatches to. They run on CUDA tensors, or on CPU
+tensors under ``TRITON_INTERPRET=1`` (how CI tests them).
+
+* The linalg and compact ops are ``torch.library.triton_op``s: ``torch.compile`` sees through
+  them to the kernels (``wrap_triton``). In Triton's interpreter, where ``wrap_triton`` cannot
+  be traced (pytorch/pytorch#152868: an interpreted kernel carries no JIT metadata, and tracing
+  would drop the launch), they are opaque ``custom_op``s instead, with the same function as
+  their fake implementation (which skips the launch on fake tensors).
+* The bucket step is an opaque ``torch.library.custom_op`` with its mutations declared: its
+  kernel reaches every parameter, gradient and momentum of a bucket through offsets in a
+  segment table (one launch for any number of tensors), which no tracer can follow.
+"""
 
 from __future__ import annotations
+
+import struct
+from collections import OrderedDict
 
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
 
-from ..compact import COMPACT_TILE
-from ..packed import tril_size
+from ..compact import COMPACT_TILE, compact_shape
+from ..packed import tril_dim
 from ..reference import SEGMENT_FIELDS
-from .kernels import (_cholesky_kernel, _outer_ema_kernel, _solve_kernel, _step_kernel,
-                      block_lanes)
+from . import kernels as K
 
-__all__ = ["compact_outer_ema_", "compact_cholesky_ex", "compact_solve", "mbf_step_",
-           "mbf_bucket_step_"]
+__all__ = ["cholesky_ex", "cholesky_solve", "solve_spd_ex", "inv_spd_ex", "outer_ema_",
+           "compact_outer_ema_", "compact_cholesky_ex", "compact_solve", "mbf_step_",
+           "mbf_bucket_step_", "MAX_D"]
 
+MAX_D = K.MAX_D
 _REFRESH, _FIRST, _REFACTOR = 1, 2, 4
 
 
-def _grid(n: int, d: int) -> tuple[int]:
-    return (max(triton.cdiv(n, block_lanes(d)), 1),)
+# ---------------------------------------------------------------------------------------------
+# Checks for direct calls (the public API validates first, with friendlier messages)
 
 
-def _floor(damping: float) -> float:
-    return damping ** -0.5 if damping > 0 else 1.0
+def _check_float(name: str, X: Tensor) -> None:
+    if X.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"mbf_kernels triton: {name} must be float32 or float64, got {X.dtype}")
 
 
-def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
-    """F compact (ceil(N/16), T, 16), in place; G (N, d): F = beta F + (1 - beta) g g^T."""
-    n, d = G.shape
+def _check_d(d: int) -> None:
+    if not 1 <= d <= MAX_D:
+        raise ValueError(f"mbf_kernels triton: block size d = {d} is outside the Triton kernels' "
+                         f"range 1..{MAX_D}; use backend='cuda' or 'auto' for larger blocks")
+
+
+def _check_like(name: str, X: Tensor, ref_name: str, ref: Tensor) -> None:
+    if X.dtype != ref.dtype or X.device != ref.device:
+        raise ValueError(f"mbf_kernels triton: {name} must match {ref_name} ({ref.dtype} on "
+                         f"{ref.device}), got {X.dtype} on {X.device}")
+
+
+def _blocks(name: str, A: Tensor) -> tuple[int, int]:
+    if A.ndim != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"mbf_kernels triton: {name} must have shape (N, d, d), got "
+                         f"{tuple(A.shape)}")
+    _check_float(name, A)
+    _check_d(A.shape[1])
+    return A.shape[0], A.shape[1]
+
+
+def _rhs(B: Tensor, A: Tensor, a_name: str) -> int:
+    if B.ndim != 3 or B.shape[:2] != A.shape[:2]:
+        raise ValueError(f"mbf_kernels triton: B must have shape ({A.shape[0]}, {A.shape[1]}, k) "
+                         f"to match {a_name}, got {tuple(B.shape)}")
+    _check_like("B", B, a_name, A)
+    return B.shape[2]
+
+
+def _compact(name: str, C: Tensor, n: int, d: int) -> None:
+    _check_float(name, C)
+    _check_d(d)
+    if tuple(C.shape) != compact_shape(n, d):
+        raise ValueError(f"mbf_kernels triton: {name} must have the compact shape "
+                         f"{compact_shape(n, d)} for {n} blocks of size {d}, got {tuple(C.shape)}")
+
+
+def _rows(name: str, X: Tensor) -> tuple[int, int]:
+    if X.ndim != 2:
+        raise ValueError(f"mbf_kernels triton: {name} must have shape (N, d), got {tuple(X.shape)}")
+    return X.shape[0], X.shape[1]
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](...)``, which torch.compile traces into. Triton's interpreter
+    (CI) cannot run on the fake tensors that tracing passes: there the kernel is skipped, the
+    outputs being allocated by the torch ops around it."""
+    if K.interpreting() and any(is_fake(a) for a in args if isinstance(a, Tensor)):
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _op(name: str, mutates_args):
+    """Register ``fn`` as the op ``name``: see the module docstring."""
+    def register(fn):
+        if K.interpreting():
+            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, mutates_args=mutates_args)(fn)
+    return register
+
+
+def _grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
+def _nbin(n: int) -> int:
+    """Size class in the tuning key: small and large batches may want different tiles."""
+    return int(n >= 1 << 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense linalg ops
+
+
+def _factor_op(kernel, A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Launch a kernel that factors each damped block of A into an (N, d, d) output and info."""
+    n, d = _blocks("A", A)
+    A = A.contiguous()
+    out = torch.empty_like(A)
+    info = torch.zeros(n, dtype=torch.int32, device=A.device)
     if n:
-        _outer_ema_kernel[_grid(n, d)](F, G.contiguous(), n, float(beta), D=d, T=tril_size(d),
-                                       BLOCK=block_lanes(d))
+        _launch(kernel, _grid(n), A, out, info, n, damping, _nbin(n), D=d)
+    return out, info
 
 
-def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
-    """F compact -> (factor compact with its diagonal inverted, zero for failed blocks;
-    info (N,) int32)."""
-    t = F.shape[1]
-    d = int(round(((8 * t + 1) ** 0.5 - 1) / 2))
-    L = torch.zeros_like(F)
-    info = torch.zeros(n_blocks, dtype=torch.int32, device=F.device)
-    if n_blocks:
-        _cholesky_kernel[_grid(n_blocks, d)](F, L, info, n_blocks, float(damping), D=d, T=t,
-                                             BLOCK=block_lanes(d))
-    return L, info
+@_op("mbf_kernels::triton_cholesky_ex", mutates_args=())
+def cholesky_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A (N, d, d) -> (L (N, d, d) lower, zero where info != 0; info (N,) int32)."""
+    return _factor_op(K._dense_cholesky_kernel, A, damping)
 
 
-def compact_solve(factor: Tensor, B: Tensor) -> Tensor:
-    """factor compact (diagonal inverted), B (N, d) -> X = (L L^T)^{-1} B, (N, d)."""
-    n, d = B.shape
-    B = B.contiguous()
+@_op("mbf_kernels::triton_cholesky_solve", mutates_args=())
+def cholesky_solve(B: Tensor, L: Tensor) -> Tensor:
+    """B (N, d, k), L (N, d, d) lower -> X (N, d, k) = (L L^T)^{-1} B."""
+    n, d = _blocks("L", L)
+    k = _rhs(B, L, "L")
+    L, B = L.contiguous(), B.contiguous()
     X = torch.empty_like(B)
-    if n:
-        _solve_kernel[_grid(n, d)](factor, B, X, n, D=d, DP=triton.next_power_of_2(d),
-                                   T=tril_size(d), BLOCK=block_lanes(d))
+    if n and k:
+        _launch(K._dense_cholesky_solve_kernel, _grid(n), L, B, X, n, k, _nbin(n), D=d)
     return X
 
 
-def _launch_segment(p, g, m, tails, F, L, stats, n, row_stride, width, d, flags, hyper) -> None:
-    p_tail, g_tail, m_tail = tails if tails is not None else (p, g, m)  # unused when D == WIDTH
-    _step_kernel[_grid(n, d)](
-        p, g, m, p_tail, g_tail, m_tail, F, L, stats, n, row_stride,
-        hyper["lr"], hyper["momentum_coef"], hyper["beta"], hyper["damping"],
-        hyper["weight_decay"], _floor(hyper["damping"]),
-        DECOUPLED=bool(hyper["decoupled_weight_decay"]),
-        UPDATE_CURVATURE=bool(flags & _REFRESH), FIRST_CURVATURE=bool(flags & _FIRST),
-        REFACTOR=bool(flags & _REFACTOR), WIDTH=width, D=d, DP=triton.next_power_of_2(d),
-        T=tril_size(d), BLOCK=block_lanes(d))
+@_op("mbf_kernels::triton_solve_spd_ex", mutates_args=())
+def solve_spd_ex(A: Tensor, B: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A (N, d, d), B (N, d, k) -> (X (N, d, k), zero where info != 0; info (N,) int32)."""
+    n, d = _blocks("A", A)
+    k = _rhs(B, A, "A")
+    A, B = A.contiguous(), B.contiguous()
+    X = torch.zeros_like(B)
+    info = torch.zeros(n, dtype=torch.int32, device=A.device)
+    if n:
+        # k = 0 still factors: info reports the failures.
+        _launch(K._dense_solve_spd_kernel, _grid(n), A, B, X, info, n, k, damping, _nbin(n),
+                D=d)
+    return X, info
 
 
-def _hyper(lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay) -> dict:
-    return dict(lr=float(lr), momentum_coef=float(momentum_coef), beta=float(beta),
-                damping=float(damping), weight_decay=float(weight_decay),
-                decoupled_weight_decay=bool(decoupled_weight_decay))
+@_op("mbf_kernels::triton_inv_spd_ex", mutates_args=())
+def inv_spd_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A (N, d, d) -> ((A + damping I)^{-1}, zero where info != 0; info (N,) int32)."""
+    return _factor_op(K._dense_inv_spd_kernel, A, damping)
+
+
+@_op("mbf_kernels::triton_outer_ema_", mutates_args={"F"})
+def outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
+    """In place on F (N, d, d) contiguous: F = beta F + (1 - beta) mean_s g_s g_s^T, G (N, S, d)."""
+    n, d = _blocks("F", F)
+    if G.ndim != 3 or G.shape[0] != n or G.shape[2] != d or G.shape[1] < 1:
+        raise ValueError(f"mbf_kernels triton: G must have shape ({n}, S, {d}) with S >= 1, got "
+                         f"{tuple(G.shape)}")
+    _check_like("G", G, "F", F)
+    if not F.is_contiguous():
+        raise ValueError("mbf_kernels triton: F is updated in place and must be contiguous")
+    G = G.contiguous()
+    if n:
+        _launch(K._dense_outer_ema_kernel, _grid(n), F, G, n, G.shape[1], beta, _nbin(n), D=d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact-layout ops: the step's phases alone
+
+
+@_op("mbf_kernels::triton_compact_outer_ema_", mutates_args={"F"})
+def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
+    """F compact (ceil(N/16), T, 16), in place; G (N, d): F = beta F + (1 - beta) g g^T."""
+    n, d = _rows("G", G)
+    _compact("F", F, n, d)
+    _check_like("G", G, "F", F)
+    if not F.is_contiguous():
+        raise ValueError("mbf_kernels triton: F is updated in place and must be contiguous")
+    G = G.contiguous()
+    if n:
+        _launch(K._compact_outer_ema_kernel, _grid(n), F, G, n, beta, _nbin(n), D=d)
+
+
+@_op("mbf_kernels::triton_compact_cholesky_ex", mutates_args=())
+def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
+    """F compact -> (factor compact, diagonal inverted, zero for failed blocks; info (N,) int32)."""
+    if F.ndim != 3:
+        raise ValueError(f"mbf_kernels triton: F must be a compact tensor, got {tuple(F.shape)}")
+    d = tril_dim(F.shape[1])
+    _compact("F", F, n_blocks, d)
+    F = F.contiguous()
+    L = torch.zeros_like(F)  # padding blocks: zeros, as the C++ op leaves them finite
+    info = torch.zeros(n_blocks, dtype=torch.int32, device=F.device)
+    if n_blocks:
+        _launch(K._compact_cholesky_kernel, _grid(n_blocks), F, L, info, n_blocks, damping,
+                _nbin(n_blocks), D=d)
+    return L, info
+
+
+@_op("mbf_kernels::triton_compact_solve", mutates_args=())
+def compact_solve(factor: Tensor, B: Tensor) -> Tensor:
+    """factor compact (diagonal inverted), B (N, d) -> X = (L L^T)^{-1} B, (N, d)."""
+    n, d = _rows("B", B)
+    _compact("factor", factor, n, d)
+    _check_like("B", B, "factor", factor)
+    factor, B = factor.contiguous(), B.contiguous()
+    X = torch.empty_like(B)
+    if n:
+        _launch(K._compact_solve_kernel, _grid(n), factor, B, X, n, _nbin(n), D=d)
+    return X
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused optimizer step
+
+
+def _bits(x: float) -> int:
+    """A float64 as the int64 with the same bits (the table is one int64 tensor)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+class _TableCache:
+    """Device copies of recent segment tables, keyed by their contents: the same parameters and
+    gradient buffers give the same table every step, which then costs no host-to-device copy."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._tables: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._size = size
+
+    def get(self, values: list[int], device: torch.device) -> Tensor:
+        key = (device, tuple(values))
+        table = self._tables.get(key)
+        if table is None:
+            table = torch.tensor(values, dtype=torch.int64)
+            if device.type == "cuda":
+                table = table.pin_memory().to(device, non_blocking=True)
+            self._tables[key] = table
+            if len(self._tables) > self._size:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table
+
+
+_TABLES = _TableCache()
+_STEP_CONFIG: dict[tuple, tuple[int, int]] = {}
+
+
+def _tune_step(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) for the step kernel at block size d, timed once on a scratch bucket.
+
+    ``triton.autotune`` cannot serve this kernel: it replays the kernel on the real arguments,
+    and the step updates parameters that it reaches through the table, not as arguments, so
+    the trial runs would move the model. The plain cached-factor step is what is tuned (it is
+    the step MBF takes T2 - 1 times out of T2).
+    """
+    from triton.testing import do_bench
+
+    t = d * (d + 1) // 2
+    n = max(4096, min(1 << 18, (64 << 20) // (t * torch.finfo(dtype).bits // 8)))
+    p = torch.randn(n, d, dtype=dtype, device=device)
+    g = torch.randn(n, d, dtype=dtype, device=device) * 1e-2
+    m = torch.zeros_like(p)
+    F = torch.zeros(compact_shape(n, d), dtype=dtype, device=device)
+    L = torch.zeros_like(F)
+    stats = torch.zeros(2, dtype=torch.int64, device=device)
+    hyper = (1e-3, 0.9, 0.9, 0.1, 0.0, False)
+    segments = [0, -1, n, 0, d, d, 0, _REFRESH | _FIRST | _REFACTOR]
+    _bucket_step([p], [g], [m], F, L, stats, segments, *hyper, config=K.CONFIGS[0])
+    segments[-1] = 0
+    timings = {}
+    for block, warps in K.CONFIGS:
+        if K.fits(block, warps, d):
+            timings[(block, warps)] = do_bench(
+                lambda: _bucket_step([p], [g], [m], F, L, stats, segments, *hyper,
+                                     config=(block, warps)), warmup=5, rep=25)
+    return min(timings, key=timings.get)
+
+
+def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return K.CONFIGS[1]  # the interpreter: warps mean nothing, smaller tiles run faster
+    key = (d, dtype, device.index)
+    if key not in _STEP_CONFIG:
+        _STEP_CONFIG[key] = _tune_step(d, dtype, device)
+    return _STEP_CONFIG[key]
+
+
+def _bucket_step(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef,
+                 beta, damping, weight_decay, decoupled_weight_decay, *, config=None) -> None:
+    F, L = curvature, factor
+    if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
+        raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
+                         f"{COMPACT_TILE}), got {tuple(F.shape)}")
+    d = tril_dim(F.shape[1])
+    _check_float("curvature", F)
+    _check_d(d)
+    _check_like("factor", L, "curvature", F)
+    if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
+        raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both must "
+                         "be contiguous (they are updated in place)")
+    if stats.dtype != torch.int64 or stats.numel() != 2 or stats.device != F.device:
+        raise ValueError(f"mbf_kernels triton: stats must be an int64 tensor of 2 counters on "
+                         f"{F.device}")
+    if not len(params) == len(grads) == len(momenta):
+        raise ValueError("mbf_kernels triton: params, grads and momenta must have the same length")
+    if len(segments) % SEGMENT_FIELDS:
+        raise ValueError(f"mbf_kernels triton: segments must hold {SEGMENT_FIELDS} ints per "
+                         f"segment, got {len(segments)}")
+    grads = [g.contiguous() for g in grads]
+    size = F.element_size()
+    base = F.data_ptr()
+
+    def offset(t: Tensor, elements: int) -> int:
+        q, r = divmod(t.data_ptr() + elements * size - base, size)
+        if r:
+            raise ValueError("mbf_kernels triton: a tensor of the bucket is not aligned to its "
+                             "element size")
+        return q
+
+    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
+        for name, t in (("params", p), ("grads", g), ("momenta", m)):
+            _check_like(f"{name}[{i}]", t, "curvature", F)
+        if g.shape != p.shape or m.shape != p.shape:
+            raise ValueError(f"mbf_kernels triton: grads[{i}] and momenta[{i}] must have shape "
+                             f"{tuple(p.shape)}, got {tuple(g.shape)} and {tuple(m.shape)}")
+        if not (p.is_contiguous() and m.is_contiguous()):
+            raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated in "
+                             "place and must be contiguous")
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    next_free_tile = 0
+    for s in range(0, len(segments), SEGMENT_FIELDS):
+        main, tail, n, col, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
+        where = f"mbf_kernels triton: segment {s // SEGMENT_FIELDS}"
+        if not (0 <= main < len(params) and -1 <= tail < len(params)):
+            raise ValueError(f"{where} names tensor {main} / {tail} of {len(params)}")
+        if width + (tail >= 0) != d or n < 0 or col < 0 or stride < width:
+            raise ValueError(f"{where} has a bad layout (n {n}, offset {col}, width {width}, "
+                             f"stride {stride}) for blocks of size {d}")
+        if n and col + (n - 1) * stride + width > params[main].numel():
+            raise ValueError(f"{where} reaches past the end of params[{main}]")
+        if tail >= 0 and params[tail].numel() < n:
+            raise ValueError(f"{where} needs {n} tail values, params[{tail}] has "
+                             f"{params[tail].numel()}")
+        tiles = -(-n // COMPACT_TILE)
+        if tile0 < next_free_tile or tile0 + tiles > F.shape[0]:
+            raise ValueError(f"{where} owns tiles [{tile0}, {tile0 + tiles}), which overlap the "
+                             f"previous segment's or exceed the {F.shape[0]} tiles of the state")
+        if not 0 <= flags < 8 or (flags & _FIRST and not flags & _REFRESH):
+            raise ValueError(f"{where} has bad flags {flags} (1: update curvature, 2: first "
+                             "update, which needs 1, 4: refactor)")
+        next_free_tile = tile0 + tiles
+        if n == 0:
+            continue
+        t = tail if tail >= 0 else main
+        row = [offset(params[main], col), offset(grads[main], col), offset(momenta[main], col),
+               offset(params[t], 0), offset(grads[t], 0), offset(momenta[t], 0),
+               n, stride, tile0, int(tail >= 0)]
+        fields, counts = groups.setdefault(flags, ([], []))
+        fields += row
+        counts.append(n)
+    if not groups:
+        return
+    floor = damping ** -0.5 if damping > 0 else 1.0
+    hyper = [_bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
+                                lr * weight_decay, floor)]
+    block, warps = config or _step_config(d, F.dtype, F.device)
+    # Each distinct set of flags is one launch (usually one per step: all units count alike);
+    # on a refactor step the refactor kernel (with the refresh) runs first.
+    for flags, (fields, counts) in groups.items():
+        table = _TABLES.get(fields + hyper, F.device)
+        grid = (sum(triton.cdiv(n, block) for n in counts),)
+        refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
+        launch = dict(D=d, BLOCK=block, num_warps=warps, num_stages=1)
+        if flags & _REFACTOR:
+            K._bucket_refactor_kernel[grid](F, L, table, stats, len(counts),
+                                            UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
+                                            **launch)
+            refresh = first = False
+        K._bucket_step_kernel[grid](F, L, table, stats, len(counts),
+                                    DECOUPLED=bool(decoupled_weight_decay),
+                                    UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first, **launch)
+
+
+@torch.library.custom_op("mbf_kernels::triton_bucket_step_",
+                         mutates_args=("params", "momenta", "curvature", "factor", "stats"))
+def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                    curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
+                    lr: float, momentum_coef: float, beta: float, damping: float,
+                    weight_decay: float, decoupled_weight_decay: bool) -> None:
+    _bucket_step(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef,
+                 beta, damping, weight_decay, decoupled_weight_decay)
+
+
+@_bucket_step_op.register_fake
+def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
+      damping, weight_decay, decoupled_weight_decay) -> None:
+    return None
+
+
+def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
+                     lr: float, momentum_coef: float, beta: float, damping: float,
+                     weight_decay: float, decoupled_weight_decay: bool) -> None:
+    """The fused step for a bucket of segments (layout: csrc/registration.cpp): one launch per
+    distinct set of segment flags, each reading its segments' strided rows (and tails) in place
+    and its own tiles of the bucket's compact state; stats on the state's device."""
+    _bucket_step_op(params, grads, momenta, curvature, factor, stats, segments, lr,
+                    momentum_coef, beta, damping, weight_decay, decoupled_weight_decay)
 
 
 def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,
@@ -85,30 +438,9 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
               weight_decay: float, decoupled_weight_decay: bool, update_curvature: bool,
               first_curvature: bool, refactor: bool) -> None:
     """The fused step on one contiguous (N, d) bucket; curvature/factor compact."""
-    n, d = param.shape
+    n, d = _rows("param", param)
     flags = (_REFRESH * update_curvature) | (_FIRST * first_curvature) | (_REFACTOR * refactor)
-    if n:
-        _launch_segment(param, grad, momentum, None, curvature, factor, stats, n, d, d, d, flags,
-                        _hyper(lr, momentum_coef, beta, damping, weight_decay,
-                               decoupled_weight_decay))
-
-
-def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
-                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
-                     lr: float, momentum_coef: float, beta: float, damping: float,
-                     weight_decay: float, decoupled_weight_decay: bool) -> None:
-    """The bucket op (schema in csrc/registration.cpp): one launch per segment, each reading
-    its strided rows (and tail) in place and its own tiles of the bucket's compact state."""
-    hyper = _hyper(lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay)
-    for k in range(0, len(segments), SEGMENT_FIELDS):
-        main, tail, n, offset, width, row_stride, tile_offset, flags = segments[k:k + SEGMENT_FIELDS]
-        if n == 0:
-            continue
-        d = width + (tail >= 0)
-        view = [t.reshape(-1)[offset:] for t in (params[main], grads[main], momenta[main])]
-        tails = ([t.reshape(-1) for t in (params[tail], grads[tail], momenta[tail])]
-                 if tail >= 0 else None)
-        tiles = -(-n // COMPACT_TILE)
-        F = curvature[tile_offset:tile_offset + tiles]
-        L = factor[tile_offset:tile_offset + tiles]
-        _launch_segment(*view, tails, F, L, stats, n, row_stride, width, d, flags, hyper)
+    mbf_bucket_step_([param], [grad], [momentum], curvature, factor, stats,
+                     [0, -1, n, 0, d, d, 0, flags], lr=lr, momentum_coef=momentum_coef,
+                     beta=beta, damping=damping, weight_decay=weight_decay,
+                     decoupled_weight_decay=decoupled_weight_decay)

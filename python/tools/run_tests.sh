@@ -8,7 +8,8 @@ venv="${MBF_VENV:-.venv}"
 export PATH="$PWD/$venv/bin:$PATH"  # ninja (and cmake, if pip had to provide it)
 
 echo "== C++: CMake build + ctest (CUDA compile: $(command -v nvcc >/dev/null && echo yes || echo 'no nvcc'))"
-cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+torch_include=$("$venv/bin/python" -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')
+cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DMBF_TORCH_INCLUDE="$torch_include" >/dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 

@@ -15,30 +15,6 @@
 #include <cstdint>
 
 namespace mbf {
-namespace cpu {
-
-template <typename T>
-void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin,
-                      int64_t end, int d, T damping);
-
-template <typename T>
-void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin,
-                            int64_t end, int d, int k);
-
-// Fused factor + solve of (A + damping I) X = B; blocks whose factorisation
-// fails get X = 0 and a non-zero info.
-template <typename T>
-void solve_spd_batched(const T* A, const T* B, T* X, int32_t* info,
-                       int64_t begin, int64_t end, int d, int k, T damping);
-
-// (A + damping I)^{-1}; blocks whose factorisation fails get Ainv = 0.
-template <typename T>
-void inv_spd_batched(const T* A, T* Ainv, int32_t* info, int64_t begin,
-                     int64_t end, int d, T damping);
-
-template <typename T>
-void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d,
-                       int S, T beta);
 
 // ---------------------------------------------------------------------------------------
 // The fused MBF optimizer step for a bucket of N same-size blocks (MBF_SPEC section 3).
@@ -66,19 +42,11 @@ struct StepFlags {
   bool refactor;          // this step refactors F + damping I
 };
 
-// Counters the step adds to (per call, summed over the blocks of [tile_begin, tile_end)).
+// Counters the CPU step adds to (per call, summed over the blocks of [tile_begin, tile_end)).
 struct StepStats {
   int64_t skipped_curvature = 0;  // blocks whose gradient had a NaN/Inf: F left as it was
   int64_t failed_factor = 0;      // blocks whose factorisation failed: diagonal fallback
 };
-
-// One step for the blocks of compact tiles [tile_begin, tile_end): p, g, m are N x d
-// row-major; F and factor are compact. Updates p, m (real blocks only), F (when
-// update_curvature) and factor (when refactor) in one pass over memory.
-template <typename T>
-StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
-                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg,
-                         const StepFlags& flags);
 
 // A bucket is the blocks of many parameters that share d and the hyper-parameters; each
 // parameter (or weight + bias pair, or column range of a weight) is one segment, whose
@@ -100,6 +68,46 @@ struct StepSegment {
   int width;
   StepFlags flags;
 };
+
+namespace cpu {
+
+// The shared step types under their old names.
+using mbf::kCompactTile;
+using mbf::StepConfig;
+using mbf::StepFlags;
+using mbf::StepSegment;
+using mbf::StepStats;
+
+template <typename T>
+void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin,
+                      int64_t end, int d, T damping);
+
+template <typename T>
+void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin,
+                            int64_t end, int d, int k);
+
+// Fused factor + solve of (A + damping I) X = B; blocks whose factorisation
+// fails get X = 0 and a non-zero info.
+template <typename T>
+void solve_spd_batched(const T* A, const T* B, T* X, int32_t* info,
+                       int64_t begin, int64_t end, int d, int k, T damping);
+
+// (A + damping I)^{-1}; blocks whose factorisation fails get Ainv = 0.
+template <typename T>
+void inv_spd_batched(const T* A, T* Ainv, int32_t* info, int64_t begin,
+                     int64_t end, int d, T damping);
+
+template <typename T>
+void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d,
+                       int S, T beta);
+
+// One step for the blocks of compact tiles [tile_begin, tile_end): p, g, m are N x d
+// row-major; F and factor are compact. Updates p, m (real blocks only), F (when
+// update_curvature) and factor (when refactor) in one pass over memory.
+template <typename T>
+StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_blocks, int d,
+                         int64_t tile_begin, int64_t tile_end, const StepConfig& cfg,
+                         const StepFlags& flags);
 
 // The fused step over compact tiles [tile_begin, tile_end) of a bucket (see StepSegment).
 template <typename T>
@@ -144,6 +152,27 @@ int cholesky_inverse_batched(const T* L, T* Ainv, int64_t n, int d,
 template <typename T>
 int outer_ema_batched(T* F, const T* G, int64_t n, int d, int S, T beta,
                       void* stream);
+
+
+// The compact-layout ops and the fused bucket step (csrc/cuda/step_kernels.cu): one thread per
+// block, the per-block code of mbf/compact_block.h, hot sizes as template parameters, the
+// generic path up to kMaxGenericDim (compact_block.h). All pointers are device pointers.
+inline constexpr int kStepThreads = 128;  // threads (blocks of the bucket) per CUDA block
+
+// `segments` (n_segments) and `first_cta` (n_segments + 1, first_cta[0] = 0) live on the
+// device: segment s is served by CUDA blocks [first_cta[s], first_cta[s + 1]), each taking
+// kStepThreads of its blocks. stats[0..1] += [skipped curvature blocks, failed factors].
+template <typename T>
+int bucket_step(const StepSegment<T>* segments, const int64_t* first_cta, int n_segments,
+                int64_t n_ctas, T* F, T* factor, int d, const StepConfig& cfg,
+                unsigned long long* stats, void* stream);
+template <typename T>
+int compact_outer_ema(T* F, const T* G, int64_t n_blocks, int d, T beta, void* stream);
+template <typename T>
+int compact_cholesky(const T* F, T* factor, int32_t* info, int64_t n_blocks, int d, T damping,
+                     void* stream);
+template <typename T>
+int compact_solve(const T* factor, const T* B, T* X, int64_t n_blocks, int d, void* stream);
 
 }  // namespace cuda
 #endif

@@ -22,6 +22,15 @@
 #define MBF_HD inline
 #endif
 
+// Full unrolling of the per-block loops in device code (constant bounds for the hot sizes
+// turn every packed index into a constant, so the block stays in registers); the host
+// compiler, which warns on the pragma, unrolls on its own.
+#if defined(__CUDA_ARCH__)
+#define MBF_UNROLL _Pragma("unroll")
+#else
+#define MBF_UNROLL
+#endif
+
 namespace mbf {
 
 // Compile-time size when known, else the runtime one.
