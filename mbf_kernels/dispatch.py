@@ -33,8 +33,11 @@ from . import _extension, reference
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 CHOICES = ("auto", *BACKEND_NAMES)
 
-#: Largest block size of the Triton kernels: they unroll everything over d at compile time, so
-#: compile time and registers grow as d^3 and d^2 (mbf_kernels.triton.kernels).
+#: Largest block size of the Triton kernels. They unroll everything over d at compile time, and
+#: Triton's compile time grows faster than d^3: at d = 16 a kernel compiles in at most ~15 s
+#: (sm_90, the dev VM), at d = 25 the refactor kernel takes 106 s and at d = 27 the dense
+#: inverse 190 s, per dtype and tile config (`python -m mbf_kernels.triton.compile_check`).
+#: Larger blocks go to the CUDA kernels, compiled ahead of time.
 TRITON_MAX_D = 16
 #: Largest block size of the CUDA kernels' fused step and compact ops (their generic path keeps
 #: vectors in local arrays of this size: csrc/include/mbf/compact_block.h kMaxGenericDim).

@@ -175,6 +175,24 @@ def test_bucket_op_matches_reference(dtype):
     assert torch.equal(p[4], p_ref[4]) and torch.equal(s.cpu(), s_ref.cpu())
 
 
+def test_step_tuning_times_every_config_that_fits_and_keeps_the_fastest():
+    """The step kernels' tuner (on a GPU: Triton's do_bench on a 256 MB scratch bucket), with a
+    stand-in timer: every config that fits d runs the real kernels, and the fastest is kept."""
+    from mbf_kernels.triton import kernels, ops
+
+    times = iter([7.0, 3.0, 5.0, 4.0, 9.0])
+    calls = []
+
+    def timer(fn):
+        fn()  # the launches must run with each config
+        calls.append(1)
+        return next(times)
+
+    best = ops._tune_step(9, torch.float64, torch.device(DEVICE), nbytes=20_000, timer=timer)
+    fitting = [cfg for cfg in kernels.CONFIGS if kernels.fits(*cfg, 9)]
+    assert len(calls) == len(fitting) and best == fitting[1]
+
+
 def test_bucket_op_rejects_bad_segments():
     params, grads, momenta, tiles, segments = _bucket(torch.float64, DEVICE)
     F = torch.zeros(tiles, 45, 16, dtype=torch.float64, device=DEVICE)

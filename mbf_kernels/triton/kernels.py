@@ -20,8 +20,9 @@ The math is MBF_SPEC sections 3-4, as in :mod:`mbf_kernels.reference`:
   solves multiply only); ``info`` is the 1-based order of the first pivot that is not a finite
   positive number, else 0.
 * fused step: momentum, optional curvature EMA (skipped for a block whose gradient is not
-  finite, counted), optional refactor (a failed block gets the diagonal preconditioner
-  1 / sqrt(F_jj + damping), counted), solve and parameter update, in one pass.
+  finite, counted), solve with the cached factor and parameter update, in one pass; on a
+  refactor step (every T2-th) a refactor kernel runs first: the refresh, the factor, and for a
+  failed block the diagonal preconditioner 1 / sqrt(F_jj + damping), counted.
 
 Scalars that enter the arithmetic are annotated ``tl.float64`` and rounded to the data's dtype
 in the kernel, as torch rounds a Python float against a tensor (Triton would otherwise pass
@@ -38,10 +39,8 @@ import os
 import triton
 import triton.language as tl
 
-TILE = 16  # blocks per compact tile (mbf_kernels.compact.COMPACT_TILE)
-#: Largest block size the Triton kernels take. Everything is unrolled over d, so code size and
-#: registers grow as d^3 and d^2; larger blocks go to the CUDA kernels (backend="auto").
-MAX_D = 32
+# Largest block size the Triton kernels take (why: mbf_kernels.dispatch).
+from ..dispatch import TRITON_MAX_D as MAX_D  # noqa: F401
 
 # The step kernel's segment table: SEG_FIELDS int64 per segment (offsets, in elements from the
 # curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail),
@@ -52,7 +51,7 @@ SEG_P, SEG_G, SEG_M, SEG_PT, SEG_GT, SEG_MT, SEG_N, SEG_STRIDE, SEG_TILE, SEG_TA
 SEG_FIELDS = tl.constexpr(10)
 
 #: (BLOCK, num_warps) candidates. BLOCK >= 32 * num_warps: each block has exactly one owning
-#: thread (more lanes per thread only when registers allow, see _fits).
+#: thread (two per thread only when registers allow: fits).
 CONFIGS = ((128, 4), (64, 2), (256, 4), (128, 2), (32, 1))
 
 

@@ -270,18 +270,24 @@ _TABLES = _TableCache()
 _STEP_CONFIG: dict[tuple, tuple[int, int]] = {}
 
 
-def _tune_step(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps) for the step kernel at block size d, timed once on a scratch bucket.
+def _tune_step(d: int, dtype: torch.dtype, device: torch.device, *, nbytes: int = 256 << 20,
+               timer=None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for the step kernels at block size d, timed once on a scratch bucket.
 
-    ``triton.autotune`` cannot serve this kernel: it replays the kernel on the real arguments,
+    ``triton.autotune`` cannot serve these kernels: it replays a kernel on the real arguments,
     and the step updates parameters that it reaches through the table, not as arguments, so
-    the trial runs would move the model. The plain cached-factor step is what is tuned (it is
-    the step MBF takes T2 - 1 times out of T2).
+    the trial runs would move the model. The plain cached-factor step is what is timed (the
+    step MBF takes T2 - 1 times out of T2), on a bucket of about 256 MB, so that the kernel, not
+    its launch, is what the timer sees.
     """
-    from triton.testing import do_bench
+    if timer is None:
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=5, rep=25)
 
     t = d * (d + 1) // 2
-    n = max(4096, min(1 << 18, (64 << 20) // (t * torch.finfo(dtype).bits // 8)))
+    n = max(16, nbytes // ((2 * t + 3 * d) * torch.finfo(dtype).bits // 8))
     p = torch.randn(n, d, dtype=dtype, device=device)
     g = torch.randn(n, d, dtype=dtype, device=device) * 1e-2
     m = torch.zeros_like(p)
@@ -289,15 +295,10 @@ def _tune_step(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, i
     L = torch.zeros_like(F)
     stats = torch.zeros(2, dtype=torch.int64, device=device)
     hyper = (1e-3, 0.9, 0.9, 0.1, 0.0, False)
-    segments = [0, -1, n, 0, d, d, 0, _REFRESH | _FIRST | _REFACTOR]
-    _bucket_step([p], [g], [m], F, L, stats, segments, *hyper, config=K.CONFIGS[0])
-    segments[-1] = 0
-    timings = {}
-    for block, warps in K.CONFIGS:
-        if K.fits(block, warps, d):
-            timings[(block, warps)] = do_bench(
-                lambda: _bucket_step([p], [g], [m], F, L, stats, segments, *hyper,
-                                     config=(block, warps)), warmup=5, rep=25)
+    first = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 7], *hyper)
+    first.run(K.CONFIGS[0])  # a factor to step with
+    cached = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 0], *hyper)
+    timings = {cfg: timer(lambda: cached.run(cfg)) for cfg in K.CONFIGS if K.fits(*cfg, d)}
     return min(timings, key=timings.get)
 
 
@@ -310,100 +311,110 @@ def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int,
     return _STEP_CONFIG[key]
 
 
-def _bucket_step(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef,
-                 beta, damping, weight_decay, decoupled_weight_decay, *, config=None) -> None:
-    F, L = curvature, factor
-    if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
-        raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
-                         f"{COMPACT_TILE}), got {tuple(F.shape)}")
-    d = tril_dim(F.shape[1])
-    _check_float("curvature", F)
-    _check_d(d)
-    _check_like("factor", L, "curvature", F)
-    if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
-        raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both must "
-                         "be contiguous (they are updated in place)")
-    if stats.dtype != torch.int64 or stats.numel() != 2 or stats.device != F.device:
-        raise ValueError(f"mbf_kernels triton: stats must be an int64 tensor of 2 counters on "
-                         f"{F.device}")
-    if not len(params) == len(grads) == len(momenta):
-        raise ValueError("mbf_kernels triton: params, grads and momenta must have the same length")
-    if len(segments) % SEGMENT_FIELDS:
-        raise ValueError(f"mbf_kernels triton: segments must hold {SEGMENT_FIELDS} ints per "
-                         f"segment, got {len(segments)}")
-    grads = [g.contiguous() for g in grads]
-    size = F.element_size()
-    base = F.data_ptr()
+class _StepLaunches:
+    """One call of the bucket op, checked and turned into kernel launches: a segment table per
+    distinct set of flags (usually one per step: all units count their steps alike)."""
 
-    def offset(t: Tensor, elements: int) -> int:
-        q, r = divmod(t.data_ptr() + elements * size - base, size)
-        if r:
-            raise ValueError("mbf_kernels triton: a tensor of the bucket is not aligned to its "
-                             "element size")
-        return q
+    def __init__(self, params, grads, momenta, curvature, factor, stats, segments, lr,
+                 momentum_coef, beta, damping, weight_decay, decoupled_weight_decay) -> None:
+        F, L = self.F, self.L = curvature, factor
+        if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
+            raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
+                             f"{COMPACT_TILE}), got {tuple(F.shape)}")
+        self.d = d = tril_dim(F.shape[1])
+        _check_float("curvature", F)
+        _check_d(d)
+        _check_like("factor", L, "curvature", F)
+        if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
+            raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both "
+                             "must be contiguous (they are updated in place)")
+        if stats.dtype != torch.int64 or stats.numel() != 2 or stats.device != F.device:
+            raise ValueError(f"mbf_kernels triton: stats must be an int64 tensor of 2 counters "
+                             f"on {F.device}")
+        self.stats, self.decoupled = stats, bool(decoupled_weight_decay)
+        if not len(params) == len(grads) == len(momenta):
+            raise ValueError("mbf_kernels triton: params, grads and momenta must have the same "
+                             "length")
+        if len(segments) % SEGMENT_FIELDS:
+            raise ValueError(f"mbf_kernels triton: segments must hold {SEGMENT_FIELDS} ints per "
+                             f"segment, got {len(segments)}")
+        # Kept alive until the launches are queued (the caching allocator orders reuse after
+        # them on the stream).
+        self.grads = grads = [g.contiguous() for g in grads]
+        for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
+            for name, t in (("params", p), ("grads", g), ("momenta", m)):
+                _check_like(f"{name}[{i}]", t, "curvature", F)
+            if g.shape != p.shape or m.shape != p.shape:
+                raise ValueError(f"mbf_kernels triton: grads[{i}] and momenta[{i}] must have "
+                                 f"shape {tuple(p.shape)}, got {tuple(g.shape)} and "
+                                 f"{tuple(m.shape)}")
+            if not (p.is_contiguous() and m.is_contiguous()):
+                raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated "
+                                 "in place and must be contiguous")
+        size, base = F.element_size(), F.data_ptr()
 
-    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
-        for name, t in (("params", p), ("grads", g), ("momenta", m)):
-            _check_like(f"{name}[{i}]", t, "curvature", F)
-        if g.shape != p.shape or m.shape != p.shape:
-            raise ValueError(f"mbf_kernels triton: grads[{i}] and momenta[{i}] must have shape "
-                             f"{tuple(p.shape)}, got {tuple(g.shape)} and {tuple(m.shape)}")
-        if not (p.is_contiguous() and m.is_contiguous()):
-            raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated in "
-                             "place and must be contiguous")
-    groups: dict[int, tuple[list[int], list[int]]] = {}
-    next_free_tile = 0
-    for s in range(0, len(segments), SEGMENT_FIELDS):
-        main, tail, n, col, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
-        where = f"mbf_kernels triton: segment {s // SEGMENT_FIELDS}"
-        if not (0 <= main < len(params) and -1 <= tail < len(params)):
-            raise ValueError(f"{where} names tensor {main} / {tail} of {len(params)}")
-        if width + (tail >= 0) != d or n < 0 or col < 0 or stride < width:
-            raise ValueError(f"{where} has a bad layout (n {n}, offset {col}, width {width}, "
-                             f"stride {stride}) for blocks of size {d}")
-        if n and col + (n - 1) * stride + width > params[main].numel():
-            raise ValueError(f"{where} reaches past the end of params[{main}]")
-        if tail >= 0 and params[tail].numel() < n:
-            raise ValueError(f"{where} needs {n} tail values, params[{tail}] has "
-                             f"{params[tail].numel()}")
-        tiles = -(-n // COMPACT_TILE)
-        if tile0 < next_free_tile or tile0 + tiles > F.shape[0]:
-            raise ValueError(f"{where} owns tiles [{tile0}, {tile0 + tiles}), which overlap the "
-                             f"previous segment's or exceed the {F.shape[0]} tiles of the state")
-        if not 0 <= flags < 8 or (flags & _FIRST and not flags & _REFRESH):
-            raise ValueError(f"{where} has bad flags {flags} (1: update curvature, 2: first "
-                             "update, which needs 1, 4: refactor)")
-        next_free_tile = tile0 + tiles
-        if n == 0:
-            continue
-        t = tail if tail >= 0 else main
-        row = [offset(params[main], col), offset(grads[main], col), offset(momenta[main], col),
-               offset(params[t], 0), offset(grads[t], 0), offset(momenta[t], 0),
-               n, stride, tile0, int(tail >= 0)]
-        fields, counts = groups.setdefault(flags, ([], []))
-        fields += row
-        counts.append(n)
-    if not groups:
-        return
-    floor = damping ** -0.5 if damping > 0 else 1.0
-    hyper = [_bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
-                                lr * weight_decay, floor)]
-    block, warps = config or _step_config(d, F.dtype, F.device)
-    # Each distinct set of flags is one launch (usually one per step: all units count alike);
-    # on a refactor step the refactor kernel (with the refresh) runs first.
-    for flags, (fields, counts) in groups.items():
-        table = _TABLES.get(fields + hyper, F.device)
-        grid = (sum(triton.cdiv(n, block) for n in counts),)
-        refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
-        launch = dict(D=d, BLOCK=block, num_warps=warps, num_stages=1)
-        if flags & _REFACTOR:
-            K._bucket_refactor_kernel[grid](F, L, table, stats, len(counts),
-                                            UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
-                                            **launch)
-            refresh = first = False
-        K._bucket_step_kernel[grid](F, L, table, stats, len(counts),
-                                    DECOUPLED=bool(decoupled_weight_decay),
-                                    UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first, **launch)
+        def offset(t: Tensor, elements: int) -> int:
+            q, r = divmod(t.data_ptr() + elements * size - base, size)
+            if r:
+                raise ValueError("mbf_kernels triton: a tensor of the bucket is not aligned to "
+                                 "its element size")
+            return q
+
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        next_free_tile = 0
+        for s in range(0, len(segments), SEGMENT_FIELDS):
+            main, tail, n, col, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
+            where = f"mbf_kernels triton: segment {s // SEGMENT_FIELDS}"
+            if not (0 <= main < len(params) and -1 <= tail < len(params)):
+                raise ValueError(f"{where} names tensor {main} / {tail} of {len(params)}")
+            if width + (tail >= 0) != d or n < 0 or col < 0 or stride < width:
+                raise ValueError(f"{where} has a bad layout (n {n}, offset {col}, width {width}, "
+                                 f"stride {stride}) for blocks of size {d}")
+            if n and col + (n - 1) * stride + width > params[main].numel():
+                raise ValueError(f"{where} reaches past the end of params[{main}]")
+            if tail >= 0 and params[tail].numel() < n:
+                raise ValueError(f"{where} needs {n} tail values, params[{tail}] has "
+                                 f"{params[tail].numel()}")
+            tiles = -(-n // COMPACT_TILE)
+            if tile0 < next_free_tile or tile0 + tiles > F.shape[0]:
+                raise ValueError(f"{where} owns tiles [{tile0}, {tile0 + tiles}), which overlap "
+                                 f"the previous segment's or exceed the {F.shape[0]} tiles of "
+                                 "the state")
+            if not 0 <= flags < 8 or (flags & _FIRST and not flags & _REFRESH):
+                raise ValueError(f"{where} has bad flags {flags} (1: update curvature, 2: first "
+                                 "update, which needs 1, 4: refactor)")
+            next_free_tile = tile0 + tiles
+            if n == 0:
+                continue
+            t = tail if tail >= 0 else main
+            row = [offset(params[main], col), offset(grads[main], col),
+                   offset(momenta[main], col), offset(params[t], 0), offset(grads[t], 0),
+                   offset(momenta[t], 0), n, stride, tile0, int(tail >= 0)]
+            fields, counts = groups.setdefault(flags, ([], []))
+            fields += row
+            counts.append(n)
+        floor = damping ** -0.5 if damping > 0 else 1.0
+        hyper = [_bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
+                                    lr * weight_decay, floor)]
+        self.launches = [(flags, _TABLES.get(fields + hyper, F.device), counts)
+                         for flags, (fields, counts) in groups.items()]
+
+    def run(self, config: tuple[int, int]) -> None:
+        """Queue the kernels with tiles of config = (BLOCK, num_warps); on a refactor step the
+        refactor kernel (with the refresh) runs first."""
+        block, warps = config
+        meta = dict(D=self.d, BLOCK=block, num_warps=warps, num_stages=1)
+        for flags, table, counts in self.launches:
+            grid = (sum(triton.cdiv(n, block) for n in counts),)
+            refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
+            if flags & _REFACTOR:
+                K._bucket_refactor_kernel[grid](self.F, self.L, table, self.stats, len(counts),
+                                                UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
+                                                **meta)
+                refresh = first = False
+            K._bucket_step_kernel[grid](self.F, self.L, table, self.stats, len(counts),
+                                        DECOUPLED=self.decoupled, UPDATE_CURVATURE=refresh,
+                                        FIRST_CURVATURE=first, **meta)
 
 
 @torch.library.custom_op("mbf_kernels::triton_bucket_step_",
@@ -412,8 +423,10 @@ def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Ten
                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
                     lr: float, momentum_coef: float, beta: float, damping: float,
                     weight_decay: float, decoupled_weight_decay: bool) -> None:
-    _bucket_step(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef,
-                 beta, damping, weight_decay, decoupled_weight_decay)
+    step = _StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
+                         momentum_coef, beta, damping, weight_decay, decoupled_weight_decay)
+    if step.launches:
+        step.run(_step_config(step.d, curvature.dtype, curvature.device))
 
 
 @_bucket_step_op.register_fake
