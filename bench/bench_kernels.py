@@ -48,8 +48,7 @@ def step_backends(device: torch.device) -> list[str]:
 
 def bench_solve(d, n, dtype, device, roof_bw, budget_s) -> list[Row]:
     """solve_spd on every kernel backend that takes d against torch's Cholesky + solve."""
-    backends = [b for b in step_backends(device)
-                if (dispatch.max_block_size(b) or d) >= d]
+    backends = [b for b in step_backends(device) if dispatch.covers(b, d)]
     return bench_linalg("solve_spd", d, n, dtype, device, roof_bw, budget_s, backends,
                         all_baselines=False)
 
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     default_step_n = BAR_N if device.type == "cuda" else 2**18 if args.quick else 2**20
     step_n = args.step_n or default_step_n
     step_points = [(d, b) for d in dims for b in step_backends(device)
-                   if (dispatch.max_block_size(b, step=True) or d) >= d]
+                   if dispatch.covers(b, d, step=True)]
     for d, backend in track(step_points, description="fused step", console=console):
         rows += bench_step(d, step_n, torch.float32, device, roof_bw, args.budget, backend)
 

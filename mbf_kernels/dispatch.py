@@ -137,7 +137,8 @@ def max_block_size(name: str, *, step: bool = False) -> int | None:
     return None
 
 
-def _covers(name: str, d: int | None, step: bool) -> bool:
+def covers(name: str, d: int | None, *, step: bool = False) -> bool:
+    """Whether backend ``name`` takes blocks of size ``d`` (None: any size is fine)."""
     limit = max_block_size(name, step=step)
     return d is None or limit is None or d <= limit
 
@@ -155,7 +156,7 @@ def select(backend: str, device: torch.device, *, differentiable: bool, fn: str,
         status = _status()
         for name in order:
             if (status[name].available and _serves_device(name, device)
-                    and _covers(name, d, step)):
+                    and covers(name, d, step=step)):
                 return module(name)
         return reference
     if backend == "torch":
@@ -165,7 +166,7 @@ def select(backend: str, device: torch.device, *, differentiable: bool, fn: str,
         raise RuntimeError(f"{fn}: backend {backend!r} is not available: {status.detail}")
     if not _serves_device(backend, device):
         raise ValueError(f"{fn}: backend {backend!r} cannot run on {device.type} tensors")
-    if not _covers(backend, d, step):
+    if not covers(backend, d, step=step):
         raise ValueError(f"{fn}: backend {backend!r} takes blocks up to d = "
                          f"{max_block_size(backend, step=step)}, got d = {d}; backend='auto' "
                          "picks a backend per block size")
@@ -177,8 +178,6 @@ def select(backend: str, device: torch.device, *, differentiable: bool, fn: str,
     return module(backend)
 
 
-_MODULE_NAMES = {"torch": "mbf_kernels.reference", "cpu": "mbf_kernels._extension",
-                 "cuda": "mbf_kernels._extension", "triton": "mbf_kernels.triton.ops"}
 _MODULES: dict[str, ModuleType] = {"torch": reference, "cpu": _extension, "cuda": _extension}
 
 
@@ -187,6 +186,6 @@ def module(name: str) -> ModuleType:
     without a graph break. The Triton ones are imported with the backends' status (importing
     Triton takes a while, so not before a backend is asked for)."""
     loaded = _MODULES.get(name)
-    if loaded is None:
-        loaded = _MODULES[name] = importlib.import_module(_MODULE_NAMES[name])
+    if loaded is None:  # only "triton" is loaded lazily
+        loaded = _MODULES[name] = importlib.import_module("mbf_kernels.triton.ops")
     return loaded

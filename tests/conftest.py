@@ -59,21 +59,13 @@ def compiled_backends(*, covering: int | None = None) -> list:
     status = mk.backends()
     params = []
     for name in ("cpu", "triton"):
-        if covering is not None and not covers(name, covering, step=True):
+        if covering is not None and not dispatch.covers(name, covering, step=True):
             continue
         s = status[name]
         runs = s.available and dispatch._serves_device(name, torch.device("cpu"))
         params.append(pytest.param(name, marks=pytest.mark.skipif(not runs, reason=s.detail),
                                    id=name))
     return params
-
-
-def covers(backend: str, d: int, *, step: bool = False) -> bool:
-    """Whether ``backend`` takes blocks of size d (the Triton kernels stop at TRITON_MAX_D)."""
-    from mbf_kernels import dispatch
-
-    limit = dispatch.max_block_size(backend, step=step)
-    return limit is None or d <= limit
 
 
 def assert_refuses_block_size(backend: str, d: int, call) -> None:

@@ -30,17 +30,12 @@ BACKENDS = _cuda_backends()
 DIMS = (1, 2, 9, 10, 16, 25, 33)
 
 
-def _covers(backend, d, step=False):
-    limit = dispatch.max_block_size(backend, step=step)
-    return limit is None or d <= limit
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("n", [0, 7, 1000, 70_001])
 def test_linalg_ops_match_reference(backend, d, n, dtype):
-    if not _covers(backend, d):
+    if not dispatch.covers(backend, d):
         pytest.skip(f"{backend} takes d <= {dispatch.max_block_size(backend)}")
     A64 = random_spd(n, d=d).cuda()
     A, B64 = A64.to(dtype), randn(n, d, 3).cuda()
@@ -71,7 +66,7 @@ def test_linalg_ops_match_reference(backend, d, n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d", DIMS + (64,))
 def test_compact_ops_and_fused_step_match_reference(backend, d, dtype):
-    if not _covers(backend, d, step=True):
+    if not dispatch.covers(backend, d, step=True):
         pytest.skip(f"{backend} step takes d <= {dispatch.max_block_size(backend, step=True)}")
     n = 5000
     F = compact.to_compact(pack_tril(random_spd(n, d=d, dtype=dtype))).cuda()

@@ -17,7 +17,6 @@ from conftest import (
     assert_refuses_block_size,
     batch_sizes_for,
     compiled_backends,
-    covers,
     non_contiguous,
     randn,
     random_spd,
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.parametrize("backend", compiled_backends())
 def test_cholesky_ex(backend, n, d, dtype):
     A64 = random_spd(n, d=d)
     A = A64.to(dtype)
-    if not covers(backend, d):
+    if not dispatch.covers(backend, d):
         return assert_refuses_block_size(backend, d,
                                          lambda: mk.linalg.cholesky_ex(A, backend=backend))
     L, info = mk.linalg.cholesky_ex(A, 0.05, backend=backend)
@@ -52,7 +51,7 @@ def test_solve_spd(backend, n, d, dtype, k):
     A64 = random_spd(n, d=d)
     B64 = randn(n, d) if k is None else randn(n, d, k)
     A, B = A64.to(dtype), B64.to(dtype)
-    if not covers(backend, d):
+    if not dispatch.covers(backend, d):
         return assert_refuses_block_size(backend, d,
                                          lambda: mk.linalg.solve_spd(A, B, backend=backend))
     X = mk.linalg.solve_spd(A, B, 0.01, backend=backend)
@@ -72,7 +71,7 @@ def test_cholesky_solve(backend, n, d, dtype):
     L64 = torch.linalg.cholesky(A64)
     B64 = randn(n, d, 2)
     L, B = L64.to(dtype), B64.to(dtype)
-    if not covers(backend, d):
+    if not dispatch.covers(backend, d):
         return assert_refuses_block_size(backend, d,
                                          lambda: mk.linalg.cholesky_solve(B, L, backend=backend))
     assert_close_fp64_anchored(
@@ -88,7 +87,7 @@ def test_cholesky_solve(backend, n, d, dtype):
 def test_inv_spd(backend, n, d, dtype):
     A64 = random_spd(n, d=d)
     A = A64.to(dtype)
-    if not covers(backend, d):
+    if not dispatch.covers(backend, d):
         return assert_refuses_block_size(backend, d, lambda: mk.linalg.inv_spd(A, backend=backend))
     assert_close_fp64_anchored(
         mk.linalg.inv_spd(A, 0.1, backend=backend),
@@ -105,7 +104,7 @@ def test_outer_ema(backend, n, d, S, dtype):
     F64 = random_spd(n, d=d, seed=5)
     G64 = randn(n, d) if S is None else randn(n, S, d)
     F, G = F64.to(dtype), G64.to(dtype)
-    if not covers(backend, d):
+    if not dispatch.covers(backend, d):
         return assert_refuses_block_size(
             backend, d, lambda: mk.linalg.outer_ema_(F.clone(), G, 0.9, backend=backend))
     ours = mk.linalg.outer_ema_(F.clone(), G, 0.9, backend=backend)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mbf_kernels as mk
-from mbf_kernels import compact
+from mbf_kernels import compact, dispatch
 from mbf_kernels.packed import pack_tril
 from conftest import STEP_TOL as TOL, StepBucket, randn
 
@@ -117,7 +117,7 @@ def test_compact_round_trip():
 # --------------------------------------------------------------------------------------------
 # The step's phases as standalone ops on the compact layout, every backend against the torch one.
 
-from conftest import assert_refuses_block_size, compiled_backends, covers, random_spd  # noqa: E402
+from conftest import assert_refuses_block_size, compiled_backends, random_spd  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", compiled_backends())
@@ -128,7 +128,7 @@ def test_compact_ops_match_reference(backend, n, d, dtype):
     tol = TOL[dtype]
     F = compact.to_compact(pack_tril(random_spd(n, d=d, dtype=dtype, seed=9)))
     G = randn(n, d, dtype=dtype, seed=10)
-    if not covers(backend, d, step=True):
+    if not dispatch.covers(backend, d, step=True):
         return assert_refuses_block_size(
             backend, d, lambda: compact.outer_ema_(F.clone(), G, 0.8, backend=backend))
     ours = compact.outer_ema_(F.clone(), G, 0.8, backend=backend)

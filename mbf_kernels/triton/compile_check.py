@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import kernels as K
-from .kernels import interpreting
+from ..dispatch import triton_interpreted
 
 #: The step kernels' variants worth compiling: flags (constexpr name -> value).
 VARIANTS = {
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="kernel:d:dtype:arch[:variant] instead of the grid above; repeatable")
     parser.add_argument("--json", type=Path, help="also write the results (or errors) here")
     args = parser.parse_args(argv)
-    if interpreting():
+    if triton_interpreted():
         parser.error("TRITON_INTERPRET=1 is set: unset it to run Triton's compiler")
     cases = args.case or [dict(name=name, d=d, dtype=dtype, arch=arch, variant=variant)
                           for arch in args.arch for dtype in args.dtype for d in args.d

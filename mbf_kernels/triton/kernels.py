@@ -34,13 +34,12 @@ Naming ladder (as Liger-Kernel): ``_name`` (``@triton.jit``) -> host launchers i
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 # Largest block size the Triton kernels take (why: mbf_kernels.dispatch).
 from ..dispatch import TRITON_MAX_D as MAX_D  # noqa: F401
+from ..dispatch import triton_interpreted
 
 # The step kernel's segment table: SEG_FIELDS int64 per segment (offsets, in elements from the
 # curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail),
@@ -55,11 +54,6 @@ SEG_FIELDS = tl.constexpr(10)
 CONFIGS = ((128, 4), (64, 2), (256, 4), (128, 2), (32, 1))
 
 
-def interpreting() -> bool:
-    """Triton's CPU interpreter (TRITON_INTERPRET=1) is what runs the kernels without a GPU."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def fits(block: int, warps: int, d: int) -> bool:
     """Whether a (BLOCK, num_warps) config is worth trying for block size d: two blocks per
     thread only while a block's triangle leaves room in the 255 registers."""
@@ -68,7 +62,7 @@ def fits(block: int, warps: int, d: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    if interpreting():
+    if triton_interpreted():
         return [configs[0]]  # the interpreter ignores warps; tuning it would only cost time
     d = kwargs.get("D", named_args.get("D"))
     kept = [c for c in configs if fits(c.kwargs["BLOCK"], c.num_warps, d)]
@@ -401,31 +395,19 @@ def _ema(f, c, beta, one_minus_beta, N: tl.constexpr):
 # Dense (N, d, d) kernels: the linalg API
 
 
-@_autotune()
 @triton.jit
-def _dense_cholesky_kernel(A, L, info_ptr, n, damping: tl.float64, NBIN,
-                           D: tl.constexpr, BLOCK: tl.constexpr):
-    """L (N, D, D) lower = chol(A + damping I), zero where it failed; info (N,) int32."""
-    lanes, mask = _lanes(n, BLOCK)
-    base = lanes * (D * D)
-    a = _load_tri(A, base, mask, D, False)
-    l, info = _cholesky(a, _scalar(damping, A.dtype.element_ty), D)
-    diag = ()  # the dense factor holds L_jj itself
-    for i in tl.static_range(D):
-        for j in tl.static_range(i + 1):
-            if i == j:
-                diag = diag + (_recip(l[_tri(i, i)]),)
-            else:
-                diag = diag + (l[_tri(i, j)],)
-    _store_dense(L, base, mask, _zero_where(info != 0, diag, D * (D + 1) // 2), D, False)
-    tl.store(info_ptr + lanes, info, mask=mask)
+def _dense_factor(A, lanes, mask, damping, D: tl.constexpr):
+    """The factor of each lane's dense block of A plus damping I: (packed L with its diagonal
+    inverted, info)."""
+    return _cholesky(_load_tri(A, lanes * (D * D), mask, D, False),
+                     _scalar(damping, A.dtype.element_ty), D)
 
 
 @triton.jit
-def _dense_factor_from_L(Lp, base, mask, D: tl.constexpr):
-    """A given dense Cholesky factor as a packed tuple with its diagonal inverted (lanes past
-    the batch read 1 there, not 0, so that the interpreter does not warn of a division by 0)."""
-    l = _load_tri(Lp, base, mask, D, False)
+def _invert_diagonal(l, mask, D: tl.constexpr):
+    """Packed L with its diagonal replaced by its reciprocal (either direction between a dense
+    factor and the kernels' form). Lanes past the batch invert 1, not the 0 they read, so that
+    the interpreter does not warn of a division by 0."""
     out = ()
     for i in tl.static_range(D):
         for j in tl.static_range(i + 1):
@@ -438,10 +420,23 @@ def _dense_factor_from_L(Lp, base, mask, D: tl.constexpr):
 
 @_autotune()
 @triton.jit
+def _dense_cholesky_kernel(A, L, info_ptr, n, damping: tl.float64, NBIN,
+                           D: tl.constexpr, BLOCK: tl.constexpr):
+    """L (N, D, D) lower = chol(A + damping I), zero where it failed; info (N,) int32."""
+    lanes, mask = _lanes(n, BLOCK)
+    l, info = _dense_factor(A, lanes, mask, damping, D)
+    dense = _invert_diagonal(l, mask, D)  # the dense factor holds L_jj itself
+    _store_dense(L, lanes * (D * D), mask, _zero_where(info != 0, dense, D * (D + 1) // 2), D,
+                 False)
+    tl.store(info_ptr + lanes, info, mask=mask)
+
+
+@_autotune()
+@triton.jit
 def _dense_cholesky_solve_kernel(L, B, X, n, k, NBIN, D: tl.constexpr, BLOCK: tl.constexpr):
     """X (N, D, k) = (L L^T)^{-1} B for a dense lower factor L (N, D, D)."""
     lanes, mask = _lanes(n, BLOCK)
-    l = _dense_factor_from_L(L, lanes * (D * D), mask, D)
+    l = _invert_diagonal(_load_tri(L, lanes * (D * D), mask, D, False), mask, D)
     for c in range(k):
         base = lanes * (D * k) + c
         x = _solve(l, _load_vec(B, base, k, mask, D), D)
@@ -454,8 +449,7 @@ def _dense_solve_spd_kernel(A, B, X, info_ptr, n, k, damping: tl.float64, NBIN,
                             D: tl.constexpr, BLOCK: tl.constexpr):
     """X = (A + damping I)^{-1} B, factor and solves fused; X = 0 where the factor failed."""
     lanes, mask = _lanes(n, BLOCK)
-    l, info = _cholesky(_load_tri(A, lanes * (D * D), mask, D, False),
-                        _scalar(damping, A.dtype.element_ty), D)
+    l, info = _dense_factor(A, lanes, mask, damping, D)
     failed = info != 0
     for c in range(k):
         base = lanes * (D * k) + c
@@ -470,10 +464,9 @@ def _dense_inv_spd_kernel(A, Ainv, info_ptr, n, damping: tl.float64, NBIN,
                           D: tl.constexpr, BLOCK: tl.constexpr):
     """Ainv = (A + damping I)^{-1} (symmetric, dense); zero where the factor failed."""
     lanes, mask = _lanes(n, BLOCK)
-    base = lanes * (D * D)
-    l, info = _cholesky(_load_tri(A, base, mask, D, False), _scalar(damping, A.dtype.element_ty), D)
+    l, info = _dense_factor(A, lanes, mask, damping, D)
     inv = _zero_where(info != 0, _inverse(l, D), D * (D + 1) // 2)
-    _store_dense(Ainv, base, mask, inv, D, True)
+    _store_dense(Ainv, lanes * (D * D), mask, inv, D, True)
     tl.store(info_ptr + lanes, info, mask=mask)
 
 

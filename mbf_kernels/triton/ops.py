@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from ..compact import COMPACT_TILE, compact_shape
+from ..dispatch import triton_interpreted
 from ..packed import tril_dim
 from ..reference import SEGMENT_FIELDS
 from . import kernels as K
@@ -94,7 +95,7 @@ def _launch(kernel, grid, *args, **meta) -> None:
     """``wrap_triton(kernel)[grid](...)``, which torch.compile traces into. Triton's interpreter
     (CI) cannot run on the fake tensors that tracing passes: there the kernel is skipped, the
     outputs being allocated by the torch ops around it."""
-    if K.interpreting() and any(is_fake(a) for a in args if isinstance(a, Tensor)):
+    if triton_interpreted() and any(is_fake(a) for a in args if isinstance(a, Tensor)):
         return
     wrap_triton(kernel)[grid](*args, **meta)
 
@@ -102,7 +103,7 @@ def _launch(kernel, grid, *args, **meta) -> None:
 def _op(name: str, mutates_args):
     """Register ``fn`` as the op ``name``: see the module docstring."""
     def register(fn):
-        if K.interpreting():
+        if triton_interpreted():
             op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
             op.register_fake(fn)
             return op
