@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "mbf/batched.h"
@@ -140,7 +142,10 @@ StepSegment<T> whole_segment(at::Tensor& param, const at::Tensor& grad, at::Tens
 }
 
 // ints per segment in mbf_bucket_step_'s `segments` (schema in registration.cpp).
-inline constexpr int kSegmentFields = 8;
+inline constexpr int kSegmentFields = 9;
+
+// mbf_bucket_step_'s `mode` bits (mbf_kernels.reference.StepMode).
+inline constexpr int64_t kModeWrite = 1, kModeGraft = 2;
 
 // mbf_bucket_step_'s tensors: curvature/factor compact and contiguous, params/grads/momenta
 // alike in dtype and device, the in-place ones contiguous. Returns d.
@@ -179,14 +184,60 @@ inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::Ten
   return d;
 }
 
+// The grafting / relative-damping arguments of mbf_bucket_step_ (see StepConfig, StepTiles):
+// checked against the bucket, and the config completed from `mode`. Per-tile tensors are
+// contiguous, of the curvature's dtype and device: damping and scale (tiles,), norms
+// (tiles, 2, 16); second moments like params. Returns the tile pointers.
+template <typename T>
+StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
+                         const at::Tensor& curvature, const c10::optional<at::Tensor>& damping,
+                         const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& norms, int64_t mode,
+                         StepConfig* cfg) {
+  TORCH_CHECK(mode >= 0 && mode <= (kModeWrite | kModeGraft), "mbf_kernels: mode must be a ",
+              "combination of 1 (write) and 2 (graft), got ", mode);
+  cfg->write = (mode & kModeWrite) != 0;
+  cfg->graft = (mode & kModeGraft) != 0;
+  const int64_t tiles = curvature.size(0);
+  auto check_tiles = [&](const c10::optional<at::Tensor>& t, const char* name,
+                         std::initializer_list<int64_t> shape) -> T* {
+    if (!t.has_value()) return nullptr;
+    check_like(*t, curvature, name);
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape) && t->is_contiguous(), "mbf_kernels: ",
+                name, " must be a contiguous tensor of shape ", at::IntArrayRef(shape), ", got ",
+                t->sizes());
+    return t->template mutable_data_ptr<T>();
+  };
+  StepTiles<T> out;
+  out.damping = check_tiles(damping, "tile_damping", {tiles});
+  out.scale = check_tiles(scale, "tile_scale", {tiles});
+  out.norms = check_tiles(norms, "tile_norms", {tiles, 2, kCompactTile});
+  if (cfg->graft) {
+    TORCH_CHECK(out.norms != nullptr && (out.scale != nullptr || !cfg->write),
+                "mbf_kernels: a grafted step (mode 2) needs tile_norms, and tile_scale to write");
+    TORCH_CHECK(second_moments.size() == params.size(), "mbf_kernels: a grafted step needs one ",
+                "second moment per params tensor, got ", second_moments.size(), " for ",
+                params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      check_like(second_moments[i], curvature, "second_moments[i]");
+      TORCH_CHECK(second_moments[i].sizes() == params[i].sizes() &&
+                      second_moments[i].is_contiguous(),
+                  "mbf_kernels: second_moments[", i, "] must be contiguous with shape ",
+                  params[i].sizes(), ", got ", second_moments[i].sizes());
+    }
+  }
+  return out;
+}
+
 // The segments of a bucket step, checked, with pointers into params / grads (contiguous) /
 // momenta; segments without blocks are dropped. `*tiles_used` is the end of the last
 // segment's tiles.
 template <typename T>
 std::vector<StepSegment<T>> parse_segments(at::TensorList params,
                                            const std::vector<at::Tensor>& grads,
-                                           at::TensorList momenta, at::IntArrayRef segments,
-                                           int64_t d, int64_t tiles, int64_t* tiles_used) {
+                                           at::TensorList momenta, at::TensorList second_moments,
+                                           at::IntArrayRef segments, int64_t d, int64_t tiles,
+                                           const StepConfig& cfg, int64_t* tiles_used) {
   TORCH_CHECK(segments.size() % kSegmentFields == 0, "mbf_kernels: segments must hold ",
               kSegmentFields, " ints per segment, got ", segments.size());
   const int64_t n_segments = static_cast<int64_t>(segments.size()) / kSegmentFields;
@@ -197,7 +248,7 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
   for (int64_t s = 0; s < n_segments; ++s) {
     const int64_t* f = segments.data() + s * kSegmentFields;
     const int64_t main = f[0], tail = f[1], n = f[2], col = f[3], width = f[4], stride = f[5],
-                  tile_offset = f[6], flag_bits = f[7];
+                  tile_offset = f[6], flag_bits = f[7], step = f[8];
     TORCH_CHECK(main >= 0 && main < n_tensors && tail >= -1 && tail < n_tensors,
                 "mbf_kernels: segment ", s, " names tensor ", main, " / ", tail, " of ",
                 n_tensors);
@@ -217,6 +268,8 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
     TORCH_CHECK(flag_bits >= 0 && flag_bits < 8 && (flag_bits & 2) <= 2 * (flag_bits & 1),
                 "mbf_kernels: segment ", s, " has bad flags ", flag_bits,
                 " (1: update curvature, 2: first update, which needs 1, 4: refactor)");
+    TORCH_CHECK(step >= 1 || !cfg.graft, "mbf_kernels: segment ", s, " has step ", step,
+                "; a grafted step needs the unit's step count >= 1");
     next_free_tile = tile_offset + seg_tiles;
     if (n == 0) continue;
     auto ptr = [](const at::Tensor& t) { return t.template mutable_data_ptr<T>(); };
@@ -228,6 +281,14 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
         has_tail ? ptr(momenta[tail]) : nullptr, n, stride, tile_offset,
         static_cast<int>(width),
         StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0, (flag_bits & 4) != 0}});
+    if (cfg.graft) {
+      StepSegment<T>& seg = out.back();
+      seg.v = ptr(second_moments[main]) + col;
+      seg.v_tail = has_tail ? ptr(second_moments[tail]) : nullptr;
+      const double t = static_cast<double>(step);
+      seg.graft_c1 = static_cast<T>((1.0 - cfg.momentum) / (1.0 - std::pow(cfg.momentum, t)));
+      seg.graft_s2 = static_cast<T>(1.0 / std::sqrt(1.0 - std::pow(cfg.beta2, t)));
+    }
   }
   *tiles_used = next_free_tile;
   return out;

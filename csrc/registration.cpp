@@ -25,17 +25,23 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "float damping, float weight_decay, bool decoupled_weight_decay, bool update_curvature, "
       "bool first_curvature, bool refactor) -> ()");
   // The fused step for a whole bucket (one call per block size per param group): the blocks
-  // of many tensors, which share d. `segments` holds 8 ints per segment, sorted by tile:
-  //   [tensor, tail tensor or -1, n_blocks, offset, width, row_stride, tile_offset, flags]
+  // of many tensors, which share d. `segments` holds 9 ints per segment, sorted by tile:
+  //   [tensor, tail tensor or -1, n_blocks, offset, width, row_stride, tile_offset, flags, step]
   // block i of the segment is params[tensor].flatten()[offset + i * row_stride :][:width],
-  // then params[tail][i] (a Linear bias joined to its weight's row); likewise grads/momenta.
-  // It owns compact tiles [tile_offset, tile_offset + ceil(n_blocks / 16)) of curvature and
-  // factor. flags: 1 refresh the curvature, 2 it is the first refresh, 4 refactor.
+  // then params[tail][i] (a Linear bias joined to its weight's row); likewise grads/momenta
+  // (and second_moments). It owns compact tiles [tile_offset, tile_offset + ceil(n_blocks /
+  // 16)) of curvature and factor. flags: 1 refresh the curvature, 2 it is the first refresh,
+  // 4 refactor; step: its unit's step count (Adam's bias correction when grafting).
+  // Beyond the paper (MBF_SPEC 3b; mbf_kernels.reference.mbf_bucket_step_ is the definition):
+  // step_mode bits 1 write (m, v, p), 2 graft (keep Adam's v in second_moments, write each block's
+  // [|u|^2, |a|^2] to tile_norms (tiles, 2, 16), scale the update by tile_scale (tiles,));
+  // tile_damping (tiles,) replaces damping at the refactor.
   m.def(
       "mbf_bucket_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, "
       "Tensor(c!) curvature, Tensor(d!) factor, Tensor(e!) stats, int[] segments, float lr, "
       "float momentum_coef, float beta, float damping, float weight_decay, "
-      "bool decoupled_weight_decay) -> ()");
+      "bool decoupled_weight_decay, Tensor(f!)[] second_moments, Tensor? tile_damping, "
+      "Tensor? tile_scale, Tensor(g!)? tile_norms, float beta2, float eps, int step_mode) -> ()");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

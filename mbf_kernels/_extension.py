@@ -79,11 +79,16 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
                      curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
                      lr: float, momentum_coef: float, beta: float, damping: float,
-                     weight_decay: float, decoupled_weight_decay: bool) -> None:
-    """The fused step for a bucket of segments (layout: csrc/registration.cpp)."""
+                     weight_decay: float, decoupled_weight_decay: bool,
+                     second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
+                     tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
+                     beta2: float = 0.999, eps: float = 1e-8, mode: int = 1) -> None:
+    """The fused step for a bucket of segments (layout: csrc/registration.cpp; the definition
+    of every argument: mbf_kernels.reference.mbf_bucket_step_)."""
     torch.ops.mbf_kernels.mbf_bucket_step_.default(
         params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
-        damping, weight_decay, decoupled_weight_decay)
+        damping, weight_decay, decoupled_weight_decay, list(second_moments), tile_damping,
+        tile_scale, tile_norms, beta2, eps, int(mode))
 
 
 def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
@@ -140,7 +145,8 @@ if AVAILABLE:
 
     @torch.library.register_fake("mbf_kernels::mbf_bucket_step_")
     def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
-          damping, weight_decay, decoupled_weight_decay) -> None:
+          damping, weight_decay, decoupled_weight_decay, second_moments, tile_damping,
+          tile_scale, tile_norms, beta2, eps, step_mode) -> None:
         return None
 
     @torch.library.register_fake("mbf_kernels::mbf_step_")

@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         epochs=args.epochs, budget_s=args.budget_seconds, batch_size=args.batch_size,
         seed=args.seed, device=str(device), compile=args.compile,
         amp=None if args.amp == "none" else args.amp, weight_decay=args.weight_decay, lr=lrs,
-        momentum=args.momentum, damping=args.damping,
+        momentum=args.momentum, damping=args.damping, relative_damping=args.relative_damping,
         curvature_update_freq=args.curvature_update_freq,
         inverse_update_freq=args.inverse_update_freq, mbf_backend=args.mbf_backend,
         lr_milestones=tuple(int(m) for m in _csv_list(args.lr_milestones or "")),
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--momentum", type=float, default=0.9, help="SGD's and MBF's momentum")
     train.add_argument("--damping", type=_nonnegative_float, default=DEFAULTS["damping"],
                        help="MBF's damping")
+    train.add_argument("--relative-damping", type=_nonnegative_float, default=0.1,
+                       help="mbf_graft's damping: a fraction of each unit's mean curvature "
+                       "eigenvalue (docs/options.md)")
     _add_mbf_schedule(train)
     train.add_argument("--mbf-backend", default="auto", help="MBF's kernel backend")
     train.add_argument("--lr-milestones", help="step decay: comma-separated epochs after which "

@@ -15,6 +15,7 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +35,14 @@ __all__ = [
 ]
 
 
-def add_damping(A: Tensor, damping: float) -> Tensor:
-    """``A + damping * I`` for a batch ``A`` of shape (..., d, d); ``A`` itself when damping is 0."""
+def add_damping(A: Tensor, damping: float | Tensor) -> Tensor:
+    """``A + damping * I`` for a batch ``A`` of shape (..., d, d); ``A`` itself when damping is 0.
+    A tensor ``damping`` of A's batch shape (...) damps each matrix by its own value."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    if isinstance(damping, Tensor):
+        return A + damping.to(A.dtype)[..., None, None] * eye
     if damping == 0:
         return A
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return A + damping * eye
 
 
@@ -48,7 +52,7 @@ def _first_bad_row(bad_rows: Tensor) -> Tensor:
     return torch.where(bad_rows.any(dim=-1), first, 0).to(torch.int32)
 
 
-def cholesky_ex(A: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+def cholesky_ex(A: Tensor, damping: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor of ``A + damping*I``. A: (..., d, d) -> (L (..., d, d), info (...) int32).
 
     ``info`` follows the contract in the module docstring exactly, also for non-finite input,
@@ -104,15 +108,45 @@ def outer_ema_(F: Tensor, G: Tensor, beta: float) -> Tensor:
     return F.mul_(beta).add_(C, alpha=1 - beta)
 
 
-def diagonal_fallback(F: Tensor, damping: float) -> Tensor:
+def diagonal_fallback(F: Tensor, damping: float | Tensor) -> Tensor:
     """1 / L_ii of the diagonal preconditioner that replaces a failed factor of F + damping I
     (MBF_SPEC section 4): 1 / sqrt(F_ii + damping) where that is finite and positive, else
-    1 / sqrt(damping), else 1. F: (..., d, d) -> (..., d)."""
+    1 / sqrt(damping), else 1. F: (..., d, d) -> (..., d); a tensor damping has F's batch shape."""
+    if isinstance(damping, Tensor):
+        damping = damping.to(F.dtype)[..., None]
+        floor = torch.where(damping > 0, damping.clamp_min(torch.finfo(F.dtype).tiny).rsqrt(),
+                            torch.ones_like(damping))
+    else:
+        floor = damping ** -0.5 if damping > 0 else 1.0
     s = F.diagonal(dim1=-2, dim2=-1) + damping
     ok = torch.isfinite(s) & (s > 0)
-    floor = damping ** -0.5 if damping > 0 else 1.0
     return torch.where(ok, s.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(),
-                       torch.full_like(s, floor))
+                       torch.as_tensor(floor, dtype=s.dtype, device=s.device).expand_as(s))
+
+
+class StepMode(enum.IntFlag):
+    """What one call of the bucket step does besides the curvature refresh and refactor its
+    segments' flags ask for (the ``mode`` argument of :func:`mbf_bucket_step_`).
+
+    ``WRITE``: store the new momentum (and second moment) and update the parameters.
+    ``GRAFT``: also keep Adam's second moment ``v`` of the step's direction, write each block's
+    ``[|u_b|^2, |a_b|^2]`` (MBF's direction, Adam's) to ``tile_norms`` and, with ``WRITE``,
+    scale the update of each tile by ``tile_scale``. ``GRAFT`` alone is the measuring pass of a
+    grafted step; no bit at all runs the refresh/refactor only (relative damping's first pass).
+    """
+
+    NONE = 0
+    WRITE = 1
+    GRAFT = 2
+
+
+def graft_bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """(c1, s2) of Adam's bias correction at ``step`` (>= 1), as the kernels use them: Adam's
+    direction is ``a = c1 m / (s2 sqrt(v) + eps)`` with MBF's heavy-ball momentum ``m``
+    (coefficient beta1, so Adam's first moment is (1 - beta1) m), c1 = (1 - beta1) /
+    (1 - beta1^step) and s2 = 1 / sqrt(1 - beta2^step)."""
+    step = max(int(step), 1)
+    return (1 - beta1) / (1 - beta1 ** step), (1 - beta2 ** step) ** -0.5
 
 
 def mbf_step_(
@@ -132,6 +166,14 @@ def mbf_step_(
     update_curvature: bool,
     first_curvature: bool,
     refactor: bool,
+    second_moment: Tensor | None = None,
+    block_damping: Tensor | None = None,
+    block_scale: Tensor | None = None,
+    block_norms: Tensor | None = None,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    step: int = 1,
+    mode: StepMode = StepMode.WRITE,
 ) -> None:
     """One MBF step for a bucket of N blocks of size d, straight from MBF_SPEC section 3.
 
@@ -139,6 +181,13 @@ def mbf_step_(
     canonical packed rows (the factor with its diagonal inverted, see :mod:`mbf_kernels.compact`).
     stats: int64 (2,) += [blocks whose non-finite gradient skipped the curvature update,
     blocks whose factorisation failed and fell back to the diagonal].
+
+    Beyond the paper (MBF_SPEC section 3b), per block: ``block_damping`` (N,) replaces
+    ``damping`` at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment``
+    (N, d) is Adam's v, ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]`` (0, 0 for a block
+    where either is not finite, so that one bad block cannot spread to its unit), and the
+    update is ``lr * block_scale * u``; ``step`` is the unit's step count for Adam's bias
+    correction (:func:`graft_bias_corrections`).
     """
     from .compact import cholesky_from_factor, factor_from_cholesky
     from .packed import pack_tril, unpack_tril
@@ -150,23 +199,45 @@ def mbf_step_(
         curvature.copy_(torch.where(finite[:, None], new, curvature))
         stats[0] += (~finite).sum().to(stats.device)  # a tensor add: no host sync
     if refactor:
+        lam = damping if block_damping is None else block_damping
         blocks = unpack_tril(curvature)
-        L, info = cholesky_ex(blocks, damping)
+        L, info = cholesky_ex(blocks, lam)
         failed = info != 0
-        fallback = diagonal_fallback(blocks, damping)
+        fallback = diagonal_fallback(blocks, lam)
         # Failed blocks: the diagonal preconditioner (fallback already holds 1 / L_ii).
         factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
                                  factor_from_cholesky(L)))
         stats[1] += failed.sum().to(stats.device)
     direction = grad if decoupled_weight_decay else grad + weight_decay * param
-    momentum.mul_(momentum_coef).add_(direction)
-    u = torch.cholesky_solve(momentum[:, :, None], cholesky_from_factor(factor))[:, :, 0]
-    update = lr * u + (lr * weight_decay * param if decoupled_weight_decay else 0)
+    new_m = momentum_coef * momentum + direction
+    u = torch.cholesky_solve(new_m[:, :, None], cholesky_from_factor(factor))[:, :, 0]
+    scale = 1.0
+    if mode & StepMode.GRAFT:
+        new_v = beta2 * second_moment + (1 - beta2) * direction * direction
+        c1, s2 = graft_bias_corrections(momentum_coef, beta2, step)
+        a = c1 * new_m / (s2 * new_v.sqrt() + eps)
+        norms = torch.stack([(u * u).sum(-1), (a * a).sum(-1)], dim=-1)
+        block_norms.copy_(torch.where(torch.isfinite(norms).all(-1, keepdim=True), norms, 0))
+        if mode & StepMode.WRITE:
+            second_moment.copy_(new_v)
+            scale = block_scale.to(u.dtype)[:, None]
+    if not mode & StepMode.WRITE:
+        return
+    momentum.copy_(new_m)
+    update = lr * scale * u + (lr * weight_decay * param if decoupled_weight_decay else 0)
     param.sub_(update)
 
 
 #: ints per segment in the ``segments`` list of :func:`mbf_bucket_step_`.
-SEGMENT_FIELDS = 8
+SEGMENT_FIELDS = 9
+
+
+class SegmentFlags(enum.IntFlag):
+    """The flags field of a segment: what the step does to its curvature."""
+
+    REFRESH = 1  # refresh the curvature (EMA of g g^T)
+    FIRST = 2  # ... and it is the first refresh: F = g g^T (needs REFRESH)
+    REFACTOR = 4  # refactor F + damping I
 
 
 @dataclass(frozen=True)
@@ -219,18 +290,27 @@ def _write_compact_rows(C: Tensor, X: Tensor) -> None:
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
                      curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
                      lr: float, momentum_coef: float, beta: float, damping: float,
-                     weight_decay: float, decoupled_weight_decay: bool) -> None:
+                     weight_decay: float, decoupled_weight_decay: bool,
+                     second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
+                     tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
+                     beta2: float = 0.999, eps: float = 1e-8,
+                     mode: int = StepMode.WRITE) -> None:
     """The fused step for a bucket of segments: :func:`mbf_step_` on each segment's blocks.
 
     ``segments`` holds :data:`SEGMENT_FIELDS` ints per segment, as the compiled op takes them
     (csrc/registration.cpp): [tensor, tail tensor or -1, n_blocks, offset, width, row_stride,
-    tile_offset, flags], the fields of :class:`Segment` plus where its compact tiles start.
-    curvature/factor are compact; flags 1 refresh, 2 first refresh, 4 refactor.
+    tile_offset, flags, step], the fields of :class:`Segment` plus where its compact tiles
+    start, its :class:`SegmentFlags` and its unit's step count (Adam's bias correction).
+    curvature/factor are compact (tiles, T, 16). Per compact tile: ``tile_damping`` (tiles,)
+    replaces ``damping`` at the refactor; ``tile_scale`` (tiles,) scales the update
+    (``mode & GRAFT``); ``tile_norms`` (tiles, 2, 16) receives each block's [|u|^2, |a|^2]
+    (``mode & GRAFT``); ``second_moments`` are Adam's v, one per params tensor (``GRAFT``).
     """
     from .compact import COMPACT_TILE, from_compact
 
+    mode = StepMode(mode)
     for s in range(0, len(segments), SEGMENT_FIELDS):
-        main, tail, n, offset, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
+        main, tail, n, offset, width, stride, tile0, flags, step = segments[s:s + SEGMENT_FIELDS]
         if n == 0:
             continue
         seg = Segment(main, None if tail < 0 else tail, n, offset, width, stride)
@@ -238,13 +318,32 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
         P, G, Mm = seg.rows(params), seg.rows(grads), seg.rows(momenta)
         F_c, L_c = curvature[tile0:tile0 + tiles], factor[tile0:tile0 + tiles]
         F, L = from_compact(F_c, n), from_compact(L_c, n)
+
+        def per_block(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[tile0:tile0 + tiles].repeat_interleave(
+                COMPACT_TILE)[:n]
+
+        graft = bool(mode & StepMode.GRAFT)
+        V = seg.rows(second_moments) if graft else None
+        norms = torch.zeros(n, 2, dtype=curvature.dtype, device=curvature.device)
         mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
                   damping=damping, weight_decay=weight_decay,
                   decoupled_weight_decay=decoupled_weight_decay,
-                  update_curvature=bool(flags & 1), first_curvature=bool(flags & 2),
-                  refactor=bool(flags & 4))
-        seg.write_rows(params, P)
-        seg.write_rows(momenta, Mm)
+                  update_curvature=bool(flags & SegmentFlags.REFRESH),
+                  first_curvature=bool(flags & SegmentFlags.FIRST),
+                  refactor=bool(flags & SegmentFlags.REFACTOR), second_moment=V,
+                  block_damping=per_block(tile_damping), block_scale=per_block(tile_scale),
+                  block_norms=norms, beta2=beta2, eps=eps, step=step, mode=mode)
+        if mode & StepMode.WRITE:
+            seg.write_rows(params, P)
+            seg.write_rows(momenta, Mm)
+            if graft:
+                seg.write_rows(second_moments, V)
+        if graft:
+            # Padding blocks of the segment's last tile hold zeros.
+            out = norms.new_zeros(tiles * COMPACT_TILE, 2)
+            out[:n] = norms
+            tile_norms[tile0:tile0 + tiles] = out.view(tiles, COMPACT_TILE, 2).transpose(1, 2)
         _write_compact_rows(F_c, F)
         _write_compact_rows(L_c, L)
 

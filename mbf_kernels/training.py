@@ -39,7 +39,9 @@ __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimize
 
 # Default learning rates: MBF's from its sweep (bench/RESULTS.md); SGD and AdamW the usual
 # starting points for CNNs; SOAP its library's default.
-DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "sgd": 0.05, "adamw": 1e-3, "soap": 3e-3}
+#: "mbf_graft" is MBF as an AdamW drop-in (graft="adam", relative damping): AdamW's lr.
+DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_graft": 1e-3, "sgd": 0.05, "adamw": 1e-3,
+              "soap": 3e-3}
 #: Multipliers of the default learning rate tried by --tune, the same for every optimizer.
 TUNE_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 
@@ -59,6 +61,7 @@ class TrainConfig:
     lr: dict[str, float] = field(default_factory=dict)  # per optimizer; DEFAULT_LR otherwise
     momentum: float = 0.9  # SGD's and MBF's momentum
     damping: float = MBF_DEFAULTS["damping"]
+    relative_damping: float = 0.1  # mbf_graft's damping, a fraction of the mean eigenvalue
     curvature_update_freq: int = MBF_DEFAULTS["curvature_update_freq"]
     inverse_update_freq: int = MBF_DEFAULTS["inverse_update_freq"]
     mbf_backend: str = "auto"
@@ -86,15 +89,26 @@ def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.op
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
 
 
+def _make_mbf_graft(params, lr: float, cfg: TrainConfig,
+                    model: nn.Module) -> torch.optim.Optimizer:
+    # As the AdamW it replaces: Adam's step lengths, betas and decoupled weight decay.
+    return MBF.from_model(model, lr=lr, graft="adam", damping_mode="relative",
+                          damping=cfg.relative_damping, weight_decay=cfg.weight_decay,
+                          decoupled_weight_decay=True,
+                          curvature_update_freq=cfg.curvature_update_freq,
+                          inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
+
+
 def _make_soap(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     from pytorch_optimizer import SOAP
 
     return SOAP(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "sgd": _make_sgd, "adamw": _make_adamw,
-                                   "soap": _make_soap}
-LABELS = {"mbf": "MBF", "sgd": "SGD(momentum)", "adamw": "AdamW", "soap": "SOAP"}
+OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "mbf_graft": _make_mbf_graft,
+                                   "sgd": _make_sgd, "adamw": _make_adamw, "soap": _make_soap}
+LABELS = {"mbf": "MBF", "mbf_graft": "MBF(graft=adam, relative)", "sgd": "SGD(momentum)",
+          "adamw": "AdamW", "soap": "SOAP"}
 
 
 def available_optimizers() -> dict[str, str]:

@@ -74,14 +74,18 @@ def assert_refuses_block_size(backend: str, d: int, call) -> None:
         call()
 
 
-def assert_close_fp64_anchored(ours, theirs, exact, *, factor: float = 2.0, what: str = ""):
+def assert_close_fp64_anchored(ours, theirs, exact, *, factor: float = 2.0, what: str = "",
+                               cond: float = 1.0):
     """``ours`` is at most ``factor`` x further from the fp64 ``exact`` than ``theirs``.
 
     ``theirs`` is torch's result at the same precision as ``ours``: a backend is judged
     against what plain PyTorch achieves, not against an absolute tolerance (flash-attention's
     rule). For float64 ``theirs`` and ``exact`` are the same computation, so a floor of
     O(d) ulps of the data's scale (the textbook error growth of a d x d Cholesky solve on these
-    well-conditioned inputs) stands in for the unavailable higher-precision anchor.
+    well-conditioned inputs) stands in for the unavailable higher-precision anchor. An op
+    whose forward error grows with the condition number (an inverse) passes ``cond``, the
+    largest 2-norm condition number of its inputs, which scales the floor (the standard
+    ``|dX| / |X| <= c d eps cond`` bound).
     """
     ours64, theirs64, exact = ours.double(), theirs.double(), exact.double()
     assert ours.shape == exact.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
@@ -89,7 +93,7 @@ def assert_close_fp64_anchored(ours, theirs, exact, *, factor: float = 2.0, what
         return
     d = exact.shape[-1]
     scale = exact.abs().max().clamp_min(1.0)
-    floor = 4 * d * torch.finfo(ours.dtype).eps * scale
+    floor = 4 * d * torch.finfo(ours.dtype).eps * scale * cond
     err_ours = (ours64 - exact).abs().max()
     err_theirs = (theirs64 - exact).abs().max()
     bound = factor * err_theirs + floor

@@ -144,10 +144,10 @@ def _bucket(dtype, device):
     grads = [randn(*t.shape, seed=10 + i).to(dtype).to(device) for i, t in enumerate(params)]
     momenta = [torch.zeros_like(t) for t in params]
     tiles = 2 + 1 + 3 + 1
-    # tensor, tail, n, offset, width, stride, first tile, flags (different per segment)
-    segments = [0, 1, 20, 0, 8, 8, 0, 7,
-                2, -1, 5, 3, 9, 14, 2, 1,
-                3, -1, 33, 0, 9, 9, 3, 5]
+    # tensor, tail, n, offset, width, stride, first tile, flags (different per segment), step
+    segments = [0, 1, 20, 0, 8, 8, 0, 7, 1,
+                2, -1, 5, 3, 9, 14, 2, 1, 3,
+                3, -1, 33, 0, 9, 9, 3, 5, 2]
     return params, grads, momenta, tiles, segments
 
 
@@ -204,7 +204,7 @@ def test_bucket_op_rejects_bad_segments():
     with pytest.raises(ValueError, match="segment 0 has a bad layout"):
         mt.mbf_bucket_step_(params, grads, momenta, F, F.clone(), stats, bad, **hyper)
     bad = list(segments)
-    bad[8 + 6] = 1  # overlaps segment 0's tiles
+    bad[reference.SEGMENT_FIELDS + 6] = 1  # overlaps segment 0's tiles
     with pytest.raises(ValueError, match="segment 1 owns tiles"):
         mt.mbf_bucket_step_(params, grads, momenta, F, F.clone(), stats, bad, **hyper)
     with pytest.raises(ValueError, match="stats must be an int64 tensor"):
@@ -295,7 +295,7 @@ def test_triton_ops_pass_opcheck():
     stats = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     torch.library.opcheck(ops.triton_bucket_step_.default,
                           (params, grads, momenta, Fb, Fb.clone(), stats, segments, 0.1, 0.9,
-                           0.8, 0.05, 0.0, False))
+                           0.8, 0.05, 0.0, False, [], None, None, None, 0.999, 1e-8, 1))
 
 
 def test_torch_compile_traces_the_triton_ops_without_graph_breaks():
@@ -361,6 +361,9 @@ COMPILE_CASES = (
        "_bucket_step_kernel:9:fp64:90:cached factor",
        "_bucket_step_kernel:9:fp32:80:first refresh",
        "_bucket_refactor_kernel:9:fp32:80:refactor only",
+       "_bucket_step_kernel:9:fp32:90:graft measure",
+       "_bucket_step_kernel:9:fp32:90:graft write",
+       "_bucket_refactor_kernel:9:fp32:90:relative damping",
        "_dense_solve_spd_kernel:2:fp64:80:"]
 )
 

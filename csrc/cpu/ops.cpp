@@ -154,11 +154,13 @@ int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / kCompactTile; }
 // adds the counters to stats ([skipped curvature blocks, failed factorisations]).
 template <typename T>
 void run_step(const std::vector<cpu::StepSegment<T>>& segs, T* F, T* factor, int64_t d,
-              int64_t n_tiles, const cpu::StepConfig& cfg, at::Tensor& stats) {
+              int64_t n_tiles, const cpu::StepConfig& cfg, at::Tensor& stats,
+              const StepTiles<T>& tiles = {}) {
   std::atomic<int64_t> skipped{0}, failed{0};
   at::parallel_for(0, n_tiles, tile_grain(d), [&](int64_t b, int64_t e) {
     const cpu::StepStats st = cpu::mbf_bucket_step_tiles<T>(
-        segs.data(), static_cast<int>(segs.size()), F, factor, static_cast<int>(d), b, e, cfg);
+        segs.data(), static_cast<int>(segs.size()), F, factor, static_cast<int>(d), b, e, cfg,
+        tiles);
     skipped += st.skipped_curvature;
     failed += st.failed_factor;
   });
@@ -189,17 +191,24 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
 void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                          at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats,
                          at::IntArrayRef segments, double lr, double momentum_coef, double beta,
-                         double damping, double weight_decay, bool decoupled_weight_decay) {
+                         double damping, double weight_decay, bool decoupled_weight_decay,
+                         at::TensorList second_moments,
+                         const c10::optional<at::Tensor>& tile_damping,
+                         const c10::optional<at::Tensor>& tile_scale,
+                         const c10::optional<at::Tensor>& tile_norms, double beta2, double eps,
+                         int64_t mode) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
   const auto grads_c = contiguous_all(grads);
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
+    cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                        beta2, eps};
+    const StepTiles<scalar_t> tiles = check_graft<scalar_t>(
+        params, second_moments, curvature, tile_damping, tile_scale, tile_norms, mode, &cfg);
     int64_t tiles_used = 0;
-    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, segments, d,
-                                               curvature.size(0), &tiles_used);
-    const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
-                              decoupled_weight_decay};
+    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, second_moments,
+                                               segments, d, curvature.size(0), cfg, &tiles_used);
     run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(),
-                       factor.mutable_data_ptr<scalar_t>(), d, tiles_used, cfg, stats);
+                       factor.mutable_data_ptr<scalar_t>(), d, tiles_used, cfg, stats, tiles);
   });
 }
 

@@ -50,10 +50,10 @@ int64_t count_lanes(const M<T>& mask, int cnt) {
 template <typename T, int D>
 struct CompactTile {
   static constexpr int W = Ln<T>::W;
-  std::vector<V<T>> gv, mv, pv, F, L, inv_diag, x;
+  std::vector<V<T>> gv, mv, pv, vv, F, L, inv_diag, x;
   int n, tri;
   explicit CompactTile(int d)
-      : gv(d), mv(d), pv(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
+      : gv(d), mv(d), pv(d), vv(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
         n(D > 0 ? D : d), tri(n * (n + 1) / 2) {}
 
   // Lanes dst[0, n) of blocks b0 .. b0 + cnt of a stream laid out as StepSegment describes:
@@ -132,9 +132,9 @@ struct CompactTile {
   }
 
   // The fused step for the W blocks of segment `s` starting at its block b0, of which cnt
-  // are real.
+  // are real; they sit at lanes [u, u + W) of compact tile t (StepTiles' index).
   void step(const StepSegment<T>& s, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
-            StepStats& stats) {
+            const StepTiles<T>& tiles, int64_t t, int u, StepStats& stats) {
     gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
     if (s.flags.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
@@ -144,25 +144,52 @@ struct CompactTile {
     }
     if (s.flags.refactor) {
       if (!s.flags.update_curvature) load_compact<T>(Fc, tri, F.data());
-      const M<T> info = refactor(Lc, static_cast<T>(cfg.damping), /*fallback=*/true);
+      const T damping = tiles.damping ? tiles.damping[t] : static_cast<T>(cfg.damping);
+      const M<T> info = refactor(Lc, damping, /*fallback=*/true);
       stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
+    if (!cfg.write && !cfg.graft) return;  // the refresh/refactor-only pass
     gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
     gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+    if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
     const T lr = static_cast<T>(cfg.lr), rho = static_cast<T>(cfg.momentum);
     const T wd = static_cast<T>(cfg.weight_decay);
+    const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
     for (int e = 0; e < n; ++e) {
       const V<T> dir = cfg.decoupled_weight_decay ? gv[e] : gv[e] + wd * pv[e];
       mv[e] = rho * mv[e] + dir;
       x[e] = mv[e];
+      if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
     }
     solve(Lc);
+    T scale = T(1);
+    if (cfg.graft) {
+      const V<T> zero = lanes::splat<V<T>>(T(0));
+      const T eps = static_cast<T>(cfg.eps);
+      V<T> su = zero, sa = zero;
+      for (int e = 0; e < n; ++e) {
+        const V<T> a = s.graft_c1 * mv[e] / (s.graft_s2 * lanes::vsqrt<T>(vv[e]) + eps);
+        su += x[e] * x[e];
+        sa += a * a;
+      }
+      // A block whose norms are not finite (a NaN gradient) is left out of its unit's norms.
+      const M<T> ok = ((su - su) == T(0)) & ((sa - sa) == T(0));
+      su = ok ? su : zero;
+      sa = ok ? sa : zero;
+      T* out = tiles.norms + t * 2 * kCompactTile + u;
+      std::memcpy(out, &su, sizeof(V<T>));
+      std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
+      if (!cfg.write) return;
+      scale = tiles.scale[t];
+    }
+    const T lr_u = lr * scale;
     for (int e = 0; e < n; ++e) {
       const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
-      pv[e] = pv[e] - lr * x[e] - decay;
+      pv[e] = pv[e] - lr_u * x[e] - decay;
     }
     scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
     scatter(pv, b0, cnt, s.p, s.row_stride, s.width, s.p_tail);
+    if (cfg.graft) scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
   }
 };
 
@@ -184,7 +211,7 @@ void for_each_subtile(int64_t n_blocks, int64_t t0, int64_t t1, Body&& body) {
 template <typename T>
 StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
                                 T* factor, int d, int64_t tile_begin, int64_t tile_end,
-                                const StepConfig& cfg) {
+                                const StepConfig& cfg, const StepTiles<T>& tiles) {
   StepStats stats;
   const int64_t tri = int64_t(d) * (d + 1) / 2, tile_elems = tri * kCompactTile;
   const int64_t tile_bytes = tile_elems * int64_t(sizeof(T));
@@ -212,8 +239,10 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
           prefetch_bytes(s->g + next_row, rows_bytes);
           prefetch_bytes(s->m + next_row, rows_bytes);
           prefetch_bytes(s->p + next_row, rows_bytes);
+          if (s->v != nullptr) prefetch_bytes(s->v + next_row, rows_bytes);
         }
-        tile.step(*s, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg, stats);
+        tile.step(*s, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg, tiles,
+                  t, u, stats);
       });
     }
   });
@@ -274,7 +303,8 @@ void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, in
   template StepStats mbf_step_tiles<T>(T*, const T*, T*, T*, T*, int64_t, int, int64_t,      \
                                        int64_t, const StepConfig&, const StepFlags&);        \
   template StepStats mbf_bucket_step_tiles<T>(const StepSegment<T>*, int, T*, T*, int,       \
-                                              int64_t, int64_t, const StepConfig&);          \
+                                              int64_t, int64_t, const StepConfig&,           \
+                                              const StepTiles<T>&);                          \
   template void compact_outer_ema_tiles<T>(T*, const T*, int64_t, int, int64_t, int64_t, T); \
   template void compact_cholesky_tiles<T>(const T*, T*, int32_t*, int64_t, int, int64_t,     \
                                           int64_t, T);                                       \

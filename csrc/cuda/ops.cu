@@ -149,7 +149,8 @@ std::pair<at::Tensor, int64_t> upload_segments(const std::vector<StepSegment<T>>
 
 template <typename T>
 void run_bucket_step(const std::vector<StepSegment<T>>& segs, at::Tensor& curvature,
-                     at::Tensor& factor, at::Tensor& stats, int64_t d, const StepConfig& cfg) {
+                     at::Tensor& factor, at::Tensor& stats, int64_t d, const StepConfig& cfg,
+                     const StepTiles<T>& tiles = {}) {
   if (segs.empty()) return;
   const std::pair<at::Tensor, int64_t> uploaded = upload_segments<T>(segs, curvature.device());
   const at::Tensor& table = uploaded.first;
@@ -159,7 +160,7 @@ void run_bucket_step(const std::vector<StepSegment<T>>& segs, at::Tensor& curvat
                    reinterpret_cast<const StepSegment<T>*>(base),
                    reinterpret_cast<const int64_t*>(base + segs.size() * sizeof(StepSegment<T>)),
                    static_cast<int>(segs.size()), ctas, curvature.mutable_data_ptr<T>(),
-                   factor.mutable_data_ptr<T>(), static_cast<int>(d), cfg,
+                   factor.mutable_data_ptr<T>(), static_cast<int>(d), cfg, tiles,
                    reinterpret_cast<unsigned long long*>(stats.mutable_data_ptr<int64_t>()),
                    current_stream()),
                "bucket_step");
@@ -188,17 +189,24 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats,
                           at::IntArrayRef segments, double lr, double momentum_coef,
                           double beta, double damping, double weight_decay,
-                          bool decoupled_weight_decay) {
+                          bool decoupled_weight_decay, at::TensorList second_moments,
+                          const c10::optional<at::Tensor>& tile_damping,
+                          const c10::optional<at::Tensor>& tile_scale,
+                          const c10::optional<at::Tensor>& tile_norms, double beta2, double eps,
+                          int64_t mode) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
   check_step_dim(d);
   const c10::cuda::CUDAGuard guard(curvature.device());
   const auto grads_c = contiguous_all(grads);
-  const StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay};
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cuda", [&] {
+    StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                   beta2, eps};
+    const StepTiles<scalar_t> tiles = check_graft<scalar_t>(
+        params, second_moments, curvature, tile_damping, tile_scale, tile_norms, mode, &cfg);
     int64_t tiles_used = 0;
-    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, segments, d,
-                                               curvature.size(0), &tiles_used);
-    run_bucket_step<scalar_t>(segs, curvature, factor, stats, d, cfg);
+    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, second_moments,
+                                               segments, d, curvature.size(0), cfg, &tiles_used);
+    run_bucket_step<scalar_t>(segs, curvature, factor, stats, d, cfg, tiles);
   });
 }
 

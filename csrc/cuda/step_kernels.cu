@@ -36,7 +36,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kStepThreads)
     bucket_step_kernel(const StepSegment<T>* __restrict__ segments,
                        const int64_t* __restrict__ first_cta, int n_segments, T* F, T* L, int d,
-                       StepScalars<T> c, unsigned long long* stats) {
+                       StepScalars<T> c, StepTiles<T> tiles, unsigned long long* stats) {
   const int64_t cta = blockIdx.x;
   const int s = find_segment(first_cta, n_segments, cta);
   const StepSegment<T> seg = segments[s];
@@ -44,12 +44,27 @@ __global__ void __launch_bounds__(kStepThreads)
   BlockCounts counts;
   if (b < seg.n_blocks) {
     const int64_t state_block = seg.tile_offset * kCompactTile + b;
+    const int64_t tile = state_block / kCompactTile;
+    const BlockExtras<T> ex{
+        tiles.damping != nullptr ? tiles.damping[tile] : c.damping,
+        block_vector<T>(seg.v, seg.v_tail, b, seg.row_stride, seg.width), seg.graft_c1,
+        seg.graft_s2, tiles.scale != nullptr ? tiles.scale[tile] : T(1),
+        tiles.norms != nullptr ? tiles.norms + tile * 2 * kCompactTile + state_block % kCompactTile
+                               : nullptr};
     counts = step_block<T, D>(
         block_vector<T>(seg.p, seg.p_tail, b, seg.row_stride, seg.width),
         block_vector<const T>(seg.g, seg.g_tail, b, seg.row_stride, seg.width),
         block_vector<T>(seg.m, seg.m_tail, b, seg.row_stride, seg.width),
         compact_entries<T>(F, state_block, d), compact_entries<T>(L, state_block, d), d, c,
-        seg.flags.update_curvature, seg.flags.first_curvature, seg.flags.refactor);
+        seg.flags.update_curvature, seg.flags.first_curvature, seg.flags.refactor, ex);
+  } else if (c.graft && tiles.norms != nullptr && b < ((seg.n_blocks + kCompactTile - 1) /
+                                                       kCompactTile) * kCompactTile) {
+    // Padding blocks of the segment's last tile: zero norms, as on the other backends.
+    const int64_t state_block = seg.tile_offset * kCompactTile + b;
+    T* out = tiles.norms + (state_block / kCompactTile) * 2 * kCompactTile +
+             state_block % kCompactTile;
+    out[0] = T(0);
+    out[kCompactTile] = T(0);
   }
   // One atomic per CUDA block, and only when something happened (the common case is none).
   const int skipped = __syncthreads_count(counts.skipped_curvature);
@@ -94,14 +109,14 @@ inline bool supported(int d) { return d >= 1 && d <= kMaxGenericDim; }
 template <typename T>
 int bucket_step(const StepSegment<T>* segments, const int64_t* first_cta, int n_segments,
                 int64_t n_ctas, T* F, T* factor, int d, const StepConfig& cfg,
-                unsigned long long* stats, void* stream) {
+                const StepTiles<T>& tiles, unsigned long long* stats, void* stream) {
   if (n_ctas == 0) return cudaSuccess;
   if (!supported(d) || n_segments < 1) return cudaErrorInvalidValue;
   const StepScalars<T> c = step_scalars<T>(cfg);
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     bucket_step_kernel<T, kD><<<static_cast<unsigned>(n_ctas), kStepThreads, 0,
                                 as_stream(stream)>>>(segments, first_cta, n_segments, F, factor,
-                                                     d, c, stats);
+                                                     d, c, tiles, stats);
   });
   return cudaGetLastError();
 }
@@ -142,7 +157,8 @@ int compact_solve(const T* factor, const T* B, T* X, int64_t n, int d, void* str
 
 #define MBF_INSTANTIATE(T)                                                                    \
   template int bucket_step<T>(const StepSegment<T>*, const int64_t*, int, int64_t, T*, T*, int, \
-                              const StepConfig&, unsigned long long*, void*);                 \
+                              const StepConfig&, const StepTiles<T>&, unsigned long long*,    \
+                              void*);                                                         \
   template int compact_outer_ema<T>(T*, const T*, int64_t, int, T, void*);                     \
   template int compact_cholesky<T>(const T*, T*, int32_t*, int64_t, int, T, void*);            \
   template int compact_solve<T>(const T*, const T*, T*, int64_t, int, void*);

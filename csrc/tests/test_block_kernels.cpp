@@ -374,46 +374,78 @@ int count_mismatches(const std::vector<T>& a, const std::vector<T>& b, T tol) {
 // The per-block step of the CUDA kernels (compact_block.h), run on the host block by block,
 // against the CPU kernels' step on the same bucket, over a schedule that takes every branch:
 // first refresh + refactor, cached factor, refresh (decoupled decay), refactor with a block made
-// indefinite (it fails and falls back to the diagonal), with a NaN gradient in one block. Hot
-// sizes and the generic path (d = 2, 33, 64).
+// indefinite (it fails and falls back to the diagonal), with a NaN gradient in one block; then
+// the options beyond the paper: a refactor with per-tile (relative) damping, a grafted
+// measuring pass (norms only), grafted writes with per-tile lr scales, and a refresh-only pass.
+// Hot sizes and the generic path (d = 2, 33, 64).
 template <typename T>
 void test_device_step_matches_cpu_step_t() {
   struct Phase {
     mbf::StepFlags flags;
     double damping;
-    bool decoupled;
+    bool decoupled, graft, write, tile_damping;
   };
-  const Phase schedule[] = {{{true, true, true}, 0.1, false},
-                            {{false, false, false}, 0.1, false},
-                            {{true, false, false}, 0.1, true},
-                            {{false, false, true}, 0.05, false},
-                            {{true, false, true}, 0.05, false}};
+  const Phase schedule[] = {{{true, true, true}, 0.1, false, false, true, false},
+                            {{false, false, false}, 0.1, false, false, true, false},
+                            {{true, false, false}, 0.1, true, false, true, false},
+                            {{false, false, true}, 0.05, false, false, true, false},
+                            {{true, false, true}, 0.05, false, false, true, false},
+                            {{true, false, true}, 0.05, false, true, false, true},
+                            {{false, false, false}, 0.05, false, true, true, false},
+                            {{false, false, true}, 0.05, true, true, true, true},
+                            {{true, false, false}, 0.05, false, false, false, false}};
+  const int n_phases = static_cast<int>(sizeof(schedule) / sizeof(schedule[0]));
   for (int d : kDims) {
     const int64_t n = kBlocks, tri = int64_t(d) * (d + 1) / 2;
     const int64_t tiles = (n + mbf::kCompactTile - 1) / mbf::kCompactTile;
     auto p_cpu = random_vec<T>(n * d, 31 + d);
-    std::vector<T> m_cpu(n * d, T(0)), F_cpu(tiles * tri * mbf::kCompactTile, T(0));
-    std::vector<T> L_cpu(F_cpu.size(), T(0));
-    auto p_dev = p_cpu, m_dev = m_cpu, F_dev = F_cpu, L_dev = L_cpu;
-    for (int k = 0; k < 5; ++k) {
+    std::vector<T> m_cpu(n * d, T(0)), v_cpu(n * d, T(0)), F_cpu(tiles * tri * mbf::kCompactTile, T(0));
+    std::vector<T> L_cpu(F_cpu.size(), T(0)), norms_cpu(tiles * 2 * mbf::kCompactTile, T(0));
+    auto p_dev = p_cpu, m_dev = m_cpu, v_dev = v_cpu, F_dev = F_cpu, L_dev = L_cpu;
+    auto norms_dev = norms_cpu;
+    std::vector<T> tile_damping(tiles), tile_scale(tiles);
+    for (int64_t t = 0; t < tiles; ++t) {
+      tile_damping[t] = T(0.01) * T(1 + t);
+      tile_scale[t] = T(0.5) + T(0.25) * T(t % 3);
+    }
+    for (int k = 0; k < n_phases; ++k) {
       const Phase& ph = schedule[k];
       auto g = random_vec<T>(n * d, 100 * d + k);
       g[5 * d + d / 2] = std::numeric_limits<T>::quiet_NaN();
       if (k == 3)  // block 7 indefinite: a failure that does not hang on rounding
         for (auto* F : {&F_cpu, &F_dev}) mbf::compact_entries<T>(F->data(), 7, d)[0] = T(-100);
-      const mbf::StepConfig cfg{0.05, 0.9, 0.8, ph.damping, 0.01, ph.decoupled};
-      const auto want = mbf::cpu::mbf_step_tiles<T>(p_cpu.data(), g.data(), m_cpu.data(),
-                                                    F_cpu.data(), L_cpu.data(), n, d, 0, tiles,
-                                                    cfg, ph.flags);
+      mbf::StepConfig cfg{0.05, 0.9, 0.8, ph.damping, 0.01, ph.decoupled};
+      cfg.graft = ph.graft;
+      cfg.write = ph.write;
+      mbf::StepTiles<T> tiles_arg;
+      if (ph.tile_damping) tiles_arg.damping = tile_damping.data();
+      if (ph.graft) {
+        tiles_arg.scale = tile_scale.data();
+        tiles_arg.norms = norms_cpu.data();
+      }
+      const T c1 = T(0.1 / (1 - std::pow(0.9, k + 1))), s2 = T(1 / std::sqrt(1 - std::pow(0.999, k + 1)));
+      mbf::StepSegment<T> seg{p_cpu.data(), g.data(), m_cpu.data(), nullptr, nullptr, nullptr,
+                              n, d, 0, d, ph.flags};
+      seg.v = v_cpu.data();
+      seg.graft_c1 = c1;
+      seg.graft_s2 = s2;
+      const auto want = mbf::cpu::mbf_bucket_step_tiles<T>(&seg, 1, F_cpu.data(), L_cpu.data(),
+                                                           d, 0, tiles, cfg, tiles_arg);
       const mbf::StepScalars<T> c = mbf::step_scalars<T>(cfg);
       int64_t skipped = 0, failed = 0;
       MBF_DISPATCH_BLOCK_DIM(d, [&] {
         for (int64_t b = 0; b < n; ++b) {
+          const int64_t t = b / mbf::kCompactTile;
+          const mbf::BlockExtras<T> ex{ph.tile_damping ? tile_damping[t] : c.damping,
+                                       {v_dev.data() + b * d, nullptr, d}, c1, s2,
+                                       tile_scale[t],
+                                       norms_dev.data() + t * 2 * mbf::kCompactTile +
+                                           b % mbf::kCompactTile};
           const mbf::BlockCounts counts = mbf::step_block<T, kD>(
               {p_dev.data() + b * d, nullptr, d}, {g.data() + b * d, nullptr, d},
               {m_dev.data() + b * d, nullptr, d}, mbf::compact_entries<T>(F_dev.data(), b, d),
               mbf::compact_entries<T>(L_dev.data(), b, d), d, c, ph.flags.update_curvature,
-              ph.flags.first_curvature, ph.flags.refactor);
+              ph.flags.first_curvature, ph.flags.refactor, ex);
           skipped += counts.skipped_curvature;
           failed += counts.failed_factor;
         }
@@ -426,6 +458,20 @@ void test_device_step_matches_cpu_step_t() {
       const T tol = 20 * tolerance<T>();
       EXPECT(count_mismatches(p_dev, p_cpu, tol) == 0, "d=%d step %d: parameters differ", d, k + 1);
       EXPECT(count_mismatches(m_dev, m_cpu, tol) == 0, "d=%d step %d: momenta differ", d, k + 1);
+      EXPECT(count_mismatches(v_dev, v_cpu, tol) == 0, "d=%d step %d: second moments differ", d,
+             k + 1);
+      if (ph.graft) {
+        // The norms of real blocks (padding lanes are zero on the CPU, untouched on the host).
+        for (int64_t b = 0; b < n; ++b)
+          for (int r = 0; r < 2; ++r) {
+            const int64_t at = (b / 16) * 32 + r * 16 + b % 16;
+            EXPECT(count_mismatches<T>({norms_dev[at]}, {norms_cpu[at]}, 100 * tol) == 0,
+                   "d=%d step %d block %lld: norm %d %g / %g", d, k + 1, (long long)b, r,
+                   double(norms_dev[at]), double(norms_cpu[at]));
+          }
+        EXPECT(norms_cpu[(5 / 16) * 32 + 5 % 16] == T(0), "d=%d: the NaN block's norm must be 0",
+               d);
+      }
       // Padding blocks hold whatever each implementation leaves there: compare real blocks.
       for (int64_t b = 0; b < n; ++b)
         for (int64_t e = 0; e < tri; ++e) {

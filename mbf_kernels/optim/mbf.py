@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..reference import SEGMENT_FIELDS, SegmentFlags, StepMode, graft_bias_corrections
 from ..compact import COMPACT_TILE, from_compact, to_compact
 from ..dispatch import CHOICES, select
 from ..packed import pack_tril, tril_size, unpack_tril
@@ -45,19 +46,31 @@ DEFAULTS: dict = dict(
     large_linear="shared",
     conv1x1="conv",
     backend="auto",
+    graft="none",
+    damping_mode="absolute",
+    betas=(0.9, 0.999),
+    eps=1e-8,
 )
+
+#: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
+GRAFT = ("none", "adam")
+DAMPING_MODE = ("absolute", "relative")
+#: Added to a relative damping so that a unit whose gradients are all zero still factors.
+RELATIVE_DAMPING_FLOOR = 1e-12
 
 # State keys (per parameter in ``optimizer.state``; the block state is added by state_dict()).
 STEP = "step"  # int: step() calls that saw a gradient for this unit (kept on its first param)
 MOMENTUM = "momentum_buffer"
+SECOND_MOMENT = "exp_avg_sq"  # graft="adam": Adam's v of the step's direction, as AdamW names it
 CURVATURE = "curvature"  # list, one (n_blocks, d(d+1)/2) packed tensor per segment
 FACTOR = "factor"  # same layout: packed L with its diagonal stored as 1 / L_ii
 LAYOUT = "block_layout"  # list of (kind, d, n_blocks) per segment, checked on load
-#: Options that describe this run rather than the optimization: kept on load_state_dict.
-_RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1")
+#: Options that shape the optimizer's buffers or describe this run (fixed at construction):
+#: kept from the loading optimizer on load_state_dict.
+_RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1", "graft", "damping_mode")
 
-# Flags of a segment in the bucket op (csrc/registration.cpp).
-_REFRESH, _FIRST, _REFACTOR = 1, 2, 4
+_REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentFlags.REFACTOR
+_FLAGS_FIELD = 7  # index of the flags in a segment's SEGMENT_FIELDS ints
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -78,6 +91,13 @@ class _Bucket:
     factor: Tensor | None = None
     stats: Tensor | None = None
     step_fn: Callable | None = None  # the mbf_bucket_step_ serving it (at first step)
+    # Per compact tile / block, for grafting and relative damping (index into the group's units;
+    # padding blocks map to one slot past the last unit).
+    tile_unit: Tensor | None = None  # (tiles,) int64
+    block_unit: Tensor | None = None  # (tiles * 16,) int64
+    tile_norms: Tensor | None = None  # (tiles, 2, 16): [|u_b|^2, |a_b|^2] of each block
+    tile_scale: Tensor | None = None  # (tiles,): the graft's lr multiplier of each tile's unit
+    tile_damping: Tensor | None = None  # (tiles,): the relative damping of each tile's unit
 
 
 @dataclass
@@ -104,6 +124,27 @@ class _GroupPlan:
     units: list[Unit]
     buckets: list[_Bucket]
     shared: list[_Shared]
+    diagonal_count: Tensor | None = None  # (units + 1,): diagonal entries of each unit's blocks
+
+
+@dataclass
+class _BucketCall:
+    """The arguments of one step's bucket-op call(s): every pass of a step reads the same
+    tensors, with the segments' flags masked per pass."""
+
+    bucket: _Bucket
+    params: list[Tensor]
+    grads: list[Tensor]
+    momenta: list[Tensor]
+    second_moments: list[Tensor]
+    segments: list[int]
+    staged: list[tuple[Tensor, Tensor]]  # (parameter, float32 / contiguous working copy)
+
+    def masked(self, keep: int) -> list[int]:
+        """The segments with their flags reduced to the bits in ``keep``."""
+        out = list(self.segments)
+        out[_FLAGS_FIELD::SEGMENT_FIELDS] = [f & keep for f in out[_FLAGS_FIELD::SEGMENT_FIELDS]]
+        return out
 
 
 def _check_real(name: str, value: object) -> float:
@@ -135,9 +176,27 @@ def _validate_group(group: dict) -> None:
         raise ValueError("MBF: decoupled_weight_decay must be True or False, got "
                          f"{group['decoupled_weight_decay']!r}")
     for name, choices in (("large_linear", LARGE_LINEAR), ("conv1x1", CONV1X1),
-                          ("backend", CHOICES)):
+                          ("backend", CHOICES), ("graft", GRAFT), ("damping_mode", DAMPING_MODE)):
         if group[name] not in choices:
             raise ValueError(f"MBF: {name} must be one of {choices}, got {group[name]!r}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"MBF: betas must be a pair (beta1, beta2), got {betas!r}")
+    for name, value in zip(("betas[0]", "betas[1]"), betas):
+        if not 0.0 <= _check_real(name, value) < 1.0:
+            raise ValueError(f"MBF: {name} must be in [0, 1), got {value!r}")
+    if _check_real("eps", group["eps"]) < 0:
+        raise ValueError(f"MBF: eps must be >= 0, got {group['eps']!r}")
+    if (group["graft"] == "adam" and group["momentum"] != DEFAULTS["momentum"]
+            and group["momentum"] != betas[0]):
+        raise ValueError(f"MBF: with graft='adam' the momentum coefficient is betas[0] "
+                         f"({betas[0]!r}, as in AdamW); momentum={group['momentum']!r} would "
+                         "have no effect: pass betas=(momentum, beta2) instead")
+
+
+def _momentum_coef(group: dict) -> float:
+    """The heavy-ball coefficient: AdamW's beta1 when grafting from Adam."""
+    return group["betas"][0] if group["graft"] == "adam" else group["momentum"]
 
 
 class MBF(torch.optim.Optimizer):
@@ -201,11 +260,15 @@ class MBF(torch.optim.Optimizer):
         units = plan_group(group["params"], group, self._roles, self._n_params)
         buckets: dict[tuple, _Bucket] = {}
         shared: list[_Shared] = []
+        graft = group["graft"] == "adam"
         for unit in units:
             p0 = unit.params[0]
             dtype, device = _state_dtype(p0), p0.device
             for p in unit.params:
                 self.state[p][MOMENTUM] = torch.zeros(p.shape, dtype=dtype, device=device)
+                if graft:
+                    self.state[p][SECOND_MOMENT] = torch.zeros(p.shape, dtype=dtype,
+                                                               device=device)
             self.state[p0][STEP] = 0
             if unit.kind == "shared":
                 d = unit.segments[0].d
@@ -223,7 +286,37 @@ class MBF(torch.optim.Optimizer):
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.dtype, device=b.device)
-        return _GroupPlan(units, list(buckets.values()), shared)
+        plan = _GroupPlan(units, list(buckets.values()), shared)
+        if graft or group["damping_mode"] == "relative":
+            self._plan_unit_reductions(plan)
+        return plan
+
+    @staticmethod
+    def _plan_unit_reductions(plan: _GroupPlan) -> None:
+        """Index tensors that reduce per-block values to the units of a group (and spread unit
+        values back to tiles) on the device, so that grafting and relative damping need no
+        Python loop over layers and no host sync at step time."""
+        index = {id(u): i for i, u in enumerate(plan.units)}
+        dummy = len(plan.units)
+        count = [0] * (dummy + 1)
+        for b in plan.buckets:
+            tile_unit = [dummy] * b.tiles
+            block_unit = [dummy] * (b.tiles * COMPACT_TILE)
+            for unit, seg, tile0 in b.entries:
+                u = index[id(unit)]
+                tile_unit[tile0:tile0 + -(-seg.n_blocks // COMPACT_TILE)] = [u] * -(
+                    -seg.n_blocks // COMPACT_TILE)
+                block_unit[tile0 * COMPACT_TILE:tile0 * COMPACT_TILE + seg.n_blocks] = (
+                    [u] * seg.n_blocks)
+                count[u] += seg.n_blocks * seg.d
+            b.tile_unit = torch.tensor(tile_unit, dtype=torch.int64, device=b.device)
+            b.block_unit = torch.tensor(block_unit, dtype=torch.int64, device=b.device)
+            b.tile_norms = torch.zeros(b.tiles, 2, COMPACT_TILE, dtype=b.dtype, device=b.device)
+            b.tile_scale = torch.ones(b.tiles, dtype=b.dtype, device=b.device)
+            b.tile_damping = torch.zeros(b.tiles, dtype=b.dtype, device=b.device)
+        if plan.buckets:
+            b = plan.buckets[0]
+            plan.diagonal_count = torch.tensor(count, dtype=b.dtype, device=b.device).clamp_min(1)
 
     # -- the step -------------------------------------------------------------------------
 
@@ -235,8 +328,7 @@ class MBF(torch.optim.Optimizer):
                 loss = closure()
         for group, plan in zip(self.param_groups, self._plans):
             flags = self._unit_flags(group, plan)
-            for bucket in plan.buckets:
-                self._step_bucket(group, bucket, flags)
+            self._step_buckets(group, plan, flags)
             for sh in plan.shared:
                 if id(sh.unit) in flags:
                     self._step_shared(group, sh, flags[id(sh.unit)])
@@ -279,17 +371,17 @@ class MBF(torch.optim.Optimizer):
             bucket.step_fn = module.mbf_bucket_step_
         return bucket.step_fn
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, flags: dict[int, int]) -> None:
+    def _bucket_call(self, group: dict, bucket: _Bucket,
+                     flags: dict[int, int]) -> _BucketCall | None:
+        """This step's arguments of the bucket op, or None when no unit of it has a gradient."""
         index: dict[int, int] = {}
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        momenta: list[Tensor] = []
-        staged: list[tuple[Tensor, Tensor]] = []
+        call = _BucketCall(bucket, [], [], [], [], [], [])
+        graft = group["graft"] == "adam"
 
         def tensor_index(p: Tensor) -> int:
             i = index.get(id(p))
             if i is None:
-                i = index[id(p)] = len(params)
+                i = index[id(p)] = len(call.params)
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 work = p
                 if p.dtype != bucket.dtype or not p.is_contiguous():
@@ -297,29 +389,101 @@ class MBF(torch.optim.Optimizer):
                     # contiguous) copy, written back rounded to the parameter's dtype.
                     work = p.to(dtype=bucket.dtype, memory_format=torch.contiguous_format,
                                 copy=True)
-                    staged.append((p, work))
-                params.append(work)
-                grads.append(g.to(bucket.dtype))
-                momenta.append(self.state[p][MOMENTUM])
+                    call.staged.append((p, work))
+                call.params.append(work)
+                call.grads.append(g.to(bucket.dtype))
+                call.momenta.append(self.state[p][MOMENTUM])
+                if graft:
+                    call.second_moments.append(self.state[p][SECOND_MOMENT])
             return i
 
-        segments: list[int] = []
         for unit, seg, tile0 in bucket.entries:
             f = flags.get(id(unit))
             if f is None:
                 continue
             main = tensor_index(unit.params[seg.main])
             tail = -1 if seg.tail is None else tensor_index(unit.params[seg.tail])
-            segments += [main, tail, seg.n_blocks, seg.offset, seg.width, seg.row_stride, tile0, f]
-        if not segments:
+            step = self.state[unit.params[0]][STEP] + 1
+            call.segments += [main, tail, seg.n_blocks, seg.offset, seg.width, seg.row_stride,
+                              tile0, f, step]
+        return call if call.segments else None
+
+    def _run(self, group: dict, call: _BucketCall, mode: StepMode, keep: int) -> None:
+        """One pass of the bucket op over ``call``, the segments' flags reduced to ``keep``."""
+        b = call.bucket
+        relative = group["damping_mode"] == "relative"
+        self._bucket_step_fn(group, b)(
+            call.params, call.grads, call.momenta, b.curvature, b.factor, b.stats,
+            call.masked(keep), lr=group["lr"], momentum_coef=_momentum_coef(group),
+            beta=group["beta"], damping=group["damping"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            second_moments=call.second_moments,
+            tile_damping=b.tile_damping if relative else None,
+            tile_scale=b.tile_scale if mode & StepMode.GRAFT else None,
+            tile_norms=b.tile_norms if mode & StepMode.GRAFT else None,
+            beta2=group["betas"][1], eps=group["eps"], mode=mode)
+
+    def _step_buckets(self, group: dict, plan: _GroupPlan, flags: dict[int, int]) -> None:
+        """The step of every bucket of a group: one pass of the fused op per bucket (the paper's
+        update); with relative damping, a refresh-only pass first on refactor steps (the damping
+        is a fraction of the refreshed curvature); with grafting, a measuring pass (the norms of
+        MBF's and Adam's directions per block, reduced to units on the device) before the pass
+        that writes. Passes after the first no longer refresh or refactor."""
+        calls = [c for c in (self._bucket_call(group, b, flags) for b in plan.buckets) if c]
+        if not calls:
             return
-        self._bucket_step_fn(group, bucket)(
-            params, grads, momenta, bucket.curvature, bucket.factor, bucket.stats, segments,
-            lr=group["lr"], momentum_coef=group["momentum"], beta=group["beta"],
-            damping=group["damping"], weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"])
-        for p, work in staged:
-            p.copy_(work)
+        everything = int(_REFRESH | _FIRST | _REFACTOR)
+        refactor = any(f & _REFACTOR for f in flags.values())
+        if group["damping_mode"] == "relative" and refactor:
+            for call in calls:
+                self._run(group, call, StepMode.NONE, everything & ~_REFACTOR)
+            self._relative_damping(group, plan, calls)
+            everything = int(_REFACTOR)
+        if group["graft"] == "adam":
+            for call in calls:
+                self._run(group, call, StepMode.GRAFT, everything)
+            self._graft_scales(plan, calls)
+            everything = 0
+            mode = StepMode.WRITE | StepMode.GRAFT
+        else:
+            mode = StepMode.WRITE
+        for call in calls:
+            self._run(group, call, mode, everything)
+            for p, work in call.staged:
+                p.copy_(work)
+
+    @staticmethod
+    def _unit_sums(plan: _GroupPlan, calls: list[_BucketCall], values) -> Tensor:
+        """Sum per unit (plus a padding slot) of ``values(bucket)``: (tiles * 16, k) per block."""
+        first = calls[0].bucket
+        out = None
+        for call in calls:
+            v = values(call.bucket)
+            out = v.new_zeros(len(plan.units) + 1, v.shape[1]) if out is None else out
+            out.index_add_(0, call.bucket.block_unit, v)
+        return out if out is not None else first.tile_norms.new_zeros(len(plan.units) + 1, 2)
+
+    def _relative_damping(self, group: dict, plan: _GroupPlan, calls: list[_BucketCall]) -> None:
+        """tile_damping = damping * (mean diagonal entry of the unit's refreshed curvature, over
+        all its blocks: the mean eigenvalue of its block-diagonal Fisher) + a tiny floor."""
+        def diagonals(b: _Bucket) -> Tensor:
+            rows = [i * (i + 1) // 2 + i for i in range(b.d)]
+            return b.curvature[:, rows, :].sum(1).reshape(-1, 1)
+
+        mean = self._unit_sums(plan, calls, diagonals)[:, 0] / plan.diagonal_count
+        damping = group["damping"] * mean + RELATIVE_DAMPING_FLOOR
+        for call in calls:
+            call.bucket.tile_damping.copy_(damping[call.bucket.tile_unit])
+
+    def _graft_scales(self, plan: _GroupPlan, calls: list[_BucketCall]) -> None:
+        """tile_scale = |a_unit| / |u_unit| from the measuring pass's per-block norms."""
+        sums = self._unit_sums(
+            plan, calls, lambda b: b.tile_norms.transpose(1, 2).reshape(-1, 2))
+        su, sa = sums[:, 0], sums[:, 1]
+        scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(),
+                            torch.zeros_like(su))
+        for call in calls:
+            call.bucket.tile_scale.copy_(scale[call.bucket.tile_unit])
 
     def _step_shared(self, group: dict, sh: _Shared, f: int) -> None:
         unit, seg = sh.unit, sh.unit.segments[0]
@@ -330,7 +494,7 @@ class MBF(torch.optim.Optimizer):
               for p in unit.params]
         ms = [self.state[p][MOMENTUM] for p in unit.params]
         beta, damping = group["beta"], group["damping"]
-        lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
+        lr, rho, wd = group["lr"], _momentum_coef(group), group["weight_decay"]
         G = seg.rows(gs).to(dtype)  # (out, d)
         if f & _REFRESH:
             finite = torch.isfinite(G).all()
@@ -340,6 +504,8 @@ class MBF(torch.optim.Optimizer):
             sh.stats[0] += (~finite).to(torch.int64)
         if f & _REFACTOR:
             F = sh.curvature
+            if group["damping_mode"] == "relative":  # as _relative_damping: mean eigenvalue
+                damping = group["damping"] * F.diagonal().mean() + RELATIVE_DAMPING_FLOOR
             L, info = torch.linalg.cholesky_ex(F + damping * torch.eye(
                 F.shape[0], dtype=dtype, device=F.device))
             failed = info != 0
@@ -355,7 +521,18 @@ class MBF(torch.optim.Optimizer):
         seg.write_rows(ms, M)
         U = M @ sh.inverse  # u_j = (F + damping I)^{-1} m_j for every row j
         decay = lr * wd * P if group["decoupled_weight_decay"] else 0
-        seg.write_rows(ps, P - lr * U - decay)
+        scale = 1.0
+        if group["graft"] == "adam":  # as the bucket op's grafting, with rows for blocks
+            vs = [self.state[p][SECOND_MOMENT] for p in unit.params]
+            beta2 = group["betas"][1]
+            V = beta2 * seg.rows(vs) + (1 - beta2) * direction * direction
+            seg.write_rows(vs, V)
+            c1, s2 = graft_bias_corrections(rho, beta2, self.state[unit.params[0]][STEP] + 1)
+            A = c1 * M / (s2 * V.sqrt() + group["eps"])
+            norms = torch.stack([(U * U).sum(1), (A * A).sum(1)], dim=1)
+            su, sa = torch.where(torch.isfinite(norms).all(1, keepdim=True), norms, 0).sum(0)
+            scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(dtype).tiny)).sqrt(), 0)
+        seg.write_rows(ps, P - lr * scale * U - decay)
         for p, work in zip(unit.params, ps):
             if work is not p:
                 p.copy_(work)
@@ -379,7 +556,8 @@ class MBF(torch.optim.Optimizer):
         total = 0
         for plan in self._plans:
             for unit in plan.units:
-                total += sum(self.state[p][MOMENTUM].nbytes for p in unit.params)
+                total += sum(t.nbytes for p in unit.params
+                             for k, t in self.state[p].items() if k in (MOMENTUM, SECOND_MOMENT))
             for b in plan.buckets:
                 total += b.curvature.nbytes + b.factor.nbytes
             for sh in plan.shared:
@@ -468,10 +646,15 @@ class MBF(torch.optim.Optimizer):
                                      "max_block_size, large_linear, conv1x1 or from_model?)")
                 for p in unit.params:
                     j = index[id(p)]
-                    m = saved.get(j, {}).get(MOMENTUM)
-                    if m is None or tuple(m.shape) != tuple(p.shape):
-                        raise ValueError(f"MBF.load_state_dict: momentum of parameter {j} "
-                                         f"missing or of the wrong shape")
+                    for key in (MOMENTUM, SECOND_MOMENT):
+                        if key not in self.state[p]:
+                            continue
+                        m = saved.get(j, {}).get(key)
+                        if m is None or tuple(m.shape) != tuple(p.shape):
+                            raise ValueError(
+                                f"MBF.load_state_dict: {key} of parameter {j} missing or of the "
+                                "wrong shape" + (" (saved without graft='adam'?)"
+                                                 if key == SECOND_MOMENT else ""))
                 todo.append((unit, blocks, entry))
         stripped = dict(state_dict)
         stripped["state"] = {}
@@ -488,7 +671,9 @@ class MBF(torch.optim.Optimizer):
             st = self.state[unit.params[0]]
             st[STEP] = int(entry[STEP])
             for p in unit.params:
-                self.state[p][MOMENTUM].copy_(saved[index[id(p)]][MOMENTUM])
+                for key in (MOMENTUM, SECOND_MOMENT):
+                    if key in self.state[p]:
+                        self.state[p][key].copy_(saved[index[id(p)]][key])
             for (kind, seg, C, L), c, f in zip(blocks, entry[CURVATURE], entry[FACTOR]):
                 if kind == "shared":
                     C.copy_(unpack_tril(c[0].to(C)))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
-from .mbf import DEFAULTS, _state_dtype, _validate_group
+from .mbf import DEFAULTS, RELATIVE_DAMPING_FLOOR, _momentum_coef, _state_dtype, _validate_group
 
 
 class ReferenceMBF(torch.optim.Optimizer):
@@ -53,8 +53,10 @@ class ReferenceMBF(torch.optim.Optimizer):
             st["L"] = [None] * len(unit.segments)
             for p in unit.params:
                 self.state[p]["momentum_buffer"] = torch.zeros(p.shape, dtype=dt, device=p.device)
+                if group["graft"] == "adam":
+                    self.state[p]["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
 
-    def _factor(self, F: Tensor, damping: float) -> Tensor:
+    def _factor(self, F: Tensor, damping: float | Tensor) -> Tensor:
         """Cholesky factor of F + damping I; failed blocks: diag(sqrt(F_ii + damping)),
         else sqrt(damping), else 1 (MBF_SPEC section 4)."""
         eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
@@ -62,8 +64,10 @@ class ReferenceMBF(torch.optim.Optimizer):
         failed = info != 0
         self.stats["failed_factor"] += int(failed.sum())
         s = F.diagonal(dim1=-2, dim2=-1) + damping
+        floor = (damping ** 0.5 if damping > 0 else 1.0) if not isinstance(damping, Tensor) else (
+            torch.where(damping > 0, damping.clamp_min(0).sqrt(), 1.0))
         fallback = torch.where(torch.isfinite(s) & (s > 0), s.clamp_min(0).sqrt(),
-                               torch.full_like(s, damping ** 0.5 if damping > 0 else 1.0))
+                               torch.as_tensor(floor, dtype=s.dtype, device=s.device).expand_as(s))
         return torch.where(failed[..., None, None], torch.diag_embed(fallback), L)
 
     @torch.no_grad()
@@ -73,48 +77,82 @@ class ReferenceMBF(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group, units in zip(self.param_groups, self._units):
-            lr, rho, beta = group["lr"], group["momentum"], group["beta"]
-            wd, damping = group["weight_decay"], group["damping"]
-            decoupled = group["decoupled_weight_decay"]
-            t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
             for unit in units:
-                if all(p.grad is None for p in unit.params):
-                    continue
-                st = self.state[unit.params[0]]
-                st["step"] += 1
-                k = st["step"]
-                dt = _state_dtype(unit.params[0])
-                ps = [p.detach().to(dt, copy=True) for p in unit.params]  # pre-step values
-                gs = [(p.grad if p.grad is not None else torch.zeros_like(p)).to(dt)
-                      for p in unit.params]
-                ms = [self.state[p]["momentum_buffer"] for p in unit.params]
-                # Steps 3-4: d = g + gamma p (coupled) or g; m = rho m + d.
-                for p, g, m in zip(ps, gs, ms):
-                    m.mul_(rho).add_(g if decoupled else g + wd * p)
-                for s, seg in enumerate(unit.segments):
-                    G, M, P = seg.rows(gs), seg.rows(ms), seg.rows(ps)
-                    # Step 1: curvature, every T1 steps; blocks with a non-finite g keep F.
-                    if (k - 1) % t1 == 0:
-                        if unit.kind == "shared":
-                            C = G.mT @ G / G.shape[0]
-                            finite = torch.isfinite(G).all()
-                        else:
-                            C = G[:, :, None] * G[:, None, :]
-                            finite = torch.isfinite(G).all(dim=1)[:, None, None]
-                        F_old = st["F"][s] if st["F"][s] is not None else torch.zeros_like(C)
-                        new = C if k == 1 else beta * F_old + (1 - beta) * C
-                        st["F"][s] = torch.where(finite, new, F_old)
-                        self.stats["skipped_curvature"] += int((~finite).sum())
-                    # Step 2: factor, every T2 steps.
-                    if (k - 1) % t2 == 0:
-                        st["L"][s] = self._factor(st["F"][s], damping)
-                    # Step 5: u = (F + lambda I)^{-1} m per block (shared: every row).
-                    L = st["L"][s]
-                    if unit.kind == "shared":
-                        U = torch.cholesky_solve(M.mT, L).mT
-                    else:
-                        U = torch.cholesky_solve(M[:, :, None], L)[:, :, 0]
-                    # Step 6: p = p - alpha u (- alpha gamma p, decoupled), from the pre-step p.
-                    new_p = P - lr * U - (lr * wd * P if decoupled else 0)
-                    seg.write_rows(unit.params, new_p)
+                if any(p.grad is not None for p in unit.params):
+                    self._step_unit(group, unit)
         return loss
+
+    def _step_unit(self, group: dict, unit) -> None:
+        lr, rho, beta = group["lr"], _momentum_coef(group), group["beta"]
+        wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
+        t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
+        graft = group["graft"] == "adam"
+        st = self.state[unit.params[0]]
+        st["step"] += 1
+        k = st["step"]
+        dt = _state_dtype(unit.params[0])
+        ps = [p.detach().to(dt, copy=True) for p in unit.params]  # pre-step values
+        gs = [(p.grad if p.grad is not None else torch.zeros_like(p)).to(dt)
+              for p in unit.params]
+        ms = [self.state[p]["momentum_buffer"] for p in unit.params]
+        # Steps 3-4: d = g + gamma p (coupled) or g; m = rho m + d (and Adam's v, grafting).
+        for p, g, m, param in zip(ps, gs, ms, unit.params):
+            direction = g if decoupled else g + wd * p
+            m.mul_(rho).add_(direction)
+            if graft:
+                b2 = group["betas"][1]
+                self.state[param]["exp_avg_sq"].mul_(b2).add_((1 - b2) * direction * direction)
+        # Step 1: curvature, every T1 steps; blocks with a non-finite g keep F.
+        for s, seg in enumerate(unit.segments):
+            if (k - 1) % t1 == 0:
+                G = seg.rows(gs)
+                if unit.kind == "shared":
+                    C = G.mT @ G / G.shape[0]
+                    finite = torch.isfinite(G).all()
+                else:
+                    C = G[:, :, None] * G[:, None, :]
+                    finite = torch.isfinite(G).all(dim=1)[:, None, None]
+                F_old = st["F"][s] if st["F"][s] is not None else torch.zeros_like(C)
+                new = C if k == 1 else beta * F_old + (1 - beta) * C
+                st["F"][s] = torch.where(finite, new, F_old)
+                self.stats["skipped_curvature"] += int((~finite).sum())
+        # Step 2: factor, every T2 steps. Relative damping (docs/options.md): a fraction of the
+        # mean diagonal entry of all the unit's blocks (a shared block counts once).
+        if (k - 1) % t2 == 0:
+            damping = group["damping"]
+            if group["damping_mode"] == "relative":
+                Fs = [F if F.ndim == 3 else F[None] for F in st["F"]]
+                diag = sum(F.diagonal(dim1=-2, dim2=-1).sum() for F in Fs)
+                count = sum(F.shape[0] * F.shape[-1] for F in Fs)
+                damping = group["damping"] * diag / count + RELATIVE_DAMPING_FLOOR
+            for s in range(len(unit.segments)):
+                st["L"][s] = self._factor(st["F"][s], damping)
+        # Step 5: u = (F + lambda I)^{-1} m per block (shared: every row).
+        Us = []
+        for s, seg in enumerate(unit.segments):
+            M, L = seg.rows(ms), st["L"][s]
+            if unit.kind == "shared":
+                Us.append(torch.cholesky_solve(M.mT, L).mT)
+            else:
+                Us.append(torch.cholesky_solve(M[:, :, None], L)[:, :, 0])
+        # Grafting: u's length per unit becomes that of Adam's direction a = m_hat / (sqrt(v_hat)
+        # + eps), m_hat = (1 - beta1) m / (1 - beta1^k), v_hat = v / (1 - beta2^k); blocks (rows
+        # of a shared block) whose |u|^2 or |a|^2 is not finite are left out of both norms.
+        scale = 1.0
+        if graft:
+            b1, b2 = rho, group["betas"][1]
+            vs = [self.state[p]["exp_avg_sq"] for p in unit.params]
+            su = sa = 0.0
+            for seg, U in zip(unit.segments, Us):
+                m_hat = (1 - b1) * seg.rows(ms) / (1 - b1 ** k)
+                v_hat = seg.rows(vs) / (1 - b2 ** k)
+                A = m_hat / (v_hat.sqrt() + group["eps"])
+                u2, a2 = (U * U).sum(1), (A * A).sum(1)
+                ok = torch.isfinite(u2) & torch.isfinite(a2)
+                su = su + torch.where(ok, u2, 0).sum()
+                sa = sa + torch.where(ok, a2, 0).sum()
+            scale = torch.where(su > 0, (sa / su).sqrt(), 0.0) if torch.is_tensor(su) else 0.0
+        # Step 6: p = p - alpha u (- alpha gamma p, decoupled), from the pre-step p.
+        for seg, U in zip(unit.segments, Us):
+            P = seg.rows(ps)
+            seg.write_rows(unit.params, P - lr * scale * U - (lr * wd * P if decoupled else 0))

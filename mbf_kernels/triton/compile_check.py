@@ -34,13 +34,23 @@ from ..dispatch import triton_interpreted
 #: The step kernels' variants worth compiling: flags (constexpr name -> value).
 VARIANTS = {
     "_bucket_step_kernel": {
-        "cached factor": dict(DECOUPLED=False, UPDATE_CURVATURE=False, FIRST_CURVATURE=False),
-        "first refresh": dict(DECOUPLED=False, UPDATE_CURVATURE=True, FIRST_CURVATURE=True),
-        "refresh, decoupled": dict(DECOUPLED=True, UPDATE_CURVATURE=True, FIRST_CURVATURE=False),
+        "cached factor": dict(DECOUPLED=False, UPDATE_CURVATURE=False, FIRST_CURVATURE=False,
+                              WRITE=True, GRAFT=False),
+        "first refresh": dict(DECOUPLED=False, UPDATE_CURVATURE=True, FIRST_CURVATURE=True,
+                              WRITE=True, GRAFT=False),
+        "refresh, decoupled": dict(DECOUPLED=True, UPDATE_CURVATURE=True, FIRST_CURVATURE=False,
+                                   WRITE=True, GRAFT=False),
+        "graft measure": dict(DECOUPLED=False, UPDATE_CURVATURE=True, FIRST_CURVATURE=False,
+                              WRITE=False, GRAFT=True),
+        "graft write": dict(DECOUPLED=True, UPDATE_CURVATURE=False, FIRST_CURVATURE=False,
+                            WRITE=True, GRAFT=True),
     },
     "_bucket_refactor_kernel": {
-        "refresh + refactor": dict(UPDATE_CURVATURE=True, FIRST_CURVATURE=False),
-        "refactor only": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False),
+        "refresh + refactor": dict(UPDATE_CURVATURE=True, FIRST_CURVATURE=False,
+                                   TILE_DAMPING=False),
+        "refactor only": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False, TILE_DAMPING=False),
+        "relative damping": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False,
+                                 TILE_DAMPING=True),
     },
 }
 KERNELS = ("_dense_cholesky_kernel", "_dense_cholesky_solve_kernel", "_dense_solve_spd_kernel",

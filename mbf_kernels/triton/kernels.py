@@ -42,12 +42,14 @@ from ..dispatch import TRITON_MAX_D as MAX_D  # noqa: F401
 from ..dispatch import triton_interpreted
 
 # The step kernel's segment table: SEG_FIELDS int64 per segment (offsets, in elements from the
-# curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail),
-# then the float64 bit patterns of lr, momentum, beta, damping, weight_decay, lr * weight_decay
-# and the fallback floor. (Globals a kernel reads must be tl.constexpr.)
-SEG_P, SEG_G, SEG_M, SEG_PT, SEG_GT, SEG_MT, SEG_N, SEG_STRIDE, SEG_TILE, SEG_TAIL = (
-    tl.constexpr(i) for i in range(10))
-SEG_FIELDS = tl.constexpr(10)
+# curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail;
+# the offsets of Adam's v and its tail, and the float64 bits of the unit's bias corrections c1,
+# s2 when grafting), then the float64 bit patterns of lr, momentum, beta, damping, weight_decay,
+# lr * weight_decay, the fallback floor, beta2 and eps. (Globals a kernel reads must be
+# tl.constexpr.)
+(SEG_P, SEG_G, SEG_M, SEG_PT, SEG_GT, SEG_MT, SEG_N, SEG_STRIDE, SEG_TILE, SEG_TAIL, SEG_V,
+ SEG_VT, SEG_C1, SEG_S2) = (tl.constexpr(i) for i in range(14))
+SEG_FIELDS = tl.constexpr(14)
 
 #: (BLOCK, num_warps) candidates. BLOCK >= 32 * num_warps: each block has exactly one owning
 #: thread (two per thread only when registers allow: fits).
@@ -618,8 +620,16 @@ def _refresh(F, state, mask, g, beta64, FIRST: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _bucket_refactor_kernel(F, L, table, stats, n_seg, UPDATE_CURVATURE: tl.constexpr,
-                            FIRST_CURVATURE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+def _tiles(row, blocks):
+    """(compact tile, lane in it) of each lane's block of the bucket state."""
+    state_block = blocks + tl.load(row + SEG_TILE) * 16
+    return state_block // 16, state_block % 16
+
+
+@triton.jit
+def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.constexpr,
+                            FIRST_CURVATURE: tl.constexpr, TILE_DAMPING: tl.constexpr,
+                            D: tl.constexpr, BLOCK: tl.constexpr):
     """The refactor phase of a step (every T2-th): optional curvature refresh, then the factor
     of F + damping I, a failed block getting the diagonal fallback; F and L stored. The step
     kernel follows with the cached factor. Apart, because the factorisation and the solve in
@@ -630,6 +640,11 @@ def _bucket_refactor_kernel(F, L, table, stats, n_seg, UPDATE_CURVATURE: tl.cons
     hyper = table + n_seg * SEG_FIELDS
     damping = _hyper(hyper, 3).to(F.dtype.element_ty)
     floor = _hyper(hyper, 6).to(F.dtype.element_ty)
+    if TILE_DAMPING:  # relative damping: one value per compact tile (its unit's)
+        tile, _ = _tiles(row, blocks)
+        damping = tl.load(TD + tile, mask=mask, other=1.0)
+        floor = tl.where(damping > 0, 1.0 / tl.sqrt(tl.maximum(damping, 1e-30)), 1.0).to(
+            F.dtype.element_ty)
     state = _compact_base(blocks + tl.load(row + SEG_TILE) * 16, T)
     if UPDATE_CURVATURE:
         g = _load_rows(F + tl.load(row + SEG_G), F + tl.load(row + SEG_GT), rows, blocks, mask,
@@ -647,19 +662,22 @@ def _bucket_refactor_kernel(F, L, table, stats, n_seg, UPDATE_CURVATURE: tl.cons
 
 
 @triton.jit
-def _bucket_step_kernel(F, L, table, stats, n_seg,
+def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN,
                         DECOUPLED: tl.constexpr, UPDATE_CURVATURE: tl.constexpr,
-                        FIRST_CURVATURE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                        FIRST_CURVATURE: tl.constexpr, WRITE: tl.constexpr, GRAFT: tl.constexpr,
+                        D: tl.constexpr, BLOCK: tl.constexpr):
     """One MBF step with the cached factor (and an optional curvature refresh) for the segments
     of a bucket that share this step's flags.
 
     ``table`` holds SEG_FIELDS int64 per segment, then the float64 hyper-parameters. A
     segment's blocks are rows ``[0, n)`` of a strided view: block i reads D - has_tail values at
-    ``F + p_off + i * row_stride`` (likewise g, m: every stream is addressed from F, the
+    ``F + p_off + i * row_stride`` (likewise g, m, v: every stream is addressed from F, the
     bucket's curvature, so one kernel serves any number of parameter tensors), then
     ``F + tail_off + i`` when it has a tail. Its state is compact tiles from ``tile`` on of F
     (curvature) and L (factor). stats (int64 (2,)) += [skipped curvature refreshes, failed
-    factorisations].
+    factorisations]. GRAFT (MBF_SPEC 3b, mbf_kernels.reference.mbf_bucket_step_): Adam's v
+    kept, each block's [|u|^2, |a|^2] stored to TN (tiles, 2, 16), the update scaled by TS
+    (tiles,); WRITE stores m, v, p. Neither: the refresh alone.
     """
     T: tl.constexpr = D * (D + 1) // 2
     dt = F.dtype.element_ty
@@ -676,25 +694,58 @@ def _bucket_step_kernel(F, L, table, stats, n_seg,
         f, finite = _refresh(F, state, mask, g, _hyper(hyper, 2), FIRST_CURVATURE, D)
         skipped = tl.sum((mask & (finite == 0)).to(tl.int64), axis=0)
         tl.atomic_add(stats, skipped, mask=skipped > 0)
-    l = _load_tri(L, state, mask, D, True)
-    p_ptr = F + tl.load(row + SEG_P)
-    pt_ptr = F + tl.load(row + SEG_PT)
-    m_ptr = F + tl.load(row + SEG_M)
-    mt_ptr = F + tl.load(row + SEG_MT)
-    p = _load_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, D)
-    m = _load_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, D)
-    mom = ()
-    for i in tl.static_range(D):
-        if DECOUPLED:
-            mom = mom + (rho * m[i] + g[i],)
-        else:
-            mom = mom + (rho * m[i] + (g[i] + wd * p[i]),)
-    u = _solve(l, mom, D)
-    new_p = ()
-    for i in tl.static_range(D):
-        if DECOUPLED:
-            new_p = new_p + (p[i] - (lr * u[i] + lr_wd * p[i]),)
-        else:
-            new_p = new_p + (p[i] - lr * u[i],)
-    _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
-    _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, new_p, D)
+    if WRITE or GRAFT:
+        l = _load_tri(L, state, mask, D, True)
+        p_ptr = F + tl.load(row + SEG_P)
+        pt_ptr = F + tl.load(row + SEG_PT)
+        m_ptr = F + tl.load(row + SEG_M)
+        mt_ptr = F + tl.load(row + SEG_MT)
+        p = _load_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, D)
+        m = _load_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, D)
+        direction = ()
+        mom = ()
+        for i in tl.static_range(D):
+            if DECOUPLED:
+                direction = direction + (g[i],)
+            else:
+                direction = direction + (g[i] + wd * p[i],)
+            mom = mom + (rho * m[i] + direction[i],)
+        u = _solve(l, mom, D)
+        lr_u = lr
+        if GRAFT:
+            tile, lane = _tiles(row, blocks)
+            v_ptr = F + tl.load(row + SEG_V)
+            vt_ptr = F + tl.load(row + SEG_VT)
+            v = _load_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, D)
+            beta2 = _hyper(hyper, 7).to(dt)
+            eps = _hyper(hyper, 8).to(dt)
+            c1 = tl.load(row + SEG_C1).to(tl.float64, bitcast=True).to(dt)
+            s2 = tl.load(row + SEG_S2).to(tl.float64, bitcast=True).to(dt)
+            new_v = ()
+            su = tl.zeros_like(u[0])
+            sa = tl.zeros_like(u[0])
+            for i in tl.static_range(D):
+                new_v = new_v + (beta2 * v[i] + (1 - beta2) * direction[i] * direction[i],)
+                a = c1 * mom[i] / (s2 * tl.sqrt(new_v[i]) + eps)
+                su += u[i] * u[i]
+                sa += a * a
+            # A block whose norms are not finite (a NaN gradient) is left out of its unit's.
+            ok = (tl.abs(su) < float("inf")) & (tl.abs(sa) < float("inf"))
+            su = tl.where(ok & mask, su, 0.0)
+            sa = tl.where(ok & mask, sa, 0.0)
+            # Padding blocks of the segment's last tile get zeros too.
+            tile_mask = blocks < tl.cdiv(tl.load(row + SEG_N), 16) * 16
+            tl.store(TN + tile * 32 + lane, su.to(dt), mask=tile_mask)
+            tl.store(TN + tile * 32 + 16 + lane, sa.to(dt), mask=tile_mask)
+            if WRITE:
+                lr_u = lr * tl.load(TS + tile, mask=mask, other=0.0)
+                _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
+        if WRITE:
+            new_p = ()
+            for i in tl.static_range(D):
+                if DECOUPLED:
+                    new_p = new_p + (p[i] - (lr_u * u[i] + lr_wd * p[i]),)
+                else:
+                    new_p = new_p + (p[i] - lr_u * u[i],)
+            _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
+            _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, new_p, D)

@@ -28,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 from ..compact import COMPACT_TILE, compact_shape
 from ..dispatch import triton_interpreted
 from ..packed import tril_dim
-from ..reference import SEGMENT_FIELDS
+from ..reference import SEGMENT_FIELDS, StepMode, graft_bias_corrections
 from . import kernels as K
 
 __all__ = ["cholesky_ex", "cholesky_solve", "solve_spd_ex", "inv_spd_ex", "outer_ema_",
@@ -296,9 +296,9 @@ def _tune_step(d: int, dtype: torch.dtype, device: torch.device, *, nbytes: int 
     L = torch.zeros_like(F)
     stats = torch.zeros(2, dtype=torch.int64, device=device)
     hyper = (1e-3, 0.9, 0.9, 0.1, 0.0, False)
-    first = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 7], *hyper)
+    first = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 7, 1], *hyper)
     first.run(K.CONFIGS[0])  # a factor to step with
-    cached = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 0], *hyper)
+    cached = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 0, 2], *hyper)
     timings = {cfg: timer(lambda: cached.run(cfg)) for cfg in K.CONFIGS if K.fits(*cfg, d)}
     return min(timings, key=timings.get)
 
@@ -317,7 +317,9 @@ class _StepLaunches:
     distinct set of flags (usually one per step: all units count their steps alike)."""
 
     def __init__(self, params, grads, momenta, curvature, factor, stats, segments, lr,
-                 momentum_coef, beta, damping, weight_decay, decoupled_weight_decay) -> None:
+                 momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                 second_moments=(), tile_damping=None, tile_scale=None, tile_norms=None,
+                 beta2=0.999, eps=1e-8, mode=StepMode.WRITE) -> None:
         F, L = self.F, self.L = curvature, factor
         if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
             raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
@@ -352,6 +354,33 @@ class _StepLaunches:
             if not (p.is_contiguous() and m.is_contiguous()):
                 raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated "
                                  "in place and must be contiguous")
+        mode = self.mode = StepMode(mode)
+        graft = bool(mode & StepMode.GRAFT)
+        for name, t, shape in (("tile_damping", tile_damping, (F.shape[0],)),
+                               ("tile_scale", tile_scale, (F.shape[0],)),
+                               ("tile_norms", tile_norms, (F.shape[0], 2, COMPACT_TILE))):
+            if t is not None:
+                _check_like(name, t, "curvature", F)
+                if tuple(t.shape) != shape or not t.is_contiguous():
+                    raise ValueError(f"mbf_kernels triton: {name} must be a contiguous tensor "
+                                     f"of shape {shape}, got {tuple(t.shape)}")
+        if graft:
+            if tile_norms is None or (tile_scale is None and mode & StepMode.WRITE):
+                raise ValueError("mbf_kernels triton: a grafted step (mode 2) needs tile_norms, "
+                                 "and tile_scale to write")
+            if len(second_moments) != len(params):
+                raise ValueError(f"mbf_kernels triton: a grafted step needs one second moment "
+                                 f"per params tensor, got {len(second_moments)} for "
+                                 f"{len(params)}")
+            for i, (p, v) in enumerate(zip(params, second_moments)):
+                _check_like(f"second_moments[{i}]", v, "curvature", F)
+                if v.shape != p.shape or not v.is_contiguous():
+                    raise ValueError(f"mbf_kernels triton: second_moments[{i}] must be "
+                                     f"contiguous with shape {tuple(p.shape)}")
+        # Absent per-tile tensors are never read (constexpr flags): F stands in.
+        self.tile_damping = tile_damping
+        self.tiles = tuple(F if t is None else t for t in (tile_damping, tile_scale, tile_norms))
+        streams = second_moments if graft else params
         size, base = F.element_size(), F.data_ptr()
 
         def offset(t: Tensor, elements: int) -> int:
@@ -364,7 +393,7 @@ class _StepLaunches:
         groups: dict[int, tuple[list[int], list[int]]] = {}
         next_free_tile = 0
         for s in range(0, len(segments), SEGMENT_FIELDS):
-            main, tail, n, col, width, stride, tile0, flags = segments[s:s + SEGMENT_FIELDS]
+            main, tail, n, col, width, stride, tile0, flags, step = segments[s:s + SEGMENT_FIELDS]
             where = f"mbf_kernels triton: segment {s // SEGMENT_FIELDS}"
             if not (0 <= main < len(params) and -1 <= tail < len(params)):
                 raise ValueError(f"{where} names tensor {main} / {tail} of {len(params)}")
@@ -384,19 +413,24 @@ class _StepLaunches:
             if not 0 <= flags < 8 or (flags & _FIRST and not flags & _REFRESH):
                 raise ValueError(f"{where} has bad flags {flags} (1: update curvature, 2: first "
                                  "update, which needs 1, 4: refactor)")
+            if graft and step < 1:
+                raise ValueError(f"{where} has step {step}; a grafted step needs the unit's "
+                                 "step count >= 1")
             next_free_tile = tile0 + tiles
             if n == 0:
                 continue
             t = tail if tail >= 0 else main
+            c1, s2 = graft_bias_corrections(momentum_coef, beta2, step) if graft else (1.0, 1.0)
             row = [offset(params[main], col), offset(grads[main], col),
                    offset(momenta[main], col), offset(params[t], 0), offset(grads[t], 0),
-                   offset(momenta[t], 0), n, stride, tile0, int(tail >= 0)]
+                   offset(momenta[t], 0), n, stride, tile0, int(tail >= 0),
+                   offset(streams[main], col), offset(streams[t], 0), _bits(c1), _bits(s2)]
             fields, counts = groups.setdefault(flags, ([], []))
             fields += row
             counts.append(n)
         floor = damping ** -0.5 if damping > 0 else 1.0
         hyper = [_bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
-                                    lr * weight_decay, floor)]
+                                    lr * weight_decay, floor, beta2, eps)]
         self.launches = [(flags, _TABLES.get(fields + hyper, F.device), counts)
                          for flags, (fields, counts) in groups.items()]
 
@@ -405,46 +439,66 @@ class _StepLaunches:
         refactor kernel (with the refresh) runs first."""
         block, warps = config
         meta = dict(D=self.d, BLOCK=block, num_warps=warps, num_stages=1)
+        write, graft = bool(self.mode & StepMode.WRITE), bool(self.mode & StepMode.GRAFT)
+        damping, scale, norms = self.tiles
         for flags, table, counts in self.launches:
             grid = (sum(triton.cdiv(n, block) for n in counts),)
             refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
             if flags & _REFACTOR:
                 K._bucket_refactor_kernel[grid](self.F, self.L, table, self.stats, len(counts),
-                                                UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
+                                                damping, UPDATE_CURVATURE=refresh,
+                                                FIRST_CURVATURE=first,
+                                                TILE_DAMPING=self.tile_damping is not None,
                                                 **meta)
                 refresh = first = False
-            K._bucket_step_kernel[grid](self.F, self.L, table, self.stats, len(counts),
-                                        DECOUPLED=self.decoupled, UPDATE_CURVATURE=refresh,
-                                        FIRST_CURVATURE=first, **meta)
+            if write or graft or refresh:
+                K._bucket_step_kernel[grid](self.F, self.L, table, self.stats, len(counts),
+                                            scale, norms, DECOUPLED=self.decoupled,
+                                            UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
+                                            WRITE=write, GRAFT=graft, **meta)
 
 
 @torch.library.custom_op("mbf_kernels::triton_bucket_step_",
-                         mutates_args=("params", "momenta", "curvature", "factor", "stats"))
+                         mutates_args=("params", "momenta", "curvature", "factor", "stats",
+                                       "second_moments", "tile_norms"))
 def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
                     lr: float, momentum_coef: float, beta: float, damping: float,
-                    weight_decay: float, decoupled_weight_decay: bool) -> None:
+                    weight_decay: float, decoupled_weight_decay: bool,
+                    second_moments: list[Tensor], tile_damping: Tensor | None,
+                    tile_scale: Tensor | None, tile_norms: Tensor | None, beta2: float,
+                    eps: float, step_mode: int) -> None:
+    # (not `mode`: torch's dispatch wrappers take an argument of that name)
     step = _StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
-                         momentum_coef, beta, damping, weight_decay, decoupled_weight_decay)
+                         momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                         second_moments, tile_damping, tile_scale, tile_norms, beta2, eps,
+                         step_mode)
     if step.launches:
         step.run(_step_config(step.d, curvature.dtype, curvature.device))
 
 
 @_bucket_step_op.register_fake
 def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
-      damping, weight_decay, decoupled_weight_decay) -> None:
+      damping, weight_decay, decoupled_weight_decay, second_moments, tile_damping, tile_scale,
+      tile_norms, beta2, eps, step_mode) -> None:
     return None
 
 
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
                      curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
                      lr: float, momentum_coef: float, beta: float, damping: float,
-                     weight_decay: float, decoupled_weight_decay: bool) -> None:
-    """The fused step for a bucket of segments (layout: csrc/registration.cpp): one launch per
-    distinct set of segment flags, each reading its segments' strided rows (and tails) in place
-    and its own tiles of the bucket's compact state; stats on the state's device."""
+                     weight_decay: float, decoupled_weight_decay: bool,
+                     second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
+                     tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
+                     beta2: float = 0.999, eps: float = 1e-8, mode: int = 1) -> None:
+    """The fused step for a bucket of segments (layout: csrc/registration.cpp; arguments:
+    mbf_kernels.reference.mbf_bucket_step_): one launch per distinct set of segment flags, each
+    reading its segments' strided rows (and tails) in place and its own tiles of the bucket's
+    compact state; stats on the state's device."""
     _bucket_step_op(params, grads, momenta, curvature, factor, stats, segments, lr,
-                    momentum_coef, beta, damping, weight_decay, decoupled_weight_decay)
+                    momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                    list(second_moments), tile_damping, tile_scale, tile_norms, beta2, eps,
+                    int(mode))
 
 
 def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,
@@ -455,6 +509,6 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
     n, d = _rows("param", param)
     flags = (_REFRESH * update_curvature) | (_FIRST * first_curvature) | (_REFACTOR * refactor)
     mbf_bucket_step_([param], [grad], [momentum], curvature, factor, stats,
-                     [0, -1, n, 0, d, d, 0, flags], lr=lr, momentum_coef=momentum_coef,
+                     [0, -1, n, 0, d, d, 0, flags, 1], lr=lr, momentum_coef=momentum_coef,
                      beta=beta, damping=damping, weight_decay=weight_decay,
                      decoupled_weight_decay=decoupled_weight_decay)

@@ -29,10 +29,27 @@ namespace mbf {
 // that makes the solve multiplication-only.
 inline constexpr int kCompactTile = 16;
 
-// Hyper-parameters of one step (one param group).
+// Hyper-parameters of one step (one param group). Beyond the paper (MBF_SPEC section 3b):
+// `graft` keeps Adam's second moment v of the step's direction (beta2, eps) and writes each
+// block's [|u|^2, |a|^2] (MBF's direction u, Adam's a) to StepTiles::norms; `write` stores the
+// new momentum (and v) and updates the parameters. graft without write is the measuring pass
+// of a grafted step; neither runs only the refresh/refactor the segments' flags ask for.
 struct StepConfig {
   double lr, momentum, beta, damping, weight_decay;
   bool decoupled_weight_decay;
+  double beta2 = 0.999, eps = 1e-8;
+  bool write = true, graft = false;
+};
+
+// Per compact tile of a bucket (index = tile), each optional (nullptr): `damping` replaces
+// StepConfig::damping at a refactor (relative damping), `scale` multiplies the update's lr
+// (grafting), `norms` receives [|u_b|^2 for the tile's 16 blocks, then |a_b|^2 for them]
+// (2 x 16 values per tile; zeros for padding blocks and for a block where either is not finite).
+template <typename T>
+struct StepTiles {
+  const T* damping = nullptr;
+  const T* scale = nullptr;
+  T* norms = nullptr;
 };
 
 // What this step does besides the update; per parameter, since each one counts its own steps.
@@ -67,6 +84,12 @@ struct StepSegment {
   int64_t n_blocks, row_stride, tile_offset;
   int width;
   StepFlags flags;
+  // StepConfig::graft: Adam's second moments (laid out as p) and the bias corrections of the
+  // segment's unit at this step: a = graft_c1 m / (graft_s2 sqrt(v) + eps), with
+  // c1 = (1 - momentum) / (1 - momentum^t) and s2 = 1 / sqrt(1 - beta2^t).
+  T* v = nullptr;
+  T* v_tail = nullptr;
+  T graft_c1 = T(1), graft_s2 = T(1);
 };
 
 namespace cpu {
@@ -77,6 +100,7 @@ using mbf::StepConfig;
 using mbf::StepFlags;
 using mbf::StepSegment;
 using mbf::StepStats;
+using mbf::StepTiles;
 
 template <typename T>
 void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin,
@@ -113,7 +137,7 @@ StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_bloc
 template <typename T>
 StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
                                 T* factor, int d, int64_t tile_begin, int64_t tile_end,
-                                const StepConfig& cfg);
+                                const StepConfig& cfg, const StepTiles<T>& tiles = {});
 
 // The step's phases as standalone ops on the compact layout, for compact tiles
 // [tile_begin, tile_end) of a bucket of n_blocks blocks:
@@ -165,7 +189,7 @@ inline constexpr int kStepThreads = 128;  // threads (blocks of the bucket) per 
 template <typename T>
 int bucket_step(const StepSegment<T>* segments, const int64_t* first_cta, int n_segments,
                 int64_t n_ctas, T* F, T* factor, int d, const StepConfig& cfg,
-                unsigned long long* stats, void* stream);
+                const StepTiles<T>& tiles, unsigned long long* stats, void* stream);
 template <typename T>
 int compact_outer_ema(T* F, const T* G, int64_t n_blocks, int d, T beta, void* stream);
 template <typename T>

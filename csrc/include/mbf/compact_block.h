@@ -57,14 +57,28 @@ template <typename T>
 struct StepScalars {
   T lr, momentum, beta, one_minus_beta, damping, weight_decay, floor;
   bool decoupled;
+  T beta2, one_minus_beta2, eps;
+  bool write, graft;
 };
 
 template <typename T>
 inline StepScalars<T> step_scalars(const StepConfig& c) {
   const double floor = c.damping > 0 ? 1.0 / std::sqrt(c.damping) : 1.0;
   return {T(c.lr),          T(c.momentum),     T(c.beta), T(1.0 - c.beta),
-          T(c.damping),     T(c.weight_decay), T(floor),  c.decoupled_weight_decay};
+          T(c.damping),     T(c.weight_decay), T(floor),  c.decoupled_weight_decay,
+          T(c.beta2),       T(1.0 - c.beta2),  T(c.eps),  c.write, c.graft};
 }
+
+// What a block's step takes beyond the paper (StepConfig::graft, StepTiles): its damping at a
+// refactor, and when grafting its second moment, its unit's bias corrections, the update's lr
+// multiplier and where its [|u|^2, |a|^2] go (norms[0] and norms[kCompactStride]).
+template <typename T>
+struct BlockExtras {
+  T damping;
+  BlockVector<T> v;
+  T c1, s2, scale;
+  T* norms;
+};
 
 // Entry 0 of block b of a compact tensor of blocks of size d.
 template <typename T>
@@ -171,12 +185,46 @@ MBF_UNROLL
   for (int e = 0; e < D * (D + 1) / 2; ++e) c[e] = t[e];
 }
 
+// The update once u = x holds (F + damping I)^{-1} m: Adam's direction and both norms when
+// grafting, then (when writing) m, v and p. mv and vv are the new momentum and second moment.
+template <typename T, int D, typename Vec>
+MBF_HD void finish_block(const BlockVector<T>& p, const BlockVector<T>& m, const Vec& mv,
+                         const Vec& vv, const Vec& x, int d, const StepScalars<T>& c,
+                         const BlockExtras<T>& ex) {
+  const int n = block_dim<D>(d);
+  T scale = T(1);
+  if (c.graft) {
+    T su = T(0), sa = T(0);
+MBF_UNROLL
+    for (int i = 0; i < (D > 0 ? D : n); ++i) {
+      const T a = ex.c1 * mv[i] / (ex.s2 * std::sqrt(vv[i]) + c.eps);
+      su += x[i] * x[i];
+      sa += a * a;
+    }
+    // A block whose norms are not finite (a NaN gradient) is left out of its unit's norms.
+    const bool ok = std::isfinite(su) && std::isfinite(sa);
+    ex.norms[0] = ok ? su : T(0);
+    ex.norms[kCompactStride] = ok ? sa : T(0);
+    scale = ex.scale;
+  }
+  if (!c.write) return;
+  const T lr = c.lr * scale;
+MBF_UNROLL
+  for (int i = 0; i < (D > 0 ? D : n); ++i) {
+    const T pi = p[i];
+    m[i] = mv[i];
+    if (c.graft) ex.v[i] = vv[i];
+    p[i] = c.decoupled ? pi - (lr * x[i] + c.lr * c.weight_decay * pi) : pi - lr * x[i];
+  }
+}
+
 // One MBF step of one block: p, g, m its vectors (d values each), F and L its compact entries.
 template <typename T, int D>
 MBF_HD BlockCounts step_block(const BlockVector<T>& p, const BlockVector<const T>& g,
                               const BlockVector<T>& m, const CompactEntries<T>& F,
                               const CompactEntries<T>& L, int d, const StepScalars<T>& c,
-                              bool update_curvature, bool first_curvature, bool refactor) {
+                              bool update_curvature, bool first_curvature, bool refactor,
+                              const BlockExtras<T>& ex) {
   constexpr int kVec = D > 0 ? D : kMaxGenericDim;
   const int n = block_dim<D>(d);
   BlockCounts counts;
@@ -187,6 +235,8 @@ MBF_UNROLL
     gv[i] = g[i];
     finite = finite && std::isfinite(gv[i]);
   }
+  const T floor = ex.damping > T(0) ? T(1) / std::sqrt(ex.damping) : T(1);
+  T x[kVec], mv[kVec], vv[kVec];
   if constexpr (D > 0) {
     Triangle<T, D> f, l;
     if (update_curvature || refactor) load_triangle<T, D>(f, F);
@@ -199,28 +249,23 @@ MBF_UNROLL
       }
     }
     if (refactor) {
-      if (factor_packed<T, D>(f, l, d, c.damping) != 0) {
-        diagonal_fallback<T, D>(f, l, d, c.damping, c.floor);
+      if (factor_packed<T, D>(f, l, d, ex.damping) != 0) {
+        diagonal_fallback<T, D>(f, l, d, ex.damping, floor);
         counts.failed_factor = 1;
       }
       store_triangle<T, D>(l, L);
-    } else {
+    } else if (c.write || c.graft) {
       load_triangle<T, D>(l, L);
     }
-    T x[kVec];
+    if (!c.write && !c.graft) return counts;  // the refresh/refactor-only pass
 MBF_UNROLL
     for (int i = 0; i < D; ++i) {
-      const T pi = p[i];
-      const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * pi;
-      x[i] = c.momentum * m[i] + dir;
-      m[i] = x[i];
+      const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * p[i];
+      mv[i] = c.momentum * m[i] + dir;
+      x[i] = mv[i];
+      if (c.graft) vv[i] = c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
     }
     solve_packed<T, D>(l, x, d);
-MBF_UNROLL
-    for (int i = 0; i < D; ++i) {
-      const T pi = p[i];
-      p[i] = c.decoupled ? pi - (c.lr * x[i] + c.lr * c.weight_decay * pi) : pi - c.lr * x[i];
-    }
   } else {
     if (update_curvature) {
       if (finite) {
@@ -232,23 +277,21 @@ MBF_UNROLL
     }
     if (refactor) {
       CompactEntries<T> l = L;
-      if (factor_packed<T, 0>(F, l, d, c.damping) != 0) {
-        diagonal_fallback<T, 0>(F, l, d, c.damping, c.floor);
+      if (factor_packed<T, 0>(F, l, d, ex.damping) != 0) {
+        diagonal_fallback<T, 0>(F, l, d, ex.damping, floor);
         counts.failed_factor = 1;
       }
     }
-    T x[kVec];
+    if (!c.write && !c.graft) return counts;
     for (int i = 0; i < n; ++i) {
       const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * p[i];
-      x[i] = c.momentum * m[i] + dir;
-      m[i] = x[i];
+      mv[i] = c.momentum * m[i] + dir;
+      x[i] = mv[i];
+      if (c.graft) vv[i] = c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
     }
     solve_packed<T, 0>(L, x, d);
-    for (int i = 0; i < n; ++i) {
-      const T pi = p[i];
-      p[i] = c.decoupled ? pi - (c.lr * x[i] + c.lr * c.weight_decay * pi) : pi - c.lr * x[i];
-    }
   }
+  finish_block<T, D>(p, m, mv, vv, x, d, c, ex);
   return counts;
 }
 

@@ -1,0 +1,321 @@
+"""Grafting (graft="adam") and relative damping (damping_mode="relative"), MBF_SPEC section 3b.
+
+The bucket op's new arguments on every backend against the plain-PyTorch definition
+(``reference.mbf_bucket_step_``), every mode (write, graft's measuring pass, grafted write,
+refresh only) with and without per-tile damping; the optimizer on every backend against the
+dense :class:`ReferenceMBF` written from the definition; and what the options promise, checked
+against known mathematics: a grafted step is as long as AdamW's (``torch.optim.AdamW``) unit by
+unit, grafting with relative damping is invariant to the scale of the loss, a NaN gradient in
+one block does not spread to its unit, and the state round-trips through ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import mbf_kernels as mk
+from mbf_kernels import compact, dispatch, reference
+from mbf_kernels.optim import ReferenceMBF
+from mbf_kernels.reference import SEGMENT_FIELDS, StepMode
+from conftest import STEP_TOL, compiled_backends, randn
+
+DEVICE = "cpu"
+MODES = {"write": StepMode.WRITE, "measure": StepMode.GRAFT,
+         "graft-write": StepMode.WRITE | StepMode.GRAFT, "refresh-only": StepMode.NONE}
+
+
+def _bucket(dtype):
+    """Segments of 9-blocks with a bias tail (W (20, 8) + b (20,)), strided rows (columns 3..11
+    of V (5, 14)) and plain rows (R (33, 9)), 6 tiles; flags differ per segment, and so do the
+    units' step counts (Adam's bias correction)."""
+    gen = [randn(20, 8, seed=1), randn(20, seed=2), randn(5, 14, seed=3), randn(33, 9, seed=4)]
+    params = [t.to(dtype) for t in gen]
+    grads = [randn(*t.shape, seed=10 + i).to(dtype) for i, t in enumerate(params)]
+    grads[3][4, 2] = float("nan")  # block 4 of R: left out of the norms, its curvature kept
+    momenta = [0.1 * randn(*t.shape, seed=20 + i).to(dtype) for i, t in enumerate(params)]
+    second = [randn(*t.shape, seed=30 + i).to(dtype) ** 2 for i, t in enumerate(params)]
+    segments = [0, 1, 20, 0, 8, 8, 0, 7, 1,
+                2, -1, 5, 3, 9, 14, 2, 1, 4,
+                3, -1, 33, 0, 9, 9, 3, 5, 12]
+    return params, grads, momenta, second, 6, segments
+
+
+def _real_blocks(C):
+    """The canonical rows of the bucket's real blocks (tiles 0-1: 20, 2: 5, 3-5: 33)."""
+    return torch.cat([compact.from_compact(C[t0:t1], n) for t0, t1, n in ((0, 2, 20), (2, 3, 5),
+                                                                         (3, 6, 33))])
+
+
+def _run_bucket(fn, dtype, mode, tile_damping):
+    params, grads, momenta, second, tiles, segments = _bucket(dtype)
+    Fc = torch.full((tiles, 45, 16), 0.25, dtype=dtype)
+    L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45))
+    stats = torch.zeros(2, dtype=torch.int64)
+    norms = torch.full((tiles, 2, 16), -1.0, dtype=dtype)  # every entry must be written
+    extras = dict(second_moments=second, tile_norms=norms, beta2=0.99, eps=1e-6, mode=mode,
+                  tile_scale=torch.linspace(0.5, 2.0, tiles, dtype=dtype),
+                  tile_damping=(torch.linspace(0.01, 0.2, tiles, dtype=dtype)
+                                if tile_damping else None))
+    fn(params, grads, momenta, Fc, L, stats, segments, lr=0.1, momentum_coef=0.9, beta=0.8,
+       damping=0.05, weight_decay=0.01, decoupled_weight_decay=False, **extras)
+    return dict(params=params, momenta=momenta, second=second, F=Fc, L=L, stats=stats,
+                norms=norms)
+
+
+@pytest.mark.parametrize("tile_damping", [False, True], ids=["damping", "tile-damping"])
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("backend", compiled_backends(covering=9))
+def test_bucket_op_extras_match_reference(backend, dtype, mode, tile_damping):
+    want = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], tile_damping)
+    module = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test",
+                             d=9, step=True)
+    got = _run_bucket(module.mbf_bucket_step_, dtype, MODES[mode], tile_damping)
+    tol = STEP_TOL[dtype]
+    for key in ("params", "momenta", "second"):
+        for i, (a, b) in enumerate(zip(got[key], want[key])):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True,
+                                       msg=lambda m: f"{key}[{i}]: {m}")
+    for key in ("F", "L"):  # real blocks: padding holds whatever each backend leaves there
+        torch.testing.assert_close(_real_blocks(got[key]), _real_blocks(want[key]), **tol,
+                                   msg=lambda m: f"{key}: {m}")
+    assert got["stats"].tolist() == want["stats"].tolist()
+    if MODES[mode] & StepMode.GRAFT:
+        torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
+                                   atol=tol["atol"])
+        assert (got["norms"][3, :, 4] == 0).all()  # R's NaN block 4 (R starts at tile 3)
+        assert (got["norms"][1, :, 4:] == 0).all()  # padding blocks of W's last tile
+    else:
+        assert (got["norms"] == -1).all()  # untouched without GRAFT
+    if not MODES[mode] & StepMode.WRITE:
+        fresh = _bucket(dtype)
+        for a, b in zip(got["params"] + got["momenta"], fresh[0] + fresh[2]):
+            assert torch.equal(a, b)
+
+
+def test_bucket_op_refuses_a_graft_without_its_tensors():
+    params, grads, momenta, second, tiles, segments = _bucket(torch.float64)
+    Fc = torch.zeros(tiles, 45, 16, dtype=torch.float64)
+    stats = torch.zeros(2, dtype=torch.int64)
+    hyper = dict(lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+                 decoupled_weight_decay=False, mode=StepMode.GRAFT | StepMode.WRITE)
+    for backend in ("cpu", "triton"):
+        if not mk.backends()[backend].available:
+            continue
+        fn = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test", d=9,
+                             step=True).mbf_bucket_step_
+        with pytest.raises((RuntimeError, ValueError), match="needs tile_norms"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, **hyper)
+        with pytest.raises((RuntimeError, ValueError), match="one second moment per params"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, second_moments=second[:2],
+               tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64),
+               tile_scale=torch.ones(tiles, dtype=torch.float64), **hyper)
+
+
+def test_bucket_op_schema_with_extras():
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    params, grads, momenta, second, tiles, segments = _bucket(torch.float64)
+    Fc = torch.full((tiles, 45, 16), 0.25, dtype=torch.float64)
+    args = (params, grads, momenta, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64), segments,
+            0.1, 0.9, 0.8, 0.05, 0.0, False, second, torch.full((tiles,), 0.1, dtype=torch.float64),
+            torch.ones(tiles, dtype=torch.float64), torch.zeros(tiles, 2, 16, dtype=torch.float64),
+            0.999, 1e-8, 3)
+    torch.library.opcheck(torch.ops.mbf_kernels.mbf_bucket_step_.default, args)
+
+
+# -- the optimizer ---------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """Every kind of unit: conv kernels (d = 9), BatchNorm (diagonal), a Linear too large for
+    row blocks (d = 49: shared, or chunks of 16 and 1 with large_linear='chunk'), and a Linear
+    whose bias joins its rows (d = 17). The conv has no bias, as before any BatchNorm: that
+    bias's gradient is exactly zero, so it would only move on rounding noise (in AdamW too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 4 * 4, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        return self.head(torch.tanh(self.fc(x.flatten(1))))
+
+
+def _net(dtype=torch.float64):
+    torch.manual_seed(3)
+    return Net().to(dtype)
+
+
+def _data(dtype=torch.float64, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 6, 6, generator=g).to(dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def _train(model, opt, steps, loss_scale=1.0, data=None):
+    X, Y = data if data is not None else _data(next(model.parameters()).dtype)
+    for k in range(steps):
+        idx = torch.arange(8) + 8 * (k % 3)
+        opt.zero_grad()
+        (loss_scale * F.cross_entropy(model(X[idx]), Y[idx])).backward()
+        opt.step()
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+CONFIGS = {
+    "graft": dict(graft="adam", lr=1e-2),
+    "graft-relative": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2),
+    "graft-relative-decoupled": dict(graft="adam", damping_mode="relative", damping=0.05,
+                                     lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "graft-coupled-wd": dict(graft="adam", lr=1e-2, weight_decay=0.01),
+    # Without grafting the relative step is lr / (damping * mean eigenvalue): a small lr.
+    "relative": dict(damping_mode="relative", damping=0.3, lr=1e-5),
+    "graft-chunk": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                        large_linear="chunk", max_block_size=16),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("backend", ["torch"] + compiled_backends(covering=17))
+def test_optimizer_matches_dense_reference(backend, config):
+    """Ten steps with T1 = 2, T2 = 3 (refreshes, refactors and cached-factor steps, first
+    refresh and refactor together), float64: every parameter as the dense reference's."""
+    opts = dict(CONFIGS[config], curvature_update_freq=2, inverse_update_freq=3,
+                max_block_size=CONFIGS[config].get("max_block_size", 20))
+    if backend == "triton" and opts.get("large_linear") == "chunk":
+        pytest.skip("the chunked row (d = 16 + 1) leaves d = 1 only: covered by 'graft'")
+    a, b = _net(), _net()
+    start = _flat(a)
+    _train(a, mk.MBF.from_model(a, backend=backend, **opts), 10)
+    _train(b, ReferenceMBF.from_model(b, **opts), 10)
+    # float64: rounding differences (dense vs packed factors, summation order of the norms) are
+    # amplified by 1 / damping (the blocks' condition number bound under relative damping, 20
+    # here) and by ten steps of training dynamics: ~1e-9 relative, 1e6 ulps below a real error.
+    torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-8, atol=1e-10)
+    assert (_flat(a) - start).abs().max() > 1e-3  # the run moved
+
+
+def test_grafted_first_step_is_as_long_as_adamw_per_unit():
+    """At step 1 the grafted update of each unit has the length of AdamW's update of it (the
+    definition, against torch.optim.AdamW itself): lr |m_hat / (sqrt(v_hat) + eps)|."""
+    a, b = _net(), _net()
+    X, Y = _data()
+    before = {n: p.detach().clone() for n, p in a.named_parameters()}
+    _train(a, mk.MBF.from_model(a, graft="adam", lr=1e-3, betas=(0.8, 0.99), eps=1e-7), 1,
+           data=(X, Y))
+    _train(b, torch.optim.AdamW(b.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-7,
+                                weight_decay=0.0), 1, data=(X, Y))
+    mbf = {n: p.detach() - before[n] for n, p in a.named_parameters()}
+    adam = {n: p.detach() - before[n] for n, p in b.named_parameters()}
+    units = [("conv.weight",), ("bn.weight",), ("bn.bias",),
+             ("fc.weight", "fc.bias"), ("head.weight", "head.bias")]
+    for unit in units:
+        ours = torch.cat([mbf[n].reshape(-1) for n in unit]).norm()
+        theirs = torch.cat([adam[n].reshape(-1) for n in unit]).norm()
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0, msg=str(unit))
+        # ... and the direction is MBF's, not Adam's (a unit of more than one block).
+        if unit[0] in ("conv.weight", "fc.weight"):
+            cos = torch.nn.functional.cosine_similarity(
+                torch.cat([mbf[n].reshape(-1) for n in unit]),
+                torch.cat([adam[n].reshape(-1) for n in unit]), dim=0)
+            assert cos < 0.999, unit
+
+
+@pytest.mark.parametrize("backend", ["torch"] + compiled_backends(covering=17))
+def test_graft_with_relative_damping_is_invariant_to_the_loss_scale(backend):
+    """Scaling the loss by 1e4 scales every gradient, curvature and damping alike: with graft
+    and relative damping (and eps far below the gradients) the trajectory is the same; the
+    paper's absolute damping is not (its effective step lr / damping changes)."""
+    def run(scale, **opts):
+        model = _net()
+        _train(model, mk.MBF.from_model(model, backend=backend, curvature_update_freq=2,
+                                        inverse_update_freq=3, eps=1e-30, **opts), 8,
+               loss_scale=scale)
+        return _flat(model)
+
+    grafted = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2)
+    torch.testing.assert_close(run(1e4, **grafted), run(1.0, **grafted), rtol=1e-7, atol=1e-9)
+    paper = dict(lr=1e-3, damping=0.1)
+    assert (run(1e4, **paper) - run(1.0, **paper)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch"] + compiled_backends(covering=17))
+def test_nan_gradient_in_one_block_stays_in_that_block(backend):
+    """A NaN in one conv kernel's gradient: that kernel's weights turn NaN (like any optimizer),
+    every other kernel of the layer and every other layer stays finite, and the unit's graft
+    scale (its norms leave that block out) still moves the rest."""
+    model = _net()
+    opt = mk.MBF.from_model(model, backend=backend, graft="adam", damping_mode="relative",
+                            damping=0.1, lr=1e-2)
+    _train(model, opt, 2)
+    w_before = model.conv.weight.detach().clone()
+    X, Y = _data()
+    opt.zero_grad()
+    F.cross_entropy(model(X[:8]), Y[:8]).backward()
+    model.conv.weight.grad[1, 0, 2, 2] = float("nan")  # block (1, 0)
+    opt.step()
+    w = model.conv.weight.detach()
+    assert torch.isnan(w[1, 0]).all()
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    keep[1, 0] = False
+    assert torch.isfinite(w[keep]).all()
+    assert (w[keep] - w_before[keep]).abs().min() > 0  # every other kernel moved
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if n != "conv.weight")
+
+
+def test_grafted_state_round_trips_and_resumes_identically():
+    a = _net()
+    opt_a = mk.MBF.from_model(a, graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                              curvature_update_freq=2, inverse_update_freq=3)
+    _train(a, opt_a, 4)
+    b = copy.deepcopy(a)
+    opt_b = mk.MBF.from_model(b, graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                              curvature_update_freq=2, inverse_update_freq=3)
+    opt_b.load_state_dict(opt_a.state_dict())
+    assert any("exp_avg_sq" in s for s in opt_a.state_dict()["state"].values())
+    _train(a, opt_a, 3)
+    _train(b, opt_b, 3)
+    assert torch.equal(_flat(a), _flat(b))
+
+
+def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_cleanly():
+    a = _net()
+    plain = mk.MBF.from_model(a)
+    _train(a, plain, 1)
+    grafted = mk.MBF.from_model(a, graft="adam")
+    saved = {k: v.clone() for k, v in grafted.state[a.conv.weight].items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="exp_avg_sq of parameter 0 missing.*graft='adam'"):
+        grafted.load_state_dict(plain.state_dict())
+    for k, v in saved.items():  # nothing changed
+        assert torch.equal(grafted.state[a.conv.weight][k], v)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(graft="sgd"), "graft must be one of"),
+    (dict(damping_mode="fraction"), "damping_mode must be one of"),
+    (dict(betas=(0.9,)), "betas must be a pair"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\] must be in \[0, 1\)"),
+    (dict(betas=(-0.1, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
+    (dict(eps=-1e-8), "eps must be >= 0"),
+    (dict(eps=float("nan")), "eps must be finite"),
+    (dict(graft="adam", momentum=0.95), "momentum coefficient is betas"),
+])
+def test_bad_options_raise_naming_them(bad, match):
+    with pytest.raises(ValueError, match=match):
+        mk.MBF(_net().parameters(), **bad)
+
+
+def test_graft_momentum_equal_to_beta1_is_accepted():
+    opt = mk.MBF(_net().parameters(), graft="adam", momentum=0.8, betas=(0.8, 0.999))
+    assert opt.param_groups[0]["betas"] == (0.8, 0.999)
