@@ -303,11 +303,10 @@ class MBF(torch.optim.Optimizer):
             tile_unit = [dummy] * b.tiles
             block_unit = [dummy] * (b.tiles * COMPACT_TILE)
             for unit, seg, tile0 in b.entries:
-                u = index[id(unit)]
-                tile_unit[tile0:tile0 + -(-seg.n_blocks // COMPACT_TILE)] = [u] * -(
-                    -seg.n_blocks // COMPACT_TILE)
-                block_unit[tile0 * COMPACT_TILE:tile0 * COMPACT_TILE + seg.n_blocks] = (
-                    [u] * seg.n_blocks)
+                u, tiles = index[id(unit)], -(-seg.n_blocks // COMPACT_TILE)
+                tile_unit[tile0:tile0 + tiles] = [u] * tiles
+                first = tile0 * COMPACT_TILE
+                block_unit[first:first + seg.n_blocks] = [u] * seg.n_blocks
                 count[u] += seg.n_blocks * seg.d
             b.tile_unit = torch.tensor(tile_unit, dtype=torch.int64, device=b.device)
             b.block_unit = torch.tensor(block_unit, dtype=torch.int64, device=b.device)
@@ -454,14 +453,13 @@ class MBF(torch.optim.Optimizer):
 
     @staticmethod
     def _unit_sums(plan: _GroupPlan, calls: list[_BucketCall], values) -> Tensor:
-        """Sum per unit (plus a padding slot) of ``values(bucket)``: (tiles * 16, k) per block."""
-        first = calls[0].bucket
-        out = None
-        for call in calls:
-            v = values(call.bucket)
-            out = v.new_zeros(len(plan.units) + 1, v.shape[1]) if out is None else out
+        """Sum per unit (plus a padding slot) of ``values(bucket)``, (tiles * 16, k) per block,
+        over the buckets of ``calls`` (not empty): (units + 1, k)."""
+        per_bucket = [values(call.bucket) for call in calls]
+        out = per_bucket[0].new_zeros(len(plan.units) + 1, per_bucket[0].shape[1])
+        for call, v in zip(calls, per_bucket):
             out.index_add_(0, call.bucket.block_unit, v)
-        return out if out is not None else first.tile_norms.new_zeros(len(plan.units) + 1, 2)
+        return out
 
     def _relative_damping(self, group: dict, plan: _GroupPlan, calls: list[_BucketCall]) -> None:
         """tile_damping = damping * (mean diagonal entry of the unit's refreshed curvature, over
