@@ -32,6 +32,7 @@ from . import models
 from .benchmark import sync
 from .data import Dataset
 from .optim import MBF
+from .optim.fisher import sampled_loss
 from .optim.mbf import DEFAULTS as MBF_DEFAULTS
 
 __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimizers",
@@ -40,8 +41,8 @@ __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimize
 # Default learning rates: MBF's from its sweep (bench/RESULTS.md); SGD and AdamW the usual
 # starting points for CNNs; SOAP its library's default.
 #: "mbf_graft" is MBF as an AdamW drop-in (graft="adam", relative damping): AdamW's lr.
-DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_graft": 1e-3, "sgd": 0.05, "adamw": 1e-3,
-              "soap": 3e-3}
+DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_graft": 1e-3, "mbf_true": 1e-3, "sgd": 0.05,
+              "adamw": 1e-3, "soap": 3e-3}
 #: Multipliers of the default learning rate tried by --tune, the same for every optimizer.
 TUNE_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 
@@ -89,14 +90,19 @@ def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.op
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
 
 
-def _make_mbf_graft(params, lr: float, cfg: TrainConfig,
-                    model: nn.Module) -> torch.optim.Optimizer:
+def _make_mbf_graft(params, lr: float, cfg: TrainConfig, model: nn.Module,
+                    fisher: str = "empirical") -> torch.optim.Optimizer:
     # As the AdamW it replaces: Adam's step lengths, betas and decoupled weight decay.
     return MBF.from_model(model, lr=lr, graft="adam", damping_mode="relative",
                           damping=cfg.relative_damping, weight_decay=cfg.weight_decay,
-                          decoupled_weight_decay=True,
+                          decoupled_weight_decay=True, fisher=fisher,
                           curvature_update_freq=cfg.curvature_update_freq,
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
+
+
+def _make_mbf_true(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # mbf_graft with the curvature from sampled labels (train_run adds the sampled backward).
+    return _make_mbf_graft(params, lr, cfg, model, fisher="true")
 
 
 def _make_soap(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -106,9 +112,11 @@ def _make_soap(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.o
 
 
 OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "mbf_graft": _make_mbf_graft,
-                                   "sgd": _make_sgd, "adamw": _make_adamw, "soap": _make_soap}
-LABELS = {"mbf": "MBF", "mbf_graft": "MBF(graft=adam, relative)", "sgd": "SGD(momentum)",
-          "adamw": "AdamW", "soap": "SOAP"}
+                                   "mbf_true": _make_mbf_true, "sgd": _make_sgd,
+                                   "adamw": _make_adamw, "soap": _make_soap}
+LABELS = {"mbf": "MBF", "mbf_graft": "MBF(graft=adam, relative)",
+          "mbf_true": "MBF-True(graft=adam, relative)", "sgd": "SGD(momentum)", "adamw": "AdamW",
+          "soap": "SOAP"}
 
 
 def available_optimizers() -> dict[str, str]:
@@ -127,6 +135,11 @@ class Task:
     data: Dataset
     model_name: str
     kind: str  # "classify" (cross-entropy) or "autoencode" (BCE on the reconstruction, less its floor)
+
+    @property
+    def sampled_loss_kind(self) -> str:
+        """The loss whose predictive distribution MBF-True samples (optim.fisher.LOSSES)."""
+        return "bce" if self.kind == "autoencode" else "cross_entropy"
 
     def build_model(self) -> nn.Module:
         ds = self.data
@@ -242,6 +255,9 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
                 out = forward(xb)
             loss = task.loss(out, xb, yb)
             opt.zero_grad(set_to_none=True)
+            if getattr(opt, "wants_fisher", None) is not None and opt.wants_fisher():
+                with opt.fisher_pass():  # MBF-True: the curvature's gradient, at sampled labels
+                    sampled_loss(out, task.sampled_loss_kind).backward(retain_graph=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach()

@@ -310,6 +310,7 @@ def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_c
     (dict(eps=-1e-8), "eps must be >= 0"),
     (dict(eps=float("nan")), "eps must be finite"),
     (dict(graft="adam", momentum=0.95), "momentum coefficient is betas"),
+    (dict(fisher="sampled"), "fisher must be one of"),
 ])
 def test_bad_options_raise_naming_them(bad, match):
     with pytest.raises(ValueError, match=match):

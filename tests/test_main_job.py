@@ -246,6 +246,19 @@ def test_train_soap_baseline():
     assert run.points[-1].train_loss < run.points[0].train_loss
 
 
+@needs_sklearn
+@pytest.mark.parametrize("optimizer", ["mbf_graft", "mbf_true"])
+@pytest.mark.parametrize("model", ["small_cnn", "autoencoder"])
+def test_train_mbf_dropin_variants(optimizer, model):
+    """MBF as an AdamW drop-in (grafted, relative damping) and MBF-True, whose loop adds the
+    sampled backward (cross-entropy labels, or Bernoulli pixels for the autoencoder) on refresh
+    steps: they train, and MBF-True's curvature refreshes were fed."""
+    task = training.make_task(load_dataset("digits"), model)
+    cfg = training.TrainConfig(epochs=2, curvature_update_freq=2)
+    run = training.train_run(task, optimizer, training.DEFAULT_LR[optimizer], cfg)
+    assert not run.diverged and run.points[-1].train_loss < run.points[0].train_loss
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar10"], "pass --data-dir"),
     (["--optimizers", "mbf,lion"], "unknown optimizer 'lion'"),

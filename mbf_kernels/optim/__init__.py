@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .fisher import sampled_loss, sampled_targets
 from .mbf import DEFAULTS, MBF
 from .reference import ReferenceMBF
 
-__all__ = ["DEFAULTS", "MBF", "ReferenceMBF"]
+__all__ = ["DEFAULTS", "MBF", "ReferenceMBF", "sampled_loss", "sampled_targets"]

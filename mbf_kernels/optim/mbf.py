@@ -28,6 +28,7 @@ from ..compact import COMPACT_TILE, from_compact, to_compact
 from ..dispatch import CHOICES, select
 from ..packed import pack_tril, tril_size, unpack_tril
 from .blocks import CONV1X1, LARGE_LINEAR, ModuleRoles, Segment, Unit, module_roles, plan_group
+from .fisher import FisherCapture
 
 __all__ = ["MBF", "DEFAULTS"]
 
@@ -50,11 +51,13 @@ DEFAULTS: dict = dict(
     damping_mode="absolute",
     betas=(0.9, 0.999),
     eps=1e-8,
+    fisher="empirical",
 )
 
 #: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
 GRAFT = ("none", "adam")
 DAMPING_MODE = ("absolute", "relative")
+FISHER = ("empirical", "true")
 #: Added to a relative damping so that a unit whose gradients are all zero still factors.
 RELATIVE_DAMPING_FLOOR = 1e-12
 
@@ -67,7 +70,8 @@ FACTOR = "factor"  # same layout: packed L with its diagonal stored as 1 / L_ii
 LAYOUT = "block_layout"  # list of (kind, d, n_blocks) per segment, checked on load
 #: Options that shape the optimizer's buffers or describe this run (fixed at construction):
 #: kept from the loading optimizer on load_state_dict.
-_RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1", "graft", "damping_mode")
+_RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1", "graft", "damping_mode",
+                "fisher")
 
 _REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentFlags.REFACTOR
 _FLAGS_FIELD = 7  # index of the flags in a segment's SEGMENT_FIELDS ints
@@ -139,6 +143,7 @@ class _BucketCall:
     second_moments: list[Tensor]
     segments: list[int]
     staged: list[tuple[Tensor, Tensor]]  # (parameter, float32 / contiguous working copy)
+    fisher_grads: list[Tensor]  # fisher="true": the curvature's gradients, aligned with grads
 
     def masked(self, keep: int) -> list[int]:
         """The segments with their flags reduced to the bits in ``keep``."""
@@ -176,7 +181,8 @@ def _validate_group(group: dict) -> None:
         raise ValueError("MBF: decoupled_weight_decay must be True or False, got "
                          f"{group['decoupled_weight_decay']!r}")
     for name, choices in (("large_linear", LARGE_LINEAR), ("conv1x1", CONV1X1),
-                          ("backend", CHOICES), ("graft", GRAFT), ("damping_mode", DAMPING_MODE)):
+                          ("backend", CHOICES), ("graft", GRAFT), ("damping_mode", DAMPING_MODE),
+                          ("fisher", FISHER)):
         if group[name] not in choices:
             raise ValueError(f"MBF: {name} must be one of {choices}, got {group[name]!r}")
     betas = group["betas"]
@@ -199,7 +205,7 @@ def _momentum_coef(group: dict) -> float:
     return group["betas"][0] if group["graft"] == "adam" else group["momentum"]
 
 
-class MBF(torch.optim.Optimizer):
+class MBF(FisherCapture, torch.optim.Optimizer):
     """Mini-Block Fisher: momentum preconditioned by a damped per-block empirical Fisher.
 
     ``MBF(params, ...)`` maps parameters to blocks by shape; :meth:`from_model` also uses the
@@ -215,6 +221,7 @@ class MBF(torch.optim.Optimizer):
         self._roles: ModuleRoles | None = options.pop("_roles", None)
         self._plans: list[_GroupPlan] = []
         self._n_params = 0
+        self._fisher_grads: dict[Tensor, Tensor] = {}  # fisher_pass() -> the next step()
         defaults = dict(DEFAULTS, lr=lr)
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
@@ -235,7 +242,7 @@ class MBF(torch.optim.Optimizer):
         # module roles are keyed by id() of the original parameters, meaningless in a copy:
         # a group added to a copy maps by shape.
         return {**super().__getstate__(), "_plans": self._plans, "_n_params": self._n_params,
-                "_roles": None}
+                "_roles": None, "_fisher_grads": {}}
 
     # -- construction ---------------------------------------------------------------------
 
@@ -325,18 +332,27 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, plan in zip(self.param_groups, self._plans):
-            flags = self._unit_flags(group, plan)
-            self._step_buckets(group, plan, flags)
+        fisher = self._take_fisher_grads()
+        # Every check first (a missing sampled gradient raises before any state changes).
+        all_flags = [self._unit_flags(g, plan, fisher)
+                     for g, plan in zip(self.param_groups, self._plans)]
+        for group, plan, flags in zip(self.param_groups, self._plans, all_flags):
+            self._step_buckets(group, plan, flags, fisher)
             for sh in plan.shared:
                 if id(sh.unit) in flags:
-                    self._step_shared(group, sh, flags[id(sh.unit)])
+                    self._step_shared(group, sh, flags[id(sh.unit)], fisher)
             for unit in plan.units:
                 if id(unit) in flags:
                     self.state[unit.params[0]][STEP] += 1
         return loss
 
-    def _unit_flags(self, group: dict, plan: _GroupPlan) -> dict[int, int]:
+    def _refreshes_next(self, group: dict) -> bool:
+        plan = self._plans[next(i for i, g in enumerate(self.param_groups) if g is group)]
+        t1 = group["curvature_update_freq"]
+        return any(self.state[u.params[0]][STEP] % t1 == 0 for u in plan.units)
+
+    def _unit_flags(self, group: dict, plan: _GroupPlan,
+                    fisher: dict[Tensor, Tensor]) -> dict[int, int]:
         """id(unit) -> segment flags for this step, for the units that have a gradient."""
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
         flags = {}
@@ -354,6 +370,8 @@ class MBF(torch.optim.Optimizer):
             f = 0
             if (k - 1) % t1 == 0:
                 f |= _REFRESH | (_FIRST if k == 1 else 0)
+                if group["fisher"] == "true" and not any(p in fisher for p in unit.params):
+                    raise self._missing_fisher(unit.name)
             if (k - 1) % t2 == 0:
                 f |= _REFACTOR
             flags[id(unit)] = f
@@ -370,12 +388,12 @@ class MBF(torch.optim.Optimizer):
             bucket.step_fn = module.mbf_bucket_step_
         return bucket.step_fn
 
-    def _bucket_call(self, group: dict, bucket: _Bucket,
-                     flags: dict[int, int]) -> _BucketCall | None:
+    def _bucket_call(self, group: dict, bucket: _Bucket, flags: dict[int, int],
+                     fisher: dict[Tensor, Tensor]) -> _BucketCall | None:
         """This step's arguments of the bucket op, or None when no unit of it has a gradient."""
         index: dict[int, int] = {}
-        call = _BucketCall(bucket, [], [], [], [], [], [])
-        graft = group["graft"] == "adam"
+        call = _BucketCall(bucket, [], [], [], [], [], [], [])
+        graft, true_fisher = group["graft"] == "adam", group["fisher"] == "true"
 
         def tensor_index(p: Tensor) -> int:
             i = index.get(id(p))
@@ -392,6 +410,8 @@ class MBF(torch.optim.Optimizer):
                 call.params.append(work)
                 call.grads.append(g.to(bucket.dtype))
                 call.momenta.append(self.state[p][MOMENTUM])
+                if true_fisher:
+                    call.fisher_grads.append(fisher.get(p, torch.zeros_like(p)).to(bucket.dtype))
                 if graft:
                     call.second_moments.append(self.state[p][SECOND_MOMENT])
             return i
@@ -407,13 +427,20 @@ class MBF(torch.optim.Optimizer):
                               tile0, f, step]
         return call if call.segments else None
 
-    def _run(self, group: dict, call: _BucketCall, mode: StepMode, keep: int) -> None:
-        """One pass of the bucket op over ``call``, the segments' flags reduced to ``keep``."""
+    def _run(self, group: dict, call: _BucketCall, mode: StepMode, keep: int,
+             grads: list[Tensor] | None = None) -> None:
+        """One pass of the bucket op over ``call``, the segments' flags reduced to ``keep``
+        (a pass that would neither write nor refresh nor refactor is skipped); ``grads``
+        replaces the call's gradients (MBF-True's refresh)."""
         b = call.bucket
         relative = group["damping_mode"] == "relative"
+        segments = call.masked(keep)
+        if mode == StepMode.NONE and not any(f & (_REFRESH | _REFACTOR) for f in
+                                             segments[_FLAGS_FIELD::SEGMENT_FIELDS]):
+            return
         self._bucket_step_fn(group, b)(
-            call.params, call.grads, call.momenta, b.curvature, b.factor, b.stats,
-            call.masked(keep), lr=group["lr"], momentum_coef=_momentum_coef(group),
+            call.params, call.grads if grads is None else grads, call.momenta, b.curvature,
+            b.factor, b.stats, segments, lr=group["lr"], momentum_coef=_momentum_coef(group),
             beta=group["beta"], damping=group["damping"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             second_moments=call.second_moments,
@@ -422,16 +449,24 @@ class MBF(torch.optim.Optimizer):
             tile_norms=b.tile_norms if mode & StepMode.GRAFT else None,
             beta2=group["betas"][1], eps=group["eps"], mode=mode)
 
-    def _step_buckets(self, group: dict, plan: _GroupPlan, flags: dict[int, int]) -> None:
+    def _step_buckets(self, group: dict, plan: _GroupPlan, flags: dict[int, int],
+                      fisher: dict[Tensor, Tensor]) -> None:
         """The step of every bucket of a group: one pass of the fused op per bucket (the paper's
-        update); with relative damping, a refresh-only pass first on refactor steps (the damping
+        update); with MBF-True, a refresh-only pass first on refresh steps, from the sampled
+        gradients; with relative damping, a refresh-only pass before the refactor (the damping
         is a fraction of the refreshed curvature); with grafting, a measuring pass (the norms of
         MBF's and Adam's directions per block, reduced to units on the device) before the pass
-        that writes. Passes after the first no longer refresh or refactor."""
-        calls = [c for c in (self._bucket_call(group, b, flags) for b in plan.buckets) if c]
+        that writes. Passes after the first refresh no longer refresh, nor after the refactor
+        refactor."""
+        calls = [c for c in (self._bucket_call(group, b, flags, fisher) for b in plan.buckets)
+                 if c]
         if not calls:
             return
         everything = int(_REFRESH | _FIRST | _REFACTOR)
+        if group["fisher"] == "true":
+            for call in calls:
+                self._run(group, call, StepMode.NONE, int(_REFRESH | _FIRST), call.fisher_grads)
+            everything = int(_REFACTOR)
         refactor = any(f & _REFACTOR for f in flags.values())
         if group["damping_mode"] == "relative" and refactor:
             for call in calls:
@@ -483,7 +518,8 @@ class MBF(torch.optim.Optimizer):
         for call in calls:
             call.bucket.tile_scale.copy_(scale[call.bucket.tile_unit])
 
-    def _step_shared(self, group: dict, sh: _Shared, f: int) -> None:
+    def _step_shared(self, group: dict, sh: _Shared, f: int,
+                     fisher: dict[Tensor, Tensor]) -> None:
         unit, seg = sh.unit, sh.unit.segments[0]
         dtype = sh.curvature.dtype
         # Segment views need contiguous tensors: a strided parameter is updated in a copy.
@@ -495,8 +531,12 @@ class MBF(torch.optim.Optimizer):
         lr, rho, wd = group["lr"], _momentum_coef(group), group["weight_decay"]
         G = seg.rows(gs).to(dtype)  # (out, d)
         if f & _REFRESH:
-            finite = torch.isfinite(G).all()
-            C = G.mT @ G / max(G.shape[0], 1)
+            Gc = G
+            if group["fisher"] == "true":  # MBF-True: the sampled gradient's curvature
+                Gc = seg.rows([fisher.get(p, torch.zeros_like(p)).contiguous()
+                               for p in unit.params]).to(dtype)
+            finite = torch.isfinite(Gc).all()
+            C = Gc.mT @ Gc / max(Gc.shape[0], 1)
             new = C if f & _FIRST else beta * sh.curvature + (1 - beta) * C
             sh.curvature.copy_(torch.where(finite, new, sh.curvature))
             sh.stats[0] += (~finite).to(torch.int64)

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
+from .fisher import FisherCapture
 from .mbf import DEFAULTS, RELATIVE_DAMPING_FLOOR, _momentum_coef, _state_dtype, _validate_group
 
 
-class ReferenceMBF(torch.optim.Optimizer):
+class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
     """The plain-PyTorch MBF: same options and block rules as :class:`MBF`, none of its kernels."""
 
     def __init__(self, params: Iterable, lr: float = DEFAULTS["lr"], **options) -> None:
@@ -25,6 +26,7 @@ class ReferenceMBF(torch.optim.Optimizer):
         self._units: list[list] = []
         self._n_params = 0
         self.stats = {"skipped_curvature": 0, "failed_factor": 0}
+        self._fisher_grads: dict[Tensor, Tensor] = {}
         defaults = dict(DEFAULTS, lr=lr, **options)
         _validate_group(defaults)
         super().__init__(params, defaults)
@@ -35,7 +37,7 @@ class ReferenceMBF(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:  # as MBF.__getstate__
         return {**super().__getstate__(), "_units": self._units, "_n_params": self._n_params,
-                "stats": self.stats, "_roles": None}
+                "stats": self.stats, "_roles": None, "_fisher_grads": {}}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -76,13 +78,19 @@ class ReferenceMBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fisher = self._take_fisher_grads()
         for group, units in zip(self.param_groups, self._units):
             for unit in units:
                 if any(p.grad is not None for p in unit.params):
-                    self._step_unit(group, unit)
+                    self._step_unit(group, unit, fisher)
         return loss
 
-    def _step_unit(self, group: dict, unit) -> None:
+    def _refreshes_next(self, group: dict) -> bool:
+        units = self._units[next(i for i, g in enumerate(self.param_groups) if g is group)]
+        return any(self.state[u.params[0]]["step"] % group["curvature_update_freq"] == 0
+                   for u in units)
+
+    def _step_unit(self, group: dict, unit, fisher: dict) -> None:
         lr, rho, beta = group["lr"], _momentum_coef(group), group["beta"]
         wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
@@ -102,7 +110,12 @@ class ReferenceMBF(torch.optim.Optimizer):
             if graft:
                 b2 = group["betas"][1]
                 self.state[param]["exp_avg_sq"].mul_(b2).add_((1 - b2) * direction * direction)
-        # Step 1: curvature, every T1 steps; blocks with a non-finite g keep F.
+        # Step 1: curvature, every T1 steps; blocks with a non-finite g keep F. MBF-True: g is
+        # the gradient of the loss at sampled targets (fisher_pass()), not of the data loss.
+        if (k - 1) % t1 == 0 and group["fisher"] == "true":
+            if not any(p in fisher for p in unit.params):
+                raise self._missing_fisher(unit.name)
+            gs = [fisher.get(p, torch.zeros_like(p)).to(dt) for p in unit.params]
         for s, seg in enumerate(unit.segments):
             if (k - 1) % t1 == 0:
                 G = seg.rows(gs)
