@@ -90,7 +90,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     try:
         data = load_dataset(args.dataset, args.data_dir)
         model_names = (_csv_list(args.models) if args.models else
-                       (["small_cnn", "autoencoder"] if args.dataset == "digits" else ["resnet32"]))
+                       {"digits": ["relu_autoencoder"], "shapes": ["small_cnn"]}.get(
+                           args.dataset, ["resnet32"]))
         tasks = [training.make_task(data, m) for m in model_names]
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mbf train: {exc}") from None

@@ -42,7 +42,7 @@ __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimize
 # starting points for CNNs; SOAP its library's default.
 #: "mbf_graft" is MBF as an AdamW drop-in (graft="adam", relative damping): AdamW's lr.
 DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_graft": 1e-3, "mbf_true": 1e-3, "sgd": 0.05,
-              "adamw": 1e-3, "soap": 3e-3}
+              "adamw": 1e-3, "soap": 3e-3, "shampoo": 1e-3}
 #: Multipliers of the default learning rate tried by --tune, the same for every optimizer.
 TUNE_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 
@@ -111,19 +111,35 @@ def _make_soap(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.o
     return SOAP(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def _make_shampoo(params, lr: float, cfg: TrainConfig,
+                  model: nn.Module) -> torch.optim.Optimizer:
+    # The paper's Shampoo baseline, as Distributed Shampoo runs it: grafted (RMSProp, the
+    # closest to Adam that pytorch-optimizer grafts from; momentum from betas[0], so AdamW's lr
+    # carries over), decoupled decay, preconditioners from step 25 and refreshed every 10
+    # steps (its default of 1000 would leave short runs on the graft alone).
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    return ScalableShampoo(params, lr=lr, weight_decay=cfg.weight_decay,
+                           decoupled_weight_decay=True, graft_type=LayerWiseGrafting.RMSPROP,
+                           start_preconditioning_step=25, preconditioning_compute_steps=10)
+
+
 OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "mbf_graft": _make_mbf_graft,
                                    "mbf_true": _make_mbf_true, "sgd": _make_sgd,
-                                   "adamw": _make_adamw, "soap": _make_soap}
+                                   "adamw": _make_adamw, "soap": _make_soap,
+                                   "shampoo": _make_shampoo}
 LABELS = {"mbf": "MBF", "mbf_graft": "MBF(graft=adam, relative)",
           "mbf_true": "MBF-True(graft=adam, relative)", "sgd": "SGD(momentum)", "adamw": "AdamW",
-          "soap": "SOAP"}
+          "soap": "SOAP", "shampoo": "Shampoo(graft=rmsprop)"}
 
 
 def available_optimizers() -> dict[str, str]:
     """Name -> '' when usable here, else why not (SOAP comes from pytorch-optimizer)."""
     out = {name: "" for name in OPTIMIZERS}
     if importlib.util.find_spec("pytorch_optimizer") is None:
-        out["soap"] = "pytorch-optimizer is not installed (pip install pytorch-optimizer)"
+        for name in ("soap", "shampoo"):
+            out[name] = "pytorch-optimizer is not installed (pip install pytorch-optimizer)"
     return out
 
 
@@ -143,9 +159,10 @@ class Task:
 
     def build_model(self) -> nn.Module:
         ds = self.data
-        if self.model_name == "autoencoder":
+        if self.model_name in AUTOENCODERS:
             size = ds.in_channels * ds.image_size**2
-            return models.DigitsAutoencoder((size, 256, 128, 64, 16))
+            return models.DigitsAutoencoder((size, 256, 128, 64, 16),
+                                            activation=AUTOENCODERS[self.model_name])
         if self.model_name == "small_cnn":
             return models.SmallCNN(ds.num_classes, ds.in_channels)
         return models.MODELS[self.model_name](num_classes=ds.num_classes,
@@ -162,19 +179,22 @@ class Task:
         return F.cross_entropy(out.float(), y)
 
 
-MODEL_CHOICES = ("small_cnn", "autoencoder", "resnet32", "vgg11", "vgg16")
+#: Autoencoders by their hidden activation: the classic sigmoid one, and the MBF paper's recipe
+#: (ReLU hidden layers, linear code layer, sigmoid output with binary cross-entropy).
+AUTOENCODERS = {"autoencoder": nn.Sigmoid, "relu_autoencoder": nn.ReLU}
+MODEL_CHOICES = ("small_cnn", "autoencoder", "relu_autoencoder", "resnet32", "vgg11", "vgg16")
 
 
 def make_task(data: Dataset, model_name: str) -> Task:
     if model_name not in MODEL_CHOICES:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_CHOICES)}")
-    if model_name == "autoencoder":
+    if model_name in AUTOENCODERS:
         lo, hi = float(data.x_train.min()), float(data.x_train.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"the autoencoder reconstructs pixels in [0, 1] (binary "
                              f"cross-entropy); {data.name} is standardised to [{lo:.2f}, {hi:.2f}]."
                              f" Use it on the digits data set")
-        return Task(f"{data.name}/autoencoder", data, model_name, "autoencode")
+        return Task(f"{data.name}/{model_name}", data, model_name, "autoencode")
     if model_name in ("resnet32", "vgg11", "vgg16") and data.image_size != 32:
         raise ValueError(f"{model_name} expects 32x32 images; {data.name} has "
                          f"{data.image_size}x{data.image_size} (use small_cnn or autoencoder)")

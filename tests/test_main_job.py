@@ -239,10 +239,12 @@ def test_train_reads_each_on_disk_format(tmp_path, dataset, capsys):
 
 @needs_sklearn
 @pytest.mark.skipif(importlib.util.find_spec("pytorch_optimizer") is None,
-                    reason="pytorch-optimizer (SOAP) is not installed")
-def test_train_soap_baseline():
+                    reason="pytorch-optimizer (SOAP, Shampoo) is not installed")
+@pytest.mark.parametrize("optimizer", ["soap", "shampoo"])
+def test_train_soap_and_shampoo_baselines(optimizer):
     task = training.make_task(load_dataset("digits"), "small_cnn")
-    run = training.train_run(task, "soap", 3e-3, training.TrainConfig(epochs=2))
+    run = training.train_run(task, optimizer, training.DEFAULT_LR[optimizer],
+                             training.TrainConfig(epochs=2))
     assert run.points[-1].train_loss < run.points[0].train_loss
 
 

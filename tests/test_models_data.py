@@ -18,6 +18,27 @@ def test_load_digits_is_real_and_split():
     assert torch.equal(data.load_digits()[1], y)  # seeded: same split every time
 
 
+def test_load_shapes_is_seeded_balanced_and_standardised():
+    a, b = data.load_shapes(n_train=600, n_test=200), data.load_shapes(n_train=600, n_test=200)
+    assert a.x_train.shape == (600, 3, 32, 32) and a.x_test.shape == (200, 3, 32, 32)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    counts = torch.bincount(a.y_train, minlength=10)
+    assert counts.min() > 30  # every class present, roughly balanced (600 draws of 10)
+    mean, std = a.x_train.mean((0, 2, 3)), a.x_train.std((0, 2, 3))
+    torch.testing.assert_close(mean, torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(std, torch.ones(3), atol=1e-2, rtol=0)
+    assert data.load_dataset("shapes").num_classes == 10  # no --data-dir needed
+
+
+def test_relu_autoencoder_is_the_papers_recipe():
+    model = models.DigitsAutoencoder(activation=torch.nn.ReLU)
+    kinds = [type(m).__name__ for m in model.net]
+    # ReLU hidden layers, a linear code layer (no activation after the 16-wide layer), logits out
+    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Linear", "ReLU", "Linear", "Linear",
+                     "ReLU", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert model.net[6].out_features == 16 and model.net[-1].out_features == 64
+
+
 @pytest.mark.parametrize("name, shape, out", [
     ("resnet32", (2, 3, 32, 32), (2, 10)), ("vgg11", (2, 3, 32, 32), (2, 10)),
     ("small_cnn", (2, 1, 8, 8), (2, 10)), ("digits_autoencoder", (2, 1, 8, 8), (2, 64)),
