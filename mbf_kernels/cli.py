@@ -99,7 +99,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
            if getattr(args, f"lr_{name}") is not None}
     cfg = training.TrainConfig(
         epochs=args.epochs, budget_s=args.budget_seconds, batch_size=args.batch_size,
-        seed=args.seed, device=str(device), compile=args.compile,
+        seed=args.seed, seeds=tuple(int(x) for x in _csv_list(args.seeds or "")),
+        device=str(device), compile=args.compile,
         amp=None if args.amp == "none" else args.amp, weight_decay=args.weight_decay, lr=lrs,
         momentum=args.momentum, damping=args.damping, relative_damping=args.relative_damping,
         curvature_update_freq=args.curvature_update_freq,
@@ -109,7 +110,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     console.print(f"mbf train: {data.name} ({len(data.y_train)} train / {len(data.y_test)} test "
                   f"images), models {', '.join(model_names)}, optimizers {', '.join(optimizers)}; "
                   f"{cfg.epochs} epochs" + (f" or {cfg.budget_s:g} s" if cfg.budget_s else "") +
-                  f" per run, batch {cfg.batch_size}, seed {cfg.seed}, device {device}"
+                  f" per run, batch {cfg.batch_size}, seed {', '.join(map(str, cfg.seeds or (cfg.seed,)))},"
+                  f" device {device}"
                   + (", lr tuned by a sweep of "
                      f"{len(training.TUNE_FACTORS)} x {cfg.tune_epochs} epochs each" if cfg.tune else ""))
     with _progress(console) as progress:
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also stop each run after this much training time")
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    train.add_argument("--seeds", help="comma-separated seeds: every run is repeated for each, "
+                       "and the tables show the mean and [min, max] (e.g. 0,1)")
     train.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--amp", choices=("none", "bf16"), default="none",

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class TrainConfig:
     budget_s: float | None = None
     batch_size: int = 64
     seed: int = 0
+    seeds: tuple[int, ...] = ()  # compare() repeats every run over these (default: seed)
     device: str = "cpu"
     compile: bool = False
     amp: str | None = None  # None or "bf16"
@@ -219,6 +220,7 @@ class RunResult:
     points: list[Point]
     diverged: bool = False
     stats: dict = field(default_factory=dict)
+    seed: int = 0
 
     @property
     def final(self) -> Point:
@@ -262,7 +264,7 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
     xt, yt = ds.x_test.to(device), ds.y_test.to(device)
     order = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(math.ceil(len(x) / cfg.batch_size), 1)
-    result = RunResult(task.name, optimizer, lr, [])
+    result = RunResult(task.name, optimizer, lr, [], seed=cfg.seed)
     elapsed = 0.0
     for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=order).to(device)
@@ -324,12 +326,15 @@ def tune_lr(task: Task, optimizer: str, cfg: TrainConfig,
 
 def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress=None
             ) -> tuple[list[RunResult], list[dict]]:
-    """Every optimizer on every task; ``progress`` is an optional rich.progress.Progress (one
-    bar per run, and one per tuning sweep)."""
+    """Every optimizer on every task, for each of ``cfg.seeds`` (initial weights and data order;
+    the lr is tuned on the first); ``progress`` is an optional rich.progress.Progress (one bar
+    per run, and one per tuning sweep)."""
     results, trials = [], []
+    seeds = cfg.seeds or (cfg.seed,)
     for task in tasks:
         for name in optimizers:
             lr = cfg.lr_of(name)
+            cfg = replace(cfg, seed=seeds[0])
             if cfg.tune:
                 bar = progress.add_task(f"tune {task.name} {LABELS[name]}", total=len(TUNE_FACTORS),
                                         status="") if progress else None
@@ -340,45 +345,66 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
 
                 lr, tried = tune_lr(task, name, cfg, on_trial)
                 trials += tried
-            # The bar counts epochs, or seconds when a time budget is set.
-            total = cfg.budget_s if cfg.budget_s else cfg.epochs
-            bar = progress.add_task(f"{task.name} {LABELS[name]} lr={lr:.3g}", total=total,
-                                    status="") if progress else None
-
-            def on_epoch(p: Point, bar=bar) -> None:
-                if progress:
-                    acc = f" acc {100 * p.test_acc:.1f}%" if p.test_acc is not None else ""
-                    progress.update(bar, completed=p.time_s if cfg.budget_s else p.epoch,
-                                    status=f"epoch {p.epoch:.0f} train {p.train_loss:.4f} "
-                                    f"test {p.test_loss:.4f}{acc}")
-
-            run = train_run(task, name, lr, cfg, budget_s=cfg.budget_s, on_epoch=on_epoch)
-            if progress:
-                progress.update(bar, completed=total)
-            results.append(run)
+            for seed in seeds:
+                results.append(_progress_run(task, name, lr, replace(cfg, seed=seed), progress,
+                                             f" seed {seed}" if len(seeds) > 1 else ""))
     return results, trials
 
 
+def _progress_run(task: Task, name: str, lr: float, cfg: TrainConfig, progress,
+                  label: str) -> RunResult:
+    # The bar counts epochs, or seconds when a time budget is set.
+    total = cfg.budget_s if cfg.budget_s else cfg.epochs
+    bar = progress.add_task(f"{task.name} {LABELS[name]} lr={lr:.3g}{label}", total=total,
+                            status="") if progress else None
+
+    def on_epoch(p: Point) -> None:
+        if progress:
+            acc = f" acc {100 * p.test_acc:.1f}%" if p.test_acc is not None else ""
+            progress.update(bar, completed=p.time_s if cfg.budget_s else p.epoch,
+                            status=f"epoch {p.epoch:.0f} train {p.train_loss:.4f} "
+                            f"test {p.test_loss:.4f}{acc}")
+
+    run = train_run(task, name, lr, cfg, budget_s=cfg.budget_s, on_epoch=on_epoch)
+    if progress:
+        progress.update(bar, completed=total)
+    return run
+
+
 def summary_rows(results: list[RunResult]) -> list[dict]:
-    """One row per run: what it reached, and how long it took to reach the task's common loss
-    (the highest final training loss among the task's runs that did not diverge: a level every
-    such run reached, so the times compare like with like)."""
-    rows = []
-    for r in results:
-        p = r.final
-        rows.append(dict(task=r.task, optimizer=LABELS[r.optimizer], lr=r.lr,
-                         epochs=round(p.epoch, 2), train_s=round(p.time_s, 2),
-                         s_per_epoch=round(p.time_s / max(p.epoch, 1e-9), 3),
-                         train_loss=p.train_loss, test_loss=p.test_loss, test_acc=p.test_acc,
-                         diverged=r.diverged))
+    """One row per task and optimizer: what its runs reached (the mean over seeds, with the
+    min and max beside it when there are several), and how long they took to reach the task's
+    common loss (the highest final training loss among the task's runs that did not diverge: a
+    level every such run reached, so the times compare like with like)."""
+    common = {}
     for task in dict.fromkeys(r.task for r in results):
-        runs = [r for r in results if r.task == task]
-        finals = [r.final.train_loss for r in runs if not r.diverged]
-        common = max(finals) if finals else math.nan
-        for r, row in zip(runs, (row for row in rows if row["task"] == task)):
-            row["common_loss"] = common
-            row["s_to_common_loss"] = next((p.time_s for p in r.points if p.train_loss <= common),
-                                           None)
+        finals = [r.final.train_loss for r in results if r.task == task and not r.diverged]
+        common[task] = max(finals) if finals else math.nan
+    rows = []
+    for task, optimizer in dict.fromkeys((r.task, r.optimizer) for r in results):
+        runs = [r for r in results if (r.task, r.optimizer) == (task, optimizer)]
+        finals = [r.final for r in runs]
+        reach = [next((p.time_s for p in r.points if p.train_loss <= common[task]), None)
+                 for r in runs]
+
+        def stat(values: list[float]) -> dict:
+            return dict(mean=sum(values) / len(values), min=min(values), max=max(values))
+
+        loss, acc = stat([p.train_loss for p in finals]), None
+        if finals[0].test_acc is not None:
+            acc = stat([p.test_acc for p in finals])
+        rows.append(dict(
+            task=task, optimizer=LABELS[optimizer], lr=runs[0].lr, seeds=[r.seed for r in runs],
+            epochs=round(stat([p.epoch for p in finals])["mean"], 2),
+            train_s=round(stat([p.time_s for p in finals])["mean"], 2),
+            s_per_epoch=round(sum(p.time_s for p in finals) / max(sum(p.epoch for p in finals),
+                                                                  1e-9), 3),
+            train_loss=loss["mean"], train_loss_range=(loss["min"], loss["max"]),
+            test_loss=stat([p.test_loss for p in finals])["mean"],
+            test_acc=None if acc is None else acc["mean"],
+            test_acc_range=None if acc is None else (acc["min"], acc["max"]),
+            diverged=any(r.diverged for r in runs), common_loss=common[task],
+            s_to_common_loss=None if None in reach else sum(reach) / len(reach)))
     return rows
 
 
@@ -393,8 +419,9 @@ def _plot(results: list[RunResult], path: Path) -> None:
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(OPTIMIZERS)}
     for row, task in zip(axes, tasks):
         for r in (r for r in results if r.task == task):
+            first = r is next(q for q in results if (q.task, q.optimizer) == (task, r.optimizer))
             kw = dict(color=colors[r.optimizer], marker="o", ms=3,
-                      label=f"{LABELS[r.optimizer]} (lr {r.lr:.3g})")
+                      label=f"{LABELS[r.optimizer]} (lr {r.lr:.3g})" if first else None)
             row[0].plot([p.time_s for p in r.points], [p.train_loss for p in r.points], **kw)
             row[1].plot([p.epoch for p in r.points], [p.train_loss for p in r.points], **kw)
             if r.points[0].test_acc is not None:
@@ -426,11 +453,18 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def format_row(r: dict) -> list[str]:
-    """A summary row as the table cells both the terminal and summary.md show."""
+    """A summary row as the table cells both the terminal and summary.md show: over several
+    seeds, the mean and [min, max]."""
+    several = len(r["seeds"]) > 1
     acc = f"{100 * r['test_acc']:.1f}%" if r["test_acc"] is not None else "-"
+    if several and r["test_acc"] is not None:
+        acc += " [{:.1f}, {:.1f}]".format(*(100 * a for a in r["test_acc_range"]))
     reach = (f"{r['s_to_common_loss']:.1f} (<= {r['common_loss']:.3g})"
              if r["s_to_common_loss"] is not None else "never")
-    loss = f"{r['train_loss']:.3g}" + (" diverged" if r["diverged"] else "")
+    loss = f"{r['train_loss']:.3g}"
+    if several:
+        loss += " [{:.3g}, {:.3g}]".format(*r["train_loss_range"])
+    loss += " diverged" if r["diverged"] else ""
     return [r["task"], r["optimizer"], f"{r['lr']:.3g}", f"{r['epochs']:g}", f"{r['train_s']:.1f}",
             loss, reach, f"{r['test_loss']:.3g}", acc]
 
@@ -452,7 +486,8 @@ def write_outputs(out: Path, results: list[RunResult], trials: list[dict], cfg: 
                             p.test_loss, "" if p.test_acc is None else p.test_acc, p.lr])
     rows = summary_rows(results)
     doc = {"config": asdict(cfg), "environment": env, "summary": rows, "tuning": trials,
-           "runs": [dict(task=r.task, optimizer=r.optimizer, lr=r.lr, diverged=r.diverged,
+           "runs": [dict(task=r.task, optimizer=r.optimizer, lr=r.lr, seed=r.seed,
+                         diverged=r.diverged,
                          mbf_stats=r.stats, points=[asdict(p) for p in r.points])
                     for r in results]}
     paths["json"].write_text(json.dumps(doc, indent=1, default=str))

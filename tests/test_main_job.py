@@ -152,6 +152,27 @@ def test_train_digits_end_to_end(tmp_path, capsys):
 
 
 @needs_sklearn
+def test_train_over_seeds_reports_mean_and_range(tmp_path):
+    out = tmp_path / "seeds"
+    assert cli.main(["train", "--epochs", "2", "--optimizers", "mbf_graft,adamw", "--models",
+                     "small_cnn", "--seeds", "0,1", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    runs = doc["runs"]
+    assert sorted((r["optimizer"], r["seed"]) for r in runs) == [
+        ("adamw", 0), ("adamw", 1), ("mbf_graft", 0), ("mbf_graft", 1)]
+    by_seed = {(r["optimizer"], r["seed"]): r["points"][-1]["train_loss"] for r in runs}
+    assert by_seed[("adamw", 0)] != by_seed[("adamw", 1)]  # different weights and batches
+    for row in doc["summary"]:
+        name = "adamw" if row["optimizer"] == "AdamW" else "mbf_graft"
+        finals = [by_seed[(name, 0)], by_seed[(name, 1)]]
+        assert row["seeds"] == [0, 1]
+        assert math.isclose(row["train_loss"], sum(finals) / 2, rel_tol=1e-12)
+        assert row["train_loss_range"] == [min(finals), max(finals)]
+    md = (out / "summary.md").read_text()
+    assert md.count("| digits/small_cnn") == 2 and "[" in md  # one row per optimizer, ranges
+
+
+@needs_sklearn
 def test_train_same_data_order_and_init_for_every_optimizer():
     """Same seed: identical runs; a different optimizer still starts from the same weights."""
     ds = load_dataset("digits")
