@@ -28,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 from ..compact import COMPACT_TILE, compact_shape
 from ..dispatch import triton_interpreted
 from ..packed import tril_dim
-from ..reference import SEGMENT_FIELDS, StepMode, graft_bias_corrections
+from ..reference import SEGMENT_FIELDS, SegmentFlags, StepMode, graft_bias_corrections
 from . import kernels as K
 
 __all__ = ["cholesky_ex", "cholesky_solve", "solve_spd_ex", "inv_spd_ex", "outer_ema_",
@@ -36,7 +36,7 @@ __all__ = ["cholesky_ex", "cholesky_solve", "solve_spd_ex", "inv_spd_ex", "outer
            "mbf_bucket_step_", "MAX_D"]
 
 MAX_D = K.MAX_D
-_REFRESH, _FIRST, _REFACTOR = 1, 2, 4
+_REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentFlags.REFACTOR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +507,8 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
               first_curvature: bool, refactor: bool) -> None:
     """The fused step on one contiguous (N, d) bucket; curvature/factor compact."""
     n, d = _rows("param", param)
-    flags = (_REFRESH * update_curvature) | (_FIRST * first_curvature) | (_REFACTOR * refactor)
+    flags = (int(_REFRESH) * update_curvature) | (int(_FIRST) * first_curvature) | (
+        int(_REFACTOR) * refactor)
     mbf_bucket_step_([param], [grad], [momentum], curvature, factor, stats,
                      [0, -1, n, 0, d, d, 0, flags, 1], lr=lr, momentum_coef=momentum_coef,
                      beta=beta, damping=damping, weight_decay=weight_decay,
