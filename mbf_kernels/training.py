@@ -331,10 +331,10 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
     per run, and one per tuning sweep)."""
     results, trials = [], []
     seeds = cfg.seeds or (cfg.seed,)
+    cfg = replace(cfg, seed=seeds[0])  # the tuning runs' seed
     for task in tasks:
         for name in optimizers:
             lr = cfg.lr_of(name)
-            cfg = replace(cfg, seed=seeds[0])
             if cfg.tune:
                 bar = progress.add_task(f"tune {task.name} {LABELS[name]}", total=len(TUNE_FACTORS),
                                         status="") if progress else None

@@ -137,13 +137,14 @@ class _BucketCall:
     tensors, with the segments' flags masked per pass."""
 
     bucket: _Bucket
-    params: list[Tensor]
-    grads: list[Tensor]
-    momenta: list[Tensor]
-    second_moments: list[Tensor]
-    segments: list[int]
-    staged: list[tuple[Tensor, Tensor]]  # (parameter, float32 / contiguous working copy)
-    fisher_grads: list[Tensor]  # fisher="true": the curvature's gradients, aligned with grads
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    momenta: list[Tensor] = field(default_factory=list)
+    second_moments: list[Tensor] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (param, working copy)
+    # fisher="true" on a refresh step: the curvature's gradients, aligned with grads
+    fisher_grads: list[Tensor] = field(default_factory=list)
 
     def masked(self, keep: int) -> list[int]:
         """The segments with their flags reduced to the bits in ``keep``."""
@@ -392,8 +393,10 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                      fisher: dict[Tensor, Tensor]) -> _BucketCall | None:
         """This step's arguments of the bucket op, or None when no unit of it has a gradient."""
         index: dict[int, int] = {}
-        call = _BucketCall(bucket, [], [], [], [], [], [], [])
-        graft, true_fisher = group["graft"] == "adam", group["fisher"] == "true"
+        call = _BucketCall(bucket)
+        graft = group["graft"] == "adam"
+        # Sampled gradients exist only on refresh steps (fisher_pass()); none are built otherwise.
+        true_fisher = group["fisher"] == "true" and bool(fisher)
 
         def tensor_index(p: Tensor) -> int:
             i = index.get(id(p))
@@ -411,7 +414,8 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                 call.grads.append(g.to(bucket.dtype))
                 call.momenta.append(self.state[p][MOMENTUM])
                 if true_fisher:
-                    call.fisher_grads.append(fisher.get(p, torch.zeros_like(p)).to(bucket.dtype))
+                    fg = fisher[p] if p in fisher else torch.zeros_like(p)
+                    call.fisher_grads.append(fg.to(bucket.dtype))
                 if graft:
                     call.second_moments.append(self.state[p][SECOND_MOMENT])
             return i
@@ -463,7 +467,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
         if not calls:
             return
         everything = int(_REFRESH | _FIRST | _REFACTOR)
-        if group["fisher"] == "true":
+        if group["fisher"] == "true" and fisher:
             for call in calls:
                 self._run(group, call, StepMode.NONE, int(_REFRESH | _FIRST), call.fisher_grads)
             everything = int(_REFACTOR)
@@ -533,7 +537,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
         if f & _REFRESH:
             Gc = G
             if group["fisher"] == "true":  # MBF-True: the sampled gradient's curvature
-                Gc = seg.rows([fisher.get(p, torch.zeros_like(p)).contiguous()
+                Gc = seg.rows([(fisher[p] if p in fisher else torch.zeros_like(p)).contiguous()
                                for p in unit.params]).to(dtype)
             finite = torch.isfinite(Gc).all()
             C = Gc.mT @ Gc / max(Gc.shape[0], 1)
