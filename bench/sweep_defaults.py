@@ -1,15 +1,23 @@
-"""The sweep behind MBF's default lr and damping (mbf_kernels.optim.DEFAULTS).
+"""The sweep behind MBF's shipped defaults (mbf_kernels.optim.DEFAULTS): lr, damping, T1/T2.
 
     python bench/sweep_defaults.py --out bench/results
 
-Both bundled tasks (scikit-learn's 8x8 digits: the small CNN with cross-entropy, and the deep
-autoencoder with binary cross-entropy on its reconstruction, less the targets' entropy: the KL
-divergence, whose floor is 0), every (lr, damping) of the grid,
-T1 = 10 and T2 = 100 (the defaults), two seeds. Criterion, as the paper's tuning: training loss,
-averaged over the last epoch and the seeds. A default must be good on both tasks and survive a
-user's 3x larger lr: a pair's score is the worst, over the tasks, of its loss and of the loss at
-the next larger lr (same damping), each relative to that task's best pair; the lowest score wins.
-Writes defaults_sweep.csv and defaults_sweep.md (``--summarize CSV`` redoes only the choice).
+A panel of four tasks of different architectures, losses and data, each through ``mbf train``'s
+training loop (seeded initialisation and data order), two seeds:
+
+  digits_cnn   small CNN with BatchNorm, cross-entropy, scikit-learn's 8x8 digits, wd 0.01
+  relu_ae      the paper's deep autoencoder recipe (ReLU, sigmoid output, binary CE), digits
+  tanh_ae      the same widths with tanh and a Gaussian output (squared error), digits
+  shapes_cnn   the small CNN on the generated 32x32 RGB shapes, cross-entropy, wd 0.01
+
+MBF runs in the mode the package ships (graft="adam", damping_mode="relative", decoupled weight
+decay) over lr x damping; AdamW runs at the same learning rates beside it. Criterion, as the
+paper's tuning: training loss over the last epoch, averaged over the seeds. A default must be
+good on every task and survive a user's 3x larger lr, so a pair's score is the worst, over the
+tasks, of its loss and the loss at the next larger lr (same damping), each relative to that
+task's best MBF cell; the lowest score wins. Then (T1, T2) are swept at the chosen pair, scored
+the same way at that lr. Writes defaults_sweep.csv and defaults_sweep.md (``--summarize CSV``
+redoes only the choice from an existing csv).
 """
 
 from __future__ import annotations
@@ -17,79 +25,150 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from mbf_kernels import training
 from mbf_kernels.data import load_dataset
 
-LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
-DAMPINGS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-DIGITS = functools.cache(lambda: load_dataset("digits"))
+
+@dataclass(frozen=True)
+class PanelTask:
+    dataset: str
+    model: str
+    epochs: int
+    weight_decay: float
 
 
-def run(task: str, lr: float, damping: float, seed: int, epochs: int) -> float:
-    """MBF's training loss over the last epoch (mbf train's loop: seeded init and data order)."""
-    model = "small_cnn" if task == "cnn" else "autoencoder"
-    cfg = training.TrainConfig(epochs=epochs, seed=seed, batch_size=64, damping=damping)
-    result = training.train_run(training.make_task(DIGITS(), model), "mbf", lr, cfg)
-    return math.inf if result.diverged else result.final.train_loss
+PANEL = {
+    "digits_cnn": PanelTask("digits", "small_cnn", 10, 0.01),
+    "relu_ae": PanelTask("digits", "relu_autoencoder", 20, 0.0),
+    "tanh_ae": PanelTask("digits", "tanh_autoencoder", 20, 0.0),
+    "shapes_cnn": PanelTask("shapes", "small_cnn", 3, 0.01),
+}
+BASE_LR = 1e-3  # AdamW's default, which a drop-in keeps
+LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+DAMPINGS = (0.03, 0.1, 0.3)
+FREQS = ((10, 100), (5, 50), (20, 200))  # (T1, T2); the first is the paper's
+DATA = functools.cache(load_dataset)
+FIELDS = ("task", "optimizer", "lr", "damping", "t1", "t2", "loss", "test_acc")
+
+
+def run(task: str, optimizer: str, lr: float, damping: float, t1: int, t2: int,
+        seeds: int, epochs_scale: float) -> dict:
+    """One cell: the training loss of the last epoch (inf if diverged), mean over the seeds."""
+    spec = PANEL[task]
+    losses, accs = [], []
+    for seed in range(seeds):
+        cfg = training.TrainConfig(epochs=max(1, round(spec.epochs * epochs_scale)), seed=seed,
+                                   weight_decay=spec.weight_decay, damping=damping,
+                                   curvature_update_freq=t1, inverse_update_freq=t2)
+        result = training.train_run(training.make_task(DATA(spec.dataset), spec.model),
+                                    optimizer, lr, cfg)
+        losses.append(math.inf if result.diverged else result.final.train_loss)
+        accs.append(result.final.test_acc)
+    acc = None if None in accs else sum(accs) / len(accs)
+    return dict(task=task, optimizer=optimizer, lr=lr, damping=damping, t1=t1, t2=t2,
+                loss=sum(losses) / len(losses), test_acc=acc)
+
+
+def _score(cells: dict, tasks: list[str], lrs: list[float], best: dict, lr: float, key) -> float:
+    """Worst over tasks of the loss at lr and at the next larger lr, relative to the best."""
+    i = lrs.index(lr)
+    worst = 0.0
+    for t in tasks:
+        x = cells.get((t, lr, *key), math.inf) / best[t]
+        up = cells.get((t, lrs[i + 1], *key), math.inf) / best[t] if i + 1 < len(lrs) else math.inf
+        worst = max(worst, x, up)
+    return worst
+
+
+def choose(rows: list[dict]) -> tuple[dict, list[str]]:
+    """The chosen defaults and the markdown report, from the sweep's rows."""
+    tasks = [t for t in PANEL if any(r["task"] == t for r in rows)]
+    mbf = [r for r in rows if r["optimizer"] == "mbf"]
+    grid = [r for r in mbf if (r["t1"], r["t2"]) == FREQS[0]]
+    lrs = sorted({r["lr"] for r in grid})
+    dampings = sorted({r["damping"] for r in grid})
+    cells = {(r["task"], r["lr"], r["damping"], r["t1"], r["t2"]): r["loss"] for r in mbf}
+    best = {t: min(r["loss"] for r in grid if r["task"] == t) for t in tasks}
+    score = {(lr, d): _score(cells, tasks, lrs, best, lr, (d, *FREQS[0]))
+             for lr in lrs for d in dampings}
+    lr, damping = min(score, key=score.get)
+    # (T1, T2) are run at the chosen lr only: scored by the worst relative loss there.
+    freq_score = {f: max(cells[t, lr, damping, *f] / best[t] for t in tasks) for f in FREQS
+                  if all((t, lr, damping, *f) in cells for t in tasks)}
+    t1, t2 = min(freq_score, key=freq_score.get)
+    chosen = dict(lr=lr, damping=damping, curvature_update_freq=t1, inverse_update_freq=t2)
+
+    adamw = {(r["task"], r["lr"]): r["loss"] for r in rows if r["optimizer"] == "adamw"}
+    lines = ["Training loss of the last epoch, mean over the seeds (`inf`: diverged). MBF with "
+             "graft=\"adam\", damping_mode=\"relative\"; T1 = 10, T2 = 100 unless stated.", ""]
+    for t in tasks:
+        lines += [f"**{t}** ({PANEL[t].dataset}/{PANEL[t].model}, {PANEL[t].epochs} epochs, "
+                  f"weight decay {PANEL[t].weight_decay:g})", "",
+                  "| lr | " + " | ".join(f"MBF damping {d:g}" for d in dampings) + " | AdamW |",
+                  "|---|" + "---|" * (len(dampings) + 1)]
+        for x in lrs:
+            row = [f"{cells.get((t, x, d, *FREQS[0]), math.nan):.3g}" for d in dampings]
+            row = [f"**{c}**" if (x, d) == (lr, damping) else c for c, d in zip(row, dampings)]
+            lines.append(f"| {x:.3g} | " + " | ".join(row) +
+                         f" | {adamw.get((t, x), math.nan):.3g} |")
+        lines.append("")
+    lines += ["Score (worst over the tasks of the loss at lr and at 3x lr, relative to each "
+              "task's best MBF cell; lower is better):", "",
+              "| lr \\ damping | " + " | ".join(f"{d:g}" for d in dampings) + " |",
+              "|---|" + "---|" * len(dampings)]
+    for x in lrs:
+        lines.append(f"| {x:.3g} | " + " | ".join(f"{score[x, d]:.3g}" for d in dampings) + " |")
+    lines += ["", f"(T1, T2) at lr {lr:g}, damping {damping:g}: " +
+              ", ".join(f"({a}, {b}) {s:.3g}" for (a, b), s in freq_score.items()), "",
+              f"Chosen: lr = {lr:g}, damping = {damping:g}, T1 = {t1}, T2 = {t2} "
+              f"(score {freq_score[t1, t2]:.3g})."]
+    return chosen, lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--tasks", nargs="+", choices=list(PANEL), default=list(PANEL))
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--lrs", type=float, nargs="+", default=LRS)
+    ap.add_argument("--lr-factors", type=float, nargs="+", default=LR_FACTORS,
+                    help=f"multiples of AdamW's lr {BASE_LR:g}")
     ap.add_argument("--dampings", type=float, nargs="+", default=DAMPINGS)
+    ap.add_argument("--epochs-scale", type=float, default=1.0,
+                    help="multiply every task's epochs (a quick look; the defaults used 1)")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     ap.add_argument("--summarize", type=Path, help="choose from an existing defaults_sweep.csv")
     args = ap.parse_args(argv)
-    rows = []
     if args.summarize:
-        rows = [dict(task=r["task"], lr=float(r["lr"]), damping=float(r["damping"]),
-                     loss=float(r["loss"])) for r in csv.DictReader(open(args.summarize))]
-        args.lrs = sorted({r["lr"] for r in rows})
-        args.dampings = sorted({r["damping"] for r in rows})
+        rows = []
+        for r in csv.DictReader(open(args.summarize)):
+            rows.append(dict(r, lr=float(r["lr"]), damping=float(r["damping"]), t1=int(r["t1"]),
+                             t2=int(r["t2"]), loss=float(r["loss"])))
     else:
-        for task, lr, damping in itertools.product(("cnn", "autoencoder"), args.lrs,
-                                                   args.dampings):
-            losses = [run(task, lr, damping, s, args.epochs) for s in range(args.seeds)]
-            rows.append(dict(task=task, lr=lr, damping=damping, loss=sum(losses) / len(losses)))
-            print(rows[-1], flush=True)
-    best = {t: min(r["loss"] for r in rows if r["task"] == t) for t in ("cnn", "autoencoder")}
-    rel = {}
-    for r in rows:
-        r["x_best"] = r["loss"] / best[r["task"]]
-        rel[r["task"], r["lr"], r["damping"]] = r["x_best"]
-    lrs = sorted(args.lrs)
-    score = {}
-    for (task, lr, damping), x in rel.items():
-        i = lrs.index(lr)
-        worse = rel.get((task, lrs[i + 1], damping), math.inf) if i + 1 < len(lrs) else math.inf
-        key = (lr, damping)
-        score[key] = max(score.get(key, 0.0), x, worse)
-    choice = min(score, key=score.get)
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        cell = functools.partial(run, seeds=args.seeds, epochs_scale=args.epochs_scale)
+        lrs = [BASE_LR * f for f in args.lr_factors]
+        for t in args.tasks:
+            for lr in lrs:
+                rows.append(cell(t, "adamw", lr, 0.0, *FREQS[0]))
+                print(rows[-1], flush=True)
+                for d in args.dampings:
+                    rows.append(cell(t, "mbf", lr, d, *FREQS[0]))
+                    print(rows[-1], flush=True)
+        chosen, _ = choose(rows)
+        for t in args.tasks:
+            for f in FREQS[1:]:
+                rows.append(cell(t, "mbf", chosen["lr"], chosen["damping"], *f))
+                print(rows[-1], flush=True)
+        with open(args.out / "defaults_sweep.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+    chosen, lines = choose(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "defaults_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = [f"Training loss (last of {args.epochs} epochs, mean of {args.seeds} seeds), "
-             "T1 = 10, T2 = 100. Cell: cnn / autoencoder loss.", "",
-             "| lr \\ damping | " + " | ".join(f"{d:g}" for d in args.dampings) + " |",
-             "|---|" + "---|" * len(args.dampings)]
-    table = {(r["task"], r["lr"], r["damping"]): r["loss"] for r in rows}
-    for lr in args.lrs:
-        cells = []
-        for d in args.dampings:
-            mark = "**" if (lr, d) == choice else ""
-            cells.append(f"{mark}{table['cnn', lr, d]:.3g} / {table['autoencoder', lr, d]:.3g}{mark}")
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
-    lines += ["", f"Chosen: lr = {choice[0]:g}, damping = {choice[1]:g} (score {score[choice]:.2f}: "
-              "its loss and the loss at the next larger lr are within that factor of each "
-              "task's best)."]
     (args.out / "defaults_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

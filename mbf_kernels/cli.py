@@ -102,7 +102,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed, seeds=tuple(int(x) for x in _csv_list(args.seeds or "")),
         device=str(device), compile=args.compile,
         amp=None if args.amp == "none" else args.amp, weight_decay=args.weight_decay, lr=lrs,
-        momentum=args.momentum, damping=args.damping, relative_damping=args.relative_damping,
+        momentum=args.momentum, damping=args.damping, paper_damping=args.paper_damping,
         curvature_update_freq=args.curvature_update_freq,
         inverse_update_freq=args.inverse_update_freq, mbf_backend=args.mbf_backend,
         lr_milestones=tuple(int(m) for m in _csv_list(args.lr_milestones or "")),
@@ -260,7 +260,7 @@ def _add_mbf_schedule(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .optim.mbf import DEFAULTS
+    from .optim.mbf import DEFAULTS, PAPER_DAMPING
     from .training import DEFAULT_LR, MODEL_CHOICES, OPTIMIZERS, TUNE_FACTORS
 
     parser = argparse.ArgumentParser(prog="mbf", description=__doc__,
@@ -297,12 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in OPTIMIZERS:
         train.add_argument(f"--lr-{name}", type=_positive_float,
                            help=f"{name}'s learning rate (default {DEFAULT_LR[name]:g})")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD's and MBF's momentum")
+    train.add_argument("--momentum", type=float, default=0.9,
+                       help="SGD's and mbf_paper's momentum (mbf's is Adam's beta1, 0.9)")
     train.add_argument("--damping", type=_nonnegative_float, default=DEFAULTS["damping"],
-                       help="MBF's damping")
-    train.add_argument("--relative-damping", type=_nonnegative_float, default=0.1,
-                       help="mbf_graft's damping: a fraction of each unit's mean curvature "
-                       "eigenvalue (docs/options.md)")
+                       help="mbf's and mbf_true's damping: a fraction of each unit's mean "
+                       "curvature eigenvalue (docs/options.md)")
+    train.add_argument("--paper-damping", type=_nonnegative_float, default=PAPER_DAMPING,
+                       help="mbf_paper's (absolute) damping")
     _add_mbf_schedule(train)
     train.add_argument("--mbf-backend", default="auto", help="MBF's kernel backend")
     train.add_argument("--lr-milestones", help="step decay: comma-separated epochs after which "

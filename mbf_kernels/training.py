@@ -34,15 +34,16 @@ from .data import Dataset
 from .optim import MBF
 from .optim.fisher import sampled_loss
 from .optim.mbf import DEFAULTS as MBF_DEFAULTS
+from .optim.mbf import PAPER, PAPER_DAMPING, PAPER_LR
 
 __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimizers",
            "make_task", "train_run", "tune_lr", "compare", "write_outputs"]
 
-# Default learning rates: MBF's from its sweep (bench/RESULTS.md); SGD and AdamW the usual
-# starting points for CNNs; SOAP its library's default.
-#: "mbf_graft" is MBF as an AdamW drop-in (graft="adam", relative damping): AdamW's lr.
-DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_graft": 1e-3, "mbf_true": 1e-3, "sgd": 0.05,
-              "adamw": 1e-3, "soap": 3e-3, "shampoo": 1e-3}
+# Default learning rates: MBF's and MBF-True's the shipped default (AdamW's, as a drop-in keeps),
+# the paper-mode MBF's from its own sweep (bench/RESULTS.md); SGD and AdamW the usual starting
+# points for CNNs; SOAP its library's default.
+DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_true": MBF_DEFAULTS["lr"], "mbf_paper": PAPER_LR,
+              "sgd": 0.05, "adamw": 1e-3, "soap": 3e-3, "shampoo": 1e-3}
 #: Multipliers of the default learning rate tried by --tune, the same for every optimizer.
 TUNE_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 
@@ -61,9 +62,9 @@ class TrainConfig:
     amp: str | None = None  # None or "bf16"
     weight_decay: float = 0.0
     lr: dict[str, float] = field(default_factory=dict)  # per optimizer; DEFAULT_LR otherwise
-    momentum: float = 0.9  # SGD's and MBF's momentum
-    damping: float = MBF_DEFAULTS["damping"]
-    relative_damping: float = 0.1  # mbf_graft's damping, a fraction of the mean eigenvalue
+    momentum: float = 0.9  # SGD's and the paper-mode MBF's momentum
+    damping: float = MBF_DEFAULTS["damping"]  # MBF's (relative: a fraction of the curvature)
+    paper_damping: float = PAPER_DAMPING  # the paper-mode MBF's (absolute)
     curvature_update_freq: int = MBF_DEFAULTS["curvature_update_freq"]
     inverse_update_freq: int = MBF_DEFAULTS["inverse_update_freq"]
     mbf_backend: str = "auto"
@@ -84,26 +85,25 @@ def _make_adamw(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return MBF.from_model(model, lr=lr, momentum=cfg.momentum, damping=cfg.damping,
-                          weight_decay=cfg.weight_decay,
-                          curvature_update_freq=cfg.curvature_update_freq,
-                          inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
-
-
-def _make_mbf_graft(params, lr: float, cfg: TrainConfig, model: nn.Module,
-                    fisher: str = "empirical") -> torch.optim.Optimizer:
-    # As the AdamW it replaces: Adam's step lengths, betas and decoupled weight decay.
-    return MBF.from_model(model, lr=lr, graft="adam", damping_mode="relative",
-                          damping=cfg.relative_damping, weight_decay=cfg.weight_decay,
-                          decoupled_weight_decay=True, fisher=fisher,
-                          curvature_update_freq=cfg.curvature_update_freq,
+def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module,
+              fisher: str = "empirical") -> torch.optim.Optimizer:
+    # The shipped defaults (an AdamW drop-in: Adam's step lengths, betas, decoupled decay).
+    return MBF.from_model(model, lr=lr, damping=cfg.damping, weight_decay=cfg.weight_decay,
+                          fisher=fisher, curvature_update_freq=cfg.curvature_update_freq,
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
 
 
 def _make_mbf_true(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # mbf_graft with the curvature from sampled labels (train_run adds the sampled backward).
-    return _make_mbf_graft(params, lr, cfg, model, fisher="true")
+    # mbf with the curvature from sampled labels (train_run adds the sampled backward).
+    return _make_mbf(params, lr, cfg, model, fisher="true")
+
+
+def _make_mbf_paper(params, lr: float, cfg: TrainConfig,
+                    model: nn.Module) -> torch.optim.Optimizer:
+    return MBF.from_model(model, lr=lr, damping=cfg.paper_damping, **PAPER, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay,
+                          curvature_update_freq=cfg.curvature_update_freq,
+                          inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend)
 
 
 def _make_soap(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -126,12 +126,11 @@ def _make_shampoo(params, lr: float, cfg: TrainConfig,
                            start_preconditioning_step=25, preconditioning_compute_steps=10)
 
 
-OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "mbf_graft": _make_mbf_graft,
-                                   "mbf_true": _make_mbf_true, "sgd": _make_sgd,
+OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "mbf_true": _make_mbf_true,
+                                   "mbf_paper": _make_mbf_paper, "sgd": _make_sgd,
                                    "adamw": _make_adamw, "soap": _make_soap,
                                    "shampoo": _make_shampoo}
-LABELS = {"mbf": "MBF", "mbf_graft": "MBF(graft=adam, relative)",
-          "mbf_true": "MBF-True(graft=adam, relative)", "sgd": "SGD(momentum)", "adamw": "AdamW",
+LABELS = {"mbf": "MBF", "mbf_true": "MBF-True", "mbf_paper": "MBF (paper's update)", "sgd": "SGD(momentum)", "adamw": "AdamW",
           "soap": "SOAP", "shampoo": "Shampoo(graft=rmsprop)"}
 
 
@@ -151,39 +150,43 @@ class Task:
     name: str
     data: Dataset
     model_name: str
-    kind: str  # "classify" (cross-entropy) or "autoencode" (BCE on the reconstruction, less its floor)
+    kind: str  # "classify" (cross-entropy) or "autoencode" (a reconstruction loss)
 
     @property
     def sampled_loss_kind(self) -> str:
-        """The loss whose predictive distribution MBF-True samples (optim.fisher.LOSSES)."""
-        return "bce" if self.kind == "autoencode" else "cross_entropy"
+        """The loss's predictive distribution (optim.fisher.LOSSES), which MBF-True samples."""
+        return AUTOENCODERS[self.model_name][1] if self.kind == "autoencode" else "cross_entropy"
 
     def build_model(self) -> nn.Module:
         ds = self.data
         if self.model_name in AUTOENCODERS:
             size = ds.in_channels * ds.image_size**2
             return models.DigitsAutoencoder((size, 256, 128, 64, 16),
-                                            activation=AUTOENCODERS[self.model_name])
+                                            activation=AUTOENCODERS[self.model_name][0])
         if self.model_name == "small_cnn":
             return models.SmallCNN(ds.num_classes, ds.in_channels)
         return models.MODELS[self.model_name](num_classes=ds.num_classes,
                                               in_channels=ds.in_channels)
 
     def loss(self, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        if self.kind == "autoencode":
-            # Grey-level targets t make the binary cross-entropy's minimum the entropy H(t),
-            # not 0; subtracting it (a constant, so the gradient is unchanged) reports the KL
-            # divergence, whose floor is 0 and whose ratios between optimizers mean something.
-            t = x.flatten(1).float()
-            entropy = -(torch.special.xlogy(t, t) + torch.special.xlogy(1 - t, 1 - t)).mean()
-            return F.binary_cross_entropy_with_logits(out.float(), t) - entropy
-        return F.cross_entropy(out.float(), y)
+        if self.kind == "classify":
+            return F.cross_entropy(out.float(), y)
+        t = x.flatten(1).float()
+        if self.sampled_loss_kind == "mse":
+            return F.mse_loss(out.float(), t)
+        # Grey-level targets t make the binary cross-entropy's minimum the entropy H(t), not 0;
+        # subtracting it (a constant, so the gradient is unchanged) reports the KL divergence,
+        # whose floor is 0 and whose ratios between optimizers mean something.
+        entropy = -(torch.special.xlogy(t, t) + torch.special.xlogy(1 - t, 1 - t)).mean()
+        return F.binary_cross_entropy_with_logits(out.float(), t) - entropy
 
 
-#: Autoencoders by their hidden activation: the classic sigmoid one, and the MBF paper's recipe
-#: (ReLU hidden layers, linear code layer, sigmoid output with binary cross-entropy).
-AUTOENCODERS = {"autoencoder": nn.Sigmoid, "relu_autoencoder": nn.ReLU}
-MODEL_CHOICES = ("small_cnn", "autoencoder", "relu_autoencoder", "resnet32", "vgg11", "vgg16")
+#: Autoencoders by name: (hidden activation, reconstruction loss). The classic sigmoid one and
+#: the MBF paper's recipe (ReLU hidden layers) have a linear code layer and a sigmoid output
+#: with binary cross-entropy; the tanh one reconstructs with squared error (a Gaussian output).
+AUTOENCODERS = {"autoencoder": (nn.Sigmoid, "bce"), "relu_autoencoder": (nn.ReLU, "bce"),
+                "tanh_autoencoder": (nn.Tanh, "mse")}
+MODEL_CHOICES = ("small_cnn", *AUTOENCODERS, "resnet32", "vgg11", "vgg16")
 
 
 def make_task(data: Dataset, model_name: str) -> Task:
@@ -192,9 +195,9 @@ def make_task(data: Dataset, model_name: str) -> Task:
     if model_name in AUTOENCODERS:
         lo, hi = float(data.x_train.min()), float(data.x_train.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"the autoencoder reconstructs pixels in [0, 1] (binary "
-                             f"cross-entropy); {data.name} is standardised to [{lo:.2f}, {hi:.2f}]."
-                             f" Use it on the digits data set")
+            raise ValueError(f"the autoencoder reconstructs pixels in [0, 1]; {data.name} is "
+                             f"standardised to [{lo:.2f}, {hi:.2f}]. Use them on the digits "
+                             "data set")
         return Task(f"{data.name}/{model_name}", data, model_name, "autoencode")
     if model_name in ("resnet32", "vgg11", "vgg16") and data.image_size != 32:
         raise ValueError(f"{model_name} expects 32x32 images; {data.name} has "

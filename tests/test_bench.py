@@ -68,9 +68,13 @@ def test_bench_optimizer_toy(tmp_path):
 
 
 def test_sweep_defaults_toy(tmp_path):
+    """Two tasks, two lrs, one damping, a fraction of an epoch: the csv has every cell (AdamW
+    and MBF per lr, then the (T1, T2) variants at the chosen pair) and the report a choice."""
     sweep = _load("sweep_defaults")
-    assert sweep.main(["--epochs", "1", "--seeds", "1", "--lrs", "0.03", "0.1", "--dampings",
-                       "0.1", "--out", str(tmp_path)]) == 0
+    assert sweep.main(["--tasks", "digits_cnn", "tanh_ae", "--seeds", "1", "--lr-factors", "1",
+                       "3", "--dampings", "0.1", "--epochs-scale", "0.05",
+                       "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "defaults_sweep.csv")))
-    assert len(rows) == 4 and all(0 < float(r["loss"]) < 10 for r in rows)
+    assert len(rows) == 2 * (2 * 2) + 2 * 2
+    assert all(0 < float(r["loss"]) < 10 for r in rows)
     assert "Chosen: lr = " in (tmp_path / "defaults_sweep.md").read_text()

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 import mbf_kernels as mk
 from mbf_kernels import compact, dispatch, reference
-from mbf_kernels.optim import ReferenceMBF
+from mbf_kernels.optim import PAPER, ReferenceMBF
 from mbf_kernels.reference import SEGMENT_FIELDS, StepMode
 from conftest import STEP_TOL, compiled_backends, randn
 
@@ -174,13 +174,14 @@ def _flat(model):
 
 
 CONFIGS = {
-    "graft": dict(graft="adam", lr=1e-2),
+    "graft": dict(graft="adam", damping_mode="absolute", lr=1e-2),
     "graft-relative": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2),
     "graft-relative-decoupled": dict(graft="adam", damping_mode="relative", damping=0.05,
                                      lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
-    "graft-coupled-wd": dict(graft="adam", lr=1e-2, weight_decay=0.01),
+    "graft-coupled-wd": dict(graft="adam", damping_mode="absolute", lr=1e-2, weight_decay=0.01,
+                             decoupled_weight_decay=False),
     # Without grafting the relative step is lr / (damping * mean eigenvalue): a small lr.
-    "relative": dict(damping_mode="relative", damping=0.3, lr=1e-5),
+    "relative": dict(graft="none", damping_mode="relative", damping=0.3, lr=1e-5),
     "graft-chunk": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
                         large_linear="chunk", max_block_size=16),
 }
@@ -246,7 +247,7 @@ def test_graft_with_relative_damping_is_invariant_to_the_loss_scale(backend):
 
     grafted = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2)
     torch.testing.assert_close(run(1e4, **grafted), run(1.0, **grafted), rtol=1e-7, atol=1e-9)
-    paper = dict(lr=1e-3, damping=0.1)
+    paper = dict(lr=1e-3, damping=0.1, **PAPER)
     assert (run(1e4, **paper) - run(1.0, **paper)).abs().max() > 1e-2
 
 
@@ -291,7 +292,7 @@ def test_grafted_state_round_trips_and_resumes_identically():
 
 def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_cleanly():
     a = _net()
-    plain = mk.MBF.from_model(a)
+    plain = mk.MBF.from_model(a, **PAPER)
     _train(a, plain, 1)
     grafted = mk.MBF.from_model(a, graft="adam")
     saved = {k: v.clone() for k, v in grafted.state[a.conv.weight].items() if torch.is_tensor(v)}

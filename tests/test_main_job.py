@@ -154,16 +154,16 @@ def test_train_digits_end_to_end(tmp_path, capsys):
 @needs_sklearn
 def test_train_over_seeds_reports_mean_and_range(tmp_path):
     out = tmp_path / "seeds"
-    assert cli.main(["train", "--epochs", "2", "--optimizers", "mbf_graft,adamw", "--models",
+    assert cli.main(["train", "--epochs", "2", "--optimizers", "mbf,adamw", "--models",
                      "small_cnn", "--seeds", "0,1", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     runs = doc["runs"]
     assert sorted((r["optimizer"], r["seed"]) for r in runs) == [
-        ("adamw", 0), ("adamw", 1), ("mbf_graft", 0), ("mbf_graft", 1)]
+        ("adamw", 0), ("adamw", 1), ("mbf", 0), ("mbf", 1)]
     by_seed = {(r["optimizer"], r["seed"]): r["points"][-1]["train_loss"] for r in runs}
     assert by_seed[("adamw", 0)] != by_seed[("adamw", 1)]  # different weights and batches
     for row in doc["summary"]:
-        name = "adamw" if row["optimizer"] == "AdamW" else "mbf_graft"
+        name = "adamw" if row["optimizer"] == "AdamW" else "mbf"
         finals = [by_seed[(name, 0)], by_seed[(name, 1)]]
         assert row["seeds"] == [0, 1]
         assert math.isclose(row["train_loss"], sum(finals) / 2, rel_tol=1e-12)
@@ -270,8 +270,8 @@ def test_train_soap_and_shampoo_baselines(optimizer):
 
 
 @needs_sklearn
-@pytest.mark.parametrize("optimizer", ["mbf_graft", "mbf_true"])
-@pytest.mark.parametrize("model", ["small_cnn", "autoencoder"])
+@pytest.mark.parametrize("optimizer", ["mbf", "mbf_true"])
+@pytest.mark.parametrize("model", ["small_cnn", "autoencoder", "tanh_autoencoder"])
 def test_train_mbf_dropin_variants(optimizer, model):
     """MBF as an AdamW drop-in (grafted, relative damping) and MBF-True, whose loop adds the
     sampled backward (cross-entropy labels, or Bernoulli pixels for the autoencoder) on refresh

@@ -1,4 +1,6 @@
-"""mk.MBF against the dense plain-PyTorch ReferenceMBF, and as a torch.optim.Optimizer."""
+"""mk.MBF against the dense plain-PyTorch ReferenceMBF, and as a torch.optim.Optimizer: the
+paper's update (``**PAPER``; the shipped defaults' grafting and relative damping are tested the
+same way in test_graft.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import mbf_kernels as mk
-from mbf_kernels.optim import ReferenceMBF
+from mbf_kernels.optim import PAPER, ReferenceMBF
 
 from conftest import compiled_backends
 
@@ -77,7 +79,7 @@ def two_groups(model):
     return [{"params": convs}, {"params": rest, "lr": 0.02, "damping": 0.3, "momentum": 0.5}]
 
 
-OPTIONS = dict(lr=0.05, damping=0.1, curvature_update_freq=2, inverse_update_freq=3)
+OPTIONS = dict(lr=0.05, damping=0.1, curvature_update_freq=2, inverse_update_freq=3, **PAPER)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,7 +118,7 @@ def test_first_step_is_the_damped_natural_gradient():
     w = nn.Parameter(torch.randn(1, 1, 3, 3, dtype=torch.float64))
     w0 = w.detach().clone()
     w.grad = torch.randn_like(w)
-    mk.MBF([w], lr=0.1, damping=0.5).step()
+    mk.MBF([w], lr=0.1, damping=0.5, **PAPER).step()
     g = w.grad
     torch.testing.assert_close(w.detach(), w0 - 0.1 * g / (0.5 + (g * g).sum()))
 
@@ -300,7 +302,7 @@ def test_state_dict_moves_between_backends(backend):
 def test_state_dict_is_canonical_packed():
     w = nn.Parameter(torch.randn(2, 3, 3, 3, dtype=torch.float64))
     w.grad = torch.randn_like(w)
-    opt = mk.MBF([w], lr=0.1, damping=0.5)
+    opt = mk.MBF([w], lr=0.1, damping=0.5, **PAPER)
     opt.step()
     st = opt.state_dict()["state"][0]
     (C,), (L,) = st["curvature"], st["factor"]
@@ -344,11 +346,12 @@ def test_load_rejects_another_layout_and_changes_nothing():
 # -- robustness (MBF_SPEC section 4) -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", [pytest.param(PAPER, id="paper"), pytest.param({}, id="defaults")])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_gradient_skips_only_its_blocks_curvature(backend):
+def test_non_finite_gradient_skips_only_its_blocks_curvature(backend, mode):
     w = nn.Parameter(torch.randn(4, 2, 3, 3, dtype=torch.float64))
     opt = mk.MBF([w], backend=backend, lr=0.1, damping=0.5, curvature_update_freq=1,
-                 inverse_update_freq=1)
+                 inverse_update_freq=1, **mode)
     w.grad = torch.randn_like(w)
     opt.step()
     curv0 = opt.state_dict()["state"][0]["curvature"][0].clone()
@@ -371,7 +374,7 @@ def test_singular_blocks_fall_back_and_stay_finite(backend):
     lin = nn.Linear(4, 3, dtype=torch.float64)
     conv = nn.Conv2d(2, 2, 3, bias=False, dtype=torch.float64)
     model = nn.ModuleList([lin, conv])
-    opt = mk.MBF.from_model(model, backend=backend, lr=0.1, damping=0.0)
+    opt = mk.MBF.from_model(model, backend=backend, lr=0.1, damping=0.0, **PAPER)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     conv.weight.grad[0, 1] = 0.0  # one rank-0 block; the others are rank 1 (singular too)
@@ -382,7 +385,7 @@ def test_singular_blocks_fall_back_and_stay_finite(backend):
 
 def test_shared_block_fallback_and_nan():
     lin = nn.Linear(80, 2, dtype=torch.float64)  # d = 81 > 64: shared
-    opt = mk.MBF.from_model(lin, lr=0.1, damping=0.0, curvature_update_freq=1)
+    opt = mk.MBF.from_model(lin, lr=0.1, damping=0.0, curvature_update_freq=1, **PAPER)
     lin.weight.grad = torch.randn_like(lin.weight)
     lin.bias.grad = torch.randn_like(lin.bias)
     opt.step()  # rank 2 of 81 at damping 0: fails, diagonal fallback
@@ -465,7 +468,7 @@ def test_non_contiguous_parameters_match_contiguous_ones():
                 conv.weight = nn.Parameter(k.clone())
         assert lin.weight.is_contiguous() == (layout == "contiguous")
         model = nn.ModuleList([lin, conv])
-        opt = mk.MBF.from_model(model, lr=0.1, damping=0.5)
+        opt = mk.MBF.from_model(model, lr=0.1, damping=0.5, **PAPER)
         for _ in range(2):
             lin.weight.grad, lin.bias.grad = g_w.clone(), torch.ones(3, dtype=torch.float64)
             conv.weight.grad = g_k.clone()

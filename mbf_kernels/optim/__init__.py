@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .fisher import sampled_loss, sampled_targets
-from .mbf import DEFAULTS, MBF
+from .mbf import DEFAULTS, MBF, PAPER, PAPER_DAMPING, PAPER_LR
 from .reference import ReferenceMBF
 
-__all__ = ["DEFAULTS", "MBF", "ReferenceMBF", "sampled_loss", "sampled_targets"]
+__all__ = ["DEFAULTS", "MBF", "PAPER", "PAPER_DAMPING", "PAPER_LR", "ReferenceMBF", "sampled_loss", "sampled_targets"]

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
-from .mbf import DEFAULTS, RELATIVE_DAMPING_FLOOR, _momentum_coef, _state_dtype, _validate_group
+from .mbf import (DEFAULTS, RELATIVE_DAMPING_FLOOR, _momentum_coef, _prepare_group, _state_dtype,
+                  _validate_group)
 
 
 class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
@@ -42,7 +43,7 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group(group)
+        _prepare_group(group)
         units = plan_group(group["params"], group, self._roles, self._n_params)
         self._units.append(units)
         self._n_params += len(group["params"])
