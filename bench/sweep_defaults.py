@@ -15,8 +15,8 @@ decay) over lr x damping; AdamW runs at the same learning rates beside it. Crite
 paper's tuning: training loss over the last epoch, averaged over the seeds. A default must be
 good on every task and survive a user's 3x larger lr, so a pair's score is the worst, over the
 tasks, of its loss and the loss at the next larger lr (same damping), each relative to that
-task's best MBF cell; the lowest score wins. Then (T1, T2) are swept at the chosen pair, scored
-the same way at that lr. Writes defaults_sweep.csv and defaults_sweep.md (``--summarize CSV``
+task's best MBF cell; the lowest score wins. Then (T1, T2) are swept at the chosen pair and
+scored by the worst relative loss at that lr (no 3x run). Writes defaults_sweep.csv and defaults_sweep.md (``--summarize CSV``
 redoes only the choice from an existing csv).
 """
 
@@ -141,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     ap.add_argument("--summarize", type=Path, help="choose from an existing defaults_sweep.csv")
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
         rows = []
         for r in csv.DictReader(open(args.summarize)):
             rows.append(dict(r, lr=float(r["lr"]), damping=float(r["damping"]), t1=int(r["t1"]),
                              t2=int(r["t2"]), loss=float(r["loss"])))
     else:
-        args.out.mkdir(parents=True, exist_ok=True)
         rows = []
         cell = functools.partial(run, seeds=args.seeds, epochs_scale=args.epochs_scale)
         lrs = [BASE_LR * f for f in args.lr_factors]
@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
     chosen, lines = choose(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defaults_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

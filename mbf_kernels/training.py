@@ -39,9 +39,9 @@ from .optim.mbf import PAPER, PAPER_DAMPING, PAPER_LR
 __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimizers",
            "make_task", "train_run", "tune_lr", "compare", "write_outputs"]
 
-# Default learning rates: MBF's and MBF-True's the shipped default (AdamW's, as a drop-in keeps),
-# the paper-mode MBF's from its own sweep (bench/RESULTS.md); SGD and AdamW the usual starting
-# points for CNNs; SOAP its library's default.
+# Default learning rates: MBF's and MBF-True's the shipped default and the paper-mode MBF's,
+# each from its own sweep (bench/RESULTS.md); SGD and AdamW the usual starting points for CNNs;
+# SOAP its library's default.
 DEFAULT_LR = {"mbf": MBF_DEFAULTS["lr"], "mbf_true": MBF_DEFAULTS["lr"], "mbf_paper": PAPER_LR,
               "sgd": 0.05, "adamw": 1e-3, "soap": 3e-3, "shampoo": 1e-3}
 #: Multipliers of the default learning rate tried by --tune, the same for every optimizer.
@@ -130,8 +130,8 @@ OPTIMIZERS: dict[str, Callable] = {"mbf": _make_mbf, "mbf_true": _make_mbf_true,
                                    "mbf_paper": _make_mbf_paper, "sgd": _make_sgd,
                                    "adamw": _make_adamw, "soap": _make_soap,
                                    "shampoo": _make_shampoo}
-LABELS = {"mbf": "MBF", "mbf_true": "MBF-True", "mbf_paper": "MBF (paper's update)", "sgd": "SGD(momentum)", "adamw": "AdamW",
-          "soap": "SOAP", "shampoo": "Shampoo(graft=rmsprop)"}
+LABELS = {"mbf": "MBF", "mbf_true": "MBF-True", "mbf_paper": "MBF (paper's update)",
+          "sgd": "SGD(momentum)", "adamw": "AdamW", "soap": "SOAP", "shampoo": "Shampoo(graft=rmsprop)"}
 
 
 def available_optimizers() -> dict[str, str]:
@@ -196,7 +196,7 @@ def make_task(data: Dataset, model_name: str) -> Task:
         lo, hi = float(data.x_train.min()), float(data.x_train.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"the autoencoder reconstructs pixels in [0, 1]; {data.name} is "
-                             f"standardised to [{lo:.2f}, {hi:.2f}]. Use them on the digits "
+                             f"standardised to [{lo:.2f}, {hi:.2f}]. Use it on the digits "
                              "data set")
         return Task(f"{data.name}/{model_name}", data, model_name, "autoencode")
     if model_name in ("resnet32", "vgg11", "vgg16") and data.image_size != 32:

@@ -60,7 +60,7 @@ DEFAULTS: dict = dict(
 #: The paper's update exactly (MBF_SPEC section 3): ``MBF(params, lr=..., damping=..., **PAPER)``
 #: (decoupled_weight_decay then defaults to False, the paper's L2). Its lr and (absolute) damping
 #: live in other units than the defaults'; PAPER_LR and PAPER_DAMPING are the earlier sweep's
-#: choice on digits (bench/RESULTS.md, "Paper-mode lr and damping").
+#: choice on digits (bench/RESULTS.md, "Optimizer defaults (lr, damping)").
 PAPER: dict = dict(graft="none", damping_mode="absolute", fisher="empirical")
 PAPER_LR, PAPER_DAMPING = 0.01, 0.3
 
