@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: set up the environment, report what runs here, train MBF (its shipped defaults,
 # the paper's update, and MBF-True) against SGD, AdamW, SOAP and Shampoo, every optimizer at its
-# defaults for the same epochs, on two tasks that separate optimizers: the paper's ReLU autoencoder on the bundled digits, and a BatchNorm CNN with
-# weight decay on the generated 32x32 shapes (judged on test accuracy); then benchmark the block
-# solves of every backend against torch.linalg. Outputs land in out/.
+# defaults for the same epochs, on two tasks that separate optimizers: the paper's ReLU
+# autoencoder on the bundled digits, and a BatchNorm CNN with weight decay on the generated 32x32
+# shapes (judged on test accuracy); then benchmark the block solves of every backend against
+# torch.linalg. Outputs land in out/.
 # Extra arguments go to both `mbf train` calls (e.g. --seeds 0,1,2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
