@@ -77,12 +77,16 @@ class TrainConfig:
         return self.lr.get(optimizer, DEFAULT_LR[optimizer])
 
 
+# SGD and AdamW run fused (one kernel for all parameters, on CPU too): the fastest torch has,
+# so that time per epoch compares MBF with the strongest first-order step, not the for-loop one
+# torch picks by default on CPU (4x slower for AdamW on the autoencoder here).
 def _make_sgd(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=True)
 
 
 def _make_adamw(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module,

@@ -321,3 +321,67 @@ def test_bad_options_raise_naming_them(bad, match):
 def test_graft_momentum_equal_to_beta1_is_accepted():
     opt = mk.MBF(_net().parameters(), graft="adam", momentum=0.8, betas=(0.8, 0.999))
     assert opt.param_groups[0]["betas"] == (0.8, 0.999)
+
+
+class TwoShared(nn.Module):
+    """Four linear layers too large for row blocks at max_block_size 8 (shared blocks of d = 25,
+    32, 17 and 9, one without a bias), stepped together from one row buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(24, 32), nn.Linear(32, 16, bias=False)
+        self.c, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+@pytest.mark.parametrize("config", ["graft-relative-decoupled", "graft-coupled-wd", "relative"])
+def test_shared_blocks_with_gradients_missing_on_some_steps_match_reference(config):
+    """Shared blocks whose layers miss a gradient on some steps (their step counts, and so
+    Adam's bias corrections, then differ from their neighbours'): as the dense reference."""
+    opts = dict(CONFIGS[config], curvature_update_freq=2, inverse_update_freq=3, max_block_size=8)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(40, 24, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,),
+                                                                                 generator=g)
+    out = []
+    for cls in (mk.MBF, ReferenceMBF):
+        torch.manual_seed(5)
+        model = TwoShared().double()
+        opt = cls.from_model(model, **opts)
+        assert cls is ReferenceMBF or sum(r["kind"] == "shared" for r in opt.block_summary()) == 4
+        for k in range(9):
+            opt.zero_grad()
+            F.cross_entropy(model(X[8 * (k % 5):][:8]), Y[8 * (k % 5):][:8]).backward()
+            if k in (2, 3):
+                model.b.weight.grad = None  # the middle shared layer sits out two steps
+            if k == 5:
+                model.a.weight.grad = model.a.bias.grad = None
+            opt.step()
+        out.append(_flat(model))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-8, atol=1e-10)
+
+
+def test_nan_gradient_in_one_row_of_a_shared_block_stays_in_that_row():
+    """A shared block applies one inverse to every row: a NaN in one row's gradient turns that
+    row NaN, and, with grafting, the layer's scale (its norms leave the row out) still moves the
+    other rows; the other layers stay finite."""
+    torch.manual_seed(5)
+    model = TwoShared().double()
+    opt = mk.MBF.from_model(model, max_block_size=8, lr=1e-2)
+    X = torch.randn(8, 24, dtype=torch.float64)
+    Y = torch.randint(0, 3, (8,))
+    for k in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        if k == 2:
+            before = model.a.weight.detach().clone()
+            model.a.weight.grad[4, 7] = float("nan")
+        opt.step()
+    w = model.a.weight.detach()
+    assert torch.isnan(w[4]).all() and torch.isnan(model.a.bias[4])
+    rest = torch.cat([w[:4], w[5:]])
+    assert torch.isfinite(rest).all()
+    assert ((rest - torch.cat([before[:4], before[5:]])).abs().amin(1) > 0).all()
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if not
+               n.startswith("a."))

@@ -29,6 +29,7 @@ from ..dispatch import CHOICES, select
 from ..packed import pack_tril, tril_size, unpack_tril
 from .blocks import CONV1X1, LARGE_LINEAR, ModuleRoles, Segment, Unit, module_roles, plan_group
 from .fisher import FisherCapture
+from .shared import RELATIVE_DAMPING_FLOOR, SharedBlock, SharedSet
 
 __all__ = ["MBF", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING"]
 
@@ -68,8 +69,6 @@ PAPER_LR, PAPER_DAMPING = 0.01, 0.3
 GRAFT = ("none", "adam")
 DAMPING_MODE = ("absolute", "relative")
 FISHER = ("empirical", "true")
-#: Added to a relative damping so that a unit whose gradients are all zero still factors.
-RELATIVE_DAMPING_FLOOR = 1e-12
 
 # State keys (per parameter in ``optimizer.state``; the block state is added by state_dict()).
 STEP = "step"  # int: step() calls that saw a gradient for this unit (kept on its first param)
@@ -83,7 +82,9 @@ LAYOUT = "block_layout"  # list of (kind, d, n_blocks) per segment, checked on l
 _RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1", "graft", "damping_mode",
                 "fisher")
 
-_REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentFlags.REFACTOR
+# Plain ints: IntFlag's operators run in Python, thousands of times a step on a small model.
+_REFRESH, _FIRST, _REFACTOR = (int(SegmentFlags.REFRESH), int(SegmentFlags.FIRST),
+                                int(SegmentFlags.REFACTOR))
 _FLAGS_FIELD = 7  # index of the flags in a segment's SEGMENT_FIELDS ints
 
 
@@ -115,30 +116,15 @@ class _Bucket:
 
 
 @dataclass
-class _Shared:
-    """One shared block (spatial averaging) of a large linear layer, dense."""
-
-    unit: Unit
-    curvature: Tensor  # (d, d)
-    factor: Tensor  # (d, d) lower, diagonal stored as 1 / L_ii (the canonical representation)
-    inverse: Tensor  # (d, d) (F + damping I)^{-1}, derived from the factor
-    stats: Tensor
-
-    def derive_inverse(self) -> None:
-        """The step applies the block to all rows at once, U = M (F + damping I)^{-1}: one GEMM,
-        1.3-1.5x faster than cholesky_solve's triangular solves at d = 4097 (dev VM). Always
-        derived from the stored factor, so that a loaded state gives the same bits."""
-        L = self.factor.clone()
-        L.diagonal().reciprocal_()
-        self.inverse.copy_(torch.cholesky_inverse(L))
-
-
-@dataclass
 class _GroupPlan:
     units: list[Unit]
     buckets: list[_Bucket]
-    shared: list[_Shared]
+    shared: list[SharedSet]  # one per state dtype and device
     diagonal_count: Tensor | None = None  # (units + 1,): diagonal entries of each unit's blocks
+
+    @property
+    def shared_blocks(self) -> list[SharedBlock]:
+        return [b for s in self.shared for b in s.blocks]
 
 
 @dataclass
@@ -285,23 +271,20 @@ class MBF(FisherCapture, torch.optim.Optimizer):
     def _plan(self, group: dict) -> _GroupPlan:
         units = plan_group(group["params"], group, self._roles, self._n_params)
         buckets: dict[tuple, _Bucket] = {}
-        shared: list[_Shared] = []
+        shared_units: dict[tuple, list[Unit]] = {}
         graft = group["graft"] == "adam"
         for unit in units:
             p0 = unit.params[0]
             dtype, device = _state_dtype(p0), p0.device
+            self.state[p0][STEP] = 0
+            if unit.kind == "shared":
+                shared_units.setdefault((dtype, device), []).append(unit)
+                continue
             for p in unit.params:
                 self.state[p][MOMENTUM] = torch.zeros(p.shape, dtype=dtype, device=device)
                 if graft:
                     self.state[p][SECOND_MOMENT] = torch.zeros(p.shape, dtype=dtype,
                                                                device=device)
-            self.state[p0][STEP] = 0
-            if unit.kind == "shared":
-                d = unit.segments[0].d
-                zeros = torch.zeros(d, d, dtype=dtype, device=device)
-                shared.append(_Shared(unit, zeros.clone(), zeros.clone(), zeros.clone(),
-                                      torch.zeros(2, dtype=torch.int64, device=device)))
-                continue
             for seg in unit.segments:
                 if seg.n_blocks == 0:
                     continue
@@ -312,6 +295,15 @@ class MBF(FisherCapture, torch.optim.Optimizer):
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.dtype, device=b.device)
+        shared = [SharedSet(us, dtype, device, graft)
+                  for (dtype, device), us in shared_units.items()]
+        for b in (b for s in shared for b in s.blocks):
+            # The state of a shared block's parameters is a view of its row buffers.
+            keys = ((MOMENTUM, "momentum"),) + (((SECOND_MOMENT, "second_moment"),) if graft
+                                               else ())
+            for key, rows in keys:
+                for p, view in zip(b.unit.params, b.views[rows]):
+                    self.state[p][key] = view
         plan = _GroupPlan(units, list(buckets.values()), shared)
         if graft or group["damping_mode"] == "relative":
             self._plan_unit_reductions(plan)
@@ -357,9 +349,13 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                      for g, plan in zip(self.param_groups, self._plans)]
         for group, plan, flags in zip(self.param_groups, self._plans, all_flags):
             self._step_buckets(group, plan, flags, fisher)
-            for sh in plan.shared:
-                if id(sh.unit) in flags:
-                    self._step_shared(group, sh, flags[id(sh.unit)], fisher)
+            for shared in plan.shared:
+                active = [i for i, b in enumerate(shared.blocks) if id(b.unit) in flags]
+                if active:
+                    units = [shared.blocks[i].unit for i in active]
+                    shared.step(group, _momentum_coef(group), active,
+                                [flags[id(u)] for u in units],
+                                [self.state[u.params[0]][STEP] + 1 for u in units], fisher)
             for unit in plan.units:
                 if id(unit) in flags:
                     self.state[unit.params[0]][STEP] += 1
@@ -540,63 +536,6 @@ class MBF(FisherCapture, torch.optim.Optimizer):
         for call in calls:
             call.bucket.tile_scale.copy_(scale[call.bucket.tile_unit])
 
-    def _step_shared(self, group: dict, sh: _Shared, f: int,
-                     fisher: dict[Tensor, Tensor]) -> None:
-        unit, seg = sh.unit, sh.unit.segments[0]
-        dtype = sh.curvature.dtype
-        # Segment views need contiguous tensors: a strided parameter is updated in a copy.
-        ps = [p if p.is_contiguous() else p.contiguous() for p in unit.params]
-        gs = [(p.grad if p.grad is not None else torch.zeros_like(p)).contiguous()
-              for p in unit.params]
-        ms = [self.state[p][MOMENTUM] for p in unit.params]
-        beta, damping = group["beta"], group["damping"]
-        lr, rho, wd = group["lr"], _momentum_coef(group), group["weight_decay"]
-        G = seg.rows(gs).to(dtype)  # (out, d)
-        if f & _REFRESH:
-            Gc = G
-            if group["fisher"] == "true":  # MBF-True: the sampled gradient's curvature
-                Gc = seg.rows([(fisher[p] if p in fisher else torch.zeros_like(p)).contiguous()
-                               for p in unit.params]).to(dtype)
-            finite = torch.isfinite(Gc).all()
-            C = Gc.mT @ Gc / max(Gc.shape[0], 1)
-            new = C if f & _FIRST else beta * sh.curvature + (1 - beta) * C
-            sh.curvature.copy_(torch.where(finite, new, sh.curvature))
-            sh.stats[0] += (~finite).to(torch.int64)
-        if f & _REFACTOR:
-            F = sh.curvature
-            if group["damping_mode"] == "relative":  # as _relative_damping: mean eigenvalue
-                damping = group["damping"] * F.diagonal().mean() + RELATIVE_DAMPING_FLOOR
-            L, info = torch.linalg.cholesky_ex(F + damping * torch.eye(
-                F.shape[0], dtype=dtype, device=F.device))
-            failed = info != 0
-            L.diagonal().reciprocal_()
-            fallback = torch.diag(reference.diagonal_fallback(F, damping))
-            sh.factor.copy_(torch.where(failed, fallback, L))
-            sh.derive_inverse()
-            sh.stats[1] += failed.to(torch.int64)
-        P = seg.rows(ps).to(dtype)
-        M = seg.rows(ms)
-        direction = G if group["decoupled_weight_decay"] else G + wd * P
-        M.mul_(rho).add_(direction)
-        seg.write_rows(ms, M)
-        U = M @ sh.inverse  # u_j = (F + damping I)^{-1} m_j for every row j
-        decay = lr * wd * P if group["decoupled_weight_decay"] else 0
-        scale = 1.0
-        if group["graft"] == "adam":  # as the bucket op's grafting, with rows for blocks
-            vs = [self.state[p][SECOND_MOMENT] for p in unit.params]
-            beta2 = group["betas"][1]
-            V = beta2 * seg.rows(vs) + (1 - beta2) * direction * direction
-            seg.write_rows(vs, V)
-            c1, s2 = graft_bias_corrections(rho, beta2, self.state[unit.params[0]][STEP] + 1)
-            A = c1 * M / (s2 * V.sqrt() + group["eps"])
-            norms = torch.stack([(U * U).sum(1), (A * A).sum(1)], dim=1)
-            su, sa = torch.where(torch.isfinite(norms).all(1, keepdim=True), norms, 0).sum(0)
-            scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(dtype).tiny)).sqrt(), 0)
-        seg.write_rows(ps, P - lr * scale * U - decay)
-        for p, work in zip(unit.params, ps):
-            if work is not p:
-                p.copy_(work)
-
     # -- introspection ----------------------------------------------------------------------
 
     @property
@@ -605,14 +544,15 @@ class MBF(FisherCapture, torch.optim.Optimizer):
         factorisation failed (diagonal fallback), summed over all steps. Reading it syncs."""
         total = [0, 0]
         for plan in self._plans:
-            for s in [b.stats for b in plan.buckets] + [sh.stats for sh in plan.shared]:
+            for s in [b.stats for b in plan.buckets] + [sh.stats for sh in plan.shared_blocks]:
                 if s is not None:
                     total[0] += int(s[0])
                     total[1] += int(s[1])
         return {"skipped_curvature": total[0], "failed_factor": total[1]}
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state (momentum, curvature, factors, compact padding included)."""
+        """Bytes of optimizer state (momentum, curvature, factors, compact padding and the shared
+        blocks' work buffers included)."""
         total = 0
         for plan in self._plans:
             for unit in plan.units:
@@ -620,8 +560,9 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                              for k, t in self.state[p].items() if k in (MOMENTUM, SECOND_MOMENT))
             for b in plan.buckets:
                 total += b.curvature.nbytes + b.factor.nbytes
-            for sh in plan.shared:
+            for sh in plan.shared_blocks:
                 total += sh.curvature.nbytes + sh.factor.nbytes + sh.inverse.nbytes
+            total += sum(s.work_bytes() for s in plan.shared)
         return total
 
     def block_summary(self) -> list[dict]:
@@ -632,7 +573,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                 rows.append(dict(group=gi, kind="blocks", d=b.d,
                                  blocks=sum(s.n_blocks for _, s, _ in b.entries),
                                  dtype=str(b.dtype), device=str(b.device)))
-            for sh in plan.shared:
+            for sh in plan.shared_blocks:
                 rows.append(dict(group=gi, kind="shared", d=sh.curvature.shape[0], blocks=1,
                                  dtype=str(sh.curvature.dtype), device=str(sh.curvature.device),
                                  name=sh.unit.name))
@@ -643,7 +584,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
     def _block_state(self, unit: Unit, plan: _GroupPlan) -> list[tuple[str, Segment, Tensor, Tensor]]:
         """(kind, segment, curvature view, factor view) of each segment of ``unit``."""
         if unit.kind == "shared":
-            sh = next(s for s in plan.shared if s.unit is unit)
+            sh = next(s for s in plan.shared_blocks if s.unit is unit)
             return [("shared", unit.segments[0], sh.curvature, sh.factor)]
         out = []
         for bucket in plan.buckets:
@@ -743,5 +684,5 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                     C.copy_(to_compact(c.to(C)))
                     L.copy_(to_compact(f.to(L)))
         for plan in self._plans:
-            for sh in plan.shared:
+            for sh in plan.shared_blocks:
                 sh.derive_inverse()
