@@ -141,10 +141,11 @@ StepSegment<T> whole_segment(at::Tensor& param, const at::Tensor& grad, at::Tens
           nullptr, nullptr, nullptr, n, d, 0, static_cast<int>(d), flags};
 }
 
-// ints per segment in mbf_bucket_step_'s `segments` (schema in registration.cpp).
+// ints per segment in mbf_bucket_step_'s `segments` (schema in registration.cpp; the Python
+// side of the layout, with its flags and mode, is mbf_kernels/layout.py).
 inline constexpr int kSegmentFields = 9;
 
-// mbf_bucket_step_'s `mode` bits (mbf_kernels.reference.StepMode).
+// mbf_bucket_step_'s `mode` bits (mbf_kernels.layout.StepMode).
 inline constexpr int64_t kModeWrite = 1, kModeGraft = 2;
 
 // mbf_bucket_step_'s tensors: curvature/factor compact and contiguous, params/grads/momenta

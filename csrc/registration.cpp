@@ -25,7 +25,8 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "float damping, float weight_decay, bool decoupled_weight_decay, bool update_curvature, "
       "bool first_curvature, bool refactor) -> ()");
   // The fused step for a whole bucket (one call per block size per param group): the blocks
-  // of many tensors, which share d. `segments` holds 9 ints per segment, sorted by tile:
+  // of many tensors, which share d (the layout in Python, with its one validation:
+  // mbf_kernels/layout.py). `segments` holds 9 ints per segment, sorted by tile:
   //   [tensor, tail tensor or -1, n_blocks, offset, width, row_stride, tile_offset, flags, step]
   // block i of the segment is params[tensor].flatten()[offset + i * row_stride :][:width],
   // then params[tail][i] (a Linear bias joined to its weight's row); likewise grads/momenta

@@ -70,7 +70,7 @@ def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, 
               stats: Tensor, *, lr: float, momentum_coef: float, beta: float, damping: float,
               weight_decay: float, decoupled_weight_decay: bool, update_curvature: bool,
               first_curvature: bool, refactor: bool) -> None:
-    """The fused step: param/grad/momentum (N, d); curvature/factor compact (see compact.py)."""
+    """The fused step: param/grad/momentum (N, d); curvature/factor compact (see layout.py)."""
     torch.ops.mbf_kernels.mbf_step_.default(
         param, grad, momentum, curvature, factor, stats, lr, momentum_coef, beta, damping,
         weight_decay, decoupled_weight_decay, update_curvature, first_curvature, refactor)

@@ -15,11 +15,13 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+
+from .layout import (COMPACT_TILE, SEGMENT_FIELDS, Segment, SegmentFlags, StepMode,
+                     cholesky_from_factor, factor_from_cholesky, from_compact, n_tiles,
+                     to_compact)
+from .packed import pack_tril, unpack_tril
 
 __all__ = [
     "mbf_step_",
@@ -124,22 +126,6 @@ def diagonal_fallback(F: Tensor, damping: float | Tensor) -> Tensor:
                        torch.as_tensor(floor, dtype=s.dtype, device=s.device).expand_as(s))
 
 
-class StepMode(enum.IntFlag):
-    """What one call of the bucket step does besides the curvature refresh and refactor its
-    segments' flags ask for (the ``mode`` argument of :func:`mbf_bucket_step_`).
-
-    ``WRITE``: store the new momentum (and second moment) and update the parameters.
-    ``GRAFT``: also keep Adam's second moment ``v`` of the step's direction, write each block's
-    ``[|u_b|^2, |a_b|^2]`` (MBF's direction, Adam's) to ``tile_norms`` and, with ``WRITE``,
-    scale the update of each tile by ``tile_scale``. ``GRAFT`` alone is the measuring pass of a
-    grafted step; no bit at all runs the refresh/refactor only (relative damping's first pass).
-    """
-
-    NONE = 0
-    WRITE = 1
-    GRAFT = 2
-
-
 def graft_bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
     """(c1, s2) of Adam's bias correction at ``step`` (>= 1), as the kernels use them: Adam's
     direction is ``a = c1 m / (s2 sqrt(v) + eps)`` with MBF's heavy-ball momentum ``m``
@@ -178,7 +164,7 @@ def mbf_step_(
     """One MBF step for a bucket of N blocks of size d, straight from MBF_SPEC section 3.
 
     param, grad, momentum: (N, d), updated in place (not grad). curvature, factor: (N, T)
-    canonical packed rows (the factor with its diagonal inverted, see :mod:`mbf_kernels.compact`).
+    canonical packed rows (the factor with its diagonal inverted, see :mod:`mbf_kernels.layout`).
     stats: int64 (2,) += [blocks whose non-finite gradient skipped the curvature update,
     blocks whose factorisation failed and fell back to the diagonal].
 
@@ -189,8 +175,6 @@ def mbf_step_(
     update is ``lr * block_scale * u``; ``step`` is the unit's step count for Adam's bias
     correction (:func:`graft_bias_corrections`).
     """
-    from .compact import cholesky_from_factor, factor_from_cholesky
-    from .packed import pack_tril, unpack_tril
 
     if update_curvature:
         finite = torch.isfinite(grad).all(dim=-1)
@@ -228,59 +212,9 @@ def mbf_step_(
     param.sub_(update)
 
 
-#: ints per segment in the ``segments`` list of :func:`mbf_bucket_step_`.
-SEGMENT_FIELDS = 9
-
-
-class SegmentFlags(enum.IntFlag):
-    """The flags field of a segment: what the step does to its curvature."""
-
-    REFRESH = 1  # refresh the curvature (EMA of g g^T)
-    FIRST = 2  # ... and it is the first refresh: F = g g^T (needs REFRESH)
-    REFACTOR = 4  # refactor F + damping I
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A strided run of ``n_blocks`` same-size blocks, as the bucket step reads them: block i is
-    ``tensors[main].flatten()[offset + i * row_stride:][:width]``, followed by
-    ``tensors[tail][i]`` when ``tail`` is not None (d = width + 1: a Linear bias joined to its
-    weight row). ``tensors`` are params, grads or momenta, all contiguous in the layout."""
-
-    main: int
-    tail: int | None
-    n_blocks: int
-    offset: int
-    width: int
-    row_stride: int
-
-    @property
-    def d(self) -> int:
-        return self.width + (self.tail is not None)
-
-    def _main_view(self, tensor: Tensor) -> Tensor:
-        flat = tensor.reshape(-1)
-        return flat.as_strided((self.n_blocks, self.width), (self.row_stride, 1),
-                               flat.storage_offset() + self.offset)
-
-    def rows(self, tensors: list[Tensor]) -> Tensor:
-        """The segment's blocks of ``tensors``: (n_blocks, d) (a copy when there is a tail)."""
-        r = self._main_view(tensors[self.main])
-        if self.tail is None:
-            return r
-        return torch.cat([r, tensors[self.tail].reshape(-1)[: self.n_blocks, None]], dim=1)
-
-    def write_rows(self, tensors: list[Tensor], X: Tensor) -> None:
-        """Inverse of :meth:`rows`: write (n_blocks, d) block values into ``tensors`` in place."""
-        self._main_view(tensors[self.main]).copy_(X[:, : self.width])
-        if self.tail is not None:
-            tensors[self.tail].reshape(-1)[: self.n_blocks].copy_(X[:, self.width])
-
-
 def _write_compact_rows(C: Tensor, X: Tensor) -> None:
     """Write the (n, T) canonical rows X into the first n blocks of the compact C, in place;
     the padding blocks keep their values."""
-    from .compact import to_compact
 
     padded = C.transpose(1, 2).reshape(-1, C.shape[1]).clone()
     padded[: X.shape[0]] = X
@@ -306,7 +240,6 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     (``mode & GRAFT``); ``tile_norms`` (tiles, 2, 16) receives each block's [|u|^2, |a|^2]
     (``mode & GRAFT``); ``second_moments`` are Adam's v, one per params tensor (``GRAFT``).
     """
-    from .compact import COMPACT_TILE, from_compact
 
     mode = StepMode(mode)
     for s in range(0, len(segments), SEGMENT_FIELDS):
@@ -314,7 +247,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
         if n == 0:
             continue
         seg = Segment(main, None if tail < 0 else tail, n, offset, width, stride)
-        tiles = -(-n // COMPACT_TILE)
+        tiles = n_tiles(n)
         P, G, Mm = seg.rows(params), seg.rows(grads), seg.rows(momenta)
         F_c, L_c = curvature[tile0:tile0 + tiles], factor[tile0:tile0 + tiles]
         F, L = from_compact(F_c, n), from_compact(L_c, n)
@@ -353,8 +286,6 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
 
 def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
     """F compact (ceil(N/16), T, 16), in place; G (N, d): F = beta F + (1 - beta) g g^T."""
-    from .compact import from_compact
-    from .packed import pack_tril, unpack_tril
 
     n = G.shape[0]
     dense = unpack_tril(from_compact(F, n))
@@ -364,8 +295,6 @@ def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
 
 def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
     """F compact -> (factor compact, diagonal inverted, failed blocks zero; info (N,) int32)."""
-    from .compact import factor_from_cholesky, from_compact, to_compact
-    from .packed import unpack_tril
 
     L, info = cholesky_ex(unpack_tril(from_compact(F, n_blocks)), damping)
     rows = factor_from_cholesky(L).masked_fill((info != 0)[:, None], 0)
@@ -374,7 +303,6 @@ def compact_cholesky_ex(F: Tensor, n_blocks: int, damping: float) -> tuple[Tenso
 
 def compact_solve(factor: Tensor, B: Tensor) -> Tensor:
     """factor compact (diagonal inverted), B (N, d) -> X = (L L^T)^{-1} B, (N, d)."""
-    from .compact import cholesky_from_factor, from_compact
 
     L = cholesky_from_factor(from_compact(factor, B.shape[0]))
     return torch.cholesky_solve(B[:, :, None], L)[:, :, 0]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..reference import Segment  # the layout the bucket-step op reads, defined beside it
+from ..layout import Segment  # the layout the bucket-step op reads
 
 #: Values of the per-group option ``large_linear``.
 LARGE_LINEAR = ("shared", "chunk", "diagonal")

@@ -2,7 +2,7 @@
 
 At construction every parameter is mapped once to blocks (:mod:`.blocks`), and the blocks of
 each param group are gathered into buckets of one block size: a bucket owns the compact
-curvature and factor of all its blocks (:mod:`mbf_kernels.compact`), and each ``step()`` is one
+curvature and factor of all its blocks (:mod:`mbf_kernels.layout`), and each ``step()`` is one
 fused kernel call per bucket (``mbf_bucket_step_``), which reads every parameter, gradient and
 momentum in place, whatever layer it belongs to. Shared blocks of large linear layers (one
 d x d block per layer, d up to thousands) are dense GEMM-sized problems and go to torch.linalg.
@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import reference
-from ..reference import SEGMENT_FIELDS, SegmentFlags, StepMode, graft_bias_corrections
-from ..compact import COMPACT_TILE, from_compact, to_compact
 from ..dispatch import CHOICES, select
+from ..layout import (COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, from_compact, n_tiles,
+                      to_compact)
 from ..packed import pack_tril, tril_size, unpack_tril
 from .blocks import CONV1X1, LARGE_LINEAR, ModuleRoles, Segment, Unit, module_roles, plan_group
 from .fisher import FisherCapture
@@ -290,7 +289,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
                     continue
                 bucket = buckets.setdefault((seg.d, dtype, device), _Bucket(seg.d, dtype, device))
                 bucket.entries.append((unit, seg, bucket.tiles))
-                bucket.tiles += -(-seg.n_blocks // COMPACT_TILE)
+                bucket.tiles += n_tiles(seg.n_blocks)
         for b in buckets.values():
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
@@ -321,7 +320,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
             tile_unit = [dummy] * b.tiles
             block_unit = [dummy] * (b.tiles * COMPACT_TILE)
             for unit, seg, tile0 in b.entries:
-                u, tiles = index[id(unit)], -(-seg.n_blocks // COMPACT_TILE)
+                u, tiles = index[id(unit)], n_tiles(seg.n_blocks)
                 tile_unit[tile0:tile0 + tiles] = [u] * tiles
                 first = tile0 * COMPACT_TILE
                 block_unit[first:first + seg.n_blocks] = [u] * seg.n_blocks
@@ -590,7 +589,7 @@ class MBF(FisherCapture, torch.optim.Optimizer):
         for bucket in plan.buckets:
             for u, seg, tile0 in bucket.entries:
                 if u is unit:
-                    tiles = -(-seg.n_blocks // COMPACT_TILE)
+                    tiles = n_tiles(seg.n_blocks)
                     out.append(("blocks", seg, bucket.curvature[tile0:tile0 + tiles],
                                 bucket.factor[tile0:tile0 + tiles]))
         return out

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference import SegmentFlags, graft_bias_corrections
+from ..layout import SegmentFlags
+from ..reference import graft_bias_corrections
 from .blocks import Unit
 
 #: Added to a relative damping so that a unit whose gradients are all zero still factors.

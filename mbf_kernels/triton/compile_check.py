@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import kernels as K
-from ..dispatch import triton_interpreted
+from ..limits import triton_interpreted
 
 #: The step kernels' variants worth compiling: flags (constexpr name -> value).
 VARIANTS = {

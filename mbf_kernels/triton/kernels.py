@@ -10,7 +10,7 @@ depends on how Triton lays the lanes out over threads).
 Memory layouts:
 
 * dense: block b of an (N, d, d) batch at ``b * d * d``, row-major; vectors (N, d) or (N, d, k).
-* compact (:mod:`mbf_kernels.compact`): entry e of block b at ``((b // 16) * T + e) * 16 + b % 16``
+* compact (:mod:`mbf_kernels.layout`): entry e of block b at ``((b // 16) * T + e) * 16 + b % 16``
   with T = d(d+1)/2: 16 consecutive lanes read 16 consecutive values, so every state load and
   store is coalesced (64 B per 16 lanes in float32).
 
@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 # Largest block size the Triton kernels take (why: mbf_kernels.dispatch).
-from ..dispatch import TRITON_MAX_D as MAX_D  # noqa: F401
-from ..dispatch import triton_interpreted
+from ..limits import TRITON_MAX_D as MAX_D  # noqa: F401
+from ..limits import triton_interpreted
 
 # The step kernel's segment table: SEG_FIELDS int64 per segment (offsets, in elements from the
 # curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail;

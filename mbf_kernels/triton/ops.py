@@ -25,10 +25,10 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..compact import COMPACT_TILE, compact_shape
-from ..dispatch import triton_interpreted
+from ..layout import COMPACT_TILE, SegmentFlags, StepMode, check_segments, compact_shape
+from ..limits import triton_interpreted
 from ..packed import tril_dim
-from ..reference import SEGMENT_FIELDS, SegmentFlags, StepMode, graft_bias_corrections
+from ..reference import graft_bias_corrections
 from . import kernels as K
 
 __all__ = ["cholesky_ex", "cholesky_solve", "solve_spd_ex", "inv_spd_ex", "outer_ema_",
@@ -338,9 +338,6 @@ class _StepLaunches:
         if not len(params) == len(grads) == len(momenta):
             raise ValueError("mbf_kernels triton: params, grads and momenta must have the same "
                              "length")
-        if len(segments) % SEGMENT_FIELDS:
-            raise ValueError(f"mbf_kernels triton: segments must hold {SEGMENT_FIELDS} ints per "
-                             f"segment, got {len(segments)}")
         # Kept alive until the launches are queued (the caching allocator orders reuse after
         # them on the stream).
         self.grads = grads = [g.contiguous() for g in grads]
@@ -391,32 +388,9 @@ class _StepLaunches:
             return q
 
         groups: dict[int, tuple[list[int], list[int]]] = {}
-        next_free_tile = 0
-        for s in range(0, len(segments), SEGMENT_FIELDS):
-            main, tail, n, col, width, stride, tile0, flags, step = segments[s:s + SEGMENT_FIELDS]
-            where = f"mbf_kernels triton: segment {s // SEGMENT_FIELDS}"
-            if not (0 <= main < len(params) and -1 <= tail < len(params)):
-                raise ValueError(f"{where} names tensor {main} / {tail} of {len(params)}")
-            if width + (tail >= 0) != d or n < 0 or col < 0 or stride < width:
-                raise ValueError(f"{where} has a bad layout (n {n}, offset {col}, width {width}, "
-                                 f"stride {stride}) for blocks of size {d}")
-            if n and col + (n - 1) * stride + width > params[main].numel():
-                raise ValueError(f"{where} reaches past the end of params[{main}]")
-            if tail >= 0 and params[tail].numel() < n:
-                raise ValueError(f"{where} needs {n} tail values, params[{tail}] has "
-                                 f"{params[tail].numel()}")
-            tiles = -(-n // COMPACT_TILE)
-            if tile0 < next_free_tile or tile0 + tiles > F.shape[0]:
-                raise ValueError(f"{where} owns tiles [{tile0}, {tile0 + tiles}), which overlap "
-                                 f"the previous segment's or exceed the {F.shape[0]} tiles of "
-                                 "the state")
-            if not 0 <= flags < 8 or (flags & _FIRST and not flags & _REFRESH):
-                raise ValueError(f"{where} has bad flags {flags} (1: update curvature, 2: first "
-                                 "update, which needs 1, 4: refactor)")
-            if graft and step < 1:
-                raise ValueError(f"{where} has step {step}; a grafted step needs the unit's "
-                                 "step count >= 1")
-            next_free_tile = tile0 + tiles
+        for main, tail, n, col, width, stride, tile0, flags, step in check_segments(
+                "mbf_kernels triton", segments, [p.numel() for p in params], d, F.shape[0],
+                graft):
             if n == 0:
                 continue
             t = tail if tail >= 0 else main

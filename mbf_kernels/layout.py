@@ -1,0 +1,184 @@
+"""The layout of the optimizer's state and of the fused bucket step: a leaf module.
+
+Everything the kernels, the reference, the Triton launchers and the optimizer must agree on
+about memory lives here, once: the compact tile layout of a bucket's curvature and factor, the
+segment table of ``mbf_bucket_step_`` (its fields, flags and mode) and its one Python
+validation. The C++ side mirrors it (csrc/ops_common.h ``kSegmentFields``, the comment in
+csrc/registration.cpp) and points here.
+
+Compact layout: kernels keep a bucket's packed triangles (curvature F, factor) in tiles of
+:data:`COMPACT_TILE` blocks, block index fastest: shape ``(ceil(N/16), d(d+1)/2, 16)``. Each
+row of a tile is one vector register (or two, or a coalesced GPU load), so the kernels read
+whole rows with no shuffles. The canonical form, used by ``state_dict`` and by the reference,
+is ``(N, d(d+1)/2)``: one packed lower triangle per block, row-major (:mod:`mbf_kernels.packed`).
+Padding blocks (N up to a multiple of 16) hold finite values and are dropped on conversion.
+The factor stores L with its diagonal inverted (1 / L_ii), an exact representation that makes
+the solve multiplication-only; :func:`factor_from_cholesky` and :func:`cholesky_from_factor`
+convert to and from a plain Cholesky factor.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .packed import pack_tril, tril_size, unpack_tril
+
+#: Blocks per compact tile (csrc/include/mbf/batched.h: kCompactTile).
+COMPACT_TILE = 16
+
+
+def n_tiles(n_blocks: int) -> int:
+    """Compact tiles that hold ``n_blocks`` blocks."""
+    return -(-n_blocks // COMPACT_TILE)
+
+
+def compact_shape(n_blocks: int, d: int) -> tuple[int, int, int]:
+    return (n_tiles(n_blocks), tril_size(d), COMPACT_TILE)
+
+
+def to_compact(P: Tensor, *, pad: Tensor | None = None) -> Tensor:
+    """(N, T) canonical packed rows -> (ceil(N/16), T, 16). ``pad`` (T,) fills padding blocks (zeros)."""
+    n, t = P.shape
+    tiles = n_tiles(n)
+    padded = P.new_zeros(tiles * COMPACT_TILE, t) if pad is None else pad.expand(tiles * COMPACT_TILE, t).clone()
+    padded[:n] = P
+    return padded.view(tiles, COMPACT_TILE, t).transpose(1, 2).contiguous()
+
+
+def from_compact(C: Tensor, n_blocks: int) -> Tensor:
+    """(ceil(N/16), T, 16) -> (N, T) canonical packed rows."""
+    tiles, t, width = C.shape
+    if width != COMPACT_TILE or tiles * COMPACT_TILE < n_blocks:
+        raise ValueError(f"from_compact: shape {tuple(C.shape)} cannot hold {n_blocks} blocks")
+    return C.transpose(1, 2).reshape(tiles * COMPACT_TILE, t)[:n_blocks].contiguous()
+
+
+def identity_factor(d: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """The packed factor of the identity (also the padding value of factor state): (T,)."""
+    return pack_tril(torch.eye(d, dtype=dtype, device=device))
+
+
+def factor_from_cholesky(L: Tensor) -> Tensor:
+    """(..., d, d) lower Cholesky factor -> (..., T) packed with the diagonal inverted."""
+    L = L.clone()
+    L.diagonal(dim1=-2, dim2=-1).reciprocal_()
+    return pack_tril(L)
+
+
+def cholesky_from_factor(P: Tensor) -> Tensor:
+    """(..., T) packed factor with inverted diagonal -> (..., d, d) lower Cholesky factor."""
+    L = unpack_tril(P, symmetric=False)
+    L.diagonal(dim1=-2, dim2=-1).reciprocal_()
+    return L
+
+
+# ---------------------------------------------------------------------------------------------
+# The bucket step's segment table (mbf_bucket_step_ in csrc/registration.cpp, the reference and
+# the Triton launcher).
+
+#: ints per segment in the ``segments`` list of ``mbf_bucket_step_``.
+SEGMENT_FIELDS = 9
+
+
+class SegmentFlags(enum.IntFlag):
+    """The flags field of a segment: what the step does to its curvature."""
+
+    REFRESH = 1  # refresh the curvature (EMA of g g^T)
+    FIRST = 2  # ... and it is the first refresh: F = g g^T (needs REFRESH)
+    REFACTOR = 4  # refactor F + damping I
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A strided run of ``n_blocks`` same-size blocks, as the bucket step reads them: block i is
+    ``tensors[main].flatten()[offset + i * row_stride:][:width]``, followed by
+    ``tensors[tail][i]`` when ``tail`` is not None (d = width + 1: a Linear bias joined to its
+    weight row). ``tensors`` are params, grads or momenta, all contiguous in the layout."""
+
+    main: int
+    tail: int | None
+    n_blocks: int
+    offset: int
+    width: int
+    row_stride: int
+
+    @property
+    def d(self) -> int:
+        return self.width + (self.tail is not None)
+
+    def _main_view(self, tensor: Tensor) -> Tensor:
+        flat = tensor.reshape(-1)
+        return flat.as_strided((self.n_blocks, self.width), (self.row_stride, 1),
+                               flat.storage_offset() + self.offset)
+
+    def rows(self, tensors: list[Tensor]) -> Tensor:
+        """The segment's blocks of ``tensors``: (n_blocks, d) (a copy when there is a tail)."""
+        r = self._main_view(tensors[self.main])
+        if self.tail is None:
+            return r
+        return torch.cat([r, tensors[self.tail].reshape(-1)[: self.n_blocks, None]], dim=1)
+
+    def write_rows(self, tensors: list[Tensor], X: Tensor) -> None:
+        """Inverse of :meth:`rows`: write (n_blocks, d) block values into ``tensors`` in place."""
+        self._main_view(tensors[self.main]).copy_(X[:, : self.width])
+        if self.tail is not None:
+            tensors[self.tail].reshape(-1)[: self.n_blocks].copy_(X[:, self.width])
+
+
+class StepMode(enum.IntFlag):
+    """What one call of the bucket step does besides the curvature refresh and refactor its
+    segments' flags ask for (the ``mode`` argument of ``mbf_bucket_step_``).
+
+    ``WRITE``: store the new momentum (and second moment) and update the parameters.
+    ``GRAFT``: also keep Adam's second moment ``v`` of the step's direction, write each block's
+    ``[|u_b|^2, |a_b|^2]`` (MBF's direction, Adam's) to ``tile_norms`` and, with ``WRITE``,
+    scale the update of each tile by ``tile_scale``. ``GRAFT`` alone is the measuring pass of a
+    grafted step; no bit at all runs the refresh/refactor only (relative damping's first pass).
+    """
+
+    NONE = 0
+    WRITE = 1
+    GRAFT = 2
+
+
+def check_segments(fn: str, segments: list[int], numels: list[int], d: int, tiles: int,
+                   graft: bool) -> list[tuple[int, ...]]:
+    """Check a segment table against the tensors it reads (``numels``: elements of each params
+    tensor) and the state's ``tiles``; return its segments as tuples of the
+    :data:`SEGMENT_FIELDS` ints. ``fn`` starts each error message."""
+    if len(segments) % SEGMENT_FIELDS:
+        raise ValueError(f"{fn}: segments must hold {SEGMENT_FIELDS} ints per segment, got "
+                         f"{len(segments)}")
+    out = []
+    next_free_tile = 0
+    for s in range(0, len(segments), SEGMENT_FIELDS):
+        seg = tuple(segments[s:s + SEGMENT_FIELDS])
+        main, tail, n, col, width, stride, tile0, flags, step = seg
+        where = f"{fn}: segment {s // SEGMENT_FIELDS}"
+        if not (0 <= main < len(numels) and -1 <= tail < len(numels)):
+            raise ValueError(f"{where} names tensor {main} / {tail} of {len(numels)}")
+        if width + (tail >= 0) != d or n < 0 or col < 0 or stride < width:
+            raise ValueError(f"{where} has a bad layout (n {n}, offset {col}, width {width}, "
+                             f"stride {stride}) for blocks of size {d}")
+        if n and col + (n - 1) * stride + width > numels[main]:
+            raise ValueError(f"{where} reaches past the end of params[{main}]")
+        if tail >= 0 and numels[tail] < n:
+            raise ValueError(f"{where} needs {n} tail values, params[{tail}] has "
+                             f"{numels[tail]}")
+        if tile0 < next_free_tile or tile0 + n_tiles(n) > tiles:
+            raise ValueError(f"{where} owns tiles [{tile0}, {tile0 + n_tiles(n)}), which overlap "
+                             f"the previous segment's or exceed the {tiles} tiles of the state")
+        if not 0 <= flags < 8 or (flags & SegmentFlags.FIRST and
+                                  not flags & SegmentFlags.REFRESH):
+            raise ValueError(f"{where} has bad flags {flags} (1: update curvature, 2: first "
+                             "update, which needs 1, 4: refactor)")
+        if graft and step < 1:
+            raise ValueError(f"{where} has step {step}; a grafted step needs the unit's step "
+                             "count >= 1")
+        next_free_tile = tile0 + n_tiles(n)
+        out.append(seg)
+    return out

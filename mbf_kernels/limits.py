@@ -1,0 +1,21 @@
+"""Backend limits and environment facts: a leaf module, so that the dispatcher, the Triton
+kernels and their compile check read them without importing each other."""
+
+from __future__ import annotations
+
+import os
+
+#: Largest block size of the Triton kernels. They unroll everything over d at compile time, and
+#: Triton's compile time grows faster than d^3: at d = 16 a kernel compiles in at most ~15 s
+#: (sm_90, the dev VM), at d = 25 the refactor kernel takes 106 s and at d = 27 the dense
+#: inverse 190 s, per dtype and tile config (`python -m mbf_kernels.triton.compile_check`).
+#: Larger blocks go to the CUDA kernels, compiled ahead of time.
+TRITON_MAX_D = 16
+#: Largest block size of the CUDA kernels' fused step and compact ops (their generic path keeps
+#: vectors in local arrays of this size: csrc/include/mbf/compact_block.h kMaxGenericDim).
+CUDA_STEP_MAX_D = 64
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
