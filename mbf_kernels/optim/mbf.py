@@ -35,12 +35,13 @@ __all__ = ["MBF", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING"]
 #: Defaults of every per-group option: MBF as an AdamW drop-in (MBF_SPEC section 3b): MBF's
 #: direction with Adam's step length per unit, AdamW's betas and eps, damping relative to the
 #: curvature. lr, damping, T1 and T2 come from the four-task sweep in bench/RESULTS.md
-#: ("Shipped defaults"); ``PAPER`` selects the paper's exact update (section 3).
+#: ("Shipped defaults"), whose rule asks that the lr survive being 9x too large or too small:
+#: lr is AdamW's own default. ``PAPER`` selects the paper's exact update (section 3).
 DEFAULTS: dict = dict(
-    lr=3e-3,
+    lr=1e-3,
     momentum=0.9,
     beta=0.9,
-    damping=0.1,
+    damping=0.3,
     weight_decay=0.0,
     # None: AdamW's decoupled decay with graft="adam", the paper's L2 (coupled) without.
     decoupled_weight_decay=None,
