@@ -9,6 +9,7 @@ in the same run (one large device-to-device tensor copy, read + write counted).
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import statistics
 import subprocess
@@ -196,6 +197,16 @@ def bench_linalg(op: str, d: int, n: int, dtype: torch.dtype, device: torch.devi
     for row in rows:
         row.speedup_vs_torch = base_ms / row.median_ms
     return rows
+
+
+#: What a command prints instead of a plot when matplotlib is missing (it is in the [bench]
+#: extra): the tables and data files are still written.
+NO_PLOT = "matplotlib is not installed (pip install 'mbf-kernels[bench]'): no plot written"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is importable (checked without importing it)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_linalg(rows: list[Row], path: Path) -> None:

@@ -183,9 +183,13 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         writer.writerows(asdict(r) for r in rows)
     (args.out / "bench.json").write_text(json.dumps(
         {"environment": env, "device": str(device), "rows": [asdict(r) for r in rows]}, indent=1))
-    if rows:
+    written = ["bench.csv", "bench.json"]
+    if rows and benchmark.can_plot():
         benchmark.plot_linalg(rows, args.out / "bench.png")
-    console.print(f"wrote {args.out}/bench.csv, bench.json, bench.png")
+        written.append("bench.png")
+    elif rows:
+        console.print(benchmark.NO_PLOT)
+    console.print(f"wrote {args.out}/" + ", ".join(written))
     return 0
 
 

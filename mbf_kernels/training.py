@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import models
-from .benchmark import sync
+from .benchmark import NO_PLOT, can_plot, sync
 from .data import Dataset
 from .optim import MBF
 from .optim.fisher import sampled_loss
@@ -479,7 +480,8 @@ def format_row(r: dict) -> list[str]:
 def write_outputs(out: Path, results: list[RunResult], trials: list[dict], cfg: TrainConfig,
                   env: dict) -> dict[str, Path]:
     """curves.csv (one row per run and epoch), results.json (config, environment, summary,
-    curves, tuning trials), summary.md and loss.png; returns the paths by kind."""
+    curves, tuning trials), summary.md and loss.png (without matplotlib, no plot: a warning);
+    returns the paths written by kind."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / n for k, n in (("csv", "curves.csv"), ("json", "results.json"),
                                      ("md", "summary.md"), ("png", "loss.png"))}
@@ -499,6 +501,10 @@ def write_outputs(out: Path, results: list[RunResult], trials: list[dict], cfg: 
                     for r in results]}
     paths["json"].write_text(json.dumps(doc, indent=1, default=str))
     paths["md"].write_text(markdown_table(rows))
-    _plot(results, paths["png"])
+    if can_plot():
+        _plot(results, paths["png"])
+    else:
+        warnings.warn(NO_PLOT, stacklevel=2)
+        del paths["png"]
     return paths
 

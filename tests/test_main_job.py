@@ -376,3 +376,22 @@ def test_profile_end_to_end(tmp_path, capsys):
 def test_profile_rejects_unknown_model(tmp_path):
     with pytest.raises(SystemExit, match="unknown model 'gpt'"):
         cli.main(["profile", "--model", "gpt", "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_bench_and_train_without_matplotlib_write_everything_but_the_plot(tmp_path, capsys,
+                                                                          monkeypatch):
+    """matplotlib is an extra: without it the tables and data files are written, and the
+    commands say why there is no plot instead of failing after the work is done."""
+    import mbf_kernels.benchmark as benchmark
+    monkeypatch.setattr(benchmark, "can_plot", lambda: False)
+    monkeypatch.setattr(training, "can_plot", lambda: False)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--device", "cpu", "--dims", "4", "--sizes", "16", "--dtypes",
+                     "float32", "--budget", "0.01", "--out", str(out)]) == 0
+    assert (out / "bench.csv").stat().st_size > 0 and not (out / "bench.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    out = tmp_path / "train"
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert cli.main(["train", "--epochs", "1", "--optimizers", "adamw", "--models",
+                         "small_cnn", "--out", str(out)]) == 0
+    assert (out / "summary.md").exists() and not (out / "loss.png").exists()
