@@ -163,10 +163,10 @@ def _read(path: Path) -> list[dict]:
                  t2=int(r["t2"]), loss=float(r["loss"])) for r in csv.DictReader(open(path))]
 
 
-def _key(row: dict) -> tuple:
+def _key(task: str, optimizer: str, lr: float, damping: float, t1: int, t2: int,
+         **_) -> tuple:
     """A cell's identity; lrs compare after rounding (1e-3 * 27 written and read back)."""
-    return (row["task"], row["optimizer"], float(f"{row['lr']:.12g}"), row["damping"],
-            row["t1"], row["t2"])
+    return (task, optimizer, float(f"{lr:.12g}"), damping, t1, t2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = _read(args.summarize or args.extend) if (args.summarize or args.extend) else []
     if not args.summarize:
-        have = {_key(r) for r in rows}
+        have = {_key(**r) for r in rows}
         cell = functools.partial(run, seeds=args.seeds, epochs_scale=args.epochs_scale)
 
         def measure(task: str, optimizer: str, lr: float, damping: float, t1: int,
                     t2: int) -> None:
-            key = (task, optimizer, float(f"{lr:.12g}"), damping, t1, t2)
+            key = _key(task, optimizer, lr, damping, t1, t2)
             if key not in have:
                 rows.append(cell(task, optimizer, lr, damping, t1, t2))
                 have.add(key)

@@ -297,10 +297,9 @@ class MBF(FisherCapture, torch.optim.Optimizer):
             b.factor = torch.zeros(shape, dtype=b.dtype, device=b.device)
         shared = [SharedSet(us, dtype, device, graft)
                   for (dtype, device), us in shared_units.items()]
+        # The state of a shared block's parameters is a view of its row buffers.
+        keys = ((MOMENTUM, "momentum"),) + (((SECOND_MOMENT, "second_moment"),) if graft else ())
         for b in (b for s in shared for b in s.blocks):
-            # The state of a shared block's parameters is a view of its row buffers.
-            keys = ((MOMENTUM, "momentum"),) + (((SECOND_MOMENT, "second_moment"),) if graft
-                                               else ())
             for key, rows in keys:
                 for p, view in zip(b.unit.params, b.views[rows]):
                     self.state[p][key] = view
