@@ -171,5 +171,5 @@ def module(name: str) -> ModuleType:
     Triton takes a while, so not before a backend is asked for)."""
     loaded = _MODULES.get(name)
     if loaded is None:  # only "triton" is loaded lazily
-        loaded = _MODULES[name] = importlib.import_module("mbf_kernels.triton.ops")
+        loaded = _MODULES[name] = importlib.import_module("mbf_kernels.triton")
     return loaded

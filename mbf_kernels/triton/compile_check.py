@@ -28,8 +28,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import kernels as K
 from ..limits import triton_interpreted
+from . import compact, linalg, step
+from ._common import CONFIGS
 
 #: The step kernels' variants worth compiling: flags (constexpr name -> value).
 VARIANTS = {
@@ -53,10 +54,15 @@ VARIANTS = {
                                  TILE_DAMPING=True),
     },
 }
-KERNELS = ("_dense_cholesky_kernel", "_dense_cholesky_solve_kernel", "_dense_solve_spd_kernel",
-           "_dense_inv_spd_kernel", "_dense_outer_ema_kernel", "_compact_outer_ema_kernel",
-           "_compact_cholesky_kernel", "_compact_solve_kernel", "_bucket_refactor_kernel",
-           "_bucket_step_kernel")
+#: Every kernel, by name, in its op family's module.
+_FAMILIES = {
+    linalg: ("_dense_cholesky_kernel", "_dense_cholesky_solve_kernel", "_dense_solve_spd_kernel",
+             "_dense_inv_spd_kernel", "_dense_outer_ema_kernel"),
+    compact: ("_compact_outer_ema_kernel", "_compact_cholesky_kernel", "_compact_solve_kernel"),
+    step: ("_bucket_refactor_kernel", "_bucket_step_kernel"),
+}
+_MODULE_OF = {name: module for module, names in _FAMILIES.items() for name in names}
+KERNELS = tuple(_MODULE_OF)
 
 _POINTERS_INT = {"info_ptr": "*i32", "table": "*i64", "stats": "*i64"}
 _INTS = {"n", "k", "S", "NBIN", "n_seg"}
@@ -116,8 +122,8 @@ def compile_kernel(name: str, d: int, *, dtype: str = "fp32", arch: int = 90,
                    variant: str = "", block: int | None = None,
                    num_warps: int | None = None) -> Compiled:
     """Compile one kernel for ``sm_{arch}`` and report what the cubin uses."""
-    fn = _jit_function(getattr(K, name))
-    cfg_block, cfg_warps = K.CONFIGS[0]
+    fn = _jit_function(getattr(_MODULE_OF[name], name))
+    cfg_block, cfg_warps = CONFIGS[0]
     block, num_warps = block or cfg_block, num_warps or cfg_warps
     constexprs = dict(D=d, BLOCK=block, **(VARIANTS[name][variant] if variant else {}))
     start = time.perf_counter()

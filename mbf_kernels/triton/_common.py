@@ -1,0 +1,167 @@
+"""Host-side pieces every Triton op family shares (private): the tile configs and their
+autotuning, the checks for direct calls, and the launch and registration helpers.
+
+Naming ladder (as Liger-Kernel): ``_name_kernel`` (``@triton.jit``) and its host launcher live
+together in the op family's module (:mod:`.linalg`, :mod:`.compact`, :mod:`.step`); the public
+API (:mod:`mbf_kernels.linalg`, :mod:`mbf_kernels.compact`, the optimizer) reaches them through
+:mod:`mbf_kernels.dispatch`.
+
+* The linalg and compact ops are ``torch.library.triton_op``s: ``torch.compile`` sees through
+  them to the kernels (``wrap_triton``). In Triton's interpreter, where ``wrap_triton`` cannot
+  be traced (pytorch/pytorch#152868: an interpreted kernel carries no JIT metadata, and tracing
+  would drop the launch), they are opaque ``custom_op``s instead, with the same function as
+  their fake implementation (which skips the launch on fake tensors).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+
+import torch
+import triton
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+from ..layout import compact_shape
+from ..limits import TRITON_MAX_D as MAX_D
+from ..limits import triton_interpreted
+
+#: (BLOCK, num_warps) candidates. BLOCK >= 32 * num_warps: each block has exactly one owning
+#: thread (two per thread only when registers allow: fits).
+CONFIGS = ((128, 4), (64, 2), (256, 4), (128, 2), (32, 1))
+
+
+def fits(block: int, warps: int, d: int) -> bool:
+    """Whether a (BLOCK, num_warps) config is worth trying for block size d: two blocks per
+    thread only while a block's triangle leaves room in the 255 registers."""
+    per_thread = block // (32 * warps)
+    return per_thread == 1 or (per_thread == 2 and d <= 10)
+
+
+def _prune(configs, named_args, **kwargs):
+    if triton_interpreted():
+        return [configs[0]]  # the interpreter ignores warps; tuning it would only cost time
+    d = kwargs.get("D", named_args.get("D"))
+    kept = [c for c in configs if fits(c.kwargs["BLOCK"], c.num_warps, d)]
+    return kept or [configs[0]]
+
+
+def autotune(restore=()):
+    """Tile size and warps tuned per block size (and size class, and dtype) on first use; the
+    kernels that update in place restore their output between the trial runs."""
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in CONFIGS],
+        key=["D", "NBIN"], restore_value=list(restore),
+        prune_configs_by={"early_config_prune": _prune})
+
+
+
+
+def check_float(name: str, X: Tensor) -> None:
+    if X.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"mbf_kernels triton: {name} must be float32 or float64, got {X.dtype}")
+
+
+def check_d(d: int) -> None:
+    if not 1 <= d <= MAX_D:
+        raise ValueError(f"mbf_kernels triton: block size d = {d} is outside the Triton kernels' "
+                         f"range 1..{MAX_D}; use backend='cuda' or 'auto' for larger blocks")
+
+
+def check_like(name: str, X: Tensor, ref_name: str, ref: Tensor) -> None:
+    if X.dtype != ref.dtype or X.device != ref.device:
+        raise ValueError(f"mbf_kernels triton: {name} must match {ref_name} ({ref.dtype} on "
+                         f"{ref.device}), got {X.dtype} on {X.device}")
+
+
+def square_blocks(name: str, A: Tensor) -> tuple[int, int]:
+    if A.ndim != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"mbf_kernels triton: {name} must have shape (N, d, d), got "
+                         f"{tuple(A.shape)}")
+    check_float(name, A)
+    check_d(A.shape[1])
+    return A.shape[0], A.shape[1]
+
+
+def rhs_columns(B: Tensor, A: Tensor, a_name: str) -> int:
+    if B.ndim != 3 or B.shape[:2] != A.shape[:2]:
+        raise ValueError(f"mbf_kernels triton: B must have shape ({A.shape[0]}, {A.shape[1]}, k) "
+                         f"to match {a_name}, got {tuple(B.shape)}")
+    check_like("B", B, a_name, A)
+    return B.shape[2]
+
+
+def check_compact(name: str, C: Tensor, n: int, d: int) -> None:
+    check_float(name, C)
+    check_d(d)
+    if tuple(C.shape) != compact_shape(n, d):
+        raise ValueError(f"mbf_kernels triton: {name} must have the compact shape "
+                         f"{compact_shape(n, d)} for {n} blocks of size {d}, got {tuple(C.shape)}")
+
+
+def vector_rows(name: str, X: Tensor) -> tuple[int, int]:
+    if X.ndim != 2:
+        raise ValueError(f"mbf_kernels triton: {name} must have shape (N, d), got {tuple(X.shape)}")
+    return X.shape[0], X.shape[1]
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](...)``, which torch.compile traces into. Triton's interpreter
+    (CI) cannot run on the fake tensors that tracing passes: there the kernel is skipped, the
+    outputs being allocated by the torch ops around it."""
+    if triton_interpreted() and any(is_fake(a) for a in args if isinstance(a, Tensor)):
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+def register_op(name: str, mutates_args):
+    """Register ``fn`` as the op ``name``: see the module docstring."""
+    def register(fn):
+        if triton_interpreted():
+            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, mutates_args=mutates_args)(fn)
+    return register
+
+
+def grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
+def nbin(n: int) -> int:
+    """Size class in the tuning key: small and large batches may want different tiles."""
+    return int(n >= 1 << 16)
+
+
+def bits(x: float) -> int:
+    """A float64 as the int64 with the same bits (the table is one int64 tensor)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+class TableCache:
+    """Device copies of recent segment tables, keyed by their contents: the same parameters and
+    gradient buffers give the same table every step, which then costs no host-to-device copy."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._tables: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._size = size
+
+    def get(self, values: list[int], device: torch.device) -> Tensor:
+        key = (device, tuple(values))
+        table = self._tables.get(key)
+        if table is None:
+            table = torch.tensor(values, dtype=torch.int64)
+            if device.type == "cuda":
+                table = table.pin_memory().to(device, non_blocking=True)
+            self._tables[key] = table
+            if len(self._tables) > self._size:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table
+
+
+TABLES = TableCache()

@@ -1,0 +1,500 @@
+"""The fused MBF step over a bucket of segments in Triton: kernels and host launcher of
+``mbf_bucket_step_`` for ``backend="triton"``, the opaque custom op
+``mbf_kernels::triton_bucket_step_`` with its mutations declared (its kernel reaches every
+parameter, gradient and momentum of a bucket through offsets in a segment table, one launch for
+any number of tensors, which no tracer can follow).
+
+The math is :func:`mbf_kernels.reference.mbf_bucket_step_` (MBF_SPEC sections 3-3b): momentum,
+optional curvature EMA (skipped for a block whose gradient is not finite, counted), solve with
+the cached factor and update, in one pass; on a refactor step (every T2-th) a refactor kernel
+runs first: refresh, factor, and for a failed block the diagonal fallback (MBF_SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.testing import do_bench
+
+from ..layout import COMPACT_TILE, SegmentFlags, StepMode, check_segments, compact_shape
+from ..packed import tril_dim
+from ..reference import graft_bias_corrections
+from ._common import (CONFIGS, TABLES, bits, check_d, check_float, check_like, fits,
+                      vector_rows)
+from ._tuples import (cholesky, compact_base, diagonal_fallback, ema, load_tri, outer, pack,
+                      pow2, select, solve, store_tri, unpack)
+
+__all__ = ["mbf_bucket_step_", "mbf_step_"]
+
+_REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentFlags.REFACTOR
+# The step kernel's segment table: SEG_FIELDS int64 per segment (offsets, in elements from the
+# curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail;
+# the offsets of Adam's v and its tail, and the float64 bits of the unit's bias corrections c1,
+# s2 when grafting), then the float64 bit patterns of lr, momentum, beta, damping, weight_decay,
+# lr * weight_decay, the fallback floor, beta2 and eps (tl.constexpr: a kernel reads them).
+(SEG_P, SEG_G, SEG_M, SEG_PT, SEG_GT, SEG_MT, SEG_N, SEG_STRIDE, SEG_TILE, SEG_TAIL, SEG_V,
+ SEG_VT, SEG_C1, SEG_S2) = (tl.constexpr(i) for i in range(14))
+SEG_FIELDS = tl.constexpr(14)
+
+
+@triton.jit
+def _load_rows(ptr, tail, rows, blocks, mask, has_tail, D: tl.constexpr):
+    """Each lane's block vector: D - has_tail values at ``ptr + rows``, then ``tail[block]``
+    when the segment has a tail (a Linear bias joined to its weight row)."""
+    i = tl.arange(0, pow2(D))
+    width = D - has_tail
+    v = unpack(tl.load(ptr + rows[:, None] + i[None, :],
+                        mask=mask[:, None] & (i[None, :] < width[:, None]), other=0.0), D)
+    t = tl.load(tail + blocks, mask=mask & (has_tail != 0), other=0.0)
+    out = ()
+    for j in tl.static_range(D - 1):
+        out = out + (v[j],)
+    return out + (tl.where(has_tail != 0, t, v[D - 1]),)
+
+
+@triton.jit
+def _store_rows(ptr, tail, rows, blocks, mask, has_tail, v, D: tl.constexpr):
+    i = tl.arange(0, pow2(D))
+    width = D - has_tail
+    tl.store(ptr + rows[:, None] + i[None, :], pack(v, D, pow2(D)).to(ptr.dtype.element_ty),
+             mask=mask[:, None] & (i[None, :] < width[:, None]))
+    tl.store(tail + blocks, v[D - 1].to(tail.dtype.element_ty), mask=mask & (has_tail != 0))
+
+
+@triton.jit
+def _hyper(table, k):
+    return tl.load(table + k).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _segment_blocks(table, n_seg, BLOCK: tl.constexpr):
+    """This program's segment of the table and its blocks there: (row of the table, blocks,
+    mask, has_tail per lane, the blocks' row offsets). Programs are dealt to the segments in
+    order, ceil(n / BLOCK) each (a scalar scan over the table)."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.full([], 0, tl.int64)
+    first = tl.full([], 0, tl.int64)
+    start = tl.full([], 0, tl.int64)
+    for s in range(n_seg):
+        count = tl.cdiv(tl.load(table + s * SEG_FIELDS + SEG_N), BLOCK)
+        hit = (pid >= start) & (pid < start + count)
+        seg = tl.where(hit, s, seg)
+        first = tl.where(hit, start, first)
+        start += count
+    row = table + seg * SEG_FIELDS
+    blocks = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    mask = blocks < tl.load(row + SEG_N)
+    # 0 or 1 per lane: the interpreter mistypes a vector mask combined with a scalar one
+    has_tail = tl.zeros_like(blocks) + tl.load(row + SEG_TAIL)
+    return row, blocks, mask, has_tail, blocks * tl.load(row + SEG_STRIDE)
+
+
+@triton.jit
+def _refresh(F, state, mask, g, beta64, FIRST: tl.constexpr, D: tl.constexpr):
+    """Curvature refresh of each lane's block, stored; blocks whose gradient is not finite keep
+    their F. Returns (the block's F after the step, finite per lane)."""
+    T: tl.constexpr = D * (D + 1) // 2
+    dt = F.dtype.element_ty
+    finite = tl.abs(g[0]) < float("inf")
+    for i in tl.static_range(1, D):
+        finite = finite & (tl.abs(g[i]) < float("inf"))
+    c = outer(g, D)
+    if FIRST:
+        old = load_tri(F, state, mask & (finite == 0), D, True)  # kept by skipped blocks
+        f = c
+    else:
+        old = load_tri(F, state, mask, D, True)
+        f = ema(old, c, beta64.to(dt), (1 - beta64).to(dt), T)
+    f = select(finite, f, old, T)
+    store_tri(F, state, mask & finite, f, D)
+    return f, finite
+
+
+# Lane masks apply to memory and counts only: per-lane math stays in the layout of the unpacked
+# tiles (mixing in the mask's layout slowed Triton's layout pass several-fold).
+
+
+@triton.jit
+def _tiles(row, blocks):
+    """(compact tile, lane in it) of each lane's block of the bucket state."""
+    state_block = blocks + tl.load(row + SEG_TILE) * 16
+    return state_block // 16, state_block % 16
+
+
+@triton.jit
+def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.constexpr,
+                            FIRST_CURVATURE: tl.constexpr, TILE_DAMPING: tl.constexpr,
+                            D: tl.constexpr, BLOCK: tl.constexpr):
+    """The refactor phase of a step (every T2-th): optional curvature refresh, then the factor
+    of F + damping I, a failed block getting the diagonal fallback; F and L stored. The step
+    kernel follows with the cached factor. Apart, because the factorisation and the solve in
+    one kernel compiled in 13 s at d = 9 and 260 s at d = 16 (Triton's layout passes), for one
+    more read of g and L every T2 steps. Table layout: _bucket_step_kernel."""
+    T: tl.constexpr = D * (D + 1) // 2
+    row, blocks, mask, has_tail, rows = _segment_blocks(table, n_seg, BLOCK)
+    hyper = table + n_seg * SEG_FIELDS
+    damping = _hyper(hyper, 3).to(F.dtype.element_ty)
+    floor = _hyper(hyper, 6).to(F.dtype.element_ty)
+    if TILE_DAMPING:  # relative damping: one value per compact tile (its unit's)
+        tile, _ = _tiles(row, blocks)
+        damping = tl.load(TD + tile, mask=mask, other=1.0)
+        floor = tl.where(damping > 0, 1.0 / tl.sqrt(tl.maximum(damping, 1e-30)), 1.0).to(
+            F.dtype.element_ty)
+    state = compact_base(blocks + tl.load(row + SEG_TILE) * 16, T)
+    if UPDATE_CURVATURE:
+        g = _load_rows(F + tl.load(row + SEG_G), F + tl.load(row + SEG_GT), rows, blocks, mask,
+                       has_tail, D)
+        f, finite = _refresh(F, state, mask, g, _hyper(hyper, 2), FIRST_CURVATURE, D)
+        skipped = tl.sum((mask & (finite == 0)).to(tl.int64), axis=0)
+        tl.atomic_add(stats, skipped, mask=skipped > 0)
+    else:
+        f = load_tri(F, state, mask, D, True)
+    l, info = cholesky(f, damping, D)
+    l = diagonal_fallback(l, f, info != 0, damping, floor, D)
+    store_tri(L, state, mask, l, D)
+    n_failed = tl.sum((mask & (info != 0)).to(tl.int64), axis=0)
+    tl.atomic_add(stats + 1, n_failed, mask=n_failed > 0)
+
+
+@triton.jit
+def _graft(F, TS, TN, row, hyper, rows, blocks, mask, has_tail, direction, mom, u,
+           WRITE: tl.constexpr, D: tl.constexpr):
+    """Grafting (MBF_SPEC 3b) in the step kernel: Adam's v updated from the step's direction,
+    each block's [|u|^2, |a|^2] stored to TN (tiles, 2, 16) for the unit reductions, and with
+    WRITE the new v stored. Returns the multiplier of lr for each lane: its unit's scale in TS
+    with WRITE, else 1 (a measuring pass, whose update is not written)."""
+    dt = F.dtype.element_ty
+    tile, lane = _tiles(row, blocks)
+    v_ptr = F + tl.load(row + SEG_V)
+    vt_ptr = F + tl.load(row + SEG_VT)
+    v = _load_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, D)
+    beta2 = _hyper(hyper, 7).to(dt)
+    eps = _hyper(hyper, 8).to(dt)
+    c1 = tl.load(row + SEG_C1).to(tl.float64, bitcast=True).to(dt)
+    s2 = tl.load(row + SEG_S2).to(tl.float64, bitcast=True).to(dt)
+    new_v = ()
+    su = tl.zeros_like(u[0])
+    sa = tl.zeros_like(u[0])
+    for i in tl.static_range(D):
+        new_v = new_v + (beta2 * v[i] + (1 - beta2) * direction[i] * direction[i],)
+        a = c1 * mom[i] / (s2 * tl.sqrt(new_v[i]) + eps)
+        su += u[i] * u[i]
+        sa += a * a
+    # A block whose norms are not finite (a NaN gradient) is left out of its unit's.
+    ok = (tl.abs(su) < float("inf")) & (tl.abs(sa) < float("inf"))
+    su = tl.where(ok & mask, su, 0.0)
+    sa = tl.where(ok & mask, sa, 0.0)
+    # Padding blocks of the segment's last tile get zeros too.
+    tile_mask = blocks < tl.cdiv(tl.load(row + SEG_N), 16) * 16
+    tl.store(TN + tile * 32 + lane, su.to(dt), mask=tile_mask)
+    tl.store(TN + tile * 32 + 16 + lane, sa.to(dt), mask=tile_mask)
+    scale = tl.full(u[0].shape, 1.0, dt)
+    if WRITE:
+        scale = tl.load(TS + tile, mask=mask, other=0.0)
+        _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
+    return scale
+
+
+@triton.jit
+def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN,
+                        DECOUPLED: tl.constexpr, UPDATE_CURVATURE: tl.constexpr,
+                        FIRST_CURVATURE: tl.constexpr, WRITE: tl.constexpr, GRAFT: tl.constexpr,
+                        D: tl.constexpr, BLOCK: tl.constexpr):
+    """One MBF step with the cached factor (and an optional curvature refresh) for the segments
+    of a bucket that share this step's flags.
+
+    ``table`` holds SEG_FIELDS int64 per segment, then the float64 hyper-parameters. A
+    segment's blocks are rows ``[0, n)`` of a strided view: block i reads D - has_tail values at
+    ``F + p_off + i * row_stride`` (likewise g, m, v: every stream is addressed from F, the
+    bucket's curvature, so one kernel serves any number of parameter tensors), then
+    ``F + tail_off + i`` when it has a tail. Its state is compact tiles from ``tile`` on of F
+    (curvature) and L (factor). stats (int64 (2,)) += [skipped curvature refreshes, failed
+    factorisations]. GRAFT (MBF_SPEC 3b, mbf_kernels.reference.mbf_bucket_step_): Adam's v
+    kept, each block's [|u|^2, |a|^2] stored to TN (tiles, 2, 16), the update scaled by TS
+    (tiles,); WRITE stores m, v, p. Neither: the refresh alone.
+    """
+    T: tl.constexpr = D * (D + 1) // 2
+    dt = F.dtype.element_ty
+    row, blocks, mask, has_tail, rows = _segment_blocks(table, n_seg, BLOCK)
+    hyper = table + n_seg * SEG_FIELDS
+    lr = _hyper(hyper, 0).to(dt)
+    rho = _hyper(hyper, 1).to(dt)
+    wd = _hyper(hyper, 4).to(dt)
+    lr_wd = _hyper(hyper, 5).to(dt)
+    state = compact_base(blocks + tl.load(row + SEG_TILE) * 16, T)
+    g = _load_rows(F + tl.load(row + SEG_G), F + tl.load(row + SEG_GT), rows, blocks, mask,
+                   has_tail, D)
+    if UPDATE_CURVATURE:
+        f, finite = _refresh(F, state, mask, g, _hyper(hyper, 2), FIRST_CURVATURE, D)
+        skipped = tl.sum((mask & (finite == 0)).to(tl.int64), axis=0)
+        tl.atomic_add(stats, skipped, mask=skipped > 0)
+    if WRITE or GRAFT:
+        l = load_tri(L, state, mask, D, True)
+        p_ptr = F + tl.load(row + SEG_P)
+        pt_ptr = F + tl.load(row + SEG_PT)
+        m_ptr = F + tl.load(row + SEG_M)
+        mt_ptr = F + tl.load(row + SEG_MT)
+        p = _load_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, D)
+        m = _load_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, D)
+        direction = ()
+        mom = ()
+        for i in tl.static_range(D):
+            if DECOUPLED:
+                direction = direction + (g[i],)
+            else:
+                direction = direction + (g[i] + wd * p[i],)
+            mom = mom + (rho * m[i] + direction[i],)
+        u = solve(l, mom, D)
+        lr_u = lr
+        if GRAFT:
+            lr_u = lr * _graft(F, TS, TN, row, hyper, rows, blocks, mask, has_tail, direction,
+                               mom, u, WRITE, D)
+        if WRITE:
+            new_p = ()
+            for i in tl.static_range(D):
+                if DECOUPLED:
+                    new_p = new_p + (p[i] - (lr_u * u[i] + lr_wd * p[i]),)
+                else:
+                    new_p = new_p + (p[i] - lr_u * u[i],)
+            _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
+            _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, new_p, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launcher
+
+
+_STEP_CONFIG: dict[tuple, tuple[int, int]] = {}
+
+
+def _tune_step(d: int, dtype: torch.dtype, device: torch.device, *, nbytes: int = 256 << 20,
+               timer=None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for the step kernels at block size d, timed once on a scratch bucket.
+
+    ``triton.autotune`` cannot serve these kernels: it replays a kernel on the real arguments,
+    and the step updates parameters that it reaches through the table, not as arguments, so
+    the trial runs would move the model. The plain cached-factor step is what is timed (the
+    step MBF takes T2 - 1 times out of T2), on a bucket of about 256 MB, so that the kernel, not
+    its launch, is what the timer sees.
+    """
+    if timer is None:
+        def timer(fn):
+            return do_bench(fn, warmup=5, rep=25)
+
+    t = d * (d + 1) // 2
+    n = max(16, nbytes // ((2 * t + 3 * d) * torch.finfo(dtype).bits // 8))
+    p = torch.randn(n, d, dtype=dtype, device=device)
+    g = torch.randn(n, d, dtype=dtype, device=device) * 1e-2
+    m = torch.zeros_like(p)
+    F = torch.zeros(compact_shape(n, d), dtype=dtype, device=device)
+    L = torch.zeros_like(F)
+    stats = torch.zeros(2, dtype=torch.int64, device=device)
+    hyper = (1e-3, 0.9, 0.9, 0.1, 0.0, False)
+    first = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 7, 1], *hyper)
+    first.run(CONFIGS[0])  # a factor to step with
+    cached = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 0, 2], *hyper)
+    timings = {cfg: timer(lambda: cached.run(cfg)) for cfg in CONFIGS if fits(*cfg, d)}
+    return min(timings, key=timings.get)
+
+
+def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return CONFIGS[1]  # the interpreter: warps mean nothing, smaller tiles run faster
+    key = (d, dtype, device.index)
+    if key not in _STEP_CONFIG:
+        _STEP_CONFIG[key] = _tune_step(d, dtype, device)
+    return _STEP_CONFIG[key]
+
+
+def _check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile_damping,
+                        tile_scale, tile_norms, mode: StepMode) -> int:
+    """The bucket op's tensor arguments checked against the curvature F: its block size d."""
+    if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
+        raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
+                         f"{COMPACT_TILE}), got {tuple(F.shape)}")
+    d = tril_dim(F.shape[1])
+    check_float("curvature", F)
+    check_d(d)
+    check_like("factor", L, "curvature", F)
+    if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
+        raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both "
+                         "must be contiguous (they are updated in place)")
+    if stats.dtype != torch.int64 or stats.numel() != 2 or stats.device != F.device:
+        raise ValueError(f"mbf_kernels triton: stats must be an int64 tensor of 2 counters "
+                         f"on {F.device}")
+    if not len(params) == len(grads) == len(momenta):
+        raise ValueError("mbf_kernels triton: params, grads and momenta must have the same "
+                         "length")
+    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
+        for name, t in (("params", p), ("grads", g), ("momenta", m)):
+            check_like(f"{name}[{i}]", t, "curvature", F)
+        if g.shape != p.shape or m.shape != p.shape:
+            raise ValueError(f"mbf_kernels triton: grads[{i}] and momenta[{i}] must have "
+                             f"shape {tuple(p.shape)}, got {tuple(g.shape)} and "
+                             f"{tuple(m.shape)}")
+        if not (p.is_contiguous() and m.is_contiguous()):
+            raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated "
+                             "in place and must be contiguous")
+    for name, t, shape in (("tile_damping", tile_damping, (F.shape[0],)),
+                           ("tile_scale", tile_scale, (F.shape[0],)),
+                           ("tile_norms", tile_norms, (F.shape[0], 2, COMPACT_TILE))):
+        if t is not None:
+            check_like(name, t, "curvature", F)
+            if tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"mbf_kernels triton: {name} must be a contiguous tensor "
+                                 f"of shape {shape}, got {tuple(t.shape)}")
+    if mode & StepMode.GRAFT:
+        if tile_norms is None or (tile_scale is None and mode & StepMode.WRITE):
+            raise ValueError("mbf_kernels triton: a grafted step (mode 2) needs tile_norms, "
+                             "and tile_scale to write")
+        if len(second_moments) != len(params):
+            raise ValueError(f"mbf_kernels triton: a grafted step needs one second moment "
+                             f"per params tensor, got {len(second_moments)} for "
+                             f"{len(params)}")
+        for i, (p, v) in enumerate(zip(params, second_moments)):
+            check_like(f"second_moments[{i}]", v, "curvature", F)
+            if v.shape != p.shape or not v.is_contiguous():
+                raise ValueError(f"mbf_kernels triton: second_moments[{i}] must be "
+                                 f"contiguous with shape {tuple(p.shape)}")
+    return d
+
+
+def _segment_tables(F: Tensor, params, grads, momenta, streams, segments, d: int,
+                    graft: bool, momentum_coef: float, beta2: float) -> dict[int, tuple]:
+    """flags -> (table fields, block counts) of the segments with those flags: every stream
+    addressed by its offset from F's first element (layout: SEG_FIELDS above), after the one
+    segment check of :func:`mbf_kernels.layout.check_segments`."""
+    size, base = F.element_size(), F.data_ptr()
+
+    def offset(t: Tensor, elements: int) -> int:
+        q, r = divmod(t.data_ptr() + elements * size - base, size)
+        if r:
+            raise ValueError("mbf_kernels triton: a tensor of the bucket is not aligned to "
+                             "its element size")
+        return q
+
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for main, tail, n, col, width, stride, tile0, flags, step in check_segments(
+            "mbf_kernels triton", segments, [p.numel() for p in params], d, F.shape[0], graft):
+        if n == 0:
+            continue
+        t = tail if tail >= 0 else main
+        c1, s2 = graft_bias_corrections(momentum_coef, beta2, step) if graft else (1.0, 1.0)
+        fields, counts = groups.setdefault(flags, ([], []))
+        fields += [offset(params[main], col), offset(grads[main], col),
+                   offset(momenta[main], col), offset(params[t], 0), offset(grads[t], 0),
+                   offset(momenta[t], 0), n, stride, tile0, int(tail >= 0),
+                   offset(streams[main], col), offset(streams[t], 0), bits(c1), bits(s2)]
+        counts.append(n)
+    return groups
+
+
+class _StepLaunches:
+    """One call of the bucket op, checked and turned into kernel launches: a segment table per
+    distinct set of flags (usually one per step: all units count their steps alike)."""
+
+    def __init__(self, params, grads, momenta, curvature, factor, stats, segments, lr,
+                 momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                 second_moments=(), tile_damping=None, tile_scale=None, tile_norms=None,
+                 beta2=0.999, eps=1e-8, mode=StepMode.WRITE) -> None:
+        F = self.F = curvature
+        self.L, self.stats, self.decoupled = factor, stats, bool(decoupled_weight_decay)
+        mode = self.mode = StepMode(mode)
+        graft = bool(mode & StepMode.GRAFT)
+        self.d = _check_step_tensors(params, grads, momenta, F, factor, stats, second_moments,
+                                     tile_damping, tile_scale, tile_norms, mode)
+        # Kept alive until the launches are queued (the caching allocator orders reuse after
+        # them on the stream).
+        self.grads = grads = [g.contiguous() for g in grads]
+        # Absent per-tile tensors are never read (constexpr flags): F stands in.
+        self.tile_damping = tile_damping
+        self.tiles = tuple(F if t is None else t for t in (tile_damping, tile_scale, tile_norms))
+        groups = _segment_tables(F, params, grads, momenta, second_moments if graft else params,
+                                 segments, self.d, graft, momentum_coef, beta2)
+        floor = damping ** -0.5 if damping > 0 else 1.0
+        hyper = [bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
+                                    lr * weight_decay, floor, beta2, eps)]
+        self.launches = [(flags, TABLES.get(fields + hyper, F.device), counts)
+                         for flags, (fields, counts) in groups.items()]
+
+    def run(self, config: tuple[int, int]) -> None:
+        """Queue the kernels with tiles of config = (BLOCK, num_warps); on a refactor step the
+        refactor kernel (with the refresh) runs first."""
+        block, warps = config
+        meta = dict(D=self.d, BLOCK=block, num_warps=warps, num_stages=1)
+        write, graft = bool(self.mode & StepMode.WRITE), bool(self.mode & StepMode.GRAFT)
+        damping, scale, norms = self.tiles
+        for flags, table, counts in self.launches:
+            grid = (sum(triton.cdiv(n, block) for n in counts),)
+            refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
+            if flags & _REFACTOR:
+                _bucket_refactor_kernel[grid](self.F, self.L, table, self.stats, len(counts),
+                                                damping, UPDATE_CURVATURE=refresh,
+                                                FIRST_CURVATURE=first,
+                                                TILE_DAMPING=self.tile_damping is not None,
+                                                **meta)
+                refresh = first = False
+            if write or graft or refresh:
+                _bucket_step_kernel[grid](self.F, self.L, table, self.stats, len(counts),
+                                            scale, norms, DECOUPLED=self.decoupled,
+                                            UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
+                                            WRITE=write, GRAFT=graft, **meta)
+
+
+@torch.library.custom_op("mbf_kernels::triton_bucket_step_",
+                         mutates_args=("params", "momenta", "curvature", "factor", "stats",
+                                       "second_moments", "tile_norms"))
+def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                    curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
+                    lr: float, momentum_coef: float, beta: float, damping: float,
+                    weight_decay: float, decoupled_weight_decay: bool,
+                    second_moments: list[Tensor], tile_damping: Tensor | None,
+                    tile_scale: Tensor | None, tile_norms: Tensor | None, beta2: float,
+                    eps: float, step_mode: int) -> None:
+    # (not `mode`: torch's dispatch wrappers take an argument of that name)
+    step = _StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
+                         momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                         second_moments, tile_damping, tile_scale, tile_norms, beta2, eps,
+                         step_mode)
+    if step.launches:
+        step.run(_step_config(step.d, curvature.dtype, curvature.device))
+
+
+@_bucket_step_op.register_fake
+def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
+      damping, weight_decay, decoupled_weight_decay, second_moments, tile_damping, tile_scale,
+      tile_norms, beta2, eps, step_mode) -> None:
+    return None
+
+
+def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int], *,
+                     lr: float, momentum_coef: float, beta: float, damping: float,
+                     weight_decay: float, decoupled_weight_decay: bool,
+                     second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
+                     tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
+                     beta2: float = 0.999, eps: float = 1e-8, mode: int = 1) -> None:
+    """The fused step for a bucket of segments (layout: csrc/registration.cpp; arguments:
+    mbf_kernels.reference.mbf_bucket_step_): one launch per distinct set of segment flags, each
+    reading its segments' strided rows (and tails) in place and its own tiles of the bucket's
+    compact state; stats on the state's device."""
+    _bucket_step_op(params, grads, momenta, curvature, factor, stats, segments, lr,
+                    momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                    list(second_moments), tile_damping, tile_scale, tile_norms, beta2, eps,
+                    int(mode))
+
+
+def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,
+              stats: Tensor, *, lr: float, momentum_coef: float, beta: float, damping: float,
+              weight_decay: float, decoupled_weight_decay: bool, update_curvature: bool,
+              first_curvature: bool, refactor: bool) -> None:
+    """The fused step on one contiguous (N, d) bucket; curvature/factor compact."""
+    n, d = vector_rows("param", param)
+    flags = (int(_REFRESH) * update_curvature) | (int(_FIRST) * first_curvature) | (
+        int(_REFACTOR) * refactor)
+    mbf_bucket_step_([param], [grad], [momentum], curvature, factor, stats,
+                     [0, -1, n, 0, d, d, 0, flags, 1], lr=lr, momentum_coef=momentum_coef,
+                     beta=beta, damping=damping, weight_decay=weight_decay,
+                     decoupled_weight_decay=decoupled_weight_decay)
