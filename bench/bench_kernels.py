@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mbf_kernels import compact, dispatch
-from mbf_kernels.benchmark import (OPS, Row, bench_linalg, copy_bandwidth, environment,
+from mbf_kernels.apps.benchmark import (OPS, Row, bench_linalg, copy_bandwidth, environment,
                                    kernel_backends, make_row, timed)
 from mbf_kernels.packed import tril_size
 

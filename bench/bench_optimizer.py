@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 import mbf_kernels as mk
-from mbf_kernels import models
-from mbf_kernels.benchmark import environment
+from mbf_kernels.apps import models
+from mbf_kernels.apps.benchmark import environment
 
 T1, T2 = 10, 100
 NEVER = 10**9

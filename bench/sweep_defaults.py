@@ -5,7 +5,7 @@
 A panel of four tasks of different architectures, losses and data, each through ``mbf train``'s
 training loop (seeded initialisation and data order), two seeds:
 
-  digits_cnn   small CNN with BatchNorm, cross-entropy, scikit-learn's 8x8 digits, wd 0.01
+  digits_cnn   small CNN with BatchNorm, cross-entropy, the shipped 8x8 digits, wd 0.01
   relu_ae      the paper's deep autoencoder recipe (ReLU, sigmoid output, binary CE), digits
   tanh_ae      the same widths with tanh and a Gaussian output (squared error), digits
   shapes_cnn   the small CNN on the generated 32x32 RGB shapes, cross-entropy, wd 0.01
@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbf_kernels import training
-from mbf_kernels.data import load_dataset
+from mbf_kernels.apps import training
+from mbf_kernels.apps.data import load_dataset
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,10 @@ def choose(rows: list[dict]) -> tuple[dict, list[str]]:
     # (T1, T2) are run at the chosen pair only. They trade step cost against quality, so the
     # paper's (10, 100) stays unless another pair is better on every task (then the best such
     # pair by its worst relative loss).
-    freq_score = {f: max(cells[t, lr, damping, *f] / best[t] for t in tasks) for f in FREQS
+    freq_score = {f: max(cells[(t, lr, damping, *f)] / best[t] for t in tasks) for f in FREQS
                   if all((t, lr, damping, *f) in cells for t in tasks)}
     better = [f for f in freq_score if f != FREQS[0] and all(
-        cells[t, lr, damping, *f] < cells[t, lr, damping, *FREQS[0]] for t in tasks)]
+        cells[(t, lr, damping, *f)] < cells[(t, lr, damping, *FREQS[0])] for t in tasks)]
     t1, t2 = min(better, key=freq_score.get) if better else FREQS[0]
     chosen = dict(lr=lr, damping=damping, curvature_update_freq=t1, inverse_update_freq=t2)
 
@@ -151,7 +151,7 @@ def choose(rows: list[dict]) -> tuple[dict, list[str]]:
     lines += ["", f"(T1, T2) at lr {lr:g}, damping {damping:g}, loss per task relative to "
               f"(10, 100) ({', '.join(tasks)}): " + "; ".join(
                   f"({a}, {b}) " + " / ".join(
-                      f"{cells[t, lr, damping, a, b] / cells[t, lr, damping, *FREQS[0]]:.3g}"
+                      f"{cells[t, lr, damping, a, b] / cells[(t, lr, damping, *FREQS[0])]:.3g}"
                       for t in tasks) for (a, b) in freq_score), "",
               f"Chosen: lr = {lr:g}, damping = {damping:g}, T1 = {t1}, T2 = {t2} "
               f"(score {score[lr, damping]:.3g})."]

@@ -12,7 +12,8 @@ import torch
 
 import mbf_kernels as mk
 from mbf_kernels import dispatch
-from mbf_kernels import cli, reference
+from mbf_kernels import reference
+from mbf_kernels.apps import cli
 
 
 def test_backends_report_every_backend_with_a_reason():
@@ -57,7 +58,7 @@ def test_mbf_rejects_bad_sizes(capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "mbf_kernels.cli", "info"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "mbf_kernels.apps.cli", "info"], capture_output=True,
                          text=True, check=True).stdout
     assert "backends" in out
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 import mbf_kernels as mk
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.optim import PAPER, ReferenceMBF
-from mbf_kernels.reference import SEGMENT_FIELDS, StepMode
+from mbf_kernels.layout import StepMode
 from conftest import STEP_TOL, compiled_backends, randn
 
 DEVICE = "cpu"

@@ -7,18 +7,17 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import mbf_kernels as mk
-from mbf_kernels import cli, training
-from mbf_kernels.data import load_cifar, load_dataset, load_svhn
-
-HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
-needs_sklearn = pytest.mark.skipif(not HAS_SKLEARN,
-                                   reason="scikit-learn (the digits data set) is not installed")
+from mbf_kernels.apps import cli, training
+from mbf_kernels.apps.data import load_cifar, load_dataset, load_svhn
 
 
 def _learnable_images(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +118,6 @@ def _read_curves(out):
     return list(csv.DictReader(open(out / "curves.csv")))
 
 
-@needs_sklearn
 def test_train_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "3", "--optimizers", "mbf,sgd,adamw",
@@ -151,7 +149,6 @@ def test_train_digits_end_to_end(tmp_path, capsys):
     assert "digits/small_cnn" in printed and "SGD(momentum)" in printed
 
 
-@needs_sklearn
 def test_train_over_seeds_reports_mean_and_range(tmp_path):
     out = tmp_path / "seeds"
     assert cli.main(["train", "--epochs", "2", "--optimizers", "mbf,adamw", "--models",
@@ -172,7 +169,6 @@ def test_train_over_seeds_reports_mean_and_range(tmp_path):
     assert md.count("| digits/small_cnn") == 2 and "[" in md  # one row per optimizer, ranges
 
 
-@needs_sklearn
 def test_train_same_data_order_and_init_for_every_optimizer():
     """Same seed: identical runs; a different optimizer still starts from the same weights."""
     ds = load_dataset("digits")
@@ -190,7 +186,6 @@ def test_train_same_data_order_and_init_for_every_optimizer():
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-@needs_sklearn
 def test_train_tune_picks_the_best_trial(tmp_path):
     out = tmp_path / "tuned"
     assert cli.main(["train", "--epochs", "1", "--tune", "--tune-epochs", "1",
@@ -208,7 +203,6 @@ def test_train_tune_picks_the_best_trial(tmp_path):
         assert run["lr"] == best["lr"]
 
 
-@needs_sklearn
 def test_train_time_budget_and_step_decay():
     ds = load_dataset("digits")
     task = training.make_task(ds, "small_cnn")
@@ -220,7 +214,6 @@ def test_train_time_budget_and_step_decay():
     assert [p.lr for p in run.points] == pytest.approx([0.01, 0.005, 0.005, 0.0025])
 
 
-@needs_sklearn
 def test_train_bf16_autocast_runs_finite():
     task = training.make_task(load_dataset("digits"), "small_cnn")
     run = training.train_run(task, "mbf", 0.01, training.TrainConfig(epochs=2, amp="bf16"))
@@ -258,7 +251,6 @@ def test_train_reads_each_on_disk_format(tmp_path, dataset, capsys):
         assert losses[-1] < losses[0]
 
 
-@needs_sklearn
 @pytest.mark.skipif(importlib.util.find_spec("pytorch_optimizer") is None,
                     reason="pytorch-optimizer (SOAP, Shampoo) is not installed")
 @pytest.mark.parametrize("optimizer", ["soap", "shampoo"])
@@ -269,7 +261,6 @@ def test_train_soap_and_shampoo_baselines(optimizer):
     assert run.points[-1].train_loss < run.points[0].train_loss
 
 
-@needs_sklearn
 @pytest.mark.parametrize("optimizer", ["mbf", "mbf_true"])
 @pytest.mark.parametrize("model", ["small_cnn", "autoencoder", "tanh_autoencoder"])
 def test_train_mbf_dropin_variants(optimizer, model):
@@ -293,8 +284,6 @@ def test_train_mbf_dropin_variants(optimizer, model):
 def test_train_bad_input_names_the_problem(tmp_path, argv, message):
     write_cifar(tmp_path, 10)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "--dataset" not in argv and not HAS_SKLEARN:
-        pytest.skip("scikit-learn is not installed")
     with pytest.raises(SystemExit, match=message):
         cli.main(["train", "--epochs", "1", "--out", str(tmp_path / "o"), *argv])
 
@@ -382,7 +371,7 @@ def test_bench_and_train_without_matplotlib_write_everything_but_the_plot(tmp_pa
                                                                           monkeypatch):
     """matplotlib is an extra: without it the tables and data files are written, and the
     commands say why there is no plot instead of failing after the work is done."""
-    import mbf_kernels.benchmark as benchmark
+    import mbf_kernels.apps.benchmark as benchmark
     monkeypatch.setattr(benchmark, "can_plot", lambda: False)
     monkeypatch.setattr(training, "can_plot", lambda: False)
     out = tmp_path / "bench"
@@ -395,3 +384,46 @@ def test_bench_and_train_without_matplotlib_write_everything_but_the_plot(tmp_pa
         assert cli.main(["train", "--epochs", "1", "--optimizers", "adamw", "--models",
                          "small_cnn", "--out", str(out)]) == 0
     assert (out / "summary.md").exists() and not (out / "loss.png").exists()
+
+
+#: Runs ``mbf`` as after a plain ``pip install .``: every package that only an extra brings
+#: (and numpy, which torch does not require) is absent to the import system.
+_WITHOUT_EXTRAS = """
+import importlib.machinery, sys
+EXTRAS = {"matplotlib", "scipy", "sklearn", "pytorch_optimizer", "triton", "numpy"}
+class WithoutExtras(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in EXTRAS:
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path = [WithoutExtras if f is importlib.machinery.PathFinder else f
+                 for f in sys.meta_path]
+from mbf_kernels.apps.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv, writes, says", [
+    (["info"], [], ["triton is not installed"]),
+    (["train", "--epochs", "1", "--models", "relu_autoencoder", "--out", "{out}"],
+     ["summary.md", "curves.csv", "results.json"],
+     ["skipping soap: pytorch-optimizer is not installed", "mbf-kernels[bench]"]),
+    (["bench", "--dims", "4", "--sizes", "16", "--dtypes", "float32", "--budget", "0.01",
+      "--out", "{out}"], ["bench.csv", "bench.json"], ["pip install 'mbf-kernels[bench]'"]),
+    (["profile", "--model", "small_cnn", "--steps", "1", "--optimizers", "adamw,mbf[cpu]",
+      "--out", "{out}"], ["profile.md", "profile.json"], []),
+], ids=["info", "train", "bench", "profile"])
+def test_every_subcommand_runs_without_the_extras(tmp_path, argv, writes, says):
+    """Issue 13: the command works from a plain install. A missing optional package costs a line
+    that says how to get it, never the run's results."""
+    argv = [a.replace("{out}", str(tmp_path)) for a in argv]
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *argv], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text
+    for name in writes:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not list(tmp_path.glob("*.png"))
+    for line in says:
+        assert line in text, line

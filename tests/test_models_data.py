@@ -6,16 +6,27 @@ import pytest
 import torch
 
 import mbf_kernels as mk
-from mbf_kernels import data, models
+from mbf_kernels.apps import data, models
 
 
 def test_load_digits_is_real_and_split():
-    pytest.importorskip("sklearn")
     x, y, xt, yt = data.load_digits()
     assert x.shape[1:] == (1, 8, 8) and len(x) + len(xt) == 1797
     assert 0.0 <= float(x.min()) and float(x.max()) == 1.0
     assert set(y.tolist()) == set(range(10)) and len(xt) == 359
     assert torch.equal(data.load_digits()[1], y)  # seeded: same split every time
+
+
+def test_the_shipped_digits_are_scikit_learns():
+    """The package ships the digits file so that nothing extra is needed; where scikit-learn is
+    installed, its copy gives the same images and labels."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x, y, xt, yt = data.load_digits(test_fraction=0.0)
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    assert len(xt) == 0
+    assert torch.equal(x, torch.tensor(digits.images, dtype=torch.float32)[order, None] / 16.0)
+    assert torch.equal(y, torch.tensor(digits.target, dtype=torch.int64)[order])
 
 
 def test_load_shapes_is_seeded_balanced_and_standardised():

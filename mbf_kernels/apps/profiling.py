@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from . import models
 from .benchmark import kernel_backends, sync
-from .optim import MBF, ReferenceMBF
+from ..optim import MBF, ReferenceMBF
 
 __all__ = ["Variant", "ProfileResult", "variants", "profile_step", "PROFILE_MODELS"]
 

@@ -32,10 +32,10 @@ from torch.nn import functional as F
 from . import models
 from .benchmark import NO_PLOT, can_plot, sync
 from .data import Dataset
-from .optim import MBF
-from .optim.fisher import sampled_loss
-from .optim.mbf import DEFAULTS as MBF_DEFAULTS
-from .optim.mbf import PAPER, PAPER_DAMPING, PAPER_LR
+from ..optim import MBF
+from ..optim.fisher import sampled_loss
+from ..optim.mbf import DEFAULTS as MBF_DEFAULTS
+from ..optim.mbf import PAPER, PAPER_DAMPING, PAPER_LR
 
 __all__ = ["TrainConfig", "Task", "RunResult", "OPTIMIZERS", "available_optimizers",
            "make_task", "train_run", "tune_lr", "compare", "write_outputs"]

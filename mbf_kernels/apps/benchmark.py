@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _extension, dispatch, linalg
+from .. import __version__, _extension, dispatch, linalg
 
 __all__ = ["Row", "sync", "timed", "copy_bandwidth", "random_spd", "environment", "make_row",
            "bench_linalg", "OPS"]

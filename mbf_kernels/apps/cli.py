@@ -23,7 +23,7 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn)
 from rich.table import Table
 
-from . import __version__, _extension, backends
+from .. import __version__, _extension, backends
 
 
 def _info(args: argparse.Namespace, console: Console) -> int:
@@ -188,7 +188,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         benchmark.plot_linalg(rows, args.out / "bench.png")
         written.append("bench.png")
     elif rows:
-        console.print(benchmark.NO_PLOT)
+        console.print(escape(benchmark.NO_PLOT))
     console.print(f"wrote {args.out}/" + ", ".join(written))
     return 0
 
@@ -254,7 +254,7 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _add_mbf_schedule(p: argparse.ArgumentParser) -> None:
-    from .optim.mbf import DEFAULTS
+    from ..optim.mbf import DEFAULTS
 
     p.add_argument("--curvature-update-freq", type=_positive_int,
                    default=DEFAULTS["curvature_update_freq"], help="MBF's T1")
@@ -264,7 +264,7 @@ def _add_mbf_schedule(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .optim.mbf import DEFAULTS, PAPER_DAMPING
+    from ..optim.mbf import DEFAULTS, PAPER_DAMPING
     from .training import DEFAULT_LR, MODEL_CHOICES, OPTIMIZERS, TUNE_FACTORS
 
     parser = argparse.ArgumentParser(prog="mbf", description=__doc__,
@@ -275,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train with MBF and baselines; table, curves, plot",
                            description="Train one model with MBF and with baseline optimizers "
-                           "on the same data, seed and budget (see mbf_kernels/training.py).")
+                           "on the same data, seed and budget (see mbf_kernels/apps/training.py).")
     train.add_argument("--dataset", choices=tuple(DATASETS), default="digits",
-                       help="digits ships with scikit-learn; the others are read from --data-dir")
+                       help="digits ships with the package and shapes is generated; the others are read from --data-dir")
     train.add_argument("--data-dir", type=Path, help="folder with the CIFAR/SVHN files "
                        "(cifar-10-batches-py/, cifar-100-python/, or svhn/*_32x32.mat)")
     train.add_argument("--models", help=f"comma-separated, from {', '.join(MODEL_CHOICES)} "
