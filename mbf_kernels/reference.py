@@ -126,6 +126,17 @@ def diagonal_fallback(F: Tensor, damping: float | Tensor) -> Tensor:
                        torch.as_tensor(floor, dtype=s.dtype, device=s.device).expand_as(s))
 
 
+#: Added to a relative damping so that a unit whose gradients are all zero still factors.
+RELATIVE_DAMPING_FLOOR = 1e-12
+
+
+def relative_damping(damping: float, diagonal_sum, count):
+    """damping_mode="relative" (docs/options.md): ``damping`` times the mean diagonal entry of a
+    unit's curvature blocks (the mean eigenvalue of its block-diagonal Fisher), from their
+    diagonal's sum and entry count, plus :data:`RELATIVE_DAMPING_FLOOR`."""
+    return damping * diagonal_sum / count + RELATIVE_DAMPING_FLOOR
+
+
 def graft_bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
     """(c1, s2) of Adam's bias correction at ``step`` (>= 1), as the kernels use them: Adam's
     direction is ``a = c1 m / (s2 sqrt(v) + eps)`` with MBF's heavy-ball momentum ``m``

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mbf_kernels as mk
-from mbf_kernels.apps import cli, training
+from mbf_kernels.apps import cli, report, training
 from mbf_kernels.apps.data import load_cifar, load_dataset, load_svhn
 
 
@@ -373,7 +373,7 @@ def test_bench_and_train_without_matplotlib_write_everything_but_the_plot(tmp_pa
     commands say why there is no plot instead of failing after the work is done."""
     import mbf_kernels.apps.benchmark as benchmark
     monkeypatch.setattr(benchmark, "can_plot", lambda: False)
-    monkeypatch.setattr(training, "can_plot", lambda: False)
+    monkeypatch.setattr(report, "can_plot", lambda: False)
     out = tmp_path / "bench"
     assert cli.main(["bench", "--device", "cpu", "--dims", "4", "--sizes", "16", "--dtypes",
                      "float32", "--budget", "0.01", "--out", str(out)]) == 0

@@ -77,3 +77,28 @@ def test_layout_and_limits_are_leaves():
     graph = import_graph()
     assert graph["mbf_kernels.layout"] <= {"mbf_kernels.packed"}
     assert graph["mbf_kernels.limits"] == set()
+
+
+def test_the_library_never_imports_the_apps():
+    """mbf_kernels.apps (the command line, training, benchmark, profiling, data, models) sits
+    above the library: nothing outside it imports it, so the ops and the optimizer load alone."""
+    graph = import_graph()
+    apps = {m for m in graph if m == "mbf_kernels.apps" or m.startswith("mbf_kernels.apps.")}
+    assert "mbf_kernels.apps.cli" in apps
+    offenders = {m: graph[m] & apps for m in graph if m not in apps and graph[m] & apps}
+    assert not offenders, offenders
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    """Issue 13's bar: every file of the package can be read whole, every function at once."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > 500:
+            too_long.append(f"{path.relative_to(PACKAGE)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    too_long.append(f"{path.relative_to(PACKAGE)}: {node.name}() {length} lines")
+    assert not too_long, too_long

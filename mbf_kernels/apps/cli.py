@@ -24,6 +24,11 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
 from rich.table import Table
 
 from .. import __version__, _extension, backends
+from ..optim.options import DEFAULTS, PAPER_DAMPING
+from . import benchmark, profiling, report, training
+from .benchmark import environment
+from .data import DATASETS, load_dataset
+from .training import DEFAULT_LR, MODEL_CHOICES, OPTIMIZERS, TUNE_FACTORS
 
 
 def _info(args: argparse.Namespace, console: Console) -> int:
@@ -68,10 +73,6 @@ def _csv_list(text: str) -> list[str]:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from . import training
-    from .benchmark import environment
-    from .data import load_dataset
-
     usable = training.available_optimizers()
     if args.optimizers is None:
         optimizers = [o for o, why in usable.items() if not why]
@@ -116,22 +117,20 @@ def _train(args: argparse.Namespace, console: Console) -> int:
                      f"{len(training.TUNE_FACTORS)} x {cfg.tune_epochs} epochs each" if cfg.tune else ""))
     with _progress(console) as progress:
         results, trials = training.compare(tasks, optimizers, cfg, progress)
-    paths = training.write_outputs(args.out, results, trials, cfg, environment(device))
-    rows = training.summary_rows(results)
+    paths = report.write_outputs(args.out, results, trials, cfg, environment(device))
+    rows = report.summary_rows(results)
     table = Table(title="mbf train: final epoch of each run (same data order, seed, budget)")
     for col in ("task", "optimizer", "lr", "epochs", "train s", "train loss", "s to common loss",
                 "test loss", "test acc"):
         table.add_column(col, justify="left" if col in ("task", "optimizer") else "right")
     for r in rows:
-        table.add_row(*training.format_row(r))
+        table.add_row(*report.format_row(r))
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
-    from . import benchmark
-
     device = _device(args.device)
     ops = _csv_list(args.ops)
     for op in ops:
@@ -194,9 +193,6 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
 
 def _profile(args: argparse.Namespace, console: Console) -> int:
-    from . import profiling
-    from .benchmark import environment
-
     device = _device(args.device)
     options = dict(curvature_update_freq=args.curvature_update_freq,
                    inverse_update_freq=args.inverse_update_freq, large_linear=args.large_linear)
@@ -254,8 +250,6 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _add_mbf_schedule(p: argparse.ArgumentParser) -> None:
-    from ..optim.mbf import DEFAULTS
-
     p.add_argument("--curvature-update-freq", type=_positive_int,
                    default=DEFAULTS["curvature_update_freq"], help="MBF's T1")
     p.add_argument("--inverse-update-freq", type=_positive_int,
@@ -263,21 +257,25 @@ def _add_mbf_schedule(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from ..optim.mbf import DEFAULTS, PAPER_DAMPING
-    from .training import DEFAULT_LR, MODEL_CHOICES, OPTIMIZERS, TUNE_FACTORS
-
     parser = argparse.ArgumentParser(prog="mbf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mbf-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="report the backends available here and why any is not")
 
+    _add_train(sub)
+    _add_bench(sub)
+    _add_profile(sub)
+    return parser
+
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train with MBF and baselines; table, curves, plot",
                            description="Train one model with MBF and with baseline optimizers "
                            "on the same data, seed and budget (see mbf_kernels/apps/training.py).")
     train.add_argument("--dataset", choices=tuple(DATASETS), default="digits",
-                       help="digits ships with the package and shapes is generated; the others are read from --data-dir")
+                       help="digits ships with the package and shapes is generated; the "
+                       "others are read from --data-dir")
     train.add_argument("--data-dir", type=Path, help="folder with the CIFAR/SVHN files "
                        "(cifar-10-batches-py/, cifar-100-python/, or svhn/*_32x32.mat)")
     train.add_argument("--models", help=f"comma-separated, from {', '.join(MODEL_CHOICES)} "
@@ -320,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="epochs per tuning trial")
     train.add_argument("--out", type=Path, default=Path("out/train"), help="output folder")
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="block-solve throughput of every backend vs torch.linalg")
     bench.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto")
     bench.add_argument("--ops", default="solve_spd,cholesky_ex,inv_spd",
@@ -334,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a small grid, under a minute")
     bench.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
 
+
+def _add_profile(sub) -> None:
     prof = sub.add_parser("profile", help="one optimizer step under torch.profiler")
     prof.add_argument("--model", default="resnet32", help="resnet32, vgg11, vgg16 or small_cnn")
     prof.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto")
@@ -346,7 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--large-linear", choices=("shared", "chunk", "diagonal"), default="shared")
     _add_mbf_schedule(prof)
     prof.add_argument("--out", type=Path, default=Path("out/profile"), help="output folder")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
-"""The MBF optimizer (:class:`MBF`), its parameter-to-block rules and a dense reference."""
+"""The MBF optimizer (:class:`MBF`), its options, its parameter-to-block rules and a dense
+reference."""
 
 from __future__ import annotations
 
 from .fisher import sampled_loss, sampled_targets
-from .mbf import DEFAULTS, MBF, PAPER, PAPER_DAMPING, PAPER_LR
+from .mbf import MBF
+from .options import DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, MBFOptions
 from .reference import ReferenceMBF
 
-__all__ = ["DEFAULTS", "MBF", "PAPER", "PAPER_DAMPING", "PAPER_LR", "ReferenceMBF", "sampled_loss", "sampled_targets"]
+__all__ = ["DEFAULTS", "MBF", "MBFOptions", "PAPER", "PAPER_DAMPING", "PAPER_LR", "ReferenceMBF",
+           "sampled_loss", "sampled_targets"]

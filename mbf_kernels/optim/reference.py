@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
-from .mbf import (DEFAULTS, RELATIVE_DAMPING_FLOOR, _momentum_coef, _prepare_group, _state_dtype,
-                  _validate_group)
+from ..reference import relative_damping
+from .options import DEFAULTS, momentum_coef, prepare_group, state_dtype, validate_group
 
 
 class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
@@ -29,7 +29,7 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
         self.stats = {"skipped_curvature": 0, "failed_factor": 0}
         self._fisher_grads: dict[Tensor, Tensor] = {}
         defaults = dict(DEFAULTS, lr=lr, **options)
-        _validate_group(defaults)
+        validate_group(defaults)
         super().__init__(params, defaults)
 
     @classmethod
@@ -43,13 +43,13 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _prepare_group(group)
+        prepare_group(group)
         units = plan_group(group["params"], group, self._roles, self._n_params)
         self._units.append(units)
         self._n_params += len(group["params"])
         for unit in units:
             p0 = unit.params[0]
-            dt = _state_dtype(p0)
+            dt = state_dtype(p0)
             st = self.state[p0]
             st["step"] = 0
             st["F"] = [None] * len(unit.segments)  # dense (n, d, d) per segment, or (d, d)
@@ -92,14 +92,14 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
                    for u in units)
 
     def _step_unit(self, group: dict, unit, fisher: dict) -> None:
-        lr, rho, beta = group["lr"], _momentum_coef(group), group["beta"]
+        lr, rho, beta = group["lr"], momentum_coef(group), group["beta"]
         wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
         graft = group["graft"] == "adam"
         st = self.state[unit.params[0]]
         st["step"] += 1
         k = st["step"]
-        dt = _state_dtype(unit.params[0])
+        dt = state_dtype(unit.params[0])
         ps = [p.detach().to(dt, copy=True) for p in unit.params]  # pre-step values
         gs = [(p.grad if p.grad is not None else torch.zeros_like(p)).to(dt)
               for p in unit.params]
@@ -138,7 +138,7 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
                 Fs = [F if F.ndim == 3 else F[None] for F in st["F"]]
                 diag = sum(F.diagonal(dim1=-2, dim2=-1).sum() for F in Fs)
                 count = sum(F.shape[0] * F.shape[-1] for F in Fs)
-                damping = group["damping"] * diag / count + RELATIVE_DAMPING_FLOOR
+                damping = relative_damping(group["damping"], diag, count)
             for s in range(len(unit.segments)):
                 st["L"][s] = self._factor(st["F"][s], damping)
         # Step 5: u = (F + lambda I)^{-1} m per block (shared: every row).

@@ -25,9 +25,6 @@ from ..layout import SegmentFlags
 from ..reference import graft_bias_corrections
 from .blocks import Unit
 
-#: Added to a relative damping so that a unit whose gradients are all zero still factors.
-RELATIVE_DAMPING_FLOOR = 1e-12
-
 # The quantities with a row buffer: gradient (then the step's direction), parameter, momentum,
 # update direction u, Adam's v and Adam's direction a (these two with graft="adam" only).
 _ROWS = ("grad", "param", "momentum", "update")
@@ -203,7 +200,7 @@ class SharedSet:
         F = b.curvature
         damping = group["damping"]
         if group["damping_mode"] == "relative":  # as the bucket op's: the mean eigenvalue
-            damping = damping * F.diagonal().mean() + RELATIVE_DAMPING_FLOOR
+            damping = reference.relative_damping(damping, F.diagonal().sum(), F.shape[0])
         L, info = torch.linalg.cholesky_ex(
             F + damping * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
         failed = info != 0

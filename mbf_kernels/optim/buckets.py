@@ -1,0 +1,262 @@
+"""A param group's plan (buckets of blocks of one size, and shared blocks) and the step of its
+buckets through the fused op ``mbf_bucket_step_``: one kernel call per bucket and pass, which
+reads every parameter, gradient and momentum in place, whatever layer it belongs to.
+
+Grafting and relative damping reduce per-block values to units on the device with index
+tensors built once (:func:`plan_unit_reductions`): no Python loop over layers, no host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..dispatch import select
+from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles
+from ..reference import relative_damping
+from .blocks import Unit
+from .options import momentum_coef
+from .shared import SharedBlock, SharedSet
+
+# State keys (per parameter in ``optimizer.state``; the block state is added by state_dict()).
+STEP = "step"  # int: step() calls that saw a gradient for this unit (kept on its first param)
+MOMENTUM = "momentum_buffer"
+SECOND_MOMENT = "exp_avg_sq"  # graft="adam": Adam's v of the step's direction, as AdamW names it
+
+# Plain ints: IntFlag's operators run in Python, thousands of times a step on a small model.
+REFRESH, FIRST, REFACTOR = (int(SegmentFlags.REFRESH), int(SegmentFlags.FIRST),
+                            int(SegmentFlags.REFACTOR))
+_FLAGS_FIELD = 7  # index of the flags in a segment's SEGMENT_FIELDS ints
+
+
+@dataclass
+class Bucket:
+    """The blocks of one size in one param group: segments and their compact state."""
+
+    d: int
+    dtype: torch.dtype
+    device: torch.device
+    entries: list[tuple[Unit, object, int]] = field(default_factory=list)  # (unit, seg, tile0)
+    tiles: int = 0
+    curvature: Tensor | None = None
+    factor: Tensor | None = None
+    stats: Tensor | None = None
+    step_fn: Callable | None = None  # the mbf_bucket_step_ serving it (at first step)
+    # Per compact tile / block, for grafting and relative damping (index into the group's units;
+    # padding blocks map to one slot past the last unit).
+    tile_unit: Tensor | None = None  # (tiles,) int64
+    block_unit: Tensor | None = None  # (tiles * 16,) int64
+    tile_norms: Tensor | None = None  # (tiles, 2, 16): [|u_b|^2, |a_b|^2] of each block
+    tile_scale: Tensor | None = None  # (tiles,): the graft's lr multiplier of each tile's unit
+    tile_damping: Tensor | None = None  # (tiles,): the relative damping of each tile's unit
+
+    def step_function(self, backend: str) -> Callable:
+        """The ``mbf_bucket_step_`` serving this bucket, chosen once for its device and block
+        size (a plain function, which deep-copies with the optimizer where a module would
+        not). The counters live on the bucket's device: adding to them never syncs."""
+        if self.step_fn is None:
+            module = select(backend, self.device, differentiable=False, fn="MBF", d=self.d,
+                            step=True)
+            self.stats = torch.zeros(2, dtype=torch.int64, device=self.device)
+            self.step_fn = module.mbf_bucket_step_
+        return self.step_fn
+
+
+@dataclass
+class GroupPlan:
+    units: list[Unit]
+    buckets: list[Bucket]
+    shared: list[SharedSet]  # one per state dtype and device
+    diagonal_count: Tensor | None = None  # (units + 1,): diagonal entries of each unit's blocks
+
+    @property
+    def shared_blocks(self) -> list[SharedBlock]:
+        return [b for s in self.shared for b in s.blocks]
+
+
+def plan_unit_reductions(plan: GroupPlan) -> None:
+    """Index tensors that reduce per-block values to the units of a group (and spread unit
+    values back to tiles) on the device."""
+    index = {id(u): i for i, u in enumerate(plan.units)}
+    dummy = len(plan.units)
+    count = [0] * (dummy + 1)
+    for b in plan.buckets:
+        tile_unit = [dummy] * b.tiles
+        block_unit = [dummy] * (b.tiles * COMPACT_TILE)
+        for unit, seg, tile0 in b.entries:
+            u, tiles = index[id(unit)], n_tiles(seg.n_blocks)
+            tile_unit[tile0:tile0 + tiles] = [u] * tiles
+            first = tile0 * COMPACT_TILE
+            block_unit[first:first + seg.n_blocks] = [u] * seg.n_blocks
+            count[u] += seg.n_blocks * seg.d
+        b.tile_unit = torch.tensor(tile_unit, dtype=torch.int64, device=b.device)
+        b.block_unit = torch.tensor(block_unit, dtype=torch.int64, device=b.device)
+        b.tile_norms = torch.zeros(b.tiles, 2, COMPACT_TILE, dtype=b.dtype, device=b.device)
+        b.tile_scale = torch.ones(b.tiles, dtype=b.dtype, device=b.device)
+        b.tile_damping = torch.zeros(b.tiles, dtype=b.dtype, device=b.device)
+    if plan.buckets:
+        b = plan.buckets[0]
+        plan.diagonal_count = torch.tensor(count, dtype=b.dtype, device=b.device).clamp_min(1)
+
+
+@dataclass
+class BucketCall:
+    """The arguments of one step's bucket-op call(s): every pass of a step reads the same
+    tensors, with the segments' flags masked per pass."""
+
+    bucket: Bucket
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    momenta: list[Tensor] = field(default_factory=list)
+    second_moments: list[Tensor] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (param, working copy)
+    # fisher="true" on a refresh step: the curvature's gradients, aligned with grads
+    fisher_grads: list[Tensor] = field(default_factory=list)
+
+    def masked(self, keep: int) -> list[int]:
+        """The segments with their flags reduced to the bits in ``keep``."""
+        out = list(self.segments)
+        out[_FLAGS_FIELD::SEGMENT_FIELDS] = [f & keep for f in out[_FLAGS_FIELD::SEGMENT_FIELDS]]
+        return out
+
+    def add(self, p: Tensor, state: dict, graft: bool, fisher: dict | None) -> None:
+        """Append parameter ``p``'s tensors (a float32 or contiguous working copy where the
+        kernels need one) to the call's lists."""
+        b = self.bucket
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        work = p
+        if p.dtype != b.dtype or not p.is_contiguous():
+            # bf16/fp16 (or channels_last) parameters: updated in a float32 (or contiguous)
+            # copy, written back rounded to the parameter's dtype.
+            work = p.to(dtype=b.dtype, memory_format=torch.contiguous_format, copy=True)
+            self.staged.append((p, work))
+        self.params.append(work)
+        self.grads.append(g.to(b.dtype))
+        self.momenta.append(state[MOMENTUM])
+        if fisher is not None:
+            fg = fisher[p] if p in fisher else torch.zeros_like(p)
+            self.fisher_grads.append(fg.to(b.dtype))
+        if graft:
+            self.second_moments.append(state[SECOND_MOMENT])
+
+
+def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], state: dict,
+                fisher: dict[Tensor, Tensor]) -> BucketCall | None:
+    """This step's arguments of the bucket op, or None when no unit of it has a gradient."""
+    index: dict[int, int] = {}
+    call = BucketCall(bucket)
+    graft = group["graft"] == "adam"
+    # Sampled gradients exist only on refresh steps (fisher_pass()); none are built otherwise.
+    true_fisher = fisher if group["fisher"] == "true" and fisher else None
+
+    def tensor_index(p: Tensor) -> int:
+        i = index.get(id(p))
+        if i is None:
+            i = index[id(p)] = len(call.params)
+            call.add(p, state[p], graft, true_fisher)
+        return i
+
+    for unit, seg, tile0 in bucket.entries:
+        f = flags.get(id(unit))
+        if f is None:
+            continue
+        main = tensor_index(unit.params[seg.main])
+        tail = -1 if seg.tail is None else tensor_index(unit.params[seg.tail])
+        step = state[unit.params[0]][STEP] + 1
+        call.segments += [main, tail, seg.n_blocks, seg.offset, seg.width, seg.row_stride,
+                          tile0, f, step]
+    return call if call.segments else None
+
+
+def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
+             grads: list[Tensor] | None = None) -> None:
+    """One pass of the bucket op over ``call``, the segments' flags reduced to ``keep`` (a pass
+    that would neither write nor refresh nor refactor is skipped); ``grads`` replaces the call's
+    gradients (MBF-True's refresh)."""
+    b = call.bucket
+    segments = call.masked(keep)
+    if mode == StepMode.NONE and not any(f & (REFRESH | REFACTOR) for f in
+                                         segments[_FLAGS_FIELD::SEGMENT_FIELDS]):
+        return
+    b.step_function(group["backend"])(
+        call.params, call.grads if grads is None else grads, call.momenta, b.curvature,
+        b.factor, b.stats, segments, lr=group["lr"], momentum_coef=momentum_coef(group),
+        beta=group["beta"], damping=group["damping"], weight_decay=group["weight_decay"],
+        decoupled_weight_decay=group["decoupled_weight_decay"],
+        second_moments=call.second_moments,
+        tile_damping=b.tile_damping if group["damping_mode"] == "relative" else None,
+        tile_scale=b.tile_scale if mode & StepMode.GRAFT else None,
+        tile_norms=b.tile_norms if mode & StepMode.GRAFT else None,
+        beta2=group["betas"][1], eps=group["eps"], mode=mode)
+
+
+def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], state: dict,
+                 fisher: dict[Tensor, Tensor]) -> None:
+    """The step of every bucket of a group: one pass of the fused op per bucket (the paper's
+    update); with MBF-True, a refresh-only pass first on refresh steps, from the sampled
+    gradients; with relative damping, a refresh-only pass before the refactor (the damping is a
+    fraction of the refreshed curvature); with grafting, a measuring pass (the norms of MBF's
+    and Adam's directions per block, reduced to units on the device) before the pass that
+    writes. Passes after the first refresh no longer refresh, nor after the refactor
+    refactor."""
+    calls = [c for c in (bucket_call(group, b, flags, state, fisher) for b in plan.buckets) if c]
+    if not calls:
+        return
+    everything = REFRESH | FIRST | REFACTOR
+    if group["fisher"] == "true" and fisher:
+        for call in calls:
+            run_pass(group, call, StepMode.NONE, REFRESH | FIRST, call.fisher_grads)
+        everything = REFACTOR
+    if group["damping_mode"] == "relative" and any(f & REFACTOR for f in flags.values()):
+        for call in calls:
+            run_pass(group, call, StepMode.NONE, everything & ~REFACTOR)
+        _relative_damping(group, plan, calls)
+        everything = REFACTOR
+    mode = StepMode.WRITE
+    if group["graft"] == "adam":
+        for call in calls:
+            run_pass(group, call, StepMode.GRAFT, everything)
+        _graft_scales(plan, calls)
+        everything = 0
+        mode = StepMode.WRITE | StepMode.GRAFT
+    for call in calls:
+        run_pass(group, call, mode, everything)
+        for p, work in call.staged:
+            p.copy_(work)
+
+
+def _unit_sums(plan: GroupPlan, calls: list[BucketCall], values) -> Tensor:
+    """Sum per unit (plus a padding slot) of ``values(bucket)``, (tiles * 16, k) per block, over
+    the buckets of ``calls`` (not empty): (units + 1, k)."""
+    per_bucket = [values(call.bucket) for call in calls]
+    out = per_bucket[0].new_zeros(len(plan.units) + 1, per_bucket[0].shape[1])
+    for call, v in zip(calls, per_bucket):
+        out.index_add_(0, call.bucket.block_unit, v)
+    return out
+
+
+def _relative_damping(group: dict, plan: GroupPlan, calls: list[BucketCall]) -> None:
+    """tile_damping = the relative damping of each tile's unit, from the refreshed curvature
+    of all its blocks (:func:`mbf_kernels.reference.relative_damping`)."""
+    def diagonals(b: Bucket) -> Tensor:
+        rows = [i * (i + 1) // 2 + i for i in range(b.d)]
+        return b.curvature[:, rows, :].sum(1).reshape(-1, 1)
+
+    sums = _unit_sums(plan, calls, diagonals)[:, 0]
+    damping = relative_damping(group["damping"], sums, plan.diagonal_count)
+    for call in calls:
+        call.bucket.tile_damping.copy_(damping[call.bucket.tile_unit])
+
+
+def _graft_scales(plan: GroupPlan, calls: list[BucketCall]) -> None:
+    """tile_scale = |a_unit| / |u_unit| from the measuring pass's per-block norms."""
+    sums = _unit_sums(plan, calls, lambda b: b.tile_norms.transpose(1, 2).reshape(-1, 2))
+    su, sa = sums[:, 0], sums[:, 1]
+    scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(),
+                        torch.zeros_like(su))
+    for call in calls:
+        call.bucket.tile_scale.copy_(scale[call.bucket.tile_unit])

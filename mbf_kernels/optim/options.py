@@ -1,0 +1,143 @@
+"""MBF's per-group options: one validated dataclass (Distributed Shampoo's pattern), the
+defaults derived from it, and the helpers that read a param group.
+
+torch's ``Optimizer`` keeps each param group as a dict (LR schedulers write ``group["lr"]``), so
+the optimizer stores dicts; :func:`validate_group` checks one by building :class:`MBFOptions`
+from it, whose ``__post_init__`` names the first bad option.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from ..dispatch import CHOICES
+from .blocks import CONV1X1, LARGE_LINEAR
+
+__all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
+           "DAMPING_MODE", "FISHER", "RUN_OPTIONS", "validate_group", "prepare_group",
+           "momentum_coef", "state_dtype"]
+
+#: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
+GRAFT = ("none", "adam")
+DAMPING_MODE = ("absolute", "relative")
+FISHER = ("empirical", "true")
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"MBF: {name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"MBF: {name} must be finite, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class MBFOptions:
+    """Every per-group option and its default: MBF as an AdamW drop-in (MBF_SPEC section 3b),
+    MBF's direction with Adam's step length per unit, AdamW's betas and eps, damping relative to
+    the curvature. lr, damping, T1 and T2 come from the four-task sweep in bench/RESULTS.md
+    ("Shipped defaults"), whose rule asks that the lr survive being 9x too large or too small:
+    lr is AdamW's own default. :data:`PAPER` selects the paper's exact update (section 3)."""
+
+    lr: float = 1e-3
+    momentum: float = 0.9  # heavy ball without grafting; with graft="adam" it is betas[0]
+    beta: float = 0.9  # curvature EMA
+    damping: float = 0.3  # relative: a fraction of the mean eigenvalue; absolute: added to F
+    weight_decay: float = 0.0
+    # None: AdamW's decoupled decay with graft="adam", the paper's L2 (coupled) without.
+    decoupled_weight_decay: bool | None = None
+    curvature_update_freq: int = 10  # T1
+    inverse_update_freq: int = 100  # T2
+    max_block_size: int = 64
+    large_linear: str = "shared"  # "shared" | "chunk" | "diagonal"
+    conv1x1: str = "conv"  # "conv" | "row"
+    backend: str = "auto"  # "auto" | "cpu" | "cuda" | "triton" | "torch"
+    graft: str = "adam"  # "adam" | "none"
+    damping_mode: str = "relative"  # "relative" | "absolute"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    fisher: str = "empirical"  # "empirical" | "true" (MBF-True: sampled labels)
+
+    def __post_init__(self) -> None:
+        """ValueError naming the first bad option (MBF_SPEC section 4)."""
+        for name in ("lr", "damping", "weight_decay", "eps"):
+            if _real(name, getattr(self, name)) < 0:
+                raise ValueError(f"MBF: {name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("momentum", "beta"):
+            if not 0.0 <= _real(name, getattr(self, name)) < 1.0:
+                raise ValueError(f"MBF: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("curvature_update_freq", "inverse_update_freq", "max_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"MBF: {name} must be an integer >= 1, got {value!r}")
+        if self.decoupled_weight_decay is not None and not isinstance(
+                self.decoupled_weight_decay, bool):
+            raise ValueError("MBF: decoupled_weight_decay must be True, False or None, got "
+                             f"{self.decoupled_weight_decay!r}")
+        for name, choices in (("large_linear", LARGE_LINEAR), ("conv1x1", CONV1X1),
+                              ("backend", CHOICES), ("graft", GRAFT),
+                              ("damping_mode", DAMPING_MODE), ("fisher", FISHER)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"MBF: {name} must be one of {choices}, got "
+                                 f"{getattr(self, name)!r}")
+        self._check_betas()
+
+    def _check_betas(self) -> None:
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"MBF: betas must be a pair (beta1, beta2), got {betas!r}")
+        for name, value in zip(("betas[0]", "betas[1]"), betas):
+            if not 0.0 <= _real(name, value) < 1.0:
+                raise ValueError(f"MBF: {name} must be in [0, 1), got {value!r}")
+        if (self.graft == "adam" and self.momentum != MBFOptions.momentum
+                and self.momentum != betas[0]):
+            raise ValueError(f"MBF: with graft='adam' the momentum coefficient is betas[0] "
+                             f"({betas[0]!r}, as in AdamW); momentum={self.momentum!r} would "
+                             "have no effect: pass betas=(momentum, beta2) instead")
+
+
+#: The defaults of every per-group option, as the dict torch's Optimizer takes.
+DEFAULTS: dict = asdict(MBFOptions())
+
+#: The paper's update exactly (MBF_SPEC section 3): ``MBF(params, lr=..., damping=..., **PAPER)``
+#: (decoupled_weight_decay then defaults to False, the paper's L2). Its lr and (absolute) damping
+#: live in other units than the defaults'; PAPER_LR and PAPER_DAMPING are the earlier sweep's
+#: choice on digits (bench/RESULTS.md, "Optimizer defaults (lr, damping)").
+PAPER: dict = dict(graft="none", damping_mode="absolute", fisher="empirical")
+PAPER_LR, PAPER_DAMPING = 0.01, 0.3
+
+#: Options that shape the optimizer's buffers or describe this run (fixed at construction):
+#: kept from the loading optimizer on load_state_dict.
+RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1", "graft", "damping_mode",
+               "fisher")
+
+
+def validate_group(group: dict) -> None:
+    """ValueError naming the first unknown or bad option of a param group."""
+    unknown = sorted(set(group) - set(DEFAULTS) - {"params", "name"})
+    if unknown:
+        raise ValueError(f"MBF: unknown option(s) {unknown}; known options: {sorted(DEFAULTS)}")
+    MBFOptions(**{k: group[k] for k in DEFAULTS})
+
+
+def prepare_group(group: dict) -> None:
+    """Validate a param group, then resolve its "auto" options in place (decoupled decay)."""
+    validate_group(group)
+    if group["decoupled_weight_decay"] is None:
+        group["decoupled_weight_decay"] = group["graft"] != "none"
+
+
+def momentum_coef(group: dict) -> float:
+    """The heavy-ball coefficient: AdamW's beta1 when grafting from Adam."""
+    return group["betas"][0] if group["graft"] == "adam" else group["momentum"]
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    # MBF_SPEC section 3: curvature in float32, or float64 for float64 parameters.
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
