@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from .layout import check_bucket_step_fake
+
 #: Set MBF_KERNELS_QUIET=1 to silence the warning when the extension is missing on purpose.
 _QUIET_ENV = "MBF_KERNELS_QUIET"
 
@@ -107,50 +109,83 @@ def compact_solve(factor: Tensor, B: Tensor) -> Tensor:
 
 
 if AVAILABLE:
+    # The fake kernels check what the C++ ops check (csrc/ops_common.h) with torch._check, so
+    # that torch.compile rejects a bad call while tracing, not at run time.
+
+    def _square_batch(name: str, A: Tensor) -> None:
+        torch._check(A.dim() == 3 and A.shape[1] == A.shape[2],
+                     lambda: f"{name} must have shape (N, d, d), got {tuple(A.shape)}")
+
+    def _rhs_of(B: Tensor, A: Tensor) -> None:
+        torch._check(B.dim() == 3 and B.shape[:2] == A.shape[:2],
+                     lambda: f"B must have shape ({A.shape[0]}, {A.shape[1]}, k), got "
+                     f"{tuple(B.shape)}")
+
+    def _compact_rows(F: Tensor, G: Tensor, name: str) -> None:
+        torch._check(F.dim() == 3 and F.shape[2] == 16,
+                     lambda: f"the compact state must have shape (tiles, T, 16), got "
+                     f"{tuple(F.shape)}")
+        torch._check(G.dim() == 2 and G.shape[0] <= F.shape[0] * 16,
+                     lambda: f"{name} must have shape (N, d) with N <= 16 tiles, got "
+                     f"{tuple(G.shape)}")
 
     def _info_like(A: Tensor) -> Tensor:
         return A.new_empty(A.shape[:1], dtype=torch.int32)
 
     @torch.library.register_fake("mbf_kernels::cholesky_ex")
     def _(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        _square_batch("A", A)
         return torch.empty_like(A), _info_like(A)
 
     @torch.library.register_fake("mbf_kernels::cholesky_solve")
     def _(B: Tensor, L: Tensor) -> Tensor:
+        _square_batch("L", L)
+        _rhs_of(B, L)
         return torch.empty_like(B)
 
     @torch.library.register_fake("mbf_kernels::solve_spd_ex")
     def _(A: Tensor, B: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        _square_batch("A", A)
+        _rhs_of(B, A)
         return torch.empty_like(B), _info_like(A)
 
     @torch.library.register_fake("mbf_kernels::inv_spd_ex")
     def _(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+        _square_batch("A", A)
         return torch.empty_like(A), _info_like(A)
 
     @torch.library.register_fake("mbf_kernels::outer_ema_")
     def _(F: Tensor, G: Tensor, beta: float) -> None:
-        return None
+        _square_batch("F", F)
+        torch._check(G.dim() == 3 and G.shape[0] == F.shape[0] and G.shape[2] == F.shape[1],
+                     lambda: f"G must have shape ({F.shape[0]}, S, {F.shape[1]}), got "
+                     f"{tuple(G.shape)}")
 
     @torch.library.register_fake("mbf_kernels::compact_outer_ema_")
     def _(F: Tensor, G: Tensor, beta: float) -> None:
-        return None
+        _compact_rows(F, G, "G")
 
     @torch.library.register_fake("mbf_kernels::compact_cholesky_ex")
     def _(F: Tensor, n_blocks: int, damping: float) -> tuple[Tensor, Tensor]:
+        torch._check(F.dim() == 3 and F.shape[2] == 16 and n_blocks <= F.shape[0] * 16,
+                     lambda: f"F must be compact (tiles, T, 16) holding {n_blocks} blocks, got "
+                     f"{tuple(F.shape)}")
         return torch.empty_like(F), F.new_empty((n_blocks,), dtype=torch.int32)
 
     @torch.library.register_fake("mbf_kernels::compact_solve")
     def _(factor: Tensor, B: Tensor) -> Tensor:
+        _compact_rows(factor, B, "B")
         return torch.empty_like(B)
 
     @torch.library.register_fake("mbf_kernels::mbf_bucket_step_")
     def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
           damping, weight_decay, decoupled_weight_decay, second_moments, tile_damping,
           tile_scale, tile_norms, beta2, eps, step_mode) -> None:
-        return None
+        check_bucket_step_fake(params, grads, momenta, curvature, factor, stats, segments)
 
     @torch.library.register_fake("mbf_kernels::mbf_step_")
     def _(param, grad, momentum, curvature, factor, stats, lr, momentum_coef, beta, damping,
           weight_decay, decoupled_weight_decay, update_curvature, first_curvature,
           refactor) -> None:
-        return None
+        check_bucket_step_fake([param], [grad], [momentum], curvature, factor, stats,
+                               [0, -1, 0, 0, 1, 1, 0, 0, 1])

@@ -182,3 +182,20 @@ def check_segments(fn: str, segments: list[int], numels: list[int], d: int, tile
         next_free_tile = tile0 + n_tiles(n)
         out.append(seg)
     return out
+
+
+def check_bucket_step_fake(params, grads, momenta, curvature, factor, stats,
+                           segments) -> None:
+    """What a fake (meta) bucket step can check while torch.compile traces: the argument
+    structure, with ``torch._check`` (the values are checked by the real kernels)."""
+    torch._check(len(params) == len(grads) == len(momenta),
+                 lambda: "params, grads and momenta must have the same length")
+    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
+        torch._check(g.shape == p.shape and m.shape == p.shape,
+                     lambda: f"grads[{i}] and momenta[{i}] must have the shape of params[{i}]")
+    torch._check(curvature.dim() == 3 and curvature.shape[2] == COMPACT_TILE
+                 and factor.shape == curvature.shape,
+                 lambda: "curvature and factor must be compact tensors of one shape")
+    torch._check(stats.numel() == 2, lambda: "stats must hold 2 counters")
+    torch._check(len(segments) % SEGMENT_FIELDS == 0,
+                 lambda: f"segments must hold {SEGMENT_FIELDS} ints per segment")

@@ -18,7 +18,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.testing import do_bench
 
-from ..layout import COMPACT_TILE, SegmentFlags, StepMode, check_segments, compact_shape
+from ..layout import (COMPACT_TILE, SegmentFlags, StepMode, check_bucket_step_fake,
+                      check_segments, compact_shape)
 from ..packed import tril_dim
 from ..reference import graft_bias_corrections
 from ._common import (CONFIGS, TABLES, bits, check_d, check_float, check_like, fits,
@@ -463,10 +464,8 @@ def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Ten
 
 
 @_bucket_step_op.register_fake
-def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
-      damping, weight_decay, decoupled_weight_decay, second_moments, tile_damping, tile_scale,
-      tile_norms, beta2, eps, step_mode) -> None:
-    return None
+def _(params, grads, momenta, curvature, factor, stats, segments, *hyper_parameters) -> None:
+    check_bucket_step_fake(params, grads, momenta, curvature, factor, stats, segments)
 
 
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
