@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -50,22 +51,56 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def compiled_backends(*, covering: int | None = None) -> list:
-    """pytest params for every non-reference backend that can run on CPU tensors here: the C++
-    kernels, and the Triton kernels in Triton's interpreter (set above when there is no GPU);
-    with ``covering``, only those whose fused step takes blocks up to that size."""
+@dataclass(frozen=True)
+class Target:
+    """A compiled backend and the device of the tensors it is tested on."""
+
+    backend: str
+    device: str
+
+    def to(self, *tensors: torch.Tensor):
+        moved = tuple(t.to(self.device) for t in tensors)
+        return moved[0] if len(moved) == 1 else moved
+
+    @property
+    def interpreted(self) -> bool:
+        """Triton in its CPU interpreter: slow, so tests keep N small there."""
+        return self.backend == "triton" and self.device == "cpu"
+
+
+def targets(*, covering: int | None = None, step: bool = False, gpu_only: bool = False) -> list:
+    """pytest params, one per compiled backend and the device it runs on here: the C++ kernels
+    on CPU tensors, the Triton kernels on the GPU (in Triton's interpreter on CPU tensors when
+    there is none, set above), the CUDA kernels on the GPU. The GPU is a parameter, not a file:
+    a target whose backend or device is missing skips only its own cases, saying why (marked
+    ``gpu`` when it needs one). ``covering``: only backends whose ops (``step``: whose fused
+    step) take blocks up to that size."""
     from mbf_kernels import dispatch
 
     status = mk.backends()
+    gpu = torch.cuda.is_available()
     params = []
-    for name in ("cpu", "triton"):
-        if covering is not None and not dispatch.covers(name, covering, step=True):
+    triton_device = "cuda" if gpu or gpu_only else "cpu"
+    for name, device in (("cpu", "cpu"), ("triton", triton_device), ("cuda", "cuda")):
+        if covering is not None and not dispatch.covers(name, covering, step=step):
             continue
-        s = status[name]
-        runs = s.available and dispatch._serves_device(name, torch.device("cpu"))
-        params.append(pytest.param(name, marks=pytest.mark.skipif(not runs, reason=s.detail),
-                                   id=name))
+        if gpu_only and device != "cuda":
+            continue
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        if not status[name].available:
+            marks.append(pytest.mark.skip(reason=status[name].detail))
+        elif device == "cuda" and not gpu:
+            marks.append(pytest.mark.skip(reason="needs a CUDA device"))
+        params.append(pytest.param(Target(name, device), marks=marks, id=f"{name}-{device}"))
     return params
+
+
+def compiled_backends(*, covering: int | None = None) -> list:
+    """pytest params of the compiled backends that run on CPU tensors here (the optimizer
+    tests, which build their models on the CPU), by name."""
+    return [pytest.param(p.values[0].backend, marks=p.marks, id=p.values[0].backend)
+            for p in targets(covering=covering, step=covering is not None)
+            if p.values[0].device == "cpu"]
 
 
 def assert_refuses_block_size(backend: str, d: int, call) -> None:

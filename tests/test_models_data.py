@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 import mbf_kernels as mk
 from mbf_kernels.apps import data, models
+from mbf_kernels.apps.data import load_cifar, load_dataset, load_svhn
 
 
 def test_load_digits_is_real_and_split():
@@ -74,3 +77,100 @@ def test_resnet32_and_vgg16_blocks():
                mk.MBF.from_model(vgg, backend="torch").block_summary()}
     assert blocks9[("blocks", 9)] == 1_634_496  # the ~1.6M 3x3 kernels of MBF_SPEC section 1
     assert {k for k in blocks9 if k[0] == "shared"} == {("shared", 513), ("shared", 4097)}
+
+
+# Data readers on tiny files written in each supported format
+
+
+def _learnable_images(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (n, 3, 32, 32) images whose class sets the brightness of one image row band."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randint(0, 60, (n, 3, 32, 32), generator=g)
+    for i, c in enumerate(y.tolist()):
+        band = (c * 32) // classes
+        x[i, :, band:band + max(32 // classes, 1)] += 180
+    return x.to(torch.uint8), y
+
+
+def write_cifar(root, classes: int, n_train: int = 20, n_test: int = 10) -> None:
+    """The official python-pickle layout: cifar-10-batches-py/data_batch_{1..5} + test_batch,
+    or cifar-100-python/train + test, each {b'data': uint8 (n, 3072), b'labels' / b'fine_labels'}."""
+    key = b"labels" if classes == 10 else b"fine_labels"
+    folder = root / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    x, y = _learnable_images(n_train + n_test, classes, 0)
+    data = x.reshape(len(x), -1).numpy()
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] if classes == 10 else ["train"]
+    per = n_train // len(train_files)
+    for i, name in enumerate(train_files):
+        sl = slice(i * per, (i + 1) * per)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data[sl], key: y[sl].tolist()}, f)
+    with open(folder / ("test_batch" if classes == 10 else "test"), "wb") as f:
+        pickle.dump({b"data": data[n_train:], key: y[n_train:].tolist()}, f)
+
+
+def write_svhn(root, n_train: int = 20, n_test: int = 10) -> None:
+    """SVHN's .mat files: X (32, 32, 3, N) uint8 and y (N, 1) in 1..10 (10 is the digit 0)."""
+    scipy_io = pytest.importorskip("scipy.io")
+    folder = root / "svhn"
+    folder.mkdir(parents=True)
+    x, y = _learnable_images(n_train + n_test, 10, 1)
+    labels = torch.where(y == 0, torch.tensor(10), y).numpy().reshape(-1, 1)
+    X = x.permute(2, 3, 1, 0).numpy()
+    scipy_io.savemat(folder / "train_32x32.mat", {"X": X[..., :n_train], "y": labels[:n_train]})
+    scipy_io.savemat(folder / "test_32x32.mat", {"X": X[..., n_train:], "y": labels[n_train:]})
+
+
+# ---------------------------------------------------------------------------------------------
+# data readers
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_reader(tmp_path, classes):
+    write_cifar(tmp_path, classes)
+    ds = load_cifar(tmp_path, classes)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (10, 3, 32, 32)
+    expected_y = torch.arange(30) % classes
+    assert torch.equal(ds.y_train, expected_y[:20]) and torch.equal(ds.y_test, expected_y[20:])
+    # Standardised per channel with the training set's statistics.
+    assert ds.x_train.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert (ds.x_train.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4
+    # The files' pixel order (3 channel planes of 32 rows) is kept: each image's brightest row
+    # is its class's band.
+    band_start = (expected_y[:20] * 32) // classes
+    brightest = ds.x_train.mean(dim=(1, 3)).argmax(dim=1)
+    assert ((brightest >= band_start) & (brightest < band_start + max(32 // classes, 1))).all()
+    # The folder itself may be passed as well as its parent.
+    sub = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    assert torch.equal(load_cifar(tmp_path / sub, classes).y_test, ds.y_test)
+
+
+def test_svhn_reader_maps_label_10_to_digit_0(tmp_path):
+    write_svhn(tmp_path)
+    ds = load_svhn(tmp_path)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.num_classes == 10
+    assert torch.equal(ds.y_train, torch.arange(20) % 10)
+    assert torch.equal(ds.y_test, torch.arange(20, 30) % 10)
+
+
+def test_readers_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*test_batch"):
+        load_cifar(tmp_path, 10)
+    with pytest.raises(FileNotFoundError, match="train_32x32.mat"):
+        load_svhn(tmp_path)
+    with pytest.raises(ValueError, match="pass --data-dir"):
+        load_dataset("cifar100")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_dataset("svhn", tmp_path / "nowhere")
+    (tmp_path / "cifar-100-python").mkdir()
+    for name in ("train", "test"):
+        with open(tmp_path / "cifar-100-python" / name, "wb") as f:
+            pickle.dump({b"data": [], b"labels": []}, f)  # CIFAR-10 keys in a CIFAR-100 file
+    with pytest.raises(ValueError, match="fine_labels"):
+        load_cifar(tmp_path, 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# mbf train

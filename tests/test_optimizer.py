@@ -1,6 +1,6 @@
 """mk.MBF against the dense plain-PyTorch ReferenceMBF, and as a torch.optim.Optimizer: the
 paper's update (``**PAPER``; the shipped defaults' grafting and relative damping are tested the
-same way in test_graft.py)."""
+same way in test_optimizer_graft.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mbf_kernels.optim import PAPER, ReferenceMBF
 from conftest import compiled_backends
 
 #: Largest block of Net (the 5x5 convolution): the backends tested here must take it (the
-#: Triton kernels stop below it and have their own optimizer tests in test_triton.py).
+#: Triton kernels stop below it and have their own optimizer tests in test_optimizer_backends.py).
 NET_MAX_D = 25
 BACKENDS = [pytest.param("torch", id="torch"), *compiled_backends(covering=NET_MAX_D)]
 # fp64: only summation order differs; fp32 after 7 steps of preconditioned updates.

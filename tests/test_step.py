@@ -1,23 +1,29 @@
-"""The fused MBF step kernel against the plain-PyTorch reference step (MBF_SPEC section 3, 4)."""
+"""The fused MBF step (``mbf_step_`` on one bucket, ``mbf_bucket_step_`` over segments with
+strided rows, bias tails and mixed flags): every compiled backend, on every device it runs on
+here, against the plain-PyTorch reference step (MBF_SPEC sections 3, 4), on every branch."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 
-import mbf_kernels as mk
-from mbf_kernels import compact, dispatch
+import samples
+from conftest import STEP_TOL as TOL, StepBucket, assert_refuses_block_size, randn, targets
+from mbf_kernels import compact, dispatch, reference
+from mbf_kernels.limits import TRITON_MAX_D as MAX_D
 from mbf_kernels.packed import pack_tril
-from conftest import STEP_TOL as TOL, StepBucket, randn
 
-pytestmark = pytest.mark.skipif(
-    not mk._extension.AVAILABLE, reason=f"C++ kernels not built: {mk._extension.LOAD_ERROR}"
-)
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None
+                                  or not dispatch.backends()["triton"].available,
+                                  reason="the triton backend is not available")
 
 
-def Bucket(n, d, dtype):
-    """A bucket stepped by the reference and by the compiled C++ fused step."""
-    return StepBucket(n, d, dtype, mk._extension.mbf_step_)
+def Bucket(target, n, d, dtype, seed=0):
+    """A bucket stepped by the reference and by the target's fused step."""
+    return StepBucket(n, d, dtype, dispatch.module(target.backend).mbf_step_,
+                      device=target.device, seed=seed)
 
 
 def schedule(k, t1, t2):
@@ -25,25 +31,37 @@ def schedule(k, t1, t2):
     return dict(update_curvature=(k - 1) % t1 == 0, first_curvature=k == 1, refactor=(k - 1) % t2 == 0)
 
 
+# Triton's interpreter runs these cases (the every-branch test below covers it in full).
+_INTERPRETED = {(7, 1), (37, 9), (16, 10)}
+
+
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d", [1, 4, 9, 10, 27, 33])
 @pytest.mark.parametrize("n", [1, 7, 16, 37])
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_steps_match_reference(n, d, dtype, decoupled):
-    bucket = Bucket(n, d, dtype)
+def test_steps_match_reference(target, n, d, dtype, decoupled):
+    if target.interpreted and (n, d) not in _INTERPRETED:
+        pytest.skip("Triton's interpreter runs a subset (and every branch below)")
+    if not dispatch.covers(target.backend, d, step=True):
+        return assert_refuses_block_size(target.backend, d, lambda: dispatch.select(
+            target.backend, torch.device(target.device), differentiable=False, fn="mbf_step_",
+            d=d, step=True))
+    bucket = Bucket(target, n, d, dtype)
     hyper = dict(lr=0.05, momentum_coef=0.9, beta=0.9, damping=0.1, weight_decay=0.01,
                  decoupled_weight_decay=decoupled)
     for k in range(1, 8):  # T1 = 2, T2 = 3: neither divides the other
-        grad = randn(n, d, dtype=dtype, seed=100 + k)
+        grad = randn(n, d, dtype=dtype, seed=100 + k).to(target.device)
         bucket.step(grad, **hyper, **schedule(k, 2, 3))
         bucket.assert_matches(dtype, f"after step {k}")
 
 
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_first_step_is_exact_preconditioned_gradient(dtype):
+def test_first_step_is_exact_preconditioned_gradient(target, dtype):
     """Step 1: F = g g^T, m = g, p -= lr (g g^T + lambda I)^{-1} g  (known closed form)."""
     n, d, lam, lr = 20, 9, 0.5, 0.1
-    bucket = Bucket(n, d, dtype)
+    bucket = Bucket(target, n, d, dtype)
     p0 = bucket.p.clone()
     g = randn(n, d, dtype=dtype, seed=7)
     bucket.step(g, lr=lr, momentum_coef=0.9, beta=0.9, damping=lam, weight_decay=0.0,
@@ -54,9 +72,12 @@ def test_first_step_is_exact_preconditioned_gradient(dtype):
     torch.testing.assert_close(compact.from_compact(bucket.F, n), pack_tril(g[:, :, None] * g[:, None, :]), **TOL[dtype])
 
 
-def test_non_finite_gradient_skips_that_blocks_curvature_only():
+@pytest.mark.parametrize("target", targets())
+# (Triton's interpreter computes with the Inf gradient in numpy, which warns: intended here.)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_non_finite_gradient_skips_that_blocks_curvature_only(target):
     n, d = 20, 9
-    bucket = Bucket(n, d, torch.float32)
+    bucket = Bucket(target, n, d, torch.float32)
     hyper = dict(lr=0.01, momentum_coef=0.9, beta=0.5, damping=0.1, weight_decay=0.0,
                  decoupled_weight_decay=False)
     bucket.step(randn(n, d, dtype=torch.float32, seed=1), **hyper, **schedule(1, 1, 1))
@@ -77,11 +98,12 @@ def test_non_finite_gradient_skips_that_blocks_curvature_only():
     bucket.assert_matches(torch.float32)
 
 
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_failed_factorisation_falls_back_to_the_diagonal(dtype):
+def test_failed_factorisation_falls_back_to_the_diagonal(target, dtype):
     """Blocks whose damped curvature is not PD take 1/sqrt(F_ii + lambda) (or 1/sqrt(lambda))."""
     n, d, lam = 20, 4, 0.01
-    bucket = Bucket(n, d, dtype)
+    bucket = Bucket(target, n, d, dtype)
     F = torch.eye(d, dtype=dtype).repeat(n, 1, 1) * 2          # SPD neighbours
     F[2] = -torch.eye(d, dtype=dtype)                       # fails at order 1; no usable diagonal
     F[9] = torch.diag(torch.tensor([1.0, -1.0, 3.0, 1.0], dtype=dtype))  # fails at order 2
@@ -106,70 +128,162 @@ def test_failed_factorisation_falls_back_to_the_diagonal(dtype):
         torch.testing.assert_close(L[b], torch.diag(diag), **TOL[dtype])
 
 
-def test_compact_round_trip():
-    P = randn(37, 45)
-    C = compact.to_compact(P)
-    assert C.shape == compact.compact_shape(37, 9) == (3, 45, 16)
-    assert torch.equal(compact.from_compact(C, 37), P)
-    assert torch.equal(C[1, :, 2], P[18])  # block 18 = tile 1, lane 2
+# Steps 1-5 with T1 = 2, T2 = 3: first refresh + refactor, cached, refresh, refactor only...
+SCHEDULE = [dict(update_curvature=True, first_curvature=True, refactor=True),
+            dict(update_curvature=False, first_curvature=False, refactor=False),
+            dict(update_curvature=True, first_curvature=False, refactor=False),
+            dict(update_curvature=False, first_curvature=False, refactor=True),
+            dict(update_curvature=True, first_curvature=False, refactor=True)]
 
 
-# --------------------------------------------------------------------------------------------
-# The step's phases as standalone ops on the compact layout, every backend against the torch one.
-
-from conftest import assert_refuses_block_size, compiled_backends, random_spd  # noqa: E402
-
-
-@pytest.mark.parametrize("backend", compiled_backends())
+@pytest.mark.parametrize("target", targets(covering=MAX_D, step=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("d", [1, 4, 9, 10, 27, 33])
-@pytest.mark.parametrize("n", [0, 1, 7, 16, 37])
-def test_compact_ops_match_reference(backend, n, d, dtype):
-    tol = TOL[dtype]
-    F = compact.to_compact(pack_tril(random_spd(n, d=d, dtype=dtype, seed=9)))
-    G = randn(n, d, dtype=dtype, seed=10)
-    if not dispatch.covers(backend, d, step=True):
-        return assert_refuses_block_size(
-            backend, d, lambda: compact.outer_ema_(F.clone(), G, 0.8, backend=backend))
-    ours = compact.outer_ema_(F.clone(), G, 0.8, backend=backend)
-    ref = compact.outer_ema_(F.clone(), G, 0.8, backend="torch")
-    torch.testing.assert_close(compact.from_compact(ours, n), compact.from_compact(ref, n), **tol)
-
-    factor, info = compact.cholesky_ex(ref, n, 0.05, backend=backend)
-    factor_ref, info_ref = compact.cholesky_ex(ref, n, 0.05, backend="torch")
-    assert info.dtype == torch.int32 and torch.equal(info, info_ref)
-    torch.testing.assert_close(compact.from_compact(factor, n), compact.from_compact(factor_ref, n), **tol)
-
-    B = randn(n, d, dtype=dtype, seed=11)
-    X = compact.solve(factor, B, backend=backend)
-    torch.testing.assert_close(X, compact.solve(factor_ref, B, backend="torch"), **tol)
-    # and it is the solve of the damped curvature itself
-    A = mk.packed.unpack_tril(compact.from_compact(ref, n)) + 0.05 * torch.eye(d, dtype=dtype)
-    if n:
-        torch.testing.assert_close(X, torch.linalg.solve(A, B), **tol)
+@pytest.mark.parametrize("d, n, decoupled", [(1, 7, False), (9, 37, False), (9, 37, True),
+                                             (10, 16, True), (2, 0, False), (MAX_D, 19, False)])
+def test_fused_step_matches_reference_on_every_branch(target, d, n, decoupled, dtype):
+    pair = Bucket(target, n, d, dtype, seed=4)
+    exact = Bucket(target, n, d, torch.float64, seed=4)  # the float64 reference: what float32 is judged against
+    hyper = dict(lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.01,
+                 decoupled_weight_decay=decoupled)
+    for k, flags in enumerate(SCHEDULE):
+        g = randn(n, d, dtype=torch.float64, seed=10 + k).to(target.device)
+        pair.step(g.to(dtype), **hyper, **flags)
+        exact.step(g, **hyper, **flags)
+        if dtype == torch.float64:
+            pair.assert_matches(dtype, f"step {k + 1} {flags}")
+        elif n:
+            # float32 after a rank-deficient first curvature is ill-conditioned; as
+            # flash-attention does, Triton must be no worse than 2x torch's own float32 error.
+            ours = (pair.p.double() - exact.p_ref).abs().max()
+            torchs = (pair.p_ref.double() - exact.p_ref).abs().max()
+            assert ours <= 2 * torchs + 1e-6, (k, float(ours), float(torchs))
+            assert pair.stats.tolist() == pair.stats_ref.tolist()
 
 
-@pytest.mark.parametrize("backend", compiled_backends())
-def test_compact_cholesky_reports_failures(backend):
-    n, d = 20, 4
-    F = torch.eye(d).repeat(n, 1, 1)
-    F[3, 2, 2] = -1.0
-    F[11, 0, 0] = float("nan")
-    factor, info = compact.cholesky_ex(compact.to_compact(pack_tril(F)), n, 0.0, backend=backend)
-    assert info.tolist() == [0] * 3 + [3] + [0] * 7 + [1] + [0] * 8
-    rows = compact.from_compact(factor, n)
-    assert (rows[[3, 11]] == 0).all() and torch.isfinite(rows).all()
+@pytest.mark.parametrize("target", targets())
+def test_fused_step_non_finite_gradient_and_failed_factor(target):
+    """A NaN gradient skips only its block's curvature refresh; a block whose factor fails at
+    damping 0 gets the diagonal preconditioner; both are counted, as in the reference."""
+    d, n = 3, 20
+    pair = Bucket(target, n, d, torch.float64, seed=4)
+    hyper = dict(lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.0, weight_decay=0.0,
+                 decoupled_weight_decay=False)
+    # Rank-1 blocks g g^T at damping 0, exactly singular in any evaluation order: g_0 a power of
+    # two and the rest small integers make every product and the second pivot g_1^2 - g_1^2
+    # exact, so it is 0 and every factor fails. (From random g the pivot is rounding noise, of
+    # either sign depending on the backend's use of FMA: no backend's answer is the right one.)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randint(-3, 4, (n, d), generator=gen).double()
+    g[:, 0] = 2.0 ** torch.randint(0, 3, (n,), generator=gen) * (1 - 2 * (torch.arange(n) % 2))
+    g[4, 1] = float("nan")
+    g = g.to(target.device)
+    pair.step(g, **hyper, **SCHEDULE[0])  # every factor fails: the diagonal fallback
+    pair.assert_matches(torch.float64, "first step")
+    assert pair.stats.tolist() == [1, n]  # the NaN block kept F = 0: its factor fails too
+    g2 = randn(n, d, dtype=torch.float64, seed=6).to(target.device)
+    pair.step(g2, **dict(hyper, damping=0.1), **SCHEDULE[4])
+    pair.assert_matches(torch.float64, "second step")
 
 
-def test_compact_ops_validate():
-    F = torch.zeros(compact.compact_shape(20, 4))
-    with pytest.raises(ValueError, match=r"F must have the compact shape \(3, 10, 16\) for 33 blocks"):
-        compact.outer_ema_(F, torch.zeros(33, 4), 0.5)  # 2 tiles hold at most 32 blocks
-    with pytest.raises(TypeError, match="G has dtype torch.float64 but F has dtype torch.float32"):
-        compact.outer_ema_(F, torch.zeros(20, 4, dtype=torch.float64), 0.5)
-    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
-        compact.outer_ema_(F, torch.zeros(20, 4), 2.0)
-    with pytest.raises(ValueError, match="damping must be finite and >= 0"):
-        compact.cholesky_ex(F, 20, -1.0)
-    with pytest.raises(ValueError, match="B must have shape"):
-        compact.solve(F, torch.zeros(20, 4, 1))
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bucket_op_matches_reference(target, dtype):
+    """Segments with tails, strided rows and different flags in one call (one launch per set of
+    flags), and tiles no segment owns, which keep their values."""
+    results = []
+    for fn in (reference.mbf_bucket_step_, dispatch.module(target.backend).mbf_bucket_step_):
+        params, grads, momenta, tiles, segments = samples.bucket_step(dtype, target.device)
+        F = torch.full((tiles, 45, 16), 0.25, dtype=dtype, device=target.device)
+        L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45)).to(target.device)
+        F[6], L[6] = 7.0, 7.0  # S's tile: no segment owns it this step
+        stats = torch.zeros(2, dtype=torch.int64, device=target.device)
+        for _ in range(2):
+            fn(params, grads, momenta, F, L, stats, segments, lr=0.1, momentum_coef=0.9,
+               beta=0.8, damping=0.05, weight_decay=0.01, decoupled_weight_decay=False)
+        results.append((params, momenta, F, L, stats))
+    (p_ref, m_ref, F_ref, L_ref, s_ref), (p, m, F, L, s) = results
+    for a, b in zip(p + m, p_ref + m_ref):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    # The blocks the segments own (20, 5 and 33 from tiles 0, 2 and 3); the padding lanes of
+    # their last tiles only have to stay finite (the C++ kernels step whole tiles).
+    owned = torch.zeros(6, 16, dtype=torch.bool, device=F.device)
+    owned.view(-1)[:20] = owned[2, :5] = True
+    owned.view(-1)[48:81] = True
+    for ours, ref in ((F, F_ref), (L, L_ref)):
+        torch.testing.assert_close(ours[:6].transpose(1, 2)[owned], ref[:6].transpose(1, 2)[owned],
+                                   **TOL[dtype])
+        assert torch.isfinite(ours[:6]).all()
+    assert (F[6] == 7).all() and (L[6] == 7).all()
+    assert torch.equal(p[4], p_ref[4]) and torch.equal(s.cpu(), s_ref.cpu())
+
+
+@needs_triton
+def test_step_tuning_times_every_config_that_fits_and_keeps_the_fastest():
+    """The step kernels' tuner (on a GPU: Triton's do_bench on a 256 MB scratch bucket), with a
+    stand-in timer: every config that fits d runs the real kernels, and the fastest is kept."""
+    from mbf_kernels.triton import _common, step
+
+    times = iter([7.0, 3.0, 5.0, 4.0, 9.0])
+    calls = []
+
+    def timer(fn):
+        fn()  # the launches must run with each config
+        calls.append(1)
+        return next(times)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    best = step._tune_step(9, torch.float64, device, nbytes=20_000, timer=timer)
+    fitting = [cfg for cfg in _common.CONFIGS if _common.fits(*cfg, 9)]
+    assert len(calls) == len(fitting) and best == fitting[1]
+
+
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+def test_bucket_op_rejects_bad_segments(target):
+    step_fn = dispatch.module(target.backend).mbf_bucket_step_
+    params, grads, momenta, tiles, segments = samples.bucket_step(torch.float64, target.device)
+    F = torch.zeros(tiles, 45, 16, dtype=torch.float64, device=target.device)
+    stats = torch.zeros(2, dtype=torch.int64, device=target.device)
+    hyper = dict(lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+                 decoupled_weight_decay=False)
+    bad = list(segments)
+    bad[5] = 7  # stride < width
+    with pytest.raises((ValueError, RuntimeError), match="segment 0 has a bad layout"):
+        step_fn(params, grads, momenta, F, F.clone(), stats, bad, **hyper)
+    bad = list(segments)
+    bad[reference.SEGMENT_FIELDS + 6] = 1  # overlaps segment 0's tiles
+    with pytest.raises((ValueError, RuntimeError), match="segment 1 owns tiles"):
+        step_fn(params, grads, momenta, F, F.clone(), stats, bad, **hyper)
+    with pytest.raises((ValueError, RuntimeError), match="stats must be an? (contiguous )?int64 tensor"):
+        step_fn(params, grads, momenta, F, F.clone(), stats.float(), segments,
+                            **hyper)
+
+
+@pytest.mark.parametrize("target", targets(gpu_only=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", (1, 2, 9, 10, 16, 25, 33, 64))
+def test_fused_step_on_a_large_bucket_every_branch(target, d, dtype):
+    """5000 blocks (many programs), a NaN gradient in one block, every flag combination."""
+    if not dispatch.covers(target.backend, d, step=True):
+        pytest.skip(f"{target.backend} step takes d <= "
+                    f"{dispatch.max_block_size(target.backend, step=True)}")
+    n = 5000
+    pair = Bucket(target, n, d, dtype, seed=4)
+    steps = [(True, True, True), (False, False, False), (True, False, False),
+             (False, False, True), (True, False, True)]
+    for k, (refresh, first, refactor) in enumerate(steps):
+        g = randn(n, d, dtype=dtype, seed=10 + k).cuda()
+        g[3, 0] = float("nan")
+        pair.step(g, lr=0.01, momentum_coef=0.9, beta=0.8, damping=0.1, weight_decay=0.01,
+                  decoupled_weight_decay=k % 2 == 1, update_curvature=refresh,
+                  first_curvature=first, refactor=refactor)
+    pair.assert_matches(dtype, target.backend)
+
+
+@pytest.mark.parametrize("target", targets(gpu_only=True, covering=9, step=True))
+def test_fused_step_on_cuda_large_bucket(target):
+    pair = Bucket(target, 100_000, 9, torch.float32, seed=4)
+    hyper = dict(lr=0.01, momentum_coef=0.9, beta=0.9, damping=0.1, weight_decay=0.0,
+                 decoupled_weight_decay=False)
+    for k, flags in enumerate(SCHEDULE):
+        pair.step(randn(100_000, 9, dtype=torch.float32, seed=k).cuda(), **hyper, **flags)
+    pair.assert_matches(torch.float32, "cuda")

@@ -14,7 +14,7 @@ import mbf_kernels as mk
 from mbf_kernels.optim import ReferenceMBF, sampled_loss, sampled_targets
 from mbf_kernels.packed import pack_tril
 from conftest import compiled_backends
-from test_graft import _flat, _net, _data
+from test_optimizer_graft import _flat, _net, _data
 
 
 def test_cross_entropy_targets_follow_the_softmax():
