@@ -293,7 +293,8 @@ def _tune_step(d: int, dtype: torch.dtype, device: torch.device, *, nbytes: int 
     L = torch.zeros_like(F)
     stats = torch.zeros(2, dtype=torch.int64, device=device)
     hyper = (1e-3, 0.9, 0.9, 0.1, 0.0, False)
-    first = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 7, 1], *hyper)
+    every = int(_REFRESH | _FIRST | _REFACTOR)
+    first = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, every, 1], *hyper)
     first.run(CONFIGS[0])  # a factor to step with
     cached = _StepLaunches([p], [g], [m], F, L, stats, [0, -1, n, 0, d, d, 0, 0, 2], *hyper)
     timings = {cfg: timer(lambda: cached.run(cfg)) for cfg in CONFIGS if fits(*cfg, d)}
