@@ -53,10 +53,11 @@ def test_bench_optimizer_toy(tmp_path):
     bench = _load("bench_optimizer")
     assert bench.main(["--models", "small_cnn", "--repeats", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "optimizer_step.csv")))
-    # small_cnn's 512 -> 64 linear is large: both large_linear settings, five rows each.
+    # small_cnn's 512 -> 64 linear is large: both large_linear settings, six rows each.
     assert [(r["large_linear"], r["step"]) for r in rows] == [
         (mode, step) for mode in ("shared", "diagonal")
-        for step in ("adamw", "cached", "refresh", "refactor", "amortised")]
+        for step in ("adamw", "adamw_foreach", "cached", "refresh", "refactor", "amortised")]
+    assert {r["optimizer"] for r in rows if r["step"] == "adamw"} == {"AdamW(fused)"}
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["ratio_vs_adamw"]) > 0
     adamw = [r for r in rows if r["step"] == "adamw"]

@@ -254,7 +254,9 @@ def test_bench_end_to_end(tmp_path, capsys):
     first = [r for r in rows if r["impl"] == "torch cholesky+cholesky_solve"]
     assert all(float(r["speedup_vs_torch"]) == 1.0 for r in first)
     doc = json.loads((out / "bench.json").read_text())
-    assert doc["environment"]["copy_bandwidth_gb_s"] > 0
+    env = doc["environment"]
+    assert env["copy_bandwidth_gb_s"] > 0 and env["adamw_bandwidth_gb_s"] > 0
+    assert env["roof_gb_s"] == max(env["copy_bandwidth_gb_s"], env["adamw_bandwidth_gb_s"])
     assert (out / "bench.png").stat().st_size > 20_000
     assert "roof" in capsys.readouterr().out
 
@@ -270,7 +272,7 @@ def test_profile_end_to_end(tmp_path, capsys):
                      "--batch-size", "8", "--out", str(out)]) == 0
     doc = json.loads((out / "profile.json").read_text())
     names = [r["variant"] for r in doc["results"]]
-    expected = ["AdamW(foreach)", "SGD(foreach)", "MBF [torch] (torch ops)"]
+    expected = ["AdamW(fused)", "AdamW(foreach)", "SGD(fused)", "MBF [torch] (torch ops)"]
     if mk.backends()["cpu"].available:
         expected.append("MBF [cpu] (kernels)")
     assert names == expected + ["ReferenceMBF (dense torch.linalg)"]

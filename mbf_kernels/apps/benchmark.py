@@ -3,8 +3,9 @@ and the timing helpers the scripts under bench/ share.
 
 Every number is the median of repeated timed calls after a warm-up, with min and max beside
 it. Ratios are against the torch.linalg baseline measured in the same run, interleaved point
-by point; the roof is the bytes an operation must move divided by the copy bandwidth measured
-in the same run (one large device-to-device tensor copy, read + write counted).
+by point; the roof is the bytes an operation must move divided by the best bandwidth the
+device reaches in the same run with all its threads (:func:`memory_roof`: a large tensor copy,
+read + write counted, or the bytes a fused AdamW step moves, whichever is higher).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from .. import __version__, _extension, dispatch, linalg
 
-__all__ = ["Row", "sync", "timed", "copy_bandwidth", "random_spd", "environment", "make_row",
+__all__ = ["Row", "sync", "timed", "Roof", "memory_roof", "copy_bandwidth", "adamw_bandwidth",
+           "random_spd", "environment", "make_row",
            "bench_linalg", "OPS"]
 
 
@@ -68,11 +70,46 @@ def timed(fn: Callable[[], object], *, min_repeats: int, budget_s: float,
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> float:
-    """Bytes per second of a large tensor copy on ``device``, counting the read and the write."""
+    """Bytes per second of a large tensor copy on ``device``, counting the read and the write
+    (torch's copy runs on all the threads torch uses)."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     times = timed(lambda: dst.copy_(src), min_repeats=7, budget_s=2.0, device=device)
     return 2 * nbytes / statistics.median(times)
+
+
+def adamw_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> float:
+    """Bytes per second that ``torch.optim.AdamW(fused=True)`` moves stepping one large float32
+    parameter: it reads p, g, m, v and writes p, m, v, 7 x 4 bytes per element. The strongest
+    first-order step on the device, and a memory roof of its own: a fused MBF step that moves
+    bytes as fast runs at AdamW's speed per byte."""
+    n = nbytes // (7 * 4)
+    p = torch.zeros(n, device=device, requires_grad=True)
+    p.grad = torch.full_like(p, 1e-3)
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    times = timed(opt.step, min_repeats=7, budget_s=2.0, device=device)
+    return 7 * 4 * n / statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Roof:
+    """The memory roof measured in one run: bytes per second of a large copy and of a fused
+    AdamW step; ``best`` (the higher) is what benchmarks divide by."""
+
+    copy: float
+    adamw: float
+
+    @property
+    def best(self) -> float:
+        return max(self.copy, self.adamw)
+
+    def describe(self) -> str:
+        return (f"roof {self.best / 1e9:.1f} GB/s (copy {self.copy / 1e9:.1f}, "
+                f"AdamW(fused) {self.adamw / 1e9:.1f}; all {torch.get_num_threads()} threads)")
+
+
+def memory_roof(device: torch.device | str = "cpu", nbytes: int = 512 * 2**20) -> Roof:
+    return Roof(copy_bandwidth(device, nbytes), adamw_bandwidth(device, nbytes))
 
 
 def random_spd(n: int, d: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -149,12 +149,14 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         if name not in dtypes:
             raise SystemExit(f"mbf bench: --dtypes takes float32 and/or float64, got {name!r}")
     ours = benchmark.kernel_backends(device)
-    roof = benchmark.copy_bandwidth(device, 64 * 2**20 if args.quick else 512 * 2**20)
+    measured = benchmark.memory_roof(device, 64 * 2**20 if args.quick else 512 * 2**20)
+    roof = measured.best
     env = benchmark.environment(device)
-    env["copy_bandwidth_gb_s"] = roof / 1e9
+    env.update(copy_bandwidth_gb_s=measured.copy / 1e9, adamw_bandwidth_gb_s=measured.adamw / 1e9,
+               roof_gb_s=roof / 1e9)
     where = env.get("gpu", f"{env['cpu']}, {env['threads']} threads")
-    console.print(f"mbf bench on {device} ({where}); copy bandwidth (read + write) "
-                  f"{roof / 1e9:.1f} GB/s; our backends here: {', '.join(ours)}")
+    console.print(f"mbf bench on {device} ({where}); {measured.describe()}; our backends "
+                  f"here: {', '.join(ours)}")
     points = [(op, dt, d, n) for op in ops for dt in dtype_names for d in dims for n in sizes
               if n * d * d * dtypes[dt].itemsize <= args.max_gib * 2**30]
     rows: list[benchmark.Row] = []
@@ -165,7 +167,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
             rows += benchmark.bench_linalg(op, d, n, dtypes[dt], device, roof, budget, ours)
             progress.advance(bar)
     table = Table(title=f"block ops on {device}: median of repeats; ratio vs the first torch "
-                  f"baseline of each op; roof = copy bandwidth {roof / 1e9:.1f} GB/s")
+                  f"baseline of each op; {measured.describe()}")
     for col in ("op", "impl", "dtype", "d", "N", "median ms", "min-max ms", "Mblocks/s",
                 "GB/s", "roof %", "vs torch"):
         table.add_column(col, justify="left" if col in ("op", "impl", "dtype") else "right")
