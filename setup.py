@@ -13,8 +13,12 @@ Environment switches (all optional):
                         exists; 1 requires them (the build fails if impossible); 0 skips them.
   MBF_CUDA_ARCHS=...    compute capabilities for nvcc, e.g. "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST;
                         default "8.0;9.0").
-  MBF_CPU_ARCH=native   value for -march (default "native": the fast build for this machine;
-                        set it to "" for a portable build, e.g. x86-64-v3).
+  MBF_CPU_LEVELS=...    the CPU kernels' ISA levels to build, comma-separated (default: all of
+                        scalar, avx2, avx512 on x86-64; "default" elsewhere). Each level is a
+                        library of its own, compiled with its -m flags (csrc/include/mbf/
+                        cpu_kernels.h says why), and the extension picks one at run time from
+                        the CPU's features (MBF_CPU_CAPABILITY=<level> forces a lower one): no
+                        -march=native, so a build runs on any host of its architecture.
   MBF_DEBUG=1           -O0 -g instead of -O3.
   MAX_JOBS=N            parallel compile jobs (torch's ninja builder reads it).
 """
@@ -22,11 +26,12 @@ Environment switches (all optional):
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -38,6 +43,30 @@ def _flag(name: str, default: str = "") -> str:
 
 def _log(msg: str) -> None:
     print(f"mbf_kernels setup: {msg}", file=sys.stderr)
+
+
+#: The torch-free CPU kernels, compiled once per ISA level into mbf_kernels._cpu_<level>.
+CPU_KERNEL_SOURCES = ["csrc/cpu/block_kernels.cpp", "csrc/cpu/step_kernels.cpp",
+                      "csrc/cpu/kernel_table.cpp"]
+#: Compiler flags of each level (x86-64; "default" is the compiler's baseline elsewhere). The
+#: runtime check of each level's CPU features is in csrc/cpu/dispatch.cpp.
+X86_LEVELS = {
+    "scalar": ["-march=x86-64", "-mtune=generic"],
+    "avx2": ["-march=x86-64", "-mavx2", "-mfma", "-mtune=generic"],
+    "avx512": ["-march=x86-64", "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+               "-mavx512vl", "-mtune=generic"],
+}
+CPU_LEVELS = {**X86_LEVELS, "default": []}
+
+
+def _cpu_levels() -> list[str]:
+    known = list(X86_LEVELS) if platform.machine() in ("x86_64", "AMD64") else ["default"]
+    wanted = [s.strip() for s in _flag("MBF_CPU_LEVELS").split(",") if s.strip()] or known
+    bad = [level for level in wanted if level not in known]
+    if bad:
+        raise SystemExit(f"MBF_CPU_LEVELS: unknown level(s) {bad} on {platform.machine()}; "
+                         f"choose from {', '.join(known)}")
+    return wanted
 
 
 def _extensions():
@@ -67,17 +96,14 @@ def _extensions():
     with_cuda = cuda_possible and cuda_mode != "0"
 
     debug = _flag("MBF_DEBUG") == "1"
-    march = _flag("MBF_CPU_ARCH", "native")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-math-errno: lets sqrt compile to one vector instruction (we never read errno).
-    cxx = [*opt, "-fopenmp", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    if march:
-        cxx.append(f"-march={march}")
+    warnings = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx = [*opt, "-fopenmp", "-fno-math-errno", *warnings]
     sources = [
         "csrc/registration.cpp",
         "csrc/cpu/ops.cpp",
-        "csrc/cpu/block_kernels.cpp",
-        "csrc/cpu/step_kernels.cpp",
+        "csrc/cpu/dispatch.cpp",
     ]
     include_dirs = [str(CSRC / "include")]
     if with_cuda:
@@ -99,8 +125,17 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    _log(f"building mbf_kernels._C (CUDA: {'yes' if with_cuda else 'no'}, -march={march or 'default'})")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    levels = _cpu_levels()
+    _log(f"building mbf_kernels._C (CUDA: {'yes' if with_cuda else 'no'}) and the CPU kernels "
+         f"for {', '.join(levels)}")
+    kernels = [Extension(f"mbf_kernels._cpu_{level}", CPU_KERNEL_SOURCES,
+                         include_dirs=include_dirs, language="c++",
+                         define_macros=[("MBF_CPU_ISA", f'"{level}"')],
+                         extra_compile_args={"cxx": [*opt, "-std=c++20", "-fno-math-errno",
+                                                     "-fvisibility=hidden", *warnings,
+                                                     *CPU_LEVELS[level]]})
+               for level in levels]
+    return [ext, *kernels], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "cpu/dispatch.h"
+
 TORCH_LIBRARY(mbf_kernels, m) {
   // All ops take flat, contiguous batches: A, L, F (N, d, d); B, X (N, d, k);
   // G (N, S, d); info (N,) int32. Broadcasting and reshaping live in Python.
@@ -65,21 +67,10 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-  std::string simd;
-#if defined(__AVX512F__)
-  simd += "avx512f ";
-#endif
-#if defined(__AVX2__)
-  simd += "avx2 ";
-#endif
-#if defined(__FMA__)
-  simd += "fma ";
-#endif
-#if defined(__ARM_NEON)
-  simd += "neon ";
-#endif
-  if (!simd.empty()) simd.pop_back();  // trailing separator
-  info["simd"] = simd.empty() ? std::string("none") : simd;
+  // The CPU kernels' ISA levels: those this build knows (one library each) and those this CPU
+  // runs; the active one is cpu_capability() (set at import, or by set_cpu_capability()).
+  info["cpu_levels"] = mbf::cpu::known_levels();
+  info["cpu_levels_supported"] = mbf::cpu::supported_levels();
 #if defined(MBF_WITH_CUDA)
   info["cuda"] = true;
 #else
@@ -94,5 +85,10 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mbf_kernels compiled ops (registered under torch.ops.mbf_kernels)";
   m.def("build_info", &build_info,
-        "Compiler, SIMD and CUDA facts of this build of the extension.");
+        "Compiler, CPU ISA levels and CUDA facts of this build of the extension.");
+  m.def("use_cpu_level", &mbf::cpu::use_level, pybind11::arg("dir"), pybind11::arg("level"),
+        "Load the CPU kernels of ISA level `level` ('' for the best this CPU runs) from the "
+        "_cpu_<level> libraries in `dir` and make them active; returns the level.");
+  m.def("cpu_level", [] { return std::string(mbf::cpu::kernels().isa); },
+        "The ISA level of the active CPU kernels.");
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -34,13 +35,44 @@ except ImportError as exc:  # not built, or built against another torch
             stacklevel=2,
         )
 
+#: Forces the CPU kernels' ISA level (scalar, avx2 or avx512 on x86-64) below the best this CPU
+#: runs: one machine then tests every path, and a user can rule out a level.
+CPU_CAPABILITY_ENV = "MBF_CPU_CAPABILITY"
+_KERNEL_DIR = str(Path(__file__).parent)
+
+
+def set_cpu_capability(level: str | None = None) -> str:
+    """Run the CPU kernels of ISA ``level`` from now on (None: the best this CPU runs); returns
+    it. ValueError, naming the problem, for a level this build or this CPU does not have."""
+    if _C is None:
+        raise RuntimeError(f"mbf_kernels: the compiled extension is not loaded ({LOAD_ERROR})")
+    try:
+        return _C.use_cpu_level(_KERNEL_DIR, level or "")
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+
+
+def cpu_capability() -> str | None:
+    """The ISA level of the active CPU kernels (None without the extension)."""
+    return _C.cpu_level() if _C is not None else None
+
+
+if _C is not None:
+    try:
+        set_cpu_capability(os.environ.get(CPU_CAPABILITY_ENV) or None)
+    except ValueError as exc:  # a bad MBF_CPU_CAPABILITY: say so, and run the best level
+        warnings.warn(f"{CPU_CAPABILITY_ENV}: {exc}; using the best level this CPU runs",
+                      RuntimeWarning, stacklevel=2)
+        set_cpu_capability()
+
 AVAILABLE: bool = _C is not None
 _BUILD_INFO: dict = dict(_C.build_info()) if _C is not None else {}
 
 
 def build_info() -> dict:
-    """Compiler, SIMD and CUDA facts of the loaded extension (empty when it is not loaded)."""
-    return dict(_BUILD_INFO)
+    """Compiler, CPU ISA levels and CUDA facts of the loaded extension (empty when it is not
+    loaded), with the active CPU level."""
+    return dict(_BUILD_INFO, cpu_level=cpu_capability()) if _C is not None else {}
 
 
 def cholesky_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:

@@ -73,9 +73,9 @@ def _cpu_status() -> BackendStatus:
     if not _extension.AVAILABLE:
         return BackendStatus("cpu", False, f"extension not loaded: {_extension.LOAD_ERROR}")
     info = _extension.build_info()
-    return BackendStatus(
-        "cpu", True, f"C++ kernels ({info.get('compiler', '?')}, simd: {info.get('simd', '?')})"
-    )
+    runs = ", ".join(info.get("cpu_levels_supported", ()))
+    return BackendStatus("cpu", True, f"C++ kernels ({info.get('compiler', '?')}; ISA level "
+                                      f"{info.get('cpu_level')}, this CPU runs {runs})")
 
 
 _STATUS: dict[str, BackendStatus] = {}

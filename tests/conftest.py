@@ -53,10 +53,12 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Target:
-    """A compiled backend and the device of the tensors it is tested on."""
+    """A compiled backend and the device of the tensors it is tested on; for the C++ CPU
+    kernels, also the ISA level they run at (None: the one chosen at import)."""
 
     backend: str
     device: str
+    level: str | None = None
 
     def to(self, *tensors: torch.Tensor):
         moved = tuple(t.to(self.device) for t in tensors)
@@ -92,7 +94,45 @@ def targets(*, covering: int | None = None, step: bool = False, gpu_only: bool =
         elif device == "cuda" and not gpu:
             marks.append(pytest.mark.skip(reason="needs a CUDA device"))
         params.append(pytest.param(Target(name, device), marks=marks, id=f"{name}-{device}"))
+        if name == "cpu" and status[name].available:
+            params += _lower_cpu_levels()
     return params
+
+
+# The C++ kernels' ISA level chosen at import (the best this CPU runs, unless
+# MBF_CPU_CAPABILITY forces another): the "cpu" target runs at it, and every other level the
+# build has gets a target of its own, so that one machine tests every path it can execute.
+IMPORT_LEVEL = mk._extension.cpu_capability()
+
+
+def _lower_cpu_levels() -> list:
+    info = mk._extension.build_info()
+    supported = info.get("cpu_levels_supported", [])
+    params = []
+    for level in info.get("cpu_levels", []):
+        if level == IMPORT_LEVEL:
+            continue
+        marks = [] if level in supported else [
+            pytest.mark.skip(reason=f"this CPU cannot run the {level} kernels")]
+        params.append(pytest.param(Target("cpu", "cpu", level), marks=marks,
+                                   id=f"cpu[{level}]-cpu"))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernel_level(request):
+    """A test whose ``target`` names an ISA level runs the C++ kernels at that level."""
+    callspec = getattr(request.node, "callspec", None)
+    target = callspec.params.get("target") if callspec is not None else None
+    level = getattr(target, "level", None)
+    if level is None:
+        yield
+        return
+    mk._extension.set_cpu_capability(level)
+    try:
+        yield
+    finally:
+        mk._extension.set_cpu_capability(IMPORT_LEVEL)
 
 
 def compiled_backends(*, covering: int | None = None) -> list:
@@ -100,7 +140,7 @@ def compiled_backends(*, covering: int | None = None) -> list:
     tests, which build their models on the CPU), by name."""
     return [pytest.param(p.values[0].backend, marks=p.marks, id=p.values[0].backend)
             for p in targets(covering=covering, step=covering is not None)
-            if p.values[0].device == "cpu"]
+            if p.values[0].device == "cpu" and p.values[0].level is None]
 
 
 def assert_refuses_block_size(backend: str, d: int, call) -> None:

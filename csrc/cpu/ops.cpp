@@ -15,6 +15,7 @@
 #endif
 
 #include "../ops_common.h"
+#include "dispatch.h"
 #include "mbf/batched.h"
 
 namespace mbf {
@@ -55,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_ex_cpu(const at::Tensor& A_in,
     scalar_t* l = L.mutable_data_ptr<scalar_t>();
     int32_t* inf = info.mutable_data_ptr<int32_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::cholesky_batched<scalar_t>(a, l, inf, b, e, d,
+      cpu::kernels().of<scalar_t>().cholesky_batched(a, l, inf, b, e, d,
                                       static_cast<scalar_t>(damping));
     });
   });
@@ -76,7 +77,7 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& B_in, const at::Tensor& L_in) {
     const scalar_t* rhs = B.const_data_ptr<scalar_t>();
     scalar_t* x = X.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::cholesky_solve_batched<scalar_t>(l, rhs, x, b, e, d, k);
+      cpu::kernels().of<scalar_t>().cholesky_solve_batched(l, rhs, x, b, e, d, k);
     });
   });
   return X;
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> solve_spd_ex_cpu(const at::Tensor& A_in,
     scalar_t* x = X.mutable_data_ptr<scalar_t>();
     int32_t* inf = info.mutable_data_ptr<int32_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::solve_spd_batched<scalar_t>(a, rhs, x, inf, b, e, d, k,
+      cpu::kernels().of<scalar_t>().solve_spd_batched(a, rhs, x, inf, b, e, d, k,
                                        static_cast<scalar_t>(damping));
     });
   });
@@ -120,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> inv_spd_ex_cpu(const at::Tensor& A_in,
     scalar_t* out = Ainv.mutable_data_ptr<scalar_t>();
     int32_t* inf = info.mutable_data_ptr<int32_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::inv_spd_batched<scalar_t>(a, out, inf, b, e, d,
+      cpu::kernels().of<scalar_t>().inv_spd_batched(a, out, inf, b, e, d,
                                      static_cast<scalar_t>(damping));
     });
   });
@@ -140,7 +141,7 @@ void outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
     scalar_t* f = Fc.mutable_data_ptr<scalar_t>();
     const scalar_t* g = G.const_data_ptr<scalar_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::outer_ema_batched<scalar_t>(f, g, b, e, d, S,
+      cpu::kernels().of<scalar_t>().outer_ema_batched(f, g, b, e, d, S,
                                        static_cast<scalar_t>(beta));
     });
   });
@@ -158,7 +159,7 @@ void run_step(const std::vector<cpu::StepSegment<T>>& segs, T* F, T* factor, int
               const StepTiles<T>& tiles = {}) {
   std::atomic<int64_t> skipped{0}, failed{0};
   at::parallel_for(0, n_tiles, tile_grain(d), [&](int64_t b, int64_t e) {
-    const cpu::StepStats st = cpu::mbf_bucket_step_tiles<T>(
+    const cpu::StepStats st = cpu::kernels().of<T>().mbf_bucket_step_tiles(
         segs.data(), static_cast<int>(segs.size()), F, factor, static_cast<int>(d), b, e, cfg,
         tiles);
     skipped += st.skipped_curvature;
@@ -220,7 +221,7 @@ void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
     scalar_t* f = F.mutable_data_ptr<scalar_t>();
     const scalar_t* g = G.const_data_ptr<scalar_t>();
     at::parallel_for(0, F.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
-      cpu::compact_outer_ema_tiles<scalar_t>(f, g, n, static_cast<int>(d), b, e,
+      cpu::kernels().of<scalar_t>().compact_outer_ema_tiles(f, g, n, static_cast<int>(d), b, e,
                                              static_cast<scalar_t>(beta));
     });
   });
@@ -237,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> compact_cholesky_ex_cpu(const at::Tensor& F_i
     scalar_t* l = factor.mutable_data_ptr<scalar_t>();
     int32_t* inf = info.mutable_data_ptr<int32_t>();
     at::parallel_for(0, F.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
-      cpu::compact_cholesky_tiles<scalar_t>(f, l, inf, n, static_cast<int>(d), b, e,
+      cpu::kernels().of<scalar_t>().compact_cholesky_tiles(f, l, inf, n, static_cast<int>(d), b, e,
                                             static_cast<scalar_t>(damping));
     });
   });
@@ -255,7 +256,7 @@ at::Tensor compact_solve_cpu(const at::Tensor& factor_in, const at::Tensor& B_in
     const scalar_t* rhs = B.const_data_ptr<scalar_t>();
     scalar_t* x = X.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, factor.size(0), tile_grain(d), [&](int64_t b, int64_t e) {
-      cpu::compact_solve_tiles<scalar_t>(l, rhs, x, n, static_cast<int>(d), b, e);
+      cpu::kernels().of<scalar_t>().compact_solve_tiles(l, rhs, x, n, static_cast<int>(d), b, e);
     });
   });
   return X;
