@@ -223,10 +223,10 @@ inline void inverse_tile(const typename Lanes<T>::V* L, const typename Lanes<T>:
 // src + l * stride) into lane l of dst[0 .. count): dst[e * W + l] = src[l * stride + e].
 // Lanes from cnt to W are set to `pad`. scatter_lanes is the inverse, for lanes < cnt.
 //
-// With AVX2 and a full tile, 8 (float) or 4 (double) blocks' rows are loaded as vectors and
-// transposed in registers: a handful of shuffles per vector instead of one scalar store per
-// element, whose vector reloads stall on store forwarding. Other ISAs, the batch tail and
-// the last `count % W` elements take the scalar loop.
+// With AVX2 (and AVX-512) and a full tile, 8 (float) or 4 (double) blocks' rows are loaded
+// as vectors and transposed in registers: a handful of shuffles per vector instead of one
+// scalar store per element, whose vector reloads stall on store forwarding. The scalar level,
+// the batch tail and the last `count % 8` (or 4) elements take the scalar loop.
 
 #if defined(__AVX2__)
 inline void transpose_in_registers(__m256* r) {  // 8 x 8 floats
@@ -279,17 +279,25 @@ struct Avx2<double> {
 };
 #endif
 
+// A full tile moves through the registers in groups of G = 32 / sizeof(T) lanes (one AVX2
+// register of blocks: 8 floats or 4 doubles): G rows of G blocks transposed at a time, one
+// group for AVX2 tiles, two for AVX-512 tiles (W = 16 floats or 8 doubles), whose halves are
+// stored as 256-bit vectors. (A 16 x 16 transpose would need count >= 16; the hot d = 9 would
+// never take it.)
 template <typename T>
 inline void gather_lanes(const T* src, int64_t stride, int count, int cnt, T pad, T* dst) {
   constexpr int W = Lanes<T>::W;
   int e0 = 0;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
+  constexpr int G = 32 / int(sizeof(T));
   if (cnt == W) {
-    typename Avx2<T>::R r[W];
-    for (; e0 + W <= count; e0 += W) {
-      for (int l = 0; l < W; ++l) r[l] = Avx2<T>::load(src + l * stride + e0);
-      transpose_in_registers(r);
-      for (int e = 0; e < W; ++e) Avx2<T>::store(dst + (e0 + e) * W, r[e]);
+    typename Avx2<T>::R r[G];
+    for (; e0 + G <= count; e0 += G) {
+      for (int h = 0; h < W; h += G) {
+        for (int l = 0; l < G; ++l) r[l] = Avx2<T>::load(src + (h + l) * stride + e0);
+        transpose_in_registers(r);
+        for (int e = 0; e < G; ++e) Avx2<T>::store(dst + (e0 + e) * W + h, r[e]);
+      }
     }
   }
 #endif
@@ -301,13 +309,16 @@ template <typename T>
 inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* dst) {
   constexpr int W = Lanes<T>::W;
   int e0 = 0;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
+  constexpr int G = 32 / int(sizeof(T));
   if (cnt == W) {
-    typename Avx2<T>::R r[W];
-    for (; e0 + W <= count; e0 += W) {
-      for (int e = 0; e < W; ++e) r[e] = Avx2<T>::load(src + (e0 + e) * W);
-      transpose_in_registers(r);
-      for (int l = 0; l < W; ++l) Avx2<T>::store(dst + l * stride + e0, r[l]);
+    typename Avx2<T>::R r[G];
+    for (; e0 + G <= count; e0 += G) {
+      for (int h = 0; h < W; h += G) {
+        for (int e = 0; e < G; ++e) r[e] = Avx2<T>::load(src + (e0 + e) * W + h);
+        transpose_in_registers(r);
+        for (int l = 0; l < G; ++l) Avx2<T>::store(dst + (h + l) * stride + e0, r[l]);
+      }
     }
   }
 #endif
