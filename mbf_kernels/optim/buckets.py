@@ -45,6 +45,7 @@ class Bucket:
     factor: Tensor | None = None
     stats: Tensor | None = None
     step_fn: Callable | None = None  # the mbf_bucket_step_ serving it (at first step)
+    layout: "BucketLayout | None" = None  # the calls' static part (at first step)
     # Per compact tile / block, for grafting and relative damping (index into the group's units;
     # padding blocks map to one slot past the last unit).
     tile_unit: Tensor | None = None  # (tiles,) int64
@@ -144,9 +145,58 @@ class BucketCall:
             self.second_moments.append(state[SECOND_MOMENT])
 
 
+@dataclass
+class BucketLayout:
+    """What a bucket's calls share from step to step, built once (the first step): its distinct
+    parameters in argument order and, per segment, its unit and its seven static fields."""
+
+    params: list[Tensor]
+    segments: list[tuple[Unit, list[int]]]
+    units: list[Unit]  # distinct, in segment order
+
+    @classmethod
+    def of(cls, bucket: Bucket) -> "BucketLayout":
+        index: dict[int, int] = {}
+        params: list[Tensor] = []
+
+        def tensor_index(p: Tensor) -> int:
+            if id(p) not in index:
+                index[id(p)] = len(params)
+                params.append(p)
+            return index[id(p)]
+
+        segments = []
+        for unit, seg, tile0 in bucket.entries:
+            main = tensor_index(unit.params[seg.main])
+            tail = -1 if seg.tail is None else tensor_index(unit.params[seg.tail])
+            segments.append((unit, [main, tail, seg.n_blocks, seg.offset, seg.width,
+                                    seg.row_stride, tile0]))
+        return cls(params, segments, list({id(u): u for u, _ in segments}.values()))
+
+
 def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], state: dict,
                 fisher: dict[Tensor, Tensor]) -> BucketCall | None:
-    """This step's arguments of the bucket op, or None when no unit of it has a gradient."""
+    """This step's arguments of the bucket op, or None when no unit of it has a gradient.
+
+    On a small model the cost of a step is its Python, so the common case (every unit of the
+    bucket has a gradient, every parameter and gradient is contiguous in the bucket's dtype,
+    no sampled gradients) takes the bucket's precomputed layout and builds only the lists."""
+    if bucket.layout is None:
+        bucket.layout = BucketLayout.of(bucket)
+    layout = bucket.layout
+    if not (group["fisher"] == "true" and fisher) and all(id(u) in flags for u in layout.units):
+        grads = [p.grad for p in layout.params]
+        if all(g is not None and g.dtype == bucket.dtype and g.is_contiguous()
+               and p.dtype == bucket.dtype and p.is_contiguous()
+               for p, g in zip(layout.params, grads)):
+            segments: list[int] = []
+            for unit, fields in layout.segments:
+                segments += fields
+                segments += (flags[id(unit)], state[unit.params[0]][STEP] + 1)
+            sts = [state[p] for p in layout.params]
+            return BucketCall(bucket, list(layout.params), grads, [s[MOMENTUM] for s in sts],
+                              [s[SECOND_MOMENT] for s in sts] if group["graft"] == "adam"
+                              else [], segments)
     index: dict[int, int] = {}
     call = BucketCall(bucket)
     graft = group["graft"] == "adam"
@@ -230,21 +280,25 @@ def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], state: dic
 
 
 def _unit_sums(plan: GroupPlan, calls: list[BucketCall], values) -> Tensor:
-    """Sum per unit (plus a padding slot) of ``values(bucket)``, (tiles * 16, k) per block, over
-    the buckets of ``calls`` (not empty): (units + 1, k)."""
+    """Sum per unit (plus a padding slot) of ``values(bucket)``, (tiles, k) per compact tile
+    (every tile belongs to one unit), over the buckets of ``calls`` (not empty): (units + 1, k).
+    Per tile, not per block: index_add_ over 16x fewer rows (it cost 0.5 ms of a 2 ms ResNet-32
+    step over blocks)."""
     per_bucket = [values(call.bucket) for call in calls]
     out = per_bucket[0].new_zeros(len(plan.units) + 1, per_bucket[0].shape[1])
     for call, v in zip(calls, per_bucket):
-        out.index_add_(0, call.bucket.block_unit, v)
+        out.index_add_(0, call.bucket.tile_unit, v)
     return out
 
 
 def _relative_damping(group: dict, plan: GroupPlan, calls: list[BucketCall]) -> None:
     """tile_damping = the relative damping of each tile's unit, from the refreshed curvature
-    of all its blocks (:func:`mbf_kernels.reference.relative_damping`)."""
+    of all its blocks (:func:`mbf_kernels.reference.relative_damping`); padding blocks, whose
+    state the layout leaves unspecified, are left out."""
     def diagonals(b: Bucket) -> Tensor:
         rows = [i * (i + 1) // 2 + i for i in range(b.d)]
-        return b.curvature[:, rows, :].sum(1).reshape(-1, 1)
+        real = (b.block_unit < len(plan.units)).view(b.tiles, 1, COMPACT_TILE)
+        return (b.curvature[:, rows, :] * real).sum((1, 2)).reshape(-1, 1)
 
     sums = _unit_sums(plan, calls, diagonals)[:, 0]
     damping = relative_damping(group["damping"], sums, plan.diagonal_count)
@@ -254,7 +308,8 @@ def _relative_damping(group: dict, plan: GroupPlan, calls: list[BucketCall]) -> 
 
 def _graft_scales(plan: GroupPlan, calls: list[BucketCall]) -> None:
     """tile_scale = |a_unit| / |u_unit| from the measuring pass's per-block norms."""
-    sums = _unit_sums(plan, calls, lambda b: b.tile_norms.transpose(1, 2).reshape(-1, 2))
+    # (the kernels write zeros for padding blocks and for blocks whose norms are not finite)
+    sums = _unit_sums(plan, calls, lambda b: b.tile_norms.sum(2))
     su, sa = sums[:, 0], sums[:, 1]
     scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(),
                         torch.zeros_like(su))
