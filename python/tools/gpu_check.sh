@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One-command GPU check: on a machine with one CUDA GPU, build the extension with its CUDA
+# kernels, run the `gpu` tests (Triton and CUDA backends on CUDA tensors) and the GPU kernel
+# benchmark, and print the bar table, each phase bounded in time and reported.
+#
+# It runs on the machine's own Python with its CUDA build of torch, Triton, nvcc and ninja (a
+# lent GPU machine reaches no package registry, so nothing is installed: `bash .ci/run`
+# is the CPU path, with a venv made from scratch). The build goes in place (no install).
+#
+#   bash python/tools/gpu_check.sh            # writes under $OUT (or out/gpu_check)
+#
+#   PYTHON=python3        the interpreter with torch (CUDA), triton, pytest, rich
+#   GPU_CHECK_BUILD_S     time bound of the build (default 240 s)
+#   GPU_CHECK_TESTS_S     of the gpu tests, Triton compilation and tuning included (150 s)
+#   GPU_CHECK_BENCH_S     of the benchmark, Triton compilation and tuning included (120 s)
+# Triton's compiled kernels are cached in $OUT/triton-cache: a second run reuses them, and the
+# difference between the two runs' test times is the compilation time.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+python="${PYTHON:-python3}"
+out="${OUT:-out/gpu_check}"
+mkdir -p "$out"
+export TRITON_CACHE_DIR="$PWD/$out/triton-cache"
+summary="$out/summary.md"
+: > "$summary"
+
+phase() {  # phase NAME SECONDS COMMAND...: run it bounded, log it, record its time and status
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  local took=$((SECONDS - start))
+  local state="ok"
+  [ $rc -eq 124 ] && state="TIMED OUT after ${limit} s"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && state="FAILED (exit $rc)"
+  echo "| $name | $took s | $state |" >> "$summary"
+  echo "gpu_check: $name: $state in $took s (log: $out/$name.log)"
+  tail -n 3 "$out/$name.log"
+  return $rc
+}
+
+if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check: no CUDA device visible to $python's torch; nothing to check here" >&2
+  exit 2
+fi
+"$python" -c 'import torch, triton; print("gpu_check:", torch.cuda.get_device_name(),
+      "torch", torch.__version__, "triton", triton.__version__)' | tee "$out/device.txt"
+echo "| phase | wall time | status |" >> "$summary"
+echo "|---|---|---|" >> "$summary"
+
+arch=$("$python" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+phase build "${GPU_CHECK_BUILD_S:-240}" env MBF_CUDA=1 MBF_CUDA_ARCHS="$arch" \
+  MAX_JOBS="$(nproc)" "$python" setup.py build_ext --inplace || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+phase tests "${GPU_CHECK_TESTS_S:-150}" "$python" -m pytest -q -m gpu -p no:cacheprovider \
+  --durations=8 tests
+tests_rc=$?
+phase bench "${GPU_CHECK_BENCH_S:-120}" "$python" bench/bench_kernels.py --device cuda \
+  --quick --budget 0.2 --out "$out"
+bench_rc=$?
+
+echo
+echo "== phases (Triton compilation and tuning are inside tests and bench; the slowest tests"
+echo "   are listed in $out/tests.log)"
+cat "$summary"
+echo
+echo "== the bar (bench_kernels.py, $out/cuda_kernels.md)"
+sed -n '/bar/,$p' "$out/cuda_kernels.md" 2>/dev/null || echo "(no benchmark table: see $out/bench.log)"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
