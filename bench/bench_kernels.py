@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mbf_kernels import _extension as mk_extension
 from mbf_kernels import compact, dispatch
 from mbf_kernels.apps.benchmark import (OPS, Row, bench_linalg, environment, memory_roof,
                                    kernel_backends, make_row, timed)
@@ -84,6 +85,13 @@ def bench_step(d, n, dtype, device, roof_bw, budget_s, backend) -> list[Row]:
         rows.append(make_row(name, f"mbf_kernels[{backend}]", dtype, d, n, times, nbytes,
                              roof_bw))
     return rows
+
+
+def _levels(backend: str, every: bool) -> list[str | None]:
+    """The C++ kernels' ISA levels to time (None: the active one, for every other backend)."""
+    if backend != "cpu" or not every:
+        return [None]
+    return list(mk_extension.build_info().get("cpu_levels_supported", [])) or [None]
 
 
 def _size(n: int) -> str:
@@ -196,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", help="block sizes d (overrides the grid)")
     parser.add_argument("--sizes", type=int, nargs="+", help="block counts N (overrides the grid)")
     parser.add_argument("--step-n", type=int, help="blocks per bucket for the fused step")
+    parser.add_argument("--cpu-levels", action="store_true",
+                        help="time the C++ fused step at every ISA level this CPU runs (forced "
+                        "lower levels included), not only the one chosen at import")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -221,10 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_solve(d, n, torch.float32, device, roof_bw, args.budget)
     default_step_n = BAR_N if device.type == "cuda" else 2**18 if args.quick else 2**20
     step_n = args.step_n or default_step_n
+    import_level = mk_extension.cpu_capability()
     step_points = [(d, b) for d in dims for b in step_backends(device)
                    if dispatch.covers(b, d, step=True)]
     for d, backend in track(step_points, description="fused step", console=console):
-        rows += bench_step(d, step_n, torch.float32, device, roof_bw, args.budget, backend)
+        for level in _levels(backend, args.cpu_levels):
+            if level:
+                mk_extension.set_cpu_capability(level)
+            step_rows = bench_step(d, step_n, torch.float32, device, roof_bw, args.budget,
+                                   backend)
+            for r in step_rows:
+                r.impl += f":{level}" if level else ""
+            rows += step_rows
+        if import_level:
+            mk_extension.set_cpu_capability(import_level)
 
     table = Table(title=f"{device.type} kernels, float32 (median of repeats; "
                         f"{measured.describe()})")
