@@ -38,6 +38,10 @@ void store_compact(const V<T>* in, int rows, T* base) {
   for (int r = 0; r < rows; ++r) std::memcpy(base + r * kCompactTile, &in[r], sizeof(V<T>));
 }
 
+// Whether a pass reads the parameters: to write them, or for a coupled weight decay's direction
+// (g + wd p even at wd = 0, as the reference: a non-finite p then reaches m, as it should).
+inline bool needs_p(const StepConfig& cfg) { return cfg.write || !cfg.decoupled_weight_decay; }
+
 template <typename T>
 int64_t count_lanes(const M<T>& mask, int cnt) {
   int64_t c = 0;
@@ -150,13 +154,16 @@ struct CompactTile {
     }
     if (!cfg.write && !cfg.graft) return;  // the refresh/refactor-only pass
     gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
-    gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+    // Grafting's measuring pass reads p only for a coupled decay (with the default, decoupled
+    // decay, that is a ninth of its reads saved).
+    if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
     if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
     const T lr = static_cast<T>(cfg.lr), rho = static_cast<T>(cfg.momentum);
     const T wd = static_cast<T>(cfg.weight_decay);
+    const bool coupled = !cfg.decoupled_weight_decay;
     const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
     for (int e = 0; e < n; ++e) {
-      const V<T> dir = cfg.decoupled_weight_decay ? gv[e] : gv[e] + wd * pv[e];
+      const V<T> dir = coupled ? gv[e] + wd * pv[e] : gv[e];
       mv[e] = rho * mv[e] + dir;
       x[e] = mv[e];
       if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
@@ -238,7 +245,7 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
           if (touches_F) prefetch_bytes(F + (t + 1) * tile_elems, tile_bytes);
           prefetch_bytes(s->g + next_row, rows_bytes);
           prefetch_bytes(s->m + next_row, rows_bytes);
-          prefetch_bytes(s->p + next_row, rows_bytes);
+          if (needs_p(cfg)) prefetch_bytes(s->p + next_row, rows_bytes);
           if (s->v != nullptr) prefetch_bytes(s->v + next_row, rows_bytes);
         }
         tile.step(*s, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg, tiles,
