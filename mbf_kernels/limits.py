@@ -19,3 +19,14 @@ CUDA_STEP_MAX_D = 64
 def triton_interpreted() -> bool:
     """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+#: Set to 0 to run every Triton kernel with its first tile config instead of tuning (the
+#: correctness tests on a GPU: tuning compiles each kernel once per config, minutes in all).
+TRITON_AUTOTUNE_ENV = "MBF_TRITON_AUTOTUNE"
+
+
+def triton_autotune() -> bool:
+    """Whether the Triton kernels tune their tiles (off in the interpreter, or when
+    MBF_TRITON_AUTOTUNE=0)."""
+    return not triton_interpreted() and os.environ.get(TRITON_AUTOTUNE_ENV, "1") != "0"

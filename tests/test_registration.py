@@ -286,3 +286,24 @@ def test_package_works_without_the_extension(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"
+
+
+def test_triton_tile_tuning_can_be_switched_off(monkeypatch):
+    """MBF_TRITON_AUTOTUNE=0 (the GPU check's correctness run) gives every kernel its first
+    tile config, as the interpreter does; otherwise every config that fits d is tried."""
+    pytest.importorskip("triton")
+    from mbf_kernels import limits
+    from mbf_kernels.triton import _common
+
+    configs = [type("Config", (), dict(kwargs={"BLOCK": b}, num_warps=w))()
+               for b, w in _common.CONFIGS]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(limits.TRITON_AUTOTUNE_ENV, raising=False)
+    assert limits.triton_autotune()
+    tried = _common._prune(configs, {"D": 16})
+    assert len(tried) > 1 and all(_common.fits(c.kwargs["BLOCK"], c.num_warps, 16) for c in tried)
+    monkeypatch.setenv(limits.TRITON_AUTOTUNE_ENV, "0")
+    assert not limits.triton_autotune() and _common._prune(configs, {"D": 16}) == configs[:1]
+    monkeypatch.delenv(limits.TRITON_AUTOTUNE_ENV)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not limits.triton_autotune() and _common._prune(configs, {"D": 16}) == configs[:1]

@@ -26,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..layout import compact_shape
 from ..limits import TRITON_MAX_D as MAX_D
-from ..limits import triton_interpreted
+from ..limits import triton_autotune, triton_interpreted
 
 #: (BLOCK, num_warps) candidates. BLOCK >= 32 * num_warps: each block has exactly one owning
 #: thread (two per thread only when registers allow: fits).
@@ -41,8 +41,10 @@ def fits(block: int, warps: int, d: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    if triton_interpreted():
-        return [configs[0]]  # the interpreter ignores warps; tuning it would only cost time
+    if not triton_autotune():
+        # The interpreter ignores warps, and MBF_TRITON_AUTOTUNE=0 asks for no tuning: the
+        # first config, which fits every d.
+        return [configs[0]]
     d = kwargs.get("D", named_args.get("D"))
     kept = [c for c in configs if fits(c.kwargs["BLOCK"], c.num_warps, d)]
     return kept or [configs[0]]

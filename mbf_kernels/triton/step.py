@@ -20,6 +20,7 @@ from triton.testing import do_bench
 
 from ..layout import (COMPACT_TILE, SegmentFlags, StepMode, check_bucket_step_fake,
                       check_segments, compact_shape)
+from ..limits import triton_autotune
 from ..packed import tril_dim
 from ..reference import graft_bias_corrections
 from ._common import (CONFIGS, TABLES, bits, check_d, check_float, check_like, fits,
@@ -272,14 +273,10 @@ _STEP_CONFIG: dict[tuple, tuple[int, int]] = {}
 
 def _tune_step(d: int, dtype: torch.dtype, device: torch.device, *, nbytes: int = 256 << 20,
                timer=None) -> tuple[int, int]:
-    """(BLOCK, num_warps) for the step kernels at block size d, timed once on a scratch bucket.
-
-    ``triton.autotune`` cannot serve these kernels: it replays a kernel on the real arguments,
-    and the step updates parameters that it reaches through the table, not as arguments, so
-    the trial runs would move the model. The plain cached-factor step is what is timed (the
-    step MBF takes T2 - 1 times out of T2), on a bucket of about 256 MB, so that the kernel, not
-    its launch, is what the timer sees.
-    """
+    """(BLOCK, num_warps) for the step kernels at block size d, timed once on a scratch bucket
+    of about 256 MB (the kernel, not its launch), in the cached-factor step MBF takes T2 - 1
+    times out of T2. Not ``triton.autotune``: it replays a kernel on the real arguments, and the
+    step updates parameters it reaches through the table, so trials would move the model."""
     if timer is None:
         def timer(fn):
             return do_bench(fn, warmup=5, rep=25)
@@ -304,6 +301,8 @@ def _tune_step(d: int, dtype: torch.dtype, device: torch.device, *, nbytes: int 
 def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return CONFIGS[1]  # the interpreter: warps mean nothing, smaller tiles run faster
+    if not triton_autotune():
+        return CONFIGS[0]  # MBF_TRITON_AUTOTUNE=0
     key = (d, dtype, device.index)
     if key not in _STEP_CONFIG:
         _STEP_CONFIG[key] = _tune_step(d, dtype, device)
