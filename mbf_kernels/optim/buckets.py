@@ -203,28 +203,28 @@ def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], state: dict,
             return BucketCall(bucket, list(layout.params), grads, [s[MOMENTUM] for s in sts],
                               [s[SECOND_MOMENT] for s in sts] if group["graft"] == "adam"
                               else [], segments)
-    index: dict[int, int] = {}
+    # Otherwise (units without a gradient, staged or converted tensors, sampled gradients): the
+    # same layout, with only the active units' segments and the tensors they name.
     call = BucketCall(bucket)
     graft = group["graft"] == "adam"
     # Sampled gradients exist only on refresh steps (fisher_pass()); none are built otherwise.
     true_fisher = fisher if group["fisher"] == "true" and fisher else None
+    index: dict[int, int] = {}  # layout.params index -> this call's
 
-    def tensor_index(p: Tensor) -> int:
-        i = index.get(id(p))
-        if i is None:
-            i = index[id(p)] = len(call.params)
+    def tensor_index(i: int) -> int:
+        if i not in index:
+            index[i] = len(call.params)
+            p = layout.params[i]
             call.add(p, state[p], graft, true_fisher)
-        return i
+        return index[i]
 
-    for unit, seg, tile0 in bucket.entries:
+    for unit, fields in layout.segments:
         f = flags.get(id(unit))
         if f is None:
             continue
-        main = tensor_index(unit.params[seg.main])
-        tail = -1 if seg.tail is None else tensor_index(unit.params[seg.tail])
-        step = state[unit.params[0]][STEP] + 1
-        call.segments += [main, tail, seg.n_blocks, seg.offset, seg.width, seg.row_stride,
-                          tile0, f, step]
+        main, tail = fields[0], fields[1]
+        call.segments += [tensor_index(main), -1 if tail < 0 else tensor_index(tail),
+                          *fields[2:], f, state[unit.params[0]][STEP] + 1]
     return call if call.segments else None
 
 
