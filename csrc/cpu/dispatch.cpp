@@ -12,6 +12,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "mbf/cpu_features.h"
+
 namespace mbf {
 namespace cpu {
 namespace {
@@ -19,21 +21,6 @@ namespace {
 std::atomic<const CpuKernels*> g_active{nullptr};
 std::mutex g_mutex;
 std::map<std::string, const CpuKernels*> g_loaded;  // level -> table (libraries stay loaded)
-
-bool cpu_runs(const std::string& level) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (level == "scalar") return true;
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (level == "avx2") return avx2;
-  if (level == "avx512")
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return false;
-#else
-  return level == "default";
-#endif
-}
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;
@@ -82,7 +69,7 @@ std::vector<std::string> known_levels() {
 std::vector<std::string> supported_levels() {
   std::vector<std::string> out;
   for (const auto& level : known_levels())
-    if (cpu_runs(level)) out.push_back(level);
+    if (cpu_runs_level(level)) out.push_back(level);
   return out;
 }
 
@@ -92,7 +79,7 @@ std::string use_level(const std::string& dir, const std::string& requested) {
   std::string level = requested.empty() ? supported.back() : requested;
   TORCH_CHECK(std::find(known.begin(), known.end(), level) != known.end(),
               "mbf_kernels: unknown CPU capability '", level, "'; choose one of ", join(known));
-  TORCH_CHECK(cpu_runs(level), "mbf_kernels: this CPU cannot run the '", level,
+  TORCH_CHECK(cpu_runs_level(level), "mbf_kernels: this CPU cannot run the '", level,
               "' kernels; it runs ", join(supported));
   std::lock_guard<std::mutex> lock(g_mutex);
   const CpuKernels* table = load(dir, level);

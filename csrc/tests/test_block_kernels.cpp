@@ -17,6 +17,7 @@
 
 #include "mbf/batched.h"
 #include "mbf/compact_block.h"
+#include "mbf/cpu_features.h"
 #include "mbf/small_spd.h"
 
 namespace {
@@ -550,21 +551,6 @@ void both() {
 #define MBF_CPU_ISA "default"
 #endif
 
-// Whether this CPU runs the ISA level the kernels under test were built for (the extension's
-// check: csrc/cpu/dispatch.cpp).
-bool cpu_runs_this_level() {
-  const std::string level = MBF_CPU_ISA;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (level == "avx2") return avx2;
-  if (level == "avx512")
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#endif
-  return true;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -581,7 +567,7 @@ int main(int argc, char** argv) {
       {"device_step_matches_cpu_step", both<test_device_step_matches_cpu_step_t<float>, test_device_step_matches_cpu_step_t<double>>},
       {"device_compact_ops_match_cpu", both<test_device_compact_ops_match_cpu_t<float>, test_device_compact_ops_match_cpu_t<double>>},
   };
-  if (!cpu_runs_this_level()) {
+  if (!mbf::cpu::cpu_runs_level(MBF_CPU_ISA)) {
     std::fprintf(stderr, "skipped: this CPU cannot run the %s kernels\n", MBF_CPU_ISA);
     return 77;  // ctest: SKIP_RETURN_CODE
   }
