@@ -49,7 +49,7 @@ def _log(msg: str) -> None:
 CPU_KERNEL_SOURCES = ["csrc/cpu/block_kernels.cpp", "csrc/cpu/step_kernels.cpp",
                       "csrc/cpu/kernel_table.cpp"]
 #: Compiler flags of each level (x86-64; "default" is the compiler's baseline elsewhere). The
-#: runtime check of each level's CPU features is in csrc/cpu/dispatch.cpp.
+#: runtime check of each level's CPU features is csrc/include/mbf/cpu_features.h.
 X86_LEVELS = {
     "scalar": ["-march=x86-64", "-mtune=generic"],
     "avx2": ["-march=x86-64", "-mavx2", "-mfma", "-mtune=generic"],

@@ -59,8 +59,6 @@ def autotune(restore=()):
         prune_configs_by={"early_config_prune": _prune})
 
 
-
-
 def check_float(name: str, X: Tensor) -> None:
     if X.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"mbf_kernels triton: {name} must be float32 or float64, got {X.dtype}")
