@@ -55,7 +55,7 @@ def test_bench_optimizer_toy(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "optimizer_step.csv")))
     # small_cnn's 512 -> 64 linear is large: both large_linear settings, six rows each.
     assert [(r["large_linear"], r["step"]) for r in rows] == [
-        (mode, step) for mode in ("shared", "diagonal")
+        (mode, step) for mode in ("auto", "diagonal")
         for step in ("adamw", "adamw_foreach", "cached", "refresh", "refactor", "amortised")]
     assert {r["optimizer"] for r in rows if r["step"] == "adamw"} == {"AdamW(fused)"}
     for r in rows:

@@ -76,7 +76,8 @@ def test_resnet32_and_vgg16_blocks():
     blocks9 = {(r["kind"], r["d"]): r["blocks"] for r in
                mk.MBF.from_model(vgg, backend="torch").block_summary()}
     assert blocks9[("blocks", 9)] == 1_634_496  # the ~1.6M 3x3 kernels of MBF_SPEC section 1
-    assert {k for k in blocks9 if k[0] == "shared"} == {("shared", 513), ("shared", 4097)}
+    # The 4096-wide classifier's blocks are too large to keep exact: rank 32 (large_linear="auto").
+    assert {k for k in blocks9 if k[0] != "blocks"} == {("lowrank", 513), ("lowrank", 4097)}
 
 
 # Data readers on tiny files written in each supported format

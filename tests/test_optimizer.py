@@ -383,17 +383,26 @@ def test_singular_blocks_fall_back_and_stay_finite(backend):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_shared_block_fallback_and_nan():
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_shared_block_fallback_and_nan(large_linear):
     lin = nn.Linear(80, 2, dtype=torch.float64)  # d = 81 > 64: shared
-    opt = mk.MBF.from_model(lin, lr=0.1, damping=0.0, curvature_update_freq=1, **PAPER)
+    opt = mk.MBF.from_model(lin, lr=0.1, damping=0.0, curvature_update_freq=1, **PAPER,
+                            large_linear=large_linear, shared_rank=8)
     lin.weight.grad = torch.randn_like(lin.weight)
     lin.bias.grad = torch.randn_like(lin.bias)
-    opt.step()  # rank 2 of 81 at damping 0: fails, diagonal fallback
+    before = lin.weight.detach().clone()
+    opt.step()  # rank 2 of 81 at damping 0: fails, the fallback is a plain (bounded) step
     assert opt.stats["failed_factor"] == 1 and torch.isfinite(lin.weight).all()
+    assert (lin.weight - before).abs().max() < 10
     lin.weight.grad[0, 0] = float("nan")
+    saved = opt.state_dict()["state"][0]["curvature"][0]
     opt.step()
     assert opt.stats["skipped_curvature"] == 1
-    assert torch.isfinite(opt.state_dict()["state"][0]["curvature"][0]).all()
+    after = opt.state_dict()["state"][0]["curvature"][0]
+    if large_linear == "lowrank":  # the curvature of the bad step is skipped, not mixed in
+        assert all(torch.equal(saved[k], after[k]) for k in ("basis", "excess", "residual"))
+    else:
+        assert torch.equal(saved, after)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -402,6 +411,7 @@ def test_shared_block_fallback_and_nan():
     (dict(weight_decay=-1.0), "weight_decay"), (dict(curvature_update_freq=0), "curvature_update_freq"),
     (dict(inverse_update_freq=1.5), "inverse_update_freq"), (dict(max_block_size=0), "max_block_size"),
     (dict(large_linear="rows"), "large_linear"), (dict(conv1x1="x"), "conv1x1"),
+    (dict(shared_rank=0), "shared_rank"), (dict(shared_rank=2.5), "shared_rank"),
     (dict(backend="gpu"), "backend"), (dict(decoupled_weight_decay=1), "decoupled_weight_decay"),
     (dict(lr=float("nan")), "lr"), (dict(dampening=0.1), "dampening"),
 ])

@@ -55,10 +55,35 @@ def test_shape_rule_without_modules():
     ("chunk", {("blocks", 64): 3, ("blocks", 37): 3}),
     ("diagonal", {("blocks", 1): 303}),
     ("shared", {("shared", 101): 1}),
+    ("lowrank", {("lowrank", 101): 1}),
+    ("auto", {("shared", 101): 1}),  # small and cheap: exact
 ])
 def test_large_linear_modes(mode, expected):
     opt = mk.MBF.from_model(nn.Linear(100, 3), backend="torch", large_linear=mode)
     assert summary(opt) == expected
+
+
+@pytest.mark.parametrize("mode, in_features, out, rank, kind, kept", [
+    # n = 300 rows of d = 101: 2 n d^2 = 6.1M FLOPs, d^2 = 10k entries: small, exact.
+    ("auto", 100, 300, 32, "shared", 101),
+    # n = 4000: 82M FLOPs > 2^26, and d > 2k: the low-rank GEMMs are cheaper.
+    ("auto", 100, 4000, 32, "lowrank", 32),
+    ("auto", 127, 4000, 64, "shared", 128),   # d = 2k: the exact block is no more work
+    ("auto", 128, 4000, 64, "lowrank", 64),
+    ("auto", 1024, 2, 32, "lowrank", 32),     # d^2 > 2^20 entries, however few rows
+    ("lowrank", 100, 5, 200, "lowrank", 101),  # a rank above d is d: exact, in low-rank form
+    ("shared", 300, 5, 8, "shared", 301),
+])
+def test_auto_rule_and_block_summary(mode, in_features, out, rank, kind, kept):
+    opt = mk.MBF.from_model(nn.Linear(in_features, out), backend="torch", large_linear=mode,
+                            shared_rank=rank)
+    (row,) = opt.block_summary()
+    d = in_features + 1
+    assert (row["kind"], row["d"], row["rank"]) == (kind, d, kept)
+    # Its memory: three d x d matrices exact; two d x k bases and their k values low-rank.
+    itemsize = 4
+    expected = 3 * d * d if kind == "shared" else 2 * d * kept + 2 * kept + 2
+    assert row["bytes"] == expected * itemsize + (8 if kind == "lowrank" else 0)
 
 
 def test_chunk_with_a_bias_only_piece():
@@ -80,3 +105,11 @@ def test_bias_in_another_group_stays_diagonal():
     opt = mk.MBF([{"params": [lin.weight]}, {"params": [lin.bias], "lr": 0.1}],
                  backend="torch", _roles=mk.optim.blocks.module_roles(lin))
     assert summary(opt) == {("blocks", 3): 2, ("blocks", 1): 2}
+
+
+def test_default_rank_by_device():
+    """shared_rank=None: the rank whose GEMMs cost about one AdamW step on the device."""
+    from mbf_kernels.optim.blocks import default_rank
+    assert (default_rank("cpu"), default_rank("cuda"), default_rank("meta")) == (16, 128, 16)
+    opt = mk.MBF.from_model(nn.Linear(4000, 3000), backend="torch")
+    assert [(r["kind"], r["rank"]) for r in opt.block_summary()] == [("lowrank", 16)]

@@ -336,11 +336,14 @@ class TwoShared(nn.Module):
         return self.head(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
 
 
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
 @pytest.mark.parametrize("config", ["graft-relative-decoupled", "graft-coupled-wd", "relative"])
-def test_shared_blocks_with_gradients_missing_on_some_steps_match_reference(config):
+def test_shared_blocks_with_gradients_missing_on_some_steps_match_reference(config, large_linear):
     """Shared blocks whose layers miss a gradient on some steps (their step counts, and so
-    Adam's bias corrections, then differ from their neighbours'): as the dense reference."""
-    opts = dict(CONFIGS[config], curvature_update_freq=2, inverse_update_freq=3, max_block_size=8)
+    Adam's bias corrections, then differ from their neighbours'): as the dense reference. Kept
+    at a rank of at least d ("lowrank", shared_rank=64), they are exact too (lowrank.py)."""
+    opts = dict(CONFIGS[config], curvature_update_freq=2, inverse_update_freq=3, max_block_size=8,
+                large_linear=large_linear, shared_rank=64)
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(40, 24, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,),
                                                                                  generator=g)
@@ -349,7 +352,8 @@ def test_shared_blocks_with_gradients_missing_on_some_steps_match_reference(conf
         torch.manual_seed(5)
         model = TwoShared().double()
         opt = cls.from_model(model, **opts)
-        assert cls is ReferenceMBF or sum(r["kind"] == "shared" for r in opt.block_summary()) == 4
+        assert cls is ReferenceMBF or sum(r["kind"] == large_linear
+                                          for r in opt.block_summary()) == 4
         for k in range(9):
             opt.zero_grad()
             F.cross_entropy(model(X[8 * (k % 5):][:8]), Y[8 * (k % 5):][:8]).backward()
@@ -362,13 +366,15 @@ def test_shared_blocks_with_gradients_missing_on_some_steps_match_reference(conf
     torch.testing.assert_close(out[0], out[1], rtol=1e-8, atol=1e-10)
 
 
-def test_nan_gradient_in_one_row_of_a_shared_block_stays_in_that_row():
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_nan_gradient_in_one_row_of_a_shared_block_stays_in_that_row(large_linear):
     """A shared block applies one inverse to every row: a NaN in one row's gradient turns that
     row NaN, and, with grafting, the layer's scale (its norms leave the row out) still moves the
     other rows; the other layers stay finite."""
     torch.manual_seed(5)
     model = TwoShared().double()
-    opt = mk.MBF.from_model(model, max_block_size=8, lr=1e-2)
+    opt = mk.MBF.from_model(model, max_block_size=8, lr=1e-2, large_linear=large_linear,
+                            shared_rank=4)
     X = torch.randn(8, 24, dtype=torch.float64)
     Y = torch.randint(0, 3, (8,))
     for k in range(3):

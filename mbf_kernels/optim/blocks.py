@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..layout import Segment  # the layout the bucket-step op reads
 
 #: Values of the per-group option ``large_linear``.
-LARGE_LINEAR = ("shared", "chunk", "diagonal")
+LARGE_LINEAR = ("auto", "shared", "lowrank", "chunk", "diagonal")
 #: Values of the per-group option ``conv1x1``.
 CONV1X1 = ("conv", "row")
 #: What a module-aware walk says a parameter is (None: decide by shape).
@@ -37,6 +38,7 @@ class Unit:
     kind: str  # "blocks" | "shared"
     segments: list[Segment]
     name: str
+    rank: int | None = None  # a shared block kept at this rank (.lowrank); None: exact
 
     @property
     def n_blocks(self) -> int:
@@ -56,8 +58,10 @@ def _rows(weight: Tensor, has_bias: bool, group: dict, name: str) -> Unit:
     if d <= group["max_block_size"]:
         return Unit([], "blocks", [Segment(0, tail, out, 0, width, width)], name)
     mode = group["large_linear"]
-    if mode == "shared":
-        return Unit([], "shared", [Segment(0, tail, out, 0, width, width)], name)
+    if mode in ("auto", "shared", "lowrank"):
+        return Unit([], "shared", [Segment(0, tail, out, 0, width, width)], name,
+                    rank=shared_rank(mode, out, d, group["shared_rank"]
+                                     or default_rank(weight.device)))
     if mode == "diagonal":
         segs = [Segment(0, None, weight.numel(), 0, 1, 1)]
         if has_bias:
@@ -72,6 +76,41 @@ def _rows(weight: Tensor, has_bias: bool, group: dict, name: str) -> Unit:
         w = min(c1, width) - c0
         segs.append(Segment(0, tail if c1 > width else None, out, c0, w, width))
     return Unit([], "blocks", segs, name)
+
+
+#: The rank of a low-rank shared block when ``shared_rank`` is None, by device type: the largest
+#: power of two whose two GEMMs (4 k FLOPs per weight) cost about one AdamW step (28 bytes per
+#: weight) at the device's FLOP-per-byte balance: ~2 on a CPU (the dev VM: ~150 GFLOP/s of
+#: skinny GEMM, 60-100 GB/s), ~50 on an H200 with TF32 tensor cores (capped at 128: a refresh's
+#: QR and eigh grow as d k^2 and k^3). Other devices (and meta) take the CPU's.
+AUTO_RANK = {"cuda": 128}
+AUTO_RANK_DEFAULT = 16
+
+
+def default_rank(device) -> int:
+    return AUTO_RANK.get(torch.device(device).type, AUTO_RANK_DEFAULT)
+
+
+#: "auto" keeps a shared block exact while its step is this cheap (the GEMM U = M F^-1, 2 n d^2
+#: FLOPs: about 0.4 ms on the dev VM's 2 cores), and its d x d matrices this small (d^2
+#: entries each; three are kept). Below both, a rank-k block would not be cheaper: its refresh
+#: alone (a QR, a Cholesky and an eigh of size k + p, and their launches) takes 0.3-0.7 ms.
+EXACT_MAX_FLOPS = 1 << 26
+EXACT_MAX_ENTRIES = 1 << 20
+
+
+def shared_rank(mode: str, n: int, d: int, rank: int) -> int | None:
+    """The rank a shared block of n rows of size d is kept at (None: exact) under
+    ``large_linear=mode`` with ``shared_rank=rank``. "auto" keeps it exact when that is no more
+    work per step than rank k (d <= 2k: the exact GEMM costs 2 d FLOPs per weight, the
+    low-rank one's two 4 k), or when the exact block is small and cheap in absolute terms
+    (:data:`EXACT_MAX_FLOPS`, :data:`EXACT_MAX_ENTRIES`)."""
+    if mode == "shared":
+        return None
+    if mode == "auto" and (d <= 2 * rank or (
+            d * d <= EXACT_MAX_ENTRIES and 2 * n * d * d <= EXACT_MAX_FLOPS)):
+        return None
+    return min(rank, d)
 
 
 def plan_unit(weight: Tensor, bias: Tensor | None, role: str | None, group: dict,

@@ -205,21 +205,24 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                              for k, t in self.state[p].items() if k in (MOMENTUM, SECOND_MOMENT))
             for b in plan.buckets:
                 total += b.curvature.nbytes + b.factor.nbytes
-            for sh in plan.shared_blocks:
-                total += sh.curvature.nbytes + sh.factor.nbytes + sh.inverse.nbytes
+            total += sum(sh.nbytes for sh in plan.shared_blocks)
             total += sum(s.work_bytes() for s in plan.shared)
         return total
 
     def block_summary(self) -> list[dict]:
-        """One row per bucket / shared block: group, d, blocks, dtype, device."""
+        """One row per bucket / shared block: group, kind, d, blocks, dtype, device, bytes (its
+        curvature and factor state); a shared block also its layer's name and ``rank`` (d when
+        it is exact, "shared"; less when it is kept at a rank, "lowrank")."""
         rows = []
         for gi, plan in enumerate(self._plans):
             for b in plan.buckets:
                 rows.append(dict(group=gi, kind="blocks", d=b.d,
                                  blocks=sum(s.n_blocks for _, s, _ in b.entries),
-                                 dtype=str(b.dtype), device=str(b.device)))
+                                 dtype=str(b.dtype), device=str(b.device),
+                                 bytes=b.curvature.nbytes + b.factor.nbytes))
             for sh in plan.shared_blocks:
-                rows.append(dict(group=gi, kind="shared", d=sh.curvature.shape[0], blocks=1,
-                                 dtype=str(sh.curvature.dtype), device=str(sh.curvature.device),
-                                 name=sh.unit.name))
+                rows.append(dict(group=gi, kind="shared" if sh.lowrank is None else "lowrank",
+                                 d=sh.d, blocks=1, dtype=str(sh.rows["work"].dtype),
+                                 device=str(sh.stats.device), bytes=sh.nbytes,
+                                 name=sh.unit.name, rank=sh.rank))
         return rows

@@ -55,7 +55,8 @@ class MBFOptions:
     curvature_update_freq: int = 10  # T1
     inverse_update_freq: int = 100  # T2
     max_block_size: int = 64
-    large_linear: str = "shared"  # "shared" | "chunk" | "diagonal"
+    large_linear: str = "auto"  # "auto" | "shared" | "lowrank" | "chunk" | "diagonal"
+    shared_rank: int | None = None  # rank of a "lowrank" block; None: per device (AUTO_RANK)
     conv1x1: str = "conv"  # "conv" | "row"
     backend: str = "auto"  # "auto" | "cpu" | "cuda" | "triton" | "torch"
     graft: str = "adam"  # "adam" | "none"
@@ -72,8 +73,11 @@ class MBFOptions:
         for name in ("momentum", "beta"):
             if not 0.0 <= _real(name, getattr(self, name)) < 1.0:
                 raise ValueError(f"MBF: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        for name in ("curvature_update_freq", "inverse_update_freq", "max_block_size"):
+        for name in ("curvature_update_freq", "inverse_update_freq", "max_block_size",
+                     "shared_rank"):
             value = getattr(self, name)
+            if name == "shared_rank" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"MBF: {name} must be an integer >= 1, got {value!r}")
         if self.decoupled_weight_decay is not None and not isinstance(
@@ -114,8 +118,8 @@ PAPER_LR, PAPER_DAMPING = 0.01, 0.3
 
 #: Options that shape the optimizer's buffers or describe this run (fixed at construction):
 #: kept from the loading optimizer on load_state_dict.
-RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "conv1x1", "graft", "damping_mode",
-               "fisher")
+RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "shared_rank", "conv1x1", "graft",
+               "damping_mode", "fisher")
 
 
 def validate_group(group: dict) -> None:

@@ -1,20 +1,23 @@
 """Shared blocks of large linear layers (the paper's spatial averaging), stepped together.
 
-A shared block is one dense d x d curvature for all n rows of a layer (d = in + 1 with a bias).
-Its step is the bucket op's (MBF_SPEC section 3, grafting and relative damping of section 3b),
-with rows for blocks: ``U = M (F + damping I)^{-1}`` is one GEMM for the whole layer.
+A shared block is one d x d curvature for all n rows of a layer (d = in + 1 with a bias), exact
+or kept at a rank (:mod:`.lowrank`). Its step is the bucket op's (MBF_SPEC section 3, grafting
+and relative damping of section 3b), with rows for blocks: ``U = M (F + damping I)^{-1}`` is one
+GEMM (exact) or two thin ones (low rank) for the whole layer.
 
-On a small model the cost of a step is the number of torch calls, not the FLOPs (an MLP of
-seven such layers spent 3 ms of Python per step in ~35 calls per layer). So the rows of every
-shared block of a param group (one dtype and device) live in flat buffers, one per quantity:
-the gradient and the parameter are gathered into them with one ``_foreach_copy_`` each, the
-element-wise work of all layers is a few flat calls, and each layer adds its GEMM, and with
-grafting two row norms and one scaled add. Momentum and Adam's v are the buffers themselves:
-``optimizer.state`` holds views of them in each parameter's shape, so nothing is stored twice.
+Momentum and Adam's v live in row buffers, one flat buffer per quantity for all the shared
+blocks of a param group: ``optimizer.state`` holds views of them in each parameter's shape, the
+element-wise work of all layers is a few foreach or flat calls (on a small model the cost of a
+step is the number of torch calls), and the GEMMs read M's rows in place. Gradients and
+parameters are read and written where they are, never gathered: on a large layer every pass
+over its weights costs as much as AdamW's whole step moves per tensor. One more row buffer,
+``work``, holds in turn the refresh's gathered gradient rows, Adam's direction (its row norms)
+and U.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,28 +25,108 @@ from torch import Tensor
 
 from .. import reference
 from ..layout import SegmentFlags
+from ..packed import pack_tril, unpack_tril
 from ..reference import graft_bias_corrections
 from .blocks import Unit
+from .lowrank import LowRankCurvature
 
-# The quantities with a row buffer: gradient (then the step's direction), parameter, momentum,
-# update direction u, Adam's v and Adam's direction a (these two with graft="adam" only).
-_ROWS = ("grad", "param", "momentum", "update")
-_GRAFT_ROWS = ("second_moment", "adam")
+# The quantities with a row buffer: momentum, the work rows (gradient rows on a refresh, then
+# Adam's direction, then U), and Adam's v with graft="adam".
+_ROWS = ("momentum", "work")
+_GRAFT_ROWS = ("second_moment",)
 _REFRESH, _FIRST, _REFACTOR = (int(SegmentFlags.REFRESH), int(SegmentFlags.FIRST),
                                 int(SegmentFlags.REFACTOR))
 
 
+# Views larger than this take one fused call each (m = d + rho m, out= m: 3 passes over the
+# data); smaller ones two foreach calls for all (5 passes, but one call per op for the whole
+# set, which is what a small model's step costs). On CPU a foreach call over a strided view
+# runs as out-of-place ops plus a copy: 4x a fused call's time on a 4096 x 4097 layer (dev VM).
+_FUSED_NUMEL = 1 << 16
+
+
+def _scale_add(views: list[Tensor], has_dir: list[int], dirs: list[Tensor], coef: float) -> None:
+    """In place, v = coef v + d for the views ``has_dir`` (with ``dirs``), v = coef v for the
+    others."""
+    with_dir = dict(zip(has_dir, dirs))
+    small_views, small_dirs, small_scaled = [], [], []
+    for i, v in enumerate(views):
+        d = with_dir.get(i)
+        if v.numel() >= _FUSED_NUMEL:
+            v.mul_(coef) if d is None else torch.add(d, v, alpha=coef, out=v)
+        elif d is None:
+            small_scaled.append(v)
+        else:
+            small_views.append(v)
+            small_dirs.append(d)
+    if small_scaled or small_views:
+        torch._foreach_mul_(small_scaled + small_views, coef)
+    if small_views:
+        torch._foreach_add_(small_views, small_dirs)
+
+
+#: An exact shared block whose state passes this many bytes is announced (issue 16: a silent
+#: 7.5 GB allocation for an ImageNet head is a bug, not a default).
+WARN_BYTES = 1 << 30
+
+
+def _warn_if_large(name: str, d: int, itemsize: int) -> None:
+    size = 3 * d * d * itemsize
+    if size > WARN_BYTES:
+        warnings.warn(f"MBF: the exact shared block of {name} (d = {d}) keeps three {d} x {d} "
+                      f"matrices, {size / 2**30:.1f} GiB, and costs a {d} x {d} GEMM per row "
+                      "block each step; large_linear='auto' or 'lowrank' keeps it at a rank "
+                      "(shared_rank) in O(d k) memory", stacklevel=2)
+
+
 @dataclass
 class SharedBlock:
-    """One shared block, dense, and its views (n, d) into the set's row buffers."""
+    """One shared block and its views (n, d) into the set's row buffers. Exact (``curvature``,
+    ``factor``, ``inverse``: dense d x d) or, with ``lowrank``, kept at a rank (:mod:`.lowrank`)."""
 
     unit: Unit
-    curvature: Tensor  # (d, d)
-    factor: Tensor  # (d, d) lower, diagonal stored as 1 / L_ii (the canonical representation)
-    inverse: Tensor  # (d, d) (F + damping I)^{-1}, derived from the factor
     stats: Tensor  # int64 (2,): skipped refreshes, failed factorisations
+    curvature: Tensor | None = None  # (d, d)
+    factor: Tensor | None = None  # (d, d) lower, diagonal stored as 1 / L_ii (canonical)
+    inverse: Tensor | None = None  # (d, d) (F + damping I)^{-1}, derived from the factor
+    lowrank: LowRankCurvature | None = None
     rows: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)  # param_views(key), kept
+
+    @property
+    def d(self) -> int:
+        return self.unit.segments[0].d
+
+    @property
+    def rank(self) -> int:
+        return self.d if self.lowrank is None else self.lowrank.rank
+
+    @property
+    def nbytes(self) -> int:
+        if self.lowrank is not None:
+            return self.lowrank.nbytes
+        return self.curvature.nbytes + self.factor.nbytes + self.inverse.nbytes
+
+    def layout(self) -> tuple[str, int, int]:
+        """(kind, d, rank) of the canonical state: ("shared", d, 1) exact (one block), or
+        ("lowrank", d, rank)."""
+        return ("shared", self.d, 1) if self.lowrank is None else ("lowrank", self.d, self.rank)
+
+    def canonical(self) -> tuple[Tensor | dict, Tensor | dict]:
+        """(curvature, factor) as saved: exact, (1, d(d+1)/2) packed lower triangles (the factor
+        with 1 / L_ii on its diagonal); low rank, the dicts of :class:`LowRankCurvature`."""
+        if self.lowrank is not None:
+            return self.lowrank.curvature_state(), self.lowrank.factor_state()
+        return pack_tril(self.curvature)[None], pack_tril(self.factor)[None]
+
+    def load(self, curvature: Tensor | dict, factor: Tensor | dict) -> None:
+        """Restore :meth:`canonical`'s values (checked to have this block's layout)."""
+        if self.lowrank is not None:
+            self.lowrank.load(curvature, factor)
+            return
+        self.curvature.copy_(unpack_tril(curvature[0].to(self.curvature)))
+        self.factor.copy_(unpack_tril(factor[0].to(self.factor), symmetric=False))
+        self.derive_inverse()
 
     def derive_inverse(self) -> None:
         """The step applies the block to all rows at once, U = M (F + damping I)^{-1}: one GEMM,
@@ -52,6 +135,48 @@ class SharedBlock:
         L = self.factor.clone()
         L.diagonal().reciprocal_()
         self.inverse.copy_(torch.cholesky_inverse(L))
+
+    def apply(self) -> None:
+        """rows["work"] = U, the step's direction for rows["momentum"] up to a positive scalar
+        factor per block (the graft's rescaling, which uses it, makes that factor irrelevant)."""
+        M, U = self.rows["momentum"], self.rows["work"]
+        if self.lowrank is None:
+            torch.mm(M, self.inverse, out=U)
+        else:
+            self.lowrank.apply(M, out=U)
+
+    def update_params(self, lr: float) -> None:
+        """p -= lr u without grafting: u = M (F + damping I)^{-1} accumulated straight into the
+        weight and bias (addmm_ / addmv_, no U buffer: on a large layer every pass over its
+        rows counts), or through U for parameters of another dtype than the state's."""
+        seg = self.unit.segments[0]
+        M, params = self.rows["momentum"], self.unit.params
+        if any(p.dtype != M.dtype or not p.is_contiguous() for p in params):
+            self.apply()
+            scale = None if self.lowrank is None else self.lowrank.apply_scale
+            for p, u in zip(params, self.views["work"]):
+                if scale is None:
+                    p.add_(u, alpha=-lr)
+                else:
+                    p.addcmul_(u, scale, value=-lr)
+            return
+        weight = params[seg.main].view(seg.n_blocks, seg.width)
+        bias = params[seg.tail] if seg.tail is not None else None
+        if self.lowrank is None:
+            inv = self.inverse
+            weight.addmm_(M, inv[:, :seg.width], alpha=-lr)
+            if bias is not None:
+                bias.addmv_(M, inv[:, seg.width], alpha=-lr)
+            return
+        lowrank = self.lowrank
+        # u = scale (M - M V diag(w) V^T): the M term element-wise, the rank-k term as a GEMM.
+        T = (M @ lowrank.apply_basis).mul_(lowrank.apply_weight * (lowrank.apply_scale * lr))
+        V = lowrank.apply_basis
+        for p, m in zip(params, self.views["momentum"]):
+            p.addcmul_(m, lowrank.apply_scale, value=-lr)
+        weight.addmm_(T, V[:seg.width].mT)
+        if bias is not None:
+            bias.addmv_(T, V[seg.width])
 
     def param_views(self, key: str) -> list[Tensor]:
         """The views of row buffer ``key`` in the shape of each of the unit's parameters: the
@@ -75,18 +200,27 @@ class SharedSet:
             main = unit.params[seg.main]
             if seg.offset or seg.row_stride != seg.width or main.numel() != seg.n_blocks * seg.width:
                 raise AssertionError(f"MBF: shared block of {unit.name} is not a whole row layout")
-            zeros = torch.zeros(seg.d, seg.d, dtype=dtype, device=device)
-            self.blocks.append(SharedBlock(unit, zeros.clone(), zeros.clone(), zeros.clone(),
-                                           torch.zeros(2, dtype=torch.int64, device=device)))
+            stats = torch.zeros(2, dtype=torch.int64, device=device)
+            if unit.rank is None:
+                _warn_if_large(unit.name, seg.d, dtype.itemsize)
+                zeros = torch.zeros(seg.d, seg.d, dtype=dtype, device=device)
+                block = SharedBlock(unit, stats, zeros.clone(), zeros.clone(), zeros.clone())
+            else:
+                # Seeded by the block's place in the set: reproducible, the same on any device.
+                block = SharedBlock(unit, stats, lowrank=LowRankCurvature(
+                    seg.d, unit.rank, dtype, device, seed=len(self.blocks) + 1))
+            self.blocks.append(block)
             sizes.append(seg.n_blocks * seg.d)
         self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self.flat = {key: torch.zeros(self.starts[-1], dtype=dtype, device=device)
                      for key in _ROWS + (_GRAFT_ROWS if graft else ())}
         row_counts = [b.unit.segments[0].n_blocks for b in self.blocks]
+        self.row_starts = [sum(row_counts[:i]) for i in range(len(row_counts) + 1)]
         # The block of each row: grafting sums its rows' norms per block.
         self.row_block = torch.repeat_interleave(
             torch.arange(len(self.blocks), device=device),
-            torch.tensor(row_counts, dtype=torch.int64, device=device))
+            torch.tensor(row_counts, dtype=torch.int64, device=device),
+            output_size=self.row_starts[-1])  # known here: no sync (and meta tensors work)
         for b, start, stop in zip(self.blocks, self.starts, self.starts[1:]):
             seg = b.unit.segments[0]
             b.rows = {key: flat[start:stop].view(seg.n_blocks, seg.d)
@@ -95,8 +229,7 @@ class SharedSet:
 
     def work_bytes(self) -> int:
         """Bytes of the row buffers that are not optimizer state (momentum and v are)."""
-        return sum(
-            t.nbytes for key, t in self.flat.items() if key not in ("momentum", "second_moment"))
+        return self.flat["work"].nbytes
 
     def runs(self, active: list[int], steps: list[int]) -> list[tuple[int, int, int]]:
         """(first block, end block, step) of each maximal run of consecutive active blocks with
@@ -114,68 +247,76 @@ class SharedSet:
         """One step of the blocks ``active`` (indices, ascending), each with its segment flags
         and its unit's step count (this step's, from 1)."""
         graft = group["graft"] == "adam"
+        lr, wd = group["lr"], group["weight_decay"]
+        decoupled = group["decoupled_weight_decay"]
         blocks = [self.blocks[i] for i in active]
-        # Gather this step's gradients and parameters into the row buffers.
-        dst, src, missing, pdst, psrc = [], [], [], [], []
-        for b in blocks:
-            for p, g_view, p_view in zip(b.unit.params, b.views["grad"], b.views["param"]):
-                if p.grad is None:
-                    missing.append(g_view)
-                else:
-                    dst.append(g_view)
-                    src.append(p.grad)
-                pdst.append(p_view)
-                psrc.append(p)
-        if dst:
-            torch._foreach_copy_(dst, src)
-        if missing:
-            torch._foreach_zero_(missing)
-        torch._foreach_copy_(pdst, psrc)
+        params = [p for b in blocks for p in b.unit.params]
         for b, f in zip(blocks, flags):
             if f & _REFRESH:
                 self._refresh(group, b, f, fisher)
             if f & _REFACTOR:
                 self._refactor(group, b)
-        lr, wd = group["lr"], group["weight_decay"]
-        decoupled = group["decoupled_weight_decay"]
-        for first, end, k in self.runs(active, steps):
-            G, P, M = (self.flat[key][self.starts[first]:self.starts[end]]
-                       for key in ("grad", "param", "momentum"))
-            if not decoupled and wd:
-                G.add_(P, alpha=wd)  # the direction, in place of the gradient
-            M.mul_(momentum_coef).add_(G)
-            if graft:
-                V, A = (self.flat[key][self.starts[first]:self.starts[end]]
-                        for key in _GRAFT_ROWS)
-                beta2 = group["betas"][1]
-                c1, s2 = graft_bias_corrections(momentum_coef, beta2, k)
-                V.mul_(beta2).addcmul_(G, G, value=1 - beta2)
-                torch.sqrt(V, out=A)
-                A.mul_(s2).add_(group["eps"])
-                torch.div(M, A, out=A).mul_(c1)
-            if decoupled and wd:
-                P.mul_(1 - lr * wd)
-        for b in blocks:
-            torch.mm(b.rows["momentum"], b.inverse, out=b.rows["update"])
+        # The direction d = g (+ wd p, coupled; a missing gradient counts as 0), into momentum
+        # and Adam's v, parameter by parameter through the row buffers' views.
+        m_views = [v for b in blocks for v in b.views["momentum"]]
+        has_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        dirs = [params[i].grad for i in has_grad]
+        if not decoupled and wd:
+            dirs = [g + wd * params[i] for g, i in zip(dirs, has_grad)]
+            no_grad = [i for i in range(len(params)) if params[i].grad is None]
+            dirs += [wd * params[i] for i in no_grad]
+            has_grad += no_grad
+        _scale_add(m_views, has_grad, dirs, momentum_coef)
         if graft:
-            coefs = self._graft_coefs(lr)
+            v_views = [v for b in blocks for v in b.views["second_moment"]]
+            beta2 = group["betas"][1]
+            torch._foreach_mul_(v_views, beta2)
+            if dirs:
+                torch._foreach_addcmul_([v_views[i] for i in has_grad], dirs, dirs,
+                                        value=1 - beta2)
+            adam_sq = self._adam_row_squares(group, active, steps, momentum_coef)
+        if decoupled and wd:
+            _scale_add(params, [], [], 1 - lr * wd)
+        if not graft:
+            for b in blocks:
+                b.update_params(lr)
+            return
+        for b in blocks:
+            b.apply()
+        coefs = self._graft_coefs(lr, adam_sq)
         for i, b in zip(active, blocks):
-            if graft:
-                b.rows["param"].addcmul_(b.rows["update"], coefs[i])
-            else:
-                b.rows["param"].add_(b.rows["update"], alpha=-lr)
-        torch._foreach_copy_(psrc, pdst)
+            for p, u in zip(b.unit.params, b.views["work"]):
+                p.addcmul_(u, coefs[i])
 
-    def _graft_coefs(self, lr: float) -> list[Tensor]:
-        """-lr * |a| / |u| per block (0 where |u| = 0), from the rows' norms: a row whose u or a
-        is not finite counts as 0, so that one bad row cannot spread to its layer. Every block's
-        rows are measured (a block without a gradient this step ignores its value): one row
-        index serves every step."""
+    def _adam_row_squares(self, group: dict, active: list[int], steps: list[int],
+                          beta1: float) -> Tensor:
+        """|a_j|^2 of every row of every block (0 for inactive blocks), Adam's direction
+        a = c1 m / (s2 sqrt(v) + eps), computed in the work rows over runs of consecutive
+        active blocks with one step count."""
+        sq = torch.zeros(self.row_block.shape[0], dtype=self.flat["work"].dtype,
+                         device=self.row_block.device)
+        for first, end, k in self.runs(active, steps):
+            lo, hi = self.starts[first], self.starts[end]
+            M, V, A = (self.flat[key][lo:hi] for key in ("momentum", "second_moment", "work"))
+            c1, s2 = graft_bias_corrections(beta1, group["betas"][1], k)
+            # a = (c1 / s2) m / (sqrt(v) + eps / s2): c1 / s2 is applied to the squared norm.
+            torch.sqrt(V, out=A).add_(group["eps"] / s2)
+            torch.div(M, A, out=A)
+            norms = torch.cat([torch.linalg.vector_norm(b.rows["work"], dim=1)
+                               for b in self.blocks[first:end]])
+            sq[self.row_starts[first]:self.row_starts[end]] = norms.square() * (c1 / s2) ** 2
+        return sq
+
+    def _graft_coefs(self, lr: float, adam_sq: Tensor) -> list[Tensor]:
+        """-lr * |a| / |u| per block (0 where |u| = 0), from the rows' squared norms: a row whose
+        u or a is not finite counts as 0, so that one bad row cannot spread to its layer. Every
+        block's rows are measured (a block without a gradient this step ignores its value): one
+        row index serves every step."""
         # vector_norm without out= and one cat: 2x faster than writing into a preallocated
         # buffer block by block (dev VM).
-        norms = torch.cat([torch.linalg.vector_norm(b.rows[key], dim=1)
-                           for key in ("update", "adam") for b in self.blocks])
-        squares = norms.view(2, -1).square()
+        u_sq = torch.cat([torch.linalg.vector_norm(b.rows["work"], dim=1)
+                          for b in self.blocks]).square()
+        squares = torch.stack([u_sq, adam_sq])
         squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
         sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)
         su, sa = sums[0], sums[1]
@@ -184,22 +325,28 @@ class SharedSet:
 
     @staticmethod
     def _refresh(group: dict, b: SharedBlock, f: int, fisher: dict[Tensor, Tensor]) -> None:
-        seg = b.unit.segments[0]
-        G = b.rows["grad"]
-        if group["fisher"] == "true":  # MBF-True: the sampled gradient's curvature
-            G = seg.rows([(fisher[p] if p in fisher else torch.zeros_like(p)).contiguous()
-                          for p in b.unit.params]).to(G.dtype)
-        finite = torch.isfinite(G).all()
-        C = G.mT @ G / max(G.shape[0], 1)
-        new = C if f & _FIRST else group["beta"] * b.curvature + (1 - group["beta"]) * C
-        b.curvature.copy_(torch.where(finite, new, b.curvature))
+        grads = [fisher.get(p) if group["fisher"] == "true" else p.grad
+                 for p in b.unit.params]  # MBF-True: the sampled gradient's curvature
+        G = b.rows["work"]
+        for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
+            view.zero_() if g is None else view.copy_(g)
+        if b.lowrank is not None:
+            finite = b.lowrank.refresh(G, group["beta"], bool(f & _FIRST))
+        else:
+            finite = torch.isfinite(torch.linalg.vector_norm(G))  # as LowRankCurvature's
+            C = G.mT @ G / max(G.shape[0], 1)
+            new = C if f & _FIRST else group["beta"] * b.curvature + (1 - group["beta"]) * C
+            b.curvature.copy_(torch.where(finite, new, b.curvature))
         b.stats[0] += (~finite).to(torch.int64)
 
     @staticmethod
     def _refactor(group: dict, b: SharedBlock) -> None:
+        damping, relative = group["damping"], group["damping_mode"] == "relative"
+        if b.lowrank is not None:
+            b.stats[1] += b.lowrank.refactor(damping, relative).to(torch.int64)
+            return
         F = b.curvature
-        damping = group["damping"]
-        if group["damping_mode"] == "relative":  # as the bucket op's: the mean eigenvalue
+        if relative:  # as the bucket op's: the mean eigenvalue
             damping = reference.relative_damping(damping, F.diagonal().sum(), F.shape[0])
         L, info = torch.linalg.cholesky_ex(
             F + damping * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))

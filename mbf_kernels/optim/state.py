@@ -6,7 +6,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..layout import from_compact, n_tiles, to_compact
-from ..packed import pack_tril, unpack_tril
 from .blocks import Segment, Unit
 from .buckets import MOMENTUM, SECOND_MOMENT, STEP, GroupPlan
 from .options import RUN_OPTIONS
@@ -16,16 +15,23 @@ FACTOR = "factor"  # same layout: packed L with its diagonal stored as 1 / L_ii
 LAYOUT = "block_layout"  # list of (kind, d, n_blocks) per segment, checked on load
 
 
+def _same_layout(got: list[tuple], want: list[tuple]) -> bool:
+    """Equal layouts; a low-rank block's rank may differ (LowRankCurvature.load converts)."""
+    return len(got) == len(want) and all(
+        g == w or (g[0] == w[0] == "lowrank" and g[1] == w[1]) for g, w in zip(got, want))
+
+
 class CanonicalState:
     """state_dict / load_state_dict over ``self._plans`` (one :class:`GroupPlan` per group)."""
 
     _plans: list[GroupPlan]
 
     def _block_state(self, unit: Unit, plan: GroupPlan) -> list[tuple[str, Segment, Tensor, Tensor]]:
-        """(kind, segment, curvature view, factor view) of each segment of ``unit``."""
+        """(kind, segment, curvature view, factor view) of each segment of ``unit``; a shared
+        block is one entry (kind "shared", its segment, the :class:`SharedBlock`, None)."""
         if unit.kind == "shared":
             sh = next(s for s in plan.shared_blocks if s.unit is unit)
-            return [("shared", unit.segments[0], sh.curvature, sh.factor)]
+            return [("shared", unit.segments[0], sh, None)]
         out = []
         for bucket in plan.buckets:
             for u, seg, tile0 in bucket.entries:
@@ -52,9 +58,10 @@ class CanonicalState:
                 curv, fac, layout = [], [], []
                 for kind, seg, C, L in self._block_state(unit, plan):
                     if kind == "shared":
-                        curv.append(pack_tril(C)[None])
-                        fac.append(pack_tril(L)[None])
-                        layout.append(("shared", seg.d, 1))
+                        c, f = C.canonical()
+                        curv.append(c)
+                        fac.append(f)
+                        layout.append(C.layout())
                     else:
                         curv.append(from_compact(C, seg.n_blocks))
                         fac.append(from_compact(L, seg.n_blocks))
@@ -79,12 +86,14 @@ class CanonicalState:
                                      f"(parameter {i}); was it saved by MBF with the same "
                                      "parameters?")
                 blocks = self._block_state(unit, plan)
-                want = [(k, s.d, 1 if k == "shared" else s.n_blocks) for k, s, _, _ in blocks]
+                want = [C.layout() if k == "shared" else (k, s.d, s.n_blocks)
+                        for k, s, C, _ in blocks]
                 got = [tuple(x) for x in entry[LAYOUT]]
-                if got != want:
+                if not _same_layout(got, want):
                     raise ValueError(f"MBF.load_state_dict: {unit.name} was saved with block "
                                      f"layout {got}, this optimizer has {want} (different "
-                                     "max_block_size, large_linear, conv1x1 or from_model?)")
+                                     "max_block_size, large_linear, shared_rank, conv1x1 or "
+                                     "from_model?)")
                 for p in unit.params:
                     j = index[id(p)]
                     for key in (MOMENTUM, SECOND_MOMENT):
@@ -117,12 +126,8 @@ class CanonicalState:
                         self.state[p][key].copy_(saved[index[id(p)]][key])
             for (kind, seg, C, L), c, f in zip(blocks, entry[CURVATURE], entry[FACTOR]):
                 if kind == "shared":
-                    C.copy_(unpack_tril(c[0].to(C)))
-                    L.copy_(unpack_tril(f[0].to(L), symmetric=False))
+                    C.load(c, f)
                 else:
                     # Padding blocks keep finite values (zeros), as on a fresh optimizer.
                     C.copy_(to_compact(c.to(C)))
                     L.copy_(to_compact(f.to(L)))
-        for plan in self._plans:
-            for sh in plan.shared_blocks:
-                sh.derive_inverse()

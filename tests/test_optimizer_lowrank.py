@@ -1,0 +1,230 @@
+"""Shared blocks kept at a rank (mbf_kernels.optim.lowrank): the curvature against the dense EMA
+it approximates (exact at full rank, the error bounded by the discarded spectrum), the applied
+inverse against torch.linalg, and the optimizer's state, failures and memory."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import mbf_kernels as mk
+from mbf_kernels.optim import PAPER, ReferenceMBF
+from mbf_kernels.optim.lowrank import LowRankCurvature
+
+DEVICE = torch.device("cpu")
+
+
+def _gradients(steps: int, n: int, d: int, rank: int, seed: int = 0) -> list[torch.Tensor]:
+    """Gradient rows of a layer: a few directions per step plus a little noise, as a linear
+    layer's are (the rows of G = Delta^T A span the batch's activations)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        G = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, d, generator=g, dtype=torch.float64)
+        out.append(G + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    return out
+
+
+def _ema(grads: list[torch.Tensor], beta: float) -> torch.Tensor:
+    F_ = None
+    for G in grads:
+        C = G.mT @ G / G.shape[0]
+        F_ = C if F_ is None else beta * F_ + (1 - beta) * C
+    return F_
+
+
+def _refreshed(grads, d, k, beta=0.9, dtype=torch.float64) -> LowRankCurvature:
+    block = LowRankCurvature(d, k, dtype, DEVICE, seed=3)
+    for i, G in enumerate(grads):
+        block.refresh(G.to(dtype), beta, first=i == 0)
+    return block
+
+
+@pytest.mark.parametrize("n", [3, 40])  # rank-deficient C (n < d) and full-rank C
+def test_full_rank_is_exact(n):
+    d = 30
+    grads = _gradients(6, n, d, rank=4)
+    block = _refreshed(grads, d, k=d)
+    F_ = _ema(grads, 0.9)
+    torch.testing.assert_close(block.dense(), F_, rtol=0, atol=1e-11 * F_.norm().item())
+
+
+def test_refreshes_converge_to_the_top_eigenvectors_and_keep_the_trace():
+    """Refreshed from one C (the EMA of one C is C), the warm-started refreshes are a subspace
+    iteration: the basis converges to C's top k eigenvectors (slowly where the spectrum decays
+    slowly: here 1 / i^2) and the error ||F_k - C||_2 falls to the discarded spectrum's size.
+    The trace is exact throughout (the missed trace is spread as r I)."""
+    d, k, n = 60, 6, 80
+    g = torch.Generator().manual_seed(0)
+    eig = 1.0 / torch.arange(1, d + 1, dtype=torch.float64) ** 2
+    V = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    U = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64)).Q
+    G = U @ torch.diag((n * eig).sqrt()) @ V.mT  # G^T G / n = V diag(eig) V^T
+    C = G.mT @ G / n
+    errors = []
+    for refreshes in (1, 60):
+        block = _refreshed([G] * refreshes, d, k)
+        torch.testing.assert_close(block.trace(), torch.trace(C), rtol=1e-12, atol=0)
+        top = V[:, :k]
+        errors.append(torch.linalg.matrix_norm(block.dense() - C, 2))
+    sin_theta = torch.linalg.matrix_norm(block.basis - top @ (top.mT @ block.basis), 2)
+    assert sin_theta < 0.02
+    assert errors[1] <= eig[k] < errors[0]
+
+
+def test_a_single_refresh_at_low_rank_stays_within_the_discarded_spectrum():
+    """One randomized Nystrom refresh (no subspace iteration yet): the error stays within a small
+    multiple of the discarded spectrum's size (Tropp et al.'s bound, oversampled)."""
+    d, k = 50, 8
+    G = _gradients(1, 80, d, rank=8)[0]
+    F_ = G.mT @ G / G.shape[0]
+    block = _refreshed([G], d, k)
+    eig = torch.linalg.eigvalsh(F_).flip(0)
+    assert torch.linalg.matrix_norm(block.dense() - F_, 2) <= 3 * eig[k:].sum()
+
+
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("k", [30, 5])
+def test_applied_inverse_against_torch_linalg(k, relative):
+    """U = M (F_k + lambda I)^{-1} as the step applies it: equal to torch.linalg.solve with F_k,
+    and, at full rank, with the exact F; lambda relative = damping times F's mean eigenvalue."""
+    d, damping = 30, 0.1
+    grads = _gradients(4, 20, d, rank=3)
+    block = _refreshed(grads, d, k)
+    assert not block.refactor(damping, relative)
+    Fk = block.dense()
+    lam = damping * torch.trace(Fk) / d + mk.reference.RELATIVE_DAMPING_FLOOR if relative \
+        else damping
+    M = torch.randn(7, d, dtype=torch.float64)
+    U = block.apply(M, out=torch.empty_like(M)) * block.apply_scale
+    eye = torch.eye(d, dtype=torch.float64)
+    torch.testing.assert_close(U, torch.linalg.solve(Fk + lam * eye, M.mT).mT, rtol=1e-10,
+                               atol=1e-12)
+    if k == d:
+        F_ = _ema(grads, 0.9)
+        torch.testing.assert_close(U, torch.linalg.solve(F_ + lam * eye, M.mT).mT, rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_float32_full_rank_within_rounding():
+    d = 24
+    grads = _gradients(5, 12, d, rank=3)
+    block = _refreshed(grads, d, k=d, dtype=torch.float32)
+    F_ = _ema(grads, 0.9)
+    err = (block.dense().double() - F_).norm() / F_.norm()
+    assert err < 50 * d * torch.finfo(torch.float32).eps
+
+
+def test_non_finite_gradient_leaves_the_curvature_as_it_was():
+    d, k = 20, 4
+    block = _refreshed(_gradients(2, 10, d, rank=2), d, k)
+    before = {key: t.clone() for key, t in block.curvature_state().items()}
+    G = _gradients(1, 10, d, rank=2, seed=9)[0]
+    G[3, 4] = float("nan")
+    assert not block.refresh(G, 0.9, first=False)
+    for key in ("basis", "excess", "residual"):
+        assert torch.equal(block.curvature_state()[key], before[key])
+    G[3, 4] = 1e300  # finite, but its square overflows: skipped too
+    assert not block.refresh(G, 0.9, first=False)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 30, bias=False), nn.Tanh(),
+                         nn.Linear(30, 5)).double()
+
+
+def _train(model, opt, steps, start=0):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 40, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 5, (64,), generator=g)
+    for k in range(start, start + steps):
+        opt.zero_grad()
+        F.cross_entropy(model(X[8 * (k % 8):][:8]), Y[8 * (k % 8):][:8]).backward()
+        opt.step()
+
+
+OPTS = dict(max_block_size=8, curvature_update_freq=2, inverse_update_freq=3)
+
+
+@pytest.mark.parametrize("update", [{}, dict(PAPER, damping=0.05, lr=0.02)])
+def test_optimizer_at_full_rank_matches_the_dense_reference(update):
+    """Every shared block (d = 41, 50 and 31) kept at a rank >= d: the paper's update and the
+    default one (grafted, relative damping) equal ReferenceMBF's exact shared blocks."""
+    out = []
+    for cls, mode in ((mk.MBF, "lowrank"), (ReferenceMBF, "shared")):
+        model = _mlp()
+        opt = cls.from_model(model, large_linear=mode, shared_rank=64, **OPTS, **update)
+        _train(model, opt, 10)
+        out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-8, atol=1e-10)
+
+
+def test_state_dict_resumes_bit_for_bit_and_checks_the_rank():
+    model = _mlp()
+    opt = mk.MBF.from_model(model, large_linear="lowrank", shared_rank=6, **OPTS)
+    _train(model, opt, 5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 6, start=5)  # two more refreshes: their random columns must match too
+    buf.seek(0)
+    saved = torch.load(buf)
+    other = _mlp()
+    other.load_state_dict(saved["model"])
+    resumed = mk.MBF.from_model(other, large_linear="lowrank", shared_rank=6, **OPTS)
+    resumed.load_state_dict(saved["opt"])
+    _train(other, resumed, 6, start=5)
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    wrong = mk.MBF.from_model(_mlp(), large_linear="shared", **OPTS)
+    with pytest.raises(ValueError, match="large_linear, shared_rank"):
+        wrong.load_state_dict(saved["opt"])
+
+
+@pytest.mark.parametrize("rank", [3, 9])
+def test_state_dict_loads_at_another_rank(rank):
+    """A state saved at rank 6 loads at rank 3 (the three largest eigenpairs kept, the rest
+    spread into r: the trace is kept) and at rank 9 (padded with zero eigenvalues: the same F
+    and the same applied inverse)."""
+    model = _mlp()
+    opt = mk.MBF.from_model(model, large_linear="lowrank", shared_rank=6, **OPTS)
+    _train(model, opt, 5)
+    other = mk.MBF.from_model(model, large_linear="lowrank", shared_rank=rank, **OPTS)
+    other.load_state_dict(opt.state_dict())
+    for a, b in zip(opt._plans[0].shared_blocks, other._plans[0].shared_blocks):
+        a, b = a.lowrank, b.lowrank
+        torch.testing.assert_close(b.trace(), a.trace(), rtol=1e-12, atol=0)
+        if rank > 6:
+            torch.testing.assert_close(b.dense(), a.dense(), rtol=0, atol=1e-12)
+            M = torch.randn(5, a.d, dtype=torch.float64)
+            torch.testing.assert_close(b.apply(M, torch.empty_like(M)),
+                                       a.apply(M, torch.empty_like(M)), rtol=0, atol=1e-12)
+        else:
+            torch.testing.assert_close(b.excess, a.excess[:rank])
+    _train(model, other, 3, start=5)  # and it steps
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_imagenet_head_state_and_the_warning_for_exact_blocks():
+    """The ImageNet VGG16 classifier (25088 -> 4096 -> 4096 -> 1000), built on the meta device:
+    with the default "auto" its optimizer state is under 2 GB (at the CPU's rank, as meta's;
+    at CUDA's 128 the three blocks add 33 MB); exact shared blocks would take 8.8 GiB, and say
+    so."""
+    with torch.device("meta"):
+        head = nn.Sequential(nn.Linear(25088, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                             nn.Linear(4096, 1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = mk.MBF.from_model(head)
+    assert [(r["kind"], r["d"], r["rank"]) for r in opt.block_summary()] == [
+        ("lowrank", 25089, 16), ("lowrank", 4097, 16), ("lowrank", 4097, 16)]
+    assert opt.state_bytes() < 2e9
+    with pytest.warns(UserWarning, match=r"0\.weight \(d = 25089\).*GiB"):
+        exact = mk.MBF.from_model(head, large_linear="shared")
+    assert exact.state_bytes() > 8 * 2**30
