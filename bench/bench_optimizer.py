@@ -69,13 +69,14 @@ UPDATES = {"default": {}, "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_D
 
 
 def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
-                update: str = "default") -> list[dict]:
+                update: str = "default", shared_rank: int | None = None) -> list[dict]:
     model = build(name, num_classes)
     params = list(model.parameters())
     param_bytes = sum(p.nbytes for p in params)
     baselines = {"adamw": torch.optim.AdamW(params, lr=1e-3, fused=True),
                  "adamw_foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True)}
-    mbf = mk.MBF.from_model(model, lr=1e-3, large_linear=large_linear, **UPDATES[update])
+    mbf = mk.MBF.from_model(model, lr=1e-3, large_linear=large_linear, shared_rank=shared_rank,
+                            **UPDATES[update])
     # Step 1 (refresh + refactor) fills the state; AdamW's first step allocates its state.
     for opt in (*baselines.values(), mbf):
         opt.step()
@@ -88,13 +89,14 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
             times[kind].append(time_step(mbf))
     med = {k: statistics.median(v) for k, v in times.items()}
     amortised = (90 * med["cached"] + 9 * med["refresh"] + med["refactor"]) / 100
-    shared = [r for r in mbf.block_summary() if r["kind"] == "shared"]
+    shared = [r for r in mbf.block_summary() if r["kind"] in ("shared", "lowrank")]
     rows = []
     for kind in (*baselines, *KINDS, "amortised"):
         t = amortised if kind == "amortised" else med[kind]
         spread = times.get(kind, [t])
         rows.append(dict(
             model=name, large_linear=large_linear, update=update, step=kind,
+            ranks=",".join(str(r["rank"]) for r in shared),
             optimizer={"adamw": "AdamW(fused)", "adamw_foreach": "AdamW(foreach)"}.get(kind, "MBF"),
             median_ms=t * 1e3, min_ms=min(spread) * 1e3, max_ms=max(spread) * 1e3,
             ratio_vs_adamw=t / med["adamw"], repeats=len(spread),
@@ -108,11 +110,12 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"CPU: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
              f"commit {env['commit']}", "",
-             "| model | large_linear | update | step | median ms (min-max) | x AdamW(fused) | "
-             "state / params |", "|---|---|---|---|---|---|---|"]
+             "| model | large_linear (ranks) | update | step | median ms (min-max) | "
+             "x AdamW(fused) | state / params |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['large_linear']} | {r['update']} | {r['step']} | "
-                     f"{r['median_ms']:.1f} "
+        ranks = f" ({r['ranks']})" if r["ranks"] else ""
+        lines.append(f"| {r['model']} | {r['large_linear']}{ranks} | {r['update']} | "
+                     f"{r['step']} | {r['median_ms']:.1f} "
                      f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['ratio_vs_adamw']:.2f} | "
                      f"{r['state_x_params']:.1f}x |")
     return "\n".join(lines) + "\n"
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-linear", nargs="+", default=["auto", "diagonal"],
                     choices=list(mk.optim.blocks.LARGE_LINEAR),
                     help="large_linear settings to run for models that have large linears")
+    ap.add_argument("--shared-rank", type=int, default=None,
+                    help="MBF's shared_rank (default: its per-device rank)")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--update", nargs="+", default=["default"], choices=list(UPDATES),
                     help="MBF's update: the shipped defaults and/or the paper's")
@@ -140,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         for m in probe.modules())
         for mode in (args.large_linear if has_large else ["shared"]):
             for update in args.update:
-                rows += bench_model(name, num_classes, mode, args.repeats, update)
+                rows += bench_model(name, num_classes, mode, args.repeats, update,
+                                    args.shared_rank)
             print(markdown([r for r in rows if r["model"] == name and r["large_linear"] == mode],
                            env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

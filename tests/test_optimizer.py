@@ -412,6 +412,7 @@ def test_shared_block_fallback_and_nan(large_linear):
     (dict(inverse_update_freq=1.5), "inverse_update_freq"), (dict(max_block_size=0), "max_block_size"),
     (dict(large_linear="rows"), "large_linear"), (dict(conv1x1="x"), "conv1x1"),
     (dict(shared_rank=0), "shared_rank"), (dict(shared_rank=2.5), "shared_rank"),
+    (dict(shared_matmul="fp16"), "shared_matmul"),
     (dict(backend="gpu"), "backend"), (dict(decoupled_weight_decay=1), "decoupled_weight_decay"),
     (dict(lr=float("nan")), "lr"), (dict(dampening=0.1), "dampening"),
 ])

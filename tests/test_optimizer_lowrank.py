@@ -228,3 +228,44 @@ def test_imagenet_head_state_and_the_warning_for_exact_blocks():
     with pytest.warns(UserWarning, match=r"0\.weight \(d = 25089\).*GiB"):
         exact = mk.MBF.from_model(head, large_linear="shared")
     assert exact.state_bytes() > 8 * 2**30
+
+
+def test_round_tf32_and_the_emulated_gemm():
+    from mbf_kernels.optim.precision import round_tf32, shared_matmul
+    x = torch.tensor([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-12, -1.5])
+    assert round_tf32(x).tolist() == [1.0, 1 + 2**-10, 1 + 2**-9, 1.0, -1.5]
+    g = torch.Generator().manual_seed(0)
+    A, B, C = (torch.randn(shape, generator=g) for shape in ((30, 40), (40, 5), (30, 5)))
+    exact = (round_tf32(A).double() @ round_tf32(B).double())
+    with shared_matmul("tf32", DEVICE):
+        for got in (A @ B, torch.mm(A, B), torch.addmm(C, A, B) - C, C.clone().addmm_(A, B) - C):
+            torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5)
+    assert (A @ B - exact).abs().max() > 1e-3  # outside, float32 as before
+
+
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_shared_matmul_tf32_changes_only_the_applied_gemms(large_linear):
+    """shared_matmul="tf32" (emulated here, tensor cores on CUDA): the update moves by TF32's
+    rounding (~2^-11 relative) and the curvature, refreshed in float32 from the same gradients,
+    is the same."""
+    out = {}
+    for mode in ("float32", "tf32"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 5))
+        opt = mk.MBF.from_model(model, max_block_size=8, large_linear=large_linear,
+                                shared_rank=8, shared_matmul=mode, curvature_update_freq=2)
+        before = [p.detach().clone() for p in model.parameters()]
+        g = torch.Generator().manual_seed(1)
+        X, Y = torch.randn(16, 40, generator=g), torch.randint(0, 5, (16,), generator=g)
+        for k in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(X), Y).backward()
+            opt.step()
+            if k == 0:  # the first refresh saw the same gradients in both runs
+                curv = opt.state_dict()["state"][0]["curvature"][0]
+                curv = (curv["basis"] if isinstance(curv, dict) else curv).clone()
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        out[mode] = (delta, curv)
+    (d32, c32), (dtf, ctf) = out["float32"], out["tf32"]
+    assert torch.equal(c32, ctf)
+    assert 0 < (dtf - d32).norm() < 5e-3 * d32.norm()

@@ -24,6 +24,7 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
 from rich.table import Table
 
 from .. import __version__, _extension, backends
+from ..optim.blocks import LARGE_LINEAR
 from ..optim.options import DEFAULTS, PAPER_DAMPING
 from . import benchmark, profiling, report, training
 from .benchmark import environment
@@ -347,7 +348,8 @@ def _add_profile(sub) -> None:
     prof.add_argument("--top", type=_positive_int, default=8, help="operators listed per optimizer")
     prof.add_argument("--optimizers", help="comma-separated name prefixes to run "
                       "(e.g. 'adamw,mbf [cpu]'); default all")
-    prof.add_argument("--large-linear", choices=("shared", "chunk", "diagonal"), default="shared")
+    prof.add_argument("--large-linear", choices=LARGE_LINEAR, default="auto",
+                      help="what large linear layers get (docs/options.md)")
     _add_mbf_schedule(prof)
     prof.add_argument("--out", type=Path, default=Path("out/profile"), help="output folder")
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..dispatch import CHOICES
 from .blocks import CONV1X1, LARGE_LINEAR
+from .precision import MATMUL
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
            "DAMPING_MODE", "FISHER", "RUN_OPTIONS", "validate_group", "prepare_group",
@@ -57,6 +58,7 @@ class MBFOptions:
     max_block_size: int = 64
     large_linear: str = "auto"  # "auto" | "shared" | "lowrank" | "chunk" | "diagonal"
     shared_rank: int | None = None  # rank of a "lowrank" block; None: per device (AUTO_RANK)
+    shared_matmul: str = "auto"  # "auto" (tf32 on CUDA) | "float32" | "tf32": their GEMMs
     conv1x1: str = "conv"  # "conv" | "row"
     backend: str = "auto"  # "auto" | "cpu" | "cuda" | "triton" | "torch"
     graft: str = "adam"  # "adam" | "none"
@@ -84,7 +86,8 @@ class MBFOptions:
                 self.decoupled_weight_decay, bool):
             raise ValueError("MBF: decoupled_weight_decay must be True, False or None, got "
                              f"{self.decoupled_weight_decay!r}")
-        for name, choices in (("large_linear", LARGE_LINEAR), ("conv1x1", CONV1X1),
+        for name, choices in (("large_linear", LARGE_LINEAR), ("shared_matmul", MATMUL),
+                              ("conv1x1", CONV1X1),
                               ("backend", CHOICES), ("graft", GRAFT),
                               ("damping_mode", DAMPING_MODE), ("fisher", FISHER)):
             if getattr(self, name) not in choices:

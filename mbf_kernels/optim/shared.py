@@ -29,6 +29,7 @@ from ..packed import pack_tril, unpack_tril
 from ..reference import graft_bias_corrections
 from .blocks import Unit
 from .lowrank import LowRankCurvature
+from .precision import shared_matmul
 
 # The quantities with a row buffer: momentum, the work rows (gradient rows on a refresh, then
 # Adam's direction, then U), and Adam's v with graft="adam".
@@ -194,6 +195,7 @@ class SharedSet:
     def __init__(self, units: list[Unit], dtype: torch.dtype, device: torch.device,
                  graft: bool) -> None:
         self.blocks: list[SharedBlock] = []
+        self.device = device
         sizes = []
         for unit in units:
             seg = unit.segments[0]
@@ -277,12 +279,17 @@ class SharedSet:
             adam_sq = self._adam_row_squares(group, active, steps, momentum_coef)
         if decoupled and wd:
             _scale_add(params, [], [], 1 - lr * wd)
-        if not graft:
+        # The GEMMs that apply the blocks may run in TF32 (shared_matmul); the refresh's stay in
+        # float32: the Nystrom core R (omega^T Y)^{-1} R^T amplifies a TF32 product's 1e-3
+        # rounding into spurious eigenvalues (the ReLU autoencoder at rank 32 trained to 2.5x the
+        # loss with TF32 refreshes; with TF32 applies only, within 1%: docs/options.md).
+        with shared_matmul(group["shared_matmul"], self.device):
+            if not graft:
+                for b in blocks:
+                    b.update_params(lr)
+                return
             for b in blocks:
-                b.update_params(lr)
-            return
-        for b in blocks:
-            b.apply()
+                b.apply()
         coefs = self._graft_coefs(lr, adam_sq)
         for i, b in zip(active, blocks):
             for p, u in zip(b.unit.params, b.views["work"]):
