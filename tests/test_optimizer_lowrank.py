@@ -214,7 +214,7 @@ def test_state_dict_loads_at_another_rank(rank):
 def test_imagenet_head_state_and_the_warning_for_exact_blocks():
     """The ImageNet VGG16 classifier (25088 -> 4096 -> 4096 -> 1000), built on the meta device:
     with the default "auto" its optimizer state is under 2 GB (at the CPU's rank, as meta's;
-    at CUDA's 128 the three blocks add 33 MB); exact shared blocks would take 8.8 GiB, and say
+    at CUDA's 128 the three blocks add 30 MB); exact shared blocks would take 9.4 GB, and say
     so."""
     with torch.device("meta"):
         head = nn.Sequential(nn.Linear(25088, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
