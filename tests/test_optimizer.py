@@ -234,12 +234,14 @@ def test_gradient_accumulation_reads_only_grad():
     torch.testing.assert_close(flat(a), flat(b), **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("large_linear", ["auto", "lowrank"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_parameters_keep_float32_state(dtype):
+def test_low_precision_parameters_keep_float32_state(dtype, large_linear):
     model32 = make_net(torch.float32)
     model = copy.deepcopy(model32).to(dtype)
-    opt = mk.MBF.from_model(model, **OPTIONS)
-    ref = mk.MBF.from_model(model32, **OPTIONS)
+    opts = dict(OPTIONS, large_linear=large_linear, shared_rank=4)
+    opt = mk.MBF.from_model(model, **opts)
+    ref = mk.MBF.from_model(model32, **opts)
     for x, y in batches(3, torch.float32):
         for m, o in ((model, opt), (model32, ref)):
             o.zero_grad()
@@ -458,8 +460,10 @@ def test_explicit_backend_is_used(backend, monkeypatch):
     assert len(calls) == 2 * n_buckets
 
 
-def test_non_contiguous_parameters_match_contiguous_ones():
-    """A transposed weight (shared block) and a channels_last conv are updated through copies."""
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_non_contiguous_parameters_match_contiguous_ones(large_linear):
+    """A transposed weight (shared block, exact or at a rank) and a channels_last conv are
+    updated through copies."""
     torch.manual_seed(0)
     w = torch.randn(80, 3, dtype=torch.float64)  # used as a (3, 80) linear weight: d = 81 > 64
     k = torch.randn(2, 3, 3, 3, dtype=torch.float64)
@@ -479,7 +483,8 @@ def test_non_contiguous_parameters_match_contiguous_ones():
                 conv.weight = nn.Parameter(k.clone())
         assert lin.weight.is_contiguous() == (layout == "contiguous")
         model = nn.ModuleList([lin, conv])
-        opt = mk.MBF.from_model(model, lr=0.1, damping=0.5, **PAPER)
+        opt = mk.MBF.from_model(model, lr=0.1, damping=0.5, **PAPER, large_linear=large_linear,
+                                shared_rank=8)
         for _ in range(2):
             lin.weight.grad, lin.bias.grad = g_w.clone(), torch.ones(3, dtype=torch.float64)
             conv.weight.grad = g_k.clone()

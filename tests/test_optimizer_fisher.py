@@ -118,13 +118,16 @@ def _train_true(model, opt, steps):
 @pytest.mark.parametrize("opts", [dict(), dict(graft="adam", damping_mode="relative", damping=0.1,
                                              lr=1e-2)], ids=["paper", "graft-relative"])
 @pytest.mark.parametrize("backend", ["torch"] + compiled_backends(covering=17))
-def test_true_fisher_optimizer_matches_dense_reference(backend, opts):
-    """Ten steps, T1 = 2, T2 = 3, float64, the same sampled labels for both (seeded per step)."""
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_true_fisher_optimizer_matches_dense_reference(backend, opts, large_linear):
+    """Ten steps, T1 = 2, T2 = 3, float64, the same sampled labels for both (seeded per step).
+    The shared block (d = 49) exact, or kept at a rank >= d (exact too: lowrank.py)."""
     opts = dict(opts, fisher="true", curvature_update_freq=2, inverse_update_freq=3,
                 max_block_size=20)
     a, b = _net(), _net()
     start = _flat(a)
-    _train_true(a, mk.MBF.from_model(a, backend=backend, **opts), 10)
+    _train_true(a, mk.MBF.from_model(a, backend=backend, large_linear=large_linear,
+                                     shared_rank=64, **opts), 10)
     _train_true(b, ReferenceMBF.from_model(b, **opts), 10)
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-8, atol=1e-10)
     assert (_flat(a) - start).abs().max() > 1e-3
