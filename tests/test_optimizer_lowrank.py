@@ -269,3 +269,18 @@ def test_shared_matmul_tf32_changes_only_the_applied_gemms(large_linear):
     (d32, c32), (dtf, ctf) = out["float32"], out["tf32"]
     assert torch.equal(c32, ctf)
     assert 0 < (dtf - d32).norm() < 5e-3 * d32.norm()
+
+
+def test_loading_its_own_state_dict_changes_nothing():
+    """state_dict() hands out the live tensors (as torch's optimizers do), and DCP loads into
+    them in place: loading an optimizer's own state dict must not clear it on the way."""
+    a, b = _mlp(), _mlp()
+    opt_a = mk.MBF.from_model(a, large_linear="lowrank", shared_rank=6, **OPTS)
+    opt_b = mk.MBF.from_model(b, large_linear="lowrank", shared_rank=6, **OPTS)
+    _train(a, opt_a, 4)
+    _train(b, opt_b, 4)
+    opt_b.load_state_dict(opt_b.state_dict())
+    _train(a, opt_a, 3, start=4)
+    _train(b, opt_b, 3, start=4)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

@@ -105,9 +105,13 @@ class LowRankCurvature:
         default ranks differ): the leading eigenpairs are kept (they are stored largest first),
         the dropped eigenvalues spread into r so that the trace stays, and missing ones are
         zero (exact: a zero eigenvalue above r adds nothing)."""
-        saved_basis, saved_excess = curvature["basis"], curvature["excess"]
+        # Cloned first: the saved tensors may be this block's own (state_dict() hands out the
+        # live ones, and torch.distributed.checkpoint loads into them in place).
+        curvature = {k: v.clone() for k, v in curvature.items()}
+        factor = {k: v.clone() for k, v in factor.items()}
+        saved_excess = curvature["excess"]
         kept = min(self.rank, saved_excess.shape[0])
-        for own, saved, in ((self.basis, saved_basis), (self.apply_basis, factor["basis"])):
+        for own, saved, in ((self.basis, curvature["basis"]), (self.apply_basis, factor["basis"])):
             own.zero_()
             own[:, :kept] = saved[:, :kept]
         self.excess.zero_()

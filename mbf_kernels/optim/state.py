@@ -74,7 +74,15 @@ class CanonicalState:
         """Restore a state_dict saved by MBF on any backend/device; values are copied into this
         optimizer's buffers (dtype and device of its state, never the parameters' dtype)."""
         saved = state_dict["state"]
-        index = self._param_index()
+        # The saved state's keys, in parameter order, as torch's Optimizer maps them: the saved
+        # groups' "params" lists (ints from state_dict(); fully qualified names when
+        # torch.distributed.checkpoint's set_optimizer_state_dict loads it).
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        own = [id(p) for g in self.param_groups for p in g["params"]]
+        if len(saved_keys) != len(own):
+            raise ValueError(f"MBF.load_state_dict: the state dict has {len(saved_keys)} "
+                             f"parameters, this optimizer {len(own)}")
+        index = dict(zip(own, saved_keys))
         # Check everything before changing anything: a failed load leaves the optimizer as is.
         todo = []
         for plan in self._plans:

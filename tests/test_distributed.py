@@ -1,0 +1,177 @@
+"""MBF under torch.distributed on CPU (gloo), ranks spawned by the test (issue 15, first part):
+DDP against one process on the same global batch, and torch.distributed.checkpoint (DCP)
+save/load, resumed on the same and on another world size."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+import mbf_kernels as mk
+
+STEPS, T1, T2, LOCAL_BATCH = 20, 2, 5, 4
+OPTS = dict(curvature_update_freq=T1, inverse_update_freq=T2, max_block_size=16)
+TIMEOUT_S = 240
+
+
+class Net(nn.Module):
+    """Conv kernels (d = 9; no BatchNorm, so that DDP and one process compute the same thing),
+    shared blocks kept at rank 8 (d = 145 and 37: their refreshes draw random columns, which
+    must agree across ranks) and row blocks (d = 9)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc1 = nn.Linear(4 * 6 * 6, 36)
+        self.fc2 = nn.Linear(36, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.conv(x)).flatten(1)
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def _optimizer(model: nn.Module) -> mk.MBF:
+    return mk.MBF.from_model(model, large_linear="lowrank", shared_rank=8, **OPTS)
+
+
+def _global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    n = LOCAL_BATCH * world
+    return (torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def _train(model, opt, steps, world, rank, start=0):
+    for k in range(start, start + steps):
+        x, y = _global_batch(k, world)
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+
+
+def _params(model) -> torch.Tensor:
+    inner = model.module if hasattr(model, "module") else model
+    return torch.cat([p.detach().flatten() for p in inner.parameters()])
+
+
+def _one_process(first_world: int, second_world: int) -> torch.Tensor:
+    """One process on the global batches (the mean loss over one = DDP's averaged gradients):
+    the first half of the steps on ``first_world`` ranks' batches, the second on
+    ``second_world``'s, the optimizer's state carried over."""
+    model = _model()
+    opt = _optimizer(model)
+    for k in range(STEPS):
+        x, y = _global_batch(k, first_world if k < STEPS // 2 else second_world)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return _params(model)
+
+
+# -- the ranks ----------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    import torch.distributed.checkpoint as dcp
+
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = _optimizer(model)
+    if mode == "ddp":
+        _train(model, opt, STEPS, world, rank)
+    elif mode == "save":  # half the run, a checkpoint, the other half
+        _train(model, opt, STEPS // 2, world, rank)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "ckpt"))
+    elif mode == "resume":  # a fresh model and optimizer, loaded, the second half
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(out / "ckpt"))
+        set_state_dict(model, opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        _train(model, opt, STEPS - STEPS // 2, world, rank, start=STEPS // 2)
+    torch.save(_params(model), out / f"params_{mode}_{world}_{rank}.pt")
+
+
+def _entry(rank: int, world: int, out: Path, mode: str, init: str) -> None:
+    try:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        _ddp_worker(rank, world, out, mode)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        (out / f"error_{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _spawn(world: int, out: Path, mode: str) -> None:
+    """Runs ``world`` ranks of ``mode`` to completion (bounded in time); raises with a rank's
+    traceback if one failed."""
+    ctx = mp.get_context("spawn")
+    init = f"file://{out / f'store_{mode}_{world}'}"
+    procs = [ctx.Process(target=_entry, args=(r, world, out, mode, init)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    errors = sorted(out.glob("error_*.txt"))
+    if errors or alive or any(p.exitcode != 0 for p in procs):
+        detail = "\n".join(e.read_text() for e in errors)
+        raise AssertionError(f"{mode} on {world} ranks failed (exit codes "
+                             f"{[p.exitcode for p in procs]}, {len(alive)} timed out)\n{detail}")
+
+
+def _rank_params(out: Path, mode: str, world: int) -> list[torch.Tensor]:
+    return [torch.load(out / f"params_{mode}_{world}_{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_equals_one_process_on_the_global_batch(tmp_path, world):
+    """20 steps, T1 = 2, T2 = 5: every rank ends with the same parameters (bit for bit: they
+    apply the same update to the same all-reduced gradients), equal to one process's on the
+    global batch up to the all-reduce's summation order."""
+    _spawn(world, tmp_path, "ddp")
+    ranks = _rank_params(tmp_path, "ddp", world)
+    assert all(torch.equal(ranks[0], r) for r in ranks[1:])
+    single = _one_process(world, world)
+    assert (single - _params(_model())).abs().max() > 1e-2  # it trained
+    torch.testing.assert_close(ranks[0], single, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("save_world, load_world", [(2, 2), (2, 3)])
+def test_dcp_save_and_load_resumes_identically(tmp_path, save_world, load_world):
+    """A DCP checkpoint at step 10 of a DDP run, loaded by fresh ranks, as many or more (under
+    DDP the optimizer state is replicated, so any world size can load it). On the same ranks
+    the resumed run ends bit for bit where the uninterrupted one does; on 3 ranks, where one
+    process that switched from 2 ranks' batches to 3's at step 10 does."""
+    _spawn(save_world, tmp_path, "save")
+    _spawn(load_world, tmp_path, "resume")
+    resumed = _rank_params(tmp_path, "resume", load_world)
+    if load_world == save_world:
+        _spawn(save_world, tmp_path, "ddp")
+        for a, b in zip(resumed, _rank_params(tmp_path, "ddp", load_world)):
+            assert torch.equal(a, b)
+    else:
+        expected = _one_process(save_world, load_world)
+        for a in resumed:
+            torch.testing.assert_close(a, expected, rtol=1e-9, atol=1e-11)
