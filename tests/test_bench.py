@@ -79,3 +79,17 @@ def test_sweep_defaults_toy(tmp_path):
     assert len(rows) == 2 * (2 * 2) + 2 * 2
     assert all(0 < float(r["loss"]) < 10 for r in rows)
     assert "Chosen: lr = " in (tmp_path / "defaults_sweep.md").read_text()
+
+
+def test_bench_distributed_toy(tmp_path):
+    """Two ranks, sharded and not: ResNet-32's units balance, so each sharded rank keeps about
+    half the curvature (the small CNN would not: one shared block is 97% of it)."""
+    bench = _load("bench_distributed")
+    assert bench.main(["--model", "resnet32", "--worlds", "1", "2", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "distributed.csv")))
+    assert [(r["world"], r["sharded"]) for r in rows] == [
+        ("1", "False"), ("2", "False"), ("2", "False"), ("2", "True"), ("2", "True")]
+    whole = float(rows[0]["curvature_mb"])
+    sharded = [float(r["curvature_mb"]) for r in rows if r["sharded"] == "True"]
+    assert sum(sharded) == pytest.approx(whole) and max(sharded) < 0.55 * whole
+    assert "| 2 | True |" in (tmp_path / "distributed.md").read_text()

@@ -1,6 +1,7 @@
 """MBF under torch.distributed on CPU (gloo), ranks spawned by the test (issue 15, first part):
-DDP against one process on the same global batch, and torch.distributed.checkpoint (DCP)
-save/load, resumed on the same and on another world size."""
+DDP with and without sharded curvature against one process on the same global batch, each
+rank's share of the curvature, and torch.distributed.checkpoint (DCP) save/load, resumed on the
+same and on another world size."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def _model() -> nn.Module:
     return Net().double()
 
 
-def _optimizer(model: nn.Module) -> mk.MBF:
-    return mk.MBF.from_model(model, large_linear="lowrank", shared_rank=8, **OPTS)
+def _optimizer(model: nn.Module, shard: bool | None = None) -> mk.MBF:
+    return mk.MBF.from_model(model, large_linear="lowrank", shared_rank=8,
+                             shard_curvature=shard, **OPTS)
 
 
 def _global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +93,11 @@ def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     model = nn.parallel.DistributedDataParallel(_model())
-    opt = _optimizer(model)
-    if mode == "ddp":
+    opt = _optimizer(model, shard=False if mode == "unsharded" else None)
+    if mode in ("ddp", "unsharded"):
         _train(model, opt, STEPS, world, rank)
+        torch.save({"curvature": sum(r["bytes"] for r in opt.block_summary()),
+                    "units": len(opt._plans[0].units)}, out / f"memory_{mode}_{world}_{rank}.pt")
     elif mode == "save":  # half the run, a checkpoint, the other half
         _train(model, opt, STEPS // 2, world, rank)
         msd, osd = get_state_dict(model, opt)
@@ -145,17 +149,26 @@ def _rank_params(out: Path, mode: str, world: int) -> list[torch.Tensor]:
     return [torch.load(out / f"params_{mode}_{world}_{r}.pt") for r in range(world)]
 
 
+@pytest.mark.parametrize("mode", ["ddp", "unsharded"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_ddp_equals_one_process_on_the_global_batch(tmp_path, world):
-    """20 steps, T1 = 2, T2 = 5: every rank ends with the same parameters (bit for bit: they
-    apply the same update to the same all-reduced gradients), equal to one process's on the
-    global batch up to the all-reduce's summation order."""
-    _spawn(world, tmp_path, "ddp")
-    ranks = _rank_params(tmp_path, "ddp", world)
+def test_ddp_equals_one_process_on_the_global_batch(tmp_path, world, mode):
+    """20 steps, T1 = 2, T2 = 5, with the curvature sharded across the ranks (the default under
+    a process group) or not: every rank ends with the same parameters (bit for bit: sharded,
+    each rank's come from their owner), equal to one process's on the global batch up to the
+    all-reduce's summation order. Sharded, each rank keeps a share of the blocks."""
+    _spawn(world, tmp_path, mode)
+    ranks = _rank_params(tmp_path, mode, world)
     assert all(torch.equal(ranks[0], r) for r in ranks[1:])
     single = _one_process(world, world)
     assert (single - _params(_model())).abs().max() > 1e-2  # it trained
     torch.testing.assert_close(ranks[0], single, rtol=1e-9, atol=1e-11)
+    memory = [torch.load(tmp_path / f"memory_{mode}_{world}_{r}.pt") for r in range(world)]
+    whole = sum(b["bytes"] for b in _optimizer(_model(), shard=False).block_summary())
+    if mode == "unsharded":
+        assert all(m["curvature"] == whole and m["units"] == 5 for m in memory)
+    else:  # five units (conv weight, conv bias, three linears with biases) split across ranks
+        assert sum(m["curvature"] for m in memory) == whole
+        assert sum(m["units"] for m in memory) == 5 and all(m["units"] >= 1 for m in memory)
 
 
 @pytest.mark.parametrize("save_world, load_world", [(2, 2), (2, 3)])
@@ -175,3 +188,22 @@ def test_dcp_save_and_load_resumes_identically(tmp_path, save_world, load_world)
         expected = _one_process(save_world, load_world)
         for a in resumed:
             torch.testing.assert_close(a, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_owners_balance_curvature_and_sharding_needs_a_process_group():
+    """Largest first to the least-loaded rank, the same on every rank; no process group (or
+    shard_curvature=False): nothing is sharded."""
+    from mbf_kernels.optim.blocks import plan_group
+    from mbf_kernels.optim.sharding import assign_owners, curvature_bytes, wants_sharding
+
+    model = nn.Sequential(*[nn.Conv2d(4, 4, 3) for _ in range(6)], nn.Conv2d(4, 8, 3))
+    group = dict(mk.optim.DEFAULTS)
+    units = plan_group(list(model.parameters()), group, None, 0)
+    loads = [0, 0, 0]
+    owners = assign_owners(units, loads)
+    assert owners == assign_owners(units, [0, 0, 0])
+    per_rank = [sum(curvature_bytes(u) for u, o in zip(units, owners) if o == r)
+                for r in range(3)]
+    assert max(per_rank) <= sum(per_rank) / 3 + max(curvature_bytes(u) for u in units)
+    assert owners[units.index(max(units, key=curvature_bytes))] == 0
+    assert not wants_sharding(None) and not wants_sharding(True) and not wants_sharding(False)

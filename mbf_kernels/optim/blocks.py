@@ -39,6 +39,7 @@ class Unit:
     segments: list[Segment]
     name: str
     rank: int | None = None  # a shared block kept at this rank (.lowrank); None: exact
+    index: int = 0  # its first parameter's index in the optimizer (seeds its random numbers)
 
     @property
     def n_blocks(self) -> int:
@@ -200,6 +201,7 @@ def plan_group(params: list[Tensor], group: dict, roles: ModuleRoles | None,
         bias = roles.bias_of.get(id(p)) if roles else None
         bias = bias if bias is not None and id(bias) in paired else None
         unit = plan_unit(p, bias, role, group, name)
+        unit.index = first_index + i
         units.append(unit)
         if bias is not None and len(unit.params) == 1:
             # The layout did not use the bias (a conv bias, or a 1x1 conv kept as a conv):

@@ -74,6 +74,10 @@ class GroupPlan:
     buckets: list[Bucket]
     shared: list[SharedSet]  # one per state dtype and device
     diagonal_count: Tensor | None = None  # (units + 1,): diagonal entries of each unit's blocks
+    # Sharded (shard_curvature): ``units`` are this rank's; every rank's, and the exchange of
+    # the updated parameters after a step.
+    all_units: list[Unit] | None = None
+    sync: Callable[[], None] | None = None
 
     @property
     def shared_blocks(self) -> list[SharedBlock]:

@@ -28,6 +28,7 @@ from .fisher import FisherCapture
 from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, momentum_coef, prepare_group,
                       state_dtype, validate_group)
 from .shared import SharedSet
+from .sharding import SHARD_OWNER, ShardSync, assign_owners, wants_sharding, world
 from .state import CanonicalState
 
 __all__ = ["MBF", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING"]
@@ -46,6 +47,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = DEFAULTS["lr"], **options) -> None:
         self._roles: ModuleRoles | None = options.pop("_roles", None)
         self._plans: list[GroupPlan] = []
+        self._rank_loads: list[int] = []  # curvature bytes per rank so far (shard_curvature)
         self._n_params = 0
         self._fisher_grads: dict[Tensor, Tensor] = {}  # fisher_pass() -> the next step()
         defaults = dict(DEFAULTS, lr=lr, **options)
@@ -85,14 +87,29 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         self._n_params += len(group["params"])
 
     def _plan(self, group: dict) -> GroupPlan:
-        units = plan_group(group["params"], group, self._roles, self._n_params)
+        all_units = plan_group(group["params"], group, self._roles, self._n_params)
+        units, sync = all_units, None
+        if wants_sharding(group["shard_curvature"]):
+            rank, size = world()
+            if not self._rank_loads:
+                self._rank_loads = [0] * size
+            owners = assign_owners(all_units, self._rank_loads)
+            units = [u for u, o in zip(all_units, owners) if o == rank]
+            sync = ShardSync([[p for u, o in zip(all_units, owners) if o == r for p in u.params]
+                              for r in range(size)], rank)
+            # Every parameter has state on every rank (torch.distributed.checkpoint's loader
+            # insists), if only the rank that owns its unit.
+            for u, o in zip(all_units, owners):
+                for p in u.params:
+                    self.state[p][SHARD_OWNER] = o
+        for unit in all_units:  # every unit counts its steps on every rank (wants_fisher)
+            self.state[unit.params[0]][STEP] = 0
         buckets: dict[tuple, Bucket] = {}
         shared_units: dict[tuple, list[Unit]] = {}
         graft = group["graft"] == "adam"
         for unit in units:
             p0 = unit.params[0]
             dtype, device = state_dtype(p0), p0.device
-            self.state[p0][STEP] = 0
             if unit.kind == "shared":
                 shared_units.setdefault((dtype, device), []).append(unit)
                 continue
@@ -119,7 +136,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             for key, rows in keys:
                 for p, view in zip(b.unit.params, b.views[rows]):
                     self.state[p][key] = view
-        plan = GroupPlan(units, list(buckets.values()), shared)
+        plan = GroupPlan(units, list(buckets.values()), shared, all_units=all_units, sync=sync)
         if graft or group["damping_mode"] == "relative":
             plan_unit_reductions(plan)
         return plan
@@ -145,22 +162,25 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                     shared.step(group, momentum_coef(group), active,
                                 [flags[id(u)] for u in units],
                                 [self.state[u.params[0]][STEP] + 1 for u in units], fisher)
-            for unit in plan.units:
+            for unit in plan.all_units:
                 if id(unit) in flags:
                     self.state[unit.params[0]][STEP] += 1
+            if plan.sync is not None:
+                plan.sync()
         return loss
 
     def _refreshes_next(self, group: dict) -> bool:
         plan = self._plans[next(i for i, g in enumerate(self.param_groups) if g is group)]
         t1 = group["curvature_update_freq"]
-        return any(self.state[u.params[0]][STEP] % t1 == 0 for u in plan.units)
+        return any(self.state[u.params[0]][STEP] % t1 == 0 for u in plan.all_units)
 
     def _unit_flags(self, group: dict, plan: GroupPlan,
                     fisher: dict[Tensor, Tensor]) -> dict[int, int]:
-        """id(unit) -> segment flags for this step, for the units that have a gradient."""
+        """id(unit) -> segment flags for this step, for the units that have a gradient (every
+        rank's units when sharded: the checks and step counts are the same on every rank)."""
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
         flags = {}
-        for unit in plan.units:
+        for unit in plan.all_units:
             grads = [p.grad for p in unit.params if p.grad is not None]
             if not grads:
                 continue

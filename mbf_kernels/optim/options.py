@@ -66,6 +66,9 @@ class MBFOptions:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     fisher: str = "empirical"  # "empirical" | "true" (MBF-True: sampled labels)
+    # Each data-parallel rank keeps and works on a share of the blocks (optim/sharding.py);
+    # None: when a process group of more than one rank is initialised.
+    shard_curvature: bool | None = None
 
     def __post_init__(self) -> None:
         """ValueError naming the first bad option (MBF_SPEC section 4)."""
@@ -82,6 +85,9 @@ class MBFOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"MBF: {name} must be an integer >= 1, got {value!r}")
+        if self.shard_curvature not in (None, True, False):
+            raise ValueError("MBF: shard_curvature must be True, False or None, got "
+                             f"{self.shard_curvature!r}")
         if self.decoupled_weight_decay is not None and not isinstance(
                 self.decoupled_weight_decay, bool):
             raise ValueError("MBF: decoupled_weight_decay must be True, False or None, got "
@@ -122,7 +128,7 @@ PAPER_LR, PAPER_DAMPING = 0.01, 0.3
 #: Options that shape the optimizer's buffers or describe this run (fixed at construction):
 #: kept from the loading optimizer on load_state_dict.
 RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "shared_rank", "conv1x1", "graft",
-               "damping_mode", "fisher")
+               "damping_mode", "fisher", "shard_curvature")
 
 
 def validate_group(group: dict) -> None:

@@ -208,9 +208,10 @@ class SharedSet:
                 zeros = torch.zeros(seg.d, seg.d, dtype=dtype, device=device)
                 block = SharedBlock(unit, stats, zeros.clone(), zeros.clone(), zeros.clone())
             else:
-                # Seeded by the block's place in the set: reproducible, the same on any device.
+                # Seeded by the unit's place in the optimizer: reproducible, and the same on any
+                # device and whichever rank owns it (shard_curvature).
                 block = SharedBlock(unit, stats, lowrank=LowRankCurvature(
-                    seg.d, unit.rank, dtype, device, seed=len(self.blocks) + 1))
+                    seg.d, unit.rank, dtype, device, seed=unit.index + 1))
             self.blocks.append(block)
             sizes.append(seg.n_blocks * seg.d)
         self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]

@@ -125,6 +125,12 @@ class CanonicalState:
             g.update(opts)
         for p, st in own_state.items():
             self.state[p] = st
+        for plan in self._plans:  # the other ranks' units (shard_curvature): their step counts
+            owned = {id(u) for u in plan.units}
+            for unit in plan.all_units:
+                entry = saved.get(index[id(unit.params[0])], {})
+                if id(unit) not in owned and STEP in entry:
+                    self.state[unit.params[0]][STEP] = int(entry[STEP])
         for unit, blocks, entry in todo:
             st = self.state[unit.params[0]]
             st[STEP] = int(entry[STEP])
