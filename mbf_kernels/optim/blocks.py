@@ -30,7 +30,7 @@ CONV1X1 = ("conv", "row")
 ROLES = ("conv", "linear", "embedding", "diagonal")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two units are never "equal" by their tensors' values
 class Unit:
     """A parameter (or weight + bias) with its block layout. ``name`` is for messages."""
 
