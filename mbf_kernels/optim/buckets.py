@@ -76,8 +76,12 @@ class GroupPlan:
     diagonal_count: Tensor | None = None  # (units + 1,): diagonal entries of each unit's blocks
     # Sharded (shard_curvature): ``units`` are this rank's; every rank's, and the exchange of
     # the updated parameters after a step.
-    all_units: list[Unit] | None = None
+    all_units: list[Unit] | None = None  # None: ``units`` (not sharded)
     sync: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.all_units is None:
+            self.all_units = self.units
 
     @property
     def shared_blocks(self) -> list[SharedBlock]:

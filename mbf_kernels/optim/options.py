@@ -18,6 +18,7 @@ from torch import Tensor
 from ..dispatch import CHOICES
 from .blocks import CONV1X1, LARGE_LINEAR
 from .precision import MATMUL
+from .sharding import SHARD
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
            "DAMPING_MODE", "FISHER", "RUN_OPTIONS", "validate_group", "prepare_group",
@@ -85,7 +86,7 @@ class MBFOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"MBF: {name} must be an integer >= 1, got {value!r}")
-        if self.shard_curvature not in (None, True, False):
+        if self.shard_curvature not in SHARD:
             raise ValueError("MBF: shard_curvature must be True, False or None, got "
                              f"{self.shard_curvature!r}")
         if self.decoupled_weight_decay is not None and not isinstance(

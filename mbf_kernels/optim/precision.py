@@ -19,8 +19,11 @@ from torch.overrides import TorchFunctionMode
 
 MATMUL = ("auto", "float32", "tf32")
 
-_GEMMS = {torch.mm, torch.matmul, torch.addmm, torch.addmv, Tensor.__matmul__, Tensor.matmul,
-          Tensor.mm, Tensor.addmm, Tensor.addmm_, Tensor.addmv, Tensor.addmv_}
+# The GEMMs by where their two matrix operands sit: first in the arguments, or after the
+# added-to operand (addmm, addmv).
+_PRODUCTS = {torch.mm, torch.matmul, Tensor.__matmul__, Tensor.matmul, Tensor.mm}
+_ADDED_PRODUCTS = {torch.addmm, torch.addmv, Tensor.addmm, Tensor.addmm_, Tensor.addmv,
+                   Tensor.addmv_}
 
 
 def round_tf32(t: Tensor) -> Tensor:
@@ -35,9 +38,8 @@ class _EmulatedTF32(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _GEMMS:
-            first = 1 if func in (torch.addmm, torch.addmv, Tensor.addmm, Tensor.addmm_,
-                                  Tensor.addmv, Tensor.addmv_) else 0
+        if func in _PRODUCTS or func in _ADDED_PRODUCTS:
+            first = 1 if func in _ADDED_PRODUCTS else 0
             args = tuple(round_tf32(a) if i in (first, first + 1) and isinstance(a, Tensor)
                          and a.dtype == torch.float32 else a for i, a in enumerate(args))
         return func(*args, **kwargs)
