@@ -193,7 +193,8 @@ template <typename T>
 StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
                          const at::Tensor& curvature, const c10::optional<at::Tensor>& damping,
                          const c10::optional<at::Tensor>& scale,
-                         const c10::optional<at::Tensor>& norms, int64_t mode,
+                         const c10::optional<at::Tensor>& norms,
+                         const c10::optional<at::Tensor>& directions, int64_t mode,
                          StepConfig* cfg) {
   TORCH_CHECK(mode >= 0 && mode <= (kModeWrite | kModeGraft), "mbf_kernels: mode must be a ",
               "combination of 1 (write) and 2 (graft), got ", mode);
@@ -213,9 +214,15 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
   out.damping = check_tiles(damping, "tile_damping", {tiles});
   out.scale = check_tiles(scale, "tile_scale", {tiles});
   out.norms = check_tiles(norms, "tile_norms", {tiles, 2, kCompactTile});
+  out.directions = check_tiles(directions, "directions", {tiles, tri_dim(curvature.size(1)),
+                                                          kCompactTile});
   if (cfg->graft) {
-    TORCH_CHECK(out.norms != nullptr && (out.scale != nullptr || !cfg->write),
-                "mbf_kernels: a grafted step (mode 2) needs tile_norms, and tile_scale to write");
+    TORCH_CHECK(out.directions != nullptr && (cfg->write ? out.scale != nullptr
+                                                         : out.norms != nullptr),
+                "mbf_kernels: a grafted step needs directions, and tile_norms to measure (mode ",
+                "2) or tile_scale to write (mode 3)");
+  }
+  if (cfg->graft && !cfg->write) {
     TORCH_CHECK(second_moments.size() == params.size(), "mbf_kernels: a grafted step needs one ",
                 "second moment per params tensor, got ", second_moments.size(), " for ",
                 params.size());
@@ -282,7 +289,7 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
         has_tail ? ptr(momenta[tail]) : nullptr, n, stride, tile_offset,
         static_cast<int>(width),
         StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0, (flag_bits & 4) != 0}});
-    if (cfg.graft) {
+    if (cfg.graft && !cfg.write) {  // the measuring pass (the writing pass reads directions)
       StepSegment<T>& seg = out.back();
       seg.v = ptr(second_moments[main]) + col;
       seg.v_tail = has_tail ? ptr(second_moments[tail]) : nullptr;

@@ -36,15 +36,18 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // 16)) of curvature and factor. flags: 1 refresh the curvature, 2 it is the first refresh,
   // 4 refactor; step: its unit's step count (Adam's bias correction when grafting).
   // Beyond the paper (MBF_SPEC 3b; mbf_kernels.reference.mbf_bucket_step_ is the definition):
-  // step_mode bits 1 write (m, v, p), 2 graft (keep Adam's v in second_moments, write each block's
-  // [|u|^2, |a|^2] to tile_norms (tiles, 2, 16), scale the update by tile_scale (tiles,));
-  // tile_damping (tiles,) replaces damping at the refactor.
+  // step_mode bits 1 write, 2 graft (mbf_kernels.layout.StepMode): 1 the paper's pass (m, p);
+  // 2 a grafted step's measuring pass (m, Adam's v in second_moments, each block's u to
+  // directions (tiles, d, 16) and [|u|^2, |a|^2] to tile_norms (tiles, 2, 16)); 3 its writing
+  // pass (p by directions, scaled by tile_scale (tiles,)). tile_damping (tiles,) replaces damping
+  // at the refactor.
   m.def(
       "mbf_bucket_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, "
       "Tensor(c!) curvature, Tensor(d!) factor, Tensor(e!) stats, int[] segments, float lr, "
       "float momentum_coef, float beta, float damping, float weight_decay, "
       "bool decoupled_weight_decay, Tensor(f!)[] second_moments, Tensor? tile_damping, "
-      "Tensor? tile_scale, Tensor(g!)? tile_norms, float beta2, float eps, int step_mode) -> ()");
+      "Tensor? tile_scale, Tensor(g!)? tile_norms, Tensor(h!)? directions, float beta2, "
+      "float eps, int step_mode) -> ()");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

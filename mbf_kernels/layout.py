@@ -133,11 +133,15 @@ class StepMode(enum.IntFlag):
     """What one call of the bucket step does besides the curvature refresh and refactor its
     segments' flags ask for (the ``mode`` argument of ``mbf_bucket_step_``).
 
-    ``WRITE``: store the new momentum (and second moment) and update the parameters.
-    ``GRAFT``: also keep Adam's second moment ``v`` of the step's direction, write each block's
-    ``[|u_b|^2, |a_b|^2]`` (MBF's direction, Adam's) to ``tile_norms`` and, with ``WRITE``,
-    scale the update of each tile by ``tile_scale``. ``GRAFT`` alone is the measuring pass of a
-    grafted step; no bit at all runs the refresh/refactor only (relative damping's first pass).
+    ``WRITE``: store the new momentum and update the parameters (the paper's one pass).
+    ``GRAFT`` alone, the measuring pass of a grafted step: store the new momentum and Adam's
+    second moment ``v`` of the step's direction, MBF's direction ``u`` of each block to
+    ``directions`` (compact, (tiles, d, 16)) and each block's ``[|u_b|^2, |a_b|^2]`` (MBF's
+    direction, Adam's) to ``tile_norms``; the parameters are not touched.
+    ``WRITE | GRAFT``, the writing pass of a grafted step: update the parameters by the stored
+    direction, scaled per tile by ``tile_scale``; it reads no gradient, momentum, v or factor
+    (a grafted step moves 12 B more per element than the paper's instead of 40).
+    No bit at all runs the refresh/refactor only (relative damping's first pass).
     """
 
     NONE = 0

@@ -167,6 +167,7 @@ def mbf_step_(
     block_damping: Tensor | None = None,
     block_scale: Tensor | None = None,
     block_norms: Tensor | None = None,
+    direction: Tensor | None = None,
     beta2: float = 0.999,
     eps: float = 1e-8,
     step: int = 1,
@@ -182,8 +183,9 @@ def mbf_step_(
     Beyond the paper (MBF_SPEC section 3b), per block: ``block_damping`` (N,) replaces
     ``damping`` at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment``
     (N, d) is Adam's v, ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]`` (0, 0 for a block
-    where either is not finite, so that one bad block cannot spread to its unit), and the
-    update is ``lr * block_scale * u``; ``step`` is the unit's step count for Adam's bias
+    where either is not finite, so that one bad block cannot spread to its unit), ``direction``
+    (N, d) receives u; with ``mode == WRITE | GRAFT`` the update is ``lr * block_scale *
+    direction`` (:class:`StepMode`); ``step`` is the unit's step count for Adam's bias
     correction (:func:`graft_bias_corrections`).
     """
 
@@ -203,24 +205,26 @@ def mbf_step_(
         factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
                                  factor_from_cholesky(L)))
         stats[1] += failed.sum().to(stats.device)
-    direction = grad if decoupled_weight_decay else grad + weight_decay * param
-    new_m = momentum_coef * momentum + direction
+    if not mode:
+        return
+    decay = lr * weight_decay * param if decoupled_weight_decay else 0
+    if mode == StepMode.WRITE | StepMode.GRAFT:  # the stored direction, scaled
+        param.sub_(lr * block_scale.to(direction.dtype)[:, None] * direction + decay)
+        return
+    step_direction = grad if decoupled_weight_decay else grad + weight_decay * param
+    new_m = momentum_coef * momentum + step_direction
     u = torch.cholesky_solve(new_m[:, :, None], cholesky_from_factor(factor))[:, :, 0]
-    scale = 1.0
-    if mode & StepMode.GRAFT:
-        new_v = beta2 * second_moment + (1 - beta2) * direction * direction
+    momentum.copy_(new_m)
+    if mode & StepMode.GRAFT:  # the measuring pass
+        new_v = beta2 * second_moment + (1 - beta2) * step_direction * step_direction
         c1, s2 = graft_bias_corrections(momentum_coef, beta2, step)
         a = c1 * new_m / (s2 * new_v.sqrt() + eps)
         norms = torch.stack([(u * u).sum(-1), (a * a).sum(-1)], dim=-1)
         block_norms.copy_(torch.where(torch.isfinite(norms).all(-1, keepdim=True), norms, 0))
-        if mode & StepMode.WRITE:
-            second_moment.copy_(new_v)
-            scale = block_scale.to(u.dtype)[:, None]
-    if not mode & StepMode.WRITE:
+        second_moment.copy_(new_v)
+        direction.copy_(u)
         return
-    momentum.copy_(new_m)
-    update = lr * scale * u + (lr * weight_decay * param if decoupled_weight_decay else 0)
-    param.sub_(update)
+    param.sub_(lr * u + decay)
 
 
 def _write_compact_rows(C: Tensor, X: Tensor) -> None:
@@ -238,7 +242,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                      weight_decay: float, decoupled_weight_decay: bool,
                      second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
                      tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
-                     beta2: float = 0.999, eps: float = 1e-8,
+                     directions: Tensor | None = None, beta2: float = 0.999, eps: float = 1e-8,
                      mode: int = StepMode.WRITE) -> None:
     """The fused step for a bucket of segments: :func:`mbf_step_` on each segment's blocks.
 
@@ -247,9 +251,11 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     tile_offset, flags, step], the fields of :class:`Segment` plus where its compact tiles
     start, its :class:`SegmentFlags` and its unit's step count (Adam's bias correction).
     curvature/factor are compact (tiles, T, 16). Per compact tile: ``tile_damping`` (tiles,)
-    replaces ``damping`` at the refactor; ``tile_scale`` (tiles,) scales the update
-    (``mode & GRAFT``); ``tile_norms`` (tiles, 2, 16) receives each block's [|u|^2, |a|^2]
-    (``mode & GRAFT``); ``second_moments`` are Adam's v, one per params tensor (``GRAFT``).
+    replaces ``damping`` at the refactor. Grafting (:class:`StepMode`): ``second_moments`` are
+    Adam's v, one per params tensor; the measuring pass (``GRAFT``) writes each block's
+    [|u|^2, |a|^2] to ``tile_norms`` (tiles, 2, 16) and its u to ``directions`` (tiles, d, 16),
+    compact like the state; the writing pass (``WRITE | GRAFT``) applies ``directions`` scaled
+    by ``tile_scale`` (tiles,).
     """
 
     mode = StepMode(mode)
@@ -268,7 +274,9 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                 COMPACT_TILE)[:n]
 
         graft = bool(mode & StepMode.GRAFT)
-        V = seg.rows(second_moments) if graft else None
+        measure = mode == StepMode.GRAFT
+        V = seg.rows(second_moments) if measure else None
+        U = from_compact(directions[tile0:tile0 + tiles], n) if graft else None
         norms = torch.zeros(n, 2, dtype=curvature.dtype, device=curvature.device)
         mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
                   damping=damping, weight_decay=weight_decay,
@@ -277,13 +285,14 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                   first_curvature=bool(flags & SegmentFlags.FIRST),
                   refactor=bool(flags & SegmentFlags.REFACTOR), second_moment=V,
                   block_damping=per_block(tile_damping), block_scale=per_block(tile_scale),
-                  block_norms=norms, beta2=beta2, eps=eps, step=step, mode=mode)
+                  block_norms=norms, direction=U, beta2=beta2, eps=eps, step=step, mode=mode)
         if mode & StepMode.WRITE:
             seg.write_rows(params, P)
+        if mode == StepMode.WRITE or measure:
             seg.write_rows(momenta, Mm)
-            if graft:
-                seg.write_rows(second_moments, V)
-        if graft:
+        if measure:
+            seg.write_rows(second_moments, V)
+            _write_compact_rows(directions[tile0:tile0 + tiles], U)
             # Padding blocks of the segment's last tile hold zeros.
             out = norms.new_zeros(tiles * COMPACT_TILE, 2)
             out[:n] = norms

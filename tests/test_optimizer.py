@@ -452,7 +452,8 @@ def test_explicit_backend_is_used(backend, monkeypatch):
     monkeypatch.setattr(ext, "mbf_bucket_step_", lambda *a, **k: (calls.append(1), real(
         *a[:7], k["lr"], k["momentum_coef"], k["beta"], k["damping"], k["weight_decay"],
         k["decoupled_weight_decay"], list(k["second_moments"]), k["tile_damping"],
-        k["tile_scale"], k["tile_norms"], k["beta2"], k["eps"], int(k["mode"])))[1])
+        k["tile_scale"], k["tile_norms"], k["directions"], k["beta2"], k["eps"],
+        int(k["mode"])))[1])
     model = make_net()
     opt = mk.MBF.from_model(model, backend=backend, **OPTIONS)
     train(model, opt, batches(2))

@@ -57,14 +57,17 @@ def _run_bucket(fn, dtype, mode, tile_damping):
     L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45))
     stats = torch.zeros(2, dtype=torch.int64)
     norms = torch.full((tiles, 2, 16), -1.0, dtype=dtype)  # every entry must be written
-    extras = dict(second_moments=second, tile_norms=norms, beta2=0.99, eps=1e-6, mode=mode,
+    # The directions a measuring pass left (read by the writing pass; written by a measuring one)
+    directions = randn(tiles, 9, 16, seed=40).to(dtype)
+    extras = dict(second_moments=second, tile_norms=norms, directions=directions, beta2=0.99,
+                  eps=1e-6, mode=mode,
                   tile_scale=torch.linspace(0.5, 2.0, tiles, dtype=dtype),
                   tile_damping=(torch.linspace(0.01, 0.2, tiles, dtype=dtype)
                                 if tile_damping else None))
     fn(params, grads, momenta, Fc, L, stats, segments, lr=0.1, momentum_coef=0.9, beta=0.8,
        damping=0.05, weight_decay=0.01, decoupled_weight_decay=False, **extras)
     return dict(params=params, momenta=momenta, second=second, F=Fc, L=L, stats=stats,
-                norms=norms)
+                norms=norms, directions=directions)
 
 
 @pytest.mark.parametrize("tile_damping", [False, True], ids=["damping", "tile-damping"])
@@ -85,16 +88,27 @@ def test_bucket_op_extras_match_reference(backend, dtype, mode, tile_damping):
         torch.testing.assert_close(_real_blocks(got[key]), _real_blocks(want[key]), **tol,
                                    msg=lambda m: f"{key}: {m}")
     assert got["stats"].tolist() == want["stats"].tolist()
-    if MODES[mode] & StepMode.GRAFT:
+    fresh = _bucket(dtype)
+    if MODES[mode] == StepMode.GRAFT:
         torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
                                    atol=tol["atol"])
         assert (got["norms"][3, :, 4] == 0).all()  # R's NaN block 4 (R starts at tile 3)
         assert (got["norms"][1, :, 4:] == 0).all()  # padding blocks of W's last tile
+        # u of the real blocks (as the norms: the solve's rounding grows with conditioning)
+        torch.testing.assert_close(_real_blocks(got["directions"]),
+                                   _real_blocks(want["directions"]), rtol=100 * tol["rtol"],
+                                   atol=100 * tol["atol"], equal_nan=True)
+        for a, b in zip(got["params"], fresh[0]):  # the measuring pass leaves p alone
+            assert torch.equal(a, b)
     else:
-        assert (got["norms"] == -1).all()  # untouched without GRAFT
-    if not MODES[mode] & StepMode.WRITE:
-        fresh = _bucket(dtype)
-        for a, b in zip(got["params"] + got["momenta"], fresh[0] + fresh[2]):
+        assert (got["norms"] == -1).all()  # untouched but by the measuring pass
+        assert torch.equal(got["directions"], randn(6, 9, 16, seed=40).to(dtype))
+    if MODES[mode] in (StepMode.NONE, StepMode.WRITE | StepMode.GRAFT):
+        # The writing pass of a grafted step moves p only; the refresh-only pass nothing.
+        for a, b in zip(got["momenta"] + got["second"], fresh[2] + fresh[3]):
+            assert torch.equal(a, b)
+    if MODES[mode] == StepMode.NONE:
+        for a, b in zip(got["params"], fresh[0]):
             assert torch.equal(a, b)
 
 
@@ -109,12 +123,23 @@ def test_bucket_op_refuses_a_graft_without_its_tensors():
             continue
         fn = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test", d=9,
                              step=True).mbf_bucket_step_
-        with pytest.raises((RuntimeError, ValueError), match="needs tile_norms"):
+        directions = torch.zeros(tiles, 9, 16, dtype=torch.float64)
+        with pytest.raises((RuntimeError, ValueError), match="needs directions"):
             fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, **hyper)
+        with pytest.raises((RuntimeError, ValueError), match="tile_scale to write"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, directions=directions,
+               **hyper)
+        with pytest.raises((RuntimeError, ValueError), match="tile_norms to measure"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, directions=directions,
+               **{**hyper, "mode": StepMode.GRAFT})
+        with pytest.raises((RuntimeError, ValueError), match="directions must be a contiguous"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments,
+               directions=directions[:, :8], tile_scale=torch.ones(tiles, dtype=torch.float64),
+               **hyper)
         with pytest.raises((RuntimeError, ValueError), match="one second moment per params"):
             fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, second_moments=second[:2],
                tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64),
-               tile_scale=torch.ones(tiles, dtype=torch.float64), **hyper)
+               directions=directions, **{**hyper, "mode": StepMode.GRAFT})
 
 
 def test_bucket_op_schema_with_extras():
@@ -125,8 +150,9 @@ def test_bucket_op_schema_with_extras():
     args = (params, grads, momenta, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64), segments,
             0.1, 0.9, 0.8, 0.05, 0.0, False, second, torch.full((tiles,), 0.1, dtype=torch.float64),
             torch.ones(tiles, dtype=torch.float64), torch.zeros(tiles, 2, 16, dtype=torch.float64),
-            0.999, 1e-8, 3)
-    torch.library.opcheck(torch.ops.mbf_kernels.mbf_bucket_step_.default, args)
+            torch.zeros(tiles, 9, 16, dtype=torch.float64), 0.999, 1e-8)
+    for mode in (2, 3):  # the measuring pass, then the writing one
+        torch.library.opcheck(torch.ops.mbf_kernels.mbf_bucket_step_.default, (*args, mode))
 
 
 # -- the optimizer ---------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_bucket_step_passes_opcheck(target):
     torch.library.opcheck(_op(target, "bucket_step_" if target.backend == "triton"
                               else "mbf_bucket_step_"),
                           (params, grads, momenta, F, F.clone(), stats, segments, 0.1, 0.9,
-                           0.8, 0.05, 0.0, False, [], None, None, None, 0.999, 1e-8, 1))
+                           0.8, 0.05, 0.0, False, [], None, None, None, None, 0.999, 1e-8, 1))
 
 
 def _compile_backend(target) -> str:

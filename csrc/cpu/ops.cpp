@@ -196,15 +196,17 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          at::TensorList second_moments,
                          const c10::optional<at::Tensor>& tile_damping,
                          const c10::optional<at::Tensor>& tile_scale,
-                         const c10::optional<at::Tensor>& tile_norms, double beta2, double eps,
+                         const c10::optional<at::Tensor>& tile_norms,
+                         const c10::optional<at::Tensor>& directions, double beta2, double eps,
                          int64_t mode) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
   const auto grads_c = contiguous_all(grads);
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
     cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
                         beta2, eps};
-    const StepTiles<scalar_t> tiles = check_graft<scalar_t>(
-        params, second_moments, curvature, tile_damping, tile_scale, tile_norms, mode, &cfg);
+    const StepTiles<scalar_t> tiles =
+        check_graft<scalar_t>(params, second_moments, curvature, tile_damping, tile_scale,
+                              tile_norms, directions, mode, &cfg);
     int64_t tiles_used = 0;
     const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, second_moments,
                                                segments, d, curvature.size(0), cfg, &tiles_used);

@@ -41,6 +41,8 @@ void store_compact(const V<T>* in, int rows, T* base) {
 // Whether a pass reads the parameters: to write them, or for a coupled weight decay's direction
 // (g + wd p even at wd = 0, as the reference: a non-finite p then reaches m, as it should).
 inline bool needs_p(const StepConfig& cfg) { return cfg.write || !cfg.decoupled_weight_decay; }
+// A grafted step's writing pass: p moves by the stored direction (no g, m, v or factor read).
+inline bool applies_direction(const StepConfig& cfg) { return cfg.write && cfg.graft; }
 
 template <typename T>
 int64_t count_lanes(const M<T>& mask, int cnt) {
@@ -139,7 +141,9 @@ struct CompactTile {
   // are real; they sit at lanes [u, u + W) of compact tile t (StepTiles' index).
   void step(const StepSegment<T>& s, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
             const StepTiles<T>& tiles, int64_t t, int u, StepStats& stats) {
-    gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
+    const bool apply = applies_direction(cfg);
+    if (!apply || s.flags.update_curvature)
+      gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
     if (s.flags.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
       for (int e = 0; e < n; ++e) finite &= (gv[e] - gv[e]) == T(0);
@@ -153,13 +157,21 @@ struct CompactTile {
       stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
     if (!cfg.write && !cfg.graft) return;  // the refresh/refactor-only pass
+    const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
+    // This sub-tile's direction rows (compact: d rows of kCompactTile per tile).
+    T* direction = cfg.graft ? tiles.directions + t * n * kCompactTile + u : nullptr;
+    if (apply) {
+      gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+      load_compact<T>(direction, n, x.data());
+      move_params(s, b0, cnt, cfg, lr * tiles.scale[t]);
+      return;
+    }
     gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
     // Grafting's measuring pass reads p only for a coupled decay (with the default, decoupled
     // decay, that is a ninth of its reads saved).
     if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
     if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
-    const T lr = static_cast<T>(cfg.lr), rho = static_cast<T>(cfg.momentum);
-    const T wd = static_cast<T>(cfg.weight_decay);
+    const T rho = static_cast<T>(cfg.momentum);
     const bool coupled = !cfg.decoupled_weight_decay;
     const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
     for (int e = 0; e < n; ++e) {
@@ -169,8 +181,7 @@ struct CompactTile {
       if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
     }
     solve(Lc);
-    T scale = T(1);
-    if (cfg.graft) {
+    if (cfg.graft) {  // the measuring pass: m, v, u and the norms stored, p untouched
       const V<T> zero = lanes::splat<V<T>>(T(0));
       const T eps = static_cast<T>(cfg.eps);
       V<T> su = zero, sa = zero;
@@ -186,17 +197,24 @@ struct CompactTile {
       T* out = tiles.norms + t * 2 * kCompactTile + u;
       std::memcpy(out, &su, sizeof(V<T>));
       std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
-      if (!cfg.write) return;
-      scale = tiles.scale[t];
+      store_compact<T>(x.data(), n, direction);
+      scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+      scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
+      return;
     }
-    const T lr_u = lr * scale;
+    scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+    move_params(s, b0, cnt, cfg, lr);
+  }
+
+  // p (in pv) moved by lr_u x and the decoupled decay, then stored.
+  void move_params(const StepSegment<T>& s, int64_t b0, int cnt, const StepConfig& cfg,
+                   T lr_u) {
+    const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
     for (int e = 0; e < n; ++e) {
       const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
       pv[e] = pv[e] - lr_u * x[e] - decay;
     }
-    scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
     scatter(pv, b0, cnt, s.p, s.row_stride, s.width, s.p_tail);
-    if (cfg.graft) scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
   }
 };
 
@@ -241,12 +259,18 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
         // At a tile's start, prefetch the next tile of every stream the step reads.
         if (u == 0 && lt + 1 < t1) {
           const int64_t next_row = (b0 + kCompactTile) * s->row_stride;
-          prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
           if (touches_F) prefetch_bytes(F + (t + 1) * tile_elems, tile_bytes);
-          prefetch_bytes(s->g + next_row, rows_bytes);
-          prefetch_bytes(s->m + next_row, rows_bytes);
-          if (needs_p(cfg)) prefetch_bytes(s->p + next_row, rows_bytes);
-          if (s->v != nullptr) prefetch_bytes(s->v + next_row, rows_bytes);
+          if (applies_direction(cfg)) {
+            prefetch_bytes(tiles.directions + (t + 1) * d * kCompactTile,
+                           d * kCompactTile * int64_t(sizeof(T)));
+            prefetch_bytes(s->p + next_row, rows_bytes);
+          } else {
+            prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
+            prefetch_bytes(s->g + next_row, rows_bytes);
+            prefetch_bytes(s->m + next_row, rows_bytes);
+            if (needs_p(cfg)) prefetch_bytes(s->p + next_row, rows_bytes);
+            if (s->v != nullptr) prefetch_bytes(s->v + next_row, rows_bytes);
+          }
         }
         tile.step(*s, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg, tiles,
                   t, u, stats);

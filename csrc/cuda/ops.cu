@@ -192,7 +192,8 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           bool decoupled_weight_decay, at::TensorList second_moments,
                           const c10::optional<at::Tensor>& tile_damping,
                           const c10::optional<at::Tensor>& tile_scale,
-                          const c10::optional<at::Tensor>& tile_norms, double beta2, double eps,
+                          const c10::optional<at::Tensor>& tile_norms,
+                          const c10::optional<at::Tensor>& directions, double beta2, double eps,
                           int64_t mode) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
   check_step_dim(d);
@@ -201,8 +202,9 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cuda", [&] {
     StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
                    beta2, eps};
-    const StepTiles<scalar_t> tiles = check_graft<scalar_t>(
-        params, second_moments, curvature, tile_damping, tile_scale, tile_norms, mode, &cfg);
+    const StepTiles<scalar_t> tiles =
+        check_graft<scalar_t>(params, second_moments, curvature, tile_damping, tile_scale,
+                              tile_norms, directions, mode, &cfg);
     int64_t tiles_used = 0;
     const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, second_moments,
                                                segments, d, curvature.size(0), cfg, &tiles_used);

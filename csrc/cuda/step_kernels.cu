@@ -50,14 +50,15 @@ __global__ void __launch_bounds__(kStepThreads)
         block_vector<T>(seg.v, seg.v_tail, b, seg.row_stride, seg.width), seg.graft_c1,
         seg.graft_s2, tiles.scale != nullptr ? tiles.scale[tile] : T(1),
         tiles.norms != nullptr ? tiles.norms + tile * 2 * kCompactTile + state_block % kCompactTile
-                               : nullptr};
+                               : nullptr,
+        compact_vector<T>(tiles.directions, state_block, d)};
     counts = step_block<T, D>(
         block_vector<T>(seg.p, seg.p_tail, b, seg.row_stride, seg.width),
         block_vector<const T>(seg.g, seg.g_tail, b, seg.row_stride, seg.width),
         block_vector<T>(seg.m, seg.m_tail, b, seg.row_stride, seg.width),
         compact_entries<T>(F, state_block, d), compact_entries<T>(L, state_block, d), d, c,
         seg.flags.update_curvature, seg.flags.first_curvature, seg.flags.refactor, ex);
-  } else if (c.graft && tiles.norms != nullptr && b < ((seg.n_blocks + kCompactTile - 1) /
+  } else if (c.graft && !c.write && b < ((seg.n_blocks + kCompactTile - 1) /
                                                        kCompactTile) * kCompactTile) {
     // Padding blocks of the segment's last tile: zero norms, as on the other backends.
     const int64_t state_block = seg.tile_offset * kCompactTile + b;

@@ -377,7 +377,8 @@ int count_mismatches(const std::vector<T>& a, const std::vector<T>& b, T tol) {
 // first refresh + refactor, cached factor, refresh (decoupled decay), refactor with a block made
 // indefinite (it fails and falls back to the diagonal), with a NaN gradient in one block; then
 // the options beyond the paper: a refactor with per-tile (relative) damping, a grafted
-// measuring pass (norms only), grafted writes with per-tile lr scales, and a refresh-only pass.
+// measuring pass (m, v, norms and directions stored), grafted writes of the stored directions
+// with per-tile lr scales, and a refresh-only pass.
 // Hot sizes and the generic path (d = 2, 33, 64).
 template <typename T>
 void test_device_step_matches_cpu_step_t() {
@@ -404,6 +405,7 @@ void test_device_step_matches_cpu_step_t() {
     std::vector<T> L_cpu(F_cpu.size(), T(0)), norms_cpu(tiles * 2 * mbf::kCompactTile, T(0));
     auto p_dev = p_cpu, m_dev = m_cpu, v_dev = v_cpu, F_dev = F_cpu, L_dev = L_cpu;
     auto norms_dev = norms_cpu;
+    std::vector<T> dir_cpu(tiles * d * mbf::kCompactTile, T(0)), dir_dev = dir_cpu;
     std::vector<T> tile_damping(tiles), tile_scale(tiles);
     for (int64_t t = 0; t < tiles; ++t) {
       tile_damping[t] = T(0.01) * T(1 + t);
@@ -423,6 +425,7 @@ void test_device_step_matches_cpu_step_t() {
       if (ph.graft) {
         tiles_arg.scale = tile_scale.data();
         tiles_arg.norms = norms_cpu.data();
+        tiles_arg.directions = dir_cpu.data();
       }
       const T c1 = T(0.1 / (1 - std::pow(0.9, k + 1))), s2 = T(1 / std::sqrt(1 - std::pow(0.999, k + 1)));
       mbf::StepSegment<T> seg{p_cpu.data(), g.data(), m_cpu.data(), nullptr, nullptr, nullptr,
@@ -441,7 +444,8 @@ void test_device_step_matches_cpu_step_t() {
                                        {v_dev.data() + b * d, nullptr, d}, c1, s2,
                                        tile_scale[t],
                                        norms_dev.data() + t * 2 * mbf::kCompactTile +
-                                           b % mbf::kCompactTile};
+                                           b % mbf::kCompactTile,
+                                       mbf::compact_vector<T>(dir_dev.data(), b, d)};
           const mbf::BlockCounts counts = mbf::step_block<T, kD>(
               {p_dev.data() + b * d, nullptr, d}, {g.data() + b * d, nullptr, d},
               {m_dev.data() + b * d, nullptr, d}, mbf::compact_entries<T>(F_dev.data(), b, d),
@@ -472,6 +476,18 @@ void test_device_step_matches_cpu_step_t() {
           }
         EXPECT(norms_cpu[(5 / 16) * 32 + 5 % 16] == T(0), "d=%d: the NaN block's norm must be 0",
                d);
+        // Each block's u, to the solve's accuracy: rounding grows with the block's condition
+        // (as for the norms), relative to the block's largest entry, not to each entry.
+        for (int64_t b = 0; b < n; ++b) {
+          T err = T(0), size = T(0);
+          for (int e = 0; e < d; ++e) {
+            const int64_t at = ((b / 16) * d + e) * 16 + b % 16;
+            err = std::max<T>(err, std::fabs(dir_dev[at] - dir_cpu[at]));
+            size = std::max<T>(size, std::fabs(dir_cpu[at]));
+          }
+          EXPECT(!(err > 100 * tol * (1 + size)), "d=%d step %d block %lld: directions differ "
+                 "by %g (largest entry %g)", d, k + 1, (long long)b, double(err), double(size));
+        }
       }
       // Padding blocks hold whatever each implementation leaves there: compare real blocks.
       for (int64_t b = 0; b < n; ++b)

@@ -55,6 +55,8 @@ class Bucket:
     tile_norms: Tensor | None = None  # (tiles, 2, 16): [|u_b|^2, |a_b|^2] of each block
     tile_scale: Tensor | None = None  # (tiles,): the graft's lr multiplier of each tile's unit
     tile_damping: Tensor | None = None  # (tiles,): the relative damping of each tile's unit
+    # graft="adam": each block's direction u between a step's two passes, compact (tiles, d, 16)
+    directions: Tensor | None = None
 
     def step_function(self, backend: str) -> Callable:
         """The ``mbf_bucket_step_`` serving this bucket, chosen once for its device and block
@@ -246,16 +248,18 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
     if mode == StepMode.NONE and not any(f & (REFRESH | REFACTOR) for f in
                                          segments[_FLAGS_FIELD::SEGMENT_FIELDS]):
         return
+    graft = bool(mode & StepMode.GRAFT)
+    if graft and b.directions is None:
+        b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype, device=b.device)
     b.step_function(group["backend"])(
         call.params, call.grads if grads is None else grads, call.momenta, b.curvature,
         b.factor, b.stats, segments, lr=group["lr"], momentum_coef=momentum_coef(group),
         beta=group["beta"], damping=group["damping"], weight_decay=group["weight_decay"],
         decoupled_weight_decay=group["decoupled_weight_decay"],
-        second_moments=call.second_moments,
+        second_moments=call.second_moments if mode == StepMode.GRAFT else [],
         tile_damping=b.tile_damping if group["damping_mode"] == "relative" else None,
-        tile_scale=b.tile_scale if mode & StepMode.GRAFT else None,
-        tile_norms=b.tile_norms if mode & StepMode.GRAFT else None,
-        beta2=group["betas"][1], eps=group["eps"], mode=mode)
+        tile_scale=b.tile_scale if graft else None, tile_norms=b.tile_norms if graft else None,
+        directions=b.directions, beta2=group["betas"][1], eps=group["eps"], mode=mode)
 
 
 def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], state: dict,
@@ -263,10 +267,10 @@ def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], state: dic
     """The step of every bucket of a group: one pass of the fused op per bucket (the paper's
     update); with MBF-True, a refresh-only pass first on refresh steps, from the sampled
     gradients; with relative damping, a refresh-only pass before the refactor (the damping is a
-    fraction of the refreshed curvature); with grafting, a measuring pass (the norms of MBF's
-    and Adam's directions per block, reduced to units on the device) before the pass that
-    writes. Passes after the first refresh no longer refresh, nor after the refactor
-    refactor."""
+    fraction of the refreshed curvature); with grafting, a measuring pass (m, v and MBF's
+    direction stored; the norms of MBF's and Adam's directions per block, reduced to units on
+    the device) before the pass that moves the parameters by the stored directions. Passes
+    after the first refresh no longer refresh, nor after the refactor refactor."""
     calls = [c for c in (bucket_call(group, b, flags, state, fisher) for b in plan.buckets) if c]
     if not calls:
         return

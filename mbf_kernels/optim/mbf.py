@@ -216,8 +216,8 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         return {"skipped_curvature": total[0], "failed_factor": total[1]}
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state (momentum, curvature, factors, compact padding and the shared
-        blocks' work buffers included)."""
+        """Bytes of optimizer state (momentum, curvature, factors, compact padding, the grafted
+        step's directions and the shared blocks' work buffers included)."""
         total = 0
         for plan in self._plans:
             for unit in plan.units:
@@ -225,6 +225,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                              for k, t in self.state[p].items() if k in (MOMENTUM, SECOND_MOMENT))
             for b in plan.buckets:
                 total += b.curvature.nbytes + b.factor.nbytes
+                total += 0 if b.directions is None else b.directions.nbytes
             total += sum(sh.nbytes for sh in plan.shared_blocks)
             total += sum(s.work_bytes() for s in plan.shared)
         return total

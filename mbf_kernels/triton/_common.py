@@ -24,9 +24,10 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..layout import compact_shape
+from ..layout import COMPACT_TILE, StepMode, compact_shape
 from ..limits import TRITON_MAX_D as MAX_D
 from ..limits import triton_autotune, triton_interpreted
+from ..packed import tril_dim
 
 #: (BLOCK, num_warps) candidates. BLOCK >= 32 * num_warps: each block has exactly one owning
 #: thread (two per thread only when registers allow: fits).
@@ -165,3 +166,58 @@ class TableCache:
 
 
 TABLES = TableCache()
+
+
+def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile_damping,
+                        tile_scale, tile_norms, directions, mode: StepMode) -> int:
+    """The bucket op's tensor arguments checked against the curvature F: its block size d."""
+    if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
+        raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
+                         f"{COMPACT_TILE}), got {tuple(F.shape)}")
+    d = tril_dim(F.shape[1])
+    check_float("curvature", F)
+    check_d(d)
+    check_like("factor", L, "curvature", F)
+    if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
+        raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both "
+                         "must be contiguous (they are updated in place)")
+    if stats.dtype != torch.int64 or stats.numel() != 2 or stats.device != F.device:
+        raise ValueError(f"mbf_kernels triton: stats must be an int64 tensor of 2 counters "
+                         f"on {F.device}")
+    if not len(params) == len(grads) == len(momenta):
+        raise ValueError("mbf_kernels triton: params, grads and momenta must have the same "
+                         "length")
+    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
+        for name, t in (("params", p), ("grads", g), ("momenta", m)):
+            check_like(f"{name}[{i}]", t, "curvature", F)
+        if g.shape != p.shape or m.shape != p.shape:
+            raise ValueError(f"mbf_kernels triton: grads[{i}] and momenta[{i}] must have "
+                             f"shape {tuple(p.shape)}, got {tuple(g.shape)} and "
+                             f"{tuple(m.shape)}")
+        if not (p.is_contiguous() and m.is_contiguous()):
+            raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated "
+                             "in place and must be contiguous")
+    for name, t, shape in (("tile_damping", tile_damping, (F.shape[0],)),
+                           ("tile_scale", tile_scale, (F.shape[0],)),
+                           ("tile_norms", tile_norms, (F.shape[0], 2, COMPACT_TILE)),
+                           ("directions", directions, (F.shape[0], d, COMPACT_TILE))):
+        if t is not None:
+            check_like(name, t, "curvature", F)
+            if tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"mbf_kernels triton: {name} must be a contiguous tensor "
+                                 f"of shape {shape}, got {tuple(t.shape)}")
+    if mode & StepMode.GRAFT and (directions is None or (
+            tile_scale is None if mode & StepMode.WRITE else tile_norms is None)):
+        raise ValueError("mbf_kernels triton: a grafted step needs directions, and tile_norms "
+                         "to measure (mode 2) or tile_scale to write (mode 3)")
+    if mode == StepMode.GRAFT:
+        if len(second_moments) != len(params):
+            raise ValueError(f"mbf_kernels triton: a grafted step needs one second moment "
+                             f"per params tensor, got {len(second_moments)} for "
+                             f"{len(params)}")
+        for i, (p, v) in enumerate(zip(params, second_moments)):
+            check_like(f"second_moments[{i}]", v, "curvature", F)
+            if v.shape != p.shape or not v.is_contiguous():
+                raise ValueError(f"mbf_kernels triton: second_moments[{i}] must be "
+                                 f"contiguous with shape {tuple(p.shape)}")
+    return d

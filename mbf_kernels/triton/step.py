@@ -18,13 +18,11 @@ import triton.language as tl
 from torch import Tensor
 from triton.testing import do_bench
 
-from ..layout import (COMPACT_TILE, SegmentFlags, StepMode, check_bucket_step_fake,
+from ..layout import (SegmentFlags, StepMode, check_bucket_step_fake,
                       check_segments, compact_shape)
 from ..limits import triton_autotune
-from ..packed import tril_dim
 from ..reference import graft_bias_corrections
-from ._common import (CONFIGS, TABLES, bits, check_d, check_float, check_like, fits,
-                      vector_rows)
+from ._common import CONFIGS, TABLES, bits, check_step_tensors, fits, vector_rows
 from ._tuples import (cholesky, compact_base, diagonal_fallback, ema, load_tri, outer, pack,
                       pow2, select, solve, store_tri, unpack)
 
@@ -161,12 +159,17 @@ def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.
 
 
 @triton.jit
-def _graft(F, TS, TN, row, hyper, rows, blocks, mask, has_tail, direction, mom, u,
-           WRITE: tl.constexpr, D: tl.constexpr):
-    """Grafting (MBF_SPEC 3b) in the step kernel: Adam's v updated from the step's direction,
-    each block's [|u|^2, |a|^2] stored to TN (tiles, 2, 16) for the unit reductions, and with
-    WRITE the new v stored. Returns the multiplier of lr for each lane: its unit's scale in TS
-    with WRITE, else 1 (a measuring pass, whose update is not written)."""
+def _direction_entry(DIR, tile, lane, i, D: tl.constexpr):
+    """Where entry i of each lane's u lives in the compact directions (tiles, D, 16)."""
+    return DIR + (tile * D + i) * 16 + lane
+
+
+@triton.jit
+def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, direction, mom, u,
+                   D: tl.constexpr):
+    """A grafted step's measuring pass (MBF_SPEC 3b) in the step kernel: Adam's v updated
+    from the step's direction and stored, each block's [|u|^2, |a|^2] stored to TN (tiles, 2,
+    16) for the unit reductions and its u to DIR (tiles, D, 16)."""
     dt = F.dtype.element_ty
     tile, lane = _tiles(row, blocks)
     v_ptr = F + tl.load(row + SEG_V)
@@ -192,15 +195,13 @@ def _graft(F, TS, TN, row, hyper, rows, blocks, mask, has_tail, direction, mom, 
     tile_mask = blocks < tl.cdiv(tl.load(row + SEG_N), 16) * 16
     tl.store(TN + tile * 32 + lane, su.to(dt), mask=tile_mask)
     tl.store(TN + tile * 32 + 16 + lane, sa.to(dt), mask=tile_mask)
-    scale = tl.full(u[0].shape, 1.0, dt)
-    if WRITE:
-        scale = tl.load(TS + tile, mask=mask, other=0.0)
-        _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
-    return scale
+    _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
+    for i in tl.static_range(D):
+        tl.store(_direction_entry(DIR, tile, lane, i, D), u[i].to(dt), mask=mask)
 
 
 @triton.jit
-def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN,
+def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN, DIR,
                         DECOUPLED: tl.constexpr, UPDATE_CURVATURE: tl.constexpr,
                         FIRST_CURVATURE: tl.constexpr, WRITE: tl.constexpr, GRAFT: tl.constexpr,
                         D: tl.constexpr, BLOCK: tl.constexpr):
@@ -213,9 +214,10 @@ def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN,
     bucket's curvature, so one kernel serves any number of parameter tensors), then
     ``F + tail_off + i`` when it has a tail. Its state is compact tiles from ``tile`` on of F
     (curvature) and L (factor). stats (int64 (2,)) += [skipped curvature refreshes, failed
-    factorisations]. GRAFT (MBF_SPEC 3b, mbf_kernels.reference.mbf_bucket_step_): Adam's v
-    kept, each block's [|u|^2, |a|^2] stored to TN (tiles, 2, 16), the update scaled by TS
-    (tiles,); WRITE stores m, v, p. Neither: the refresh alone.
+    factorisations]. WRITE: the paper's pass, m and p stored. GRAFT (MBF_SPEC 3b, StepMode,
+    mbf_kernels.reference.mbf_bucket_step_): the measuring pass, m and Adam's v stored, each
+    block's [|u|^2, |a|^2] to TN (tiles, 2, 16) and u to DIR (tiles, D, 16). Both: the writing
+    pass, p moved by DIR scaled by TS (tiles,). Neither: the refresh alone.
     """
     T: tl.constexpr = D * (D + 1) // 2
     dt = F.dtype.element_ty
@@ -226,13 +228,26 @@ def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN,
     wd = _hyper(hyper, 4).to(dt)
     lr_wd = _hyper(hyper, 5).to(dt)
     state = compact_base(blocks + tl.load(row + SEG_TILE) * 16, T)
-    g = _load_rows(F + tl.load(row + SEG_G), F + tl.load(row + SEG_GT), rows, blocks, mask,
-                   has_tail, D)
+    APPLY: tl.constexpr = WRITE and GRAFT  # a grafted step's writing pass: reads no g, m, v, L
+    if UPDATE_CURVATURE or not APPLY:
+        g = _load_rows(F + tl.load(row + SEG_G), F + tl.load(row + SEG_GT), rows, blocks, mask,
+                       has_tail, D)
     if UPDATE_CURVATURE:
         f, finite = _refresh(F, state, mask, g, _hyper(hyper, 2), FIRST_CURVATURE, D)
         skipped = tl.sum((mask & (finite == 0)).to(tl.int64), axis=0)
         tl.atomic_add(stats, skipped, mask=skipped > 0)
-    if WRITE or GRAFT:
+    if APPLY:
+        p_ptr = F + tl.load(row + SEG_P)
+        pt_ptr = F + tl.load(row + SEG_PT)
+        p = _load_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, D)
+        tile, lane = _tiles(row, blocks)
+        lr_u = lr * tl.load(TS + tile, mask=mask, other=0.0)
+        u = ()
+        for i in tl.static_range(D):
+            u = u + (tl.load(_direction_entry(DIR, tile, lane, i, D), mask=mask, other=0.0),)
+        _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
+                    _moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
+    elif WRITE or GRAFT:
         l = load_tri(L, state, mask, D, True)
         p_ptr = F + tl.load(row + SEG_P)
         pt_ptr = F + tl.load(row + SEG_PT)
@@ -249,19 +264,25 @@ def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN,
                 direction = direction + (g[i] + wd * p[i],)
             mom = mom + (rho * m[i] + direction[i],)
         u = solve(l, mom, D)
-        lr_u = lr
+        _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
         if GRAFT:
-            lr_u = lr * _graft(F, TS, TN, row, hyper, rows, blocks, mask, has_tail, direction,
-                               mom, u, WRITE, D)
-        if WRITE:
-            new_p = ()
-            for i in tl.static_range(D):
-                if DECOUPLED:
-                    new_p = new_p + (p[i] - (lr_u * u[i] + lr_wd * p[i]),)
-                else:
-                    new_p = new_p + (p[i] - lr_u * u[i],)
-            _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
-            _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail, new_p, D)
+            _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, direction, mom,
+                           u, D)
+        else:
+            _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
+                        _moved(p, u, lr, lr_wd, DECOUPLED, D), D)
+
+
+@triton.jit
+def _moved(p, u, lr_u, lr_wd, DECOUPLED: tl.constexpr, D: tl.constexpr):
+    """p - lr_u u, less the decoupled decay lr wd p."""
+    new_p = ()
+    for i in tl.static_range(D):
+        if DECOUPLED:
+            new_p = new_p + (p[i] - (lr_u * u[i] + lr_wd * p[i]),)
+        else:
+            new_p = new_p + (p[i] - lr_u * u[i],)
+    return new_p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,59 +330,6 @@ def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int,
     return _STEP_CONFIG[key]
 
 
-def _check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile_damping,
-                        tile_scale, tile_norms, mode: StepMode) -> int:
-    """The bucket op's tensor arguments checked against the curvature F: its block size d."""
-    if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
-        raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
-                         f"{COMPACT_TILE}), got {tuple(F.shape)}")
-    d = tril_dim(F.shape[1])
-    check_float("curvature", F)
-    check_d(d)
-    check_like("factor", L, "curvature", F)
-    if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
-        raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both "
-                         "must be contiguous (they are updated in place)")
-    if stats.dtype != torch.int64 or stats.numel() != 2 or stats.device != F.device:
-        raise ValueError(f"mbf_kernels triton: stats must be an int64 tensor of 2 counters "
-                         f"on {F.device}")
-    if not len(params) == len(grads) == len(momenta):
-        raise ValueError("mbf_kernels triton: params, grads and momenta must have the same "
-                         "length")
-    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
-        for name, t in (("params", p), ("grads", g), ("momenta", m)):
-            check_like(f"{name}[{i}]", t, "curvature", F)
-        if g.shape != p.shape or m.shape != p.shape:
-            raise ValueError(f"mbf_kernels triton: grads[{i}] and momenta[{i}] must have "
-                             f"shape {tuple(p.shape)}, got {tuple(g.shape)} and "
-                             f"{tuple(m.shape)}")
-        if not (p.is_contiguous() and m.is_contiguous()):
-            raise ValueError(f"mbf_kernels triton: params[{i}] and momenta[{i}] are updated "
-                             "in place and must be contiguous")
-    for name, t, shape in (("tile_damping", tile_damping, (F.shape[0],)),
-                           ("tile_scale", tile_scale, (F.shape[0],)),
-                           ("tile_norms", tile_norms, (F.shape[0], 2, COMPACT_TILE))):
-        if t is not None:
-            check_like(name, t, "curvature", F)
-            if tuple(t.shape) != shape or not t.is_contiguous():
-                raise ValueError(f"mbf_kernels triton: {name} must be a contiguous tensor "
-                                 f"of shape {shape}, got {tuple(t.shape)}")
-    if mode & StepMode.GRAFT:
-        if tile_norms is None or (tile_scale is None and mode & StepMode.WRITE):
-            raise ValueError("mbf_kernels triton: a grafted step (mode 2) needs tile_norms, "
-                             "and tile_scale to write")
-        if len(second_moments) != len(params):
-            raise ValueError(f"mbf_kernels triton: a grafted step needs one second moment "
-                             f"per params tensor, got {len(second_moments)} for "
-                             f"{len(params)}")
-        for i, (p, v) in enumerate(zip(params, second_moments)):
-            check_like(f"second_moments[{i}]", v, "curvature", F)
-            if v.shape != p.shape or not v.is_contiguous():
-                raise ValueError(f"mbf_kernels triton: second_moments[{i}] must be "
-                                 f"contiguous with shape {tuple(p.shape)}")
-    return d
-
-
 def _segment_tables(F: Tensor, params, grads, momenta, streams, segments, d: int,
                     graft: bool, momentum_coef: float, beta2: float) -> dict[int, tuple]:
     """flags -> (table fields, block counts) of the segments with those flags: every stream
@@ -399,19 +367,20 @@ class _StepLaunches:
     def __init__(self, params, grads, momenta, curvature, factor, stats, segments, lr,
                  momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
                  second_moments=(), tile_damping=None, tile_scale=None, tile_norms=None,
-                 beta2=0.999, eps=1e-8, mode=StepMode.WRITE) -> None:
+                 directions=None, beta2=0.999, eps=1e-8, mode=StepMode.WRITE) -> None:
         F = self.F = curvature
         self.L, self.stats, self.decoupled = factor, stats, bool(decoupled_weight_decay)
         mode = self.mode = StepMode(mode)
-        graft = bool(mode & StepMode.GRAFT)
-        self.d = _check_step_tensors(params, grads, momenta, F, factor, stats, second_moments,
-                                     tile_damping, tile_scale, tile_norms, mode)
+        graft = mode == StepMode.GRAFT  # the measuring pass reads v
+        self.d = check_step_tensors(params, grads, momenta, F, factor, stats, second_moments,
+                                     tile_damping, tile_scale, tile_norms, directions, mode)
         # Kept alive until the launches are queued (the caching allocator orders reuse after
         # them on the stream).
         self.grads = grads = [g.contiguous() for g in grads]
         # Absent per-tile tensors are never read (constexpr flags): F stands in.
         self.tile_damping = tile_damping
-        self.tiles = tuple(F if t is None else t for t in (tile_damping, tile_scale, tile_norms))
+        self.tiles = tuple(F if t is None else t
+                           for t in (tile_damping, tile_scale, tile_norms, directions))
         groups = _segment_tables(F, params, grads, momenta, second_moments if graft else params,
                                  segments, self.d, graft, momentum_coef, beta2)
         floor = damping ** -0.5 if damping > 0 else 1.0
@@ -426,7 +395,7 @@ class _StepLaunches:
         block, warps = config
         meta = dict(D=self.d, BLOCK=block, num_warps=warps, num_stages=1)
         write, graft = bool(self.mode & StepMode.WRITE), bool(self.mode & StepMode.GRAFT)
-        damping, scale, norms = self.tiles
+        damping, scale, norms, directions = self.tiles
         for flags, table, counts in self.launches:
             grid = (sum(triton.cdiv(n, block) for n in counts),)
             refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
@@ -439,26 +408,28 @@ class _StepLaunches:
                 refresh = first = False
             if write or graft or refresh:
                 _bucket_step_kernel[grid](self.F, self.L, table, self.stats, len(counts),
-                                            scale, norms, DECOUPLED=self.decoupled,
+                                            scale, norms, directions,
+                                            DECOUPLED=self.decoupled,
                                             UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
                                             WRITE=write, GRAFT=graft, **meta)
 
 
 @torch.library.custom_op("mbf_kernels::triton_bucket_step_",
                          mutates_args=("params", "momenta", "curvature", "factor", "stats",
-                                       "second_moments", "tile_norms"))
+                                       "second_moments", "tile_norms", "directions"))
 def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
                     lr: float, momentum_coef: float, beta: float, damping: float,
                     weight_decay: float, decoupled_weight_decay: bool,
                     second_moments: list[Tensor], tile_damping: Tensor | None,
-                    tile_scale: Tensor | None, tile_norms: Tensor | None, beta2: float,
-                    eps: float, step_mode: int) -> None:
+                    tile_scale: Tensor | None, tile_norms: Tensor | None,
+                    directions: Tensor | None, beta2: float, eps: float,
+                    step_mode: int) -> None:
     # (not `mode`: torch's dispatch wrappers take an argument of that name)
     step = _StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
                          momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
-                         second_moments, tile_damping, tile_scale, tile_norms, beta2, eps,
-                         step_mode)
+                         second_moments, tile_damping, tile_scale, tile_norms, directions,
+                         beta2, eps, step_mode)
     if step.launches:
         step.run(_step_config(step.d, curvature.dtype, curvature.device))
 
@@ -474,15 +445,16 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                      weight_decay: float, decoupled_weight_decay: bool,
                      second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
                      tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
-                     beta2: float = 0.999, eps: float = 1e-8, mode: int = 1) -> None:
+                     directions: Tensor | None = None, beta2: float = 0.999, eps: float = 1e-8,
+                     mode: int = 1) -> None:
     """The fused step for a bucket of segments (layout: csrc/registration.cpp; arguments:
     mbf_kernels.reference.mbf_bucket_step_): one launch per distinct set of segment flags, each
     reading its segments' strided rows (and tails) in place and its own tiles of the bucket's
     compact state; stats on the state's device."""
     _bucket_step_op(params, grads, momenta, curvature, factor, stats, segments, lr,
                     momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
-                    list(second_moments), tile_damping, tile_scale, tile_norms, beta2, eps,
-                    int(mode))
+                    list(second_moments), tile_damping, tile_scale, tile_norms, directions, beta2,
+                    eps, int(mode))
 
 
 def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,

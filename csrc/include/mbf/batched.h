@@ -29,11 +29,14 @@ namespace mbf {
 // that makes the solve multiplication-only.
 inline constexpr int kCompactTile = 16;
 
-// Hyper-parameters of one step (one param group). Beyond the paper (MBF_SPEC section 3b):
-// `graft` keeps Adam's second moment v of the step's direction (beta2, eps) and writes each
-// block's [|u|^2, |a|^2] (MBF's direction u, Adam's a) to StepTiles::norms; `write` stores the
-// new momentum (and v) and updates the parameters. graft without write is the measuring pass
-// of a grafted step; neither runs only the refresh/refactor the segments' flags ask for.
+// Hyper-parameters of one step (one param group). `write` alone is the paper's pass: the new
+// momentum stored, the parameters updated. Beyond the paper (MBF_SPEC section 3b), a grafted
+// step is two passes. `graft` alone measures: it stores the new momentum and Adam's second
+// moment v of the step's direction (beta2, eps), each block's u = (F + damping I)^{-1} m to
+// StepTiles::directions and its [|u|^2, |a|^2] (MBF's direction u, Adam's a) to
+// StepTiles::norms. `graft` with `write` then moves the parameters by the stored u, scaled by
+// StepTiles::scale, reading no gradient, momentum, v or factor. Neither runs only the
+// refresh/refactor the segments' flags ask for.
 struct StepConfig {
   double lr, momentum, beta, damping, weight_decay;
   bool decoupled_weight_decay;
@@ -44,12 +47,15 @@ struct StepConfig {
 // Per compact tile of a bucket (index = tile), each optional (nullptr): `damping` replaces
 // StepConfig::damping at a refactor (relative damping), `scale` multiplies the update's lr
 // (grafting), `norms` receives [|u_b|^2 for the tile's 16 blocks, then |a_b|^2 for them]
-// (2 x 16 values per tile; zeros for padding blocks and for a block where either is not finite).
+// (2 x 16 values per tile; zeros for padding blocks and for a block where either is not finite),
+// `directions` holds each block's u, compact like the state but with d rows per tile
+// (entry e of block b at directions[((b / 16) * d + e) * 16 + b % 16]).
 template <typename T>
 struct StepTiles {
   const T* damping = nullptr;
   const T* scale = nullptr;
   T* norms = nullptr;
+  T* directions = nullptr;
 };
 
 // What this step does besides the update; per parameter, since each one counts its own steps.

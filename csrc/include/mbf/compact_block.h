@@ -71,13 +71,15 @@ inline StepScalars<T> step_scalars(const StepConfig& c) {
 
 // What a block's step takes beyond the paper (StepConfig::graft, StepTiles): its damping at a
 // refactor, and when grafting its second moment, its unit's bias corrections, the update's lr
-// multiplier and where its [|u|^2, |a|^2] go (norms[0] and norms[kCompactStride]).
+// multiplier, where its [|u|^2, |a|^2] go (norms[0] and norms[kCompactStride]) and its
+// direction u (entry e at direction[e]: StepTiles::directions, compact).
 template <typename T>
 struct BlockExtras {
   T damping;
   BlockVector<T> v;
   T c1, s2, scale;
   T* norms;
+  CompactEntries<T> direction;
 };
 
 // Entry 0 of block b of a compact tensor of blocks of size d.
@@ -85,6 +87,13 @@ template <typename T>
 MBF_HD CompactEntries<T> compact_entries(T* C, int64_t b, int d) {
   const int64_t tri = int64_t(d) * (d + 1) / 2;
   return {C + (b / kCompactStride) * tri * kCompactStride + b % kCompactStride};
+}
+
+// Entry 0 of block b of a compact tensor of d-vectors (StepTiles::directions); none for null.
+template <typename T>
+MBF_HD CompactEntries<T> compact_vector(T* C, int64_t b, int d) {
+  if (C == nullptr) return {nullptr};
+  return {C + (b / kCompactStride) * int64_t(d) * kCompactStride + b % kCompactStride};
 }
 
 // Factor A + damping I row by row (as the Triton kernels do) into l, diagonal stored inverted.
@@ -185,14 +194,25 @@ MBF_UNROLL
   for (int e = 0; e < D * (D + 1) / 2; ++e) c[e] = t[e];
 }
 
-// The update once u = x holds (F + damping I)^{-1} m: Adam's direction and both norms when
-// grafting, then (when writing) m, v and p. mv and vv are the new momentum and second moment.
+// p moved by lr_u x and the decoupled decay.
+template <typename T, int D, typename Vec>
+MBF_HD void move_block(const BlockVector<T>& p, const Vec& x, int d, const StepScalars<T>& c,
+                       T lr_u) {
+MBF_UNROLL
+  for (int i = 0; i < (D > 0 ? D : block_dim<D>(d)); ++i) {
+    const T pi = p[i];
+    p[i] = c.decoupled ? pi - (lr_u * x[i] + c.lr * c.weight_decay * pi) : pi - lr_u * x[i];
+  }
+}
+
+// The update once u = x holds (F + damping I)^{-1} m: m and p (the paper's pass), or, when
+// grafting (the measuring pass), Adam's direction, both norms, m, v and u stored. mv and vv
+// are the new momentum and second moment.
 template <typename T, int D, typename Vec>
 MBF_HD void finish_block(const BlockVector<T>& p, const BlockVector<T>& m, const Vec& mv,
                          const Vec& vv, const Vec& x, int d, const StepScalars<T>& c,
                          const BlockExtras<T>& ex) {
   const int n = block_dim<D>(d);
-  T scale = T(1);
   if (c.graft) {
     T su = T(0), sa = T(0);
 MBF_UNROLL
@@ -205,17 +225,16 @@ MBF_UNROLL
     const bool ok = std::isfinite(su) && std::isfinite(sa);
     ex.norms[0] = ok ? su : T(0);
     ex.norms[kCompactStride] = ok ? sa : T(0);
-    scale = ex.scale;
   }
-  if (!c.write) return;
-  const T lr = c.lr * scale;
 MBF_UNROLL
   for (int i = 0; i < (D > 0 ? D : n); ++i) {
-    const T pi = p[i];
     m[i] = mv[i];
-    if (c.graft) ex.v[i] = vv[i];
-    p[i] = c.decoupled ? pi - (lr * x[i] + c.lr * c.weight_decay * pi) : pi - lr * x[i];
+    if (c.graft) {
+      ex.v[i] = vv[i];
+      ex.direction[i] = x[i];
+    }
   }
+  if (!c.graft) move_block<T, D>(p, x, d, c, c.lr);
 }
 
 // One MBF step of one block: p, g, m its vectors (d values each), F and L its compact entries.
@@ -227,13 +246,17 @@ MBF_HD BlockCounts step_block(const BlockVector<T>& p, const BlockVector<const T
                               const BlockExtras<T>& ex) {
   constexpr int kVec = D > 0 ? D : kMaxGenericDim;
   const int n = block_dim<D>(d);
+  // A grafted step's writing pass moves p by the stored direction: no g, m, v or factor read.
+  const bool apply = c.write && c.graft;
   BlockCounts counts;
-  T gv[kVec];
+  T gv[kVec] = {};  // read below only where loaded; the compiler cannot tell
   bool finite = true;
+  if (!apply || update_curvature) {
 MBF_UNROLL
-  for (int i = 0; i < (D > 0 ? D : n); ++i) {
-    gv[i] = g[i];
-    finite = finite && std::isfinite(gv[i]);
+    for (int i = 0; i < (D > 0 ? D : n); ++i) {
+      gv[i] = g[i];
+      finite = finite && std::isfinite(gv[i]);
+    }
   }
   const T floor = ex.damping > T(0) ? T(1) / std::sqrt(ex.damping) : T(1);
   T x[kVec], mv[kVec], vv[kVec];
@@ -254,10 +277,16 @@ MBF_UNROLL
         counts.failed_factor = 1;
       }
       store_triangle<T, D>(l, L);
-    } else if (c.write || c.graft) {
+    } else if ((c.write || c.graft) && !apply) {
       load_triangle<T, D>(l, L);
     }
     if (!c.write && !c.graft) return counts;  // the refresh/refactor-only pass
+    if (apply) {
+MBF_UNROLL
+      for (int i = 0; i < D; ++i) x[i] = ex.direction[i];
+      move_block<T, D>(p, x, d, c, c.lr * ex.scale);
+      return counts;
+    }
 MBF_UNROLL
     for (int i = 0; i < D; ++i) {
       const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * p[i];
@@ -283,6 +312,11 @@ MBF_UNROLL
       }
     }
     if (!c.write && !c.graft) return counts;
+    if (apply) {
+      for (int i = 0; i < n; ++i) x[i] = ex.direction[i];
+      move_block<T, D>(p, x, d, c, c.lr * ex.scale);
+      return counts;
+    }
     for (int i = 0; i < n; ++i) {
       const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * p[i];
       mv[i] = c.momentum * m[i] + dir;
