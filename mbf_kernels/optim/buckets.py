@@ -80,6 +80,7 @@ class GroupPlan:
     # the updated parameters after a step.
     all_units: list[Unit] | None = None  # None: ``units`` (not sharded)
     sync: Callable[[], None] | None = None
+    unit_states: list[dict] = field(default_factory=list)  # all_units' state dicts
 
     def __post_init__(self) -> None:
         if self.all_units is None:
@@ -169,6 +170,10 @@ class BucketLayout:
     params: list[Tensor]
     segments: list[tuple[Unit, list[int]]]
     units: list[Unit]  # distinct, in segment order
+    # The params' momenta and second moments (graft="adam"), at the first step: the state's
+    # tensors are kept for the optimizer's life (load_state_dict copies into them).
+    momenta: list[Tensor] | None = None
+    second_moments: list[Tensor] | None = None
 
     @classmethod
     def of(cls, bucket: Bucket) -> "BucketLayout":
@@ -190,8 +195,8 @@ class BucketLayout:
         return cls(params, segments, list({id(u): u for u, _ in segments}.values()))
 
 
-def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], state: dict,
-                fisher: dict[Tensor, Tensor]) -> BucketCall | None:
+def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], steps: dict[int, int],
+                state: dict, fisher: dict[Tensor, Tensor]) -> BucketCall | None:
     """This step's arguments of the bucket op, or None when no unit of it has a gradient.
 
     On a small model the cost of a step is its Python, so the common case (every unit of the
@@ -200,23 +205,26 @@ def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], state: dict,
     if bucket.layout is None:
         bucket.layout = BucketLayout.of(bucket)
     layout = bucket.layout
+    graft = group["graft"] == "adam"
     if not (group["fisher"] == "true" and fisher) and all(id(u) in flags for u in layout.units):
         grads = [p.grad for p in layout.params]
-        if all(g is not None and g.dtype == bucket.dtype and g.is_contiguous()
-               and p.dtype == bucket.dtype and p.is_contiguous()
+        dtype = bucket.dtype
+        if all(g is not None and g.dtype == dtype and g.is_contiguous()
+               and p.dtype == dtype and p.is_contiguous()
                for p, g in zip(layout.params, grads)):
+            if layout.momenta is None or (graft and layout.second_moments is None):
+                sts = [state[p] for p in layout.params]
+                layout.momenta = [s[MOMENTUM] for s in sts]
+                layout.second_moments = [s[SECOND_MOMENT] for s in sts] if graft else None
             segments: list[int] = []
             for unit, fields in layout.segments:
                 segments += fields
-                segments += (flags[id(unit)], state[unit.params[0]][STEP] + 1)
-            sts = [state[p] for p in layout.params]
-            return BucketCall(bucket, list(layout.params), grads, [s[MOMENTUM] for s in sts],
-                              [s[SECOND_MOMENT] for s in sts] if group["graft"] == "adam"
-                              else [], segments)
+                segments += (flags[id(unit)], steps[id(unit)])
+            return BucketCall(bucket, list(layout.params), grads, list(layout.momenta),
+                              list(layout.second_moments) if graft else [], segments)
     # Otherwise (units without a gradient, staged or converted tensors, sampled gradients): the
     # same layout, with only the active units' segments and the tensors they name.
     call = BucketCall(bucket)
-    graft = group["graft"] == "adam"
     # Sampled gradients exist only on refresh steps (fisher_pass()); none are built otherwise.
     true_fisher = fisher if group["fisher"] == "true" and fisher else None
     index: dict[int, int] = {}  # layout.params index -> this call's
@@ -234,7 +242,7 @@ def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], state: dict,
             continue
         main, tail = fields[0], fields[1]
         call.segments += [tensor_index(main), -1 if tail < 0 else tensor_index(tail),
-                          *fields[2:], f, state[unit.params[0]][STEP] + 1]
+                          *fields[2:], f, steps[id(unit)]]
     return call if call.segments else None
 
 
@@ -262,8 +270,8 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
         directions=b.directions, beta2=group["betas"][1], eps=group["eps"], mode=mode)
 
 
-def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], state: dict,
-                 fisher: dict[Tensor, Tensor]) -> None:
+def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dict[int, int],
+                 state: dict, fisher: dict[Tensor, Tensor]) -> None:
     """The step of every bucket of a group: one pass of the fused op per bucket (the paper's
     update); with MBF-True, a refresh-only pass first on refresh steps, from the sampled
     gradients; with relative damping, a refresh-only pass before the refactor (the damping is a
@@ -271,7 +279,8 @@ def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], state: dic
     direction stored; the norms of MBF's and Adam's directions per block, reduced to units on
     the device) before the pass that moves the parameters by the stored directions. Passes
     after the first refresh no longer refresh, nor after the refactor refactor."""
-    calls = [c for c in (bucket_call(group, b, flags, state, fisher) for b in plan.buckets) if c]
+    calls = [c for c in (bucket_call(group, b, flags, steps, state, fisher)
+                         for b in plan.buckets) if c]
     if not calls:
         return
     everything = REFRESH | FIRST | REFACTOR
