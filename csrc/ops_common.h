@@ -217,8 +217,8 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
   out.directions = check_tiles(directions, "directions", {tiles, tri_dim(curvature.size(1)),
                                                           kCompactTile});
   if (cfg->graft) {
-    TORCH_CHECK(out.directions != nullptr && (cfg->write ? out.scale != nullptr
-                                                         : out.norms != nullptr),
+    // (has_value, not the pointers: an empty bucket's tensors have none)
+    TORCH_CHECK(directions.has_value() && (cfg->write ? scale.has_value() : norms.has_value()),
                 "mbf_kernels: a grafted step needs directions, and tile_norms to measure (mode ",
                 "2) or tile_scale to write (mode 3)");
   }

@@ -1,7 +1,7 @@
-"""MBF under torch.distributed on CPU (gloo), ranks spawned by the test (issue 15, first part):
-DDP with and without sharded curvature against one process on the same global batch, each
-rank's share of the curvature, and torch.distributed.checkpoint (DCP) save/load, resumed on the
-same and on another world size."""
+"""MBF under torch.distributed on CPU (gloo), ranks spawned by the test (issue 15): DDP with and
+without sharded curvature against one process on the same global batch, each rank's share of the
+curvature, torch.distributed.checkpoint (DCP) save/load, resumed on the same and on another world
+size, and FSDP2 (fully_shard: MBF on each rank's dim-0 shards) against one process."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ from torch.nn import functional as F
 import mbf_kernels as mk
 
 STEPS, T1, T2, LOCAL_BATCH = 20, 2, 5, 4
+#: The FSDP2 runs: the shipped defaults (grafting, relative damping) with the large linears at
+#: a rank, exact, and the paper's update.
+FSDP_OPTIONS = {"fsdp": dict(large_linear="lowrank", shared_rank=8),
+                "fsdp_exact": dict(large_linear="shared"),
+                "fsdp_paper": dict(mk.optim.PAPER, large_linear="lowrank", shared_rank=8)}
 OPTS = dict(curvature_update_freq=T1, inverse_update_freq=T2, max_block_size=16)
 TIMEOUT_S = 240
 
@@ -68,15 +73,17 @@ def _train(model, opt, steps, world, rank, start=0):
 
 def _params(model) -> torch.Tensor:
     inner = model.module if hasattr(model, "module") else model
-    return torch.cat([p.detach().flatten() for p in inner.parameters()])
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+                      for p in inner.parameters()])
 
 
-def _one_process(first_world: int, second_world: int) -> torch.Tensor:
+def _one_process(first_world: int, second_world: int, options: dict | None = None
+                 ) -> torch.Tensor:
     """One process on the global batches (the mean loss over one = DDP's averaged gradients):
     the first half of the steps on ``first_world`` ranks' batches, the second on
     ``second_world``'s, the optimizer's state carried over."""
     model = _model()
-    opt = _optimizer(model)
+    opt = _optimizer(model) if options is None else mk.MBF.from_model(model, **options, **OPTS)
     for k in range(STEPS):
         x, y = _global_batch(k, first_world if k < STEPS // 2 else second_world)
         opt.zero_grad()
@@ -88,10 +95,39 @@ def _one_process(first_world: int, second_world: int) -> torch.Tensor:
 # -- the ranks ----------------------------------------------------------------------------------
 
 
+def _fsdp_worker(rank: int, world: int, out: Path, options: dict) -> None:
+    """FSDP2: every layer and the root fully_shard'ed (dim-0 shards; on 3 ranks the conv's 4
+    output channels split 2 / 2 / 0), MBF on the local shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in (model.conv, model.fc1, model.fc2, model.head):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = mk.MBF.from_model(model, **options, **OPTS)
+    _train(model, opt, STEPS, world, rank)
+    refused = []  # what MBF refuses under FSDP2, each with a clear error
+    try:
+        opt.state_dict()
+    except NotImplementedError as e:
+        refused.append(str(e))
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    mesh = next(model.parameters()).device_mesh
+    try:
+        mk.MBF([nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [Replicate()]))])
+    except ValueError as e:
+        refused.append(str(e))
+    torch.save({"params": _params(model), "summary": opt.block_summary(), "refused": refused},
+               out / f"fsdp_{world}_{rank}.pt")
+
+
 def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
 
+    if mode.startswith("fsdp"):
+        _fsdp_worker(rank, world, out, FSDP_OPTIONS[mode])
+        return
     model = nn.parallel.DistributedDataParallel(_model().float() if mode == "amp" else _model())
     opt = _optimizer(model, shard=False if mode == "unsharded" else None)
     if mode in ("ddp", "unsharded"):
@@ -255,3 +291,27 @@ def test_compiled_and_mixed_precision_ddp(tmp_path, mode):
     assert amp[0] == amp[1] and amp[0]["skipped"] == 2
     assert set(amp[0]["steps"]) == {STEPS - 2}
     assert (ranks[0] - _params(_model()).float()).abs().max() > 1e-3  # the other steps trained
+
+
+@pytest.mark.parametrize("mode", list(FSDP_OPTIONS))
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_equals_one_process_on_the_global_batch(tmp_path, world, mode):
+    """FSDP2 (fully_shard): 20 steps, T1 = 2, T2 = 5, MBF on each rank's dim-0 shards, with the
+    graft's norms, relative damping's sums and the shared blocks' statistics reduced across the
+    ranks: the gathered parameters equal one process's on the global batch up to the
+    reduce-scatter's summation order, and each rank keeps only its rows' blocks."""
+    _spawn(world, tmp_path, mode)
+    ranks = [torch.load(tmp_path / f"fsdp_{world}_{r}.pt") for r in range(world)]
+    assert all(torch.equal(ranks[0]["params"], r["params"]) for r in ranks[1:])
+    single = _one_process(world, world, FSDP_OPTIONS[mode])
+    assert (single - _params(_model())).abs().max() > 1e-2  # it trained
+    torch.testing.assert_close(ranks[0]["params"], single, rtol=1e-9, atol=1e-11)
+    # The row and kernel blocks are split by rows across the ranks (on 3, rank 2 has none of the
+    # conv's 4 channels); each shared block is on every rank.
+    whole = mk.MBF.from_model(_model(), **FSDP_OPTIONS[mode], **OPTS).block_summary()
+    for kind in ("blocks", "shared", "lowrank"):
+        want = sum(r["blocks"] for r in whole if r["kind"] == kind)
+        got = [sum(r["blocks"] for r in rank["summary"] if r["kind"] == kind) for rank in ranks]
+        assert sum(got) == (want * world if kind != "blocks" else want), kind
+    state_dict_error, placement_error = ranks[0]["refused"]
+    assert "FSDP2" in state_dict_error and "Shard(0)" in placement_error

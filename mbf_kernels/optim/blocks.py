@@ -40,6 +40,12 @@ class Unit:
     name: str
     rank: int | None = None  # a shared block kept at this rank (.lowrank); None: exact
     index: int = 0  # its first parameter's index in the optimizer (seeds its random numbers)
+    global_rows: int | None = None  # FSDP2: the layer's rows on all ranks (None: its own)
+
+    @property
+    def rows(self) -> int:
+        """The layer's rows a shared block averages over (all ranks' under FSDP2)."""
+        return self.segments[0].n_blocks if self.global_rows is None else self.global_rows
 
     @property
     def n_blocks(self) -> int:
@@ -50,10 +56,12 @@ def _diagonal(index: int, p: Tensor) -> Segment:
     return Segment(index, None, p.numel(), 0, 1, 1)
 
 
-def _rows(weight: Tensor, has_bias: bool, group: dict, name: str) -> Unit:
-    """A (out, in) row layout (linear, embedding, 1x1 conv as rows) with an optional bias."""
+def _rows(weight: Tensor, has_bias: bool, group: dict, name: str,
+          global_rows: int | None = None) -> Unit:
+    """A (out, in) row layout (linear, embedding, 1x1 conv as rows) with an optional bias;
+    ``global_rows``: out on all ranks, when ``weight`` is an FSDP2 shard."""
     out = weight.shape[0]
-    width = weight.numel() // out if out else 0
+    width = math.prod(weight.shape[1:])  # (an FSDP2 shard may have no rows)
     d = width + has_bias
     tail = 1 if has_bias else None  # index of the bias in Unit.params
     if d <= group["max_block_size"]:
@@ -61,8 +69,9 @@ def _rows(weight: Tensor, has_bias: bool, group: dict, name: str) -> Unit:
     mode = group["large_linear"]
     if mode in ("auto", "shared", "lowrank"):
         return Unit([], "shared", [Segment(0, tail, out, 0, width, width)], name,
-                    rank=shared_rank(mode, out, d, group["shared_rank"]
-                                     or default_rank(weight.device)))
+                    rank=shared_rank(mode, out if global_rows is None else global_rows, d,
+                                     group["shared_rank"] or default_rank(weight.device)),
+                    global_rows=global_rows)
     if mode == "diagonal":
         segs = [Segment(0, None, weight.numel(), 0, 1, 1)]
         if has_bias:
@@ -115,8 +124,9 @@ def shared_rank(mode: str, n: int, d: int, rank: int) -> int | None:
 
 
 def plan_unit(weight: Tensor, bias: Tensor | None, role: str | None, group: dict,
-              name: str) -> Unit:
-    """The unit for ``weight`` (with ``bias`` paired into its rows, for a linear role)."""
+              name: str, global_rows: int | None = None) -> Unit:
+    """The unit for ``weight`` (with ``bias`` paired into its rows, for a linear role);
+    ``global_rows``: its dim 0 on all ranks, when it is an FSDP2 shard."""
     if role not in (None, *ROLES):
         raise ValueError(f"MBF: unknown block role {role!r} for {name}; expected one of {ROLES}")
     ndim = weight.ndim
@@ -127,13 +137,13 @@ def plan_unit(weight: Tensor, bias: Tensor | None, role: str | None, group: dict
     elif role == "conv":
         kernel = math.prod(weight.shape[2:])
         if kernel == 1 and group["conv1x1"] == "row":
-            unit = _rows(weight, bias is not None, group, name)
+            unit = _rows(weight, bias is not None, group, name, global_rows)
         else:
             n = weight.numel() // kernel if kernel else 0
             unit = Unit([], "blocks", [Segment(0, None, n, 0, kernel, kernel)], name)
             bias = None  # a conv bias is diagonal: its own unit
     else:  # linear or embedding rows
-        unit = _rows(weight, bias is not None, group, name)
+        unit = _rows(weight, bias is not None, group, name, global_rows)
     uses_bias = any(s.tail == 1 or s.main == 1 for s in unit.segments)
     unit.params = [weight, bias] if uses_bias else [weight]
     return unit
@@ -183,8 +193,9 @@ def module_roles(model: nn.Module) -> ModuleRoles:
 
 
 def plan_group(params: list[Tensor], group: dict, roles: ModuleRoles | None,
-               first_index: int) -> list[Unit]:
-    """The units of one param group, in parameter order (a paired bias joins its weight)."""
+               first_index: int, global_rows: dict[int, int] | None = None) -> list[Unit]:
+    """The units of one param group, in parameter order (a paired bias joins its weight);
+    ``global_rows``: id(param) -> its dim 0 on all ranks, for FSDP2 shards."""
     in_group = {id(p) for p in params}
     paired: set[int] = set()
     units: list[Unit] = []
@@ -200,7 +211,7 @@ def plan_group(params: list[Tensor], group: dict, roles: ModuleRoles | None,
         role = roles.roles.get(id(p)) if roles else None
         bias = roles.bias_of.get(id(p)) if roles else None
         bias = bias if bias is not None and id(bias) in paired else None
-        unit = plan_unit(p, bias, role, group, name)
+        unit = plan_unit(p, bias, role, group, name, (global_rows or {}).get(id(p)))
         unit.index = first_index + i
         units.append(unit)
         if bias is not None and len(unit.params) == 1:

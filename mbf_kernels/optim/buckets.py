@@ -18,6 +18,7 @@ from ..dispatch import select
 from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles
 from ..reference import relative_damping
 from .blocks import Unit
+from .fsdp import LocalShards
 from .options import momentum_coef
 from .shared import SharedBlock, SharedSet
 
@@ -81,10 +82,16 @@ class GroupPlan:
     all_units: list[Unit] | None = None  # None: ``units`` (not sharded)
     sync: Callable[[], None] | None = None
     unit_states: list[dict] = field(default_factory=list)  # all_units' state dicts
+    shards: LocalShards | None = None  # FSDP2: the local shards stepped, the mesh's group
 
     def __post_init__(self) -> None:
         if self.all_units is None:
             self.all_units = self.units
+
+    def reduce(self, t: Tensor) -> None:
+        """Sum per-unit values over the FSDP2 mesh (in place); nothing otherwise."""
+        if self.shards is not None:
+            self.shards.all_reduce(t)
 
     @property
     def shared_blocks(self) -> list[SharedBlock]:
@@ -117,7 +124,9 @@ def plan_unit_reductions(plan: GroupPlan) -> None:
         b.tile_damping = torch.zeros(b.tiles, dtype=b.dtype, device=b.device)
     if plan.buckets:
         b = plan.buckets[0]
-        plan.diagonal_count = torch.tensor(count, dtype=b.dtype, device=b.device).clamp_min(1)
+        total = torch.tensor(count, dtype=b.dtype, device=b.device)
+        plan.reduce(total)  # FSDP2: a unit's entries on all ranks
+        plan.diagonal_count = total.clamp_min(1)
 
 
 @dataclass
@@ -330,6 +339,7 @@ def _relative_damping(group: dict, plan: GroupPlan, calls: list[BucketCall]) -> 
         return (b.curvature[:, rows, :] * real).sum((1, 2)).reshape(-1, 1)
 
     sums = _unit_sums(plan, calls, diagonals)[:, 0]
+    plan.reduce(sums)
     damping = relative_damping(group["damping"], sums, plan.diagonal_count)
     for call in calls:
         call.bucket.tile_damping.copy_(damping[call.bucket.tile_unit])
@@ -339,6 +349,7 @@ def _graft_scales(plan: GroupPlan, calls: list[BucketCall]) -> None:
     """tile_scale = |a_unit| / |u_unit| from the measuring pass's per-block norms."""
     # (the kernels write zeros for padding blocks and for blocks whose norms are not finite)
     sums = _unit_sums(plan, calls, lambda b: b.tile_norms.sum(2))
+    plan.reduce(sums)
     su, sa = sums[:, 0], sums[:, 1]
     scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(),
                         torch.zeros_like(su))

@@ -29,6 +29,8 @@ is reproducible, and the same on any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -130,10 +132,13 @@ class LowRankCurvature:
         eye = torch.eye(self.d, dtype=self.basis.dtype, device=self.basis.device)
         return self.residual * eye + (self.basis * self.excess) @ self.basis.mT
 
-    def refresh(self, G: Tensor, beta: float, first: bool) -> Tensor:
+    def refresh(self, G: Tensor, beta: float, first: bool, rows: int | None = None,
+                reduce: Callable[[Tensor], None] | None = None) -> Tensor:
         """F <- C (first) or beta F + (1 - beta) C, C = G^T G / rows, at rank k. Nothing changes
-        if G is not finite; returns that condition as a bool tensor (no host sync)."""
-        rows, d = G.shape
+        if G is not finite; returns that condition as a bool tensor (no host sync). Under FSDP2
+        G is this rank's rows of ``rows``, and ``reduce`` sums the sketch over the ranks."""
+        local_rows, d = G.shape
+        rows = local_rows if rows is None else rows
         k = self.rank
         s = min(d, k + oversampling(k))
         fresh = gaussian(d, s if first else s - k, self.seed * 1_000_003 + self.refreshes, G)
@@ -142,13 +147,18 @@ class LowRankCurvature:
         # and where over G cost 15x a norm on a 4096 x 4097 layer, dev VM); a G whose norm
         # overflows is skipped as a non-finite one would be.
         g_sq = torch.linalg.vector_norm(G).square()
-        finite = torch.isfinite(g_sq)
         scale = 1.0 if first else 1 - beta
         if first:
             omega = torch.linalg.qr(fresh).Q
         else:
             omega = torch.linalg.qr(torch.cat([self.basis, fresh], dim=1)).Q
-        Y = (G.mT @ (G @ omega)) * (scale / max(rows, 1))
+        Y = G.mT @ (G @ omega)
+        if reduce is not None:  # one collective for both: the sketch and |G|^2
+            both = torch.cat([Y.flatten(), g_sq[None]])
+            reduce(both)
+            Y, g_sq = both[:-1].view_as(Y), both[-1]
+        finite = torch.isfinite(g_sq)
+        Y *= scale / max(rows, 1)
         trace_L = torch.where(finite, g_sq, 0) * (scale / max(rows, 1))
         residual = torch.zeros_like(self.residual)
         if not first:

@@ -25,6 +25,7 @@ from .blocks import ModuleRoles, Unit, module_roles, plan_group
 from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, Bucket, GroupPlan,
                       plan_unit_reductions, step_buckets)
 from .fisher import FisherCapture
+from .fsdp import global_rows, local_roles, local_shards
 from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, momentum_coef, prepare_group,
                       state_dtype, validate_group)
 from .shared import SharedSet
@@ -87,9 +88,16 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         self._n_params += len(group["params"])
 
     def _plan(self, group: dict) -> GroupPlan:
-        all_units = plan_group(group["params"], group, self._roles, self._n_params)
+        shards = local_shards(group["params"])
+        if shards is None:
+            all_units = plan_group(group["params"], group, self._roles, self._n_params)
+        else:  # FSDP2: the blocks of each rank's shards (.fsdp)
+            if group["fisher"] == "true":
+                raise ValueError("MBF: fisher='true' is not supported under FSDP2 yet")
+            all_units = plan_group(shards.locals, group, local_roles(self._roles, shards),
+                                   self._n_params, global_rows(shards))
         units, sync = all_units, None
-        if wants_sharding(group["shard_curvature"]):
+        if shards is None and wants_sharding(group["shard_curvature"]):
             rank, size = world()
             if not self._rank_loads:
                 self._rank_loads = [0] * size
@@ -119,7 +127,9 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                     self.state[p][SECOND_MOMENT] = torch.zeros(p.shape, dtype=dtype,
                                                                device=device)
             for seg in unit.segments:
-                if seg.n_blocks == 0:
+                if seg.n_blocks == 0 and shards is None:
+                    # (under FSDP2 an empty shard keeps its segment: every rank has the same
+                    # buckets, so their collectives match)
                     continue
                 bucket = buckets.setdefault((seg.d, dtype, device), Bucket(seg.d, dtype, device))
                 bucket.entries.append((unit, seg, bucket.tiles))
@@ -128,7 +138,8 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.dtype, device=b.device)
-        shared = [SharedSet(us, dtype, device, graft)
+        reduce = None if shards is None else shards.all_reduce
+        shared = [SharedSet(us, dtype, device, graft, reduce)
                   for (dtype, device), us in shared_units.items()]
         # The state of a shared block's parameters is a view of its row buffers.
         keys = ((MOMENTUM, "momentum"),) + (((SECOND_MOMENT, "second_moment"),) if graft else ())
@@ -136,7 +147,8 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             for key, rows in keys:
                 for p, view in zip(b.unit.params, b.views[rows]):
                     self.state[p][key] = view
-        plan = GroupPlan(units, list(buckets.values()), shared, all_units=all_units, sync=sync)
+        plan = GroupPlan(units, list(buckets.values()), shared, all_units=all_units, sync=sync,
+                         shards=shards)
         # Each unit's state dict (its step count), looked up once: load_state_dict keeps these
         # dicts, and hashing ~100 parameters per step was a tenth of a ResNet-32 step.
         plan.unit_states = [self.state[u.params[0]] for u in all_units]
@@ -153,6 +165,17 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fisher = self._take_fisher_grads()
+        fsdp = [plan.shards for plan in self._plans if plan.shards is not None]
+        for shards in fsdp:
+            shards.bind_grads()
+        try:
+            self._step(fisher)
+        finally:
+            for shards in fsdp:
+                shards.unbind_grads()
+        return loss
+
+    def _step(self, fisher: dict[Tensor, Tensor]) -> None:
         # Every check first (a missing sampled gradient raises before any state changes).
         all_flags = [self._unit_flags(g, plan, fisher)
                      for g, plan in zip(self.param_groups, self._plans)]
@@ -170,7 +193,6 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                     st[STEP] = steps[id(unit)]
             if plan.sync is not None:
                 plan.sync()
-        return loss
 
     def _refreshes_next(self, group: dict) -> bool:
         plan = self._plans[next(i for i, g in enumerate(self.param_groups) if g is group)]

@@ -18,6 +18,7 @@ and U.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -193,9 +194,11 @@ class SharedSet:
     """The shared blocks of one param group with one state dtype and device."""
 
     def __init__(self, units: list[Unit], dtype: torch.dtype, device: torch.device,
-                 graft: bool) -> None:
+                 graft: bool, reduce: Callable[[Tensor], None] | None = None) -> None:
         self.blocks: list[SharedBlock] = []
         self.device = device
+        # FSDP2 (.fsdp): sums a tensor over the ranks that hold the layers' rows, in place
+        self.reduce = reduce
         sizes = []
         for unit in units:
             seg = unit.segments[0]
@@ -327,22 +330,27 @@ class SharedSet:
         squares = torch.stack([u_sq, adam_sq])
         squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
         sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)
+        if self.reduce is not None:
+            self.reduce(sums)
         su, sa = sums[0], sums[1]
         scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(), 0)
         return (scale * -lr).unbind()
 
-    @staticmethod
-    def _refresh(group: dict, b: SharedBlock, f: int, fisher: dict[Tensor, Tensor]) -> None:
+    def _refresh(self, group: dict, b: SharedBlock, f: int, fisher: dict[Tensor, Tensor]) -> None:
         grads = [fisher.get(p) if group["fisher"] == "true" else p.grad
                  for p in b.unit.params]  # MBF-True: the sampled gradient's curvature
         G = b.rows["work"]
         for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
             view.zero_() if g is None else view.copy_(g)
         if b.lowrank is not None:
-            finite = b.lowrank.refresh(G, group["beta"], bool(f & _FIRST))
+            finite = b.lowrank.refresh(G, group["beta"], bool(f & _FIRST), b.unit.rows,
+                                       self.reduce)
         else:
-            finite = torch.isfinite(torch.linalg.vector_norm(G))  # as LowRankCurvature's
-            C = G.mT @ G / max(G.shape[0], 1)
+            C = G.mT @ G
+            if self.reduce is not None:  # FSDP2: every rank's rows
+                self.reduce(C)
+            finite = torch.isfinite(C.diagonal().sum())  # as LowRankCurvature's |G|^2
+            C /= max(b.unit.rows, 1)
             new = C if f & _FIRST else group["beta"] * b.curvature + (1 - group["beta"]) * C
             b.curvature.copy_(torch.where(finite, new, b.curvature))
         b.stats[0] += (~finite).to(torch.int64)

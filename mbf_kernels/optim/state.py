@@ -41,6 +41,15 @@ class CanonicalState:
                                 bucket.factor[tile0:tile0 + tiles]))
         return out
 
+    def _refuse_fsdp(self, what: str) -> None:
+        # The state of FSDP2 shards would have to be saved as DTensors for
+        # torch.distributed.checkpoint to place it; until it is, refuse rather than write a
+        # checkpoint that would load wrong.
+        if any(plan.shards is not None for plan in self._plans):
+            raise NotImplementedError(f"MBF.{what}: the optimizer state of FSDP2 (fully_shard) "
+                                      "parameters cannot be saved or loaded yet (DDP's can, "
+                                      "with torch.distributed.checkpoint)")
+
     def _param_index(self) -> dict[int, int]:
         ids = [id(p) for g in self.param_groups for p in g["params"]]
         return {pid: i for i, pid in enumerate(ids)}
@@ -49,6 +58,7 @@ class CanonicalState:
         """torch's state_dict plus, per unit (on its first parameter), the canonical block
         state: ``curvature`` and ``factor`` as lists (one per segment) of (n_blocks, T) packed
         lower triangles, row-major, and ``block_layout``; momentum in the parameter's shape."""
+        self._refuse_fsdp("state_dict")
         sd = super().state_dict()
         index = self._param_index()
         for plan in self._plans:
@@ -73,6 +83,7 @@ class CanonicalState:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state_dict saved by MBF on any backend/device; values are copied into this
         optimizer's buffers (dtype and device of its state, never the parameters' dtype)."""
+        self._refuse_fsdp("load_state_dict")
         saved = state_dict["state"]
         # The saved state's keys, in parameter order, as torch's Optimizer maps them: the saved
         # groups' "params" lists (ints from state_dict(); fully qualified names when
