@@ -59,6 +59,9 @@ class LocalShards:
         for local in self.locals:
             local.grad = None
 
+    def dtensor_of(self, local: Tensor) -> Tensor:
+        return self.dtensors[next(i for i, q in enumerate(self.locals) if q is local)]
+
     def all_reduce(self, t: Tensor) -> None:
         """Sum ``t`` over the mesh, in place."""
         dist.all_reduce(t, group=self.group)
@@ -103,3 +106,45 @@ def local_roles(roles: ModuleRoles | None, shards: LocalShards) -> ModuleRoles |
 def global_rows(shards: LocalShards) -> dict[int, int]:
     """id(local shard) -> the parameter's global size on dim 0 (its rows)."""
     return {id(q): (p.shape[0] if p.ndim else 1) for p, q in zip(shards.dtensors, shards.locals)}
+
+
+# -- the state dict: each rank's state as DTensors shaped like the parameters' shards, so that
+# torch.distributed.checkpoint saves every rank's share and places it on any world size.
+
+
+def shard_like(local: Tensor, p: Tensor) -> Tensor:
+    """A state tensor of parameter ``p``'s local shard (its shape) as a DTensor laid out as
+    ``p`` (global shape, Shard(0); FSDP2's chunks are DTensor's own, uneven ones included)."""
+    DTensor, _ = _dtensor_type()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def blocks_per_row(main: Tensor, row_stride: int) -> int:
+    """Blocks of a segment in each dim-0 row of its (local) parameter: a conv's kernels per
+    output channel, one per linear row, a diagonal parameter's elements per row."""
+    per_row = 1
+    for n in main.shape[1:]:
+        per_row *= n
+    return per_row // row_stride
+
+
+def shard_blocks(rows: Tensor, local: Tensor, p: Tensor, row_stride: int) -> Tensor:
+    """A segment's (n_local, T) block rows as a DTensor (rows of ``p``, blocks per row, T),
+    sharded on dim 0 as ``p`` is (``local`` is p's local shard)."""
+    DTensor, _ = _dtensor_type()
+    per_row = blocks_per_row(local, row_stride)
+    rows_global = p.shape[0] if p.ndim else 1
+    shape = (rows_global, per_row, rows.shape[1])
+    return DTensor.from_local(rows.reshape(-1, per_row, rows.shape[1]), p.device_mesh,
+                              p.placements, run_check=False, shape=shape,
+                              stride=(per_row * rows.shape[1], rows.shape[1], 1))
+
+
+def local_part(t):
+    """A saved value as this rank's tensor: a DTensor's local shard, (rows, blocks, T) block
+    rows flattened back to (n, T)."""
+    if not is_dtensor(t):
+        return t
+    local = t.to_local()
+    return local.reshape(-1, local.shape[-1]) if local.ndim == 3 else local

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..layout import from_compact, n_tiles, to_compact
 from .blocks import Segment, Unit
+from .fsdp import blocks_per_row, local_part, shard_blocks, shard_like
 from .buckets import MOMENTUM, SECOND_MOMENT, STEP, GroupPlan
 from .options import RUN_OPTIONS
 
@@ -41,59 +42,97 @@ class CanonicalState:
                                 bucket.factor[tile0:tile0 + tiles]))
         return out
 
-    def _refuse_fsdp(self, what: str) -> None:
-        # The state of FSDP2 shards would have to be saved as DTensors for
-        # torch.distributed.checkpoint to place it; until it is, refuse rather than write a
-        # checkpoint that would load wrong.
-        if any(plan.shards is not None for plan in self._plans):
-            raise NotImplementedError(f"MBF.{what}: the optimizer state of FSDP2 (fully_shard) "
-                                      "parameters cannot be saved or loaded yet (DDP's can, "
-                                      "with torch.distributed.checkpoint)")
+    def _shards(self, unit: Unit):
+        """The FSDP2 shards of the plan that owns ``unit`` (None when it is not sharded)."""
+        return next((plan.shards for plan in self._plans if unit in plan.all_units), None)
+
+    def _keyed_by_params(self) -> dict:
+        """self.state keyed by the param groups' parameters, as torch's Optimizer.state_dict
+        reads it: under FSDP2 MBF keys its state by the local shards, which become the
+        DTensor parameters' again, their tensors DTensors laid out as the parameters."""
+        out = dict(self.state)
+        for plan in self._plans:
+            if plan.shards is None:
+                continue
+            for p, local in zip(plan.shards.dtensors, plan.shards.locals):
+                out.pop(local, None)
+                out[p] = {k: shard_like(v, p) if isinstance(v, Tensor) and v.shape == local.shape
+                          else v for k, v in self.state[local].items()}
+        return out
 
     def _param_index(self) -> dict[int, int]:
+        """id(param) -> its index in the state dict (an FSDP2 local shard: its parameter's)."""
         ids = [id(p) for g in self.param_groups for p in g["params"]]
-        return {pid: i for i, pid in enumerate(ids)}
+        index = {pid: i for i, pid in enumerate(ids)}
+        for plan in self._plans:
+            if plan.shards is not None:
+                for p, local in zip(plan.shards.dtensors, plan.shards.locals):
+                    index[id(local)] = index[id(p)]
+        return index
+
+    def _layout(self, unit: Unit, blocks: list) -> list[tuple]:
+        """The unit's block layout as saved: (kind, d, n_blocks) per segment, n_blocks over all
+        ranks under FSDP2 (every rank saves and checks the same)."""
+        out = []
+        for kind, seg, C, _ in blocks:
+            if kind == "shared":
+                out.append(C.layout())
+                continue
+            n, shards = seg.n_blocks, self._shards(unit)
+            if shards is not None:
+                main = unit.params[seg.main]
+                p = shards.dtensor_of(main)
+                n = (p.shape[0] if p.ndim else 1) * blocks_per_row(main, seg.row_stride)
+            out.append((kind, seg.d, n))
+        return out
 
     def state_dict(self) -> dict:
         """torch's state_dict plus, per unit (on its first parameter), the canonical block
         state: ``curvature`` and ``factor`` as lists (one per segment) of (n_blocks, T) packed
         lower triangles, row-major, and ``block_layout``; momentum in the parameter's shape."""
-        self._refuse_fsdp("state_dict")
-        sd = super().state_dict()
+        local_state, self.state = self.state, self._keyed_by_params()
+        try:
+            sd = super().state_dict()
+        finally:
+            self.state = local_state
         index = self._param_index()
         for plan in self._plans:
             for unit in plan.units:
                 i = index[id(unit.params[0])]
                 entry = dict(sd["state"].get(i, {}))
-                curv, fac, layout = [], [], []
-                for kind, seg, C, L in self._block_state(unit, plan):
-                    if kind == "shared":
+                curv, fac = [], []
+                blocks = self._block_state(unit, plan)
+                for kind, seg, C, L in blocks:
+                    if kind == "shared":  # the same on every rank (FSDP2: replicated)
                         c, f = C.canonical()
-                        curv.append(c)
-                        fac.append(f)
-                        layout.append(C.layout())
                     else:
-                        curv.append(from_compact(C, seg.n_blocks))
-                        fac.append(from_compact(L, seg.n_blocks))
-                        layout.append(("blocks", seg.d, seg.n_blocks))
-                entry.update({CURVATURE: curv, FACTOR: fac, LAYOUT: layout})
+                        c, f = from_compact(C, seg.n_blocks), from_compact(L, seg.n_blocks)
+                        if plan.shards is not None:  # laid out as the parameter's shards
+                            local = unit.params[seg.main]
+                            p = plan.shards.dtensor_of(local)
+                            c, f = (shard_blocks(x, local, p, seg.row_stride) for x in (c, f))
+                    curv.append(c)
+                    fac.append(f)
+                entry.update({CURVATURE: curv, FACTOR: fac, LAYOUT: self._layout(unit, blocks)})
                 sd["state"][i] = entry
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state_dict saved by MBF on any backend/device; values are copied into this
         optimizer's buffers (dtype and device of its state, never the parameters' dtype)."""
-        self._refuse_fsdp("load_state_dict")
-        saved = state_dict["state"]
+        saved = {i: {k: ([local_part(x) for x in v] if k in (CURVATURE, FACTOR) else
+                         local_part(v)) for k, v in entry.items()}
+                 for i, entry in state_dict["state"].items()}
         # The saved state's keys, in parameter order, as torch's Optimizer maps them: the saved
         # groups' "params" lists (ints from state_dict(); fully qualified names when
         # torch.distributed.checkpoint's set_optimizer_state_dict loads it).
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
-        own = [id(p) for g in self.param_groups for p in g["params"]]
-        if len(saved_keys) != len(own):
+        own = self._param_index()
+        n_own = sum(len(g["params"]) for g in self.param_groups)
+        if len(saved_keys) != n_own:
             raise ValueError(f"MBF.load_state_dict: the state dict has {len(saved_keys)} "
-                             f"parameters, this optimizer {len(own)}")
-        index = dict(zip(own, saved_keys))
+                             f"parameters, this optimizer {n_own}")
+        index = {pid: saved_keys[i] for pid, i in own.items()}
         # Check everything before changing anything: a failed load leaves the optimizer as is.
         todo = []
         for plan in self._plans:
@@ -105,8 +144,7 @@ class CanonicalState:
                                      f"(parameter {i}); was it saved by MBF with the same "
                                      "parameters?")
                 blocks = self._block_state(unit, plan)
-                want = [C.layout() if k == "shared" else (k, s.d, s.n_blocks)
-                        for k, s, C, _ in blocks]
+                want = self._layout(unit, blocks)
                 got = [tuple(x) for x in entry[LAYOUT]]
                 if not _same_layout(got, want):
                     raise ValueError(f"MBF.load_state_dict: {unit.name} was saved with block "
@@ -127,7 +165,7 @@ class CanonicalState:
                 todo.append((unit, blocks, entry))
         stripped = dict(state_dict)
         stripped["state"] = {}
-        own_state = {p: self.state[p] for g in self.param_groups for p in g["params"]}
+        own_state = dict(self.state)  # (under FSDP2 keyed by the local shards)
         # The backend and the block layout belong to this run, not to the saved one (a run
         # saved on CPU resumes on a GPU); the layout was checked equal above.
         own_options = [{k: g[k] for k in RUN_OPTIONS} for g in self.param_groups]
