@@ -82,14 +82,18 @@ def test_sweep_defaults_toy(tmp_path):
 
 
 def test_bench_distributed_toy(tmp_path):
-    """Two ranks, sharded and not: ResNet-32's units balance, so each sharded rank keeps about
-    half the curvature (the small CNN would not: one shared block is 97% of it)."""
+    """Two ranks, DDP sharded and not, and FSDP2: ResNet-32's units balance, so each sharded rank
+    keeps about half the curvature (the small CNN would not: one shared block is 97% of it);
+    under FSDP2 each rank keeps its rows' blocks, all of them between the ranks (its 65-wide
+    head's shared block on both)."""
     bench = _load("bench_distributed")
     assert bench.main(["--model", "resnet32", "--worlds", "1", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "distributed.csv")))
-    assert [(r["world"], r["sharded"]) for r in rows] == [
-        ("1", "False"), ("2", "False"), ("2", "False"), ("2", "True"), ("2", "True")]
+    assert [(r["world"], r["wrapping"]) for r in rows] == [
+        ("1", "ddp"), ("2", "ddp"), ("2", "ddp"), ("2", "ddp_sharded"), ("2", "ddp_sharded"),
+        ("2", "fsdp2"), ("2", "fsdp2")]
     whole = float(rows[0]["curvature_mb"])
-    sharded = [float(r["curvature_mb"]) for r in rows if r["sharded"] == "True"]
-    assert sum(sharded) == pytest.approx(whole) and max(sharded) < 0.55 * whole
-    assert "| 2 | True |" in (tmp_path / "distributed.md").read_text()
+    for wrapping in ("ddp_sharded", "fsdp2"):
+        per_rank = [float(r["curvature_mb"]) for r in rows if r["wrapping"] == wrapping]
+        assert whole <= sum(per_rank) < 1.05 * whole and max(per_rank) < 0.55 * whole, wrapping
+    assert "| 2 | ddp_sharded |" in (tmp_path / "distributed.md").read_text()
