@@ -103,7 +103,7 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model().float() if mode == "fsdp_amp" else _model()
     for layer in (model.conv, model.fc1, model.fc2, model.head):
         fully_shard(layer)
     fully_shard(model)
@@ -120,6 +120,13 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         _train(model, opt, STEPS - STEPS // 2, world, rank, start=STEPS // 2)
+        torch.save({"params": _params(model)}, out / f"{mode}_{world}_{rank}.pt")
+        return
+    if mode in ("fsdp_compile", "fsdp_amp"):
+        if mode == "fsdp_compile":
+            _train(torch.compile(model, backend="aot_eager"), opt, STEPS, world, rank)
+        else:
+            _train_amp(model, opt, world, rank, out)
         torch.save({"params": _params(model)}, out / f"{mode}_{world}_{rank}.pt")
         return
     _train(model, opt, STEPS, world, rank)
@@ -183,7 +190,7 @@ def _train_amp(model, opt, world, rank, out) -> None:
         scaler.step(opt)
         scaler.update()
         skipped += scaler.get_scale() < scale
-    steps = [opt.state[p]["step"] for p in model.module.parameters() if "step" in opt.state[p]]
+    steps = [st["step"] for st in opt.state.values() if "step" in st]
     torch.save({"skipped": skipped, "steps": steps}, out / f"amp_{world}_{rank}.pt")
 
 
@@ -289,16 +296,19 @@ def test_owners_balance_curvature_and_sharding_needs_a_process_group():
     assert not wants_sharding(None) and not wants_sharding(True) and not wants_sharding(False)
 
 
-@pytest.mark.parametrize("mode", ["compile", "amp"])
-def test_compiled_and_mixed_precision_ddp(tmp_path, mode):
-    """On 2 ranks, sharded: a torch.compile'd DDP model trains as the eager one does (to
-    rounding); under bf16 autocast with a GradScaler, the steps it skips for overflow are not
-    counted by MBF (so no curvature refresh saw them) and the ranks stay equal."""
+@pytest.mark.parametrize("mode", ["compile", "amp", "fsdp_compile", "fsdp_amp"])
+def test_compiled_and_mixed_precision_ddp_and_fsdp2(tmp_path, mode):
+    """On 2 ranks, under DDP (sharded) and FSDP2: a torch.compile'd model trains as the eager
+    one does (to rounding); under bf16 autocast with a GradScaler, the steps it skips for
+    overflow are not counted by MBF (so no curvature refresh saw them) and the ranks stay
+    equal."""
     _spawn(2, tmp_path, mode)
-    ranks = _rank_params(tmp_path, mode, 2)
+    ranks = (_rank_params(tmp_path, mode, 2) if not mode.startswith("fsdp") else
+             [torch.load(tmp_path / f"{mode}_2_{r}.pt")["params"] for r in range(2)])
     assert torch.equal(ranks[0], ranks[1])
-    if mode == "compile":
-        torch.testing.assert_close(ranks[0], _one_process(2, 2), rtol=1e-7, atol=1e-9)
+    if mode.endswith("compile"):
+        options = FSDP_OPTIONS["fsdp"] if mode.startswith("fsdp") else None
+        torch.testing.assert_close(ranks[0], _one_process(2, 2, options), rtol=1e-7, atol=1e-9)
         return
     amp = [torch.load(tmp_path / f"amp_2_{r}.pt") for r in range(2)]
     assert amp[0] == amp[1] and amp[0]["skipped"] == 2
