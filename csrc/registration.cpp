@@ -48,6 +48,11 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "bool decoupled_weight_decay, Tensor(f!)[] second_moments, Tensor? tile_damping, "
       "Tensor? tile_scale, Tensor(g!)? tile_norms, Tensor(h!)? directions, float beta2, "
       "float eps, int step_mode) -> ()");
+  // Grafting's row pass over a shared block (mbf/batched.h graft_rows): m and v its (n, d) row
+  // buffers, the gradient's weight rows (n, d - 1 or d) and bias (n,) (None: no gradient);
+  // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 (n,).
+  m.def("graft_rows_(Tensor(a!) m, Tensor(b!) v, Tensor? grad_weight, Tensor? grad_bias, "
+        "float momentum, float beta2, float eps) -> Tensor");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

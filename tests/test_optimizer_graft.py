@@ -155,6 +155,61 @@ def test_bucket_op_schema_with_extras():
         torch.library.opcheck(torch.ops.mbf_kernels.mbf_bucket_step_.default, (*args, mode))
 
 
+@pytest.mark.parametrize("grads", ["weight+bias", "weight", "none", "no-bias-column"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_graft_rows_op_matches_its_definition(dtype, grads):
+    """The shared blocks' fused row pass (CPU): m = rho m + g, v = beta2 v + (1 - beta2) g^2 and
+    each row's |m / (sqrt(v) + eps)|^2, against the same in torch ops; rows of 37 values (two
+    full AVX-512 vectors of float32 and a tail), a missing gradient counting as 0."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    n, d = 11, 37
+    bias = grads != "no-bias-column"
+    width = d - 1 if bias else d
+    m, v = randn(n, d, seed=1).to(dtype), randn(n, d, seed=2).to(dtype) ** 2
+    gw = randn(n, width, seed=3).to(dtype) if grads != "none" else None
+    gb = randn(n, seed=4).to(dtype) if grads == "weight+bias" else None
+    g = torch.zeros(n, d, dtype=dtype)
+    if gw is not None:
+        g[:, :width] = gw
+    if gb is not None:
+        g[:, width] = gb
+    want_m, want_v = 0.9 * m + g, 0.99 * v + 0.01 * g * g
+    want = ((want_m / (want_v.sqrt() + 1e-3)) ** 2).sum(1)
+    got = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb if bias else None, 0.9, 0.99, 1e-3)
+    tol = STEP_TOL[dtype]
+    torch.testing.assert_close(m, want_m, **tol)
+    torch.testing.assert_close(v, want_v, **tol)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(RuntimeError, match="grad_weight must be contiguous"):
+        torch.ops.mbf_kernels.graft_rows_(m, v, randn(n, width + 2, seed=5).to(dtype), None,
+                                          0.9, 0.99, 1e-3)
+
+
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear):
+    """Grafted shared blocks on the CPU backend take the fused row pass; on the torch backend
+    the torch ops: 12 steps (refreshes at T1 = 3, a refactor at T2 = 6) end at the same
+    parameters to float32 rounding."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    ends = []
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
+        opt = mk.MBF.from_model(model, backend=backend, large_linear=large_linear, shared_rank=8,
+                                max_block_size=16, curvature_update_freq=3, inverse_update_freq=6)
+        x, y = randn(32, 40, seed=7).float(), torch.arange(32) % 5
+        for _ in range(12):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert any(r["kind"] == ("shared" if large_linear == "shared" else "lowrank")
+                   for r in opt.block_summary())
+        ends.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(ends[0], ends[1], rtol=1e-4, atol=1e-6)
+
+
 # -- the optimizer ---------------------------------------------------------------------------
 
 

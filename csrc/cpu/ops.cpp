@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <tuple>
@@ -264,6 +265,51 @@ at::Tensor compact_solve_cpu(const at::Tensor& factor_in, const at::Tensor& B_in
   return X;
 }
 
+at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
+                          const c10::optional<at::Tensor>& grad_weight,
+                          const c10::optional<at::Tensor>& grad_bias, double momentum,
+                          double beta2, double eps) {
+  TORCH_CHECK(v.dim() == 2 && v.is_contiguous() && m.sizes() == v.sizes() && m.is_contiguous(),
+              "mbf_kernels: graft_rows_ takes contiguous (n, d) v and m of one shape, got ",
+              v.sizes(), " and ", m.sizes());
+  check_like(m, v, "m");
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
+              "mbf_kernels: graft_rows_ needs float32 or float64 rows, got ", v.scalar_type());
+  const int64_t n = v.size(0), d = v.size(1);
+  const bool has_bias = grad_bias.has_value();
+  const int64_t width = grad_weight.has_value() ? grad_weight->numel() / std::max<int64_t>(n, 1)
+                                                : d - (has_bias ? 1 : 0);
+  if (grad_weight.has_value()) {
+    check_like(*grad_weight, v, "grad_weight");
+    TORCH_CHECK(grad_weight->is_contiguous() && grad_weight->numel() == n * width &&
+                    (width == d || width == d - 1),
+                "mbf_kernels: graft_rows_: grad_weight must be contiguous with n rows of d or ",
+                "d - 1 values, got ", grad_weight->sizes(), " for rows ", v.sizes());
+  }
+  if (has_bias) {
+    check_like(*grad_bias, v, "grad_bias");
+    TORCH_CHECK(grad_bias->is_contiguous() && grad_bias->numel() == n && width == d - 1,
+                "mbf_kernels: graft_rows_: grad_bias must be contiguous with n values, the ",
+                "rows' last column, got ", grad_bias->sizes(), " for rows ", v.sizes());
+  }
+  auto a_sq = at::empty({n}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mbf_graft_rows_cpu", [&] {
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = m.mutable_data_ptr<scalar_t>();
+    const scalar_t* gw = grad_weight.has_value() ? grad_weight->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gb = has_bias ? grad_bias->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = a_sq.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(d, 1)),
+                     [&](int64_t b, int64_t e) {
+      cpu::kernels().of<scalar_t>().graft_rows(mp, vp, gw, gb, width, d, b, e,
+                                               static_cast<scalar_t>(momentum),
+                                               static_cast<scalar_t>(beta2),
+                                               static_cast<scalar_t>(eps), out);
+    });
+  });
+  return a_sq;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
@@ -277,6 +323,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("compact_outer_ema_", &compact_outer_ema_cpu);
   m.impl("compact_cholesky_ex", &compact_cholesky_ex_cpu);
   m.impl("compact_solve", &compact_solve_cpu);
+  m.impl("graft_rows_", &graft_rows_cpu);
 }
 
 }  // namespace ops

@@ -330,6 +330,44 @@ void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, in
   });
 }
 
+template <typename T>
+void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
+                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* a_sq) {
+  constexpr int W = Ln<T>::W;
+  const T w2 = T(1) - beta2;
+  const V<T> b2v = lanes::splat<V<T>>(beta2), w2v = lanes::splat<V<T>>(w2);
+  const V<T> epsv = lanes::splat<V<T>>(eps), rhov = lanes::splat<V<T>>(rho);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    T* vr = v + r * d;
+    T* mr = m + r * d;
+    const T* gr = gw != nullptr ? gw + r * width : nullptr;
+    V<T> acc = lanes::splat<V<T>>(T(0));
+    int64_t j = 0;
+    for (; j + W <= width; j += W) {  // W lanes at a time (unaligned loads and stores)
+      V<T> vv, mv, g = lanes::splat<V<T>>(T(0));
+      std::memcpy(&vv, vr + j, sizeof(vv));
+      std::memcpy(&mv, mr + j, sizeof(mv));
+      if (gr != nullptr) std::memcpy(&g, gr + j, sizeof(g));
+      mv = rhov * mv + g;
+      vv = b2v * vv + w2v * g * g;
+      std::memcpy(mr + j, &mv, sizeof(mv));
+      std::memcpy(vr + j, &vv, sizeof(vv));
+      const V<T> a = mv / (lanes::vsqrt<T>(vv) + epsv);
+      acc += a * a;
+    }
+    T sum = T(0);
+    for (int l = 0; l < W; ++l) sum += acc[l];
+    for (; j < d; ++j) {  // the weight's last columns and the bias
+      const T g = j < width ? (gr != nullptr ? gr[j] : T(0)) : (gb != nullptr ? gb[r] : T(0));
+      mr[j] = rho * mr[j] + g;
+      vr[j] = beta2 * vr[j] + w2 * g * g;
+      const T a = mr[j] / (std::sqrt(vr[j]) + eps);
+      sum += a * a;
+    }
+    a_sq[r] = sum;
+  }
+}
+
 #define MBF_INSTANTIATE(T)                                                                   \
   template StepStats mbf_step_tiles<T>(T*, const T*, T*, T*, T*, int64_t, int, int64_t,      \
                                        int64_t, const StepConfig&, const StepFlags&);        \
@@ -339,7 +377,9 @@ void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, in
   template void compact_outer_ema_tiles<T>(T*, const T*, int64_t, int, int64_t, int64_t, T); \
   template void compact_cholesky_tiles<T>(const T*, T*, int32_t*, int64_t, int, int64_t,     \
                                           int64_t, T);                                       \
-  template void compact_solve_tiles<T>(const T*, const T*, T*, int64_t, int, int64_t, int64_t);
+  template void compact_solve_tiles<T>(const T*, const T*, T*, int64_t, int, int64_t, int64_t); \
+  template void graft_rows<T>(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
+                              T, T, T, T*);
 
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)

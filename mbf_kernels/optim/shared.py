@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import dispatch, reference
 from ..layout import SegmentFlags
 from ..packed import pack_tril, unpack_tril
 from ..reference import graft_bias_corrections
@@ -272,8 +272,11 @@ class SharedSet:
             no_grad = [i for i in range(len(params)) if params[i].grad is None]
             dirs += [wd * params[i] for i in no_grad]
             has_grad += no_grad
-        _scale_add(m_views, has_grad, dirs, momentum_coef)
-        if graft:
+        # grafted, on the CPU: m, v and Adam's row norms in one pass per block (None: not here)
+        adam_sq = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
+        if adam_sq is None:
+            _scale_add(m_views, has_grad, dirs, momentum_coef)
+        if graft and adam_sq is None:
             v_views = [v for b in blocks for v in b.views["second_moment"]]
             beta2 = group["betas"][1]
             torch._foreach_mul_(v_views, beta2)
@@ -298,6 +301,39 @@ class SharedSet:
         for i, b in zip(active, blocks):
             for p, u in zip(b.unit.params, b.views["work"]):
                 p.addcmul_(u, coefs[i])
+
+    def _adam_rows_fused(self, group: dict, active: list[int], steps: list[int],
+                         beta1: float) -> Tensor | None:
+        """The momentum and Adam's v updates and :meth:`_adam_row_squares` in one pass per block
+        over its rows (the C++ op ``graft_rows_``: 6 passes over the layer become 1; the step
+        of Linear(4096, 4096) 35 -> 24 ms on the dev VM, where AdamW(fused) takes 7), where it
+        applies: on the CPU with the compiled kernels, the step's direction the gradient itself
+        (decoupled decay, or none) in the state's dtype, contiguous. None where it does not
+        (the caller takes the torch path)."""
+        if (self.device.type != "cpu" or group["backend"] not in ("auto", "cpu")
+                or not dispatch.backends()["cpu"].available
+                or (group["weight_decay"] and not group["decoupled_weight_decay"])):
+            return None
+        dtype = self.flat["work"].dtype
+        grads = []
+        for i in active:
+            b = self.blocks[i]
+            seg = b.unit.segments[0]
+            gw = b.unit.params[seg.main].grad
+            gb = None if seg.tail is None else b.unit.params[seg.tail].grad
+            if any(g is not None and (g.dtype != dtype or not g.is_contiguous())
+                   for g in (gw, gb)):
+                return None
+            grads.append((gw, gb))
+        beta2 = group["betas"][1]
+        sq = torch.zeros(self.row_block.shape[0], dtype=dtype, device=self.device)
+        for i, k, (gw, gb) in zip(active, steps, grads):
+            b = self.blocks[i]
+            c1, s2 = graft_bias_corrections(beta1, beta2, k)
+            rows = torch.ops.mbf_kernels.graft_rows_(b.rows["momentum"], b.rows["second_moment"],
+                                                     gw, gb, beta1, beta2, group["eps"] / s2)
+            sq[self.row_starts[i]:self.row_starts[i + 1]] = rows * (c1 / s2) ** 2
+        return sq
 
     def _adam_row_squares(self, group: dict, active: list[int], steps: list[int],
                           beta1: float) -> Tensor:

@@ -145,6 +145,15 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
                                 T* factor, int d, int64_t tile_begin, int64_t tile_end,
                                 const StepConfig& cfg, const StepTiles<T>& tiles = {});
 
+// Grafting's row pass over a shared block's rows (mbf_kernels/optim/shared.py), rows
+// [row_begin, row_end) of its row buffers m and v (n x d, d = width + 1 with a bias column):
+// with g the row's gradient (gw: n x width, gb: n; null: none, 0), the momentum
+// m = rho m + g, Adam's v = beta2 v + (1 - beta2) g^2, and a_sq[r] = sum_j (m_rj /
+// (sqrt(v_rj) + eps))^2 from the new m and v. One pass instead of six over the layer.
+template <typename T>
+void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
+                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* a_sq);
+
 // The step's phases as standalone ops on the compact layout, for compact tiles
 // [tile_begin, tile_end) of a bucket of n_blocks blocks:
 //   compact_outer_ema: F = beta F + (1 - beta) g g^T, G is N x d (one vector per block);

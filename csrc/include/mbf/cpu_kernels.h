@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 1;
+inline constexpr int kCpuKernelsVersion = 2;
 
 template <typename T>
 struct KernelTable {
@@ -38,6 +38,8 @@ struct KernelTable {
   void (*compact_outer_ema_tiles)(T*, const T*, int64_t, int, int64_t, int64_t, T);
   void (*compact_cholesky_tiles)(const T*, T*, int32_t*, int64_t, int, int64_t, int64_t, T);
   void (*compact_solve_tiles)(const T*, const T*, T*, int64_t, int, int64_t, int64_t);
+  void (*graft_rows)(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, T, T, T,
+                     T*);
 };
 
 struct CpuKernels {
