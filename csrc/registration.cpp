@@ -53,6 +53,9 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 (n,).
   m.def("graft_rows_(Tensor(a!) m, Tensor(b!) v, Tensor? grad_weight, Tensor? grad_bias, "
         "float momentum, float beta2, float eps) -> Tensor");
+  // p = decay p + coef u in one pass: p (n,) or (n, w) contiguous, u of its shape with unit
+  // stride within a row (a shared block's rows of U), coef a one-element tensor.
+  m.def("scaled_add_(Tensor(a!) p, Tensor u, float decay, Tensor coef) -> ()");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

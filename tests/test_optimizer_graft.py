@@ -186,6 +186,24 @@ def test_graft_rows_op_matches_its_definition(dtype, grads):
                                           0.9, 0.99, 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_scaled_add_op_matches_its_definition(dtype):
+    """p = decay p + coef u for a weight and a bias whose u are strided columns of row buffers
+    (the shared blocks' U), as the grafted update's one pass writes them."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    rows = randn(9, 21, seed=1).to(dtype)
+    weight, bias = randn(9, 20, seed=2).to(dtype), randn(9, seed=3).to(dtype)
+    coef = torch.tensor(-0.3, dtype=dtype)
+    want_w, want_b = 0.99 * weight + coef * rows[:, :20], 0.99 * bias + coef * rows[:, 20]
+    torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :20], 0.99, coef)
+    torch.ops.mbf_kernels.scaled_add_(bias, rows[:, 20], 0.99, coef)
+    torch.testing.assert_close(weight, want_w, **STEP_TOL[dtype])
+    torch.testing.assert_close(bias, want_b, **STEP_TOL[dtype])
+    with pytest.raises(RuntimeError, match="whose rows are contiguous"):
+        torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :20].mT.contiguous().mT, 0.99, coef)
+
+
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
 def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear):
     """Grafted shared blocks on the CPU backend take the fused row pass; on the torch backend

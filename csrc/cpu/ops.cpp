@@ -310,6 +310,30 @@ at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
   return a_sq;
 }
 
+void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::Tensor& coef) {
+  TORCH_CHECK(p.dim() >= 1 && p.dim() <= 2 && p.is_contiguous() && u.sizes() == p.sizes() &&
+                  (p.dim() == 1 || u.stride(1) == 1),
+              "mbf_kernels: scaled_add_ takes a contiguous 1-D or 2-D p and a u of its shape "
+              "whose rows are contiguous, got ", p.sizes(), " and ", u.sizes(), " strides ",
+              u.strides());
+  check_like(u, p, "u");
+  TORCH_CHECK(coef.numel() == 1, "mbf_kernels: scaled_add_: coef must have one element");
+  const int64_t n = p.size(0), w = p.dim() == 2 ? p.size(1) : 1;
+  const int64_t u_row = n > 0 ? u.stride(0) : 0;
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "mbf_scaled_add_cpu", [&] {
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const auto a = static_cast<scalar_t>(decay), c = coef.item<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / w), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* pr = pp + r * w;
+        const scalar_t* ur = up + r * u_row;
+        for (int64_t j = 0; j < w; ++j) pr[j] = a * pr[j] + c * ur[j];
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
@@ -324,6 +348,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("compact_cholesky_ex", &compact_cholesky_ex_cpu);
   m.impl("compact_solve", &compact_solve_cpu);
   m.impl("graft_rows_", &graft_rows_cpu);
+  m.impl("scaled_add_", &scaled_add_cpu);
 }
 
 }  // namespace ops

@@ -272,8 +272,10 @@ class SharedSet:
             no_grad = [i for i in range(len(params)) if params[i].grad is None]
             dirs += [wd * params[i] for i in no_grad]
             has_grad += no_grad
-        # grafted, on the CPU: m, v and Adam's row norms in one pass per block (None: not here)
+        # grafted, on the CPU: m, v and Adam's row norms in one pass per block (None: not here),
+        # and the decay joins the update's pass
         adam_sq = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
+        fused = adam_sq is not None
         if adam_sq is None:
             _scale_add(m_views, has_grad, dirs, momentum_coef)
         if graft and adam_sq is None:
@@ -284,8 +286,9 @@ class SharedSet:
                 torch._foreach_addcmul_([v_views[i] for i in has_grad], dirs, dirs,
                                         value=1 - beta2)
             adam_sq = self._adam_row_squares(group, active, steps, momentum_coef)
-        if decoupled and wd:
-            _scale_add(params, [], [], 1 - lr * wd)
+        decay = 1 - lr * wd if decoupled else 1.0
+        if decay != 1 and not fused:
+            _scale_add(params, [], [], decay)
         # The GEMMs that apply the blocks may run in TF32 (shared_matmul); the refresh's stay in
         # float32: the Nystrom core R (omega^T Y)^{-1} R^T amplifies a TF32 product's 1e-3
         # rounding into spurious eigenvalues (the ReLU autoencoder at rank 32 trained to 2.5x the
@@ -299,6 +302,15 @@ class SharedSet:
                 b.apply()
         coefs = self._graft_coefs(lr, adam_sq)
         for i, b in zip(active, blocks):
+            if fused:  # p = decay p + coef u, one pass (views 2-D: rows of U are strided)
+                seg, rows = b.unit.segments[0], b.rows["work"]
+                weight = b.unit.params[seg.main]
+                torch.ops.mbf_kernels.scaled_add_(weight.view(seg.n_blocks, seg.width),
+                                                  rows[:, :seg.width], decay, coefs[i])
+                if seg.tail is not None:
+                    torch.ops.mbf_kernels.scaled_add_(b.unit.params[seg.tail],
+                                                      rows[:, seg.width], decay, coefs[i])
+                continue
             for p, u in zip(b.unit.params, b.views["work"]):
                 p.addcmul_(u, coefs[i])
 
@@ -308,8 +320,8 @@ class SharedSet:
         over its rows (the C++ op ``graft_rows_``: 6 passes over the layer become 1; the step
         of Linear(4096, 4096) 35 -> 24 ms on the dev VM, where AdamW(fused) takes 7), where it
         applies: on the CPU with the compiled kernels, the step's direction the gradient itself
-        (decoupled decay, or none) in the state's dtype, contiguous. None where it does not
-        (the caller takes the torch path)."""
+        (decoupled decay, or none), gradients and parameters in the state's dtype, contiguous.
+        None where it does not (the caller takes the torch path)."""
         if (self.device.type != "cpu" or group["backend"] not in ("auto", "cpu")
                 or not dispatch.backends()["cpu"].available
                 or (group["weight_decay"] and not group["decoupled_weight_decay"])):
@@ -321,8 +333,8 @@ class SharedSet:
             seg = b.unit.segments[0]
             gw = b.unit.params[seg.main].grad
             gb = None if seg.tail is None else b.unit.params[seg.tail].grad
-            if any(g is not None and (g.dtype != dtype or not g.is_contiguous())
-                   for g in (gw, gb)):
+            if any(t is not None and (t.dtype != dtype or not t.is_contiguous())
+                   for t in (gw, gb, *b.unit.params)):  # (the update's pass writes params)
                 return None
             grads.append((gw, gb))
         beta2 = group["betas"][1]
