@@ -99,8 +99,6 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     """FSDP2: every layer and the root fully_shard'ed (dim-0 shards; on 3 ranks the conv's 4
     output channels split 2 / 2 / 0), MBF on the local shards; "fsdp_save" / "fsdp_resume":
     half the run, a DCP checkpoint, the other half from it (on another world size, maybe)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
 
     model = _model().float() if mode == "fsdp_amp" else _model()
@@ -109,17 +107,10 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     fully_shard(model)
     opt = mk.MBF.from_model(model, **FSDP_OPTIONS.get(mode, FSDP_OPTIONS["fsdp"]), **OPTS)
     if mode == "fsdp_save":
-        _train(model, opt, STEPS // 2, world, rank)
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "fsdp_ckpt"))
+        _train_and_save(model, opt, world, rank, out / "fsdp_ckpt")
         return
     if mode == "fsdp_resume":
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(out / "fsdp_ckpt"))
-        set_state_dict(model, opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        _train(model, opt, STEPS - STEPS // 2, world, rank, start=STEPS // 2)
+        _load_and_train(model, opt, world, rank, out / "fsdp_ckpt")
         torch.save({"params": _params(model)}, out / f"{mode}_{world}_{rank}.pt")
         return
     if mode in ("fsdp_compile", "fsdp_amp"):
@@ -141,10 +132,29 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
                out / f"{mode}_{world}_{rank}.pt")
 
 
-def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
+def _train_and_save(model, opt, world: int, rank: int, checkpoint: Path) -> None:
+    """Half the run, then a DCP checkpoint of the model and the optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    import torch.distributed.checkpoint as dcp
+
+    _train(model, opt, STEPS // 2, world, rank)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(checkpoint))
+
+
+def _load_and_train(model, opt, world: int, rank: int, checkpoint: Path) -> None:
+    """A fresh model and optimizer loaded from the DCP checkpoint, then the run's second half."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
 
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _train(model, opt, STEPS - STEPS // 2, world, rank, start=STEPS // 2)
+
+
+def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     if mode.startswith("fsdp"):
         _fsdp_worker(rank, world, out, mode)
         return
@@ -154,17 +164,10 @@ def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
         _train(model, opt, STEPS, world, rank)
         torch.save({"curvature": sum(r["bytes"] for r in opt.block_summary()),
                     "units": len(opt._plans[0].units)}, out / f"memory_{mode}_{world}_{rank}.pt")
-    elif mode == "save":  # half the run, a checkpoint, the other half
-        _train(model, opt, STEPS // 2, world, rank)
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "ckpt"))
-    elif mode == "resume":  # a fresh model and optimizer, loaded, the second half
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(out / "ckpt"))
-        set_state_dict(model, opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        _train(model, opt, STEPS - STEPS // 2, world, rank, start=STEPS // 2)
+    elif mode == "save":
+        _train_and_save(model, opt, world, rank, out / "ckpt")
+    elif mode == "resume":
+        _load_and_train(model, opt, world, rank, out / "ckpt")
     elif mode == "compile":  # the DDP model under torch.compile (no C++ codegen: aot_eager)
         _train(torch.compile(model, backend="aot_eager"), opt, STEPS, world, rank)
     elif mode == "amp":
