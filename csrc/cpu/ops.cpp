@@ -265,6 +265,11 @@ at::Tensor compact_solve_cpu(const at::Tensor& factor_in, const at::Tensor& B_in
   return X;
 }
 
+// Rows of `width` elements per parallel task of the element-wise row ops: about 64k elements.
+int64_t row_grain(int64_t width) {
+  return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(width, 1));
+}
+
 at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
                           const c10::optional<at::Tensor>& grad_weight,
                           const c10::optional<at::Tensor>& grad_bias, double momentum,
@@ -296,11 +301,11 @@ at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mbf_graft_rows_cpu", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     scalar_t* mp = m.mutable_data_ptr<scalar_t>();
-    const scalar_t* gw = grad_weight.has_value() ? grad_weight->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gw =
+        grad_weight.has_value() ? grad_weight->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gb = has_bias ? grad_bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = a_sq.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(d, 1)),
-                     [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
       cpu::kernels().of<scalar_t>().graft_rows(mp, vp, gw, gb, width, d, b, e,
                                                static_cast<scalar_t>(momentum),
                                                static_cast<scalar_t>(beta2),
@@ -324,7 +329,7 @@ void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::
     scalar_t* pp = p.mutable_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const auto a = static_cast<scalar_t>(decay), c = coef.item<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / w), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, row_grain(w), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         scalar_t* pr = pp + r * w;
         const scalar_t* ur = up + r * u_row;

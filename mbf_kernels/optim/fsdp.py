@@ -21,7 +21,7 @@ it), so that the collectives match.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 from torch import Tensor
@@ -49,6 +49,10 @@ class LocalShards:
     dtensors: list[Tensor]
     locals: list[Tensor]  # detached views of the local shards (same storage)
     group: object  # the mesh's process group
+    _of_local: dict[int, Tensor] = field(init=False, repr=False)  # id(local) -> its DTensor
+
+    def __post_init__(self) -> None:
+        self._of_local = {id(q): p for p, q in zip(self.dtensors, self.locals)}
 
     def bind_grads(self) -> None:
         """Give each local shard its gradient's local shard, for the step."""
@@ -60,7 +64,7 @@ class LocalShards:
             local.grad = None
 
     def dtensor_of(self, local: Tensor) -> Tensor:
-        return self.dtensors[next(i for i, q in enumerate(self.locals) if q is local)]
+        return self._of_local[id(local)]
 
     def all_reduce(self, t: Tensor) -> None:
         """Sum ``t`` over the mesh, in place."""
@@ -103,9 +107,14 @@ def local_roles(roles: ModuleRoles | None, shards: LocalShards) -> ModuleRoles |
         names={ids.get(k, k): v for k, v in roles.names.items()})
 
 
+def rows_of(p: Tensor) -> int:
+    """A parameter's rows: its size on dim 0 (a DTensor's: global), 1 for a scalar."""
+    return p.shape[0] if p.ndim else 1
+
+
 def global_rows(shards: LocalShards) -> dict[int, int]:
     """id(local shard) -> the parameter's global size on dim 0 (its rows)."""
-    return {id(q): (p.shape[0] if p.ndim else 1) for p, q in zip(shards.dtensors, shards.locals)}
+    return {id(q): rows_of(p) for p, q in zip(shards.dtensors, shards.locals)}
 
 
 # -- the state dict: each rank's state as DTensors shaped like the parameters' shards, so that
@@ -134,8 +143,7 @@ def shard_blocks(rows: Tensor, local: Tensor, p: Tensor, row_stride: int) -> Ten
     sharded on dim 0 as ``p`` is (``local`` is p's local shard)."""
     DTensor, _ = _dtensor_type()
     per_row = blocks_per_row(local, row_stride)
-    rows_global = p.shape[0] if p.ndim else 1
-    shape = (rows_global, per_row, rows.shape[1])
+    shape = (rows_of(p), per_row, rows.shape[1])
     return DTensor.from_local(rows.reshape(-1, per_row, rows.shape[1]), p.device_mesh,
                               p.placements, run_check=False, shape=shape,
                               stride=(per_row * rows.shape[1], rows.shape[1], 1))

@@ -276,9 +276,9 @@ class SharedSet:
         # and the decay joins the update's pass
         adam_sq = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
         fused = adam_sq is not None
-        if adam_sq is None:
+        if not fused:
             _scale_add(m_views, has_grad, dirs, momentum_coef)
-        if graft and adam_sq is None:
+        if graft and not fused:
             v_views = [v for b in blocks for v in b.views["second_moment"]]
             beta2 = group["betas"][1]
             torch._foreach_mul_(v_views, beta2)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..layout import from_compact, n_tiles, to_compact
 from .blocks import Segment, Unit
-from .fsdp import blocks_per_row, local_part, shard_blocks, shard_like
+from .fsdp import LocalShards, blocks_per_row, local_part, rows_of, shard_blocks, shard_like
 from .buckets import MOMENTUM, SECOND_MOMENT, STEP, GroupPlan
 from .options import RUN_OPTIONS
 
@@ -42,10 +42,6 @@ class CanonicalState:
                                 bucket.factor[tile0:tile0 + tiles]))
         return out
 
-    def _shards(self, unit: Unit):
-        """The FSDP2 shards of the plan that owns ``unit`` (None when it is not sharded)."""
-        return next((plan.shards for plan in self._plans if unit in plan.all_units), None)
-
     def _keyed_by_params(self) -> dict:
         """self.state keyed by the param groups' parameters, as torch's Optimizer.state_dict
         reads it: under FSDP2 MBF keys its state by the local shards, which become the
@@ -70,19 +66,19 @@ class CanonicalState:
                     index[id(local)] = index[id(p)]
         return index
 
-    def _layout(self, unit: Unit, blocks: list) -> list[tuple]:
+    @staticmethod
+    def _layout(unit: Unit, blocks: list, shards: LocalShards | None) -> list[tuple]:
         """The unit's block layout as saved: (kind, d, n_blocks) per segment, n_blocks over all
-        ranks under FSDP2 (every rank saves and checks the same)."""
+        ranks under FSDP2 (``shards``: every rank saves and checks the same)."""
         out = []
         for kind, seg, C, _ in blocks:
             if kind == "shared":
                 out.append(C.layout())
                 continue
-            n, shards = seg.n_blocks, self._shards(unit)
+            n = seg.n_blocks
             if shards is not None:
                 main = unit.params[seg.main]
-                p = shards.dtensor_of(main)
-                n = (p.shape[0] if p.ndim else 1) * blocks_per_row(main, seg.row_stride)
+                n = rows_of(shards.dtensor_of(main)) * blocks_per_row(main, seg.row_stride)
             out.append((kind, seg.d, n))
         return out
 
@@ -113,7 +109,8 @@ class CanonicalState:
                             c, f = (shard_blocks(x, local, p, seg.row_stride) for x in (c, f))
                     curv.append(c)
                     fac.append(f)
-                entry.update({CURVATURE: curv, FACTOR: fac, LAYOUT: self._layout(unit, blocks)})
+                entry.update({CURVATURE: curv, FACTOR: fac,
+                              LAYOUT: self._layout(unit, blocks, plan.shards)})
                 sd["state"][i] = entry
         return sd
 
@@ -144,7 +141,7 @@ class CanonicalState:
                                      f"(parameter {i}); was it saved by MBF with the same "
                                      "parameters?")
                 blocks = self._block_state(unit, plan)
-                want = self._layout(unit, blocks)
+                want = self._layout(unit, blocks, plan.shards)
                 got = [tuple(x) for x in entry[LAYOUT]]
                 if not _same_layout(got, want):
                     raise ValueError(f"MBF.load_state_dict: {unit.name} was saved with block "
