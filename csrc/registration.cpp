@@ -50,7 +50,7 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "float eps, int step_mode) -> ()");
   // Grafting's row pass over a shared block (mbf/batched.h graft_rows): m and v its (n, d) row
   // buffers, the gradient's weight rows (n, d - 1 or d) and bias (n,) (None: no gradient);
-  // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 (n,).
+  // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 and |m|^2 (n, 2).
   m.def("graft_rows_(Tensor(a!) m, Tensor(b!) v, Tensor? grad_weight, Tensor? grad_bias, "
         "float momentum, float beta2, float eps) -> Tensor");
   // p = decay p + coef u in one pass: p (n,) or (n, w) contiguous, u of its shape with unit

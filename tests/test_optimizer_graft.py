@@ -159,7 +159,7 @@ def test_bucket_op_schema_with_extras():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_graft_rows_op_matches_its_definition(dtype, grads):
     """The shared blocks' fused row pass (CPU): m = rho m + g, v = beta2 v + (1 - beta2) g^2 and
-    each row's |m / (sqrt(v) + eps)|^2, against the same in torch ops; rows of 37 values (two
+    each row's |m / (sqrt(v) + eps)|^2 and |m|^2, against the same in torch ops; rows of 37 values (two
     full AVX-512 vectors of float32 and a tail), a missing gradient counting as 0."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
@@ -175,7 +175,8 @@ def test_graft_rows_op_matches_its_definition(dtype, grads):
     if gb is not None:
         g[:, width] = gb
     want_m, want_v = 0.9 * m + g, 0.99 * v + 0.01 * g * g
-    want = ((want_m / (want_v.sqrt() + 1e-3)) ** 2).sum(1)
+    want = torch.stack([((want_m / (want_v.sqrt() + 1e-3)) ** 2).sum(1),
+                        want_m.square().sum(1)], dim=1)
     got = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb if bias else None, 0.9, 0.99, 1e-3)
     tol = STEP_TOL[dtype]
     torch.testing.assert_close(m, want_m, **tol)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 import mbf_kernels as mk
 from mbf_kernels.optim import PAPER, ReferenceMBF
 from mbf_kernels.optim.lowrank import LowRankCurvature
+from mbf_kernels.optim.shared import SharedBlock
 
 DEVICE = torch.device("cpu")
 
@@ -112,6 +113,31 @@ def test_applied_inverse_against_torch_linalg(k, relative):
                                    atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [30, 12, 5])
+def test_row_squares_of_the_grafted_direction(k):
+    """|u_j|^2 of u = M (I - V diag(w) V^T) from |m_j|^2 and T = M V alone (the grafted step
+    never forms U at a rank): equal to the explicit norms in float64; in float32 within a few
+    epsilons of |m_j|^2 (the difference |m_j|^2 - |T_j|^2 cancels), here for rows that lie 99.9%
+    in V's span."""
+    d = 30
+    block = _refreshed(_gradients(4, 20, d, rank=3), d, k)
+    assert not block.refactor(0.1, relative=True)
+    g = torch.Generator().manual_seed(3)
+    V = block.apply_basis
+    M = torch.randn(9, d, generator=g, dtype=torch.float64)
+    M[4:] = (M[4:] @ V) @ V.mT + 1e-3 * M[4:]  # mostly in V's span
+    want = block.apply(M, out=torch.empty_like(M)).square().sum(1)
+    got = block.row_squares(M.square().sum(1), M @ V)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * M.square().sum(1).max())
+    M32 = M.float()
+    block32 = _refreshed(_gradients(4, 20, d, rank=3), d, k, dtype=torch.float32)
+    block32.apply_basis.copy_(V)
+    block32.apply_weight.copy_(block.apply_weight)
+    got32 = block32.row_squares(M32.square().sum(1), M32 @ V.float()).double()
+    err = (got32 - want).abs() / M.square().sum(1)
+    assert err.max() < 16 * d * torch.finfo(torch.float32).eps
+
+
 def test_float32_full_rank_within_rounding():
     d = 24
     grads = _gradients(5, 12, d, rank=3)
@@ -164,6 +190,21 @@ def test_optimizer_at_full_rank_matches_the_dense_reference(update):
         _train(model, opt, 10)
         out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(out[0], out[1], rtol=1e-8, atol=1e-10)
+
+
+def test_grafted_update_without_u_equals_the_one_through_u(monkeypatch):
+    """The grafted step at a rank adds M and T's rank-k term to the parameters (U never formed);
+    parameters it cannot write that way (another dtype, strided) go through U in the work rows,
+    as before: both give the same training, forced here on one model."""
+    out = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(SharedBlock, "_updates_in_place", lambda self: False)
+        model = _mlp()
+        opt = mk.MBF.from_model(model, large_linear="lowrank", shared_rank=6, **OPTS)
+        _train(model, opt, 8)
+        out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-9, atol=1e-11)
 
 
 def test_state_dict_resumes_bit_for_bit_and_checks_the_rank():

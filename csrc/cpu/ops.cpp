@@ -297,14 +297,14 @@ at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
                 "mbf_kernels: graft_rows_: grad_bias must be contiguous with n values, the ",
                 "rows' last column, got ", grad_bias->sizes(), " for rows ", v.sizes());
   }
-  auto a_sq = at::empty({n}, v.options());
+  auto sq = at::empty({n, 2}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mbf_graft_rows_cpu", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     scalar_t* mp = m.mutable_data_ptr<scalar_t>();
     const scalar_t* gw =
         grad_weight.has_value() ? grad_weight->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gb = has_bias ? grad_bias->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out = a_sq.mutable_data_ptr<scalar_t>();
+    scalar_t* out = sq.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
       cpu::kernels().of<scalar_t>().graft_rows(mp, vp, gw, gb, width, d, b, e,
                                                static_cast<scalar_t>(momentum),
@@ -312,7 +312,7 @@ at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
                                                static_cast<scalar_t>(eps), out);
     });
   });
-  return a_sq;
+  return sq;
 }
 
 void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::Tensor& coef) {

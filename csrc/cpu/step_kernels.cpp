@@ -332,7 +332,7 @@ void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, in
 
 template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
-                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* a_sq) {
+                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq) {
   constexpr int W = Ln<T>::W;
   const T w2 = T(1) - beta2;
   const V<T> b2v = lanes::splat<V<T>>(beta2), w2v = lanes::splat<V<T>>(w2);
@@ -341,7 +341,7 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
     T* vr = v + r * d;
     T* mr = m + r * d;
     const T* gr = gw != nullptr ? gw + r * width : nullptr;
-    V<T> acc = lanes::splat<V<T>>(T(0));
+    V<T> acc = lanes::splat<V<T>>(T(0)), m_acc = acc;
     int64_t j = 0;
     for (; j + W <= width; j += W) {  // W lanes at a time (unaligned loads and stores)
       V<T> vv, mv, g = lanes::splat<V<T>>(T(0));
@@ -354,17 +354,23 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
       std::memcpy(vr + j, &vv, sizeof(vv));
       const V<T> a = mv / (lanes::vsqrt<T>(vv) + epsv);
       acc += a * a;
+      m_acc += mv * mv;
     }
-    T sum = T(0);
-    for (int l = 0; l < W; ++l) sum += acc[l];
+    T sum = T(0), m_sum = T(0);
+    for (int l = 0; l < W; ++l) {
+      sum += acc[l];
+      m_sum += m_acc[l];
+    }
     for (; j < d; ++j) {  // the weight's last columns and the bias
       const T g = j < width ? (gr != nullptr ? gr[j] : T(0)) : (gb != nullptr ? gb[r] : T(0));
       mr[j] = rho * mr[j] + g;
       vr[j] = beta2 * vr[j] + w2 * g * g;
       const T a = mr[j] / (std::sqrt(vr[j]) + eps);
       sum += a * a;
+      m_sum += mr[j] * mr[j];
     }
-    a_sq[r] = sum;
+    sq[2 * r] = sum;
+    sq[2 * r + 1] = m_sum;
   }
 }
 

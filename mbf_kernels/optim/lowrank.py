@@ -193,6 +193,16 @@ class LowRankCurvature:
         self.apply_basis.copy_(self.basis)
         return failed
 
+    def row_squares(self, m_sq: Tensor, T: Tensor) -> Tensor:
+        """|u_j|^2 of the rows of u = M (I - V diag(w) V^T) from |m_j|^2 and T = M V, without u:
+        V's columns are orthonormal, so m_j splits into T_j V^T and a part orthogonal to V, and
+        |u_j|^2 = (|m_j|^2 - |T_j|^2) + |T_j (1 - w)|^2. The difference, m_j's part outside V,
+        loses digits when m_j lies almost in V (its rounding, about |m_j|^2 times a few
+        float32 epsilons per row, averages out over a layer's rows in the graft's sum); it is
+        clamped at 0, so a row never counts less than its exact second term."""
+        outside = (m_sq - T.square().sum(1)).clamp_min(0)
+        return outside + (T * (1 - self.apply_weight)).square().sum(1)
+
     def apply(self, M: Tensor, out: Tensor) -> Tensor:
         """out = M (I - V diag(w) V^T): the step's direction up to the factor ``apply_scale``,
         which the caller folds into its scalar (the graft's rescaling cancels it)."""

@@ -94,6 +94,9 @@ class SharedBlock:
     lowrank: LowRankCurvature | None = None
     rows: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)  # param_views(key), kept
+    # Between a grafted step's measure() and graft_update(): T = M V of a low-rank block whose
+    # update goes straight into its parameters (None: U is in the work rows)
+    projection: Tensor | None = None
 
     @property
     def d(self) -> int:
@@ -146,6 +149,55 @@ class SharedBlock:
             torch.mm(M, self.inverse, out=U)
         else:
             self.lowrank.apply(M, out=U)
+
+    def _updates_in_place(self) -> bool:
+        """Whether the update's GEMMs can write the parameters (contiguous, the state's dtype)."""
+        dtype = self.rows["momentum"].dtype
+        return all(p.dtype == dtype and p.is_contiguous() for p in self.unit.params)
+
+    def measure(self, m_sq: Tensor | None, matmul: str) -> Tensor:
+        """|u_j|^2 of every row of the grafted step's direction u = M (F + damping I)^{-1} (up to
+        a positive factor per block). Exact, or parameters the GEMMs cannot write: U into the
+        work rows (its GEMM at ``matmul``, the shared_matmul option), and its norms. At a rank:
+        only T = M V, and the norms from T and ``m_sq`` (|m_j|^2, None: computed here) with
+        :meth:`LowRankCurvature.row_squares`; the update then adds M and T's rank-k term to the
+        parameters, and U is never formed (on Linear(4096, 4096) that saves a copy of M, U's
+        write and U's norm pass: 23.5 -> 18 ms of a 7.3 ms AdamW(fused) step, dev VM)."""
+        M = self.rows["momentum"]
+        if self.lowrank is None or not self._updates_in_place():
+            with shared_matmul(matmul, M.device):
+                self.apply()
+            return torch.linalg.vector_norm(self.rows["work"], dim=1).square()
+        if m_sq is None:
+            m_sq = torch.linalg.vector_norm(M, dim=1).square()
+        # In float32 whatever ``matmul`` says: the norm is a difference that cancels (a thin,
+        # memory-bound GEMM has nothing to gain from TF32 anyway).
+        self.projection = M @ self.lowrank.apply_basis
+        return self.lowrank.row_squares(m_sq, self.projection)
+
+    def graft_update(self, coef: Tensor, decay: float, fused: bool) -> None:
+        """p = decay p + coef u for the direction :meth:`measure` measured. ``fused``: one C++
+        pass per parameter for the decay and the M (or U) term; otherwise the caller has
+        applied the decay. At a rank, the rank-k term is a GEMM into the parameters."""
+        seg, params = self.unit.segments[0], self.unit.params
+        key = "work" if self.projection is None else "momentum"
+        if fused:  # (views 2-D: the rows of M and U are strided)
+            rows = self.rows[key]
+            torch.ops.mbf_kernels.scaled_add_(params[seg.main].view(seg.n_blocks, seg.width),
+                                              rows[:, :seg.width], decay, coef)
+            if seg.tail is not None:
+                torch.ops.mbf_kernels.scaled_add_(params[seg.tail], rows[:, seg.width], decay,
+                                                  coef)
+        else:
+            for p, u in zip(params, self.views[key]):
+                p.addcmul_(u, coef)
+        if self.projection is not None:
+            # u = M - T diag(w) V^T
+            T, V = self.projection.mul_(self.lowrank.apply_weight * -coef), self.lowrank.apply_basis
+            self.projection = None
+            params[seg.main].view(seg.n_blocks, seg.width).addmm_(T, V[:seg.width].mT)
+            if seg.tail is not None:
+                params[seg.tail].addmv_(T, V[seg.width])
 
     def update_params(self, lr: float) -> None:
         """p -= lr u without grafting: u = M (F + damping I)^{-1} accumulated straight into the
@@ -274,8 +326,9 @@ class SharedSet:
             has_grad += no_grad
         # grafted, on the CPU: m, v and Adam's row norms in one pass per block (None: not here),
         # and the decay joins the update's pass
-        adam_sq = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
-        fused = adam_sq is not None
+        sq = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
+        fused = sq is not None
+        adam_sq, m_sq = (sq[:, 0], sq[:, 1]) if fused else (None, None)
         if not fused:
             _scale_add(m_views, has_grad, dirs, momentum_coef)
         if graft and not fused:
@@ -293,31 +346,27 @@ class SharedSet:
         # float32: the Nystrom core R (omega^T Y)^{-1} R^T amplifies a TF32 product's 1e-3
         # rounding into spurious eigenvalues (the ReLU autoencoder at rank 32 trained to 2.5x the
         # loss with TF32 refreshes; with TF32 applies only, within 1%: docs/options.md).
-        with shared_matmul(group["shared_matmul"], self.device):
-            if not graft:
+        matmul = group["shared_matmul"]
+        if not graft:
+            with shared_matmul(matmul, self.device):
                 for b in blocks:
                     b.update_params(lr)
-                return
-            for b in blocks:
-                b.apply()
-        coefs = self._graft_coefs(lr, adam_sq)
+            return
+        # Every block's rows have a slot (0 for the inactive ones): one row index serves every
+        # step.
+        u_sq = adam_sq.new_zeros(adam_sq.shape)
         for i, b in zip(active, blocks):
-            if fused:  # p = decay p + coef u, one pass (views 2-D: rows of U are strided)
-                seg, rows = b.unit.segments[0], b.rows["work"]
-                weight = b.unit.params[seg.main]
-                torch.ops.mbf_kernels.scaled_add_(weight.view(seg.n_blocks, seg.width),
-                                                  rows[:, :seg.width], decay, coefs[i])
-                if seg.tail is not None:
-                    torch.ops.mbf_kernels.scaled_add_(b.unit.params[seg.tail],
-                                                      rows[:, seg.width], decay, coefs[i])
-                continue
-            for p, u in zip(b.unit.params, b.views["work"]):
-                p.addcmul_(u, coefs[i])
+            lo, hi = self.row_starts[i], self.row_starts[i + 1]
+            u_sq[lo:hi] = b.measure(None if m_sq is None else m_sq[lo:hi], matmul)
+        coefs = self._graft_coefs(lr, u_sq, adam_sq)
+        with shared_matmul(matmul, self.device):
+            for i, b in zip(active, blocks):
+                b.graft_update(coefs[i], decay, fused)
 
     def _adam_rows_fused(self, group: dict, active: list[int], steps: list[int],
                          beta1: float) -> Tensor | None:
-        """The momentum and Adam's v updates and :meth:`_adam_row_squares` in one pass per block
-        over its rows (the C++ op ``graft_rows_``: 6 passes over the layer become 1; the step
+        """The momentum and Adam's v updates, :meth:`_adam_row_squares` and |m_j|^2 (rows, 2)
+        in one pass per block over its rows (the C++ op ``graft_rows_``: 6 passes become 1; the step
         of Linear(4096, 4096) 35 -> 24 ms on the dev VM, where AdamW(fused) takes 7), where it
         applies: on the CPU with the compiled kernels, the step's direction the gradient itself
         (decoupled decay, or none), gradients and parameters in the state's dtype, contiguous.
@@ -338,13 +387,14 @@ class SharedSet:
                 return None
             grads.append((gw, gb))
         beta2 = group["betas"][1]
-        sq = torch.zeros(self.row_block.shape[0], dtype=dtype, device=self.device)
+        sq = torch.zeros(self.row_block.shape[0], 2, dtype=dtype, device=self.device)
         for i, k, (gw, gb) in zip(active, steps, grads):
             b = self.blocks[i]
             c1, s2 = graft_bias_corrections(beta1, beta2, k)
             rows = torch.ops.mbf_kernels.graft_rows_(b.rows["momentum"], b.rows["second_moment"],
                                                      gw, gb, beta1, beta2, group["eps"] / s2)
-            sq[self.row_starts[i]:self.row_starts[i + 1]] = rows * (c1 / s2) ** 2
+            rows[:, 0] *= (c1 / s2) ** 2
+            sq[self.row_starts[i]:self.row_starts[i + 1]] = rows
         return sq
 
     def _adam_row_squares(self, group: dict, active: list[int], steps: list[int],
@@ -366,15 +416,9 @@ class SharedSet:
             sq[self.row_starts[first]:self.row_starts[end]] = norms.square() * (c1 / s2) ** 2
         return sq
 
-    def _graft_coefs(self, lr: float, adam_sq: Tensor) -> list[Tensor]:
+    def _graft_coefs(self, lr: float, u_sq: Tensor, adam_sq: Tensor) -> list[Tensor]:
         """-lr * |a| / |u| per block (0 where |u| = 0), from the rows' squared norms: a row whose
-        u or a is not finite counts as 0, so that one bad row cannot spread to its layer. Every
-        block's rows are measured (a block without a gradient this step ignores its value): one
-        row index serves every step."""
-        # vector_norm without out= and one cat: 2x faster than writing into a preallocated
-        # buffer block by block (dev VM).
-        u_sq = torch.cat([torch.linalg.vector_norm(b.rows["work"], dim=1)
-                          for b in self.blocks]).square()
+        u or a is not finite counts as 0, so that one bad row cannot spread to its layer."""
         squares = torch.stack([u_sq, adam_sq])
         squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
         sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)

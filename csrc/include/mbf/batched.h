@@ -148,11 +148,13 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
 // Grafting's row pass over a shared block's rows (mbf_kernels/optim/shared.py), rows
 // [row_begin, row_end) of its row buffers m and v (n x d, d = width + 1 with a bias column):
 // with g the row's gradient (gw: n x width, gb: n; null: none, 0), the momentum
-// m = rho m + g, Adam's v = beta2 v + (1 - beta2) g^2, and a_sq[r] = sum_j (m_rj /
-// (sqrt(v_rj) + eps))^2 from the new m and v. One pass instead of six over the layer.
+// m = rho m + g, Adam's v = beta2 v + (1 - beta2) g^2, and from the new m and v the row's
+// squared norms sq[2 r] = sum_j (m_rj / (sqrt(v_rj) + eps))^2 (Adam's direction) and
+// sq[2 r + 1] = sum_j m_rj^2 (the low-rank block's direction norm is derived from it). One pass
+// instead of seven over the layer.
 template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
-                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* a_sq);
+                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq);
 
 // The step's phases as standalone ops on the compact layout, for compact tiles
 // [tile_begin, tile_end) of a bucket of n_blocks blocks:

@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 2;
+inline constexpr int kCpuKernelsVersion = 3;
 
 template <typename T>
 struct KernelTable {
