@@ -50,9 +50,10 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "float eps, int step_mode) -> ()");
   // Grafting's row pass over a shared block (mbf/batched.h graft_rows): m and v its (n, d) row
   // buffers, the gradient's weight rows (n, d - 1 or d) and bias (n,) (None: no gradient);
-  // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 and |m|^2 (n, 2).
+  // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 and |m|^2 (n, 2) and, with a
+  // low-rank block's basis V (d, k), the new rows' projection T = m V (n, k; k = 0 without).
   m.def("graft_rows_(Tensor(a!) m, Tensor(b!) v, Tensor? grad_weight, Tensor? grad_bias, "
-        "float momentum, float beta2, float eps) -> Tensor");
+        "float momentum, float beta2, float eps, Tensor? basis=None) -> (Tensor, Tensor)");
   // p = decay p + coef u in one pass: p (n,) or (n, w) contiguous, u of its shape with unit
   // stride within a row (a shared block's rows of U), coef a one-element tensor.
   m.def("scaled_add_(Tensor(a!) p, Tensor u, float decay, Tensor coef) -> ()");

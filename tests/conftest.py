@@ -119,6 +119,16 @@ def _lower_cpu_levels() -> list:
     return params
 
 
+def cpu_levels() -> list:
+    """pytest params (``target``) of the C++ CPU kernels at every ISA level this CPU runs, for
+    the CPU-only ops (the shared blocks' row passes)."""
+    status = mk.backends()["cpu"]
+    if not status.available:
+        return [pytest.param(Target("cpu", "cpu"), id="cpu-cpu",
+                             marks=pytest.mark.skip(reason=status.detail))]
+    return [pytest.param(Target("cpu", "cpu"), id="cpu-cpu"), *_lower_cpu_levels()]
+
+
 @pytest.fixture(autouse=True)
 def _cpu_kernel_level(request):
     """A test whose ``target`` names an ISA level runs the C++ kernels at that level."""

@@ -22,7 +22,7 @@ import mbf_kernels as mk
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.optim import PAPER, ReferenceMBF
 from mbf_kernels.layout import StepMode
-from conftest import STEP_TOL, compiled_backends, randn
+from conftest import STEP_TOL, compiled_backends, cpu_levels, randn
 
 DEVICE = "cpu"
 MODES = {"write": StepMode.WRITE, "measure": StepMode.GRAFT,
@@ -157,12 +157,11 @@ def test_bucket_op_schema_with_extras():
 
 @pytest.mark.parametrize("grads", ["weight+bias", "weight", "none", "no-bias-column"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_graft_rows_op_matches_its_definition(dtype, grads):
+@pytest.mark.parametrize("target", cpu_levels())
+def test_graft_rows_op_matches_its_definition(target, dtype, grads):
     """The shared blocks' fused row pass (CPU): m = rho m + g, v = beta2 v + (1 - beta2) g^2 and
     each row's |m / (sqrt(v) + eps)|^2 and |m|^2, against the same in torch ops; rows of 37 values (two
     full AVX-512 vectors of float32 and a tail), a missing gradient counting as 0."""
-    if not mk.backends()["cpu"].available:
-        pytest.skip(mk.backends()["cpu"].detail)
     n, d = 11, 37
     bias = grads != "no-bias-column"
     width = d - 1 if bias else d
@@ -177,7 +176,7 @@ def test_graft_rows_op_matches_its_definition(dtype, grads):
     want_m, want_v = 0.9 * m + g, 0.99 * v + 0.01 * g * g
     want = torch.stack([((want_m / (want_v.sqrt() + 1e-3)) ** 2).sum(1),
                         want_m.square().sum(1)], dim=1)
-    got = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb if bias else None, 0.9, 0.99, 1e-3)
+    got, _ = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb if bias else None, 0.9, 0.99, 1e-3)
     tol = STEP_TOL[dtype]
     torch.testing.assert_close(m, want_m, **tol)
     torch.testing.assert_close(v, want_v, **tol)
@@ -187,12 +186,32 @@ def test_graft_rows_op_matches_its_definition(dtype, grads):
                                           0.9, 0.99, 1e-3)
 
 
+@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (8, 37, 16), (9, 4100, 6)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_scaled_add_op_matches_its_definition(dtype):
+@pytest.mark.parametrize("target", cpu_levels())
+def test_graft_rows_projection(target, dtype, n, d, k):
+    """With a low-rank block's basis V (d, k), graft_rows_ also returns T = m V of the updated
+    rows: against torch's product, for row counts that do and do not fill its 4-row blocks, k
+    across its register groups, and rows longer than its 2048-column chunks."""
+    m, v = randn(n, d, seed=1).to(dtype), randn(n, d, seed=2).to(dtype) ** 2
+    gw, gb = randn(n, d - 1, seed=3).to(dtype), randn(n, seed=4).to(dtype)
+    basis = torch.linalg.qr(randn(d, k, seed=5).to(dtype)).Q
+    sq0, none = torch.ops.mbf_kernels.graft_rows_(m.clone(), v.clone(), gw, gb, 0.9, 0.99, 1e-3)
+    sq, T = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb, 0.9, 0.99, 1e-3, basis)
+    assert none.shape == (n, 0) and torch.equal(sq, sq0)
+    # a sum of d products: its rounding grows with d (about sqrt(d) eps |m_j| |V_i| at random)
+    eps = torch.finfo(dtype).eps
+    bound = 4 * d**0.5 * eps * m.norm(dim=1, keepdim=True)
+    assert ((T - m @ basis).abs() <= bound).all()
+    with pytest.raises(RuntimeError, match="basis must be"):
+        torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb, 0.9, 0.99, 1e-3, basis[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("target", cpu_levels())
+def test_scaled_add_op_matches_its_definition(target, dtype):
     """p = decay p + coef u for a weight and a bias whose u are strided columns of row buffers
     (the shared blocks' U), as the grafted update's one pass writes them."""
-    if not mk.backends()["cpu"].available:
-        pytest.skip(mk.backends()["cpu"].detail)
     rows = randn(9, 21, seed=1).to(dtype)
     weight, bias = randn(9, 20, seed=2).to(dtype), randn(9, seed=3).to(dtype)
     coef = torch.tensor(-0.3, dtype=dtype)

@@ -270,10 +270,11 @@ int64_t row_grain(int64_t width) {
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(width, 1));
 }
 
-at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
-                          const c10::optional<at::Tensor>& grad_weight,
-                          const c10::optional<at::Tensor>& grad_bias, double momentum,
-                          double beta2, double eps) {
+std::tuple<at::Tensor, at::Tensor> graft_rows_cpu(at::Tensor& m, at::Tensor& v,
+                                                  const c10::optional<at::Tensor>& grad_weight,
+                                                  const c10::optional<at::Tensor>& grad_bias,
+                                                  double momentum, double beta2, double eps,
+                                                  const c10::optional<at::Tensor>& basis) {
   TORCH_CHECK(v.dim() == 2 && v.is_contiguous() && m.sizes() == v.sizes() && m.is_contiguous(),
               "mbf_kernels: graft_rows_ takes contiguous (n, d) v and m of one shape, got ",
               v.sizes(), " and ", m.sizes());
@@ -297,7 +298,18 @@ at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
                 "mbf_kernels: graft_rows_: grad_bias must be contiguous with n values, the ",
                 "rows' last column, got ", grad_bias->sizes(), " for rows ", v.sizes());
   }
+  int64_t k = 0;
+  at::Tensor basis_t;  // V^T, k x d: the projection's inner loop runs along d
+  if (basis.has_value()) {
+    check_like(*basis, v, "basis");
+    TORCH_CHECK(basis->dim() == 2 && basis->size(0) == d,
+                "mbf_kernels: graft_rows_: basis must be (d, k) for rows ", v.sizes(), ", got ",
+                basis->sizes());
+    k = basis->size(1);
+    basis_t = basis->t().contiguous();
+  }
   auto sq = at::empty({n, 2}, v.options());
+  auto projection = at::empty({n, k}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mbf_graft_rows_cpu", [&] {
     scalar_t* vp = v.mutable_data_ptr<scalar_t>();
     scalar_t* mp = m.mutable_data_ptr<scalar_t>();
@@ -305,14 +317,16 @@ at::Tensor graft_rows_cpu(at::Tensor& m, at::Tensor& v,
         grad_weight.has_value() ? grad_weight->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gb = has_bias ? grad_bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = sq.mutable_data_ptr<scalar_t>();
+    const scalar_t* vt = k > 0 ? basis_t.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* proj = projection.mutable_data_ptr<scalar_t>();
+    const auto& kern = cpu::kernels().of<scalar_t>();
     at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
-      cpu::kernels().of<scalar_t>().graft_rows(mp, vp, gw, gb, width, d, b, e,
-                                               static_cast<scalar_t>(momentum),
-                                               static_cast<scalar_t>(beta2),
-                                               static_cast<scalar_t>(eps), out);
+      kern.graft_rows(mp, vp, gw, gb, width, d, b, e, static_cast<scalar_t>(momentum),
+                      static_cast<scalar_t>(beta2), static_cast<scalar_t>(eps), out);
+      if (k > 0) kern.project_rows(mp, d, b, e, vt, k, proj);  // the rows just written
     });
   });
-  return sq;
+  return {sq, projection};
 }
 
 void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::Tensor& coef) {

@@ -374,6 +374,71 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
   }
 }
 
+namespace {
+
+// out[r * k + q] += sum_{c in [c0, c1)} x[r * xld + c] vt[q * ld + c] for R rows x and G rows
+// of V^T: R G dot products in registers, each x and V^T vector loaded once for all of them
+// (unaligned: the rows start anywhere).
+template <typename T, int R, int G>
+void dot_block(const T* x, int64_t xld, const T* vt, int64_t ld, int64_t c0, int64_t c1,
+               T* out, int64_t k) {
+  constexpr int W = Ln<T>::W;
+  V<T> acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < G; ++q) acc[r][q] = lanes::splat<V<T>>(T(0));
+  int64_t j = c0;
+  for (; j + W <= c1; j += W) {
+    V<T> xv[R];
+    for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * xld + j, sizeof(V<T>));
+    for (int q = 0; q < G; ++q) {
+      V<T> b;
+      std::memcpy(&b, vt + q * ld + j, sizeof(b));
+      for (int r = 0; r < R; ++r) acc[r][q] += xv[r] * b;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < G; ++q) {
+      T sum = T(0);
+      for (int l = 0; l < W; ++l) sum += acc[r][q][l];
+      for (int64_t c = j; c < c1; ++c) sum += x[r * xld + c] * vt[q * ld + c];
+      out[r * k + q] += sum;
+    }
+  }
+}
+
+template <typename T, int R>
+void project_block(const T* x, int64_t d, const T* vt, int64_t k, int64_t c0, int64_t c1,
+                   T* out) {
+  // 4 x G accumulators: 16 of the 32 AVX-512 registers, 8 of AVX2's 16
+  constexpr int G = lanes::kVectorBytes >= 64 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + G <= k; i += G) dot_block<T, R, G>(x, d, vt + i * d, d, c0, c1, out + i, k);
+  for (; i < k; ++i) dot_block<T, R, 1>(x, d, vt + i * d, d, c0, c1, out + i, k);
+}
+
+}  // namespace
+
+template <typename T>
+void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, const T* basis_t,
+                  int64_t k, T* projection) {
+  // Four rows at a time share every load of V^T (1.7x faster than one row at a time, and
+  // 1.6x faster than torch's GEMM for T = M V on Linear(4096, 4096), dev VM: ~3 ms, the FMA
+  // rate). Columns in chunks whose k x chunk slice of V^T (128 KB at k = 16, float32) stays in
+  // L2 while every row of the range passes over it: V^T whole is k d values, 1.6 MB for an
+  // ImageNet head's d = 25089, more than a core's L2.
+  constexpr int64_t kChunk = 2048;
+  for (int64_t r = row_begin; r < row_end; ++r)
+    for (int64_t i = 0; i < k; ++i) projection[r * k + i] = T(0);
+  for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
+    const int64_t c1 = std::min(d, c0 + kChunk);
+    int64_t r = row_begin;
+    for (; r + 4 <= row_end; r += 4)
+      project_block<T, 4>(m + r * d, d, basis_t, k, c0, c1, projection + r * k);
+    for (; r < row_end; ++r)
+      project_block<T, 1>(m + r * d, d, basis_t, k, c0, c1, projection + r * k);
+  }
+}
+
 #define MBF_INSTANTIATE(T)                                                                   \
   template StepStats mbf_step_tiles<T>(T*, const T*, T*, T*, T*, int64_t, int, int64_t,      \
                                        int64_t, const StepConfig&, const StepFlags&);        \
@@ -385,7 +450,8 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
                                           int64_t, T);                                       \
   template void compact_solve_tiles<T>(const T*, const T*, T*, int64_t, int, int64_t, int64_t); \
   template void graft_rows<T>(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
-                              T, T, T, T*);
+                              T, T, T, T*);                                                   \
+  template void project_rows<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);
 
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)

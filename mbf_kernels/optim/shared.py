@@ -155,16 +155,24 @@ class SharedBlock:
         dtype = self.rows["momentum"].dtype
         return all(p.dtype == dtype and p.is_contiguous() for p in self.unit.params)
 
-    def measure(self, m_sq: Tensor | None, matmul: str) -> Tensor:
+    @property
+    def projects(self) -> bool:
+        """Whether a grafted step measures this block through T = M V (at a rank, parameters
+        the update's GEMMs can write) rather than through U."""
+        return self.lowrank is not None and self._updates_in_place()
+
+    def measure(self, m_sq: Tensor | None, matmul: str, projection: Tensor | None = None
+                ) -> Tensor:
         """|u_j|^2 of every row of the grafted step's direction u = M (F + damping I)^{-1} (up to
         a positive factor per block). Exact, or parameters the GEMMs cannot write: U into the
         work rows (its GEMM at ``matmul``, the shared_matmul option), and its norms. At a rank:
         only T = M V, and the norms from T and ``m_sq`` (|m_j|^2, None: computed here) with
-        :meth:`LowRankCurvature.row_squares`; the update then adds M and T's rank-k term to the
-        parameters, and U is never formed (on Linear(4096, 4096) that saves a copy of M, U's
-        write and U's norm pass: 23.5 -> 18 ms of a 7.3 ms AdamW(fused) step, dev VM)."""
+        :meth:`LowRankCurvature.row_squares` (``projection``: T already computed); the update
+        then adds M and T's rank-k term to the parameters, and U is never formed (on
+        Linear(4096, 4096) that saves a copy of M, U's write and U's norm pass: 23.5 -> 18 ms
+        of a 7.3 ms AdamW(fused) step, dev VM)."""
         M = self.rows["momentum"]
-        if self.lowrank is None or not self._updates_in_place():
+        if not self.projects:
             with shared_matmul(matmul, M.device):
                 self.apply()
             return torch.linalg.vector_norm(self.rows["work"], dim=1).square()
@@ -172,7 +180,7 @@ class SharedBlock:
             m_sq = torch.linalg.vector_norm(M, dim=1).square()
         # In float32 whatever ``matmul`` says: the norm is a difference that cancels (a thin,
         # memory-bound GEMM has nothing to gain from TF32 anyway).
-        self.projection = M @ self.lowrank.apply_basis
+        self.projection = M @ self.lowrank.apply_basis if projection is None else projection
         return self.lowrank.row_squares(m_sq, self.projection)
 
     def graft_update(self, coef: Tensor, decay: float, fused: bool) -> None:
@@ -326,9 +334,10 @@ class SharedSet:
             has_grad += no_grad
         # grafted, on the CPU: m, v and Adam's row norms in one pass per block (None: not here),
         # and the decay joins the update's pass
-        sq = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
-        fused = sq is not None
-        adam_sq, m_sq = (sq[:, 0], sq[:, 1]) if fused else (None, None)
+        rows = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
+        fused = rows is not None
+        adam_sq, m_sq, projections = ((rows[0][:, 0], rows[0][:, 1], rows[1]) if fused
+                                      else (None, None, {}))
         if not fused:
             _scale_add(m_views, has_grad, dirs, momentum_coef)
         if graft and not fused:
@@ -357,16 +366,18 @@ class SharedSet:
         u_sq = adam_sq.new_zeros(adam_sq.shape)
         for i, b in zip(active, blocks):
             lo, hi = self.row_starts[i], self.row_starts[i + 1]
-            u_sq[lo:hi] = b.measure(None if m_sq is None else m_sq[lo:hi], matmul)
+            u_sq[lo:hi] = b.measure(None if m_sq is None else m_sq[lo:hi], matmul,
+                                    projections.get(i))
         coefs = self._graft_coefs(lr, u_sq, adam_sq)
         with shared_matmul(matmul, self.device):
             for i, b in zip(active, blocks):
                 b.graft_update(coefs[i], decay, fused)
 
     def _adam_rows_fused(self, group: dict, active: list[int], steps: list[int],
-                         beta1: float) -> Tensor | None:
-        """The momentum and Adam's v updates, :meth:`_adam_row_squares` and |m_j|^2 (rows, 2)
-        in one pass per block over its rows (the C++ op ``graft_rows_``: 6 passes become 1; the step
+                         beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
+        """The momentum and Adam's v updates, :meth:`_adam_row_squares` and |m_j|^2 (rows, 2),
+        and each projecting block's T = M V (by block index), in one pass per block over its
+        rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1; the step
         of Linear(4096, 4096) 35 -> 24 ms on the dev VM, where AdamW(fused) takes 7), where it
         applies: on the CPU with the compiled kernels, the step's direction the gradient itself
         (decoupled decay, or none), gradients and parameters in the state's dtype, contiguous.
@@ -388,14 +399,17 @@ class SharedSet:
             grads.append((gw, gb))
         beta2 = group["betas"][1]
         sq = torch.zeros(self.row_block.shape[0], 2, dtype=dtype, device=self.device)
+        projections = {}
         for i, k, (gw, gb) in zip(active, steps, grads):
             b = self.blocks[i]
             c1, s2 = graft_bias_corrections(beta1, beta2, k)
-            rows = torch.ops.mbf_kernels.graft_rows_(b.rows["momentum"], b.rows["second_moment"],
-                                                     gw, gb, beta1, beta2, group["eps"] / s2)
+            basis = b.lowrank.apply_basis if b.projects else None
+            rows, projections[i] = torch.ops.mbf_kernels.graft_rows_(
+                b.rows["momentum"], b.rows["second_moment"], gw, gb, beta1, beta2,
+                group["eps"] / s2, basis)
             rows[:, 0] *= (c1 / s2) ** 2
             sq[self.row_starts[i]:self.row_starts[i + 1]] = rows
-        return sq
+        return sq, {i: t for i, t in projections.items() if t.shape[1]}
 
     def _adam_row_squares(self, group: dict, active: list[int], steps: list[int],
                           beta1: float) -> Tensor:

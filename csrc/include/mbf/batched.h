@@ -156,6 +156,13 @@ template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
                 int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq);
 
+// A low-rank shared block's T = M V for rows [row_begin, row_end) of its (n, d) momentum rows
+// m, from V^T (basis_t: k x d, contiguous) into projection (n x k); run on the rows graft_rows
+// has just written, while they are in cache.
+template <typename T>
+void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, const T* basis_t,
+                  int64_t k, T* projection);
+
 // The step's phases as standalone ops on the compact layout, for compact tiles
 // [tile_begin, tile_end) of a bucket of n_blocks blocks:
 //   compact_outer_ema: F = beta F + (1 - beta) g g^T, G is N x d (one vector per block);

@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 3;
+inline constexpr int kCpuKernelsVersion = 4;
 
 template <typename T>
 struct KernelTable {
@@ -40,6 +40,7 @@ struct KernelTable {
   void (*compact_solve_tiles)(const T*, const T*, T*, int64_t, int, int64_t, int64_t);
   void (*graft_rows)(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, T, T, T,
                      T*);
+  void (*project_rows)(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);
 };
 
 struct CpuKernels {
