@@ -54,9 +54,11 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // low-rank block's basis V (d, k), the new rows' projection T = m V (n, k; k = 0 without).
   m.def("graft_rows_(Tensor(a!) m, Tensor(b!) v, Tensor? grad_weight, Tensor? grad_bias, "
         "float momentum, float beta2, float eps, Tensor? basis=None) -> (Tensor, Tensor)");
-  // p = decay p + coef u in one pass: p (n,) or (n, w) contiguous, u of its shape with unit
-  // stride within a row (a shared block's rows of U), coef a one-element tensor.
-  m.def("scaled_add_(Tensor(a!) p, Tensor u, float decay, Tensor coef) -> ()");
+  // p = decay p + coef u (+ t basis_t) in one pass: p (n,) or (n, w) contiguous, u of its shape
+  // with unit stride within a row (a shared block's rows of U or M), coef a one-element tensor;
+  // a low-rank block's rank-k term: t (n, k) contiguous, basis_t (k, w) (V^T's columns of p).
+  m.def("scaled_add_(Tensor(a!) p, Tensor u, float decay, Tensor coef, Tensor? t=None, "
+        "Tensor? basis_t=None) -> ()");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

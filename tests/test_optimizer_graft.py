@@ -207,21 +207,35 @@ def test_graft_rows_projection(target, dtype, n, d, k):
         torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb, 0.9, 0.99, 1e-3, basis[1:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("target", cpu_levels())
-def test_scaled_add_op_matches_its_definition(target, dtype):
-    """p = decay p + coef u for a weight and a bias whose u are strided columns of row buffers
-    (the shared blocks' U), as the grafted update's one pass writes them."""
-    rows = randn(9, 21, seed=1).to(dtype)
-    weight, bias = randn(9, 20, seed=2).to(dtype), randn(9, seed=3).to(dtype)
+@pytest.mark.parametrize("n,width,k", [(9, 20, 0), (9, 20, 16), (6, 2100, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_scaled_add_op_matches_its_definition(target, dtype, n, width, k):
+    """p = decay p + coef u (+ t V^T) for a weight and a bias whose u are strided columns of row
+    buffers (a shared block's U or M rows) and whose V^T are column slices of a low-rank basis,
+    as the grafted update's one pass writes them: row counts that do and do not fill its 4-row
+    blocks, rows longer than its 2048-column chunks."""
+    rows = randn(n, width + 1, seed=1).to(dtype)
+    weight, bias = randn(n, width, seed=2).to(dtype), randn(n, seed=3).to(dtype)
     coef = torch.tensor(-0.3, dtype=dtype)
-    want_w, want_b = 0.99 * weight + coef * rows[:, :20], 0.99 * bias + coef * rows[:, 20]
-    torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :20], 0.99, coef)
-    torch.ops.mbf_kernels.scaled_add_(bias, rows[:, 20], 0.99, coef)
-    torch.testing.assert_close(weight, want_w, **STEP_TOL[dtype])
-    torch.testing.assert_close(bias, want_b, **STEP_TOL[dtype])
+    t, vt = randn(n, k, seed=4).to(dtype), randn(k, width + 1, seed=5).to(dtype)
+    want_w = 0.99 * weight + coef * rows[:, :width] + t @ vt[:, :width]
+    want_b = 0.99 * bias + coef * rows[:, width] + t @ vt[:, width]
+    # k + 2 products summed: the rounding of the sum of their magnitudes
+    tol = 4 * (k + 2) * torch.finfo(dtype).eps
+    scale_w = 0.99 * weight.abs() + 0.3 * rows[:, :width].abs() + t.abs() @ vt[:, :width].abs()
+    scale_b = 0.99 * bias.abs() + 0.3 * rows[:, width].abs() + t.abs() @ vt[:, width].abs()
+    extra = (t, vt[:, :width]) if k else ()
+    torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :width], 0.99, coef, *extra)
+    extra = (t, vt[:, width:].contiguous()) if k else ()
+    torch.ops.mbf_kernels.scaled_add_(bias.view(n, 1), rows[:, width:], 0.99, coef, *extra)
+    assert ((weight - want_w).abs() <= tol * scale_w).all()
+    assert ((bias - want_b).abs() <= tol * scale_b).all()
     with pytest.raises(RuntimeError, match="whose rows are contiguous"):
-        torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :20].mT.contiguous().mT, 0.99, coef)
+        torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :width].mT.contiguous().mT, 0.99, coef)
+    if k:
+        with pytest.raises(RuntimeError, match=r"basis_t a \(k, w\)"):
+            torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :width], 0.99, coef, t, vt)
 
 
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])

@@ -17,7 +17,8 @@ constexpr KernelTable<T> table() {
           &inv_spd_batched<T>,         &outer_ema_batched<T>,      &mbf_step_tiles<T>,
           &mbf_bucket_step_tiles<T>,   &compact_outer_ema_tiles<T>,
           &compact_cholesky_tiles<T>,  &compact_solve_tiles<T>,
-          &graft_rows<T>,              &project_rows<T>};
+          &graft_rows<T>,              &project_rows<T>,
+          &scaled_add_rows<T>};
 }
 
 const CpuKernels kKernels{kCpuKernelsVersion, MBF_CPU_ISA, lanes::kVectorBytes, table<float>(),

@@ -329,7 +329,9 @@ std::tuple<at::Tensor, at::Tensor> graft_rows_cpu(at::Tensor& m, at::Tensor& v,
   return {sq, projection};
 }
 
-void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::Tensor& coef) {
+void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::Tensor& coef,
+                    const c10::optional<at::Tensor>& t,
+                    const c10::optional<at::Tensor>& basis_t) {
   TORCH_CHECK(p.dim() >= 1 && p.dim() <= 2 && p.is_contiguous() && u.sizes() == p.sizes() &&
                   (p.dim() == 1 || u.stride(1) == 1),
               "mbf_kernels: scaled_add_ takes a contiguous 1-D or 2-D p and a u of its shape "
@@ -337,18 +339,32 @@ void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::
               u.strides());
   check_like(u, p, "u");
   TORCH_CHECK(coef.numel() == 1, "mbf_kernels: scaled_add_: coef must have one element");
+  TORCH_CHECK(t.has_value() == basis_t.has_value(),
+              "mbf_kernels: scaled_add_: t and basis_t come together");
   const int64_t n = p.size(0), w = p.dim() == 2 ? p.size(1) : 1;
+  int64_t k = 0, vt_ld = 0;
+  if (t.has_value()) {
+    check_like(*t, p, "t");
+    check_like(*basis_t, p, "basis_t");
+    k = t->dim() == 2 ? t->size(1) : -1;
+    const bool vt_ok = basis_t->dim() == 2 && basis_t->size(0) == k &&
+                       basis_t->size(1) == w && (w == 1 || basis_t->stride(1) == 1);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->is_contiguous() && vt_ok,
+                "mbf_kernels: scaled_add_: t must be a contiguous (n, k) and basis_t a (k, w) "
+                "with contiguous rows, for p ", p.sizes(), ", got ", t->sizes(), " and ",
+                basis_t->sizes(), " strides ", basis_t->strides());
+    vt_ld = basis_t->stride(0);
+  }
   const int64_t u_row = n > 0 ? u.stride(0) : 0;
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "mbf_scaled_add_cpu", [&] {
     scalar_t* pp = p.mutable_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const scalar_t* tp = k > 0 ? t->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vt = k > 0 ? basis_t->const_data_ptr<scalar_t>() : nullptr;
     const auto a = static_cast<scalar_t>(decay), c = coef.item<scalar_t>();
-    at::parallel_for(0, n, row_grain(w), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        scalar_t* pr = pp + r * w;
-        const scalar_t* ur = up + r * u_row;
-        for (int64_t j = 0; j < w; ++j) pr[j] = a * pr[j] + c * ur[j];
-      }
+    const auto& kern = cpu::kernels().of<scalar_t>();
+    at::parallel_for(0, n, row_grain(w * (k + 1)), [&](int64_t b, int64_t e) {
+      kern.scaled_add_rows(pp, w, up, u_row, tp, k, vt, vt_ld, w, b, e, a, c);
     });
   });
 }

@@ -439,6 +439,60 @@ void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, con
   }
 }
 
+namespace {
+
+// R rows of p = decay p + coef u + t V^T over columns [c0, c1) (scalar tail included); each
+// row of V^T loaded once for all R rows, t's values broadcast from memory.
+template <typename T, int R>
+void scaled_add_block(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, int64_t k,
+                      const T* vt, int64_t vt_ld, int64_t c0, int64_t c1, T decay, T coef) {
+  constexpr int W = Ln<T>::W;
+  const V<T> dv = lanes::splat<V<T>>(decay), cv = lanes::splat<V<T>>(coef);
+  int64_t j = c0;
+  for (; j + W <= c1; j += W) {
+    V<T> acc[R];
+    for (int r = 0; r < R; ++r) {
+      V<T> pv, uv;
+      std::memcpy(&pv, p + r * p_ld + j, sizeof(pv));
+      std::memcpy(&uv, u + r * u_ld + j, sizeof(uv));
+      acc[r] = dv * pv + cv * uv;
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      V<T> b;
+      std::memcpy(&b, vt + i * vt_ld + j, sizeof(b));
+      for (int r = 0; r < R; ++r) acc[r] += lanes::splat<V<T>>(t[r * k + i]) * b;
+    }
+    for (int r = 0; r < R; ++r) std::memcpy(p + r * p_ld + j, &acc[r], sizeof(acc[r]));
+  }
+  for (; j < c1; ++j) {
+    for (int r = 0; r < R; ++r) {
+      T acc = decay * p[r * p_ld + j] + coef * u[r * u_ld + j];
+      for (int64_t i = 0; i < k; ++i) acc += t[r * k + i] * vt[i * vt_ld + j];
+      p[r * p_ld + j] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void scaled_add_rows(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, int64_t k,
+                     const T* vt, int64_t vt_ld, int64_t w, int64_t row_begin, int64_t row_end,
+                     T decay, T coef) {
+  // As project_rows: four rows share each load of V^T, whose column chunks stay in L2.
+  constexpr int64_t kChunk = 2048;
+  for (int64_t c0 = 0; c0 < w; c0 += kChunk) {
+    const int64_t c1 = std::min(w, c0 + kChunk);
+    int64_t r = row_begin;
+    for (; r + 4 <= row_end; r += 4)
+      scaled_add_block<T, 4>(p + r * p_ld, p_ld, u + r * u_ld, u_ld, t + r * k, k, vt, vt_ld,
+                             c0, c1, decay, coef);
+    for (; r < row_end; ++r)
+      scaled_add_block<T, 1>(p + r * p_ld, p_ld, u + r * u_ld, u_ld, t + r * k, k, vt, vt_ld,
+                             c0, c1, decay, coef);
+  }
+}
+
 #define MBF_INSTANTIATE(T)                                                                   \
   template StepStats mbf_step_tiles<T>(T*, const T*, T*, T*, T*, int64_t, int, int64_t,      \
                                        int64_t, const StepConfig&, const StepFlags&);        \
@@ -451,7 +505,9 @@ void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, con
   template void compact_solve_tiles<T>(const T*, const T*, T*, int64_t, int, int64_t, int64_t); \
   template void graft_rows<T>(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
                               T, T, T, T*);                                                   \
-  template void project_rows<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);
+  template void project_rows<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);  \
+  template void scaled_add_rows<T>(T*, int64_t, const T*, int64_t, const T*, int64_t,         \
+                                   const T*, int64_t, int64_t, int64_t, int64_t, T, T);
 
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)

@@ -30,7 +30,7 @@ from ..packed import pack_tril, unpack_tril
 from ..reference import graft_bias_corrections
 from .blocks import Unit
 from .lowrank import LowRankCurvature
-from .precision import shared_matmul
+from .precision import resolve, shared_matmul
 
 # The quantities with a row buffer: momentum, the work rows (gradient rows on a refresh, then
 # Adam's direction, then U), and Adam's v with graft="adam".
@@ -185,27 +185,32 @@ class SharedBlock:
 
     def graft_update(self, coef: Tensor, decay: float, fused: bool) -> None:
         """p = decay p + coef u for the direction :meth:`measure` measured. ``fused``: one C++
-        pass per parameter for the decay and the M (or U) term; otherwise the caller has
-        applied the decay. At a rank, the rank-k term is a GEMM into the parameters."""
+        pass per parameter (``scaled_add_``) for the decay, the M (or U) term and, at a rank,
+        the rank-k term; otherwise the caller has applied the decay, and the rank-k term is a
+        GEMM into the parameters."""
         seg, params = self.unit.segments[0], self.unit.params
         key = "work" if self.projection is None else "momentum"
+        t = basis_t = None
+        if self.projection is not None:  # u = M - T diag(w) V^T
+            t = self.projection.mul_(self.lowrank.apply_weight * -coef)
+            self.projection = None
+            basis_t = self.lowrank.apply_basis.mT
         if fused:  # (views 2-D: the rows of M and U are strided)
             rows = self.rows[key]
-            torch.ops.mbf_kernels.scaled_add_(params[seg.main].view(seg.n_blocks, seg.width),
-                                              rows[:, :seg.width], decay, coef)
+            weight = params[seg.main].view(seg.n_blocks, seg.width)
+            vt = None if t is None else basis_t[:, :seg.width].contiguous()
+            torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :seg.width], decay, coef, t, vt)
             if seg.tail is not None:
-                torch.ops.mbf_kernels.scaled_add_(params[seg.tail], rows[:, seg.width], decay,
-                                                  coef)
-        else:
-            for p, u in zip(params, self.views[key]):
-                p.addcmul_(u, coef)
-        if self.projection is not None:
-            # u = M - T diag(w) V^T
-            T, V = self.projection.mul_(self.lowrank.apply_weight * -coef), self.lowrank.apply_basis
-            self.projection = None
-            params[seg.main].view(seg.n_blocks, seg.width).addmm_(T, V[:seg.width].mT)
+                vt = None if t is None else basis_t[:, seg.width:].contiguous()
+                torch.ops.mbf_kernels.scaled_add_(params[seg.tail].view(-1, 1),
+                                                  rows[:, seg.width:], decay, coef, t, vt)
+            return
+        for p, u in zip(params, self.views[key]):
+            p.addcmul_(u, coef)
+        if t is not None:
+            params[seg.main].view(seg.n_blocks, seg.width).addmm_(t, basis_t[:, :seg.width])
             if seg.tail is not None:
-                params[seg.tail].addmv_(T, V[seg.width])
+                params[seg.tail].addmv_(t, basis_t[:, seg.width])
 
     def update_params(self, lr: float) -> None:
         """p -= lr u without grafting: u = M (F + damping I)^{-1} accumulated straight into the
@@ -377,13 +382,14 @@ class SharedSet:
                          beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
         """The momentum and Adam's v updates, :meth:`_adam_row_squares` and |m_j|^2 (rows, 2),
         and each projecting block's T = M V (by block index), in one pass per block over its
-        rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1; the step
-        of Linear(4096, 4096) 35 -> 24 ms on the dev VM, where AdamW(fused) takes 7), where it
-        applies: on the CPU with the compiled kernels, the step's direction the gradient itself
-        (decoupled decay, or none), gradients and parameters in the state's dtype, contiguous.
-        None where it does not (the caller takes the torch path)."""
+        rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1), where it applies: on
+        the CPU with the compiled kernels and float32 GEMMs, the step's direction the gradient
+        itself (decoupled decay, or none), gradients and parameters in the state's dtype,
+        contiguous. None where it does not (the caller takes the torch path)."""
         if (self.device.type != "cpu" or group["backend"] not in ("auto", "cpu")
                 or not dispatch.backends()["cpu"].available
+                # emulated TF32 GEMMs (for measuring it) are torch's: the fused passes' are not
+                or resolve(group["shared_matmul"], self.device) == "tf32"
                 or (group["weight_decay"] and not group["decoupled_weight_decay"])):
             return None
         dtype = self.flat["work"].dtype

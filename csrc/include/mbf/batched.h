@@ -163,6 +163,15 @@ template <typename T>
 void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, const T* basis_t,
                   int64_t k, T* projection);
 
+// Rows [row_begin, row_end) of p = decay p + coef u + t V^T: p and u with w columns (row
+// strides p_ld, u_ld; unit stride within a row), t (n x k, contiguous) and V^T (k x w, row
+// stride vt_ld); k = 0 is p = decay p + coef u. A shared block's update in one pass: the
+// decay, its M (or U) term and, at a rank, the rank-k term that would otherwise be a GEMM.
+template <typename T>
+void scaled_add_rows(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, int64_t k,
+                     const T* vt, int64_t vt_ld, int64_t w, int64_t row_begin, int64_t row_end,
+                     T decay, T coef);
+
 // The step's phases as standalone ops on the compact layout, for compact tiles
 // [tile_begin, tile_end) of a bucket of n_blocks blocks:
 //   compact_outer_ema: F = beta F + (1 - beta) g g^T, G is N x d (one vector per block);

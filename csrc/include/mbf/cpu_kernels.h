@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 4;
+inline constexpr int kCpuKernelsVersion = 5;
 
 template <typename T>
 struct KernelTable {
@@ -41,6 +41,8 @@ struct KernelTable {
   void (*graft_rows)(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, T, T, T,
                      T*);
   void (*project_rows)(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);
+  void (*scaled_add_rows)(T*, int64_t, const T*, int64_t, const T*, int64_t, const T*, int64_t,
+                          int64_t, int64_t, int64_t, T, T);
 };
 
 struct CpuKernels {
