@@ -49,10 +49,11 @@ TORCH_LIBRARY(mbf_kernels, m) {
       "Tensor? tile_scale, Tensor(g!)? tile_norms, Tensor(h!)? directions, float beta2, "
       "float eps, int step_mode) -> ()");
   // Grafting's row pass over a shared block (mbf/batched.h graft_rows): m and v its (n, d) row
-  // buffers, the gradient's weight rows (n, d - 1 or d) and bias (n,) (None: no gradient);
+  // buffers (v None: the momentum alone, the paper's update), the gradient's weight rows
+  // (n, d - 1 or d) and bias (n,) (None: no gradient);
   // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 and |m|^2 (n, 2) and, with a
   // low-rank block's basis V (d, k), the new rows' projection T = m V (n, k; k = 0 without).
-  m.def("graft_rows_(Tensor(a!) m, Tensor(b!) v, Tensor? grad_weight, Tensor? grad_bias, "
+  m.def("graft_rows_(Tensor(a!) m, Tensor(b!)? v, Tensor? grad_weight, Tensor? grad_bias, "
         "float momentum, float beta2, float eps, Tensor? basis=None) -> (Tensor, Tensor)");
   // p = decay p + coef u (+ t basis_t) in one pass: p (n,) or (n, w) contiguous, u of its shape
   // with unit stride within a row (a shared block's rows of U or M), coef a one-element tensor;

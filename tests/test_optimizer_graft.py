@@ -176,11 +176,17 @@ def test_graft_rows_op_matches_its_definition(target, dtype, grads):
     want_m, want_v = 0.9 * m + g, 0.99 * v + 0.01 * g * g
     want = torch.stack([((want_m / (want_v.sqrt() + 1e-3)) ** 2).sum(1),
                         want_m.square().sum(1)], dim=1)
+    m0 = m.clone()
     got, _ = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb if bias else None, 0.9, 0.99, 1e-3)
     tol = STEP_TOL[dtype]
     torch.testing.assert_close(m, want_m, **tol)
     torch.testing.assert_close(v, want_v, **tol)
     torch.testing.assert_close(got, want, **tol)
+    # without v (the paper's update): the momentum and its norm alone
+    got, _ = torch.ops.mbf_kernels.graft_rows_(m0, None, gw, gb if bias else None, 0.9, 0.99, 1e-3)
+    torch.testing.assert_close(m0, want_m, **tol)
+    torch.testing.assert_close(got[:, 1], want[:, 1], **tol)
+    assert not got[:, 0].any()
     with pytest.raises(RuntimeError, match="grad_weight must be contiguous"):
         torch.ops.mbf_kernels.graft_rows_(m, v, randn(n, width + 2, seed=5).to(dtype), None,
                                           0.9, 0.99, 1e-3)
@@ -239,18 +245,22 @@ def test_scaled_add_op_matches_its_definition(target, dtype, n, width, k):
 
 
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
-def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear):
-    """Grafted shared blocks on the CPU backend take the fused row pass; on the torch backend
-    the torch ops: 12 steps (refreshes at T1 = 3, a refactor at T2 = 6) end at the same
+@pytest.mark.parametrize("update", ["default", "paper"])
+def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update):
+    """Shared blocks on the CPU backend take the fused row passes (grafted: m, v and the norms;
+    the paper's update: m; at a rank T = M V too, and the update in one pass); on the torch
+    backend the torch ops: 12 steps (refreshes at T1 = 3, a refactor at T2 = 6) end at the same
     parameters to float32 rounding."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     ends = []
+    options = {} if update == "default" else dict(PAPER, lr=0.02, damping=0.05)
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
         opt = mk.MBF.from_model(model, backend=backend, large_linear=large_linear, shared_rank=8,
-                                max_block_size=16, curvature_update_freq=3, inverse_update_freq=6)
+                                max_block_size=16, curvature_update_freq=3, inverse_update_freq=6,
+                                **options)
         x, y = randn(32, 40, seed=7).float(), torch.arange(32) % 5
         for _ in range(12):
             opt.zero_grad()

@@ -270,48 +270,54 @@ int64_t row_grain(int64_t width) {
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(width, 1));
 }
 
-std::tuple<at::Tensor, at::Tensor> graft_rows_cpu(at::Tensor& m, at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> graft_rows_cpu(at::Tensor& m,
+                                                  const c10::optional<at::Tensor>& second_moment,
                                                   const c10::optional<at::Tensor>& grad_weight,
                                                   const c10::optional<at::Tensor>& grad_bias,
                                                   double momentum, double beta2, double eps,
                                                   const c10::optional<at::Tensor>& basis) {
-  TORCH_CHECK(v.dim() == 2 && v.is_contiguous() && m.sizes() == v.sizes() && m.is_contiguous(),
-              "mbf_kernels: graft_rows_ takes contiguous (n, d) v and m of one shape, got ",
-              v.sizes(), " and ", m.sizes());
-  check_like(m, v, "m");
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
-              "mbf_kernels: graft_rows_ needs float32 or float64 rows, got ", v.scalar_type());
-  const int64_t n = v.size(0), d = v.size(1);
+  TORCH_CHECK(m.dim() == 2 && m.is_contiguous(),
+              "mbf_kernels: graft_rows_ takes contiguous (n, d) rows m, got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble,
+              "mbf_kernels: graft_rows_ needs float32 or float64 rows, got ", m.scalar_type());
+  if (second_moment.has_value()) {
+    TORCH_CHECK(second_moment->is_contiguous() && second_moment->sizes() == m.sizes(),
+                "mbf_kernels: graft_rows_ takes contiguous v and m of one shape, got ",
+                second_moment->sizes(), " and ", m.sizes());
+    check_like(*second_moment, m, "v");
+  }
+  const int64_t n = m.size(0), d = m.size(1);
   const bool has_bias = grad_bias.has_value();
   const int64_t width = grad_weight.has_value() ? grad_weight->numel() / std::max<int64_t>(n, 1)
                                                 : d - (has_bias ? 1 : 0);
   if (grad_weight.has_value()) {
-    check_like(*grad_weight, v, "grad_weight");
+    check_like(*grad_weight, m, "grad_weight");
     TORCH_CHECK(grad_weight->is_contiguous() && grad_weight->numel() == n * width &&
                     (width == d || width == d - 1),
                 "mbf_kernels: graft_rows_: grad_weight must be contiguous with n rows of d or ",
-                "d - 1 values, got ", grad_weight->sizes(), " for rows ", v.sizes());
+                "d - 1 values, got ", grad_weight->sizes(), " for rows ", m.sizes());
   }
   if (has_bias) {
-    check_like(*grad_bias, v, "grad_bias");
+    check_like(*grad_bias, m, "grad_bias");
     TORCH_CHECK(grad_bias->is_contiguous() && grad_bias->numel() == n && width == d - 1,
                 "mbf_kernels: graft_rows_: grad_bias must be contiguous with n values, the ",
-                "rows' last column, got ", grad_bias->sizes(), " for rows ", v.sizes());
+                "rows' last column, got ", grad_bias->sizes(), " for rows ", m.sizes());
   }
   int64_t k = 0;
   at::Tensor basis_t;  // V^T, k x d: the projection's inner loop runs along d
   if (basis.has_value()) {
-    check_like(*basis, v, "basis");
+    check_like(*basis, m, "basis");
     TORCH_CHECK(basis->dim() == 2 && basis->size(0) == d,
-                "mbf_kernels: graft_rows_: basis must be (d, k) for rows ", v.sizes(), ", got ",
+                "mbf_kernels: graft_rows_: basis must be (d, k) for rows ", m.sizes(), ", got ",
                 basis->sizes());
     k = basis->size(1);
     basis_t = basis->t().contiguous();
   }
-  auto sq = at::empty({n, 2}, v.options());
-  auto projection = at::empty({n, k}, v.options());
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mbf_graft_rows_cpu", [&] {
-    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+  auto sq = at::empty({n, 2}, m.options());
+  auto projection = at::empty({n, k}, m.options());
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mbf_graft_rows_cpu", [&] {
+    scalar_t* vp =
+        second_moment.has_value() ? second_moment->mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* mp = m.mutable_data_ptr<scalar_t>();
     const scalar_t* gw =
         grad_weight.has_value() ? grad_weight->const_data_ptr<scalar_t>() : nullptr;

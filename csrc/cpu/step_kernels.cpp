@@ -330,6 +330,37 @@ void compact_solve_tiles(const T* factor, const T* B, T* X, int64_t n_blocks, in
   });
 }
 
+namespace {
+
+// One row of m = rho m + g (g: the weight's row gr and the bias *gb; null: 0): sq[0] = 0 (no
+// Adam direction), sq[1] = |m|^2.
+template <typename T>
+void momentum_row(T* mr, const T* gr, const T* gb, int64_t width, int64_t d, T rho, T* sq) {
+  constexpr int W = Ln<T>::W;
+  const V<T> rhov = lanes::splat<V<T>>(rho);
+  V<T> acc = lanes::splat<V<T>>(T(0));
+  int64_t j = 0;
+  for (; j + W <= width; j += W) {
+    V<T> mv, g = lanes::splat<V<T>>(T(0));
+    std::memcpy(&mv, mr + j, sizeof(mv));
+    if (gr != nullptr) std::memcpy(&g, gr + j, sizeof(g));
+    mv = rhov * mv + g;
+    std::memcpy(mr + j, &mv, sizeof(mv));
+    acc += mv * mv;
+  }
+  T sum = T(0);
+  for (int l = 0; l < W; ++l) sum += acc[l];
+  for (; j < d; ++j) {
+    const T g = j < width ? (gr != nullptr ? gr[j] : T(0)) : (gb != nullptr ? *gb : T(0));
+    mr[j] = rho * mr[j] + g;
+    sum += mr[j] * mr[j];
+  }
+  sq[0] = T(0);
+  sq[1] = sum;
+}
+
+}  // namespace
+
 template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
                 int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq) {
@@ -338,9 +369,13 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
   const V<T> b2v = lanes::splat<V<T>>(beta2), w2v = lanes::splat<V<T>>(w2);
   const V<T> epsv = lanes::splat<V<T>>(eps), rhov = lanes::splat<V<T>>(rho);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    T* vr = v + r * d;
     T* mr = m + r * d;
     const T* gr = gw != nullptr ? gw + r * width : nullptr;
+    if (v == nullptr) {  // no Adam: the momentum and its norm
+      momentum_row(mr, gr, gb != nullptr ? gb + r : nullptr, width, d, rho, sq + 2 * r);
+      continue;
+    }
+    T* vr = v + r * d;
     V<T> acc = lanes::splat<V<T>>(T(0)), m_acc = acc;
     int64_t j = 0;
     for (; j + W <= width; j += W) {  // W lanes at a time (unaligned loads and stores)

@@ -94,7 +94,7 @@ class SharedBlock:
     lowrank: LowRankCurvature | None = None
     rows: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)  # param_views(key), kept
-    # Between a grafted step's measure() and graft_update(): T = M V of a low-rank block whose
+    # Between measure() (or the row pass) and update_in_place(): T = M V of a low-rank block whose
     # update goes straight into its parameters (None: U is in the work rows)
     projection: Tensor | None = None
 
@@ -183,8 +183,9 @@ class SharedBlock:
         self.projection = M @ self.lowrank.apply_basis if projection is None else projection
         return self.lowrank.row_squares(m_sq, self.projection)
 
-    def graft_update(self, coef: Tensor, decay: float, fused: bool) -> None:
-        """p = decay p + coef u for the direction :meth:`measure` measured. ``fused``: one C++
+    def update_in_place(self, coef: Tensor, decay: float, fused: bool) -> None:
+        """p = decay p + coef u for the direction :meth:`measure` measured (or, at a rank, any T
+        = M V in :attr:`projection`: the paper's update too). ``fused``: one C++
         pass per parameter (``scaled_add_``) for the decay, the M (or U) term and, at a rank,
         the rank-k term; otherwise the caller has applied the decay, and the rank-k term is a
         GEMM into the parameters."""
@@ -212,13 +213,20 @@ class SharedBlock:
             if seg.tail is not None:
                 params[seg.tail].addmv_(t, basis_t[:, seg.width])
 
-    def update_params(self, lr: float) -> None:
-        """p -= lr u without grafting: u = M (F + damping I)^{-1} accumulated straight into the
-        weight and bias (addmm_ / addmv_, no U buffer: on a large layer every pass over its
-        rows counts), or through U for parameters of another dtype than the state's."""
+    def update_params(self, lr: float, projection: Tensor | None = None,
+                      fused: bool = False) -> None:
+        """p -= lr u without grafting (any decay applied by the caller): u = M (F + damping
+        I)^{-1} accumulated straight into the weight and bias (addmm_ / addmv_, no U buffer: on
+        a large layer every pass over its rows counts); at a rank, as :meth:`update_in_place`
+        from T = M V (``projection``: already computed); through U for parameters of another
+        dtype than the state's."""
         seg = self.unit.segments[0]
         M, params = self.rows["momentum"], self.unit.params
-        if any(p.dtype != M.dtype or not p.is_contiguous() for p in params):
+        if self.projects:
+            self.projection = M @ self.lowrank.apply_basis if projection is None else projection
+            self.update_in_place(self.lowrank.apply_scale * -lr, 1.0, fused)
+            return
+        if not self._updates_in_place():
             self.apply()
             scale = None if self.lowrank is None else self.lowrank.apply_scale
             for p, u in zip(params, self.views["work"]):
@@ -227,23 +235,11 @@ class SharedBlock:
                 else:
                     p.addcmul_(u, scale, value=-lr)
             return
+        inv = self.inverse
         weight = params[seg.main].view(seg.n_blocks, seg.width)
-        bias = params[seg.tail] if seg.tail is not None else None
-        if self.lowrank is None:
-            inv = self.inverse
-            weight.addmm_(M, inv[:, :seg.width], alpha=-lr)
-            if bias is not None:
-                bias.addmv_(M, inv[:, seg.width], alpha=-lr)
-            return
-        lowrank = self.lowrank
-        # u = scale (M - M V diag(w) V^T): the M term element-wise, the rank-k term as a GEMM.
-        T = (M @ lowrank.apply_basis).mul_(lowrank.apply_weight * (lowrank.apply_scale * lr))
-        V = lowrank.apply_basis
-        for p, m in zip(params, self.views["momentum"]):
-            p.addcmul_(m, lowrank.apply_scale, value=-lr)
-        weight.addmm_(T, V[:seg.width].mT)
-        if bias is not None:
-            bias.addmv_(T, V[seg.width])
+        weight.addmm_(M, inv[:, :seg.width], alpha=-lr)
+        if seg.tail is not None:
+            params[seg.tail].addmv_(M, inv[:, seg.width], alpha=-lr)
 
     def param_views(self, key: str) -> list[Tensor]:
         """The views of row buffer ``key`` in the shape of each of the unit's parameters: the
@@ -337,9 +333,9 @@ class SharedSet:
             no_grad = [i for i in range(len(params)) if params[i].grad is None]
             dirs += [wd * params[i] for i in no_grad]
             has_grad += no_grad
-        # grafted, on the CPU: m, v and Adam's row norms in one pass per block (None: not here),
-        # and the decay joins the update's pass
-        rows = self._adam_rows_fused(group, active, steps, momentum_coef) if graft else None
+        # On the CPU: m (v and Adam's row norms, grafted) in one pass per block (None: not
+        # here); grafted, the decay joins the update's pass
+        rows = self._rows_fused(group, active, steps, momentum_coef)
         fused = rows is not None
         adam_sq, m_sq, projections = ((rows[0][:, 0], rows[0][:, 1], rows[1]) if fused
                                       else (None, None, {}))
@@ -354,7 +350,7 @@ class SharedSet:
                                         value=1 - beta2)
             adam_sq = self._adam_row_squares(group, active, steps, momentum_coef)
         decay = 1 - lr * wd if decoupled else 1.0
-        if decay != 1 and not fused:
+        if decay != 1 and not (fused and graft):
             _scale_add(params, [], [], decay)
         # The GEMMs that apply the blocks may run in TF32 (shared_matmul); the refresh's stay in
         # float32: the Nystrom core R (omega^T Y)^{-1} R^T amplifies a TF32 product's 1e-3
@@ -363,8 +359,8 @@ class SharedSet:
         matmul = group["shared_matmul"]
         if not graft:
             with shared_matmul(matmul, self.device):
-                for b in blocks:
-                    b.update_params(lr)
+                for i, b in zip(active, blocks):
+                    b.update_params(lr, projections.get(i), fused)
             return
         # Every block's rows have a slot (0 for the inactive ones): one row index serves every
         # step.
@@ -376,13 +372,13 @@ class SharedSet:
         coefs = self._graft_coefs(lr, u_sq, adam_sq)
         with shared_matmul(matmul, self.device):
             for i, b in zip(active, blocks):
-                b.graft_update(coefs[i], decay, fused)
+                b.update_in_place(coefs[i], decay, fused)
 
-    def _adam_rows_fused(self, group: dict, active: list[int], steps: list[int],
-                         beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
-        """The momentum and Adam's v updates, :meth:`_adam_row_squares` and |m_j|^2 (rows, 2),
-        and each projecting block's T = M V (by block index), in one pass per block over its
-        rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1), where it applies: on
+    def _rows_fused(self, group: dict, active: list[int], steps: list[int],
+                    beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
+        """The momentum update and, grafted, Adam's v and :meth:`_adam_row_squares` and |m_j|^2
+        (rows, 2), and each projecting block's T = M V (by block index), in one pass per block
+        over its rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1), where it applies: on
         the CPU with the compiled kernels and float32 GEMMs, the step's direction the gradient
         itself (decoupled decay, or none), gradients and parameters in the state's dtype,
         contiguous. None where it does not (the caller takes the torch path)."""
@@ -411,7 +407,7 @@ class SharedSet:
             c1, s2 = graft_bias_corrections(beta1, beta2, k)
             basis = b.lowrank.apply_basis if b.projects else None
             rows, projections[i] = torch.ops.mbf_kernels.graft_rows_(
-                b.rows["momentum"], b.rows["second_moment"], gw, gb, beta1, beta2,
+                b.rows["momentum"], b.rows.get("second_moment"), gw, gb, beta1, beta2,
                 group["eps"] / s2, basis)
             rows[:, 0] *= (c1 / s2) ** 2
             sq[self.row_starts[i]:self.row_starts[i + 1]] = rows

@@ -151,7 +151,7 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
 // m = rho m + g, Adam's v = beta2 v + (1 - beta2) g^2, and from the new m and v the row's
 // squared norms sq[2 r] = sum_j (m_rj / (sqrt(v_rj) + eps))^2 (Adam's direction) and
 // sq[2 r + 1] = sum_j m_rj^2 (the low-rank block's direction norm is derived from it). One pass
-// instead of seven over the layer.
+// instead of seven over the layer. v null: the momentum alone (sq[2 r] = 0), the paper's update.
 template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
                 int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq);
