@@ -35,6 +35,9 @@ T1, T2 = 10, 100
 #: issue 14's bar is stated on: the 4096-wide one is a large-linear problem, issue 16's).
 MODELS = {**models.MODELS,
           "vgg16_w512": lambda num_classes: models.vgg16(num_classes=num_classes, width=512),
+          # the main job's ReLU autoencoder (seven exact shared blocks of d <= 257)
+          "digits_autoencoder": lambda num_classes: models.DigitsAutoencoder(
+              activation=torch.nn.ReLU),
           # Issue 16's shapes: one Linear(4096, 4096), and the ImageNet VGG16's classifier.
           "linear4096": lambda num_classes: torch.nn.Sequential(torch.nn.Linear(4096, 4096)),
           "vgg16_imagenet_head": lambda num_classes: torch.nn.Sequential(

@@ -328,6 +328,14 @@ def tune_lr(task: Task, optimizer: str, cfg: TrainConfig,
     return best["lr"], trials
 
 
+def warm_up(task: Task, cfg: TrainConfig, seconds: float = 1.0) -> None:
+    """About a second of untimed SGD on a throwaway model of ``task``: a process's first run
+    otherwise also pays for oneDNN's kernel creation, the allocator and the thread pool's start
+    (on the shapes CNN, identical optimizers measured 1.25x slower per epoch when run first than
+    when run second, dev VM), which made whichever optimizer came first look slower."""
+    train_run(task, "sgd", cfg.lr_of("sgd"), cfg, epochs=1, budget_s=seconds)
+
+
 def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress=None
             ) -> tuple[list[RunResult], list[dict]]:
     """Every optimizer on every task, for each of ``cfg.seeds`` (initial weights and data order;
@@ -337,6 +345,7 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
     seeds = cfg.seeds or (cfg.seed,)
     cfg = replace(cfg, seed=seeds[0])  # the tuning runs' seed
     for task in tasks:
+        warm_up(task, cfg)
         for name in optimizers:
             lr = cfg.lr_of(name)
             if cfg.tune:
