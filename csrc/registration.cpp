@@ -60,6 +60,17 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // a low-rank block's rank-k term: t (n, k) contiguous, basis_t (k, w) (V^T's columns of p).
   m.def("scaled_add_(Tensor(a!) p, Tensor u, float decay, Tensor coef, Tensor? t=None, "
         "Tensor? basis_t=None) -> ()");
+  // A grafted step of exact shared blocks in one call (CPU): per block its m, v and work rows
+  // (n, d), its (d, d) inverse, its weight (and bias: params_per_block 1 or 2, gradients
+  // aligned with params, None for none), Adam's bias corrections c1 / s2 and eps / s2.
+  m.def("shared_graft_step_(Tensor(a!)[] momenta, Tensor(b!)[] second_moments, "
+        "Tensor(c!)[] work, Tensor[] inverses, Tensor(d!)[] params, Tensor?[] grads, "
+        "int[] params_per_block, float[] adam_scale, float[] adam_eps, float momentum, "
+        "float beta2, float lr, float decay) -> ()");
+  // Grafting's rescaling per unit (CPU): norms (T, 2, L) hold pairs (|u|^2, |a|^2) at [t, :, l]
+  // (a bucket's tile_norms), index (T * L,) their units in [0, units); returns (units,)
+  // sqrt(sum |a|^2 / sum |u|^2), 0 where the sum of |u|^2 is 0, pairs not finite left out.
+  m.def("unit_ratios(Tensor[] norms, Tensor[] index, int units) -> Tensor");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

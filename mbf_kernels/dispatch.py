@@ -101,6 +101,14 @@ def backends() -> dict[str, BackendStatus]:
     return dict(_status())
 
 
+def cpu_ops(group: dict, device: torch.device) -> bool:
+    """Whether a param group's tensors on ``device`` take the CPU-only C++ ops of the optimizer
+    (the shared blocks' row passes, the graft's per-unit sums): on the CPU, its backend "auto"
+    or "cpu", the extension built."""
+    return (device.type == "cpu" and group["backend"] in ("auto", "cpu")
+            and backends()["cpu"].available)
+
+
 def _serves_device(name: str, device: torch.device) -> bool:
     if name == "torch":
         return True

@@ -244,20 +244,67 @@ def test_scaled_add_op_matches_its_definition(target, dtype, n, width, k):
             torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :width], 0.99, coef, t, vt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_unit_ratios_op_matches_its_definition(dtype):
+    """Grafting's per-unit rescaling from per-block pairs (|u|^2, |a|^2) in two tensors of the
+    bucket layout (T, 2, L): sqrt(sum |a|^2 / sum |u|^2) per unit, a pair with a non-finite
+    value left out, 0 for a unit whose |u|^2 sums to 0 (here unit 3, which has no blocks)."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    norms = [randn(5, 2, 16, seed=1).to(dtype) ** 2, randn(1, 2, 7, seed=2).to(dtype) ** 2]
+    norms[0][2, 1, 3] = float("inf")
+    norms[1][0, 0, 4] = float("nan")
+    index = [torch.randint(0, 3, (80,), generator=torch.Generator().manual_seed(3)),
+             torch.tensor([0, 1, 2, 4, 4, 1, 0])]
+    su, sa = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    for x, k in zip(norms, index):
+        pairs = x.transpose(1, 2).reshape(-1, 2).double()
+        ok = torch.isfinite(pairs).all(1)
+        su.index_add_(0, k[ok], pairs[ok, 0])
+        sa.index_add_(0, k[ok], pairs[ok, 1])
+    want = torch.where(su > 0, (sa / su.clamp_min(1e-300)).sqrt(), 0).to(dtype)
+    got = torch.ops.mbf_kernels.unit_ratios(norms, index, 5)
+    torch.testing.assert_close(got, want, **STEP_TOL[dtype])
+    assert got[3] == 0
+    with pytest.raises(RuntimeError, match=r"unit 5 outside \[0, 5\)"):
+        torch.ops.mbf_kernels.unit_ratios(norms[1:], [torch.full((7,), 5)], 5)
+
+
+@pytest.mark.parametrize("target", cpu_levels())
+def test_shared_graft_step_op_names_bad_arguments(target):
+    """The one-call grafted step of exact shared blocks refuses lists that do not line up and
+    parameters of the wrong shape, naming what is wrong."""
+    m, v, work, inv = torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, 5), torch.eye(5)
+    weight, bias = torch.zeros(3, 4), torch.zeros(3)
+    args = ([m], [v], [work], [inv], [weight, bias], [None, None], [2], [1.0], [1e-8], 0.9,
+            0.99, 0.1, 1.0)
+    torch.ops.mbf_kernels.shared_graft_step_(*args)  # zero gradients: nothing moves
+    assert not weight.any() and not bias.any()
+    with pytest.raises(RuntimeError, match="one m, v, work, inverse"):
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:2], [], *args[3:])
+    with pytest.raises(RuntimeError, match="parameters must be contiguous 3 x 4"):
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:4], [torch.zeros(3, 5), bias],
+                                                 *args[5:])
+    with pytest.raises(RuntimeError, match=r"\(d, d\) inverse"):
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:3], [torch.eye(4)], *args[4:])
+
+
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
 @pytest.mark.parametrize("update", ["default", "paper"])
 def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update):
-    """Shared blocks on the CPU backend take the fused row passes (grafted: m, v and the norms;
-    the paper's update: m; at a rank T = M V too, and the update in one pass); on the torch
-    backend the torch ops: 12 steps (refreshes at T1 = 3, a refactor at T2 = 6) end at the same
-    parameters to float32 rounding."""
+    """Shared blocks (with and without a bias) on the CPU backend take the fused C++ passes
+    (grafted exact blocks: the whole step in one call; at a rank: m, v and the norms, or m for
+    the paper's update, with T = M V, then the update in one pass); on the torch backend the
+    torch ops: 12 steps (refreshes at T1 = 3, a refactor at T2 = 6) end at the same parameters
+    to float32 rounding."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     ends = []
     options = {} if update == "default" else dict(PAPER, lr=0.02, damping=0.05)
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
+        model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 20, bias=False),
+                              nn.Tanh(), nn.Linear(20, 5))
         opt = mk.MBF.from_model(model, backend=backend, large_linear=large_linear, shared_rank=8,
                                 max_block_size=16, curvature_update_freq=3, inverse_update_freq=6,
                                 **options)

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import mbf_kernels as mk
 from mbf_kernels.optim import PAPER, ReferenceMBF
 from mbf_kernels.optim.lowrank import LowRankCurvature
-from mbf_kernels.optim.shared import SharedBlock
+from mbf_kernels.optim.shared_block import SharedBlock
 
 DEVICE = torch.device("cpu")
 

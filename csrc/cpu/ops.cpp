@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <atomic>
 #include <cstdint>
 #include <tuple>
@@ -375,6 +377,132 @@ void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::
   });
 }
 
+// One grafted step of exact shared blocks (registration.cpp): per block, the row pass (m, v,
+// Adam's row norms), U = M (F + damping I)^{-1} into the work rows, U's row norms, the
+// block's coefficient -lr |a| / |u| (rows whose u or a is not finite count as 0), and p =
+// decay p + coef U. On a small MLP the same in torch calls from Python cost more than the
+// GEMMs themselves (about 10 calls per block).
+void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments,
+                           at::TensorList work, at::TensorList inverses, at::TensorList params,
+                           const c10::List<c10::optional<at::Tensor>>& grads,
+                           at::IntArrayRef params_per_block, at::ArrayRef<double> adam_scale,
+                           at::ArrayRef<double> adam_eps, double momentum, double beta2,
+                           double lr, double decay) {
+  const size_t n_blocks = momenta.size();
+  TORCH_CHECK(second_moments.size() == n_blocks && work.size() == n_blocks &&
+                  inverses.size() == n_blocks && params_per_block.size() == n_blocks &&
+                  adam_scale.size() == n_blocks && adam_eps.size() == n_blocks &&
+                  grads.size() == params.size(),
+              "mbf_kernels: shared_graft_step_ takes one m, v, work, inverse, parameter count, "
+              "scale and eps per block and one gradient per parameter");
+  size_t next = 0;
+  for (size_t i = 0; i < n_blocks; ++i) {
+    const at::Tensor& m = momenta[i];
+    const int64_t count = params_per_block[i];
+    TORCH_CHECK((count == 1 || count == 2) && next + count <= params.size(),
+                "mbf_kernels: shared_graft_step_: a block has a weight and at most a bias");
+    TORCH_CHECK(m.dim() == 2 && m.is_contiguous() && work[i].sizes() == m.sizes() &&
+                    work[i].is_contiguous() && inverses[i].dim() == 2 &&
+                    inverses[i].size(0) == m.size(1) && inverses[i].size(1) == m.size(1),
+                "mbf_kernels: shared_graft_step_: block ", i, " needs contiguous (n, d) m and "
+                "work rows and a (d, d) inverse, got ", m.sizes(), ", ", work[i].sizes(), ", ",
+                inverses[i].sizes());
+    check_like(work[i], m, "work");
+    check_like(inverses[i], m, "inverse");
+    at::Tensor weight = params[next], bias = count == 2 ? params[next + 1] : at::Tensor();
+    const int64_t n = m.size(0), d = m.size(1), width = count == 2 ? d - 1 : d;
+    TORCH_CHECK(weight.is_contiguous() && weight.numel() == n * width &&
+                    (count == 1 || (bias.is_contiguous() && bias.numel() == n)),
+                "mbf_kernels: shared_graft_step_: block ", i, "'s parameters must be contiguous ",
+                n, " x ", width, (count == 2 ? " and " : ""), (count == 2 ? std::to_string(n) : ""));
+    check_like(weight, m, "weight");
+    if (count == 2) check_like(bias, m, "bias");
+    const c10::optional<at::Tensor> gw = grads.get(next);
+    const c10::optional<at::Tensor> gb = count == 2 ? grads.get(next + 1) : c10::nullopt;
+    next += count;
+    // the row pass, as graft_rows_
+    at::Tensor v = second_moments[i];
+    auto [sq, none] = graft_rows_cpu(const_cast<at::Tensor&>(m), v, gw, gb, momentum, beta2,
+                                     adam_eps[i], c10::nullopt);
+    at::mm_out(const_cast<at::Tensor&>(work[i]), m, inverses[i]);
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mbf_shared_graft_step_cpu", [&] {
+      const scalar_t* u = work[i].const_data_ptr<scalar_t>();
+      const scalar_t* rows = sq.const_data_ptr<scalar_t>();
+      std::vector<scalar_t> u_sq(n);
+      at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          scalar_t sum = 0;
+          for (int64_t j = 0; j < d; ++j) sum += u[r * d + j] * u[r * d + j];
+          u_sq[r] = sum;
+        }
+      });
+      double su = 0, sa = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        const double a_sq = static_cast<double>(rows[2 * r]) * adam_scale[i] * adam_scale[i];
+        if (std::isfinite(static_cast<double>(u_sq[r])) && std::isfinite(a_sq)) {
+          su += u_sq[r];
+          sa += a_sq;
+        }
+      }
+      const auto coef = static_cast<scalar_t>(su > 0 ? -lr * std::sqrt(sa / su) : 0.0);
+      const auto a = static_cast<scalar_t>(decay);
+      const auto& kern = cpu::kernels().of<scalar_t>();
+      scalar_t* wp = weight.mutable_data_ptr<scalar_t>();
+      scalar_t* bp = count == 2 ? bias.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+        kern.scaled_add_rows(wp, width, u, d, nullptr, 0, nullptr, 0, width, b, e, a, coef);
+        if (bp != nullptr)
+          kern.scaled_add_rows(bp, 1, u + width, d, nullptr, 0, nullptr, 0, 1, b, e, a, coef);
+      });
+    });
+  }
+  TORCH_CHECK(next == params.size(), "mbf_kernels: shared_graft_step_: ", params.size(),
+              " parameters for blocks that have ", next);
+}
+
+// sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):
+// the grafted step's rescaling, one call for all buckets instead of about ten torch calls.
+at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList index, int64_t units) {
+  TORCH_CHECK(norms.size() == index.size() && !norms.empty(),
+              "mbf_kernels: unit_ratios takes one index per norms tensor, and at least one");
+  const at::Tensor& first = norms[0];
+  std::vector<double> su(units, 0.0), sa(units, 0.0);
+  for (size_t i = 0; i < norms.size(); ++i) {
+    const at::Tensor& x = norms[i];
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == 2 && x.is_contiguous(),
+                "mbf_kernels: unit_ratios: norms must be contiguous (T, 2, L), got ", x.sizes());
+    check_like(x, first, "norms");
+    const int64_t tiles = x.size(0), lanes = x.size(2);
+    TORCH_CHECK(index[i].dim() == 1 && index[i].numel() == tiles * lanes &&
+                    index[i].scalar_type() == at::kLong && index[i].is_contiguous(),
+                "mbf_kernels: unit_ratios: index must be a contiguous int64 (T * L,), got ",
+                index[i].sizes(), " for norms ", x.sizes());
+    const int64_t* unit = index[i].const_data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mbf_unit_ratios_cpu", [&] {
+      const scalar_t* p = x.const_data_ptr<scalar_t>();
+      for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t l = 0; l < lanes; ++l) {
+          const double u = p[(2 * t) * lanes + l], a = p[(2 * t + 1) * lanes + l];
+          const int64_t k = unit[t * lanes + l];
+          TORCH_CHECK(k >= 0 && k < units, "mbf_kernels: unit_ratios: unit ", k,
+                      " outside [0, ", units, ")");
+          if (std::isfinite(u) && std::isfinite(a)) {  // one bad block cannot spread
+            su[k] += u;
+            sa[k] += a;
+          }
+        }
+      }
+    });
+  }
+  auto out = at::empty({units}, first.options());
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "mbf_unit_ratios_out", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < units; ++k)
+      o[k] = static_cast<scalar_t>(su[k] > 0 ? std::sqrt(sa[k] / su[k]) : 0.0);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
@@ -390,6 +518,8 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("compact_solve", &compact_solve_cpu);
   m.impl("graft_rows_", &graft_rows_cpu);
   m.impl("scaled_add_", &scaled_add_cpu);
+  m.impl("shared_graft_step_", &shared_graft_step_cpu);
+  m.impl("unit_ratios", &unit_ratios_cpu);
 }
 
 }  // namespace ops

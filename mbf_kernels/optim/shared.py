@@ -17,20 +17,18 @@ and U.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .. import dispatch, reference
 from ..layout import SegmentFlags
-from ..packed import pack_tril, unpack_tril
 from ..reference import graft_bias_corrections
 from .blocks import Unit
 from .lowrank import LowRankCurvature
 from .precision import resolve, shared_matmul
+from .shared_block import SharedBlock, warn_if_large
 
 # The quantities with a row buffer: momentum, the work rows (gradient rows on a refresh, then
 # Adam's direction, then U), and Adam's v with graft="adam".
@@ -67,190 +65,6 @@ def _scale_add(views: list[Tensor], has_dir: list[int], dirs: list[Tensor], coef
         torch._foreach_add_(small_views, small_dirs)
 
 
-#: An exact shared block whose state passes this many bytes is announced (issue 16: a silent
-#: 7.5 GB allocation for an ImageNet head is a bug, not a default).
-WARN_BYTES = 1 << 30
-
-
-def _warn_if_large(name: str, d: int, itemsize: int) -> None:
-    size = 3 * d * d * itemsize
-    if size > WARN_BYTES:
-        warnings.warn(f"MBF: the exact shared block of {name} (d = {d}) keeps three {d} x {d} "
-                      f"matrices, {size / 2**30:.1f} GiB, and costs a {d} x {d} GEMM per row "
-                      "block each step; large_linear='auto' or 'lowrank' keeps it at a rank "
-                      "(shared_rank) in O(d k) memory", stacklevel=2)
-
-
-@dataclass
-class SharedBlock:
-    """One shared block and its views (n, d) into the set's row buffers. Exact (``curvature``,
-    ``factor``, ``inverse``: dense d x d) or, with ``lowrank``, kept at a rank (:mod:`.lowrank`)."""
-
-    unit: Unit
-    stats: Tensor  # int64 (2,): skipped refreshes, failed factorisations
-    curvature: Tensor | None = None  # (d, d)
-    factor: Tensor | None = None  # (d, d) lower, diagonal stored as 1 / L_ii (canonical)
-    inverse: Tensor | None = None  # (d, d) (F + damping I)^{-1}, derived from the factor
-    lowrank: LowRankCurvature | None = None
-    rows: dict[str, Tensor] = field(default_factory=dict)
-    views: dict[str, list[Tensor]] = field(default_factory=dict)  # param_views(key), kept
-    # Between measure() (or the row pass) and update_in_place(): T = M V of a low-rank block whose
-    # update goes straight into its parameters (None: U is in the work rows)
-    projection: Tensor | None = None
-
-    @property
-    def d(self) -> int:
-        return self.unit.segments[0].d
-
-    @property
-    def rank(self) -> int:
-        return self.d if self.lowrank is None else self.lowrank.rank
-
-    @property
-    def nbytes(self) -> int:
-        if self.lowrank is not None:
-            return self.lowrank.nbytes
-        return self.curvature.nbytes + self.factor.nbytes + self.inverse.nbytes
-
-    def layout(self) -> tuple[str, int, int]:
-        """(kind, d, rank) of the canonical state: ("shared", d, 1) exact (one block), or
-        ("lowrank", d, rank)."""
-        return ("shared", self.d, 1) if self.lowrank is None else ("lowrank", self.d, self.rank)
-
-    def canonical(self) -> tuple[Tensor | dict, Tensor | dict]:
-        """(curvature, factor) as saved: exact, (1, d(d+1)/2) packed lower triangles (the factor
-        with 1 / L_ii on its diagonal); low rank, the dicts of :class:`LowRankCurvature`."""
-        if self.lowrank is not None:
-            return self.lowrank.curvature_state(), self.lowrank.factor_state()
-        return pack_tril(self.curvature)[None], pack_tril(self.factor)[None]
-
-    def load(self, curvature: Tensor | dict, factor: Tensor | dict) -> None:
-        """Restore :meth:`canonical`'s values (checked to have this block's layout)."""
-        if self.lowrank is not None:
-            self.lowrank.load(curvature, factor)
-            return
-        self.curvature.copy_(unpack_tril(curvature[0].to(self.curvature)))
-        self.factor.copy_(unpack_tril(factor[0].to(self.factor), symmetric=False))
-        self.derive_inverse()
-
-    def derive_inverse(self) -> None:
-        """The step applies the block to all rows at once, U = M (F + damping I)^{-1}: one GEMM,
-        1.3-1.5x faster than cholesky_solve's triangular solves at d = 4097 (dev VM). Always
-        derived from the stored factor, so that a loaded state gives the same bits."""
-        L = self.factor.clone()
-        L.diagonal().reciprocal_()
-        self.inverse.copy_(torch.cholesky_inverse(L))
-
-    def apply(self) -> None:
-        """rows["work"] = U, the step's direction for rows["momentum"] up to a positive scalar
-        factor per block (the graft's rescaling, which uses it, makes that factor irrelevant)."""
-        M, U = self.rows["momentum"], self.rows["work"]
-        if self.lowrank is None:
-            torch.mm(M, self.inverse, out=U)
-        else:
-            self.lowrank.apply(M, out=U)
-
-    def _updates_in_place(self) -> bool:
-        """Whether the update's GEMMs can write the parameters (contiguous, the state's dtype)."""
-        dtype = self.rows["momentum"].dtype
-        return all(p.dtype == dtype and p.is_contiguous() for p in self.unit.params)
-
-    @property
-    def projects(self) -> bool:
-        """Whether a grafted step measures this block through T = M V (at a rank, parameters
-        the update's GEMMs can write) rather than through U."""
-        return self.lowrank is not None and self._updates_in_place()
-
-    def measure(self, m_sq: Tensor | None, matmul: str, projection: Tensor | None = None
-                ) -> Tensor:
-        """|u_j|^2 of every row of the grafted step's direction u = M (F + damping I)^{-1} (up to
-        a positive factor per block). Exact, or parameters the GEMMs cannot write: U into the
-        work rows (its GEMM at ``matmul``, the shared_matmul option), and its norms. At a rank:
-        only T = M V, and the norms from T and ``m_sq`` (|m_j|^2, None: computed here) with
-        :meth:`LowRankCurvature.row_squares` (``projection``: T already computed); the update
-        then adds M and T's rank-k term to the parameters, and U is never formed (on
-        Linear(4096, 4096) that saves a copy of M, U's write and U's norm pass: 23.5 -> 18 ms
-        of a 7.3 ms AdamW(fused) step, dev VM)."""
-        M = self.rows["momentum"]
-        if not self.projects:
-            with shared_matmul(matmul, M.device):
-                self.apply()
-            return torch.linalg.vector_norm(self.rows["work"], dim=1).square()
-        if m_sq is None:
-            m_sq = torch.linalg.vector_norm(M, dim=1).square()
-        # In float32 whatever ``matmul`` says: the norm is a difference that cancels (a thin,
-        # memory-bound GEMM has nothing to gain from TF32 anyway).
-        self.projection = M @ self.lowrank.apply_basis if projection is None else projection
-        return self.lowrank.row_squares(m_sq, self.projection)
-
-    def update_in_place(self, coef: Tensor, decay: float, fused: bool) -> None:
-        """p = decay p + coef u for the direction :meth:`measure` measured (or, at a rank, any T
-        = M V in :attr:`projection`: the paper's update too). ``fused``: one C++
-        pass per parameter (``scaled_add_``) for the decay, the M (or U) term and, at a rank,
-        the rank-k term; otherwise the caller has applied the decay, and the rank-k term is a
-        GEMM into the parameters."""
-        seg, params = self.unit.segments[0], self.unit.params
-        key = "work" if self.projection is None else "momentum"
-        t = basis_t = None
-        if self.projection is not None:  # u = M - T diag(w) V^T
-            t = self.projection.mul_(self.lowrank.apply_weight * -coef)
-            self.projection = None
-            basis_t = self.lowrank.apply_basis.mT
-        if fused:  # (views 2-D: the rows of M and U are strided)
-            rows = self.rows[key]
-            weight = params[seg.main].view(seg.n_blocks, seg.width)
-            vt = None if t is None else basis_t[:, :seg.width].contiguous()
-            torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :seg.width], decay, coef, t, vt)
-            if seg.tail is not None:
-                vt = None if t is None else basis_t[:, seg.width:].contiguous()
-                torch.ops.mbf_kernels.scaled_add_(params[seg.tail].view(-1, 1),
-                                                  rows[:, seg.width:], decay, coef, t, vt)
-            return
-        for p, u in zip(params, self.views[key]):
-            p.addcmul_(u, coef)
-        if t is not None:
-            params[seg.main].view(seg.n_blocks, seg.width).addmm_(t, basis_t[:, :seg.width])
-            if seg.tail is not None:
-                params[seg.tail].addmv_(t, basis_t[:, seg.width])
-
-    def update_params(self, lr: float, projection: Tensor | None = None,
-                      fused: bool = False) -> None:
-        """p -= lr u without grafting (any decay applied by the caller): u = M (F + damping
-        I)^{-1} accumulated straight into the weight and bias (addmm_ / addmv_, no U buffer: on
-        a large layer every pass over its rows counts); at a rank, as :meth:`update_in_place`
-        from T = M V (``projection``: already computed); through U for parameters of another
-        dtype than the state's."""
-        seg = self.unit.segments[0]
-        M, params = self.rows["momentum"], self.unit.params
-        if self.projects:
-            self.projection = M @ self.lowrank.apply_basis if projection is None else projection
-            self.update_in_place(self.lowrank.apply_scale * -lr, 1.0, fused)
-            return
-        if not self._updates_in_place():
-            self.apply()
-            scale = None if self.lowrank is None else self.lowrank.apply_scale
-            for p, u in zip(params, self.views["work"]):
-                if scale is None:
-                    p.add_(u, alpha=-lr)
-                else:
-                    p.addcmul_(u, scale, value=-lr)
-            return
-        inv = self.inverse
-        weight = params[seg.main].view(seg.n_blocks, seg.width)
-        weight.addmm_(M, inv[:, :seg.width], alpha=-lr)
-        if seg.tail is not None:
-            params[seg.tail].addmv_(M, inv[:, seg.width], alpha=-lr)
-
-    def param_views(self, key: str) -> list[Tensor]:
-        """The views of row buffer ``key`` in the shape of each of the unit's parameters: the
-        weight rows' first ``width`` columns, the bias the last column."""
-        seg, rows = self.unit.segments[0], self.rows[key]
-        views = [rows[:, :seg.width].view(self.unit.params[seg.main].shape)]
-        if seg.tail is not None:
-            views.append(rows[:, seg.width])
-        return views
-
-
 class SharedSet:
     """The shared blocks of one param group with one state dtype and device."""
 
@@ -268,7 +82,7 @@ class SharedSet:
                 raise AssertionError(f"MBF: shared block of {unit.name} is not a whole row layout")
             stats = torch.zeros(2, dtype=torch.int64, device=device)
             if unit.rank is None:
-                _warn_if_large(unit.name, seg.d, dtype.itemsize)
+                warn_if_large(unit.name, seg.d, dtype.itemsize)
                 zeros = torch.zeros(seg.d, seg.d, dtype=dtype, device=device)
                 block = SharedBlock(unit, stats, zeros.clone(), zeros.clone(), zeros.clone())
             else:
@@ -323,6 +137,9 @@ class SharedSet:
                 self._refresh(group, b, f, fisher)
             if f & _REFACTOR:
                 self._refactor(group, b)
+        decay = 1 - lr * wd if decoupled else 1.0
+        if graft and self._exact_step_fused(group, active, steps, momentum_coef, decay):
+            return
         # The direction d = g (+ wd p, coupled; a missing gradient counts as 0), into momentum
         # and Adam's v, parameter by parameter through the row buffers' views.
         m_views = [v for b in blocks for v in b.views["momentum"]]
@@ -349,7 +166,6 @@ class SharedSet:
                 torch._foreach_addcmul_([v_views[i] for i in has_grad], dirs, dirs,
                                         value=1 - beta2)
             adam_sq = self._adam_row_squares(group, active, steps, momentum_coef)
-        decay = 1 - lr * wd if decoupled else 1.0
         if decay != 1 and not (fused and graft):
             _scale_add(params, [], [], decay)
         # The GEMMs that apply the blocks may run in TF32 (shared_matmul); the refresh's stay in
@@ -369,21 +185,17 @@ class SharedSet:
             lo, hi = self.row_starts[i], self.row_starts[i + 1]
             u_sq[lo:hi] = b.measure(None if m_sq is None else m_sq[lo:hi], matmul,
                                     projections.get(i))
-        coefs = self._graft_coefs(lr, u_sq, adam_sq)
+        coefs = self._graft_coefs(group, u_sq, adam_sq)
         with shared_matmul(matmul, self.device):
             for i, b in zip(active, blocks):
                 b.update_in_place(coefs[i], decay, fused)
 
-    def _rows_fused(self, group: dict, active: list[int], steps: list[int],
-                    beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
-        """The momentum update and, grafted, Adam's v and :meth:`_adam_row_squares` and |m_j|^2
-        (rows, 2), and each projecting block's T = M V (by block index), in one pass per block
-        over its rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1), where it applies: on
-        the CPU with the compiled kernels and float32 GEMMs, the step's direction the gradient
-        itself (decoupled decay, or none), gradients and parameters in the state's dtype,
-        contiguous. None where it does not (the caller takes the torch path)."""
-        if (self.device.type != "cpu" or group["backend"] not in ("auto", "cpu")
-                or not dispatch.backends()["cpu"].available
+    def _fused_grads(self, group: dict, active: list[int]) -> list[tuple] | None:
+        """The (weight, bias) gradients of the blocks ``active`` where the C++ row passes apply
+        (None where not: the caller takes the torch path): on the CPU with the compiled kernels
+        and float32 GEMMs, the step's direction the gradient itself (decoupled decay, or none),
+        gradients and parameters in the state's dtype, contiguous."""
+        if (not dispatch.cpu_ops(group, self.device)
                 # emulated TF32 GEMMs (for measuring it) are torch's: the fused passes' are not
                 or resolve(group["shared_matmul"], self.device) == "tf32"
                 or (group["weight_decay"] and not group["decoupled_weight_decay"])):
@@ -399,6 +211,46 @@ class SharedSet:
                    for t in (gw, gb, *b.unit.params)):  # (the update's pass writes params)
                 return None
             grads.append((gw, gb))
+        return grads
+
+    def _exact_step_fused(self, group: dict, active: list[int], steps: list[int],
+                          beta1: float, decay: float) -> bool:
+        """A grafted step of exact blocks in one C++ call (``shared_graft_step_``), where the
+        row passes apply and no FSDP2 sum intervenes; whether it ran. On the ReLU autoencoder
+        (seven shared blocks) the step's Python and small torch calls had cost more than its
+        GEMMs."""
+        blocks = [self.blocks[i] for i in active]
+        if self.reduce is not None or any(b.lowrank is not None for b in blocks):
+            return False
+        grads = self._fused_grads(group, active)
+        if grads is None:
+            return False
+        params, flat_grads, counts = [], [], []
+        for b, (gw, gb) in zip(blocks, grads):  # each block's weight, then its bias
+            seg = b.unit.segments[0]
+            tail = () if seg.tail is None else (b.unit.params[seg.tail],)
+            params += (b.unit.params[seg.main], *tail)
+            flat_grads += (gw,) + ((gb,) if tail else ())
+            counts.append(1 + len(tail))
+        beta2 = group["betas"][1]
+        corrections = [graft_bias_corrections(beta1, beta2, k) for k in steps]
+        torch.ops.mbf_kernels.shared_graft_step_(
+            [b.rows["momentum"] for b in blocks], [b.rows["second_moment"] for b in blocks],
+            [b.rows["work"] for b in blocks], [b.inverse for b in blocks], params, flat_grads,
+            counts, [c1 / s2 for c1, s2 in corrections],
+            [group["eps"] / s2 for _, s2 in corrections], beta1, beta2, group["lr"], decay)
+        return True
+
+    def _rows_fused(self, group: dict, active: list[int], steps: list[int],
+                    beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
+        """The momentum update and, grafted, Adam's v and :meth:`_adam_row_squares` and |m_j|^2
+        (rows, 2), and each projecting block's T = M V (by block index), in one pass per block
+        over its rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1), where
+        :meth:`_fused_grads` applies; None where not."""
+        grads = self._fused_grads(group, active)
+        if grads is None:
+            return None
+        dtype = self.flat["work"].dtype
         beta2 = group["betas"][1]
         sq = torch.zeros(self.row_block.shape[0], 2, dtype=dtype, device=self.device)
         projections = {}
@@ -432,17 +284,21 @@ class SharedSet:
             sq[self.row_starts[first]:self.row_starts[end]] = norms.square() * (c1 / s2) ** 2
         return sq
 
-    def _graft_coefs(self, lr: float, u_sq: Tensor, adam_sq: Tensor) -> list[Tensor]:
+    def _graft_coefs(self, group: dict, u_sq: Tensor, adam_sq: Tensor) -> list[Tensor]:
         """-lr * |a| / |u| per block (0 where |u| = 0), from the rows' squared norms: a row whose
         u or a is not finite counts as 0, so that one bad row cannot spread to its layer."""
         squares = torch.stack([u_sq, adam_sq])
+        if self.reduce is None and dispatch.cpu_ops(group, self.device):  # one C++ call
+            scale = torch.ops.mbf_kernels.unit_ratios([squares[None]], [self.row_block],
+                                                      len(self.blocks))
+            return (scale * -group["lr"]).unbind()
         squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
         sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)
         if self.reduce is not None:
             self.reduce(sums)
         su, sa = sums[0], sums[1]
         scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(), 0)
-        return (scale * -lr).unbind()
+        return (scale * -group["lr"]).unbind()
 
     def _refresh(self, group: dict, b: SharedBlock, f: int, fisher: dict[Tensor, Tensor]) -> None:
         grads = [fisher.get(p) if group["fisher"] == "true" else p.grad
