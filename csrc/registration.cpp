@@ -68,9 +68,11 @@ TORCH_LIBRARY(mbf_kernels, m) {
         "int[] params_per_block, float[] adam_scale, float[] adam_eps, float momentum, "
         "float beta2, float lr, float decay) -> ()");
   // Grafting's rescaling per unit (CPU): norms (T, 2, L) hold pairs (|u|^2, |a|^2) at [t, :, l]
-  // (a bucket's tile_norms), index (T * L,) their units in [0, units); returns (units,)
+  // (a bucket's tile_norms), in entries of consecutive tiles (entry_tiles (E,) of them, summing
+  // to T) owned by the units entry_units (E,) in [0, units); returns (units,)
   // sqrt(sum |a|^2 / sum |u|^2), 0 where the sum of |u|^2 is 0, pairs not finite left out.
-  m.def("unit_ratios(Tensor[] norms, Tensor[] index, int units) -> Tensor");
+  m.def("unit_ratios(Tensor[] norms, Tensor[] entry_tiles, Tensor[] entry_units, int units) "
+        "-> Tensor");
   // The step's phases alone, on the same compact layout (G, B, X: (N, d)).
   m.def("compact_outer_ema_(Tensor(a!) F, Tensor G, float beta) -> ()");
   m.def("compact_cholesky_ex(Tensor F, int n_blocks, float damping) -> (Tensor factor, Tensor info)");

@@ -247,27 +247,31 @@ def test_scaled_add_op_matches_its_definition(target, dtype, n, width, k):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_unit_ratios_op_matches_its_definition(dtype):
     """Grafting's per-unit rescaling from per-block pairs (|u|^2, |a|^2) in two tensors of the
-    bucket layout (T, 2, L): sqrt(sum |a|^2 / sum |u|^2) per unit, a pair with a non-finite
-    value left out, 0 for a unit whose |u|^2 sums to 0 (here unit 3, which has no blocks)."""
+    bucket layout (T, 2, L), each in entries of consecutive tiles owned by a unit: sqrt(sum
+    |a|^2 / sum |u|^2) per unit, a pair with a non-finite value left out, 0 for a unit whose
+    |u|^2 sums to 0 (here unit 3, which has no blocks)."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
-    norms = [randn(5, 2, 16, seed=1).to(dtype) ** 2, randn(1, 2, 7, seed=2).to(dtype) ** 2]
+    norms = [randn(40, 2, 16, seed=1).to(dtype) ** 2, randn(3, 2, 7, seed=2).to(dtype) ** 2]
     norms[0][2, 1, 3] = float("inf")
     norms[1][0, 0, 4] = float("nan")
-    index = [torch.randint(0, 3, (80,), generator=torch.Generator().manual_seed(3)),
-             torch.tensor([0, 1, 2, 4, 4, 1, 0])]
+    tiles = [torch.tensor([5, 1, 30, 4]), torch.tensor([2, 1])]
+    owners = [torch.tensor([0, 2, 1, 0]), torch.tensor([4, 1])]
     su, sa = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
-    for x, k in zip(norms, index):
-        pairs = x.transpose(1, 2).reshape(-1, 2).double()
-        ok = torch.isfinite(pairs).all(1)
-        su.index_add_(0, k[ok], pairs[ok, 0])
-        sa.index_add_(0, k[ok], pairs[ok, 1])
+    for x, count, unit in zip(norms, tiles, owners):
+        pairs = x.transpose(1, 2).double()  # (T, L, 2)
+        pairs = torch.where(torch.isfinite(pairs).all(2, keepdim=True), pairs, 0).sum(1)
+        per_tile = torch.repeat_interleave(unit, count)
+        su.index_add_(0, per_tile, pairs[:, 0])
+        sa.index_add_(0, per_tile, pairs[:, 1])
     want = torch.where(su > 0, (sa / su.clamp_min(1e-300)).sqrt(), 0).to(dtype)
-    got = torch.ops.mbf_kernels.unit_ratios(norms, index, 5)
+    got = torch.ops.mbf_kernels.unit_ratios(norms, tiles, owners, 5)
     torch.testing.assert_close(got, want, **STEP_TOL[dtype])
     assert got[3] == 0
     with pytest.raises(RuntimeError, match=r"unit 5 outside \[0, 5\)"):
-        torch.ops.mbf_kernels.unit_ratios(norms[1:], [torch.full((7,), 5)], 5)
+        torch.ops.mbf_kernels.unit_ratios(norms[1:], tiles[1:], [torch.tensor([5, 1])], 5)
+    with pytest.raises(RuntimeError, match="entry_tiles sum to 2, norms have 3 tiles"):
+        torch.ops.mbf_kernels.unit_ratios(norms[1:], [torch.tensor([1, 1])], owners[1:], 5)
 
 
 @pytest.mark.parametrize("target", cpu_levels())

@@ -462,9 +462,12 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
 
 // sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):
 // the grafted step's rescaling, one call for all buckets instead of about ten torch calls.
-at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList index, int64_t units) {
-  TORCH_CHECK(norms.size() == index.size() && !norms.empty(),
-              "mbf_kernels: unit_ratios takes one index per norms tensor, and at least one");
+at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList entry_tiles,
+                           at::TensorList entry_units, int64_t units) {
+  TORCH_CHECK(norms.size() == entry_tiles.size() && norms.size() == entry_units.size() &&
+                  !norms.empty(),
+              "mbf_kernels: unit_ratios takes one entry_tiles and entry_units per norms tensor, "
+              "and at least one");
   const at::Tensor& first = norms[0];
   std::vector<double> su(units, 0.0), sa(units, 0.0);
   for (size_t i = 0; i < norms.size(); ++i) {
@@ -472,27 +475,57 @@ at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList index, int64_t u
     TORCH_CHECK(x.dim() == 3 && x.size(1) == 2 && x.is_contiguous(),
                 "mbf_kernels: unit_ratios: norms must be contiguous (T, 2, L), got ", x.sizes());
     check_like(x, first, "norms");
-    const int64_t tiles = x.size(0), lanes = x.size(2);
-    TORCH_CHECK(index[i].dim() == 1 && index[i].numel() == tiles * lanes &&
-                    index[i].scalar_type() == at::kLong && index[i].is_contiguous(),
-                "mbf_kernels: unit_ratios: index must be a contiguous int64 (T * L,), got ",
-                index[i].sizes(), " for norms ", x.sizes());
-    const int64_t* unit = index[i].const_data_ptr<int64_t>();
+    const int64_t tiles = x.size(0), lanes = x.size(2), n_entries = entry_tiles[i].numel();
+    TORCH_CHECK(entry_tiles[i].dim() == 1 && entry_units[i].sizes() == entry_tiles[i].sizes() &&
+                    entry_tiles[i].scalar_type() == at::kLong &&
+                    entry_units[i].scalar_type() == at::kLong,
+                "mbf_kernels: unit_ratios: entry_tiles and entry_units must be int64 (E,) alike, "
+                "got ", entry_tiles[i].sizes(), " and ", entry_units[i].sizes());
+    const auto counts = entry_tiles[i].contiguous(), owners = entry_units[i].contiguous();
+    std::vector<int64_t> start(n_entries + 1, 0);
+    for (int64_t e = 0; e < n_entries; ++e) {
+      const int64_t k = owners.const_data_ptr<int64_t>()[e];
+      TORCH_CHECK(k >= 0 && k < units, "mbf_kernels: unit_ratios: unit ", k, " outside [0, ",
+                  units, ")");
+      start[e + 1] = start[e] + counts.const_data_ptr<int64_t>()[e];
+    }
+    TORCH_CHECK(start[n_entries] == tiles, "mbf_kernels: unit_ratios: entry_tiles sum to ",
+                start[n_entries], ", norms have ", tiles, " tiles");
+    const int64_t* unit = owners.const_data_ptr<int64_t>();
+    // A bucket has up to millions of blocks in a few entries (its segments, which own
+    // consecutive tiles): chunks of tiles sum per unit in parallel, added up after.
+    const int64_t chunks = std::min<int64_t>(tiles, 4 * at::get_num_threads());
+    std::vector<std::vector<double>> part(chunks, std::vector<double>(2 * units, 0.0));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mbf_unit_ratios_cpu", [&] {
       const scalar_t* p = x.const_data_ptr<scalar_t>();
-      for (int64_t t = 0; t < tiles; ++t) {
-        for (int64_t l = 0; l < lanes; ++l) {
-          const double u = p[(2 * t) * lanes + l], a = p[(2 * t + 1) * lanes + l];
-          const int64_t k = unit[t * lanes + l];
-          TORCH_CHECK(k >= 0 && k < units, "mbf_kernels: unit_ratios: unit ", k,
-                      " outside [0, ", units, ")");
-          if (std::isfinite(u) && std::isfinite(a)) {  // one bad block cannot spread
-            su[k] += u;
-            sa[k] += a;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double* sums = part[c].data();
+          const int64_t t0 = tiles * c / chunks, t1 = tiles * (c + 1) / chunks;
+          int64_t e = std::upper_bound(start.begin(), start.end(), t0) - start.begin() - 1;
+          for (int64_t t = t0; t < t1; ++t) {
+            while (t >= start[e + 1]) ++e;
+            const scalar_t* pu = p + 2 * t * lanes;
+            const scalar_t* pa = pu + lanes;
+            scalar_t tu = 0, ta = 0;  // a tile's lanes, branch-free (vectorised)
+            for (int64_t l = 0; l < lanes; ++l) {
+              // one bad block stays out: x - x is 0 exactly when x is finite
+              const bool ok = (pu[l] - pu[l] == 0) & (pa[l] - pa[l] == 0);
+              tu += ok ? pu[l] : scalar_t(0);
+              ta += ok ? pa[l] : scalar_t(0);
+            }
+            sums[2 * unit[e]] += tu;
+            sums[2 * unit[e] + 1] += ta;
           }
         }
-      }
+      });
     });
+    for (const auto& sums : part) {
+      for (int64_t k = 0; k < units; ++k) {
+        su[k] += sums[2 * k];
+        sa[k] += sums[2 * k + 1];
+      }
+    }
   }
   auto out = at::empty({units}, first.options());
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "mbf_unit_ratios_out", [&] {

@@ -352,9 +352,9 @@ def _graft_scales(group: dict, plan: GroupPlan, calls: list[BucketCall]) -> None
     model's step), unless FSDP2 sums the units over ranks."""
     # (the kernels write zeros for padding blocks and for blocks whose norms are not finite)
     if plan.shards is None and cpu_ops(group, calls[0].bucket.device):
-        scale = torch.ops.mbf_kernels.unit_ratios([c.bucket.tile_norms for c in calls],
-                                                  [c.bucket.block_unit for c in calls],
-                                                  len(plan.units) + 1)
+        scale = torch.ops.mbf_kernels.unit_ratios(
+            [c.bucket.tile_norms for c in calls], [c.bucket.entry_tiles for c in calls],
+            [c.bucket.entry_unit for c in calls], len(plan.units) + 1)
     else:
         sums = _unit_sums(plan, calls, lambda b: b.tile_norms.sum(2))
         plan.reduce(sums)

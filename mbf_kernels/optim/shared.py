@@ -97,10 +97,11 @@ class SharedSet:
                      for key in _ROWS + (_GRAFT_ROWS if graft else ())}
         row_counts = [b.unit.segments[0].n_blocks for b in self.blocks]
         self.row_starts = [sum(row_counts[:i]) for i in range(len(row_counts) + 1)]
-        # The block of each row: grafting sums its rows' norms per block.
+        # Each block's rows, and the block of each row: grafting sums its rows' norms per block.
+        self.block_rows = torch.tensor(row_counts, dtype=torch.int64, device=device)
+        self.block_index = torch.arange(len(self.blocks), device=device)
         self.row_block = torch.repeat_interleave(
-            torch.arange(len(self.blocks), device=device),
-            torch.tensor(row_counts, dtype=torch.int64, device=device),
+            self.block_index, self.block_rows,
             output_size=self.row_starts[-1])  # known here: no sync (and meta tensors work)
         for b, start, stop in zip(self.blocks, self.starts, self.starts[1:]):
             seg = b.unit.segments[0]
@@ -289,8 +290,10 @@ class SharedSet:
         u or a is not finite counts as 0, so that one bad row cannot spread to its layer."""
         squares = torch.stack([u_sq, adam_sq])
         if self.reduce is None and dispatch.cpu_ops(group, self.device):  # one C++ call
-            scale = torch.ops.mbf_kernels.unit_ratios([squares[None]], [self.row_block],
-                                                      len(self.blocks))
+            # (rows, 2, 1): each row a "tile" of one block, each block an entry of its rows
+            scale = torch.ops.mbf_kernels.unit_ratios(
+                [squares.mT.contiguous()[:, :, None]], [self.block_rows],
+                [self.block_index], len(self.blocks))
             return (scale * -group["lr"]).unbind()
         squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
         sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)
