@@ -267,6 +267,10 @@ at::Tensor compact_solve_cpu(const at::Tensor& factor_in, const at::Tensor& B_in
   return X;
 }
 
+// Grafting's rescaling of a unit from the sums of its blocks' squared norms (pairs with a
+// non-finite value left out by the caller): sqrt(sum |a|^2 / sum |u|^2), 0 where sum |u|^2 = 0.
+double graft_ratio(double su, double sa) { return su > 0 ? std::sqrt(sa / su) : 0.0; }
+
 // Rows of `width` elements per parallel task of the element-wise row ops: about 64k elements.
 int64_t row_grain(int64_t width) {
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(width, 1));
@@ -444,7 +448,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
           sa += a_sq;
         }
       }
-      const auto coef = static_cast<scalar_t>(su > 0 ? -lr * std::sqrt(sa / su) : 0.0);
+      const auto coef = static_cast<scalar_t>(-lr * graft_ratio(su, sa));
       const auto a = static_cast<scalar_t>(decay);
       const auto& kern = cpu::kernels().of<scalar_t>();
       scalar_t* wp = weight.mutable_data_ptr<scalar_t>();
@@ -531,7 +535,7 @@ at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList entry_tiles,
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "mbf_unit_ratios_out", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for (int64_t k = 0; k < units; ++k)
-      o[k] = static_cast<scalar_t>(su[k] > 0 ? std::sqrt(sa[k] / su[k]) : 0.0);
+      o[k] = static_cast<scalar_t>(graft_ratio(su[k], sa[k]));
   });
   return out;
 }

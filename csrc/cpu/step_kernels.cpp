@@ -411,6 +411,11 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
 
 namespace {
 
+// The columns of a low-rank basis's V^T that the row passes take at a time: a k x 2048 slice
+// (128 KB at k = 16, float32) stays in L2 while every row of a task's range passes over it;
+// V^T whole is k d values, 1.6 MB for an ImageNet head's d = 25089, more than a core's L2.
+constexpr int64_t kBasisChunk = 2048;
+
 // out[r * k + q] += sum_{c in [c0, c1)} x[r * xld + c] vt[q * ld + c] for R rows x and G rows
 // of V^T: R G dot products in registers, each x and V^T vector loaded once for all of them
 // (unaligned: the rows start anywhere).
@@ -458,14 +463,11 @@ void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, con
                   int64_t k, T* projection) {
   // Four rows at a time share every load of V^T (1.7x faster than one row at a time, and
   // 1.6x faster than torch's GEMM for T = M V on Linear(4096, 4096), dev VM: ~3 ms, the FMA
-  // rate). Columns in chunks whose k x chunk slice of V^T (128 KB at k = 16, float32) stays in
-  // L2 while every row of the range passes over it: V^T whole is k d values, 1.6 MB for an
-  // ImageNet head's d = 25089, more than a core's L2.
-  constexpr int64_t kChunk = 2048;
+  // rate), in column chunks (kBasisChunk).
   for (int64_t r = row_begin; r < row_end; ++r)
     for (int64_t i = 0; i < k; ++i) projection[r * k + i] = T(0);
-  for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
-    const int64_t c1 = std::min(d, c0 + kChunk);
+  for (int64_t c0 = 0; c0 < d; c0 += kBasisChunk) {
+    const int64_t c1 = std::min(d, c0 + kBasisChunk);
     int64_t r = row_begin;
     for (; r + 4 <= row_end; r += 4)
       project_block<T, 4>(m + r * d, d, basis_t, k, c0, c1, projection + r * k);
@@ -514,10 +516,9 @@ template <typename T>
 void scaled_add_rows(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, int64_t k,
                      const T* vt, int64_t vt_ld, int64_t w, int64_t row_begin, int64_t row_end,
                      T decay, T coef) {
-  // As project_rows: four rows share each load of V^T, whose column chunks stay in L2.
-  constexpr int64_t kChunk = 2048;
-  for (int64_t c0 = 0; c0 < w; c0 += kChunk) {
-    const int64_t c1 = std::min(w, c0 + kChunk);
+  // As project_rows: four rows share each load of V^T, in column chunks (kBasisChunk).
+  for (int64_t c0 = 0; c0 < w; c0 += kBasisChunk) {
+    const int64_t c1 = std::min(w, c0 + kBasisChunk);
     int64_t r = row_begin;
     for (; r + 4 <= row_end; r += 4)
       scaled_add_block<T, 4>(p + r * p_ld, p_ld, u + r * u_ld, u_ld, t + r * k, k, vt, vt_ld,

@@ -143,15 +143,16 @@ class SharedBlock:
             t = self.projection.mul_(self.lowrank.apply_weight * -coef)
             self.projection = None
             basis_t = self.lowrank.apply_basis.mT
-        if fused:  # (views 2-D: the rows of M and U are strided)
+        if fused:  # (views 2-D: the rows of M and U, and V^T's column slices, are strided)
             rows = self.rows[key]
+            vt = None if t is None else basis_t.contiguous()
             weight = params[seg.main].view(seg.n_blocks, seg.width)
-            vt = None if t is None else basis_t[:, :seg.width].contiguous()
-            torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :seg.width], decay, coef, t, vt)
+            torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :seg.width], decay, coef, t,
+                                              None if vt is None else vt[:, :seg.width])
             if seg.tail is not None:
-                vt = None if t is None else basis_t[:, seg.width:].contiguous()
                 torch.ops.mbf_kernels.scaled_add_(params[seg.tail].view(-1, 1),
-                                                  rows[:, seg.width:], decay, coef, t, vt)
+                                                  rows[:, seg.width:], decay, coef, t,
+                                                  None if vt is None else vt[:, seg.width:])
             return
         for p, u in zip(params, self.views[key]):
             p.addcmul_(u, coef)
