@@ -279,26 +279,183 @@ struct Avx2<double> {
 };
 #endif
 
+#if defined(__AVX2__)
+// One register of W lanes (a whole row of a tile) by element type: from the AVX2 transposes
+// G-lane groups (`row`: group h's row e, joined at AVX-512), a store, and a gather of one
+// element of each of the W blocks (32-bit offsets: `gatherable` says whether the last block's
+// offset fits).
+template <typename T>
+struct FullRow;
+// (Masked gathers and __builtin_shufflevector for the join: GCC's plain gathers and inserts
+// read an undefined source, which -Wmaybe-uninitialized reports.)
+#if defined(__AVX512F__)
+template <>
+struct FullRow<float> {
+  using R = __m512;
+  static R row(const __m256 (*r)[8], int e) {
+    return __builtin_shufflevector(r[0][e], r[1][e], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                   13, 14, 15);
+  }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static __m512i lane_offsets(int64_t stride) {
+    return _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  }
+  static R gather(__m512i index, const float* base) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(0xFFFF), index, base, 4);
+  }
+};
+template <>
+struct FullRow<double> {
+  using R = __m512d;
+  static R row(const __m256d (*r)[4], int e) {
+    return __builtin_shufflevector(r[0][e], r[1][e], 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  static __m256i lane_offsets(int64_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int32_t>(stride)));
+  }
+  static R gather(__m256i index, const double* base) {
+    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(0xFF), index, base, 8);
+  }
+};
+#else
+template <>
+struct FullRow<float> {
+  using R = __m256;
+  static R row(const __m256 (*r)[8], int e) { return r[0][e]; }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static __m256i lane_offsets(int64_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int32_t>(stride)));
+  }
+  // (The masked forms: GCC's plain ones read an undefined source, a -Wmaybe-uninitialized.)
+  static R gather(__m256i index, const float* base) {
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index,
+                                    _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+  }
+};
+template <>
+struct FullRow<double> {
+  using R = __m256d;
+  static R row(const __m256d (*r)[4], int e) { return r[0][e]; }
+  static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+  static __m128i lane_offsets(int64_t stride) {
+    return _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(static_cast<int32_t>(stride)));
+  }
+  static R gather(__m128i index, const double* base) {
+    return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, index,
+                                    _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
+  }
+};
+#endif
+#endif
+
+#if defined(__AVX512F__)
+// The hot case, 3x3 kernels: 16 contiguous 9-float blocks (stride 9, a conv weight's own
+// layout) are 9 zmm registers, and block l's element e sits at 9 l + e. Since 9 = 3 x 3, the
+// 16 x 9 transpose is two deinterleaves by 3 (9 l + e = 3 (3 l + a) + b for e = 3 a + b),
+// each output register two two-source permutes: 36 vpermt2ps per direction, in registers,
+// every store a whole zmm. (The generic path below moved element 8 by scalar stores and the
+// rest as 256-bit halves, and the step's 512-bit reloads of those stalled on store
+// forwarding: about half the fused step's time at d = 9.)
+struct Stride3 {
+  // take[b]: output lane i <- position 3 i + b of (x, y) (< 32); then keep[b]: lane i kept
+  // from the first result where 3 i + b < 32, else position 3 i + b - 32 of z.
+  __m512i take[3], keep[3];
+  // put[r]: for output register r of an interleave, lane i (position P = 16 r + i) <- stream
+  // P % 3 at P / 3; first from streams 0 and 1 (put), then stream 2 (put2).
+  __m512i put[3], put2[3];
+  Stride3() {
+    alignas(64) int32_t a[16], b[16], c[16], e[16];
+    for (int o = 0; o < 3; ++o) {
+      for (int i = 0; i < 16; ++i) {
+        const int q = 3 * i + o, p = 16 * o + i;
+        a[i] = q < 32 ? q : 0;
+        b[i] = q < 32 ? i : 16 + (q - 32);
+        c[i] = p % 3 == 2 ? 0 : (p % 3) * 16 + p / 3;
+        e[i] = p % 3 == 2 ? 16 + p / 3 : i;
+      }
+      take[o] = _mm512_load_si512(a);
+      keep[o] = _mm512_load_si512(b);
+      put[o] = _mm512_load_si512(c);
+      put2[o] = _mm512_load_si512(e);
+    }
+  }
+  // Lane i <- position 3 i + o of the 48 values in x, y, z.
+  __m512 deinterleave(__m512 x, __m512 y, __m512 z, int o) const {
+    return _mm512_permutex2var_ps(_mm512_permutex2var_ps(x, take[o], y), keep[o], z);
+  }
+  // Register r of the 48 values whose position P holds s[P % 3] lane P / 3.
+  __m512 interleave(__m512 s0, __m512 s1, __m512 s2, int r) const {
+    return _mm512_permutex2var_ps(_mm512_permutex2var_ps(s0, put[r], s1), put2[r], s2);
+  }
+};
+
+inline const Stride3& stride3() {
+  static const Stride3 tables;
+  return tables;
+}
+
+inline void gather_lanes_9x16(const float* src, float* dst) {
+  const Stride3& t = stride3();
+  __m512 r[9], s[3][3];
+  for (int k = 0; k < 9; ++k) r[k] = _mm512_loadu_ps(src + 16 * k);
+  for (int j = 0; j < 3; ++j)
+    for (int b = 0; b < 3; ++b) s[b][j] = t.deinterleave(r[3 * j], r[3 * j + 1], r[3 * j + 2], b);
+  for (int b = 0; b < 3; ++b)
+    for (int a = 0; a < 3; ++a)
+      _mm512_storeu_ps(dst + 16 * (3 * a + b), t.deinterleave(s[b][0], s[b][1], s[b][2], a));
+}
+
+inline void scatter_lanes_9x16(const float* src, float* dst) {
+  const Stride3& t = stride3();
+  __m512 x[9], s[3][3];
+  for (int e = 0; e < 9; ++e) x[e] = _mm512_loadu_ps(src + 16 * e);
+  for (int b = 0; b < 3; ++b)
+    for (int j = 0; j < 3; ++j) s[b][j] = t.interleave(x[b], x[3 + b], x[6 + b], j);
+  for (int j = 0; j < 3; ++j)
+    for (int r = 0; r < 3; ++r)
+      _mm512_storeu_ps(dst + 16 * (3 * j + r), t.interleave(s[0][j], s[1][j], s[2][j], r));
+}
+#endif
+
 // A full tile moves through the registers in groups of G = 32 / sizeof(T) lanes (one AVX2
 // register of blocks: 8 floats or 4 doubles): G rows of G blocks transposed at a time, one
-// group for AVX2 tiles, two for AVX-512 tiles (W = 16 floats or 8 doubles), whose halves are
-// stored as 256-bit vectors. (A 16 x 16 transpose would need count >= 16; the hot d = 9 would
-// never take it.)
+// group for AVX2 tiles, two for AVX-512 tiles (W = 16 floats or 8 doubles), joined into one
+// register per row. (A 16 x 16 transpose would need count >= 16; the hot d = 9 would never
+// take it.) d = 9 at AVX-512 takes the permutes above.
 template <typename T>
 inline void gather_lanes(const T* src, int64_t stride, int count, int cnt, T pad, T* dst) {
   constexpr int W = Lanes<T>::W;
   int e0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    if (count == 9 && stride == 9 && cnt == W) return gather_lanes_9x16(src, dst);
+#endif
 #if defined(__AVX2__)
+  // Whole rows only: at AVX-512 both G-lane halves of a row are transposed before it is stored
+  // as one zmm, and the rows left over (count % G) are gathered. The step reloads every row as
+  // one register, and a load that spans two stores (or W scalar ones) waits for them to retire
+  // instead of being forwarded.
   constexpr int G = 32 / int(sizeof(T));
-  if (cnt == W) {
-    typename Avx2<T>::R r[G];
+  using Z = FullRow<T>;
+  if (cnt == W && stride <= (int64_t(1) << 31) / (W * int64_t(sizeof(T)))) {
+    typename Avx2<T>::R r[W / G][G];
     for (; e0 + G <= count; e0 += G) {
-      for (int h = 0; h < W; h += G) {
-        for (int l = 0; l < G; ++l) r[l] = Avx2<T>::load(src + (h + l) * stride + e0);
-        transpose_in_registers(r);
-        for (int e = 0; e < G; ++e) Avx2<T>::store(dst + (e0 + e) * W + h, r[e]);
+      for (int h = 0; h < W / G; ++h) {
+        for (int l = 0; l < G; ++l) r[h][l] = Avx2<T>::load(src + (h * G + l) * stride + e0);
+        transpose_in_registers(r[h]);
       }
+      for (int e = 0; e < G; ++e) Z::store(dst + (e0 + e) * W, Z::row(r, e));
     }
+    const auto index = Z::lane_offsets(stride);
+    // (Counted by the remainder, < G, so that GCC sees the loop's bound.)
+    for (int k = 0, rem = count - e0; k < rem && k < G; ++k)
+      Z::store(dst + (e0 + k) * W, Z::gather(index, src + e0 + k));
+    return;
   }
 #endif
   for (int l = 0; l < W; ++l)
@@ -309,6 +466,10 @@ template <typename T>
 inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* dst) {
   constexpr int W = Lanes<T>::W;
   int e0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    if (count == 9 && stride == 9 && cnt == W) return scatter_lanes_9x16(src, dst);
+#endif
 #if defined(__AVX2__)
   constexpr int G = 32 / int(sizeof(T));
   if (cnt == W) {
