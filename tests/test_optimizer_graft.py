@@ -293,6 +293,28 @@ def test_shared_graft_step_op_names_bad_arguments(target):
         torch.ops.mbf_kernels.shared_graft_step_(*args[:3], [torch.eye(4)], *args[4:])
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("n, d", [(5, 9), (64, 257)])
+def test_apply_inverse_op_is_the_product(n, d, layout):
+    """U = M inv by the symmetric inverse of a shared block, below (torch's mm) and above
+    (oneDNN's float32 matmul) the size where the op changes library: the product to float32
+    rounding, whichever ran; shapes that do not line up are named."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    inv = torch.linalg.inv(A @ A.mT / d + torch.eye(d, dtype=torch.float64))
+    inv = ((inv + inv.mT) / 2).float()
+    inv = inv.contiguous() if layout == "rows" else inv.mT.contiguous().mT
+    M, out = torch.randn(n, d, generator=g), torch.full((n, d), float("nan"))
+    torch.ops.mbf_kernels.apply_inverse_(out, M, inv)
+    exact = M.double() @ inv.double()
+    bound = 4 * d * torch.finfo(torch.float32).eps * (M.abs().double() @ inv.abs().double())
+    assert ((out.double() - exact).abs() <= bound).all()
+    with pytest.raises(RuntimeError, match=r"\(n, d\) out and rows and a \(d, d\) inverse"):
+        torch.ops.mbf_kernels.apply_inverse_(out, M, inv[:, :-1])
+
+
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
 @pytest.mark.parametrize("update", ["default", "paper"])
 def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update):

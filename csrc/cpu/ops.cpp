@@ -381,6 +381,44 @@ void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::
   });
 }
 
+// out = m inv for a shared block's rows, inv symmetric (registration.cpp). A GEMM of at least
+// kOnednnMinFlops runs on oneDNN's float32 matmul (torch's mkldnn::_linear_pointwise, m inv^T,
+// the same product; strict float32, no down-conversion), smaller ones on torch's mm (MKL):
+// on the dev VM (AMD EPYC, AVX-512) oneDNN took 64 x 513 by 513 x 513 in 124 us against
+// MKL's 225 us, 128 x 257 by 257 x 257 in 56 against 101 us, but 16 x 65 by 65 x 65 in 15
+// against 4 us (its call's fixed cost).
+constexpr double kOnednnMinFlops = 8.0 * (1 << 20);
+
+const c10::OperatorHandle* onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op.has_value() ? &*op : nullptr;
+}
+
+void apply_inverse_cpu(at::Tensor& out, const at::Tensor& m, const at::Tensor& inverse) {
+  TORCH_CHECK(m.dim() == 2 && inverse.dim() == 2 && inverse.size(0) == m.size(1) &&
+                  inverse.size(1) == m.size(1) && out.sizes() == m.sizes(),
+              "mbf_kernels: apply_inverse_ takes (n, d) out and rows and a (d, d) inverse, got ",
+              out.sizes(), ", ", m.sizes(), ", ", inverse.sizes());
+  check_like(inverse, m, "inverse");
+  check_like(out, m, "out");
+  const double flops = 2.0 * double(m.size(0)) * double(m.size(1)) * double(m.size(1));
+  // linear(m, W) = m W^T: W = inverse read row-major (inverse symmetric), or inverse^T where
+  // that is the row-major view (exact for any inverse). oneDNN reads a column-major W through a
+  // reorder: 50x slower.
+  const at::Tensor weight = inverse.is_contiguous() ? inverse : inverse.mT();
+  const c10::OperatorHandle* op = onednn_linear();
+  if (op != nullptr && flops >= kOnednnMinFlops && m.scalar_type() == at::kFloat &&
+      m.is_contiguous() && weight.is_contiguous()) {
+    torch::jit::Stack stack{m, weight, c10::IValue(), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    op->callBoxed(&stack);
+    out.copy_(stack.back().toTensor());
+    return;
+  }
+  at::mm_out(out, m, inverse);
+}
+
 // One grafted step of exact shared blocks (registration.cpp): per block, the row pass (m, v,
 // Adam's row norms), U = M (F + damping I)^{-1} into the work rows, U's row norms, the
 // block's coefficient -lr |a| / |u| (rows whose u or a is not finite count as 0), and p =
@@ -428,7 +466,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
     at::Tensor v = second_moments[i];
     auto [sq, none] = graft_rows_cpu(const_cast<at::Tensor&>(m), v, gw, gb, momentum, beta2,
                                      adam_eps[i], c10::nullopt);
-    at::mm_out(const_cast<at::Tensor&>(work[i]), m, inverses[i]);
+    apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), m, inverses[i]);
     AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mbf_shared_graft_step_cpu", [&] {
       const scalar_t* u = work[i].const_data_ptr<scalar_t>();
       const scalar_t* rows = sq.const_data_ptr<scalar_t>();
@@ -556,6 +594,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("graft_rows_", &graft_rows_cpu);
   m.impl("scaled_add_", &scaled_add_cpu);
   m.impl("shared_graft_step_", &shared_graft_step_cpu);
+  m.impl("apply_inverse_", &apply_inverse_cpu);
   m.impl("unit_ratios", &unit_ratios_cpu);
 }
 
