@@ -17,6 +17,13 @@
 namespace mbf {
 namespace ops {
 
+// A shared block's U = M inv of at least this many FLOPs runs on oneDNN's float32 matmul
+// (apply_inverse_ in cpu/ops.cpp), smaller ones on torch's mm (MKL): on the dev VM (AMD EPYC,
+// AVX-512) oneDNN took 64 x 513 by 513 x 513 in 124 us against MKL's 225 us and 128 x 257 by
+// 257 x 257 in 56 against 101 us, but 16 x 65 by 65 x 65 in 15 against 4 us (its call's fixed
+// cost). build_info() hands it to Python (shared_block.py).
+inline constexpr double kOnednnGemmMinFlops = 8.0 * (1 << 20);
+
 inline void check_blocks(const at::Tensor& A, const char* name) {
   TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2), "mbf_kernels: ", name,
               " must have shape (N, d, d), got ", A.sizes());

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/dispatch.h"
+#include "ops_common.h"
 
 TORCH_LIBRARY(mbf_kernels, m) {
   // All ops take flat, contiguous batches: A, L, F (N, d, d); B, X (N, d, k);
@@ -102,6 +103,7 @@ pybind11::dict build_info() {
   // runs; the active one is cpu_capability() (set at import, or by set_cpu_capability()).
   info["cpu_levels"] = mbf::cpu::known_levels();
   info["cpu_levels_supported"] = mbf::cpu::supported_levels();
+  info["onednn_gemm_min_flops"] = mbf::ops::kOnednnGemmMinFlops;
 #if defined(MBF_WITH_CUDA)
   info["cuda"] = true;
 #else

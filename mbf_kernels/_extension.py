@@ -8,6 +8,7 @@ implementations let ``torch.compile`` trace them without running them.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -73,6 +74,12 @@ def build_info() -> dict:
     """Compiler, CPU ISA levels and CUDA facts of the loaded extension (empty when it is not
     loaded), with the active CPU level."""
     return dict(_BUILD_INFO, cpu_level=cpu_capability()) if _C is not None else {}
+
+
+def onednn_gemm_min_flops() -> float:
+    """FLOPs from which the C++ ``apply_inverse_`` runs a shared block's GEMM on oneDNN (inf
+    without the extension)."""
+    return _BUILD_INFO.get("onednn_gemm_min_flops", math.inf) if _C is not None else math.inf
 
 
 def cholesky_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:

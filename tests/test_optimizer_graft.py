@@ -345,6 +345,31 @@ def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update):
     torch.testing.assert_close(ends[0], ends[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("update", ["default", "paper"])
+def test_a_block_above_the_onednn_size_steps_as_the_torch_path(update):
+    """A 513-wide exact block (64 rows: a GEMM above the size from which apply_inverse_ takes
+    oneDNN, and the paper's update then goes through U instead of addmm_) ends 6 steps where the
+    torch backend's plain GEMMs do, to float32 rounding."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    from mbf_kernels._extension import onednn_gemm_min_flops
+    assert 2 * 64 * 513**2 >= onednn_gemm_min_flops()
+    options = {} if update == "default" else dict(PAPER, lr=0.02, damping=0.05)
+    ends = []
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(512, 64), nn.Tanh(), nn.Linear(64, 5))
+        opt = mk.MBF.from_model(model, backend=backend, curvature_update_freq=2,
+                                inverse_update_freq=4, **options)
+        x, y = randn(32, 512, seed=7).float(), torch.arange(32) % 5
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        ends.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(ends[0], ends[1], rtol=1e-4, atol=1e-6)
+
+
 # -- the optimizer ---------------------------------------------------------------------------
 
 

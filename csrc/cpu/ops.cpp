@@ -381,14 +381,9 @@ void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::
   });
 }
 
-// out = m inv for a shared block's rows, inv symmetric (registration.cpp). A GEMM of at least
-// kOnednnMinFlops runs on oneDNN's float32 matmul (torch's mkldnn::_linear_pointwise, m inv^T,
-// the same product; strict float32, no down-conversion), smaller ones on torch's mm (MKL):
-// on the dev VM (AMD EPYC, AVX-512) oneDNN took 64 x 513 by 513 x 513 in 124 us against
-// MKL's 225 us, 128 x 257 by 257 x 257 in 56 against 101 us, but 16 x 65 by 65 x 65 in 15
-// against 4 us (its call's fixed cost).
-constexpr double kOnednnMinFlops = 8.0 * (1 << 20);
-
+// out = m inv for a shared block's rows, inv symmetric (registration.cpp): a GEMM of at least
+// kOnednnGemmMinFlops on oneDNN's float32 matmul (torch's mkldnn::_linear_pointwise, m W^T;
+// strict float32, no down-conversion), smaller ones on torch's mm (MKL).
 const c10::OperatorHandle* onednn_linear() {
   static const std::optional<c10::OperatorHandle> op =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
@@ -408,7 +403,7 @@ void apply_inverse_cpu(at::Tensor& out, const at::Tensor& m, const at::Tensor& i
   // reorder: 50x slower.
   const at::Tensor weight = inverse.is_contiguous() ? inverse : inverse.mT();
   const c10::OperatorHandle* op = onednn_linear();
-  if (op != nullptr && flops >= kOnednnMinFlops && m.scalar_type() == at::kFloat &&
+  if (op != nullptr && flops >= kOnednnGemmMinFlops && m.scalar_type() == at::kFloat &&
       m.is_contiguous() && weight.is_contiguous()) {
     torch::jit::Stack stack{m, weight, c10::IValue(), std::string("none"),
                             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
