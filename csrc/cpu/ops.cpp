@@ -10,6 +10,7 @@
 #include <string>
 #include <atomic>
 #include <cstdint>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -414,11 +415,38 @@ void apply_inverse_cpu(at::Tensor& out, const at::Tensor& m, const at::Tensor& i
   at::mm_out(out, m, inverse);
 }
 
+// Runs fn(i) for every block i of `elems[i]` elements. A block large enough to split runs its
+// own rows in parallel (row_grain), so those go one after another; when every block is smaller
+// than that (a small MLP's: each would run on one thread, the others idle), the blocks
+// themselves are shared among the threads, each taking those whose first element falls in its
+// share of all the elements.
+template <typename Fn>
+void for_each_block(const std::vector<int64_t>& elems, Fn&& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t total = std::accumulate(elems.begin(), elems.end(), int64_t(0));
+  const bool split = std::any_of(elems.begin(), elems.end(),
+                                 [](int64_t e) { return e > row_grain(1); });
+  if (threads == 1 || elems.size() < 2 || split || total == 0) {
+    for (size_t i = 0; i < elems.size(); ++i) fn(i);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    int64_t start = 0;
+    for (size_t i = 0; i < elems.size(); ++i) {
+      const int64_t owner = start * threads / total;
+      if (owner >= t0 && owner < t1) fn(i);
+      start += elems[i];
+    }
+  });
+}
+
 // One grafted step of exact shared blocks (registration.cpp): per block, the row pass (m, v,
 // Adam's row norms), U = M (F + damping I)^{-1} into the work rows, U's row norms, the
 // block's coefficient -lr |a| / |u| (rows whose u or a is not finite count as 0), and p =
 // decay p + coef U. On a small MLP the same in torch calls from Python cost more than the
-// GEMMs themselves (about 10 calls per block).
+// GEMMs themselves (about 10 calls per block). Every block is checked before any is touched;
+// the row passes and the updates run per block (for_each_block), the GEMMs one after another
+// (each on all threads).
 void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments,
                            at::TensorList work, at::TensorList inverses, at::TensorList params,
                            const c10::List<c10::optional<at::Tensor>>& grads,
@@ -432,6 +460,8 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                   grads.size() == params.size(),
               "mbf_kernels: shared_graft_step_ takes one m, v, work, inverse, parameter count, "
               "scale and eps per block and one gradient per parameter");
+  std::vector<size_t> first(n_blocks);  // each block's weight in params (its bias follows)
+  std::vector<int64_t> elems(n_blocks);
   size_t next = 0;
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& m = momenta[i];
@@ -446,25 +476,39 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                 inverses[i].sizes());
     check_like(work[i], m, "work");
     check_like(inverses[i], m, "inverse");
-    at::Tensor weight = params[next], bias = count == 2 ? params[next + 1] : at::Tensor();
+    const at::Tensor& weight = params[next];
     const int64_t n = m.size(0), d = m.size(1), width = count == 2 ? d - 1 : d;
     TORCH_CHECK(weight.is_contiguous() && weight.numel() == n * width &&
-                    (count == 1 || (bias.is_contiguous() && bias.numel() == n)),
+                    (count == 1 || (params[next + 1].is_contiguous() &&
+                                    params[next + 1].numel() == n)),
                 "mbf_kernels: shared_graft_step_: block ", i, "'s parameters must be contiguous ",
                 n, " x ", width, (count == 2 ? " and " : ""), (count == 2 ? std::to_string(n) : ""));
     check_like(weight, m, "weight");
-    if (count == 2) check_like(bias, m, "bias");
-    const c10::optional<at::Tensor> gw = grads.get(next);
-    const c10::optional<at::Tensor> gb = count == 2 ? grads.get(next + 1) : c10::nullopt;
+    if (count == 2) check_like(params[next + 1], m, "bias");
+    first[i] = next;
+    elems[i] = n * d;
     next += count;
-    // the row pass, as graft_rows_
-    at::Tensor v = second_moments[i];
-    auto [sq, none] = graft_rows_cpu(const_cast<at::Tensor&>(m), v, gw, gb, momentum, beta2,
-                                     adam_eps[i], c10::nullopt);
-    apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), m, inverses[i]);
-    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mbf_shared_graft_step_cpu", [&] {
+  }
+  TORCH_CHECK(next == params.size(), "mbf_kernels: shared_graft_step_: ", params.size(),
+              " parameters for blocks that have ", next);
+  // the row passes, as graft_rows_
+  std::vector<at::Tensor> rows(n_blocks);
+  for_each_block(elems, [&](size_t i) {
+    const bool bias = params_per_block[i] == 2;
+    at::Tensor m = momenta[i], v = second_moments[i];
+    rows[i] = std::get<0>(graft_rows_cpu(m, v, grads.get(first[i]),
+                                         bias ? grads.get(first[i] + 1) : c10::nullopt,
+                                         momentum, beta2, adam_eps[i], c10::nullopt));
+  });
+  for (size_t i = 0; i < n_blocks; ++i)
+    apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), momenta[i], inverses[i]);
+  for_each_block(elems, [&](size_t i) {
+    const int64_t n = momenta[i].size(0), d = momenta[i].size(1);
+    const bool has_bias = params_per_block[i] == 2;
+    const int64_t width = has_bias ? d - 1 : d;
+    AT_DISPATCH_FLOATING_TYPES(momenta[i].scalar_type(), "mbf_shared_graft_step_cpu", [&] {
       const scalar_t* u = work[i].const_data_ptr<scalar_t>();
-      const scalar_t* rows = sq.const_data_ptr<scalar_t>();
+      const scalar_t* sq = rows[i].const_data_ptr<scalar_t>();
       std::vector<scalar_t> u_sq(n);
       at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
@@ -475,7 +519,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
       });
       double su = 0, sa = 0;
       for (int64_t r = 0; r < n; ++r) {
-        const double a_sq = static_cast<double>(rows[2 * r]) * adam_scale[i] * adam_scale[i];
+        const double a_sq = static_cast<double>(sq[2 * r]) * adam_scale[i] * adam_scale[i];
         if (std::isfinite(static_cast<double>(u_sq[r])) && std::isfinite(a_sq)) {
           su += u_sq[r];
           sa += a_sq;
@@ -484,17 +528,15 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
       const auto coef = static_cast<scalar_t>(-lr * graft_ratio(su, sa));
       const auto a = static_cast<scalar_t>(decay);
       const auto& kern = cpu::kernels().of<scalar_t>();
-      scalar_t* wp = weight.mutable_data_ptr<scalar_t>();
-      scalar_t* bp = count == 2 ? bias.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* wp = params[first[i]].mutable_data_ptr<scalar_t>();
+      scalar_t* bp = has_bias ? params[first[i] + 1].mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
         kern.scaled_add_rows(wp, width, u, d, nullptr, 0, nullptr, 0, width, b, e, a, coef);
         if (bp != nullptr)
           kern.scaled_add_rows(bp, 1, u + width, d, nullptr, 0, nullptr, 0, 1, b, e, a, coef);
       });
     });
-  }
-  TORCH_CHECK(next == params.size(), "mbf_kernels: shared_graft_step_: ", params.size(),
-              " parameters for blocks that have ", next);
+  });
 }
 
 // sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):
