@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._extension import onednn_gemm_min_flops
 from ..packed import pack_tril, unpack_tril
 from .blocks import Unit
 from .lowrank import LowRankCurvature
-from .._extension import onednn_gemm_min_flops
 from .precision import shared_matmul
 
 #: An exact shared block whose state passes this many bytes is announced (issue 16: a silent

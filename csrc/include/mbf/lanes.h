@@ -280,14 +280,21 @@ struct Avx2<double> {
 #endif
 
 #if defined(__AVX2__)
-// One register of W lanes (a whole row of a tile) by element type: from the AVX2 transposes
+// One register of W lanes (a whole row of a tile) by element type: from the AVX2 transposes'
 // G-lane groups (`row`: group h's row e, joined at AVX-512), a store, and a gather of one
-// element of each of the W blocks (32-bit offsets: `gatherable` says whether the last block's
-// offset fits).
-template <typename T>
-struct FullRow;
+// element of each of the W blocks at 32-bit offsets (the caller checks that the last block's
+// offset fits). At AVX2 a row is one Avx2 register, whose type and store it takes.
 // (Masked gathers and __builtin_shufflevector for the join: GCC's plain gathers and inserts
 // read an undefined source, which -Wmaybe-uninitialized reports.)
+template <typename T>
+struct FullRow;
+
+// Offsets l * stride of eight blocks (the gathers' index for 8 lanes of float or double).
+inline __m256i lane_offsets8(int64_t stride) {
+  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                            _mm256_set1_epi32(static_cast<int32_t>(stride)));
+}
+
 #if defined(__AVX512F__)
 template <>
 struct FullRow<float> {
@@ -313,35 +320,24 @@ struct FullRow<double> {
     return __builtin_shufflevector(r[0][e], r[1][e], 0, 1, 2, 3, 4, 5, 6, 7);
   }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static __m256i lane_offsets(int64_t stride) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                              _mm256_set1_epi32(static_cast<int32_t>(stride)));
-  }
+  static __m256i lane_offsets(int64_t stride) { return lane_offsets8(stride); }
   static R gather(__m256i index, const double* base) {
     return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(0xFF), index, base, 8);
   }
 };
 #else
 template <>
-struct FullRow<float> {
-  using R = __m256;
+struct FullRow<float> : Avx2<float> {
   static R row(const __m256 (*r)[8], int e) { return r[0][e]; }
-  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static __m256i lane_offsets(int64_t stride) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                              _mm256_set1_epi32(static_cast<int32_t>(stride)));
-  }
-  // (The masked forms: GCC's plain ones read an undefined source, a -Wmaybe-uninitialized.)
+  static __m256i lane_offsets(int64_t stride) { return lane_offsets8(stride); }
   static R gather(__m256i index, const float* base) {
     return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index,
                                     _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
   }
 };
 template <>
-struct FullRow<double> {
-  using R = __m256d;
+struct FullRow<double> : Avx2<double> {
   static R row(const __m256d (*r)[4], int e) { return r[0][e]; }
-  static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
   static __m128i lane_offsets(int64_t stride) {
     return _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(static_cast<int32_t>(stride)));
   }
