@@ -309,6 +309,25 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
   return out;
 }
 
+// One pass of mbf_bucket_step_ up to its kernels, shared by the backends: the grafting
+// arguments checked (config completed from `mode`) and the segments parsed, then
+// run(segments, config, tiles, tiles_used) launches the backend's step.
+template <typename T, typename Run>
+void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grads,
+                      at::TensorList momenta, const at::Tensor& curvature,
+                      at::IntArrayRef segments, int64_t d, StepConfig cfg,
+                      at::TensorList second_moments, const c10::optional<at::Tensor>& tile_damping,
+                      const c10::optional<at::Tensor>& tile_scale,
+                      const c10::optional<at::Tensor>& tile_norms,
+                      const c10::optional<at::Tensor>& directions, int64_t mode, Run&& run) {
+  const StepTiles<T> tiles = check_graft<T>(params, second_moments, curvature, tile_damping,
+                                            tile_scale, tile_norms, directions, mode, &cfg);
+  int64_t tiles_used = 0;
+  const auto segs = parse_segments<T>(params, grads, momenta, second_moments, segments, d,
+                                      curvature.size(0), cfg, &tiles_used);
+  run(segs, cfg, tiles, tiles_used);
+}
+
 // grads made contiguous (kept alive by the caller while the kernels read them).
 inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;

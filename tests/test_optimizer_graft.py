@@ -448,6 +448,62 @@ def test_optimizer_matches_dense_reference(backend, config):
     assert (_flat(a) - start).abs().max() > 1e-3  # the run moved
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("config", ["graft", "graft-relative-decoupled", "graft-coupled-wd"])
+def test_grafted_buckets_in_one_call_step_as_the_per_bucket_ops(config, dtype, monkeypatch):
+    """On the CPU a grafted step whose units all step alike runs every bucket in one C++ call
+    (GraftedBuckets). Twelve steps with T1 = 2, T2 = 3 end bit for bit where the per-bucket
+    ops end, the steps that take the general path included: a non-contiguous gradient (step
+    3), relative damping's refactors, a unit without a gradient (step 10) and the steps after
+    it (the units' step counts differ). A deep copy taken after step 8 binds its own tensors
+    and ends where the original ends."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    from mbf_kernels.optim import buckets
+    taken = []
+    bound_step = buckets.GraftedBuckets.step
+    monkeypatch.setattr(buckets.GraftedBuckets, "step",
+                        lambda self, group, flags, k: (taken.append(k),
+                                                       bound_step(self, group, flags, k)))
+    X, Y = _data(dtype)
+
+    def train(model, opt, steps):
+        for k in steps:
+            idx = torch.arange(8) + 8 * (k % 3)
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            if k == 2:
+                g = model.conv.weight.grad
+                model.conv.weight.grad = g.transpose(0, 1).contiguous().transpose(0, 1)
+                assert not model.conv.weight.grad.is_contiguous()
+            if k == 9:
+                model.head.weight.grad = model.head.bias.grad = None
+            opt.step()
+
+    opts = dict(CONFIGS[config], curvature_update_freq=2, inverse_update_freq=3,
+                max_block_size=20, backend="cpu")
+    ends = []
+    for bound in (True, False):
+        model = _net(dtype)
+        opt = mk.MBF.from_model(model, **opts)
+        if not bound:
+            opt._plans[0].grafted = False  # this plan never binds: every step per bucket
+        train(model, opt, range(8))
+        if bound:
+            twin_model, twin = copy.deepcopy((model, opt))
+        train(model, opt, range(8, 12))
+        ends.append(_flat(model))
+    refactors = {1, 4, 7, 10} if CONFIGS[config]["damping_mode"] == "relative" else set()
+    assert taken == sorted(set(range(1, 10)) - {3} - refactors)
+    assert torch.equal(ends[0], ends[1])
+    assert (ends[0] - _flat(_net(dtype))).abs().max() > 1e-3  # the run moved
+    before = len(taken)
+    train(twin_model, twin, range(8, 12))
+    assert taken[before:] == [9] and isinstance(twin._plans[0].grafted, buckets.GraftedBuckets)
+    assert twin._plans[0].grafted is not opt._plans[0].grafted
+    assert torch.equal(_flat(twin_model), ends[0])
+
+
 def test_grafted_first_step_is_as_long_as_adamw_per_unit():
     """At step 1 the grafted update of each unit has the length of AdamW's update of it (the
     definition, against torch.optim.AdamW itself): lr |m_hat / (sqrt(v_hat) + eps)|."""

@@ -3,6 +3,7 @@
 // of block_kernels.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -192,6 +193,27 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
   });
 }
 
+// One pass of the bucket step over checked tensors (grads contiguous): mbf_bucket_step_'s body,
+// shared with GraftedBuckets below.
+void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
+                 at::TensorList momenta, at::Tensor& curvature, at::Tensor& factor,
+                 at::Tensor& stats, at::IntArrayRef segments, int64_t d,
+                 const cpu::StepConfig& config, at::TensorList second_moments,
+                 const c10::optional<at::Tensor>& tile_damping,
+                 const c10::optional<at::Tensor>& tile_scale,
+                 const c10::optional<at::Tensor>& tile_norms,
+                 const c10::optional<at::Tensor>& directions, int64_t mode) {
+  AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
+    bucket_pass_with<scalar_t>(
+        params, grads, momenta, curvature, segments, d, config, second_moments, tile_damping,
+        tile_scale, tile_norms, directions, mode,
+        [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
+          run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(),
+                             factor.mutable_data_ptr<scalar_t>(), d, used, cfg, stats, tiles);
+        });
+  });
+}
+
 // The step for a whole bucket (segments: see registration.cpp).
 void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                          at::Tensor& curvature, at::Tensor& factor, at::Tensor& stats,
@@ -204,19 +226,10 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const c10::optional<at::Tensor>& directions, double beta2, double eps,
                          int64_t mode) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
-  const auto grads_c = contiguous_all(grads);
-  AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
-    cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
-                        beta2, eps};
-    const StepTiles<scalar_t> tiles =
-        check_graft<scalar_t>(params, second_moments, curvature, tile_damping, tile_scale,
-                              tile_norms, directions, mode, &cfg);
-    int64_t tiles_used = 0;
-    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, second_moments,
-                                               segments, d, curvature.size(0), cfg, &tiles_used);
-    run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(),
-                       factor.mutable_data_ptr<scalar_t>(), d, tiles_used, cfg, stats, tiles);
-  });
+  const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
+                            decoupled_weight_decay, beta2, eps};
+  bucket_pass(params, contiguous_all(grads), momenta, curvature, factor, stats, segments, d, cfg,
+              second_moments, tile_damping, tile_scale, tile_norms, directions, mode);
 }
 
 void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
@@ -615,6 +628,121 @@ at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList entry_tiles,
   return out;
 }
 
+// A param group's buckets bound once, for the common case of the grafted step in one call
+// (mbf_kernels.optim.buckets.GraftedBuckets binds it): every unit steps with the same flags and
+// step count, and every gradient is dense, contiguous and of its parameter's dtype and shape.
+// On a small model the step's cost was its Python and the op calls' argument lists (about
+// 0.1 us per tensor, four lists per bucket and pass: 0.3 of a ResNet-32's 0.7 ms step); bound,
+// a step converts one list, the gradients, and runs the same passes (bucket_pass,
+// unit_ratios_cpu) as the ops it replaces, in the same order.
+class GraftedBuckets : public torch::CustomClassHolder {
+ public:
+  // params / momenta / second_moments: the buckets' distinct tensors, which the segments
+  // index; per bucket (one entry each): its state, directions and per-tile tensors
+  // (registration.cpp's mbf_bucket_step_ and unit_ratios); segments: the first seven fields of
+  // mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the group's
+  // units + 1 (the padding slot).
+  GraftedBuckets(std::vector<at::Tensor> params, std::vector<at::Tensor> momenta,
+                 std::vector<at::Tensor> second_moments, std::vector<at::Tensor> curvatures,
+                 std::vector<at::Tensor> factors, std::vector<at::Tensor> stats,
+                 std::vector<at::Tensor> directions, std::vector<at::Tensor> tile_norms,
+                 std::vector<at::Tensor> tile_scales, std::vector<at::Tensor> tile_dampings,
+                 std::vector<at::Tensor> tile_units, std::vector<at::Tensor> entry_tiles,
+                 std::vector<at::Tensor> entry_units, std::vector<int64_t> segments,
+                 std::vector<int64_t> bucket_segments, int64_t units)
+      : params_(std::move(params)), momenta_(std::move(momenta)),
+        second_moments_(std::move(second_moments)), curvatures_(std::move(curvatures)),
+        factors_(std::move(factors)), stats_(std::move(stats)),
+        directions_(std::move(directions)), tile_norms_(std::move(tile_norms)),
+        tile_scales_(std::move(tile_scales)), tile_dampings_(std::move(tile_dampings)),
+        tile_units_(std::move(tile_units)), entry_tiles_(std::move(entry_tiles)),
+        entry_units_(std::move(entry_units)), segments_(std::move(segments)),
+        bucket_segments_(std::move(bucket_segments)), units_(units) {
+    const size_t n = curvatures_.size();
+    for (const auto* list : {&factors_, &stats_, &directions_, &tile_norms_, &tile_scales_,
+                             &tile_dampings_, &tile_units_, &entry_tiles_, &entry_units_})
+      TORCH_CHECK(list->size() == n, "mbf_kernels: GraftedBuckets takes one tensor of each kind "
+                  "per bucket");
+    TORCH_CHECK(bucket_segments_.size() == n && n > 0, "mbf_kernels: GraftedBuckets needs at "
+                "least one bucket and a segment count per bucket");
+    TORCH_CHECK(momenta_.size() == params_.size() && second_moments_.size() == params_.size(),
+                "mbf_kernels: GraftedBuckets needs a momentum and a second moment per param");
+    TORCH_CHECK(static_cast<int64_t>(segments_.size()) ==
+                    kStaticFields * std::accumulate(bucket_segments_.begin(),
+                                                    bucket_segments_.end(), int64_t{0}),
+                "mbf_kernels: GraftedBuckets: ", kStaticFields, " segment fields per segment");
+    for (const auto& p : params_) sizes_.push_back(p.sizes().vec());
+  }
+
+  // Keeps `grads` for step() when each is a dense contiguous tensor of its parameter's dtype,
+  // device and shape, and every parameter is still contiguous in the shape it was bound with;
+  // otherwise (a gradient None, say) keeps nothing and returns false: the caller takes the
+  // general path, which names what is wrong, if anything is.
+  bool bind(const std::vector<c10::optional<at::Tensor>>& grads) {
+    grads_.clear();
+    if (grads.size() != params_.size()) return false;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const at::Tensor& p = params_[i];
+      if (!grads[i].has_value() || !grads[i]->defined()) return false;
+      const at::Tensor& g = *grads[i];
+      if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+          g.device() != p.device() || !g.is_contiguous() || !p.is_contiguous() ||
+          p.sizes() != at::IntArrayRef(sizes_[i]) || g.sizes() != p.sizes())
+        return false;
+    }
+    grads_.reserve(grads.size());
+    for (const auto& g : grads) grads_.push_back(*g);
+    return true;
+  }
+
+  // The grafted step of every bucket from the bound gradients (mbf_kernels.optim.buckets
+  // step_buckets with graft="adam", in one call): a measuring pass per bucket with `flags`
+  // (refresh / first / refactor; the refactor with tile_dampings when `relative`), the units'
+  // ratios into tile_scales, then the writing pass per bucket.
+  void step(int64_t flags, int64_t step, double lr, double momentum_coef, double beta,
+            double damping, double weight_decay, bool decoupled_weight_decay, double beta2,
+            double eps, bool relative) {
+    TORCH_CHECK(!grads_.empty(), "mbf_kernels: GraftedBuckets.step without bound gradients");
+    const std::vector<at::Tensor> grads = std::move(grads_);
+    grads_.clear();
+    const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
+                              decoupled_weight_decay, beta2, eps};
+    for (const bool measuring : {true, false}) {
+      const int64_t* fields = segments_.data();
+      for (size_t b = 0; b < curvatures_.size(); ++b) {
+        std::vector<int64_t> segs;
+        segs.reserve(bucket_segments_[b] * kSegmentFields);
+        for (int64_t s = 0; s < bucket_segments_[b]; ++s, fields += kStaticFields) {
+          segs.insert(segs.end(), fields, fields + kStaticFields);
+          segs.push_back(measuring ? flags : 0);
+          segs.push_back(step);
+        }
+        const int64_t d = check_bucket(params_, grads, momenta_, curvatures_[b], factors_[b],
+                                       stats_[b]);
+        bucket_pass(params_, grads, momenta_, curvatures_[b], factors_[b], stats_[b], segs, d,
+                    cfg, second_moments_,
+                    relative ? c10::optional<at::Tensor>(tile_dampings_[b]) : c10::nullopt,
+                    tile_scales_[b], tile_norms_[b], directions_[b],
+                    measuring ? kModeGraft : kModeGraft | kModeWrite);
+      }
+      if (measuring) {
+        const at::Tensor ratios = unit_ratios_cpu(tile_norms_, entry_tiles_, entry_units_, units_);
+        for (size_t b = 0; b < curvatures_.size(); ++b)
+          at::index_select_out(tile_scales_[b], ratios, 0, tile_units_[b]);
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kStaticFields = kSegmentFields - 2;  // without flags and step
+  std::vector<at::Tensor> params_, momenta_, second_moments_, curvatures_, factors_, stats_,
+      directions_, tile_norms_, tile_scales_, tile_dampings_, tile_units_, entry_tiles_,
+      entry_units_, grads_;
+  std::vector<int64_t> segments_, bucket_segments_;
+  int64_t units_;
+  std::vector<std::vector<int64_t>> sizes_;
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
@@ -633,6 +761,18 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("shared_graft_step_", &shared_graft_step_cpu);
   m.impl("apply_inverse_", &apply_inverse_cpu);
   m.impl("unit_ratios", &unit_ratios_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(mbf_kernels, m) {
+  m.class_<GraftedBuckets>("GraftedBuckets")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                       int64_t>())
+      .def("bind", &GraftedBuckets::bind)
+      .def("step", &GraftedBuckets::step);
 }
 
 }  // namespace ops

@@ -199,16 +199,15 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   check_step_dim(d);
   const c10::cuda::CUDAGuard guard(curvature.device());
   const auto grads_c = contiguous_all(grads);
+  const StepConfig config{lr, momentum_coef, beta, damping, weight_decay,
+                          decoupled_weight_decay, beta2, eps};
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cuda", [&] {
-    StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
-                   beta2, eps};
-    const StepTiles<scalar_t> tiles =
-        check_graft<scalar_t>(params, second_moments, curvature, tile_damping, tile_scale,
-                              tile_norms, directions, mode, &cfg);
-    int64_t tiles_used = 0;
-    const auto segs = parse_segments<scalar_t>(params, grads_c, momenta, second_moments,
-                                               segments, d, curvature.size(0), cfg, &tiles_used);
-    run_bucket_step<scalar_t>(segs, curvature, factor, stats, d, cfg, tiles);
+    bucket_pass_with<scalar_t>(
+        params, grads_c, momenta, curvature, segments, d, config, second_moments, tile_damping,
+        tile_scale, tile_norms, directions, mode,
+        [&](const auto& segs, const StepConfig& cfg, const auto& tiles, int64_t) {
+          run_bucket_step<scalar_t>(segs, curvature, factor, stats, d, cfg, tiles);
+        });
   });
 }
 

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from ..layout import COMPACT_TILE, n_tiles
 from ..packed import tril_size
 from .blocks import ModuleRoles, Unit, module_roles, plan_group
-from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, Bucket, GroupPlan,
-                      plan_unit_reductions, step_buckets)
+from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, Bucket,
+                      GraftedBuckets, GroupPlan, plan_unit_reductions, step_buckets)
 from .fisher import FisherCapture
 from .fsdp import global_rows, local_roles, local_shards
 from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, momentum_coef, prepare_group,
@@ -179,8 +179,12 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         # Every check first (a missing sampled gradient raises before any state changes).
         all_flags = [self._unit_flags(g, plan, fisher)
                      for g, plan in zip(self.param_groups, self._plans)]
-        for group, plan, (flags, steps) in zip(self.param_groups, self._plans, all_flags):
-            step_buckets(group, plan, flags, steps, self.state, fisher)
+        for group, plan, (flags, steps, bound) in zip(self.param_groups, self._plans, all_flags):
+            if bound is None:
+                step_buckets(group, plan, flags, steps, self.state, fisher)
+            else:
+                k = steps[id(plan.all_units[0])]
+                bound.step(group, flags[id(plan.all_units[0])], k)
             for shared in plan.shared:
                 active = [i for i, b in enumerate(shared.blocks) if id(b.unit) in flags]
                 if active:
@@ -188,9 +192,13 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                     shared.step(group, momentum_coef(group), active,
                                 [flags[id(u)] for u in units], [steps[id(u)] for u in units],
                                 fisher)
-            for unit, st in zip(plan.all_units, plan.unit_states):
-                if id(unit) in steps:
-                    st[STEP] = steps[id(unit)]
+            if bound is not None:  # every unit stepped (to k)
+                for st in plan.unit_states:
+                    st[STEP] = k
+            else:
+                for unit, st in zip(plan.all_units, plan.unit_states):
+                    if id(unit) in steps:
+                        st[STEP] = steps[id(unit)]
             if plan.sync is not None:
                 plan.sync()
 
@@ -199,11 +207,12 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         t1 = group["curvature_update_freq"]
         return any(self.state[u.params[0]][STEP] % t1 == 0 for u in plan.all_units)
 
-    def _unit_flags(self, group: dict, plan: GroupPlan,
-                    fisher: dict[Tensor, Tensor]) -> tuple[dict[int, int], dict[int, int]]:
+    def _unit_flags(self, group: dict, plan: GroupPlan, fisher: dict[Tensor, Tensor]
+                    ) -> tuple[dict[int, int], dict[int, int], GraftedBuckets | None]:
         """For the units that have a gradient: id(unit) -> segment flags for this step, and
         id(unit) -> the step count it reaches (every rank's units when sharded: the checks and
-        step counts are the same on every rank)."""
+        step counts are the same on every rank); and the group's buckets bound with this step's
+        gradients where their grafted step runs in one call (every unit steps)."""
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
 
         def unit_flags(k: int) -> int:
@@ -212,15 +221,25 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
 
         # The common case, taken at the cost of a few calls per parameter: every unit has a
         # dense real gradient and they have all stepped alike (no sampled gradients due).
-        grads = [p.grad for u in plan.all_units for p in u.params]
         counts = {st[STEP] for st in plan.unit_states}
-        if len(counts) == 1 and all(g is not None and g.layout == torch.strided
-                                    and not g.is_complex() for g in grads):
+        if len(counts) == 1:
             k = counts.pop() + 1
             f = unit_flags(k)
             if not (f & REFRESH and group["fisher"] == "true"):
                 ids = [id(u) for u in plan.all_units]
-                return dict.fromkeys(ids, f), dict.fromkeys(ids, k)
+                uniform = dict.fromkeys(ids, f), dict.fromkeys(ids, k)
+                # Grafted on the CPU, the buckets' gradients are checked in C++ (relative
+                # damping's refactor and sampled gradients take the general path).
+                bound = (GraftedBuckets.of(group, plan, self.state)
+                         if group["graft"] == "adam" and not (fisher and group["fisher"] == "true")
+                         and not (f & REFACTOR and group["damping_mode"] == "relative")
+                         else None)
+                if bound is not None and bound.bind():
+                    return *uniform, bound
+                grads = [p.grad for u in plan.all_units for p in u.params]
+                if all(g is not None and g.layout == torch.strided and not g.is_complex()
+                       for g in grads):
+                    return *uniform, None
         flags, steps = {}, {}
         for unit, st in zip(plan.all_units, plan.unit_states):
             grads = [p.grad for p in unit.params if p.grad is not None]
@@ -237,7 +256,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             if (f & REFRESH and group["fisher"] == "true"
                     and not any(p in fisher for p in unit.params)):
                 raise self._missing_fisher(unit.name)
-        return flags, steps
+        return flags, steps, None
 
     # -- introspection ----------------------------------------------------------------------
 
