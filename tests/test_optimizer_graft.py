@@ -449,10 +449,12 @@ def test_optimizer_matches_dense_reference(backend, config):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("config", ["graft", "graft-relative-decoupled", "graft-coupled-wd"])
-def test_grafted_buckets_in_one_call_step_as_the_per_bucket_ops(config, dtype, monkeypatch):
-    """On the CPU a grafted step whose units all step alike runs every bucket in one C++ call
-    (GraftedBuckets). Twelve steps with T1 = 2, T2 = 3 end bit for bit where the per-bucket
+@pytest.mark.parametrize("config", ["graft", "graft-relative-decoupled", "graft-coupled-wd",
+                                    "relative", "paper"])
+def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, monkeypatch):
+    """On the CPU a step whose units all step alike runs every bucket in one C++ call
+    (BoundBuckets: grafted, a measuring pass, the units' ratios and a writing pass; the paper's
+    update, one pass). Twelve steps with T1 = 2, T2 = 3 end bit for bit where the per-bucket
     ops end, the steps that take the general path included: a non-contiguous gradient (step
     3), relative damping's refactors, a unit without a gradient (step 10) and the steps after
     it (the units' step counts differ). A deep copy taken after step 8 binds its own tensors
@@ -461,8 +463,8 @@ def test_grafted_buckets_in_one_call_step_as_the_per_bucket_ops(config, dtype, m
         pytest.skip(mk.backends()["cpu"].detail)
     from mbf_kernels.optim import buckets
     taken = []
-    bound_step = buckets.GraftedBuckets.step
-    monkeypatch.setattr(buckets.GraftedBuckets, "step",
+    bound_step = buckets.BoundBuckets.step
+    monkeypatch.setattr(buckets.BoundBuckets, "step",
                         lambda self, group, flags, k: (taken.append(k),
                                                        bound_step(self, group, flags, k)))
     X, Y = _data(dtype)
@@ -480,27 +482,28 @@ def test_grafted_buckets_in_one_call_step_as_the_per_bucket_ops(config, dtype, m
                 model.head.weight.grad = model.head.bias.grad = None
             opt.step()
 
-    opts = dict(CONFIGS[config], curvature_update_freq=2, inverse_update_freq=3,
-                max_block_size=20, backend="cpu")
+    options = dict(PAPER, lr=0.02, damping=0.05) if config == "paper" else CONFIGS[config]
+    opts = dict(options, curvature_update_freq=2, inverse_update_freq=3, max_block_size=20,
+                backend="cpu")
     ends = []
     for bound in (True, False):
         model = _net(dtype)
         opt = mk.MBF.from_model(model, **opts)
         if not bound:
-            opt._plans[0].grafted = False  # this plan never binds: every step per bucket
+            opt._plans[0].bound = False  # this plan never binds: every step per bucket
         train(model, opt, range(8))
         if bound:
             twin_model, twin = copy.deepcopy((model, opt))
         train(model, opt, range(8, 12))
         ends.append(_flat(model))
-    refactors = {1, 4, 7, 10} if CONFIGS[config]["damping_mode"] == "relative" else set()
+    refactors = {1, 4, 7, 10} if options["damping_mode"] == "relative" else set()
     assert taken == sorted(set(range(1, 10)) - {3} - refactors)
     assert torch.equal(ends[0], ends[1])
     assert (ends[0] - _flat(_net(dtype))).abs().max() > 1e-3  # the run moved
     before = len(taken)
     train(twin_model, twin, range(8, 12))
-    assert taken[before:] == [9] and isinstance(twin._plans[0].grafted, buckets.GraftedBuckets)
-    assert twin._plans[0].grafted is not opt._plans[0].grafted
+    assert taken[before:] == [9] and isinstance(twin._plans[0].bound, buckets.BoundBuckets)
+    assert twin._plans[0].bound is not opt._plans[0].bound
     assert torch.equal(_flat(twin_model), ends[0])
 
 

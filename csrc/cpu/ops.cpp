@@ -3,6 +3,7 @@
 // of block_kernels.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -194,7 +195,7 @@ void mbf_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentu
 }
 
 // One pass of the bucket step over checked tensors (grads contiguous): mbf_bucket_step_'s body,
-// shared with GraftedBuckets below.
+// shared with BoundBuckets below.
 void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
                  at::TensorList momenta, at::Tensor& curvature, at::Tensor& factor,
                  at::Tensor& stats, at::IntArrayRef segments, int64_t d,
@@ -628,49 +629,48 @@ at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList entry_tiles,
   return out;
 }
 
-// A param group's buckets bound once, for the common case of the grafted step in one call
-// (mbf_kernels.optim.buckets.GraftedBuckets binds it): every unit steps with the same flags and
+// A param group's buckets bound once, for the common case of a step in one call
+// (mbf_kernels.optim.buckets.BoundBuckets binds them): every unit steps with the same flags and
 // step count, and every gradient is dense, contiguous and of its parameter's dtype and shape.
 // On a small model the step's cost was its Python and the op calls' argument lists (about
 // 0.1 us per tensor, four lists per bucket and pass: 0.3 of a ResNet-32's 0.7 ms step); bound,
 // a step converts one list, the gradients, and runs the same passes (bucket_pass,
-// unit_ratios_cpu) as the ops it replaces, in the same order.
-class GraftedBuckets : public torch::CustomClassHolder {
+// unit_ratios_cpu) as the ops it replaces, in the same order, under the same profiler names.
+class BoundBuckets : public torch::CustomClassHolder {
  public:
   // params / momenta / second_moments: the buckets' distinct tensors, which the segments
-  // index; per bucket (one entry each): its state, directions and per-tile tensors
-  // (registration.cpp's mbf_bucket_step_ and unit_ratios); segments: the first seven fields of
+  // index (second_moments empty: the plan has no grafted state); per bucket b: its state, and
+  // graft[kGraftTensors * b ...] its directions, tile_norms, tile_scale, tile_unit, entry_tiles
+  // and entry_unit (registration.cpp's mbf_bucket_step_ and unit_ratios; empty without grafted
+  // state), tile_dampings[b] (empty: no relative damping); segments: the first seven fields of
   // mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the group's
   // units + 1 (the padding slot).
-  GraftedBuckets(std::vector<at::Tensor> params, std::vector<at::Tensor> momenta,
-                 std::vector<at::Tensor> second_moments, std::vector<at::Tensor> curvatures,
-                 std::vector<at::Tensor> factors, std::vector<at::Tensor> stats,
-                 std::vector<at::Tensor> directions, std::vector<at::Tensor> tile_norms,
-                 std::vector<at::Tensor> tile_scales, std::vector<at::Tensor> tile_dampings,
-                 std::vector<at::Tensor> tile_units, std::vector<at::Tensor> entry_tiles,
-                 std::vector<at::Tensor> entry_units, std::vector<int64_t> segments,
-                 std::vector<int64_t> bucket_segments, int64_t units)
+  BoundBuckets(std::vector<at::Tensor> params, std::vector<at::Tensor> momenta,
+               std::vector<at::Tensor> second_moments, std::vector<at::Tensor> curvatures,
+               std::vector<at::Tensor> factors, std::vector<at::Tensor> stats,
+               std::vector<at::Tensor> graft, std::vector<at::Tensor> tile_dampings,
+               std::vector<int64_t> segments, std::vector<int64_t> bucket_segments,
+               int64_t units)
       : params_(std::move(params)), momenta_(std::move(momenta)),
         second_moments_(std::move(second_moments)), curvatures_(std::move(curvatures)),
-        factors_(std::move(factors)), stats_(std::move(stats)),
-        directions_(std::move(directions)), tile_norms_(std::move(tile_norms)),
-        tile_scales_(std::move(tile_scales)), tile_dampings_(std::move(tile_dampings)),
-        tile_units_(std::move(tile_units)), entry_tiles_(std::move(entry_tiles)),
-        entry_units_(std::move(entry_units)), segments_(std::move(segments)),
+        factors_(std::move(factors)), stats_(std::move(stats)), graft_(std::move(graft)),
+        tile_dampings_(std::move(tile_dampings)), segments_(std::move(segments)),
         bucket_segments_(std::move(bucket_segments)), units_(units) {
     const size_t n = curvatures_.size();
-    for (const auto* list : {&factors_, &stats_, &directions_, &tile_norms_, &tile_scales_,
-                             &tile_dampings_, &tile_units_, &entry_tiles_, &entry_units_})
-      TORCH_CHECK(list->size() == n, "mbf_kernels: GraftedBuckets takes one tensor of each kind "
-                  "per bucket");
-    TORCH_CHECK(bucket_segments_.size() == n && n > 0, "mbf_kernels: GraftedBuckets needs at "
-                "least one bucket and a segment count per bucket");
-    TORCH_CHECK(momenta_.size() == params_.size() && second_moments_.size() == params_.size(),
-                "mbf_kernels: GraftedBuckets needs a momentum and a second moment per param");
+    TORCH_CHECK(n > 0 && factors_.size() == n && stats_.size() == n &&
+                    bucket_segments_.size() == n &&
+                    (graft_.empty() || graft_.size() == kGraftTensors * n) &&
+                    (tile_dampings_.empty() || tile_dampings_.size() == n),
+                "mbf_kernels: BoundBuckets takes at least one bucket, and one tensor of each ",
+                "kind per bucket");
+    TORCH_CHECK(momenta_.size() == params_.size() &&
+                    (second_moments_.empty() || second_moments_.size() == params_.size()),
+                "mbf_kernels: BoundBuckets needs a momentum (and a second moment, or none) per "
+                "param");
     TORCH_CHECK(static_cast<int64_t>(segments_.size()) ==
                     kStaticFields * std::accumulate(bucket_segments_.begin(),
                                                     bucket_segments_.end(), int64_t{0}),
-                "mbf_kernels: GraftedBuckets: ", kStaticFields, " segment fields per segment");
+                "mbf_kernels: BoundBuckets: ", kStaticFields, " segment fields per segment");
     for (const auto& p : params_) sizes_.push_back(p.sizes().vec());
   }
 
@@ -695,49 +695,69 @@ class GraftedBuckets : public torch::CustomClassHolder {
     return true;
   }
 
-  // The grafted step of every bucket from the bound gradients (mbf_kernels.optim.buckets
-  // step_buckets with graft="adam", in one call): a measuring pass per bucket with `flags`
-  // (refresh / first / refactor; the refactor with tile_dampings when `relative`), the units'
-  // ratios into tile_scales, then the writing pass per bucket.
+  // The step of every bucket from the bound gradients (mbf_kernels.optim.buckets step_buckets,
+  // in one call), with `flags` (refresh / first / refactor; the refactor with tile_dampings
+  // when `relative`). `graft`: a measuring pass per bucket, the units' ratios into the
+  // tile_scales, then the writing pass per bucket; otherwise the paper's pass per bucket.
   void step(int64_t flags, int64_t step, double lr, double momentum_coef, double beta,
             double damping, double weight_decay, bool decoupled_weight_decay, double beta2,
-            double eps, bool relative) {
-    TORCH_CHECK(!grads_.empty(), "mbf_kernels: GraftedBuckets.step without bound gradients");
+            double eps, bool relative, bool graft) {
+    TORCH_CHECK(!grads_.empty(), "mbf_kernels: BoundBuckets.step without bound gradients");
+    TORCH_CHECK(!graft || (!graft_.empty() && !second_moments_.empty()),
+                "mbf_kernels: BoundBuckets bound without the grafted step's state");
+    TORCH_CHECK(!relative || !tile_dampings_.empty(),
+                "mbf_kernels: BoundBuckets bound without per-tile damping");
     const std::vector<at::Tensor> grads = std::move(grads_);
     grads_.clear();
     const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                               decoupled_weight_decay, beta2, eps};
-    for (const bool measuring : {true, false}) {
+    const auto tile = [&](size_t b, int k) -> c10::optional<at::Tensor> {
+      if (!graft) return c10::nullopt;
+      return graft_[kGraftTensors * b + k];
+    };
+    for (const int64_t mode : graft ? std::vector<int64_t>{kModeGraft, kModeGraft | kModeWrite}
+                                    : std::vector<int64_t>{kModeWrite}) {
+      const bool refreshes = mode != (kModeGraft | kModeWrite);  // the first pass
       const int64_t* fields = segments_.data();
       for (size_t b = 0; b < curvatures_.size(); ++b) {
         std::vector<int64_t> segs;
         segs.reserve(bucket_segments_[b] * kSegmentFields);
         for (int64_t s = 0; s < bucket_segments_[b]; ++s, fields += kStaticFields) {
           segs.insert(segs.end(), fields, fields + kStaticFields);
-          segs.push_back(measuring ? flags : 0);
+          segs.push_back(refreshes ? flags : 0);
           segs.push_back(step);
         }
+        RECORD_FUNCTION("mbf_kernels::mbf_bucket_step_", std::vector<c10::IValue>());
         const int64_t d = check_bucket(params_, grads, momenta_, curvatures_[b], factors_[b],
                                        stats_[b]);
         bucket_pass(params_, grads, momenta_, curvatures_[b], factors_[b], stats_[b], segs, d,
                     cfg, second_moments_,
                     relative ? c10::optional<at::Tensor>(tile_dampings_[b]) : c10::nullopt,
-                    tile_scales_[b], tile_norms_[b], directions_[b],
-                    measuring ? kModeGraft : kModeGraft | kModeWrite);
+                    tile(b, kScale), tile(b, kNorms), tile(b, kDirections), mode);
       }
-      if (measuring) {
-        const at::Tensor ratios = unit_ratios_cpu(tile_norms_, entry_tiles_, entry_units_, units_);
-        for (size_t b = 0; b < curvatures_.size(); ++b)
-          at::index_select_out(tile_scales_[b], ratios, 0, tile_units_[b]);
+      if (mode == kModeGraft) {
+        RECORD_FUNCTION("mbf_kernels::unit_ratios", std::vector<c10::IValue>());
+        std::vector<at::Tensor> norms, entry_tiles, entry_units;
+        for (size_t b = 0; b < curvatures_.size(); ++b) {
+          norms.push_back(graft_[kGraftTensors * b + kNorms]);
+          entry_tiles.push_back(graft_[kGraftTensors * b + kEntryTiles]);
+          entry_units.push_back(graft_[kGraftTensors * b + kEntryUnits]);
+        }
+        const at::Tensor ratios = unit_ratios_cpu(norms, entry_tiles, entry_units, units_);
+        for (size_t b = 0; b < curvatures_.size(); ++b) {
+          at::Tensor scale = graft_[kGraftTensors * b + kScale];
+          at::index_select_out(scale, ratios, 0, graft_[kGraftTensors * b + kTileUnits]);
+        }
       }
     }
   }
 
  private:
   static constexpr int64_t kStaticFields = kSegmentFields - 2;  // without flags and step
+  // graft_'s tensors per bucket, in order
+  enum { kDirections, kNorms, kScale, kTileUnits, kEntryTiles, kEntryUnits, kGraftTensors };
   std::vector<at::Tensor> params_, momenta_, second_moments_, curvatures_, factors_, stats_,
-      directions_, tile_norms_, tile_scales_, tile_dampings_, tile_units_, entry_tiles_,
-      entry_units_, grads_;
+      graft_, tile_dampings_, grads_;
   std::vector<int64_t> segments_, bucket_segments_;
   int64_t units_;
   std::vector<std::vector<int64_t>> sizes_;
@@ -764,15 +784,12 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(mbf_kernels, m) {
-  m.class_<GraftedBuckets>("GraftedBuckets")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
-                       int64_t>())
-      .def("bind", &GraftedBuckets::bind)
-      .def("step", &GraftedBuckets::step);
+  using Tensors = std::vector<at::Tensor>;
+  m.class_<BoundBuckets>("BoundBuckets")
+      .def(torch::init<Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors,
+                       std::vector<int64_t>, std::vector<int64_t>, int64_t>())
+      .def("bind", &BoundBuckets::bind)
+      .def("step", &BoundBuckets::step);
 }
 
 }  // namespace ops

@@ -84,16 +84,16 @@ class GroupPlan:
     sync: Callable[[], None] | None = None
     unit_states: list[dict] = field(default_factory=list)  # all_units' state dicts
     shards: LocalShards | None = None  # FSDP2: the local shards stepped, the mesh's group
-    # The buckets bound to one C++ call for the grafted step's common case (first step; False:
-    # this plan does not qualify). Rebuilt in a copy: its tensors are the original's.
-    grafted: "GraftedBuckets | bool | None" = None
+    # The buckets bound to one C++ call for the step's common case (at first use; False: this
+    # plan does not qualify). Rebuilt in a copy: its tensors are the original's.
+    bound: "BoundBuckets | bool | None" = None
 
     def __post_init__(self) -> None:
         if self.all_units is None:
             self.all_units = self.units
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "grafted": None}
+        return {**self.__dict__, "bound": None}
 
     def reduce(self, t: Tensor) -> None:
         """Sum per-unit values over the FSDP2 mesh (in place); nothing otherwise."""
@@ -211,13 +211,13 @@ class BucketLayout:
         return cls(params, segments, list({id(u): u for u, _ in segments}.values()))
 
 
-class GraftedBuckets:
-    """A group's buckets bound once to the C++ ``GraftedBuckets`` (CPU), which runs the grafted
-    step of all of them in one call when every unit steps alike (flags, step count) and every
-    gradient is dense, contiguous and of its parameter's dtype: the step :func:`step_buckets`
-    takes then, without the per-bucket argument lists and per-parameter checks that were 0.3
-    of a ResNet-32's 0.7 ms step. ``params`` are the buckets' distinct tensors; ``others`` the
-    group's other parameters (the shared blocks'), whose gradients Python checks."""
+class BoundBuckets:
+    """A group's buckets bound once to the C++ ``BoundBuckets`` (CPU), which steps all of them
+    in one call when every unit steps alike (flags, step count) and every gradient is dense,
+    contiguous and of its parameter's dtype: the step :func:`step_buckets` takes then, without
+    the per-bucket argument lists and per-parameter checks that were 0.3 of a ResNet-32's
+    0.7 ms step. ``params`` are the buckets' distinct tensors; ``others`` the group's other
+    parameters (the shared blocks'), whose gradients Python checks."""
 
     def __init__(self, group: dict, plan: GroupPlan, state: dict) -> None:
         index: dict[int, int] = {}
@@ -225,9 +225,6 @@ class GraftedBuckets:
         segments, counts = [], []
         for b in plan.buckets:
             b.step_function(group["backend"])  # its stats
-            if b.directions is None:
-                b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype,
-                                           device=b.device)
             for unit, seg, tile0 in b.entries:
                 ids = []
                 for i in (seg.main, seg.tail):
@@ -239,30 +236,47 @@ class GraftedBuckets:
                 segments += [*ids, seg.n_blocks, seg.offset, seg.width, seg.row_stride, tile0]
             counts.append(len(b.entries))
         self.others = [p for u in plan.all_units for p in u.params if id(p) not in index]
-        per_bucket = [[getattr(b, name) for b in plan.buckets] for name in (
-            "curvature", "factor", "stats", "directions", "tile_norms", "tile_scale",
-            "tile_damping", "tile_unit", "entry_tiles", "entry_unit")]
-        self.op = torch.classes.mbf_kernels.GraftedBuckets(
+        # The grafted step's tensors, where the plan has them (graft="adam" at construction).
+        self.graft = all(SECOND_MOMENT in state[p] for p in self.params)
+        graft = []
+        if self.graft:
+            for b in plan.buckets:
+                if b.directions is None:
+                    b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype,
+                                               device=b.device)
+                graft += [b.directions, b.tile_norms, b.tile_scale, b.tile_unit, b.entry_tiles,
+                          b.entry_unit]
+        self.relative = plan.buckets[0].tile_damping is not None
+        self.op = torch.classes.mbf_kernels.BoundBuckets(
             self.params, [state[p][MOMENTUM] for p in self.params],
-            [state[p][SECOND_MOMENT] for p in self.params], *per_bucket, segments, counts,
-            len(plan.units) + 1)
+            [state[p][SECOND_MOMENT] for p in self.params] if self.graft else [],
+            *([getattr(b, name) for b in plan.buckets]
+              for name in ("curvature", "factor", "stats")),
+            graft, [b.tile_damping for b in plan.buckets] if self.relative else [],
+            segments, counts, len(plan.units) + 1)
 
     @staticmethod
-    def of(group: dict, plan: GroupPlan, state: dict) -> "GraftedBuckets | None":
-        """The plan's bound buckets, built at its first call; None where the plan does not
-        qualify: buckets not all on the CPU's C++ ops in one dtype, parameters of another
-        dtype (stepped in float32 copies), sharded or FSDP2 plans (whose units and reductions
-        span ranks), no graft state."""
-        if plan.grafted is None:
+    def of(group: dict, plan: GroupPlan, state: dict, flags: int,
+           fisher: dict[Tensor, Tensor]) -> "BoundBuckets | None":
+        """The plan's bound buckets (built at their first use) where they serve this step:
+        None for buckets not all on the CPU's C++ ops in one dtype, parameters of another dtype
+        (stepped in float32 copies), sharded or FSDP2 plans (whose units and reductions span
+        ranks), sampled gradients, relative damping's refactor (its sums run in torch), and a
+        grafted step without the grafted state."""
+        if plan.bound is None:
             b0 = plan.buckets[0] if plan.buckets else None
             ok = (b0 is not None and plan.shards is None and plan.sync is None
-                  and b0.tile_unit is not None
                   and all(cpu_ops(group, b.device) and b.dtype == b0.dtype
                           for b in plan.buckets)
-                  and all(SECOND_MOMENT in state[p] and p.dtype == b0.dtype
-                          for u in plan.units for p in u.params))
-            plan.grafted = GraftedBuckets(group, plan, state) if ok else False
-        return plan.grafted or None
+                  and all(p.dtype == b0.dtype for u in plan.units for p in u.params))
+            plan.bound = BoundBuckets(group, plan, state) if ok else False
+        bound = plan.bound
+        relative = group["damping_mode"] == "relative"
+        if (not bound or (fisher and group["fisher"] == "true")
+                or (relative and (flags & REFACTOR or not bound.relative))
+                or (group["graft"] == "adam" and not bound.graft)):
+            return None
+        return bound
 
     def bind(self) -> bool:
         """Whether this step's gradients qualify (kept in the C++ object for :meth:`step`),
@@ -274,7 +288,8 @@ class GraftedBuckets:
     def step(self, group: dict, flags: int, step: int) -> None:
         self.op.step(flags, step, group["lr"], momentum_coef(group), group["beta"],
                      group["damping"], group["weight_decay"], group["decoupled_weight_decay"],
-                     group["betas"][1], group["eps"], group["damping_mode"] == "relative")
+                     group["betas"][1], group["eps"], group["damping_mode"] == "relative",
+                     group["graft"] == "adam")
 
 
 def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], steps: dict[int, int],

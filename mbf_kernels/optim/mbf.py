@@ -23,7 +23,7 @@ from ..layout import COMPACT_TILE, n_tiles
 from ..packed import tril_size
 from .blocks import ModuleRoles, Unit, module_roles, plan_group
 from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, Bucket,
-                      GraftedBuckets, GroupPlan, plan_unit_reductions, step_buckets)
+                      BoundBuckets, GroupPlan, plan_unit_reductions, step_buckets)
 from .fisher import FisherCapture
 from .fsdp import global_rows, local_roles, local_shards
 from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, momentum_coef, prepare_group,
@@ -208,11 +208,11 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         return any(self.state[u.params[0]][STEP] % t1 == 0 for u in plan.all_units)
 
     def _unit_flags(self, group: dict, plan: GroupPlan, fisher: dict[Tensor, Tensor]
-                    ) -> tuple[dict[int, int], dict[int, int], GraftedBuckets | None]:
+                    ) -> tuple[dict[int, int], dict[int, int], BoundBuckets | None]:
         """For the units that have a gradient: id(unit) -> segment flags for this step, and
         id(unit) -> the step count it reaches (every rank's units when sharded: the checks and
         step counts are the same on every rank); and the group's buckets bound with this step's
-        gradients where their grafted step runs in one call (every unit steps)."""
+        gradients where their step runs in one call (every unit steps)."""
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
 
         def unit_flags(k: int) -> int:
@@ -228,12 +228,9 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             if not (f & REFRESH and group["fisher"] == "true"):
                 ids = [id(u) for u in plan.all_units]
                 uniform = dict.fromkeys(ids, f), dict.fromkeys(ids, k)
-                # Grafted on the CPU, the buckets' gradients are checked in C++ (relative
-                # damping's refactor and sampled gradients take the general path).
-                bound = (GraftedBuckets.of(group, plan, self.state)
-                         if group["graft"] == "adam" and not (fisher and group["fisher"] == "true")
-                         and not (f & REFACTOR and group["damping_mode"] == "relative")
-                         else None)
+                # On the CPU the buckets' gradients are checked in C++ (BoundBuckets.of: which
+                # steps take the general path).
+                bound = BoundBuckets.of(group, plan, self.state, f, fisher)
                 if bound is not None and bound.bind():
                     return *uniform, bound
                 grads = [p.grad for u in plan.all_units for p in u.params]
