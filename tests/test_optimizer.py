@@ -445,20 +445,29 @@ def test_sparse_and_complex_are_rejected():
 
 @pytest.mark.parametrize("backend", compiled_backends(covering=NET_MAX_D))
 def test_explicit_backend_is_used(backend, monkeypatch):
-    """backend='cpu' runs the compiled bucket op, once per bucket per step."""
+    """backend='cpu' runs the compiled bucket op, once per bucket per step: through the op, or
+    on the CPU through the bound buckets' one call for all of them (whose passes the profiler
+    still names mbf_bucket_step_)."""
     calls = []
     real = torch.ops.mbf_kernels.mbf_bucket_step_.default
     import mbf_kernels._extension as ext
+    from mbf_kernels.optim import buckets
     monkeypatch.setattr(ext, "mbf_bucket_step_", lambda *a, **k: (calls.append(1), real(
         *a[:7], k["lr"], k["momentum_coef"], k["beta"], k["damping"], k["weight_decay"],
         k["decoupled_weight_decay"], list(k["second_moments"]), k["tile_damping"],
         k["tile_scale"], k["tile_norms"], k["directions"], k["beta2"], k["eps"],
         int(k["mode"])))[1])
+    bound_step = buckets.BoundBuckets.step
+    monkeypatch.setattr(buckets.BoundBuckets, "step", lambda self, *a: (
+        calls.extend([1] * len(opt._plans[0].buckets)), bound_step(self, *a)))
     model = make_net()
     opt = mk.MBF.from_model(model, backend=backend, **OPTIONS)
-    train(model, opt, batches(2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train(model, opt, batches(2))
     n_buckets = sum(r["kind"] == "blocks" for r in opt.block_summary())
     assert len(calls) == 2 * n_buckets
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("mbf_kernels::mbf_bucket_step_") == 2 * n_buckets
 
 
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
