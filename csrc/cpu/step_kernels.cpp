@@ -38,6 +38,36 @@ void store_compact(const V<T>* in, int rows, T* base) {
   for (int r = 0; r < rows; ++r) std::memcpy(base + r * kCompactTile, &in[r], sizeof(V<T>));
 }
 
+// store_compact with non-temporal stores, where this level has them and `base` is aligned to
+// a vector (compact rows are whole vectors, so each row then is): the grafted step's
+// directions are written once and read by the next pass only, after the whole bucket; in a
+// bucket larger than the caches a plain store first reads each line in (4 B more per element
+// of the measuring pass's 48). Ordered by stream_fence() before another thread reads them.
+template <typename T>
+void stream_compact(const V<T>* in, int rows, T* base) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  if (reinterpret_cast<uintptr_t>(base) % sizeof(V<T>) == 0) {
+    for (int r = 0; r < rows; ++r) {
+      T* out = base + r * kCompactTile;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(out, (__m512)in[r]);
+      else _mm512_stream_pd(out, (__m512d)in[r]);
+#else
+      if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(out, (__m256)in[r]);
+      else _mm256_stream_pd(out, (__m256d)in[r]);
+#endif
+    }
+    return;
+  }
+#endif
+  store_compact<T>(in, rows, base);
+}
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // Whether a pass reads the parameters: to write them, or for a coupled weight decay's direction
 // (g + wd p even at wd = 0, as the reference: a non-finite p then reaches m, as it should).
 inline bool needs_p(const StepConfig& cfg) { return cfg.write || !cfg.decoupled_weight_decay; }
@@ -197,7 +227,8 @@ struct CompactTile {
       T* out = tiles.norms + t * 2 * kCompactTile + u;
       std::memcpy(out, &su, sizeof(V<T>));
       std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
-      store_compact<T>(x.data(), n, direction);
+      if (cfg.stream_directions) stream_compact<T>(x.data(), n, direction);
+      else store_compact<T>(x.data(), n, direction);
       scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
       scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
       return;
@@ -277,6 +308,7 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
       });
     }
   });
+  if (cfg.stream_directions) stream_fence();
   return stats;
 }
 

@@ -377,8 +377,8 @@ int count_mismatches(const std::vector<T>& a, const std::vector<T>& b, T tol) {
 // first refresh + refactor, cached factor, refresh (decoupled decay), refactor with a block made
 // indefinite (it fails and falls back to the diagonal), with a NaN gradient in one block; then
 // the options beyond the paper: a refactor with per-tile (relative) damping, a grafted
-// measuring pass (m, v, norms and directions stored), grafted writes of the stored directions
-// with per-tile lr scales, and a refresh-only pass.
+// measuring pass (m, v, norms and directions stored, the directions streamed), grafted writes
+// of the stored directions with per-tile lr scales, and a refresh-only pass.
 // Hot sizes and the generic path (d = 2, 33, 64).
 template <typename T>
 void test_device_step_matches_cpu_step_t() {
@@ -405,7 +405,12 @@ void test_device_step_matches_cpu_step_t() {
     std::vector<T> L_cpu(F_cpu.size(), T(0)), norms_cpu(tiles * 2 * mbf::kCompactTile, T(0));
     auto p_dev = p_cpu, m_dev = m_cpu, v_dev = v_cpu, F_dev = F_cpu, L_dev = L_cpu;
     auto norms_dev = norms_cpu;
-    std::vector<T> dir_cpu(tiles * d * mbf::kCompactTile, T(0)), dir_dev = dir_cpu;
+    std::vector<T> dir_dev(tiles * d * mbf::kCompactTile, T(0));
+    // The CPU's directions aligned to a cache line, as torch allocates them: the measuring
+    // pass streams them (non-temporal stores) only to aligned rows.
+    std::vector<T> dir_buffer(dir_dev.size() + 64 / sizeof(T), T(0));
+    T* dir_cpu = dir_buffer.data() + (64 - reinterpret_cast<uintptr_t>(dir_buffer.data()) % 64) %
+                                         64 / sizeof(T);
     std::vector<T> tile_damping(tiles), tile_scale(tiles);
     for (int64_t t = 0; t < tiles; ++t) {
       tile_damping[t] = T(0.01) * T(1 + t);
@@ -420,12 +425,13 @@ void test_device_step_matches_cpu_step_t() {
       mbf::StepConfig cfg{0.05, 0.9, 0.8, ph.damping, 0.01, ph.decoupled};
       cfg.graft = ph.graft;
       cfg.write = ph.write;
+      cfg.stream_directions = k == 5;  // the measuring pass, as in a bucket above the caches
       mbf::StepTiles<T> tiles_arg;
       if (ph.tile_damping) tiles_arg.damping = tile_damping.data();
       if (ph.graft) {
         tiles_arg.scale = tile_scale.data();
         tiles_arg.norms = norms_cpu.data();
-        tiles_arg.directions = dir_cpu.data();
+        tiles_arg.directions = dir_cpu;
       }
       const T c1 = T(0.1 / (1 - std::pow(0.9, k + 1))), s2 = T(1 / std::sqrt(1 - std::pow(0.999, k + 1)));
       mbf::StepSegment<T> seg{p_cpu.data(), g.data(), m_cpu.data(), nullptr, nullptr, nullptr,

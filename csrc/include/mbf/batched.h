@@ -42,6 +42,9 @@ struct StepConfig {
   bool decoupled_weight_decay;
   double beta2 = 0.999, eps = 1e-8;
   bool write = true, graft = false;
+  // CPU: the measuring pass writes the directions with non-temporal stores (a bucket larger
+  // than the caches: see stream_compact in cpu/step_kernels.cpp).
+  bool stream_directions = false;
 };
 
 // Per compact tile of a bucket (index = tile), each optional (nullptr): `damping` replaces
