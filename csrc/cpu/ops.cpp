@@ -724,6 +724,10 @@ class BoundBuckets : public torch::CustomClassHolder {
       if (!graft) return c10::nullopt;
       return graft_[kGraftTensors * b + k];
     };
+    std::vector<int64_t> dims;  // each bucket's d, its tensors checked once for both passes
+    for (size_t b = 0; b < curvatures_.size(); ++b)
+      dims.push_back(check_bucket(params_, grads, momenta_, curvatures_[b], factors_[b],
+                                  stats_[b]));
     for (const int64_t mode : graft ? std::vector<int64_t>{kModeGraft, kModeGraft | kModeWrite}
                                     : std::vector<int64_t>{kModeWrite}) {
       const bool refreshes = mode != (kModeGraft | kModeWrite);  // the first pass
@@ -737,10 +741,8 @@ class BoundBuckets : public torch::CustomClassHolder {
           segs.push_back(step);
         }
         RECORD_FUNCTION("mbf_kernels::mbf_bucket_step_", std::vector<c10::IValue>());
-        const int64_t d = check_bucket(params_, grads, momenta_, curvatures_[b], factors_[b],
-                                       stats_[b]);
-        bucket_pass(params_, grads, momenta_, curvatures_[b], factors_[b], stats_[b], segs, d,
-                    cfg, second_moments_,
+        bucket_pass(params_, grads, momenta_, curvatures_[b], factors_[b], stats_[b], segs,
+                    dims[b], cfg, second_moments_,
                     relative ? c10::optional<at::Tensor>(tile_dampings_[b]) : c10::nullopt,
                     tile(b, kScale), tile(b, kNorms), tile(b, kDirections), mode);
       }

@@ -193,22 +193,27 @@ class BucketLayout:
 
     @classmethod
     def of(cls, bucket: Bucket) -> "BucketLayout":
-        index: dict[int, int] = {}
         params: list[Tensor] = []
-
-        def tensor_index(p: Tensor) -> int:
-            if id(p) not in index:
-                index[id(p)] = len(params)
-                params.append(p)
-            return index[id(p)]
-
-        segments = []
-        for unit, seg, tile0 in bucket.entries:
-            main = tensor_index(unit.params[seg.main])
-            tail = -1 if seg.tail is None else tensor_index(unit.params[seg.tail])
-            segments.append((unit, [main, tail, seg.n_blocks, seg.offset, seg.width,
-                                    seg.row_stride, tile0]))
+        segments = static_segments(bucket, params, {})
         return cls(params, segments, list({id(u): u for u, _ in segments}.values()))
+
+
+def static_segments(bucket: Bucket, params: list[Tensor], index: dict[int, int]
+                    ) -> list[tuple[Unit, list[int]]]:
+    """Each entry of ``bucket``: its unit and its seven static segment fields (the bucket op's
+    segments without flags and step), naming tensors by their position in ``params``, to which
+    tensors not in ``index`` (id -> position) are appended."""
+
+    def tensor_index(p: Tensor) -> int:
+        if id(p) not in index:
+            index[id(p)] = len(params)
+            params.append(p)
+        return index[id(p)]
+
+    return [(unit, [tensor_index(unit.params[seg.main]),
+                    -1 if seg.tail is None else tensor_index(unit.params[seg.tail]),
+                    seg.n_blocks, seg.offset, seg.width, seg.row_stride, tile0])
+            for unit, seg, tile0 in bucket.entries]
 
 
 class BoundBuckets:
@@ -225,15 +230,9 @@ class BoundBuckets:
         segments, counts = [], []
         for b in plan.buckets:
             b.step_function(group["backend"])  # its stats
-            for unit, seg, tile0 in b.entries:
-                ids = []
-                for i in (seg.main, seg.tail):
-                    p = None if i is None else unit.params[i]
-                    if p is not None and id(p) not in index:
-                        index[id(p)] = len(self.params)
-                        self.params.append(p)
-                    ids.append(-1 if p is None else index[id(p)])
-                segments += [*ids, seg.n_blocks, seg.offset, seg.width, seg.row_stride, tile0]
+            # tensors numbered across the group's buckets: one list for the whole call
+            segments += [f for _, fields in static_segments(b, self.params, index)
+                         for f in fields]
             counts.append(len(b.entries))
         self.others = [p for u in plan.all_units for p in u.params if id(p) not in index]
         # The grafted step's tensors, where the plan has them (graft="adam" at construction).
