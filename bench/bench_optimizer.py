@@ -72,14 +72,15 @@ UPDATES = {"default": {}, "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_D
 
 
 def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
-                update: str = "default", shared_rank: int | None = None) -> list[dict]:
+                update: str = "default", shared_rank: int | None = None,
+                factor_dtype: str = "auto") -> list[dict]:
     model = build(name, num_classes)
     params = list(model.parameters())
     param_bytes = sum(p.nbytes for p in params)
     baselines = {"adamw": torch.optim.AdamW(params, lr=1e-3, fused=True),
                  "adamw_foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True)}
     mbf = mk.MBF.from_model(model, lr=1e-3, large_linear=large_linear, shared_rank=shared_rank,
-                            **UPDATES[update])
+                            factor_dtype=factor_dtype, **UPDATES[update])
     # Step 1 (refresh + refactor) fills the state; AdamW's first step allocates its state.
     for opt in (*baselines.values(), mbf):
         opt.step()
@@ -93,12 +94,16 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
     med = {k: statistics.median(v) for k, v in times.items()}
     amortised = (90 * med["cached"] + 9 * med["refresh"] + med["refactor"]) / 100
     shared = [r for r in mbf.block_summary() if r["kind"] in ("shared", "lowrank")]
+    storage = ",".join(sorted({r["factor_dtype"].removeprefix("torch.")
+                               for r in mbf.block_summary() if r["kind"] == "blocks"}))
     rows = []
     for kind in (*baselines, *KINDS, "amortised"):
         t = amortised if kind == "amortised" else med[kind]
         spread = times.get(kind, [t])
         rows.append(dict(
-            model=name, large_linear=large_linear, update=update, step=kind,
+            model=name, large_linear=large_linear, update=update, factor_dtype=factor_dtype,
+            factor_storage=storage,
+            step=kind,
             ranks=",".join(str(r["rank"]) for r in shared),
             optimizer={"adamw": "AdamW(fused)", "adamw_foreach": "AdamW(foreach)"}.get(kind, "MBF"),
             median_ms=t * 1e3, min_ms=min(spread) * 1e3, max_ms=max(spread) * 1e3,
@@ -113,12 +118,12 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"CPU: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
              f"commit {env['commit']}", "",
-             "| model | large_linear (ranks) | update | step | median ms (min-max) | "
-             "x AdamW(fused) | state / params |", "|---|---|---|---|---|---|---|"]
+             "| model | large_linear (ranks) | update | factor | step | median ms (min-max) | "
+             "x AdamW(fused) | state / params |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ranks = f" ({r['ranks']})" if r["ranks"] else ""
         lines.append(f"| {r['model']} | {r['large_linear']}{ranks} | {r['update']} | "
-                     f"{r['step']} | {r['median_ms']:.1f} "
+                     f"{r['factor_dtype']} ({r['factor_storage']}) | {r['step']} | {r['median_ms']:.1f} "
                      f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['ratio_vs_adamw']:.2f} | "
                      f"{r['state_x_params']:.1f}x |")
     return "\n".join(lines) + "\n"
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--update", nargs="+", default=["default"], choices=list(UPDATES),
                     help="MBF's update: the shipped defaults and/or the paper's")
+    ap.add_argument("--factor-dtype", nargs="+", default=["auto"],
+                    choices=list(mk.optim.options.FACTOR_DTYPE),
+                    help="MBF's factor_dtype (auto: bfloat16 under relative damping, the "
+                         "state's dtype under the paper's absolute damping)")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     args = ap.parse_args(argv)
     env = environment()
@@ -148,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         for m in probe.modules())
         for mode in (args.large_linear if has_large else ["shared"]):
             for update in args.update:
-                rows += bench_model(name, num_classes, mode, args.repeats, update,
-                                    args.shared_rank)
+                for factor_dtype in args.factor_dtype:
+                    rows += bench_model(name, num_classes, mode, args.repeats, update,
+                                        args.shared_rank, factor_dtype)
             print(markdown([r for r in rows if r["model"] == name and r["large_linear"] == mode],
                            env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -155,11 +155,17 @@ inline constexpr int kSegmentFields = 9;
 // mbf_bucket_step_'s `mode` bits (mbf_kernels.layout.StepMode).
 inline constexpr int64_t kModeWrite = 1, kModeGraft = 2;
 
+// Which buckets a backend's step takes with a bfloat16 factor (factor_dtype): any (the CPU
+// kernels), or those of a hot block size (the CUDA kernels, which keep the factor in registers
+// there and build it in place in memory otherwise).
+enum class Bf16Factor { kAny, kHotSizes };
+
 // mbf_bucket_step_'s tensors: curvature/factor compact and contiguous, params/grads/momenta
-// alike in dtype and device, the in-place ones contiguous. Returns d.
+// alike in dtype and device, the in-place ones contiguous; the factor of the curvature's dtype,
+// or bfloat16 beside a float32 curvature where `bf16` allows. Returns d.
 inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                             const at::Tensor& curvature, const at::Tensor& factor,
-                            const at::Tensor& stats) {
+                            const at::Tensor& stats, Bf16Factor bf16) {
   TORCH_CHECK(curvature.dim() == 3 && curvature.size(2) == kCompactTile,
               "mbf_kernels: curvature must be a compact tensor (tiles, d(d+1)/2, ", kCompactTile,
               "), got ", curvature.sizes());
@@ -171,7 +177,15 @@ inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::Ten
               curvature.sizes(), ", got ", factor.sizes());
   TORCH_CHECK(curvature.scalar_type() == at::kFloat || curvature.scalar_type() == at::kDouble,
               "mbf_kernels: curvature must be float32 or float64, got ", curvature.scalar_type());
-  check_like(factor, curvature, "factor");
+  if (factor.scalar_type() == at::kBFloat16 && curvature.scalar_type() == at::kFloat) {
+    TORCH_CHECK(bf16 == Bf16Factor::kAny || is_hot_block_dim(static_cast<int>(d)),
+                "mbf_kernels: the CUDA kernels take a bfloat16 factor (factor_dtype) at the hot ",
+                "block sizes only (1, 4, 9, 10, 16, 25, 27), got d = ", d);
+    TORCH_CHECK(factor.device() == curvature.device(), "mbf_kernels: factor must be on ",
+                curvature.device(), ", got ", factor.device());
+  } else {
+    check_like(factor, curvature, "factor");
+  }
   TORCH_CHECK(curvature.is_contiguous() && factor.is_contiguous(),
               "mbf_kernels: curvature and factor are updated in place and must be contiguous");
   check_stats(stats, curvature.device());

@@ -213,7 +213,8 @@ def mbf_step_(
         return
     step_direction = grad if decoupled_weight_decay else grad + weight_decay * param
     new_m = momentum_coef * momentum + step_direction
-    u = torch.cholesky_solve(new_m[:, :, None], cholesky_from_factor(factor))[:, :, 0]
+    L = cholesky_from_factor(factor.to(new_m.dtype))  # a bfloat16 factor as stored (rounded)
+    u = torch.cholesky_solve(new_m[:, :, None], L)[:, :, 0]
     momentum.copy_(new_m)
     if mode & StepMode.GRAFT:  # the measuring pass
         new_v = beta2 * second_moment + (1 - beta2) * step_direction * step_direction

@@ -96,6 +96,34 @@ def test_optimizer_auto_on_gpu_matches_torch_backend():
 
 @pytest.mark.gpu
 @needs_gpu
+def test_bfloat16_factor_on_gpu_where_the_step_reads_one():
+    """factor_dtype="bfloat16" on a GPU under 'auto': the Triton buckets (d <= 16) and the CUDA
+    kernels' at a hot size (d = 25 of make_net) store it, a CUDA bucket of another size (d = 21)
+    keeps float32 and says so in block_summary; on TritonNet (every bucket d <= 16) the
+    trajectory is the torch backend's, whose factor is rounded alike, to 2^-11 of the distance
+    travelled (test_optimizer_factor_dtype.py: why)."""
+    hot = mk._extension.build_info()["hot_block_sizes"]
+    opt = mk.MBF.from_model(make_net(torch.float32).cuda(), factor_dtype="bfloat16")
+    stored = {r["d"]: r["factor_dtype"] for r in opt.block_summary() if r["kind"] == "blocks"}
+    assert stored == {d: "torch.bfloat16" if d <= MAX_D or d in hot else "torch.float32"
+                      for d in stored}
+    assert stored[21] == "torch.float32" and stored[25] == "torch.bfloat16"
+    out = []
+    for backend in ("torch", "auto"):
+        torch.manual_seed(0)
+        model = TritonNet().cuda()
+        start = flat(model)
+        opt = mk.MBF.from_model(model, backend=backend, max_block_size=32,
+                                factor_dtype="bfloat16", **OPTIONS)
+        train(model, opt, [(x.float().cuda(), y.cuda()) for x, y in batches(5)])
+        assert {r["factor_dtype"] for r in opt.block_summary()
+                if r["kind"] == "blocks"} == {"torch.bfloat16"}
+        out.append(flat(model))
+    assert (out[1] - out[0]).norm() <= 2.0 ** -11 * (out[0] - start).norm()
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_state_dict_moves_between_cpu_and_gpu():
     """A run saved on the CPU resumes on the GPU with the same next steps (and back)."""
     data = batches(6)

@@ -287,3 +287,80 @@ def test_fused_step_on_cuda_large_bucket(target):
     for k, flags in enumerate(SCHEDULE):
         pair.step(randn(100_000, 9, dtype=torch.float32, seed=k).cuda(), **hyper, **flags)
     pair.assert_matches(torch.float32, "cuda")
+
+
+def _bucket_run(fn, factor_dtype, device, modes, L0=None):
+    """samples.bucket_step's float32 bucket stepped by ``fn`` with its factor in
+    ``factor_dtype``: one call per mode in ``modes`` (StepMode values; a grafted pair measures
+    then writes), the first of them refactoring as its segments' flags ask. L0: the factor to
+    start from (else the identity). Returns (params, momenta, second moments, F, L, norms)."""
+
+    params, grads, momenta, tiles, segments = samples.bucket_step(torch.float32, device)
+    F = torch.full((tiles, 45, 16), 0.25, device=device)
+    L = (compact.to_compact(compact.identity_factor(9).expand(tiles * 16, 45)) if L0 is None
+         else L0.clone()).to(device=device, dtype=factor_dtype)
+    stats = torch.zeros(2, dtype=torch.int64, device=device)
+    v = [torch.full_like(p, 0.5) for p in params]
+    norms = torch.zeros(tiles, 2, 16, device=device)
+    directions = torch.zeros(tiles, 9, 16, device=device)
+    scale = torch.linspace(0.5, 2.0, tiles, device=device)
+    for k, mode in enumerate(modes):
+        segs = list(segments)
+        if k > 0:  # later calls: the cached factor (no refresh, no refactor)
+            for s in range(0, len(segs), reference.SEGMENT_FIELDS):
+                segs[s + 7] = 0
+        fn(params, grads, momenta, F, L, stats, segs, lr=0.1, momentum_coef=0.9, beta=0.8,
+           damping=0.05, weight_decay=0.01, decoupled_weight_decay=True, second_moments=v,
+           tile_norms=norms, tile_scale=scale, directions=directions, mode=mode)
+    return params, momenta, v, F, L, norms
+
+
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+def test_bucket_step_with_a_bfloat16_factor(target):
+    """factor_dtype="bfloat16": the refactor stores each factor entry rounded to nearest (ties to
+    even), within half a bfloat16 ulp (2^-8 relative) of the float32 factor, and every later
+    solve uses the factor as stored: from the same stored factor the kernels and the reference
+    agree to float32 rounding, on the paper's pass and the grafted pair alike."""
+    from mbf_kernels.layout import StepMode
+
+    fn = dispatch.module(target.backend).mbf_bucket_step_
+    graft = [StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT]
+    # The refactor: the stored factor against the float32 one, and against the reference's.
+    L32 = _bucket_run(fn, torch.float32, target.device, [StepMode.WRITE])[4].cpu()
+    L16 = _bucket_run(fn, torch.bfloat16, target.device, [StepMode.WRITE])[4].cpu()
+    L16_ref = _bucket_run(reference.mbf_bucket_step_, torch.bfloat16, "cpu", [StepMode.WRITE])[4]
+    assert L16.dtype == torch.bfloat16
+    owned = torch.zeros(7, 16, dtype=torch.bool)  # the blocks the segments own (see above)
+    owned.view(-1)[:20] = owned[2, :5] = True
+    owned.view(-1)[48:81] = True
+
+    def entries(L):
+        return L.float().transpose(1, 2)[owned]
+
+    exact = entries(L32)
+    assert ((entries(L16) - exact).abs() <= 2.0 ** -8 * exact.abs()).all()
+    # Two float32 factorisations differ by rounding, so the rounded entries may differ by one
+    # bfloat16 ulp where a value sits on a rounding boundary, and by no more.
+    assert ((entries(L16) - entries(L16_ref)).abs() <= 2.0 ** -7 * exact.abs() + 1e-6).all()
+    # From the same stored factor, the cached steps agree to float32 rounding.
+    for modes in ([StepMode.WRITE], graft):
+        ours = _bucket_run(fn, torch.bfloat16, target.device, [StepMode.WRITE] + modes, L16_ref)
+        ref = _bucket_run(reference.mbf_bucket_step_, torch.bfloat16, "cpu",
+                          [StepMode.WRITE] + modes, L16_ref)
+        for a, b in zip(ours[:3] + ours[5:], ref[:3] + ref[5:]):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                torch.testing.assert_close(x.cpu(), y, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+def test_bfloat16_factor_goes_with_float32_state_only(target):
+    from mbf_kernels.layout import StepMode
+
+    params, grads, momenta, tiles, segments = samples.bucket_step(torch.float64, target.device)
+    F = torch.zeros(tiles, 45, 16, dtype=torch.float64, device=target.device)
+    stats = torch.zeros(2, dtype=torch.int64, device=target.device)
+    with pytest.raises((ValueError, RuntimeError), match="factor must (have dtype|match)"):
+        dispatch.module(target.backend).mbf_bucket_step_(
+            params, grads, momenta, F, F.to(torch.bfloat16), stats, segments, lr=0.1,
+            momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+            decoupled_weight_decay=False, mode=StepMode.WRITE)

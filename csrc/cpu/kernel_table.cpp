@@ -22,7 +22,7 @@ constexpr KernelTable<T> table() {
 }
 
 const CpuKernels kKernels{kCpuKernelsVersion, MBF_CPU_ISA, lanes::kVectorBytes, table<float>(),
-                          table<double>()};
+                          table<double>(), &mbf_bucket_step_tiles<float, Bf16>};
 
 }  // namespace
 

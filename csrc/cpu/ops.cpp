@@ -159,15 +159,18 @@ int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / kCompactTile; }
 
 // The fused step over compact tiles [0, n_tiles) of the segments, split across threads;
 // adds the counters to stats ([skipped curvature blocks, failed factorisations]).
-template <typename T>
-void run_step(const std::vector<cpu::StepSegment<T>>& segs, T* F, T* factor, int64_t d,
+template <typename T, typename FT = T>
+void run_step(const std::vector<cpu::StepSegment<T>>& segs, T* F, FT* factor, int64_t d,
               int64_t n_tiles, const cpu::StepConfig& cfg, at::Tensor& stats,
               const StepTiles<T>& tiles = {}) {
+  const auto kernel = [] {
+    if constexpr (std::is_same_v<FT, T>) return cpu::kernels().of<T>().mbf_bucket_step_tiles;
+    else return cpu::kernels().f32_bucket_step_bf16;
+  }();
   std::atomic<int64_t> skipped{0}, failed{0};
   at::parallel_for(0, n_tiles, tile_grain(d), [&](int64_t b, int64_t e) {
-    const cpu::StepStats st = cpu::kernels().of<T>().mbf_bucket_step_tiles(
-        segs.data(), static_cast<int>(segs.size()), F, factor, static_cast<int>(d), b, e, cfg,
-        tiles);
+    const cpu::StepStats st = kernel(segs.data(), static_cast<int>(segs.size()), F, factor,
+                                     static_cast<int>(d), b, e, cfg, tiles);
     skipped += st.skipped_curvature;
     failed += st.failed_factor;
   });
@@ -218,8 +221,17 @@ void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
         params, grads, momenta, curvature, segments, d, cfg, second_moments, tile_damping,
         tile_scale, tile_norms, directions, mode,
         [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
-          run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(),
-                             factor.mutable_data_ptr<scalar_t>(), d, used, cfg, stats, tiles);
+          scalar_t* F = curvature.mutable_data_ptr<scalar_t>();
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (factor.scalar_type() == at::kBFloat16) {
+              run_step<float, Bf16>(
+                  segs, F, reinterpret_cast<Bf16*>(factor.mutable_data_ptr<at::BFloat16>()), d,
+                  used, cfg, stats, tiles);
+              return;
+            }
+          }
+          run_step<scalar_t>(segs, F, factor.mutable_data_ptr<scalar_t>(), d, used, cfg, stats,
+                             tiles);
         });
   });
 }
@@ -235,7 +247,8 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const c10::optional<at::Tensor>& tile_norms,
                          const c10::optional<at::Tensor>& directions, double beta2, double eps,
                          int64_t mode) {
-  const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
+  const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats,
+                                 Bf16Factor::kAny);
   const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                             decoupled_weight_decay, beta2, eps};
   bucket_pass(params, contiguous_all(grads), momenta, curvature, factor, stats, segments, d, cfg,
@@ -727,7 +740,7 @@ class BoundBuckets : public torch::CustomClassHolder {
     std::vector<int64_t> dims;  // each bucket's d, its tensors checked once for both passes
     for (size_t b = 0; b < curvatures_.size(); ++b)
       dims.push_back(check_bucket(params_, grads, momenta_, curvatures_[b], factors_[b],
-                                  stats_[b]));
+                                  stats_[b], Bf16Factor::kAny));
     for (const int64_t mode : graft ? std::vector<int64_t>{kModeGraft, kModeGraft | kModeWrite}
                                     : std::vector<int64_t>{kModeWrite}) {
       const bool refreshes = mode != (kModeGraft | kModeWrite);  // the first pass

@@ -4,6 +4,7 @@
 // Torch-free: built into the extension and into the CMake library alike.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "mbf/batched.h"
@@ -28,6 +29,22 @@ struct CompactRows {
   }
 };
 
+// CompactRows of a bfloat16 factor (factor_dtype="bfloat16"), widened to float as read: W
+// 16-bit values zero-extended to 32 bits and shifted into the top half (vpmovzxwd + vpslld).
+struct Bf16Rows {
+  const Bf16* base;
+  V<float> operator[](int t) const {
+    typedef uint16_t H __attribute__((vector_size(sizeof(V<float>) / 2)));
+    typedef uint32_t U __attribute__((vector_size(sizeof(V<float>))));
+    H h;
+    std::memcpy(&h, base + t * kCompactTile, sizeof(H));
+    return (V<float>)(__builtin_convertvector(h, U) << 16);
+  }
+};
+template <typename T>
+CompactRows<T> factor_rows(const T* base) { return {base}; }
+inline Bf16Rows factor_rows(const Bf16* base) { return {base}; }
+
 // Compact rows of one sub-tile (W lanes at `base`, row stride kCompactTile) in and out.
 template <typename T>
 void load_compact(const T* base, int rows, V<T>* out) {
@@ -36,6 +53,17 @@ void load_compact(const T* base, int rows, V<T>* out) {
 template <typename T>
 void store_compact(const V<T>* in, int rows, T* base) {
   for (int r = 0; r < rows; ++r) std::memcpy(base + r * kCompactTile, &in[r], sizeof(V<T>));
+}
+// store_compact into a factor of storage FT: a bfloat16 one has each value rounded
+// (bf16_from_float); at a refactor only, so plainly.
+template <typename T, typename FT>
+void store_factor(const V<T>* in, int rows, FT* base) {
+  if constexpr (std::is_same_v<FT, T>) {
+    store_compact<T>(in, rows, base);
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int l = 0; l < Ln<T>::W; ++l) base[r * kCompactTile + l] = bf16_from_float(in[r][l]);
+  }
 }
 
 // store_compact with non-temporal stores, where this level has them and `base` is aligned to
@@ -139,7 +167,8 @@ struct CompactTile {
   // Failed lanes get the diagonal fallback of MBF_SPEC section 4 when `fallback` is set
   // (1 / sqrt(F_ii + damping) where finite and positive, else 1 / sqrt(damping), else 1),
   // zeros otherwise. Returns the per-lane info of the factorisation.
-  M<T> refactor(T* Lc, T damping, bool fallback) {
+  template <typename FT>
+  M<T> refactor(FT* Lc, T damping, bool fallback) {
     for (int t = 0; t < tri; ++t) L[t] = F[t];
     for (int i = 0; i < n; ++i) L[tri_index(i, i)] += damping;
     const M<T> info = lanes::factor_tile<T, D>(L.data(), inv_diag.data(), n);
@@ -157,19 +186,22 @@ struct CompactTile {
       for (int j = 0; j < i; ++j) L[tri_index(i, j)] = failed ? zero : L[tri_index(i, j)];
       L[tri_index(i, i)] = failed ? replacement : inv_diag[i];
     }
-    store_compact<T>(L.data(), tri, Lc);
+    store_factor<T>(L.data(), tri, Lc);
     return info;
   }
 
   // x = (L L^T)^{-1} x, read straight from the compact factor rows at Lc (whose diagonal
-  // holds 1 / L_ii): no copy of the factor per tile.
-  void solve(const T* Lc) {
-    lanes::solve_tile<T, D, /*InvDiagInL=*/true>(CompactRows<T>{Lc}, nullptr, x.data(), n, 1);
+  // holds 1 / L_ii): no copy of the factor per tile. A refactor in the same step wrote Lc
+  // first, so a bfloat16 factor is used as stored, rounded, from its first step on.
+  template <typename FT>
+  void solve(const FT* Lc) {
+    lanes::solve_tile<T, D, /*InvDiagInL=*/true>(factor_rows(Lc), nullptr, x.data(), n, 1);
   }
 
   // The fused step for the W blocks of segment `s` starting at its block b0, of which cnt
   // are real; they sit at lanes [u, u + W) of compact tile t (StepTiles' index).
-  void step(const StepSegment<T>& s, T* Fc, T* Lc, int64_t b0, int cnt, const StepConfig& cfg,
+  template <typename FT>
+  void step(const StepSegment<T>& s, T* Fc, FT* Lc, int64_t b0, int cnt, const StepConfig& cfg,
             const StepTiles<T>& tiles, int64_t t, int u, StepStats& stats) {
     const bool apply = applies_direction(cfg);
     if (!apply || s.flags.update_curvature)
@@ -264,13 +296,16 @@ void for_each_subtile(int64_t n_blocks, int64_t t0, int64_t t1, Body&& body) {
 
 }  // namespace
 
-template <typename T>
+template <typename T, typename FT>
 StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
-                                T* factor, int d, int64_t tile_begin, int64_t tile_end,
+                                FT* factor, int d, int64_t tile_begin, int64_t tile_end,
                                 const StepConfig& cfg, const StepTiles<T>& tiles) {
+  static_assert(std::is_same_v<FT, T> || (std::is_same_v<FT, Bf16> && std::is_same_v<T, float>),
+                "the factor is stored as the state's dtype, or as bfloat16 for float32");
   StepStats stats;
   const int64_t tri = int64_t(d) * (d + 1) / 2, tile_elems = tri * kCompactTile;
   const int64_t tile_bytes = tile_elems * int64_t(sizeof(T));
+  const int64_t factor_tile_bytes = tile_elems * int64_t(sizeof(FT));
   // The last segment starting at or before tile_begin (segments are sorted by tile_offset).
   const StepSegment<T>* end = segments + n_segments;
   const StepSegment<T>* first = std::upper_bound(
@@ -296,7 +331,7 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
                            d * kCompactTile * int64_t(sizeof(T)));
             prefetch_bytes(s->p + next_row, rows_bytes);
           } else {
-            prefetch_bytes(factor + (t + 1) * tile_elems, tile_bytes);
+            prefetch_bytes(factor + (t + 1) * tile_elems, factor_tile_bytes);
             prefetch_bytes(s->g + next_row, rows_bytes);
             prefetch_bytes(s->m + next_row, rows_bytes);
             if (needs_p(cfg)) prefetch_bytes(s->p + next_row, rows_bytes);
@@ -580,6 +615,9 @@ void scaled_add_rows(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, i
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)
 #undef MBF_INSTANTIATE
+template StepStats mbf_bucket_step_tiles<float, Bf16>(const StepSegment<float>*, int, float*,
+                                                      Bf16*, int, int64_t, int64_t,
+                                                      const StepConfig&, const StepTiles<float>&);
 
 }  // namespace cpu
 }  // namespace mbf

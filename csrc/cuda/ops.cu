@@ -147,20 +147,20 @@ std::pair<at::Tensor, int64_t> upload_segments(const std::vector<StepSegment<T>>
   return {host.to(device, /*non_blocking=*/true), ctas};
 }
 
-template <typename T>
+template <typename T, typename FT = T>
 void run_bucket_step(const std::vector<StepSegment<T>>& segs, at::Tensor& curvature,
-                     at::Tensor& factor, at::Tensor& stats, int64_t d, const StepConfig& cfg,
+                     FT* factor, at::Tensor& stats, int64_t d, const StepConfig& cfg,
                      const StepTiles<T>& tiles = {}) {
   if (segs.empty()) return;
   const std::pair<at::Tensor, int64_t> uploaded = upload_segments<T>(segs, curvature.device());
   const at::Tensor& table = uploaded.first;
   const int64_t ctas = uploaded.second;
   const uint8_t* base = table.const_data_ptr<uint8_t>();
-  check_launch(cuda::bucket_step<T>(
+  check_launch(cuda::bucket_step<T, FT>(
                    reinterpret_cast<const StepSegment<T>*>(base),
                    reinterpret_cast<const int64_t*>(base + segs.size() * sizeof(StepSegment<T>)),
                    static_cast<int>(segs.size()), ctas, curvature.mutable_data_ptr<T>(),
-                   factor.mutable_data_ptr<T>(), static_cast<int>(d), cfg, tiles,
+                   factor, static_cast<int>(d), cfg, tiles,
                    reinterpret_cast<unsigned long long*>(stats.mutable_data_ptr<int64_t>()),
                    current_stream()),
                "bucket_step");
@@ -181,7 +181,8 @@ void mbf_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& moment
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "mbf_step_cuda", [&] {
     std::vector<StepSegment<scalar_t>> whole;
     if (param.size(0) > 0) whole.push_back(whole_segment<scalar_t>(param, g, momentum, flags));
-    run_bucket_step<scalar_t>(whole, curvature, factor, stats, d, cfg);
+    run_bucket_step<scalar_t>(whole, curvature, factor.mutable_data_ptr<scalar_t>(), stats, d,
+                              cfg);
   });
 }
 
@@ -195,7 +196,8 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           const c10::optional<at::Tensor>& tile_norms,
                           const c10::optional<at::Tensor>& directions, double beta2, double eps,
                           int64_t mode) {
-  const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats);
+  const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats,
+                                 Bf16Factor::kHotSizes);
   check_step_dim(d);
   const c10::cuda::CUDAGuard guard(curvature.device());
   const auto grads_c = contiguous_all(grads);
@@ -206,7 +208,16 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
         params, grads_c, momenta, curvature, segments, d, config, second_moments, tile_damping,
         tile_scale, tile_norms, directions, mode,
         [&](const auto& segs, const StepConfig& cfg, const auto& tiles, int64_t) {
-          run_bucket_step<scalar_t>(segs, curvature, factor, stats, d, cfg, tiles);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (factor.scalar_type() == at::kBFloat16) {
+              run_bucket_step<float, Bf16>(
+                  segs, curvature, reinterpret_cast<Bf16*>(factor.mutable_data_ptr<at::BFloat16>()),
+                  stats, d, cfg, tiles);
+              return;
+            }
+          }
+          run_bucket_step<scalar_t>(segs, curvature, factor.mutable_data_ptr<scalar_t>(), stats,
+                                    d, cfg, tiles);
         });
   });
 }

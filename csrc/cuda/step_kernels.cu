@@ -32,10 +32,10 @@ __device__ __forceinline__ BlockVector<T> block_vector(T* main, T* tail, int64_t
   return {main + b * row_stride, tail != nullptr ? tail + b : nullptr, width};
 }
 
-template <typename T, int D>
+template <typename T, int D, typename FT>
 __global__ void __launch_bounds__(kStepThreads)
     bucket_step_kernel(const StepSegment<T>* __restrict__ segments,
-                       const int64_t* __restrict__ first_cta, int n_segments, T* F, T* L, int d,
+                       const int64_t* __restrict__ first_cta, int n_segments, T* F, FT* L, int d,
                        StepScalars<T> c, StepTiles<T> tiles, unsigned long long* stats) {
   const int64_t cta = blockIdx.x;
   const int s = find_segment(first_cta, n_segments, cta);
@@ -52,11 +52,11 @@ __global__ void __launch_bounds__(kStepThreads)
         tiles.norms != nullptr ? tiles.norms + tile * 2 * kCompactTile + state_block % kCompactTile
                                : nullptr,
         compact_vector<T>(tiles.directions, state_block, d)};
-    counts = step_block<T, D>(
+    counts = step_block<T, D, FT>(
         block_vector<T>(seg.p, seg.p_tail, b, seg.row_stride, seg.width),
         block_vector<const T>(seg.g, seg.g_tail, b, seg.row_stride, seg.width),
         block_vector<T>(seg.m, seg.m_tail, b, seg.row_stride, seg.width),
-        compact_entries<T>(F, state_block, d), compact_entries<T>(L, state_block, d), d, c,
+        compact_entries<T>(F, state_block, d), compact_entries<FT>(L, state_block, d), d, c,
         seg.flags.update_curvature, seg.flags.first_curvature, seg.flags.refactor, ex);
   } else if (c.graft && !c.write && b < ((seg.n_blocks + kCompactTile - 1) /
                                                        kCompactTile) * kCompactTile) {
@@ -107,19 +107,23 @@ inline bool supported(int d) { return d >= 1 && d <= kMaxGenericDim; }
 
 }  // namespace
 
-template <typename T>
+template <typename T, typename FT>
 int bucket_step(const StepSegment<T>* segments, const int64_t* first_cta, int n_segments,
-                int64_t n_ctas, T* F, T* factor, int d, const StepConfig& cfg,
+                int64_t n_ctas, T* F, FT* factor, int d, const StepConfig& cfg,
                 const StepTiles<T>& tiles, unsigned long long* stats, void* stream) {
   if (n_ctas == 0) return cudaSuccess;
   if (!supported(d) || n_segments < 1) return cudaErrorInvalidValue;
   const StepScalars<T> c = step_scalars<T>(cfg);
+  bool launched = false;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    bucket_step_kernel<T, kD><<<static_cast<unsigned>(n_ctas), kStepThreads, 0,
-                                as_stream(stream)>>>(segments, first_cta, n_segments, F, factor,
-                                                     d, c, tiles, stats);
+    if constexpr (kD > 0 || std::is_same_v<FT, T>) {  // a bfloat16 factor: hot sizes only
+      bucket_step_kernel<T, kD, FT><<<static_cast<unsigned>(n_ctas), kStepThreads, 0,
+                                      as_stream(stream)>>>(segments, first_cta, n_segments, F,
+                                                           factor, d, c, tiles, stats);
+      launched = true;
+    }
   });
-  return cudaGetLastError();
+  return launched ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 template <typename T>
@@ -157,7 +161,7 @@ int compact_solve(const T* factor, const T* B, T* X, int64_t n, int d, void* str
 }
 
 #define MBF_INSTANTIATE(T)                                                                    \
-  template int bucket_step<T>(const StepSegment<T>*, const int64_t*, int, int64_t, T*, T*, int, \
+  template int bucket_step<T, T>(const StepSegment<T>*, const int64_t*, int, int64_t, T*, T*, int, \
                               const StepConfig&, const StepTiles<T>&, unsigned long long*,    \
                               void*);                                                         \
   template int compact_outer_ema<T>(T*, const T*, int64_t, int, T, void*);                     \
@@ -167,6 +171,9 @@ int compact_solve(const T* factor, const T* B, T* X, int64_t n, int d, void* str
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)
 #undef MBF_INSTANTIATE
+template int bucket_step<float, Bf16>(const StepSegment<float>*, const int64_t*, int, int64_t,
+                                      float*, Bf16*, int, const StepConfig&,
+                                      const StepTiles<float>&, unsigned long long*, void*);
 
 }  // namespace cuda
 }  // namespace mbf

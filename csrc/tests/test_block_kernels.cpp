@@ -563,6 +563,123 @@ void test_device_compact_ops_match_cpu_t() {
   }
 }
 
+// The factor in bfloat16 (factor_dtype): rounded to nearest, ties to even, as torch rounds; the
+// refactor stores exactly the rounded float32 factor, and every solve reads the stored values:
+// from the same (rounded) factor, the bfloat16 step and the float32 step agree bit for bit.
+void test_bf16_factor_step() {
+  using mbf::Bf16;
+  auto bits = [](float x) { return mbf::bf16_from_float(x).bits; };
+  EXPECT(bits(1.0f) == 0x3F80, "1.0");
+  EXPECT(bits(1.0f + 0x1p-8f) == 0x3F80, "a tie rounds to the even 1.0");
+  EXPECT(bits(1.0f + 3 * 0x1p-8f) == 0x3F82, "a tie rounds to the even neighbour above");
+  EXPECT(bits(1.0f + 0x1p-8f + 0x1p-20f) == 0x3F81, "above the tie rounds up");
+  EXPECT(bits(-1.5f) == 0xBFC0, "-1.5");
+  EXPECT(bits(std::numeric_limits<float>::infinity()) == 0x7F80, "inf");
+  EXPECT(bits(std::numeric_limits<float>::max()) == 0x7F80, "FLT_MAX rounds to inf");
+  const float nan = mbf::bf16_to_float(mbf::bf16_from_float(std::nanf("")));
+  EXPECT(std::isnan(nan), "NaN stays NaN");
+  EXPECT(mbf::bf16_to_float(Bf16{0x3F81}) == 1.0f + 0x1p-7f, "widening");
+  for (int d : kDims) {
+    const int64_t n = kBlocks, tri = int64_t(d) * (d + 1) / 2;
+    const int64_t tiles = (n + mbf::kCompactTile - 1) / mbf::kCompactTile;
+    const int64_t state = tiles * tri * mbf::kCompactTile;
+    const auto g = random_vec<float>(n * d, 7 + d);
+    auto p16 = random_vec<float>(n * d, 3 + d), p32 = p16;
+    std::vector<float> m16(n * d, 0.5f), m32 = m16, F16(state, 0.0f), F32(state, 0.0f);
+    std::vector<float> L32(state, 0.0f);
+    std::vector<Bf16> L16(state, Bf16{0});
+    auto step = [&](std::vector<float>& p, std::vector<float>& m, std::vector<float>& F,
+                    auto* L, mbf::StepFlags flags, const mbf::StepConfig& cfg,
+                    const mbf::StepTiles<float>& tiles_in = {}) {
+      const mbf::StepSegment<float> seg{p.data(), g.data(), m.data(), nullptr, nullptr, nullptr,
+                                        n, d, 0, d, flags};
+      mbf::cpu::mbf_bucket_step_tiles(&seg, 1, F.data(), L, d, 0, tiles, cfg, tiles_in);
+    };
+    // The refactor (first refresh, paper's pass): the stored factor is the float32 one rounded.
+    const mbf::StepConfig paper{0.05, 0.9, 0.9, 0.1, 0.01, true};
+    step(p16, m16, F16, L16.data(), {true, true, true}, paper);
+    step(p32, m32, F32, L32.data(), {true, true, true}, paper);
+    for (int64_t i = 0; i < state; ++i)
+      EXPECT(L16[i].bits == mbf::bf16_from_float(L32[i]).bits, "d=%d factor entry %lld", d,
+             (long long)i);
+    if (mbf::is_hot_block_dim(d)) {
+      // The CUDA kernels' per-block code (compact_block.h; a bfloat16 factor at the hot sizes),
+      // here on the host: the refactor's factor within one bfloat16 ulp of the CPU's (two
+      // float32 factorisations round alike except next to a rounding boundary), and from the
+      // CPU's stored factor the cached step to float32 rounding.
+      auto pd = random_vec<float>(n * d, 3 + d);
+      std::vector<float> md(n * d, 0.5f), Fd(state, 0.0f);
+      std::vector<Bf16> Ld(state, Bf16{0});
+      std::vector<float> scratch(16 * d + 64, 0.0f);
+      auto device_step = [&](mbf::StepFlags flags) {
+        const mbf::StepScalars<float> c = mbf::step_scalars<float>(paper);
+        MBF_DISPATCH_BLOCK_DIM(d, [&] {
+          if constexpr (kD > 0) {
+            for (int64_t b = 0; b < n; ++b) {
+              // (the paper's pass reads no v, norms or direction; real buffers all the same)
+              const mbf::BlockExtras<float> ex{
+                  c.damping, {scratch.data(), nullptr, d}, 1.0f, 1.0f, 1.0f, scratch.data(),
+                  mbf::compact_vector<float>(scratch.data(), 0, d)};
+              mbf::step_block<float, kD, Bf16>(
+                  {pd.data() + b * d, nullptr, d}, {g.data() + b * d, nullptr, d},
+                  {md.data() + b * d, nullptr, d}, mbf::compact_entries<float>(Fd.data(), b, d),
+                  mbf::compact_entries<Bf16>(Ld.data(), b, d), d, c, flags.update_curvature,
+                  flags.first_curvature, flags.refactor, ex);
+            }
+          }
+        });
+      };
+      device_step({true, true, true});
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t e = 0; e < tri; ++e) {
+          const int64_t at = (b / 16) * tri * 16 + e * 16 + b % 16;
+          const float dev = mbf::bf16_to_float(Ld[at]), cpu = mbf::bf16_to_float(L16[at]);
+          EXPECT(std::fabs(dev - cpu) <= 0x1p-7f * std::fabs(cpu), "d=%d block %lld entry %lld: "
+                 "factor %g on the device, %g on the CPU", d, (long long)b, (long long)e,
+                 double(dev), double(cpu));
+        }
+      Ld = L16;
+      pd = p16;
+      md = m16;
+      device_step({false, false, false});
+      auto pc = p16, mc = m16;
+      auto Fc = F16;
+      auto Lc = L16;
+      step(pc, mc, Fc, Lc.data(), {false, false, false}, paper);
+      EXPECT(count_mismatches(pd, pc, 20 * tolerance<float>()) == 0 &&
+                 count_mismatches(md, mc, 20 * tolerance<float>()) == 0,
+             "d=%d: the device's cached step differs from the CPU's", d);
+    }
+    // From the same stored factor: the paper's pass, then a grafted measuring pass.
+    for (int64_t i = 0; i < state; ++i) L32[i] = mbf::bf16_to_float(L16[i]);
+    p32 = p16;
+    m32 = m16;
+    step(p16, m16, F16, L16.data(), {false, false, false}, paper);
+    step(p32, m32, F32, L32.data(), {false, false, false}, paper);
+    EXPECT(p16 == p32 && m16 == m32, "d=%d: the cached step differs", d);
+    mbf::StepConfig measure = paper;
+    measure.write = false;
+    measure.graft = true;
+    std::vector<float> v16(n * d, 0.25f), v32 = v16, norms16(tiles * 2 * mbf::kCompactTile);
+    std::vector<float> norms32 = norms16, dir16(tiles * d * mbf::kCompactTile), dir32 = dir16;
+    auto measured = [&](std::vector<float>& p, std::vector<float>& m, std::vector<float>& v,
+                        std::vector<float>& F, auto* L, std::vector<float>& norms,
+                        std::vector<float>& dir) {
+      mbf::StepSegment<float> seg{p.data(), g.data(), m.data(), nullptr, nullptr, nullptr,
+                                  n, d, 0, d, {false, false, false}};
+      seg.v = v.data();
+      mbf::StepTiles<float> out;
+      out.norms = norms.data();
+      out.directions = dir.data();
+      mbf::cpu::mbf_bucket_step_tiles(&seg, 1, F.data(), L, d, 0, tiles, measure, out);
+    };
+    measured(p16, m16, v16, F16, L16.data(), norms16, dir16);
+    measured(p32, m32, v32, F32, L32.data(), norms32, dir32);
+    EXPECT(m16 == m32 && v16 == v32 && norms16 == norms32 && dir16 == dir32,
+           "d=%d: the grafted measuring pass differs", d);
+  }
+}
+
 template <void (*F32)(), void (*F64)()>
 void both() {
   F32();
@@ -588,6 +705,7 @@ int main(int argc, char** argv) {
       {"bucket_segments_match_rows", both<test_bucket_segments_match_rows_t<float>, test_bucket_segments_match_rows_t<double>>},
       {"device_step_matches_cpu_step", both<test_device_step_matches_cpu_step_t<float>, test_device_step_matches_cpu_step_t<double>>},
       {"device_compact_ops_match_cpu", both<test_device_compact_ops_match_cpu_t<float>, test_device_compact_ops_match_cpu_t<double>>},
+      {"bf16_factor_step", test_bf16_factor_step},
   };
   if (!mbf::cpu::cpu_runs_level(MBF_CPU_ISA)) {
     std::fprintf(stderr, "skipped: this CPU cannot run the %s kernels\n", MBF_CPU_ISA);

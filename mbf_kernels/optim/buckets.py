@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..dispatch import cpu_ops, select
+from ..dispatch import cpu_ops, module, select
 from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles
 from ..reference import relative_damping
 from .blocks import Unit
 from .fsdp import LocalShards
-from .options import momentum_coef
+from .options import bfloat16_factor, momentum_coef
 from .shared import SharedSet
 from .shared_block import SharedBlock
 
@@ -70,6 +70,19 @@ class Bucket:
             self.stats = torch.zeros(2, dtype=torch.int64, device=self.device)
             self.step_fn = module.mbf_bucket_step_
         return self.step_fn
+
+    def factor_dtype(self, group: dict) -> torch.dtype:
+        """The storage of this bucket's factor: bfloat16 for a float32 bucket of a group whose
+        ``factor_dtype`` asks for it (options.bfloat16_factor) where its step reads one (the
+        cpu, triton and torch backends; the CUDA kernels at their hot block sizes only), else
+        the state's dtype."""
+        if not bfloat16_factor(group) or self.dtype != torch.float32:
+            return self.dtype
+        cuda = module("cuda")
+        if (self.device.type == "cuda" and self.step_function(group["backend"]) is
+                cuda.mbf_bucket_step_ and self.d not in cuda.build_info()["hot_block_sizes"]):
+            return self.dtype
+        return torch.bfloat16
 
 
 @dataclass

@@ -137,7 +137,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         for b in buckets.values():
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
-            b.factor = torch.zeros(shape, dtype=b.dtype, device=b.device)
+            b.factor = torch.zeros(shape, dtype=b.factor_dtype(group), device=b.device)
         reduce = None if shards is None else shards.all_reduce
         shared = [SharedSet(us, dtype, device, graft, reduce)
                   for (dtype, device), us in shared_units.items()]
@@ -286,14 +286,15 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
 
     def block_summary(self) -> list[dict]:
         """One row per bucket / shared block: group, kind, d, blocks, dtype, device, bytes (its
-        curvature and factor state); a shared block also its layer's name and ``rank`` (d when
+        curvature and factor state; a bucket also its factor's storage, factor_dtype); a shared block also its layer's name and ``rank`` (d when
         it is exact, "shared"; less when it is kept at a rank, "lowrank")."""
         rows = []
         for gi, plan in enumerate(self._plans):
             for b in plan.buckets:
                 rows.append(dict(group=gi, kind="blocks", d=b.d,
                                  blocks=sum(s.n_blocks for _, s, _ in b.entries),
-                                 dtype=str(b.dtype), device=str(b.device),
+                                 dtype=str(b.dtype), factor_dtype=str(b.factor.dtype),
+                                 device=str(b.device),
                                  bytes=b.curvature.nbytes + b.factor.nbytes))
             for sh in plan.shared_blocks:
                 rows.append(dict(group=gi, kind="shared" if sh.lowrank is None else "lowrank",

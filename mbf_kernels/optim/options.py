@@ -21,13 +21,16 @@ from .precision import MATMUL
 from .sharding import SHARD
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
-           "DAMPING_MODE", "FISHER", "RUN_OPTIONS", "validate_group", "prepare_group",
-           "momentum_coef", "state_dtype"]
+           "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group", "prepare_group",
+           "momentum_coef", "state_dtype", "bfloat16_factor"]
 
 #: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
 GRAFT = ("none", "adam")
 DAMPING_MODE = ("absolute", "relative")
 FISHER = ("empirical", "true")
+#: How a float32 bucket stores its factor (:func:`bfloat16_factor`): "auto" (bfloat16 under
+#: relative damping), in the state's dtype, or in bfloat16.
+FACTOR_DTYPE = ("auto", "state", "bfloat16")
 
 
 def _real(name: str, value: object) -> float:
@@ -67,6 +70,9 @@ class MBFOptions:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     fisher: str = "empirical"  # "empirical" | "true" (MBF-True: sampled labels)
+    # A float32 bucket's Cholesky factor in bfloat16 (half the step's largest stream;
+    # docs/options.md): "auto" under relative damping only (bfloat16_factor).
+    factor_dtype: str = "auto"  # "auto" | "state" | "bfloat16"
     # Each data-parallel rank keeps and works on a share of the blocks (optim/sharding.py);
     # None: when a process group of more than one rank is initialised.
     shard_curvature: bool | None = None
@@ -96,7 +102,8 @@ class MBFOptions:
         for name, choices in (("large_linear", LARGE_LINEAR), ("shared_matmul", MATMUL),
                               ("conv1x1", CONV1X1),
                               ("backend", CHOICES), ("graft", GRAFT),
-                              ("damping_mode", DAMPING_MODE), ("fisher", FISHER)):
+                              ("damping_mode", DAMPING_MODE), ("fisher", FISHER),
+                              ("factor_dtype", FACTOR_DTYPE)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"MBF: {name} must be one of {choices}, got "
                                  f"{getattr(self, name)!r}")
@@ -129,7 +136,7 @@ PAPER_LR, PAPER_DAMPING = 0.01, 0.3
 #: Options that shape the optimizer's buffers or describe this run (fixed at construction):
 #: kept from the loading optimizer on load_state_dict.
 RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "shared_rank", "conv1x1", "graft",
-               "damping_mode", "fisher", "shard_curvature")
+               "damping_mode", "fisher", "shard_curvature", "factor_dtype")
 
 
 def validate_group(group: dict) -> None:
@@ -150,6 +157,16 @@ def prepare_group(group: dict) -> None:
 def momentum_coef(group: dict) -> float:
     """The heavy-ball coefficient: AdamW's beta1 when grafting from Adam."""
     return group["betas"][0] if group["graft"] == "adam" else group["momentum"]
+
+
+def bfloat16_factor(group: dict) -> bool:
+    """Whether the group's float32 buckets keep their factor in bfloat16 (``factor_dtype``).
+    "auto" does under relative damping, whose damping is a fixed fraction of each unit's mean
+    curvature eigenvalue and so bounds how much the factor's rounding (half a bfloat16 ulp,
+    2^-8 relative, per entry) can move the direction; it does not under absolute damping, so
+    that the paper's options give section 3's update exactly, whatever the defaults are."""
+    option = group["factor_dtype"]
+    return option == "bfloat16" or (option == "auto" and group["damping_mode"] == "relative")
 
 
 def state_dtype(p: Tensor) -> torch.dtype:

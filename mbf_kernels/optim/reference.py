@@ -15,8 +15,10 @@ from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
+from ..layout import cholesky_from_factor, factor_from_cholesky
 from ..reference import relative_damping
-from .options import DEFAULTS, momentum_coef, prepare_group, state_dtype, validate_group
+from .options import (DEFAULTS, bfloat16_factor, momentum_coef, prepare_group, state_dtype,
+                      validate_group)
 
 
 class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
@@ -72,6 +74,14 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
         fallback = torch.where(torch.isfinite(s) & (s > 0), s.clamp_min(0).sqrt(),
                                torch.as_tensor(floor, dtype=s.dtype, device=s.device).expand_as(s))
         return torch.where(failed[..., None, None], torch.diag_embed(fallback), L)
+
+    @staticmethod
+    def _stored(group: dict, unit, L: Tensor) -> Tensor:
+        """The factor L as a bucket stores it: with a bfloat16 factor (factor_dtype, float32
+        blocks that are not shared), packed with 1 / L_ii and each entry rounded."""
+        if bfloat16_factor(group) and L.dtype == torch.float32 and unit.kind != "shared":
+            return cholesky_from_factor(factor_from_cholesky(L).to(torch.bfloat16).to(L))
+        return L
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -140,7 +150,7 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
                 count = sum(F.shape[0] * F.shape[-1] for F in Fs)
                 damping = relative_damping(group["damping"], diag, count)
             for s in range(len(unit.segments)):
-                st["L"][s] = self._factor(st["F"][s], damping)
+                st["L"][s] = self._stored(group, unit, self._factor(st["F"][s], damping))
         # Step 5: u = (F + lambda I)^{-1} m per block (shared: every row).
         Us = []
         for s, seg in enumerate(unit.segments):

@@ -177,7 +177,10 @@ def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile
     d = tril_dim(F.shape[1])
     check_float("curvature", F)
     check_d(d)
-    check_like("factor", L, "curvature", F)
+    if not (L.dtype == torch.bfloat16 and F.dtype == torch.float32):  # (factor_dtype)
+        check_like("factor", L, "curvature", F)
+    elif L.device != F.device:
+        raise ValueError(f"mbf_kernels triton: factor must be on {F.device}, got {L.device}")
     if L.shape != F.shape or not (F.is_contiguous() and L.is_contiguous()):
         raise ValueError("mbf_kernels triton: factor must have curvature's shape, and both "
                          "must be contiguous (they are updated in place)")

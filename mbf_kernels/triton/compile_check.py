@@ -45,13 +45,20 @@ VARIANTS = {
                               WRITE=False, GRAFT=True),
         "graft write": dict(DECOUPLED=True, UPDATE_CURVATURE=False, FIRST_CURVATURE=False,
                             WRITE=True, GRAFT=True),
+        "graft measure, bf16 factor": dict(DECOUPLED=True, UPDATE_CURVATURE=False,
+                                           FIRST_CURVATURE=False, WRITE=False, GRAFT=True,
+                                           _pointers={"L": "*bf16"}),
     },
     "_bucket_refactor_kernel": {
         "refresh + refactor": dict(UPDATE_CURVATURE=True, FIRST_CURVATURE=False,
-                                   TILE_DAMPING=False),
-        "refactor only": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False, TILE_DAMPING=False),
+                                   TILE_DAMPING=False, BF16_FACTOR=False),
+        "refactor only": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False, TILE_DAMPING=False,
+                              BF16_FACTOR=False),
         "relative damping": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False,
-                                 TILE_DAMPING=True),
+                                 TILE_DAMPING=True, BF16_FACTOR=False),
+        "relative damping, bf16 factor": dict(UPDATE_CURVATURE=False, FIRST_CURVATURE=False,
+                                              TILE_DAMPING=True, BF16_FACTOR=True,
+                                              _pointers={"L": "*bf16"}),
     },
 }
 #: Every kernel, by name, in its op family's module.
@@ -89,10 +96,12 @@ def _jit_function(kernel):
     return kernel
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> dict:
+def _signature(fn, dtype: str, constexprs: dict, pointers: dict) -> dict:
     sig = {}
     for name in fn.arg_names:
-        if name in constexprs:
+        if name in pointers:  # a variant's own pointer types (a bfloat16 factor)
+            sig[name] = pointers[name]
+        elif name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS_INT:
             sig[name] = _POINTERS_INT[name]
@@ -126,17 +135,23 @@ def compile_kernel(name: str, d: int, *, dtype: str = "fp32", arch: int = 90,
     cfg_block, cfg_warps = CONFIGS[0]
     block, num_warps = block or cfg_block, num_warps or cfg_warps
     constexprs = dict(D=d, BLOCK=block, **(VARIANTS[name][variant] if variant else {}))
+    pointers = constexprs.pop("_pointers", {})
+    if pointers and dtype != "fp32":
+        raise ValueError(f"{name} {variant!r}: a bfloat16 factor goes with float32 state only")
     start = time.perf_counter()
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs),
+        ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs, pointers),
+                  constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
     seconds = time.perf_counter() - start
     regs, stack = _resource_usage(compiled.asm["cubin"])
     return Compiled(name, variant, d, dtype, arch, block, num_warps, seconds, regs, stack)
 
 
-def variants(name: str) -> list[str]:
-    return list(VARIANTS.get(name, {"": {}}))
+def variants(name: str, dtype: str = "fp32") -> list[str]:
+    """The kernel's variants that compile for ``dtype`` (a bfloat16 factor: float32 only)."""
+    return [v for v, flags in VARIANTS.get(name, {"": {}}).items()
+            if dtype == "fp32" or "_pointers" not in flags]
 
 
 def _parse_case(text: str) -> dict:
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("TRITON_INTERPRET=1 is set: unset it to run Triton's compiler")
     cases = args.case or [dict(name=name, d=d, dtype=dtype, arch=arch, variant=variant)
                           for arch in args.arch for dtype in args.dtype for d in args.d
-                          for name in args.kernel for variant in variants(name)]
+                          for name in args.kernel for variant in variants(name, dtype)]
     print("| kernel | variant | d | dtype | sm | BLOCK x warps | compile s | registers | "
           "stack bytes |")
     print("|---|---|---|---|---|---|---|---|---|")

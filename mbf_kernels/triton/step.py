@@ -124,9 +124,19 @@ def _tiles(row, blocks):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16, ties to even (as the CPU kernels and torch
+    round), still as float32: the conversion that follows is then exact, whatever rounding the
+    compiler's or the interpreter's (which truncates) float32 -> bfloat16 uses."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.constexpr,
                             FIRST_CURVATURE: tl.constexpr, TILE_DAMPING: tl.constexpr,
-                            D: tl.constexpr, BLOCK: tl.constexpr):
+                            BF16_FACTOR: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
     """The refactor phase of a step (every T2-th): optional curvature refresh, then the factor
     of F + damping I, a failed block getting the diagonal fallback; F and L stored. The step
     kernel follows with the cached factor. Apart, because the factorisation and the solve in
@@ -153,6 +163,11 @@ def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.
         f = load_tri(F, state, mask, D, True)
     l, info = cholesky(f, damping, D)
     l = diagonal_fallback(l, f, info != 0, damping, floor, D)
+    if BF16_FACTOR:
+        rounded = ()
+        for e in tl.static_range(T):
+            rounded = rounded + (_round_bf16(l[e]),)
+        l = rounded
     store_tri(L, state, mask, l, D)
     n_failed = tl.sum((mask & (info != 0)).to(tl.int64), axis=0)
     tl.atomic_add(stats + 1, n_failed, mask=n_failed > 0)
@@ -248,7 +263,10 @@ def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN, DIR,
         _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
                     _moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
     elif WRITE or GRAFT:
-        l = load_tri(L, state, mask, D, True)
+        stored = load_tri(L, state, mask, D, True)
+        l = ()
+        for e in tl.static_range(T):  # a bfloat16 factor (factor_dtype) widened as read
+            l = l + (stored[e].to(dt),)
         p_ptr = F + tl.load(row + SEG_P)
         pt_ptr = F + tl.load(row + SEG_PT)
         m_ptr = F + tl.load(row + SEG_M)
@@ -404,6 +422,7 @@ class _StepLaunches:
                                                 damping, UPDATE_CURVATURE=refresh,
                                                 FIRST_CURVATURE=first,
                                                 TILE_DAMPING=self.tile_damping is not None,
+                                                BF16_FACTOR=self.L.dtype == torch.bfloat16,
                                                 **meta)
                 refresh = first = False
             if write or graft or refresh:

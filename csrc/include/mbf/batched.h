@@ -13,8 +13,40 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+
+#include "mbf/small_spd.h"  // MBF_HD: the conversions below run in the CUDA kernels too
 
 namespace mbf {
+
+// A bfloat16 by its bits (the top half of a float32's), torch-free: the 16-bit storage of a
+// float32 bucket's factor (option factor_dtype="bfloat16"). The factor is the step's largest
+// stream (20 of the grafted step's 56 bytes per element at d = 9), and a rounded Cholesky
+// factor still defines an SPD preconditioner, (L L^T)^{-1} with L perturbed.
+struct Bf16 {
+  uint16_t bits;
+};
+MBF_HD float bf16_to_float(Bf16 h) {
+  const uint32_t u = uint32_t(h.bits) << 16;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+// Rounded to nearest, ties to even (as torch's float -> bfloat16); a NaN stays a quiet NaN.
+MBF_HD Bf16 bf16_from_float(float f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+#endif
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return Bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  return Bf16{static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
 
 // ---------------------------------------------------------------------------------------
 // The fused MBF optimizer step for a bucket of N same-size blocks (MBF_SPEC section 3).
@@ -143,9 +175,10 @@ StepStats mbf_step_tiles(T* p, const T* g, T* m, T* F, T* factor, int64_t n_bloc
                          const StepFlags& flags);
 
 // The fused step over compact tiles [tile_begin, tile_end) of a bucket (see StepSegment).
-template <typename T>
+// FT, the factor's storage: T, or Bf16 for T = float (computed in float, stored rounded).
+template <typename T, typename FT = T>
 StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
-                                T* factor, int d, int64_t tile_begin, int64_t tile_end,
+                                FT* factor, int d, int64_t tile_begin, int64_t tile_end,
                                 const StepConfig& cfg, const StepTiles<T>& tiles = {});
 
 // Grafting's row pass over a shared block's rows (mbf_kernels/optim/shared.py), rows
@@ -222,9 +255,11 @@ inline constexpr int kStepThreads = 128;  // threads (blocks of the bucket) per 
 // `segments` (n_segments) and `first_cta` (n_segments + 1, first_cta[0] = 0) live on the
 // device: segment s is served by CUDA blocks [first_cta[s], first_cta[s + 1]), each taking
 // kStepThreads of its blocks. stats[0..1] += [skipped curvature blocks, failed factors].
-template <typename T>
+// FT, the factor's storage: T, or Bf16 beside float at a hot block size only (else
+// cudaErrorInvalidValue).
+template <typename T, typename FT = T>
 int bucket_step(const StepSegment<T>* segments, const int64_t* first_cta, int n_segments,
-                int64_t n_ctas, T* F, T* factor, int d, const StepConfig& cfg,
+                int64_t n_ctas, T* F, FT* factor, int d, const StepConfig& cfg,
                 const StepTiles<T>& tiles, unsigned long long* stats, void* stream);
 template <typename T>
 int compact_outer_ema(T* F, const T* G, int64_t n_blocks, int d, T beta, void* stream);

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "mbf/batched.h"
 #include "mbf/small_spd.h"
@@ -194,6 +195,30 @@ MBF_UNROLL
   for (int e = 0; e < D * (D + 1) / 2; ++e) c[e] = t[e];
 }
 
+// The factor in its storage FT (factor_dtype): T, or Bf16 beside float, widened as read and
+// rounded to nearest as written. At a hot size the stored values are read back into registers,
+// so that the solve of the refactoring step uses the factor as stored, as later steps do.
+MBF_HD float widen(Bf16 x) { return bf16_to_float(x); }
+template <typename T>
+MBF_HD T widen(T x) { return x; }
+template <typename T, int D, typename FT>
+MBF_HD void load_factor(Triangle<T, D>& t, const CompactEntries<FT>& c) {
+MBF_UNROLL
+  for (int e = 0; e < D * (D + 1) / 2; ++e) t[e] = widen(c[e]);
+}
+template <typename T, int D, typename FT>
+MBF_HD void store_factor(Triangle<T, D>& t, const CompactEntries<FT>& c) {
+  if constexpr (std::is_same_v<FT, T>) {
+    store_triangle<T, D>(t, c);
+  } else {
+MBF_UNROLL
+    for (int e = 0; e < D * (D + 1) / 2; ++e) {
+      c[e] = bf16_from_float(t[e]);
+      t[e] = widen(c[e]);
+    }
+  }
+}
+
 // p moved by lr_u x and the decoupled decay.
 template <typename T, int D, typename Vec>
 MBF_HD void move_block(const BlockVector<T>& p, const Vec& x, int d, const StepScalars<T>& c,
@@ -238,10 +263,12 @@ MBF_UNROLL
 }
 
 // One MBF step of one block: p, g, m its vectors (d values each), F and L its compact entries.
-template <typename T, int D>
+// FT, the factor's storage: T, or Bf16 beside float at a hot size only (D > 0; the generic
+// path builds the factor in place in its entries, which bfloat16 would round as it goes).
+template <typename T, int D, typename FT = T>
 MBF_HD BlockCounts step_block(const BlockVector<T>& p, const BlockVector<const T>& g,
                               const BlockVector<T>& m, const CompactEntries<T>& F,
-                              const CompactEntries<T>& L, int d, const StepScalars<T>& c,
+                              const CompactEntries<FT>& L, int d, const StepScalars<T>& c,
                               bool update_curvature, bool first_curvature, bool refactor,
                               const BlockExtras<T>& ex) {
   constexpr int kVec = D > 0 ? D : kMaxGenericDim;
@@ -276,9 +303,9 @@ MBF_UNROLL
         diagonal_fallback<T, D>(f, l, d, ex.damping, floor);
         counts.failed_factor = 1;
       }
-      store_triangle<T, D>(l, L);
+      store_factor<T, D>(l, L);
     } else if ((c.write || c.graft) && !apply) {
-      load_triangle<T, D>(l, L);
+      load_factor<T, D>(l, L);
     }
     if (!c.write && !c.graft) return counts;  // the refresh/refactor-only pass
     if (apply) {
@@ -295,7 +322,7 @@ MBF_UNROLL
       if (c.graft) vv[i] = c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
     }
     solve_packed<T, D>(l, x, d);
-  } else {
+  } else if constexpr (std::is_same_v<FT, T>) {
     if (update_curvature) {
       if (finite) {
         CompactEntries<T> f = F;
@@ -324,6 +351,8 @@ MBF_UNROLL
       if (c.graft) vv[i] = c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
     }
     solve_packed<T, 0>(L, x, d);
+  } else {
+    static_assert(D > 0 || std::is_same_v<FT, T>, "a bfloat16 factor needs a hot block size");
   }
   finish_block<T, D>(p, m, mv, vv, x, d, c, ex);
   return counts;

@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 5;
+inline constexpr int kCpuKernelsVersion = 6;
 
 template <typename T>
 struct KernelTable {
@@ -51,6 +51,9 @@ struct CpuKernels {
   int vector_bytes;    // the SIMD width the level's kernels use (lanes.h kVectorBytes)
   KernelTable<float> f32;
   KernelTable<double> f64;
+  // The float32 bucket step with its factor stored in bfloat16 (factor_dtype="bfloat16").
+  StepStats (*f32_bucket_step_bf16)(const StepSegment<float>*, int, float*, Bf16*, int, int64_t,
+                                    int64_t, const StepConfig&, const StepTiles<float>&);
 
   template <typename T>
   const KernelTable<T>& of() const {
