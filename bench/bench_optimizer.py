@@ -102,8 +102,7 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
         spread = times.get(kind, [t])
         rows.append(dict(
             model=name, large_linear=large_linear, update=update, factor_dtype=factor_dtype,
-            factor_storage=storage,
-            step=kind,
+            factor_storage=storage, step=kind,
             ranks=",".join(str(r["rank"]) for r in shared),
             optimizer={"adamw": "AdamW(fused)", "adamw_foreach": "AdamW(foreach)"}.get(kind, "MBF"),
             median_ms=t * 1e3, min_ms=min(spread) * 1e3, max_ms=max(spread) * 1e3,
@@ -123,7 +122,8 @@ def markdown(rows: list[dict], env: dict) -> str:
     for r in rows:
         ranks = f" ({r['ranks']})" if r["ranks"] else ""
         lines.append(f"| {r['model']} | {r['large_linear']}{ranks} | {r['update']} | "
-                     f"{r['factor_dtype']} ({r['factor_storage']}) | {r['step']} | {r['median_ms']:.1f} "
+                     f"{r['factor_dtype']} ({r['factor_storage']}) | {r['step']} | "
+                     f"{r['median_ms']:.1f} "
                      f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['ratio_vs_adamw']:.2f} | "
                      f"{r['state_x_params']:.1f}x |")
     return "\n".join(lines) + "\n"

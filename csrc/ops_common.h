@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "mbf/batched.h"
@@ -180,7 +181,7 @@ inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::Ten
   if (factor.scalar_type() == at::kBFloat16 && curvature.scalar_type() == at::kFloat) {
     TORCH_CHECK(bf16 == Bf16Factor::kAny || is_hot_block_dim(static_cast<int>(d)),
                 "mbf_kernels: the CUDA kernels take a bfloat16 factor (factor_dtype) at the hot ",
-                "block sizes only (1, 4, 9, 10, 16, 25, 27), got d = ", d);
+                "block sizes only (build_info()['hot_block_sizes']), got d = ", d);
     TORCH_CHECK(factor.device() == curvature.device(), "mbf_kernels: factor must be on ",
                 curvature.device(), ", got ", factor.device());
   } else {
@@ -340,6 +341,19 @@ void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grad
   const auto segs = parse_segments<T>(params, grads, momenta, second_moments, segments, d,
                                       curvature.size(0), cfg, &tiles_used);
   run(segs, cfg, tiles, tiles_used);
+}
+
+// run(factor's data) as the storage its dtype names: T, or Bf16 for a bfloat16 factor beside
+// float32 state (factor_dtype; check_bucket allowed it).
+template <typename T, typename Run>
+void with_factor(at::Tensor& factor, Run&& run) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (factor.scalar_type() == at::kBFloat16) {
+      run(reinterpret_cast<Bf16*>(factor.mutable_data_ptr<at::BFloat16>()));
+      return;
+    }
+  }
+  run(factor.mutable_data_ptr<T>());
 }
 
 // grads made contiguous (kept alive by the caller while the kernels read them).

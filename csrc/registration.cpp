@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/dispatch.h"
+#include "mbf/compact_block.h"  // kMaxGenericDim
 #include "ops_common.h"
 
 TORCH_LIBRARY(mbf_kernels, m) {
@@ -109,7 +110,10 @@ pybind11::dict build_info() {
 #else
   info["cuda"] = false;
 #endif
-  info["hot_block_sizes"] = pybind11::make_tuple(1, 4, 9, 10, 16, 25, 27);
+  pybind11::list hot;  // the sizes MBF_DISPATCH_BLOCK_DIM specialises
+  for (int d = 1; d <= mbf::kMaxGenericDim; ++d)
+    if (mbf::is_hot_block_dim(d)) hot.append(d);
+  info["hot_block_sizes"] = pybind11::tuple(hot);
   return info;
 }
 

@@ -221,17 +221,10 @@ void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
         params, grads, momenta, curvature, segments, d, cfg, second_moments, tile_damping,
         tile_scale, tile_norms, directions, mode,
         [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
-          scalar_t* F = curvature.mutable_data_ptr<scalar_t>();
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (factor.scalar_type() == at::kBFloat16) {
-              run_step<float, Bf16>(
-                  segs, F, reinterpret_cast<Bf16*>(factor.mutable_data_ptr<at::BFloat16>()), d,
-                  used, cfg, stats, tiles);
-              return;
-            }
-          }
-          run_step<scalar_t>(segs, F, factor.mutable_data_ptr<scalar_t>(), d, used, cfg, stats,
-                             tiles);
+          with_factor<scalar_t>(factor, [&](auto* L) {
+            run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(), L, d, used, cfg,
+                               stats, tiles);
+          });
         });
   });
 }

@@ -208,16 +208,9 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
         params, grads_c, momenta, curvature, segments, d, config, second_moments, tile_damping,
         tile_scale, tile_norms, directions, mode,
         [&](const auto& segs, const StepConfig& cfg, const auto& tiles, int64_t) {
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (factor.scalar_type() == at::kBFloat16) {
-              run_bucket_step<float, Bf16>(
-                  segs, curvature, reinterpret_cast<Bf16*>(factor.mutable_data_ptr<at::BFloat16>()),
-                  stats, d, cfg, tiles);
-              return;
-            }
-          }
-          run_bucket_step<scalar_t>(segs, curvature, factor.mutable_data_ptr<scalar_t>(), stats,
-                                    d, cfg, tiles);
+          with_factor<scalar_t>(factor, [&](auto* L) {
+            run_bucket_step<scalar_t>(segs, curvature, L, stats, d, cfg, tiles);
+          });
         });
   });
 }

@@ -286,8 +286,9 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
 
     def block_summary(self) -> list[dict]:
         """One row per bucket / shared block: group, kind, d, blocks, dtype, device, bytes (its
-        curvature and factor state; a bucket also its factor's storage, factor_dtype); a shared block also its layer's name and ``rank`` (d when
-        it is exact, "shared"; less when it is kept at a rank, "lowrank")."""
+        curvature and factor state; a bucket also its factor's storage, factor_dtype); a shared
+        block also its layer's name and ``rank`` (d when it is exact, "shared"; less when it is
+        kept at a rank, "lowrank")."""
         rows = []
         for gi, plan in enumerate(self._plans):
             for b in plan.buckets:

@@ -21,8 +21,8 @@ from .precision import MATMUL
 from .sharding import SHARD
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
-           "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group", "prepare_group",
-           "momentum_coef", "state_dtype", "bfloat16_factor"]
+           "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
+           "prepare_group", "momentum_coef", "state_dtype", "bfloat16_factor"]
 
 #: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
 GRAFT = ("none", "adam")

@@ -127,18 +127,12 @@ MBF_HD void outer_ema_block(T* F, const T* G, int d, int S, T beta) {
   }
 }
 
-// Whether MBF_DISPATCH_BLOCK_DIM below has a specialised path for d.
-MBF_HD constexpr bool is_hot_block_dim(int d) {
-  return d == 1 || d == 4 || d == 9 || d == 10 || d == 16 || d == 25 || d == 27;
-}
-
 }  // namespace mbf
 
 // Calls BODY with `constexpr int kD` bound to the block size when it is one of
 // the hot sizes (3x3, 5x5 and 3x3x3 kernels, small linear rows, ...), else
 // with kD = 0 (generic path). Shared by the CPU and CUDA dispatchers so the
 // list of specialised sizes lives in one place.
-// (is_hot_block_dim: the same list as a predicate; keep the two together.)
 #define MBF_DISPATCH_BLOCK_DIM(d, ...)            \
   [&] {                                           \
     switch (d) {                                  \
@@ -152,3 +146,13 @@ MBF_HD constexpr bool is_hot_block_dim(int d) {
       default: { constexpr int kD = 0; return __VA_ARGS__(); }  \
     }                                             \
   }()
+
+namespace mbf {
+
+// Whether MBF_DISPATCH_BLOCK_DIM has a specialised path for d (read from the macro itself, so
+// the list of hot sizes stays in one place).
+inline bool is_hot_block_dim(int d) {
+  return MBF_DISPATCH_BLOCK_DIM(d, [&] { return kD; }) != 0;
+}
+
+}  // namespace mbf
