@@ -62,6 +62,10 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // a low-rank block's rank-k term: t (n, k) contiguous, basis_t (k, w) (V^T's columns of p).
   m.def("scaled_add_(Tensor(a!) p, Tensor u, float decay, Tensor coef, Tensor? t=None, "
         "Tensor? basis_t=None) -> ()");
+  // A low-rank shared block's refresh sketch (CPU, mbf/batched.h sketch_rows): from the
+  // gradient's weight rows (n, width) and bias (n,) (None: no bias column), G = [weight, bias]
+  // and omega (d, s), returns (G^T (G omega) (d, s), |G|^2) in one pass over the gradient.
+  m.def("sketch_rows(Tensor grad_weight, Tensor? grad_bias, Tensor omega) -> (Tensor, Tensor)");
   // A grafted step of exact shared blocks in one call (CPU): per block its m, v and work rows
   // (n, d), its (d, d) inverse, its weight (and bias: params_per_block 1 or 2, gradients
   // aligned with params, None for none), Adam's bias corrections c1 / s2 and eps / s2.

@@ -244,6 +244,38 @@ def test_scaled_add_op_matches_its_definition(target, dtype, n, width, k):
             torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :width], 0.99, coef, t, vt)
 
 
+@pytest.mark.parametrize("target", cpu_levels())
+@pytest.mark.parametrize("n,width,s,bias", [(9, 20, 5, True), (8, 37, 20, False),
+                                            (21, 4096, 7, True), (3, 4, 1, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sketch_rows_op_matches_its_definition(target, dtype, n, width, s, bias):
+    """A low-rank block's refresh sketch from the gradient itself: G = [weight rows, bias] and
+    (G^T (G omega), |G|^2) against torch in float64, each entry within the rounding bound of
+    its two sums of products; row counts that do and do not fill its 8-row blocks, s across
+    its register groups, rows of a large layer (where the padded strides matter) and a tail."""
+    gw = randn(n, width, seed=1).to(dtype)
+    gb = randn(n, seed=2).to(dtype) if bias else None
+    G = torch.cat([gw, gb[:, None]], 1) if bias else gw
+    omega = randn(G.shape[1], s, seed=3).to(dtype)
+    Y, sq = torch.ops.mbf_kernels.sketch_rows(gw, gb, omega)
+    G64, om64 = G.double(), omega.double()
+    want = G64.mT @ (G64 @ om64)
+    # n + d products summed along the way: gamma_{n+d} times the sums of their magnitudes
+    bound = 2 * (n + G.shape[1]) * torch.finfo(dtype).eps * (
+        G64.abs().mT @ (G64.abs() @ om64.abs()))
+    assert Y.shape == (G.shape[1], s) and Y.dtype == dtype
+    assert ((Y.double() - want).abs() <= bound).all()
+    g_sq = G64.square().sum()
+    assert abs(sq.item() - g_sq.item()) <= 2 * G.numel() * torch.finfo(dtype).eps * g_sq.item()
+    # a non-finite gradient shows in |G|^2 (the refresh then leaves the curvature alone)
+    gw[n // 2, width // 2] = float("nan")
+    assert torch.isnan(torch.ops.mbf_kernels.sketch_rows(gw, gb, omega)[1])
+    with pytest.raises(RuntimeError, match=r"omega must be \("):
+        torch.ops.mbf_kernels.sketch_rows(gw, gb, omega[1:])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.mbf_kernels.sketch_rows(gw.mT.contiguous().mT, gb, omega)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_unit_ratios_op_matches_its_definition(dtype):
     """Grafting's per-unit rescaling from per-block pairs (|u|^2, |a|^2) in two tensors of the

@@ -18,7 +18,7 @@ constexpr KernelTable<T> table() {
           &mbf_bucket_step_tiles<T>,   &compact_outer_ema_tiles<T>,
           &compact_cholesky_tiles<T>,  &compact_solve_tiles<T>,
           &graft_rows<T>,              &project_rows<T>,
-          &scaled_add_rows<T>};
+          &scaled_add_rows<T>,         &sketch_rows<T>};
 }
 
 const CpuKernels kKernels{kCpuKernelsVersion, MBF_CPU_ISA, lanes::kVectorBytes, table<float>(),

@@ -411,6 +411,58 @@ void scaled_add_cpu(at::Tensor& p, const at::Tensor& u, double decay, const at::
   });
 }
 
+// Y = G^T (G omega) and |G|^2 of a low-rank shared block's refresh, straight from the gradient
+// (registration.cpp; mbf/batched.h sketch_rows): each thread accumulates its rows into its own
+// Y^T, summed at the end.
+std::tuple<at::Tensor, at::Tensor> sketch_rows_cpu(const at::Tensor& grad_weight,
+                                                   const c10::optional<at::Tensor>& grad_bias,
+                                                   const at::Tensor& omega) {
+  TORCH_CHECK(grad_weight.dim() == 2 && grad_weight.is_contiguous(),
+              "mbf_kernels: sketch_rows takes contiguous (n, width) weight gradient rows, got ",
+              grad_weight.sizes());
+  TORCH_CHECK(grad_weight.scalar_type() == at::kFloat || grad_weight.scalar_type() == at::kDouble,
+              "mbf_kernels: sketch_rows needs float32 or float64, got ",
+              grad_weight.scalar_type());
+  const int64_t n = grad_weight.size(0), width = grad_weight.size(1);
+  const bool has_bias = grad_bias.has_value();
+  const int64_t d = width + (has_bias ? 1 : 0);
+  if (has_bias) {
+    check_like(*grad_bias, grad_weight, "grad_bias");
+    TORCH_CHECK(grad_bias->is_contiguous() && grad_bias->numel() == n,
+                "mbf_kernels: sketch_rows: grad_bias must be contiguous with ", n,
+                " values, got ", grad_bias->sizes());
+  }
+  check_like(omega, grad_weight, "omega");
+  TORCH_CHECK(omega.dim() == 2 && omega.size(0) == d && omega.size(1) >= 1,
+              "mbf_kernels: sketch_rows: omega must be (", d, ", s) for rows of ", d,
+              " values, got ", omega.sizes());
+  const int64_t s = omega.size(1);
+  // Omega^T and Y^T with rows padded to a stride of 16 values plus 16: at a stride of d values
+  // (16388 B at d = 4097) every row of either starts in the same L1 set, and the s rows the
+  // accumulation touches per column evicted each other (2.6x slower at s = 20, dev VM).
+  const int64_t ld = (d + 15) / 16 * 16 + 16;
+  auto omega_t = at::zeros({s, ld}, omega.options());
+  omega_t.narrow(1, 0, d).copy_(omega.t());
+  const int64_t threads = at::get_num_threads();
+  auto y_t = at::zeros({threads, s, ld}, omega.options());
+  auto t = at::empty({n, s}, omega.options());
+  std::vector<double> sq(threads, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(grad_weight.scalar_type(), "mbf_sketch_rows_cpu", [&] {
+    const scalar_t* gw = grad_weight.const_data_ptr<scalar_t>();
+    const scalar_t* gb = has_bias ? grad_bias->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ot = omega_t.const_data_ptr<scalar_t>();
+    scalar_t* tp = t.mutable_data_ptr<scalar_t>();
+    scalar_t* yp = y_t.mutable_data_ptr<scalar_t>();
+    const auto& kern = cpu::kernels().of<scalar_t>();
+    at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+      const int64_t tid = at::get_thread_num();  // one accumulator per thread
+      sq[tid] += kern.sketch_rows(gw, gb, width, b, e, ot, ld, s, tp, yp + tid * s * ld);
+    });
+  });
+  const double total = std::accumulate(sq.begin(), sq.end(), 0.0);
+  return {y_t.sum(0).narrow(1, 0, d).t().contiguous(), at::scalar_tensor(total, omega.options())};
+}
+
 // out = m inv for a shared block's rows, inv symmetric (registration.cpp): a GEMM of at least
 // kOnednnGemmMinFlops on oneDNN's float32 matmul (torch's mkldnn::_linear_pointwise, m W^T;
 // strict float32, no down-conversion), smaller ones on torch's mm (MKL).
@@ -795,6 +847,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("compact_solve", &compact_solve_cpu);
   m.impl("graft_rows_", &graft_rows_cpu);
   m.impl("scaled_add_", &scaled_add_cpu);
+  m.impl("sketch_rows", &sketch_rows_cpu);
   m.impl("shared_graft_step_", &shared_graft_step_cpu);
   m.impl("apply_inverse_", &apply_inverse_cpu);
   m.impl("unit_ratios", &unit_ratios_cpu);

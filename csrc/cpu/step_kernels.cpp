@@ -545,6 +545,88 @@ void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, con
 
 namespace {
 
+// y_t[q, c] += sum_r t[r, q] x[r, c] for R rows x (row stride xld) over columns [0, w), q < s,
+// each x vector loaded once for all s rows of y_t (stride ld, L2-resident); returns
+// sum_r |x_r|^2 over those columns.
+template <typename T, int R>
+T sketch_accumulate(const T* x, int64_t xld, int64_t w, const T* t, int64_t s, T* y_t,
+                    int64_t ld) {
+  constexpr int W = Ln<T>::W;
+  V<T> sq = lanes::splat<V<T>>(T(0));
+  int64_t j = 0;
+  for (; j + W <= w; j += W) {
+    V<T> xv[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(&xv[r], x + r * xld + j, sizeof(V<T>));
+      sq += xv[r] * xv[r];
+    }
+    for (int64_t q = 0; q < s; ++q) {
+      V<T> y;
+      std::memcpy(&y, y_t + q * ld + j, sizeof(y));
+      for (int r = 0; r < R; ++r) y += lanes::splat<V<T>>(t[r * s + q]) * xv[r];
+      std::memcpy(y_t + q * ld + j, &y, sizeof(y));
+    }
+  }
+  T total = T(0);
+  for (int l = 0; l < W; ++l) total += sq[l];
+  for (; j < w; ++j) {
+    for (int r = 0; r < R; ++r) {
+      const T v = x[r * xld + j];
+      total += v * v;
+      for (int64_t q = 0; q < s; ++q) y_t[q * ld + j] += t[r * s + q] * v;
+    }
+  }
+  return total;
+}
+
+// Rows [r0, r0 + R) of sketch_rows, their projections into t (R x s).
+template <typename T, int R>
+T sketch_block(const T* gw, const T* gb, int64_t width, int64_t r0, const T* omega_t,
+               int64_t ld, int64_t s, T* t, T* y_t) {
+  constexpr int G = lanes::kVectorBytes >= 64 ? 4 : 2;  // as project_block
+  const T* x = gw + r0 * width;
+  for (int64_t i = 0; i < R * s; ++i) t[i] = T(0);
+  constexpr int P = R % 4 == 0 ? 4 : 1;  // rows per projection block (its registers: P x G)
+  int64_t q = 0;
+  for (int p = 0; p < R; p += P) {
+    const T* xp = x + p * width;
+    T* tp = t + p * s;
+    for (q = 0; q + G <= s; q += G)
+      dot_block<T, P, G>(xp, width, omega_t + q * ld, ld, 0, width, tp + q, s);
+    for (; q < s; ++q) dot_block<T, P, 1>(xp, width, omega_t + q * ld, ld, 0, width, tp + q, s);
+  }
+  if (gb != nullptr)  // the bias, the rows' last column
+    for (int r = 0; r < R; ++r)
+      for (q = 0; q < s; ++q) t[r * s + q] += gb[r0 + r] * omega_t[q * ld + width];
+  T sq = sketch_accumulate<T, R>(x, width, width, t, s, y_t, ld);
+  if (gb != nullptr) {
+    for (int r = 0; r < R; ++r) {
+      const T b = gb[r0 + r];
+      sq += b * b;
+      for (q = 0; q < s; ++q) y_t[q * ld + width] += t[r * s + q] * b;
+    }
+  }
+  return sq;
+}
+
+}  // namespace
+
+template <typename T>
+T sketch_rows(const T* gw, const T* gb, int64_t width, int64_t row_begin, int64_t row_end,
+              const T* omega_t, int64_t ld, int64_t s, T* t, T* y_t) {
+  // Eight rows at a time share every load and store of Y^T in the accumulation (and, four by
+  // four, every load of Omega^T in the projection); they stay in L1/L2 between the two.
+  T sq = T(0);
+  int64_t r = row_begin;
+  for (; r + 8 <= row_end; r += 8)
+    sq += sketch_block<T, 8>(gw, gb, width, r, omega_t, ld, s, t + r * s, y_t);
+  for (; r < row_end; ++r)
+    sq += sketch_block<T, 1>(gw, gb, width, r, omega_t, ld, s, t + r * s, y_t);
+  return sq;
+}
+
+namespace {
+
 // R rows of p = decay p + coef u + t V^T over columns [c0, c1) (scalar tail included); each
 // row of V^T loaded once for all R rows, t's values broadcast from memory.
 template <typename T, int R>
@@ -610,7 +692,9 @@ void scaled_add_rows(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, i
                               T, T, T, T*);                                                   \
   template void project_rows<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);  \
   template void scaled_add_rows<T>(T*, int64_t, const T*, int64_t, const T*, int64_t,         \
-                                   const T*, int64_t, int64_t, int64_t, int64_t, T, T);
+                                   const T*, int64_t, int64_t, int64_t, int64_t, T, T);       \
+  template T sketch_rows<T>(const T*, const T*, int64_t, int64_t, int64_t, const T*, int64_t, \
+                            int64_t, T*, T*);
 
 MBF_INSTANTIATE(float)
 MBF_INSTANTIATE(double)

@@ -149,10 +149,10 @@ class SharedBlock:
         if self.projection is not None:  # u = M - T diag(w) V^T
             t = self.projection.mul_(self.lowrank.apply_weight * -coef)
             self.projection = None
-            basis_t = self.lowrank.apply_basis.mT
+            basis_t = self.lowrank.apply_basis_t
         if fused:  # (views 2-D: the rows of M and U, and V^T's column slices, are strided)
             rows = self.rows[key]
-            vt = None if t is None else basis_t.contiguous()
+            vt = basis_t
             weight = params[seg.main].view(seg.n_blocks, seg.width)
             torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :seg.width], decay, coef, t,
                                               None if vt is None else vt[:, :seg.width])

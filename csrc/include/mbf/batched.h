@@ -199,6 +199,15 @@ template <typename T>
 void project_rows(const T* m, int64_t d, int64_t row_begin, int64_t row_end, const T* basis_t,
                   int64_t k, T* projection);
 
+// A low-rank shared block's refresh sketch from the gradient itself, rows [row_begin, row_end):
+// with g_r the row (gw: n x width, contiguous; gb: n or null, the last column; ld = width + 1
+// with a bias, else width), t_r = g_r Omega into t (n x s) and Y^T += t_r^T g_r into y_t
+// (s x ld, accumulated), Omega^T given as omega_t (s x ld); returns sum_r |g_r|^2. One pass
+// over the gradient for G^T (G Omega) and |G|^2: no copy of it, no second read.
+template <typename T>
+T sketch_rows(const T* gw, const T* gb, int64_t width, int64_t row_begin, int64_t row_end,
+              const T* omega_t, int64_t ld, int64_t s, T* t, T* y_t);
+
 // Rows [row_begin, row_end) of p = decay p + coef u + t V^T: p and u with w columns (row
 // strides p_ld, u_ld; unit stride within a row), t (n x k, contiguous) and V^T (k x w, row
 // stride vt_ld); k = 0 is p = decay p + coef u. A shared block's update in one pass: the

@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 6;
+inline constexpr int kCpuKernelsVersion = 7;
 
 template <typename T>
 struct KernelTable {
@@ -43,6 +43,8 @@ struct KernelTable {
   void (*project_rows)(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);
   void (*scaled_add_rows)(T*, int64_t, const T*, int64_t, const T*, int64_t, const T*, int64_t,
                           int64_t, int64_t, int64_t, T, T);
+  T (*sketch_rows)(const T*, const T*, int64_t, int64_t, int64_t, const T*, int64_t, int64_t, T*,
+                   T*);
 };
 
 struct CpuKernels {
