@@ -192,13 +192,14 @@ def test_graft_rows_op_matches_its_definition(target, dtype, grads):
                                           0.9, 0.99, 1e-3)
 
 
-@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (8, 37, 16), (9, 4100, 6)])
+@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (8, 37, 16), (9, 4100, 6), (40, 4100, 6)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("target", cpu_levels())
 def test_graft_rows_projection(target, dtype, n, d, k):
     """With a low-rank block's basis V (d, k), graft_rows_ also returns T = m V of the updated
     rows: against torch's product, for row counts that do and do not fill its 4-row blocks, k
-    across its register groups, and rows longer than its 2048-column chunks."""
+    across its register groups, rows longer than its 2048-column chunks, and more rows than
+    one grain (the projection follows the row pass grain by grain)."""
     m, v = randn(n, d, seed=1).to(dtype), randn(n, d, seed=2).to(dtype) ** 2
     gw, gb = randn(n, d - 1, seed=3).to(dtype), randn(n, seed=4).to(dtype)
     basis = torch.linalg.qr(randn(d, k, seed=5).to(dtype)).Q
@@ -214,13 +215,14 @@ def test_graft_rows_projection(target, dtype, n, d, k):
 
 
 @pytest.mark.parametrize("target", cpu_levels())
-@pytest.mark.parametrize("n,width,k", [(9, 20, 0), (9, 20, 16), (6, 2100, 5)])
+@pytest.mark.parametrize("n,width,k", [(9, 20, 0), (9, 20, 16), (6, 2100, 5), (17, 2100, 16)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_scaled_add_op_matches_its_definition(target, dtype, n, width, k):
     """p = decay p + coef u (+ t V^T) for a weight and a bias whose u are strided columns of row
     buffers (a shared block's U or M rows) and whose V^T are column slices of a low-rank basis,
-    as the grafted update's one pass writes them: row counts that do and do not fill its 4-row
-    blocks, rows longer than its 2048-column chunks."""
+    as the grafted update's one pass writes them: row counts that do and do not fill its 8- and
+    4-row blocks, rows longer than its 2048-column chunks, columns two vectors, one and fewer at
+    a time."""
     rows = randn(n, width + 1, seed=1).to(dtype)
     weight, bias = randn(n, width, seed=2).to(dtype), randn(n, seed=3).to(dtype)
     coef = torch.tensor(-0.3, dtype=dtype)

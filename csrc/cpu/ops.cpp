@@ -362,10 +362,17 @@ std::tuple<at::Tensor, at::Tensor> graft_rows_cpu(at::Tensor& m,
     const scalar_t* vt = k > 0 ? basis_t.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* proj = projection.mutable_data_ptr<scalar_t>();
     const auto& kern = cpu::kernels().of<scalar_t>();
-    at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
-      kern.graft_rows(mp, vp, gw, gb, width, d, b, e, static_cast<scalar_t>(momentum),
-                      static_cast<scalar_t>(beta2), static_cast<scalar_t>(eps), out);
-      if (k > 0) kern.project_rows(mp, d, b, e, vt, k, proj);  // the rows just written
+    const int64_t grain = row_grain(d);
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+      // A thread's range is its whole share of the rows (tens of MB on a large layer): the
+      // projection follows the row pass a grain (about 256 KB of m) at a time, so that it
+      // reads the rows just written from L2, not again from memory.
+      for (int64_t b0 = b; b0 < e; b0 += grain) {
+        const int64_t e0 = std::min(e, b0 + grain);
+        kern.graft_rows(mp, vp, gw, gb, width, d, b0, e0, static_cast<scalar_t>(momentum),
+                        static_cast<scalar_t>(beta2), static_cast<scalar_t>(eps), out);
+        if (k > 0) kern.project_rows(mp, d, b0, e0, vt, k, proj);
+      }
     });
   });
   return {sq, projection};
