@@ -463,6 +463,8 @@ std::tuple<at::Tensor, at::Tensor> sketch_rows_cpu(const at::Tensor& grad_weight
     const auto& kern = cpu::kernels().of<scalar_t>();
     at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
       const int64_t tid = at::get_thread_num();  // one accumulator per thread
+      TORCH_CHECK(tid >= 0 && tid < threads, "mbf_kernels: sketch_rows: thread ", tid,
+                  " outside the ", threads, " intra-op threads it planned for");
       sq[tid] += kern.sketch_rows(gw, gb, width, b, e, ot, ld, s, tp, yp + tid * s * ld);
     });
   });
