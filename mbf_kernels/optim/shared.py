@@ -307,15 +307,14 @@ class SharedSet:
         grads = [fisher.get(p) if group["fisher"] == "true" else p.grad
                  for p in b.unit.params]  # MBF-True: the sampled gradient's curvature
         sketch = self._sketch_from_grads(group, b, grads)
-        if sketch is not None:  # G never copied
+        G = b.rows["work"]
+        if sketch is None:  # (with one, G is never copied)
+            for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
+                view.zero_() if g is None else view.copy_(g)
+        if sketch is not None:
             finite = b.lowrank.refresh(None, group["beta"], bool(f & _FIRST), b.unit.rows,
                                        sketch=sketch)
-            b.stats[0] += (~finite).to(torch.int64)
-            return
-        G = b.rows["work"]
-        for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
-            view.zero_() if g is None else view.copy_(g)
-        if b.lowrank is not None:
+        elif b.lowrank is not None:
             finite = b.lowrank.refresh(G, group["beta"], bool(f & _FIRST), b.unit.rows,
                                        self.reduce)
         elif self.reduce is None and self.device.type == "cpu":

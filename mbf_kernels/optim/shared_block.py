@@ -152,14 +152,13 @@ class SharedBlock:
             basis_t = self.lowrank.apply_basis_t
         if fused:  # (views 2-D: the rows of M and U, and V^T's column slices, are strided)
             rows = self.rows[key]
-            vt = basis_t
             weight = params[seg.main].view(seg.n_blocks, seg.width)
             torch.ops.mbf_kernels.scaled_add_(weight, rows[:, :seg.width], decay, coef, t,
-                                              None if vt is None else vt[:, :seg.width])
+                                              None if t is None else basis_t[:, :seg.width])
             if seg.tail is not None:
                 torch.ops.mbf_kernels.scaled_add_(params[seg.tail].view(-1, 1),
                                                   rows[:, seg.width:], decay, coef, t,
-                                                  None if vt is None else vt[:, seg.width:])
+                                                  None if t is None else basis_t[:, seg.width:])
             return
         for p, u in zip(params, self.views[key]):
             p.addcmul_(u, coef)
