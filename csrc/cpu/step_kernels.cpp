@@ -127,15 +127,19 @@ struct CompactTile {
               std::vector<V<T>>& dst) {
     T* out = reinterpret_cast<T*>(dst.data());
     lanes::gather_lanes<T>(main + b0 * row_stride, row_stride, width, cnt, T(0), out);
-    if (tail != nullptr)
-      for (int l = 0; l < W; ++l) out[width * W + l] = l < cnt ? tail[b0 + l] : T(0);
+    if (tail == nullptr) return;
+    // A full sub-tile's tail is W contiguous values: one copy, which the step's vector load
+    // of that row is forwarded from (it would wait for W scalar stores to retire).
+    if (cnt == W) std::memcpy(out + width * W, tail + b0, sizeof(V<T>));
+    else for (int l = 0; l < W; ++l) out[width * W + l] = l < cnt ? tail[b0 + l] : T(0);
   }
   void scatter(const std::vector<V<T>>& src, int64_t b0, int cnt, T* main, int64_t row_stride,
                int width, T* tail) {
     const T* in = reinterpret_cast<const T*>(src.data());
     lanes::scatter_lanes<T>(in, width, cnt, row_stride, main + b0 * row_stride);
-    if (tail != nullptr)
-      for (int l = 0; l < cnt; ++l) tail[b0 + l] = in[width * W + l];
+    if (tail == nullptr) return;
+    if (cnt == W) std::memcpy(tail + b0, in + width * W, sizeof(V<T>));  // as in gather
+    else for (int l = 0; l < cnt; ++l) tail[b0 + l] = in[width * W + l];
   }
   // Contiguous rows of n values (the standalone ops' B, G, X).
   void gather(const T* rows, int64_t b0, int cnt, std::vector<V<T>>& dst) {

@@ -307,17 +307,22 @@ class SharedSet:
         grads = [fisher.get(p) if group["fisher"] == "true" else p.grad
                  for p in b.unit.params]  # MBF-True: the sampled gradient's curvature
         sketch = self._sketch_from_grads(group, b, grads)
-        G = b.rows["work"]
-        if sketch is None:  # (with one, G is never copied)
-            for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
-                view.zero_() if g is None else view.copy_(g)
-        if sketch is not None:
+        if sketch is not None:  # one pass over the gradient: G is never copied
             finite = b.lowrank.refresh(None, group["beta"], bool(f & _FIRST), b.unit.rows,
                                        sketch=sketch)
-        elif b.lowrank is not None:
-            finite = b.lowrank.refresh(G, group["beta"], bool(f & _FIRST), b.unit.rows,
-                                       self.reduce)
-        elif self.reduce is None and self.device.type == "cpu":
+        else:
+            finite = self._refresh_from_rows(group, b, f, grads)
+        b.stats[0] += (~finite).to(torch.int64)
+
+    def _refresh_from_rows(self, group: dict, b: SharedBlock, f: int,
+                           grads: list[Tensor | None]) -> Tensor:
+        """The refresh from the gradient copied into the work rows G; whether G was finite."""
+        G = b.rows["work"]
+        for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
+            view.zero_() if g is None else view.copy_(g)
+        if b.lowrank is not None:
+            return b.lowrank.refresh(G, group["beta"], bool(f & _FIRST), b.unit.rows, self.reduce)
+        if self.reduce is None and self.device.type == "cpu":
             # On the CPU reading a flag costs no sync: a non-finite G is skipped by a branch, and
             # the EMA rides in the GEMM (addmm_ in place; the general path's C, where and copy
             # were 3x the GEMM on the ReLU autoencoder's seven blocks, dev VM).
@@ -327,15 +332,15 @@ class SharedSet:
                 beta = group["beta"]
                 b.curvature.addmm_(G.mT, G, beta=0.0 if first else beta,
                                    alpha=(1.0 if first else 1 - beta) / max(b.unit.rows, 1))
-        else:
-            C = G.mT @ G
-            if self.reduce is not None:  # FSDP2: every rank's rows
-                self.reduce(C)
-            finite = torch.isfinite(C.diagonal().sum())  # as LowRankCurvature's |G|^2
-            C /= max(b.unit.rows, 1)
-            new = C if f & _FIRST else group["beta"] * b.curvature + (1 - group["beta"]) * C
-            b.curvature.copy_(torch.where(finite, new, b.curvature))
-        b.stats[0] += (~finite).to(torch.int64)
+            return finite
+        C = G.mT @ G
+        if self.reduce is not None:  # FSDP2: every rank's rows
+            self.reduce(C)
+        finite = torch.isfinite(C.diagonal().sum())  # as LowRankCurvature's |G|^2
+        C /= max(b.unit.rows, 1)
+        new = C if f & _FIRST else group["beta"] * b.curvature + (1 - group["beta"]) * C
+        b.curvature.copy_(torch.where(finite, new, b.curvature))
+        return finite
 
     def _sketch_from_grads(self, group: dict, b: SharedBlock, grads: list[Tensor | None]
                            ) -> Callable[[Tensor], tuple[Tensor, Tensor]] | None:

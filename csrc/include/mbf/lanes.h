@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -159,10 +160,20 @@ inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<
 }
 
 // Solve (L L^T) x = b in place for k right-hand sides: x[i * k + c], i < n, c < k.
-// Column-oriented substitutions, for the same reason as the right-looking factorisation.
 // L[t] is packed entry t of the factor: a pointer to vectors, or any accessor returning
 // one (the step reads a compact tile in place that way). 1 / L_ii is inv_diag[i], or, with
 // InvDiagInL, L's own diagonal entry (the compact factor stores it that way).
+//
+// Written as L = U D, U unit lower (U_ij = L_ij / L_jj), so that (L L^T)^{-1} b =
+// U^{-T} D^{-2} U^{-1} b: each column of a substitution is then one multiply-add on the
+// dependency chain (U_ij's multiply and the D^{-2} scaling sit beside it), where L y = b
+// took a multiply-add and then a multiply. At d = 9 the chain is most of a solve's latency.
+// Column-oriented, for the same reason as the right-looking factorisation.
+//
+// One right-hand side of an unrolled size is solved in a local copy: x and L may alias as
+// far as the compiler knows (L is read through memcpy or the same vector type), so in place
+// every update was stored before the next read of L, 2 n^2 stores per solve where the
+// values fit the registers (d = 9 at AVX2: 90 stores per tile, the store port's limit).
 template <typename T, int D, bool InvDiagInL = false, typename Rows,
           typename Index = PackedIndex>
 inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
@@ -174,19 +185,32 @@ inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
     if constexpr (InvDiagInL) return L[idx(i, i)];
     else return inv_diag[i];
   };
-  for (int c = 0; c < k; ++c) {
-    loop(Ic<0>{}, n, [&](auto j) {  // L y = b
-      const V yj = x[j * k + c] * inverse_pivot(j);
-      x[j * k + c] = yj;
-      loop(j + one, n, [&](auto i) { x[i * k + c] -= L[idx(i, j)] * yj; });
+  auto unit = [&](auto i, auto j) -> V { return L[idx(i, j)] * inverse_pivot(j); };  // U_ij
+  auto substitute = [&](V* xs, int stride, int c) __attribute__((always_inline)) {
+    loop(Ic<0>{}, n, [&](auto j) {  // U z = b
+      const V zj = xs[j * stride + c];
+      loop(j + one, n, [&](auto i) { xs[i * stride + c] -= unit(i, j) * zj; });
     });
-    loop(Ic<0>{}, n, [&](auto r) {  // L^T x = y, rows from the last
+    loop(Ic<0>{}, n, [&](auto i) {  // w = D^{-2} z
+      const V q = inverse_pivot(i);
+      xs[i * stride + c] *= q * q;
+    });
+    loop(Ic<0>{}, n, [&](auto r) {  // U^T x = w, rows from the last
       const auto i = n - one - r;
-      const V xi = x[i * k + c] * inverse_pivot(i);
-      x[i * k + c] = xi;
-      loop(Ic<0>{}, i, [&](auto j) { x[j * k + c] -= L[idx(i, j)] * xi; });
+      const V xi = xs[i * stride + c];
+      loop(Ic<0>{}, i, [&](auto j) { xs[j * stride + c] -= unit(i, j) * xi; });
     });
+  };
+  if constexpr (is_ic<std::remove_const_t<decltype(n)>>) {
+    if (k == 1) {
+      V local[decltype(n)::value];
+      loop(Ic<0>{}, n, [&](auto i) { local[i] = x[i]; });
+      substitute(local, 1, 0);
+      loop(Ic<0>{}, n, [&](auto i) { x[i] = local[i]; });
+      return;
+    }
   }
+  for (int c = 0; c < k; ++c) substitute(x, k, c);
 }
 
 // (L L^T)^{-1} = L^{-T} L^{-1}, written as a packed lower triangle `out` (tri vectors);
@@ -281,21 +305,16 @@ struct Avx2<double> {
 
 #if defined(__AVX2__)
 // One register of W lanes (a whole row of a tile) by element type: from the AVX2 transposes'
-// G-lane groups (`row`: group h's row e, joined at AVX-512), a store, and a gather of one
-// element of each of the W blocks at 32-bit offsets (the caller checks that the last block's
-// offset fits). At AVX2 a row is one Avx2 register, whose type and store it takes.
-// (Masked gathers and __builtin_shufflevector for the join: GCC's plain gathers and inserts
-// read an undefined source, which -Wmaybe-uninitialized reports.)
+// G-lane groups (`row`: group h's row e, joined at AVX-512), a store, and a `column`: one
+// element of each of the W blocks at src + l stride, for the rows left over by the
+// transposes. At AVX2 a row is one Avx2 register, whose type and store it takes.
 template <typename T>
 struct FullRow;
 
-// Offsets l * stride of eight blocks (the gathers' index for 8 lanes of float or double).
-inline __m256i lane_offsets8(int64_t stride) {
-  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                            _mm256_set1_epi32(static_cast<int32_t>(stride)));
-}
-
 #if defined(__AVX512F__)
+// At AVX-512 a column is a gather at 32-bit offsets (the caller checks that the last block's
+// offset fits). (Masked gathers and __builtin_shufflevector for the join: GCC's plain gathers
+// and inserts read an undefined source, which -Wmaybe-uninitialized reports.)
 template <>
 struct FullRow<float> {
   using R = __m512;
@@ -304,13 +323,11 @@ struct FullRow<float> {
                                    13, 14, 15);
   }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static __m512i lane_offsets(int64_t stride) {
-    return _mm512_mullo_epi32(
+  static R column(const float* src, int64_t stride) {
+    const __m512i index = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(static_cast<int32_t>(stride)));
-  }
-  static R gather(__m512i index, const float* base) {
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(0xFFFF), index, base, 4);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(0xFFFF), index, src, 4);
   }
 };
 template <>
@@ -320,30 +337,40 @@ struct FullRow<double> {
     return __builtin_shufflevector(r[0][e], r[1][e], 0, 1, 2, 3, 4, 5, 6, 7);
   }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static __m256i lane_offsets(int64_t stride) { return lane_offsets8(stride); }
-  static R gather(__m256i index, const double* base) {
-    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(0xFF), index, base, 8);
+  static R column(const double* src, int64_t stride) {
+    const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int32_t>(stride)));
+    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(0xFF), index, src, 8);
   }
 };
 #else
+// At AVX2 a column is W unaligned loads, the one at src + l (stride - 1) having block l's
+// element in its lane l, blended: on Zen 3 the vgatherdps these replace was a fifth of the
+// gathers' time at d = 9. Every load stays inside [src, src + (W - 1) stride].
 template <>
 struct FullRow<float> : Avx2<float> {
   static R row(const __m256 (*r)[8], int e) { return r[0][e]; }
-  static __m256i lane_offsets(int64_t stride) { return lane_offsets8(stride); }
-  static R gather(__m256i index, const float* base) {
-    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, index,
-                                    _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+  static R column(const float* src, int64_t stride) {
+    const int64_t s = stride - 1;
+    R c = _mm256_loadu_ps(src);
+    c = _mm256_blend_ps(c, _mm256_loadu_ps(src + 1 * s), 0x02);
+    c = _mm256_blend_ps(c, _mm256_loadu_ps(src + 2 * s), 0x04);
+    c = _mm256_blend_ps(c, _mm256_loadu_ps(src + 3 * s), 0x08);
+    c = _mm256_blend_ps(c, _mm256_loadu_ps(src + 4 * s), 0x10);
+    c = _mm256_blend_ps(c, _mm256_loadu_ps(src + 5 * s), 0x20);
+    c = _mm256_blend_ps(c, _mm256_loadu_ps(src + 6 * s), 0x40);
+    return _mm256_blend_ps(c, _mm256_loadu_ps(src + 7 * s), 0x80);
   }
 };
 template <>
 struct FullRow<double> : Avx2<double> {
   static R row(const __m256d (*r)[4], int e) { return r[0][e]; }
-  static __m128i lane_offsets(int64_t stride) {
-    return _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(static_cast<int32_t>(stride)));
-  }
-  static R gather(__m128i index, const double* base) {
-    return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, index,
-                                    _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
+  static R column(const double* src, int64_t stride) {
+    const int64_t s = stride - 1;
+    R c = _mm256_loadu_pd(src);
+    c = _mm256_blend_pd(c, _mm256_loadu_pd(src + 1 * s), 0x2);
+    c = _mm256_blend_pd(c, _mm256_loadu_pd(src + 2 * s), 0x4);
+    return _mm256_blend_pd(c, _mm256_loadu_pd(src + 3 * s), 0x8);
   }
 };
 #endif
@@ -447,10 +474,9 @@ inline void gather_lanes(const T* src, int64_t stride, int count, int cnt, T pad
       }
       for (int e = 0; e < G; ++e) Z::store(dst + (e0 + e) * W, Z::row(r, e));
     }
-    const auto index = Z::lane_offsets(stride);
     // (Counted by the remainder, < G, so that GCC sees the loop's bound.)
     for (int k = 0, rem = count - e0; k < rem && k < G; ++k)
-      Z::store(dst + (e0 + k) * W, Z::gather(index, src + e0 + k));
+      Z::store(dst + (e0 + k) * W, Z::column(src + e0 + k, stride));
     return;
   }
 #endif
@@ -477,6 +503,17 @@ inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* d
         for (int l = 0; l < G; ++l) Avx2<T>::store(dst + (h + l) * stride + e0, r[l]);
       }
     }
+    // The rows left over (count % G) go lane by lane from a register holding the whole row.
+    // Scalar loads of its lanes would each wait for the vector store that wrote the row to
+    // retire (AMD forwards a store only to a load at its own address): at d = 9 that was 15%
+    // of the fused step on Zen 3.
+    // (Counted by the remainder, < G, as in gather_lanes.)
+    for (int k = 0, rem = count - e0; k < rem && k < G; ++k) {
+      typename Lanes<T>::V row;
+      std::memcpy(&row, src + (e0 + k) * W, sizeof(row));
+      loop(Ic<0>{}, Ic<W>{}, [&](auto l) { dst[l * stride + e0 + k] = row[int(l)]; });
+    }
+    return;
   }
 #endif
   for (int l = 0; l < cnt; ++l)
