@@ -345,8 +345,10 @@ struct FullRow<double> {
 };
 #else
 // At AVX2 a column is W unaligned loads, the one at src + l (stride - 1) having block l's
-// element in its lane l, blended: on Zen 3 the vgatherdps these replace was a fifth of the
-// gathers' time at d = 9. Every load stays inside [src, src + (W - 1) stride].
+// element in its lane l, blended. They replace a vgatherdps on which perf put a fifth of the
+// gathers' samples on Zen 3 at d = 9, though no speed-up was measurable: plain loads and
+// blends are cheap on every x86 core, the gather is not everywhere. Every load stays inside
+// [src, src + (W - 1) stride].
 template <>
 struct FullRow<float> : Avx2<float> {
   static R row(const __m256 (*r)[8], int e) { return r[0][e]; }
@@ -504,9 +506,9 @@ inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* d
       }
     }
     // The rows left over (count % G) go lane by lane from a register holding the whole row.
-    // Scalar loads of its lanes would each wait for the vector store that wrote the row to
-    // retire (AMD forwards a store only to a load at its own address): at d = 9 that was 15%
-    // of the fused step on Zen 3.
+    // Scalar loads of its lanes, from the vector store that just wrote the row, were not
+    // forwarded on Zen 3 (they waited for the store): at d = 9 that loop was 15-20% of the
+    // fused step there.
     // (Counted by the remainder, < G, as in gather_lanes.)
     for (int k = 0, rem = count - e0; k < rem && k < G; ++k) {
       typename Lanes<T>::V row;
