@@ -41,9 +41,11 @@ struct Lanes {
   typedef I M __attribute__((vector_size(kVectorBytes)));   // lane masks / lane integers
 };
 
+// x in every lane. (x - 0, not 0 + x: x - (+0) is x for every x, so GCC folds it to a plain
+// broadcast; 0 + x is not x for x = -0, and cost an add before each broadcast.)
 template <typename V, typename S>
 inline V splat(S x) {
-  return V{} + x;
+  return x - V{};
 }
 
 inline constexpr int tri_index(int i, int j) { return i * (i + 1) / 2 + j; }
