@@ -18,12 +18,14 @@
 namespace mbf {
 namespace ops {
 
-// A shared block's U = M inv of at least this many FLOPs runs on oneDNN's float32 matmul
-// (apply_inverse_ in cpu/ops.cpp), smaller ones on torch's mm (MKL): on the dev VM (AMD EPYC,
-// AVX-512) oneDNN took 64 x 513 by 513 x 513 in 124 us against MKL's 225 us and 128 x 257 by
-// 257 x 257 in 56 against 101 us, but 16 x 65 by 65 x 65 in 15 against 4 us (its call's fixed
-// cost). build_info() hands it to Python (shared_block.py).
-inline constexpr double kOnednnGemmMinFlops = 8.0 * (1 << 20);
+// A shared block's U = M inv of at least onednn_gemm_min_flops() FLOPs runs on oneDNN's float32
+// matmul (apply_inverse_ in cpu/ops.cpp), smaller ones on torch's mm (MKL). Which library wins
+// depends on the CPU, so the size does too (cpu/ops.cpp: the default for this CPU and the
+// measurements behind it); set_onednn_gemm_min_flops() overrides it (tests take each library on
+// any host: 0 sends every GEMM to oneDNN, inf none). build_info() and Python
+// (mbf_kernels._extension.onednn_gemm_min_flops, shared_block.py) read it.
+double onednn_gemm_min_flops();
+void set_onednn_gemm_min_flops(double flops);  // a negative value restores this CPU's default
 
 inline void check_blocks(const at::Tensor& A, const char* name) {
   TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2), "mbf_kernels: ", name,

@@ -108,7 +108,6 @@ pybind11::dict build_info() {
   // runs; the active one is cpu_capability() (set at import, or by set_cpu_capability()).
   info["cpu_levels"] = mbf::cpu::known_levels();
   info["cpu_levels_supported"] = mbf::cpu::supported_levels();
-  info["onednn_gemm_min_flops"] = mbf::ops::kOnednnGemmMinFlops;
 #if defined(MBF_WITH_CUDA)
   info["cuda"] = true;
 #else
@@ -132,4 +131,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "_cpu_<level> libraries in `dir` and make them active; returns the level.");
   m.def("cpu_level", [] { return std::string(mbf::cpu::kernels().isa); },
         "The ISA level of the active CPU kernels.");
+  m.def("onednn_gemm_min_flops", &mbf::ops::onednn_gemm_min_flops,
+        "FLOPs from which apply_inverse_ runs a shared block's GEMM on oneDNN (else MKL's mm).");
+  m.def("set_onednn_gemm_min_flops", &mbf::ops::set_onednn_gemm_min_flops, pybind11::arg("flops"),
+        "Override onednn_gemm_min_flops(); a negative value restores this CPU's default.");
 }

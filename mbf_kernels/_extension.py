@@ -72,14 +72,28 @@ _BUILD_INFO: dict = dict(_C.build_info()) if _C is not None else {}
 
 def build_info() -> dict:
     """Compiler, CPU ISA levels and CUDA facts of the loaded extension (empty when it is not
-    loaded), with the active CPU level."""
-    return dict(_BUILD_INFO, cpu_level=cpu_capability()) if _C is not None else {}
+    loaded), with the active CPU level and the size from which shared blocks' GEMMs take
+    oneDNN."""
+    if _C is None:
+        return {}
+    return dict(_BUILD_INFO, cpu_level=cpu_capability(),
+                onednn_gemm_min_flops=onednn_gemm_min_flops())
 
 
 def onednn_gemm_min_flops() -> float:
-    """FLOPs from which the C++ ``apply_inverse_`` runs a shared block's GEMM on oneDNN (inf
-    without the extension)."""
-    return _BUILD_INFO.get("onednn_gemm_min_flops", math.inf) if _C is not None else math.inf
+    """FLOPs from which the C++ ``apply_inverse_`` runs a shared block's GEMM on oneDNN rather
+    than MKL's mm (inf without the extension). It depends on the CPU (csrc/ops_common.h): 8
+    MFLOP where AVX-512 runs, 1 GFLOP elsewhere."""
+    return _C.onednn_gemm_min_flops() if _C is not None else math.inf
+
+
+def set_onednn_gemm_min_flops(flops: float | None) -> None:
+    """Override :func:`onednn_gemm_min_flops` (0: every GEMM on oneDNN, ``math.inf``: none);
+    None restores this CPU's default. For tests and measurements: the results agree to float32
+    rounding either way."""
+    if _C is None:
+        raise RuntimeError("mbf_kernels: the C++ extension is not loaded")
+    _C.set_onednn_gemm_min_flops(-1.0 if flops is None else float(flops))
 
 
 def cholesky_ex(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ one block does not spread to its unit, and the state round-trips through ``state
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -327,14 +328,44 @@ def test_shared_graft_step_op_names_bad_arguments(target):
         torch.ops.mbf_kernels.shared_graft_step_(*args[:3], [torch.eye(4)], *args[4:])
 
 
-@pytest.mark.parametrize("layout", ["rows", "columns"])
-@pytest.mark.parametrize("n, d", [(5, 9), (64, 257)])
-def test_apply_inverse_op_is_the_product(n, d, layout):
-    """U = M inv by the symmetric inverse of a shared block, below (torch's mm) and above
-    (oneDNN's float32 matmul) the size where the op changes library: the product to float32
-    rounding, whichever ran; shapes that do not line up are named."""
+@pytest.fixture(params=["mm", "onednn"])
+def gemm_library(request):
+    """Sends every shared-block GEMM of the C++ ops to MKL's mm or to oneDNN for one test,
+    whichever this CPU would pick for the test's sizes (the size between them depends on the
+    CPU: csrc/ops_common.h), then restores this CPU's default."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
+    from mbf_kernels._extension import onednn_gemm_min_flops, set_onednn_gemm_min_flops
+    set_onednn_gemm_min_flops(math.inf if request.param == "mm" else 0.0)
+    assert onednn_gemm_min_flops() == (math.inf if request.param == "mm" else 0.0)
+    yield request.param
+    set_onednn_gemm_min_flops(None)
+
+
+def test_the_gemm_library_follows_the_cpu_and_an_override_is_undone():
+    """oneDNN from 8 MFLOP where AVX-512 runs (it beat MKL there), from 1 GFLOP elsewhere (its
+    AVX2 kernel lost to MKL below that); an override holds until None restores the default."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    from mbf_kernels._extension import (build_info, onednn_gemm_min_flops,
+                                        set_onednn_gemm_min_flops)
+    avx512 = "avx512" in build_info()["cpu_levels_supported"]
+    default = 8.0 * 2**20 if avx512 else 2.0**30
+    assert onednn_gemm_min_flops() == default == build_info()["onednn_gemm_min_flops"]
+    try:
+        set_onednn_gemm_min_flops(123.0)
+        assert onednn_gemm_min_flops() == 123.0
+    finally:
+        set_onednn_gemm_min_flops(None)
+    assert onednn_gemm_min_flops() == default
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("n, d", [(5, 9), (64, 257)])
+def test_apply_inverse_op_is_the_product(n, d, layout, gemm_library):
+    """U = M inv by the symmetric inverse of a shared block, on torch's mm and on oneDNN's
+    float32 matmul: the product to float32 rounding, whichever ran; shapes that do not line up
+    are named."""
     g = torch.Generator().manual_seed(0)
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     inv = torch.linalg.inv(A @ A.mT / d + torch.eye(d, dtype=torch.float64))
@@ -380,14 +411,10 @@ def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update):
 
 
 @pytest.mark.parametrize("update", ["default", "paper"])
-def test_a_block_above_the_onednn_size_steps_as_the_torch_path(update):
-    """A 513-wide exact block (64 rows: a GEMM above the size from which apply_inverse_ takes
-    oneDNN, and the paper's update then goes through U instead of addmm_) ends 6 steps where the
-    torch backend's plain GEMMs do, to float32 rounding."""
-    if not mk.backends()["cpu"].available:
-        pytest.skip(mk.backends()["cpu"].detail)
-    from mbf_kernels._extension import onednn_gemm_min_flops
-    assert 2 * 64 * 513**2 >= onednn_gemm_min_flops()
+def test_a_block_on_either_gemm_library_steps_as_the_torch_path(update, gemm_library):
+    """A 513-wide exact block (64 rows) whose GEMMs run on oneDNN (where the paper's update goes
+    through U instead of addmm_) or on MKL's mm ends 6 steps where the torch backend's plain
+    GEMMs do, to float32 rounding."""
     options = {} if update == "default" else dict(PAPER, lr=0.02, damping=0.05)
     ends = []
     for backend in ("cpu", "torch"):

@@ -23,6 +23,7 @@
 #include "../ops_common.h"
 #include "dispatch.h"
 #include "mbf/batched.h"
+#include "mbf/cpu_features.h"
 
 namespace mbf {
 namespace ops {
@@ -472,8 +473,21 @@ std::tuple<at::Tensor, at::Tensor> sketch_rows_cpu(const at::Tensor& grad_weight
   return {y_t.sum(0).narrow(1, 0, d).t().contiguous(), at::scalar_tensor(total, omega.options())};
 }
 
+// The size from which a shared block's GEMM runs on oneDNN (ops_common.h). On an AVX-512 CPU
+// (the dev VM's AMD EPYC, Zen 5) oneDNN's float32 matmul (brg_matmul:avx512_core) took 64 x 513
+// by 513 x 513 in 124 us against MKL's 225 and 128 x 257 by 257 x 257 in 56 against 101, but
+// 16 x 65 by 65 x 65 in 15 against 4 (its call's fixed cost): from 8 MFLOP. On an AVX2-only
+// CPU (AMD EPYC Zen 3, 2 threads) its AVX2 kernel lost to MKL at every size up to 270 MFLOP
+// (1.04-1.46x MKL's time: 128 x 257 in 218 against 180 us) and won only at 4.3 GFLOP (0.91x):
+// from 1 GFLOP there (bench/RESULTS.md, "oneDNN or MKL by CPU").
+double default_onednn_gemm_min_flops() {
+  return cpu::cpu_runs_level("avx512") ? 8.0 * (1 << 20) : double(1 << 30);
+}
+
+std::atomic<double> g_onednn_gemm_min_flops{-1.0};  // negative: this CPU's default
+
 // out = m inv for a shared block's rows, inv symmetric (registration.cpp): a GEMM of at least
-// kOnednnGemmMinFlops on oneDNN's float32 matmul (torch's mkldnn::_linear_pointwise, m W^T;
+// onednn_gemm_min_flops() on oneDNN's float32 matmul (torch's mkldnn::_linear_pointwise, m W^T;
 // strict float32, no down-conversion), smaller ones on torch's mm (MKL).
 const c10::OperatorHandle* onednn_linear() {
   static const std::optional<c10::OperatorHandle> op =
@@ -494,7 +508,7 @@ void apply_inverse_cpu(at::Tensor& out, const at::Tensor& m, const at::Tensor& i
   // reorder: 50x slower.
   const at::Tensor weight = inverse.is_contiguous() ? inverse : inverse.mT();
   const c10::OperatorHandle* op = onednn_linear();
-  if (op != nullptr && flops >= kOnednnGemmMinFlops && m.scalar_type() == at::kFloat &&
+  if (op != nullptr && flops >= onednn_gemm_min_flops() && m.scalar_type() == at::kFloat &&
       m.is_contiguous() && weight.is_contiguous()) {
     torch::jit::Stack stack{m, weight, c10::IValue(), std::string("none"),
                             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
@@ -503,6 +517,22 @@ void apply_inverse_cpu(at::Tensor& out, const at::Tensor& m, const at::Tensor& i
     return;
   }
   at::mm_out(out, m, inverse);
+}
+
+// sum_j x_j^2 in eight independent partial sums, which the compiler keeps in vector registers
+// (this file is built for baseline x86-64): one running sum made U's row norms a chain of
+// dependent adds, 14% of the autoencoder's grafted step on one Zen 3 thread.
+template <typename T>
+T sum_of_squares(const T* x, int64_t n) {
+  constexpr int kParts = 8;
+  T part[kParts] = {};
+  int64_t j = 0;
+  for (; j + kParts <= n; j += kParts)
+    for (int l = 0; l < kParts; ++l) part[l] += x[j + l] * x[j + l];
+  for (; j < n; ++j) part[0] += x[j] * x[j];
+  T sum = T(0);
+  for (int l = 0; l < kParts; ++l) sum += part[l];
+  return sum;
 }
 
 // Runs fn(i) for every block i of `elems[i]` elements. A block large enough to split runs its
@@ -601,11 +631,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
       const scalar_t* sq = rows[i].const_data_ptr<scalar_t>();
       std::vector<scalar_t> u_sq(n);
       at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          scalar_t sum = 0;
-          for (int64_t j = 0; j < d; ++j) sum += u[r * d + j] * u[r * d + j];
-          u_sq[r] = sum;
-        }
+        for (int64_t r = b; r < e; ++r) u_sq[r] = sum_of_squares(u + r * d, d);
       });
       double su = 0, sa = 0;
       for (int64_t r = 0; r < n; ++r) {
@@ -842,6 +868,16 @@ class BoundBuckets : public torch::CustomClassHolder {
 };
 
 }  // namespace
+
+double onednn_gemm_min_flops() {
+  const double set = g_onednn_gemm_min_flops.load(std::memory_order_relaxed);
+  static const double cpu_default = default_onednn_gemm_min_flops();
+  return set < 0 ? cpu_default : set;
+}
+
+void set_onednn_gemm_min_flops(double flops) {
+  g_onednn_gemm_min_flops.store(std::isnan(flops) ? -1.0 : flops, std::memory_order_relaxed);
+}
 
 TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("cholesky_ex", &cholesky_ex_cpu);
