@@ -73,6 +73,12 @@ TORCH_LIBRARY(mbf_kernels, m) {
         "Tensor(c!)[] work, Tensor[] inverses, Tensor(d!)[] params, Tensor?[] grads, "
         "int[] params_per_block, float[] adam_scale, float[] adam_eps, float momentum, "
         "float beta2, float lr, float decay) -> ()");
+  // The curvature refresh of exact shared blocks in one call (CPU): per block its (d, d)
+  // curvature, work rows (n, d) that receive G = [weight grad, bias grad], stats counters, its
+  // parameter count (1 or 2: gradients aligned, None for none), rows to average over and
+  // whether it is the first refresh: F = beta F + (1 - beta) G^T G / rows where G is finite.
+  m.def("shared_refresh_(Tensor(a!)[] curvatures, Tensor(b!)[] work, Tensor(c!)[] stats, "
+        "Tensor?[] grads, int[] params_per_block, int[] rows, bool[] first, float beta) -> ()");
   // out = m inverse, a shared block's rows by its symmetric (d, d) inverse (CPU: a large GEMM on
   // oneDNN's float32 matmul, which beat MKL's by 1.8x on an AMD host; torch's mm below).
   m.def("apply_inverse_(Tensor(a!) out, Tensor m, Tensor inverse) -> ()");

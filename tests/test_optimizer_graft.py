@@ -328,6 +328,63 @@ def test_shared_graft_step_op_names_bad_arguments(target):
         torch.ops.mbf_kernels.shared_graft_step_(*args[:3], [torch.eye(4)], *args[4:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_refresh_op_is_the_curvature_ema(dtype):
+    """The one-call refresh of exact shared blocks: G = [weight grad, bias grad] (None: zero)
+    into the work rows and F = beta F + (1 - beta) G^T G / rows (G^T G / rows on a first
+    refresh), to the dot products' rounding; a block whose gradient is not finite keeps F and is
+    counted; lists that do not line up and gradients of the wrong shape are named."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    g = torch.Generator().manual_seed(3)
+    # (rows n, weight width, bias, averaged over, first refresh, weight gradient missing)
+    blocks = [(6, 4, True, 6, False, False), (3, 7, False, 3, True, False),
+              (4, 2, True, 8, False, False), (2, 3, True, 2, False, True)]
+    curvatures, work, stats, grads, counts, rows, first, want = [], [], [], [], [], [], [], []
+    beta = 0.9
+    for i, (n, width, bias, r, is_first, no_weight) in enumerate(blocks):
+        d = width + bias
+        A = torch.randn(d, d, generator=g, dtype=dtype)
+        curvatures.append(A @ A.mT)
+        work.append(torch.full((n, d), float("nan"), dtype=dtype))
+        stats.append(torch.zeros(2, dtype=torch.int64))
+        gw = None if no_weight else torch.randn(n, width, generator=g, dtype=dtype)
+        gb = torch.randn(n, generator=g, dtype=dtype) if bias else None
+        if i == 2:
+            gw[1, 0] = float("nan")
+        grads += [gw] + ([gb] if bias else [])
+        counts.append(1 + bias)
+        rows.append(r)
+        first.append(is_first)
+        G = torch.zeros(n, d, dtype=torch.float64)
+        if gw is not None:
+            G[:, :width] = gw.double()
+        if bias:
+            G[:, width] = gb.double()
+        F = curvatures[-1].double()
+        new = G.mT @ G / r if is_first else beta * F + (1 - beta) * (G.mT @ G) / r
+        scale = G.abs().mT @ G.abs() / r + (0 if is_first else beta * F.abs())
+        want.append((G, F.clone() if i == 2 else new, scale))
+    torch.ops.mbf_kernels.shared_refresh_(curvatures, work, stats, grads, counts, rows, first,
+                                          beta)
+    eps = torch.finfo(dtype).eps
+    for i, ((G, F, scale), got, s, rows_got) in enumerate(zip(want, curvatures, stats, work)):
+        assert s.tolist() == ([1, 0] if i == 2 else [0, 0])
+        if i == 2:
+            assert torch.equal(got.double(), F)  # kept, bit for bit
+            continue
+        assert torch.equal(rows_got.double(), G)
+        assert ((got.double() - F).abs() <= 4 * (G.shape[0] + 2) * eps * scale).all()
+    with pytest.raises(RuntimeError, match="one curvature, work, stats"):
+        torch.ops.mbf_kernels.shared_refresh_(curvatures[:1], work, stats, grads, counts, rows,
+                                              first, beta)
+    bad = list(grads)
+    bad[0] = torch.zeros(6, 5, dtype=dtype)
+    with pytest.raises(RuntimeError, match="gradients must be contiguous 6 x 4 and 6"):
+        torch.ops.mbf_kernels.shared_refresh_(curvatures, work, stats, bad, counts, rows,
+                                              first, beta)
+
+
 @pytest.fixture(params=["mm", "onednn"])
 def gemm_library(request):
     """Sends every shared-block GEMM of the C++ ops to MKL's mm or to oneDNN for one test,

@@ -655,6 +655,86 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
   });
 }
 
+// The curvature refresh of exact shared blocks in one call (registration.cpp): per block, its
+// gradient [weight, bias] (None: zero) copied into the work rows G (n, d), and where G is
+// finite F = beta F + (1 - beta) G^T G / rows (G^T G / rows where `first`: F's old values,
+// NaN included, are not read); a block whose G is not finite keeps F and counts in its
+// stats[0]. In torch calls from Python (shared.py) that was about ten calls per block, more
+// than the GEMM itself on the ReLU autoencoder's seven blocks. Every block is checked before any
+// is touched; the copies run per block (for_each_block), the GEMMs one after another.
+void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::TensorList stats,
+                        const c10::List<c10::optional<at::Tensor>>& grads,
+                        at::IntArrayRef params_per_block, at::IntArrayRef rows,
+                        const c10::List<bool>& first, double beta) {
+  const size_t n_blocks = curvatures.size();
+  TORCH_CHECK(work.size() == n_blocks && stats.size() == n_blocks &&
+                  params_per_block.size() == n_blocks && rows.size() == n_blocks &&
+                  first.size() == n_blocks,
+              "mbf_kernels: shared_refresh_ takes one curvature, work, stats, parameter count, "
+              "row count and first flag per block");
+  std::vector<size_t> grad_index(n_blocks);  // each block's weight gradient (its bias follows)
+  std::vector<int64_t> elems(n_blocks);
+  size_t next = 0;
+  for (size_t i = 0; i < n_blocks; ++i) {
+    const at::Tensor& G = work[i];
+    const int64_t count = params_per_block[i];
+    TORCH_CHECK((count == 1 || count == 2) && next + count <= grads.size(),
+                "mbf_kernels: shared_refresh_: a block has a weight and at most a bias, and "
+                "one gradient (or None) each");
+    TORCH_CHECK(G.dim() == 2 && G.is_contiguous() && curvatures[i].dim() == 2 &&
+                    curvatures[i].size(0) == G.size(1) && curvatures[i].size(1) == G.size(1),
+                "mbf_kernels: shared_refresh_: block ", i, " needs contiguous (n, d) work rows "
+                "and a (d, d) curvature, got ", G.sizes(), ", ", curvatures[i].sizes());
+    check_like(curvatures[i], G, "curvature");
+    check_stats(stats[i], G.device());
+    const int64_t n = G.size(0), d = G.size(1), width = count == 2 ? d - 1 : d;
+    const c10::optional<at::Tensor> gw = grads.get(next);
+    const c10::optional<at::Tensor> gb = count == 2 ? grads.get(next + 1) : c10::nullopt;
+    TORCH_CHECK((!gw.has_value() || (gw->is_contiguous() && gw->numel() == n * width)) &&
+                    (!gb.has_value() || (gb->is_contiguous() && gb->numel() == n)),
+                "mbf_kernels: shared_refresh_: block ", i, "'s gradients must be contiguous ",
+                n, " x ", width, (count == 2 ? " and " : ""),
+                (count == 2 ? std::to_string(n) : ""));
+    if (gw.has_value()) check_like(*gw, G, "grad_weight");
+    if (gb.has_value()) check_like(*gb, G, "grad_bias");
+    grad_index[i] = next;
+    elems[i] = n * d;
+    next += count;
+  }
+  TORCH_CHECK(next == grads.size(), "mbf_kernels: shared_refresh_: ", grads.size(),
+              " gradients for blocks that have ", next);
+  std::vector<char> finite(n_blocks);
+  for_each_block(elems, [&](size_t i) {
+    const bool bias = params_per_block[i] == 2;
+    const c10::optional<at::Tensor> gw = grads.get(grad_index[i]);
+    const c10::optional<at::Tensor> gb = bias ? grads.get(grad_index[i] + 1) : c10::nullopt;
+    AT_DISPATCH_FLOATING_TYPES(work[i].scalar_type(), "mbf_shared_refresh_cpu", [&] {
+      scalar_t* G = work[i].mutable_data_ptr<scalar_t>();
+      const int64_t n = work[i].size(0), d = work[i].size(1), width = bias ? d - 1 : d;
+      const scalar_t* w = gw.has_value() ? gw->const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* b = gb.has_value() ? gb->const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t r = 0; r < n; ++r) {
+        if (w != nullptr) std::memcpy(G + r * d, w + r * width, width * sizeof(scalar_t));
+        else std::fill_n(G + r * d, width, scalar_t(0));
+        if (bias) G[r * d + width] = b != nullptr ? b[r] : scalar_t(0);
+      }
+      const scalar_t sq = sum_of_squares(G, n * d);
+      finite[i] = sq - sq == scalar_t(0);
+    });
+  });
+  for (size_t i = 0; i < n_blocks; ++i) {
+    if (!finite[i]) {
+      stats[i].mutable_data_ptr<int64_t>()[0] += 1;
+      continue;
+    }
+    const bool from_scratch = first.get(i);
+    const double scale =
+        (from_scratch ? 1.0 : 1.0 - beta) / double(std::max<int64_t>(rows[i], 1));
+    at::Tensor F = curvatures[i];
+    F.addmm_(work[i].t(), work[i], from_scratch ? 0.0 : beta, scale);
+  }
+}
+
 // sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):
 // the grafted step's rescaling, one call for all buckets instead of about ten torch calls.
 at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList entry_tiles,
@@ -894,6 +974,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("scaled_add_", &scaled_add_cpu);
   m.impl("sketch_rows", &sketch_rows_cpu);
   m.impl("shared_graft_step_", &shared_graft_step_cpu);
+  m.impl("shared_refresh_", &shared_refresh_cpu);
   m.impl("apply_inverse_", &apply_inverse_cpu);
   m.impl("unit_ratios", &unit_ratios_cpu);
 }

@@ -133,8 +133,9 @@ class SharedSet:
         decoupled = group["decoupled_weight_decay"]
         blocks = [self.blocks[i] for i in active]
         params = [p for b in blocks for p in b.unit.params]
+        refreshed = self._refresh_fused(group, blocks, flags, fisher)
         for b, f in zip(blocks, flags):
-            if f & _REFRESH:
+            if f & _REFRESH and not refreshed:
                 self._refresh(group, b, f, fisher)
             if f & _REFACTOR:
                 self._refactor(group, b)
@@ -313,6 +314,34 @@ class SharedSet:
         else:
             finite = self._refresh_from_rows(group, b, f, grads)
         b.stats[0] += (~finite).to(torch.int64)
+
+    def _refresh_fused(self, group: dict, blocks: list[SharedBlock], flags: list[int],
+                       fisher: dict[Tensor, Tensor]) -> bool:
+        """The refresh of the blocks due one in one C++ call (``shared_refresh_``), where they
+        are all exact, on the CPU's ops, with no FSDP2 sum, and their gradients are contiguous
+        in the state's dtype; whether it ran. On the ReLU autoencoder (seven blocks) it took
+        a refresh's cost beyond a cached step from 1.06 to 0.50 ms (AMD Zen 3, 2 threads): the
+        per-block torch calls had cost more than the GEMMs."""
+        due = [(b, f) for b, f in zip(blocks, flags) if f & _REFRESH]
+        if (not due or self.reduce is not None or any(b.lowrank is not None for b, _ in due)
+                or not dispatch.cpu_ops(group, self.device)):
+            return False
+        dtype = self.flat["work"].dtype
+        true_fisher = group["fisher"] == "true"  # MBF-True: the sampled gradient's curvature
+        grads, counts = [], []
+        for b, _ in due:  # each block's weight, then its bias
+            seg = b.unit.segments[0]
+            params = [b.unit.params[seg.main]]
+            params += [] if seg.tail is None else [b.unit.params[seg.tail]]
+            grads += [fisher.get(p) if true_fisher else p.grad for p in params]
+            counts.append(len(params))
+        if any(g is not None and (g.dtype != dtype or not g.is_contiguous()) for g in grads):
+            return False
+        torch.ops.mbf_kernels.shared_refresh_(
+            [b.curvature for b, _ in due], [b.rows["work"] for b, _ in due],
+            [b.stats for b, _ in due], grads, counts, [b.unit.rows for b, _ in due],
+            [bool(f & _FIRST) for _, f in due], group["beta"])
+        return True
 
     def _refresh_from_rows(self, group: dict, b: SharedBlock, f: int,
                            grads: list[Tensor | None]) -> Tensor:
