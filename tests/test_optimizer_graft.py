@@ -385,6 +385,47 @@ def test_shared_refresh_op_is_the_curvature_ema(dtype):
                                               first, beta)
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_shared_refactor_op_factors_inverts_and_falls_back(relative):
+    """The one-call refactor of exact shared blocks: the stored factor is the Cholesky factor of
+    F + damping I with its diagonal inverted (damping relative: times F's mean diagonal entry,
+    plus the floor) and the inverse is (F + damping I)^{-1}, against torch.linalg in float64; a
+    block that is not positive definite gets the diagonal fallback and is counted."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    g = torch.Generator().manual_seed(5)
+    damping = 0.1
+    curvatures = []
+    for d in (5, 33, 9):
+        A = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+        curvatures.append(A @ A.mT / d)
+    curvatures[2] = -curvatures[2] - 10 * torch.eye(9, dtype=torch.float64)  # not SPD
+    factors = [torch.full_like(F, float("nan")) for F in curvatures]
+    inverses = [torch.full_like(F, float("nan")) for F in curvatures]
+    stats = [torch.zeros(2, dtype=torch.int64) for _ in curvatures]
+    torch.ops.mbf_kernels.shared_refactor_(curvatures, factors, inverses, stats, damping,
+                                           relative, reference.RELATIVE_DAMPING_FLOOR)
+    for i, (F, factor, inverse, s) in enumerate(zip(curvatures, factors, inverses, stats)):
+        d = F.shape[0]
+        lam = (reference.relative_damping(damping, F.diagonal().sum(), d) if relative
+               else damping)
+        if i == 2:
+            assert s.tolist() == [0, 1]
+            want = torch.diag(reference.diagonal_fallback(F, lam))
+            torch.testing.assert_close(factor, want)
+            torch.testing.assert_close(inverse, torch.diag(want.diagonal() ** 2))
+            continue
+        assert s.tolist() == [0, 0]
+        stored = torch.linalg.cholesky(F + lam * torch.eye(d, dtype=F.dtype))
+        stored.diagonal().reciprocal_()
+        torch.testing.assert_close(factor, stored)
+        damped = F + lam * torch.eye(d, dtype=F.dtype)
+        torch.testing.assert_close(inverse, torch.linalg.inv(damped))
+    with pytest.raises(RuntimeError, match="one curvature, factor, inverse and stats"):
+        torch.ops.mbf_kernels.shared_refactor_(curvatures, factors[:1], inverses, stats, damping,
+                                               relative, 0.0)
+
+
 @pytest.fixture(params=["mm", "onednn"])
 def gemm_library(request):
     """Sends every shared-block GEMM of the C++ ops to MKL's mm or to oneDNN for one test,

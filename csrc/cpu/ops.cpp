@@ -540,12 +540,14 @@ T sum_of_squares(const T* x, int64_t n) {
 // than that (a small MLP's: each would run on one thread, the others idle), the blocks
 // themselves are shared among the threads, each taking those whose first element falls in its
 // share of all the elements.
+// `grain`: the size from which a block splits (row_grain's elements, or another measure of
+// work in the same units as `elems`).
 template <typename Fn>
-void for_each_block(const std::vector<int64_t>& elems, Fn&& fn) {
+void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = row_grain(1)) {
   const int64_t threads = at::get_num_threads();
   const int64_t total = std::accumulate(elems.begin(), elems.end(), int64_t(0));
   const bool split = std::any_of(elems.begin(), elems.end(),
-                                 [](int64_t e) { return e > row_grain(1); });
+                                 [&](int64_t e) { return e > grain; });
   if (threads == 1 || elems.size() < 2 || split || total == 0) {
     for (size_t i = 0; i < elems.size(); ++i) fn(i);
     return;
@@ -733,6 +735,74 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
     at::Tensor F = curvatures[i];
     F.addmm_(work[i].t(), work[i], from_scratch ? 0.0 : beta, scale);
   }
+}
+
+// A factorisation of up to this many d^3 runs on one thread, the blocks shared among the
+// threads (LAPACK's potrf and potri are sequential at such sizes: d = 257 took 0.35 and 0.97 ms
+// on a Zen 3 core either way); larger ones one after another, each on all threads.
+constexpr int64_t kRefactorGrain = int64_t(1) << 30;  // d = 1024
+
+// The refactor of exact shared blocks in one call (registration.cpp): per block the Cholesky
+// factor of F + damping I (relative: damping times F's mean diagonal entry plus `floor`, as
+// reference.relative_damping), stored with its diagonal inverted as the bucket factors are;
+// where it fails, the diagonal fallback of MBF_SPEC section 4 (reference.diagonal_fallback),
+// counted in stats[1]; then the inverse (F + damping I)^{-1} derived from the stored factor
+// (as shared_block.derive_inverse: a loaded state gives the same bits). In torch calls from
+// Python that cost about ten calls per block, half of a refactor of the ReLU autoencoder.
+void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors,
+                         at::TensorList inverses, at::TensorList stats, double damping,
+                         bool relative, double floor) {
+  const size_t n_blocks = curvatures.size();
+  TORCH_CHECK(factors.size() == n_blocks && inverses.size() == n_blocks &&
+                  stats.size() == n_blocks,
+              "mbf_kernels: shared_refactor_ takes one curvature, factor, inverse and stats per "
+              "block");
+  std::vector<int64_t> work(n_blocks);
+  for (size_t i = 0; i < n_blocks; ++i) {
+    const at::Tensor& F = curvatures[i];
+    TORCH_CHECK(F.dim() == 2 && F.size(0) == F.size(1) && factors[i].sizes() == F.sizes() &&
+                    inverses[i].sizes() == F.sizes(),
+                "mbf_kernels: shared_refactor_: block ", i, " needs (d, d) curvature, factor "
+                "and inverse, got ", F.sizes(), ", ", factors[i].sizes(), ", ",
+                inverses[i].sizes());
+    TORCH_CHECK(F.scalar_type() == at::kFloat || F.scalar_type() == at::kDouble,
+                "mbf_kernels: shared_refactor_: curvatures must be float32 or float64, got ",
+                F.scalar_type());
+    check_like(factors[i], F, "factor");
+    check_like(inverses[i], F, "inverse");
+    check_stats(stats[i], F.device());
+    work[i] = F.size(0) * F.size(0) * F.size(0);
+  }
+  for_each_block(work, [&](size_t i) {
+    const at::Tensor& F = curvatures[i];
+    const int64_t d = F.size(0);
+    double lambda = damping;
+    if (relative) lambda = damping * F.diagonal().sum().item<double>() / double(d) + floor;
+    auto [L, info] = at::linalg_cholesky_ex(
+        F + at::eye(d, F.options()).mul_(lambda), /*upper=*/false, /*check_errors=*/false);
+    at::Tensor factor = factors[i];
+    if (info.item<int>() == 0) {
+      L.diagonal().reciprocal_();
+      factor.copy_(L);
+    } else {
+      // 1 / sqrt(F_ii + damping) where that is finite and positive, else 1 / sqrt(damping),
+      // else 1
+      const at::Tensor s = F.diagonal() + lambda;
+      const double fill = lambda > 0 ? 1.0 / std::sqrt(lambda) : 1.0;
+      const at::Tensor ok = at::isfinite(s).logical_and_(s > 0);
+      factor.zero_();
+      factor.diagonal().copy_(
+          at::where(ok, s.clamp_min(F.scalar_type() == at::kDouble
+                                        ? std::numeric_limits<double>::min()
+                                        : double(std::numeric_limits<float>::min()))
+                            .rsqrt(),
+                    at::full({}, fill, s.options())));
+      stats[i].mutable_data_ptr<int64_t>()[1] += 1;
+    }
+    at::Tensor from_factor = factor.clone();
+    from_factor.diagonal().reciprocal_();
+    inverses[i].copy_(at::cholesky_inverse(from_factor));
+  }, kRefactorGrain);
 }
 
 // sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):
@@ -975,6 +1045,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("sketch_rows", &sketch_rows_cpu);
   m.impl("shared_graft_step_", &shared_graft_step_cpu);
   m.impl("shared_refresh_", &shared_refresh_cpu);
+  m.impl("shared_refactor_", &shared_refactor_cpu);
   m.impl("apply_inverse_", &apply_inverse_cpu);
   m.impl("unit_ratios", &unit_ratios_cpu);
 }

@@ -133,11 +133,14 @@ class SharedSet:
         decoupled = group["decoupled_weight_decay"]
         blocks = [self.blocks[i] for i in active]
         params = [p for b in blocks for p in b.unit.params]
-        refreshed = self._refresh_fused(group, blocks, flags, fisher)
-        for b, f in zip(blocks, flags):
-            if f & _REFRESH and not refreshed:
-                self._refresh(group, b, f, fisher)
-            if f & _REFACTOR:
+        # Every due refresh, then every due refactor (each block's after its refresh).
+        if not self._refresh_fused(group, blocks, flags, fisher):
+            for b, f in zip(blocks, flags):
+                if f & _REFRESH:
+                    self._refresh(group, b, f, fisher)
+        refactoring = [b for b, f in zip(blocks, flags) if f & _REFACTOR]
+        if not self._refactor_fused(group, refactoring):
+            for b in refactoring:
                 self._refactor(group, b)
         decay = 1 - lr * wd if decoupled else 1.0
         if graft and self._exact_step_fused(group, active, steps, momentum_coef, decay):
@@ -387,6 +390,18 @@ class SharedSet:
         gw = grads[seg.main].view(seg.n_blocks, seg.width)
         gb = None if seg.tail is None else grads[seg.tail]
         return lambda omega: torch.ops.mbf_kernels.sketch_rows(gw, gb, omega)
+
+    def _refactor_fused(self, group: dict, blocks: list[SharedBlock]) -> bool:
+        """The refactor of ``blocks`` in one C++ call (``shared_refactor_``, the blocks shared
+        among the threads), where they are all exact and on the CPU's ops; whether it ran."""
+        if (not blocks or any(b.lowrank is not None for b in blocks)
+                or not dispatch.cpu_ops(group, self.device)):
+            return False
+        torch.ops.mbf_kernels.shared_refactor_(
+            [b.curvature for b in blocks], [b.factor for b in blocks],
+            [b.inverse for b in blocks], [b.stats for b in blocks], group["damping"],
+            group["damping_mode"] == "relative", reference.RELATIVE_DAMPING_FLOOR)
+        return True
 
     @staticmethod
     def _refactor(group: dict, b: SharedBlock) -> None:
