@@ -361,20 +361,20 @@ def test_shared_refresh_op_is_the_curvature_ema(dtype):
             G[:, :width] = gw.double()
         if bias:
             G[:, width] = gb.double()
-        F = curvatures[-1].double()
-        new = G.mT @ G / r if is_first else beta * F + (1 - beta) * (G.mT @ G) / r
-        scale = G.abs().mT @ G.abs() / r + (0 if is_first else beta * F.abs())
-        want.append((G, F.clone() if i == 2 else new, scale))
+        C = curvatures[-1].double()
+        new = G.mT @ G / r if is_first else beta * C + (1 - beta) * (G.mT @ G) / r
+        scale = G.abs().mT @ G.abs() / r + (0 if is_first else beta * C.abs())
+        want.append((G, C.clone() if i == 2 else new, scale))
     torch.ops.mbf_kernels.shared_refresh_(curvatures, work, stats, grads, counts, rows, first,
                                           beta)
     eps = torch.finfo(dtype).eps
-    for i, ((G, F, scale), got, s, rows_got) in enumerate(zip(want, curvatures, stats, work)):
+    for i, ((G, C, scale), got, s, rows_got) in enumerate(zip(want, curvatures, stats, work)):
         assert s.tolist() == ([1, 0] if i == 2 else [0, 0])
         if i == 2:
-            assert torch.equal(got.double(), F)  # kept, bit for bit
+            assert torch.equal(got.double(), C)  # kept, bit for bit
             continue
         assert torch.equal(rows_got.double(), G)
-        assert ((got.double() - F).abs() <= 4 * (G.shape[0] + 2) * eps * scale).all()
+        assert ((got.double() - C).abs() <= 4 * (G.shape[0] + 2) * eps * scale).all()
     with pytest.raises(RuntimeError, match="one curvature, work, stats"):
         torch.ops.mbf_kernels.shared_refresh_(curvatures[:1], work, stats, grads, counts, rows,
                                               first, beta)
@@ -400,26 +400,26 @@ def test_shared_refactor_op_factors_inverts_and_falls_back(relative):
         A = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
         curvatures.append(A @ A.mT / d)
     curvatures[2] = -curvatures[2] - 10 * torch.eye(9, dtype=torch.float64)  # not SPD
-    factors = [torch.full_like(F, float("nan")) for F in curvatures]
-    inverses = [torch.full_like(F, float("nan")) for F in curvatures]
+    factors = [torch.full_like(C, float("nan")) for C in curvatures]
+    inverses = [torch.full_like(C, float("nan")) for C in curvatures]
     stats = [torch.zeros(2, dtype=torch.int64) for _ in curvatures]
     torch.ops.mbf_kernels.shared_refactor_(curvatures, factors, inverses, stats, damping,
                                            relative, reference.RELATIVE_DAMPING_FLOOR)
-    for i, (F, factor, inverse, s) in enumerate(zip(curvatures, factors, inverses, stats)):
-        d = F.shape[0]
-        lam = (reference.relative_damping(damping, F.diagonal().sum(), d) if relative
+    for i, (C, factor, inverse, s) in enumerate(zip(curvatures, factors, inverses, stats)):
+        d = C.shape[0]
+        lam = (reference.relative_damping(damping, C.diagonal().sum(), d) if relative
                else damping)
         if i == 2:
             assert s.tolist() == [0, 1]
-            want = torch.diag(reference.diagonal_fallback(F, lam))
+            want = torch.diag(reference.diagonal_fallback(C, lam))
             torch.testing.assert_close(factor, want)
             torch.testing.assert_close(inverse, torch.diag(want.diagonal() ** 2))
             continue
         assert s.tolist() == [0, 0]
-        stored = torch.linalg.cholesky(F + lam * torch.eye(d, dtype=F.dtype))
+        stored = torch.linalg.cholesky(C + lam * torch.eye(d, dtype=C.dtype))
         stored.diagonal().reciprocal_()
         torch.testing.assert_close(factor, stored)
-        damped = F + lam * torch.eye(d, dtype=F.dtype)
+        damped = C + lam * torch.eye(d, dtype=C.dtype)
         torch.testing.assert_close(inverse, torch.linalg.inv(damped))
     with pytest.raises(RuntimeError, match="one curvature, factor, inverse and stats"):
         torch.ops.mbf_kernels.shared_refactor_(curvatures, factors[:1], inverses, stats, damping,
