@@ -562,6 +562,25 @@ void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = 
   });
 }
 
+// Each block's first entry (its weight; its bias follows) in a list of `total` entries laid out
+// by params_per_block (1 or 2 each: a weight and at most a bias), checked; `op` and `what` (the
+// list's entries, "parameters" or "gradients") name what is wrong.
+std::vector<size_t> block_offsets(at::IntArrayRef params_per_block, size_t total, const char* op,
+                                  const char* what) {
+  std::vector<size_t> first(params_per_block.size());
+  size_t next = 0;
+  for (size_t i = 0; i < first.size(); ++i) {
+    const int64_t count = params_per_block[i];
+    TORCH_CHECK((count == 1 || count == 2) && next + count <= total, "mbf_kernels: ", op,
+                ": a block has a weight and at most a bias, one of the ", what, " each");
+    first[i] = next;
+    next += count;
+  }
+  TORCH_CHECK(next == total, "mbf_kernels: ", op, ": ", total, " ", what,
+              " for blocks that have ", next);
+  return first;
+}
+
 // One grafted step of exact shared blocks (registration.cpp): per block, the row pass (m, v,
 // Adam's row norms), U = M (F + damping I)^{-1} into the work rows, U's row norms, the
 // block's coefficient -lr |a| / |u| (rows whose u or a is not finite count as 0), and p =
@@ -582,14 +601,13 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                   grads.size() == params.size(),
               "mbf_kernels: shared_graft_step_ takes one m, v, work, inverse, parameter count, "
               "scale and eps per block and one gradient per parameter");
-  std::vector<size_t> first(n_blocks);  // each block's weight in params (its bias follows)
+  const std::vector<size_t> first =
+      block_offsets(params_per_block, params.size(), "shared_graft_step_", "parameters");
   std::vector<int64_t> elems(n_blocks);
-  size_t next = 0;
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& m = momenta[i];
     const int64_t count = params_per_block[i];
-    TORCH_CHECK((count == 1 || count == 2) && next + count <= params.size(),
-                "mbf_kernels: shared_graft_step_: a block has a weight and at most a bias");
+    const size_t next = first[i];
     TORCH_CHECK(m.dim() == 2 && m.is_contiguous() && work[i].sizes() == m.sizes() &&
                     work[i].is_contiguous() && inverses[i].dim() == 2 &&
                     inverses[i].size(0) == m.size(1) && inverses[i].size(1) == m.size(1),
@@ -607,12 +625,8 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                 n, " x ", width, (count == 2 ? " and " : ""), (count == 2 ? std::to_string(n) : ""));
     check_like(weight, m, "weight");
     if (count == 2) check_like(params[next + 1], m, "bias");
-    first[i] = next;
     elems[i] = n * d;
-    next += count;
   }
-  TORCH_CHECK(next == params.size(), "mbf_kernels: shared_graft_step_: ", params.size(),
-              " parameters for blocks that have ", next);
   // the row passes, as graft_rows_
   std::vector<at::Tensor> rows(n_blocks);
   for_each_block(elems, [&](size_t i) {
@@ -674,15 +688,13 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
                   first.size() == n_blocks,
               "mbf_kernels: shared_refresh_ takes one curvature, work, stats, parameter count, "
               "row count and first flag per block");
-  std::vector<size_t> grad_index(n_blocks);  // each block's weight gradient (its bias follows)
+  const std::vector<size_t> grad_index =
+      block_offsets(params_per_block, grads.size(), "shared_refresh_", "gradients (or None)");
   std::vector<int64_t> elems(n_blocks);
-  size_t next = 0;
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& G = work[i];
     const int64_t count = params_per_block[i];
-    TORCH_CHECK((count == 1 || count == 2) && next + count <= grads.size(),
-                "mbf_kernels: shared_refresh_: a block has a weight and at most a bias, and "
-                "one gradient (or None) each");
+    const size_t next = grad_index[i];
     TORCH_CHECK(G.dim() == 2 && G.is_contiguous() && curvatures[i].dim() == 2 &&
                     curvatures[i].size(0) == G.size(1) && curvatures[i].size(1) == G.size(1),
                 "mbf_kernels: shared_refresh_: block ", i, " needs contiguous (n, d) work rows "
@@ -699,12 +711,8 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
                 (count == 2 ? std::to_string(n) : ""));
     if (gw.has_value()) check_like(*gw, G, "grad_weight");
     if (gb.has_value()) check_like(*gb, G, "grad_bias");
-    grad_index[i] = next;
     elems[i] = n * d;
-    next += count;
   }
-  TORCH_CHECK(next == grads.size(), "mbf_kernels: shared_refresh_: ", grads.size(),
-              " gradients for blocks that have ", next);
   std::vector<char> finite(n_blocks);
   for_each_block(elems, [&](size_t i) {
     const bool bias = params_per_block[i] == 2;
