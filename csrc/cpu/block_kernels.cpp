@@ -42,7 +42,7 @@ template <typename T, int D>
 void load_blocks(const T* A, TileScratch<T>& s, int d, int cnt, T damping) {
   constexpr int W = Ln<T>::W;
   const int n = D > 0 ? D : d;
-  lanes::gather_lanes<T>(A, int64_t(n) * n, n * n, cnt, elements<T>(s.full));
+  lanes::gather_lanes<T>(A, int64_t(n) * n, n * n, cnt, T(0), elements<T>(s.full));
   for (int i = 0; i < n; ++i) {
     V<T>& diag = s.full[i * n + i];
     for (int l = cnt; l < W; ++l) diag[l] = T(1);
@@ -71,7 +71,7 @@ void store_blocks(const V<T>* a, Index idx, const M<T>& info, TileScratch<T>& s,
 
 template <typename T>
 void load_rhs(const T* B, TileScratch<T>& s, int dk, int cnt) {
-  lanes::gather_lanes<T>(B, dk, dk, cnt, elements<T>(s.x));
+  lanes::gather_lanes<T>(B, dk, dk, cnt, T(0), elements<T>(s.x));
 }
 
 // Solutions of `cnt` blocks back to row-major (d, k); failed lanes (info != 0) get zeros.

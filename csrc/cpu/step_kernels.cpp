@@ -114,10 +114,10 @@ int64_t count_lanes(const M<T>& mask, int cnt) {
 template <typename T, int D>
 struct CompactTile {
   static constexpr int W = Ln<T>::W;
-  std::vector<V<T>> gv, av, F, L, inv_diag, x;
+  std::vector<V<T>> gv, mv, pv, vv, F, L, inv_diag, x;
   int n, tri;
   explicit CompactTile(int d)
-      : gv(d), av(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
+      : gv(d), mv(d), pv(d), vv(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
         n(D > 0 ? D : d), tri(n * (n + 1) / 2) {}
 
   // Lanes dst[0, n) of blocks b0 .. b0 + cnt of a stream laid out as StepSegment describes:
@@ -126,15 +126,20 @@ struct CompactTile {
   void gather(const T* main, int64_t row_stride, int width, const T* tail, int64_t b0, int cnt,
               std::vector<V<T>>& dst) {
     T* out = reinterpret_cast<T*>(dst.data());
-    lanes::gather_lanes<T>(main + b0 * row_stride, row_stride, width, cnt, out);
-    // (A tail is one element per block, contiguous over blocks: a full sub-tile's is a vector.)
-    if (tail != nullptr) lanes::gather_lanes<T>(tail + b0, 1, 1, cnt, out + width * W);
+    lanes::gather_lanes<T>(main + b0 * row_stride, row_stride, width, cnt, T(0), out);
+    if (tail == nullptr) return;
+    // A full sub-tile's tail is W contiguous values: one copy, which the step's vector load
+    // of that row is forwarded from (it would wait for W scalar stores to retire).
+    if (cnt == W) std::memcpy(out + width * W, tail + b0, sizeof(V<T>));
+    else for (int l = 0; l < W; ++l) out[width * W + l] = l < cnt ? tail[b0 + l] : T(0);
   }
   void scatter(const std::vector<V<T>>& src, int64_t b0, int cnt, T* main, int64_t row_stride,
                int width, T* tail) {
     const T* in = reinterpret_cast<const T*>(src.data());
     lanes::scatter_lanes<T>(in, width, cnt, row_stride, main + b0 * row_stride);
-    if (tail != nullptr) lanes::scatter_lanes<T>(in + width * W, 1, cnt, 1, tail + b0);
+    if (tail == nullptr) return;
+    if (cnt == W) std::memcpy(tail + b0, in + width * W, sizeof(V<T>));  // as in gather
+    else for (int l = 0; l < cnt; ++l) tail[b0 + l] = in[width * W + l];
   }
   // Contiguous rows of n values (the standalone ops' B, G, X).
   void gather(const T* rows, int64_t b0, int cnt, std::vector<V<T>>& dst) {
@@ -202,8 +207,10 @@ struct CompactTile {
   template <typename FT>
   void step(const StepSegment<T>& s, T* Fc, FT* Lc, int64_t b0, int cnt, const StepConfig& cfg,
             const StepTiles<T>& tiles, int64_t t, int u, StepStats& stats) {
-    if (s.flags.update_curvature) {
+    const bool apply = applies_direction(cfg);
+    if (!apply || s.flags.update_curvature)
       gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
+    if (s.flags.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
       for (int e = 0; e < n; ++e) finite &= (gv[e] - gv[e]) == T(0);
       stats.skipped_curvature += count_lanes<T>(~finite, cnt);
@@ -216,95 +223,65 @@ struct CompactTile {
       stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
     if (!cfg.write && !cfg.graft) return;  // the refresh/refactor-only pass
-    const T lr = static_cast<T>(cfg.lr);
+    const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
     // This sub-tile's direction rows (compact: d rows of kCompactTile per tile).
     T* direction = cfg.graft ? tiles.directions + t * n * kCompactTile + u : nullptr;
-    if (applies_direction(cfg)) {
+    if (apply) {
+      gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
       load_compact<T>(direction, n, x.data());
       move_params(s, b0, cnt, cfg, lr * tiles.scale[t]);
       return;
     }
-    if (cfg.graft) moments<true>(s, b0, cnt, cfg);
-    else moments<false>(s, b0, cnt, cfg);
+    gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
+    // Grafting's measuring pass reads p only for a coupled decay (with the default, decoupled
+    // decay, that is a ninth of its reads saved).
+    if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+    if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
+    const T rho = static_cast<T>(cfg.momentum);
+    const bool coupled = !cfg.decoupled_weight_decay;
+    const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
+    for (int e = 0; e < n; ++e) {
+      const V<T> dir = coupled ? gv[e] + wd * pv[e] : gv[e];
+      mv[e] = rho * mv[e] + dir;
+      x[e] = mv[e];
+      if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
+    }
     solve(Lc);
-    if (!cfg.graft) {
-      move_params(s, b0, cnt, cfg, lr);
+    if (cfg.graft) {  // the measuring pass: m, v, u and the norms stored, p untouched
+      const V<T> zero = lanes::splat<V<T>>(T(0));
+      const T eps = static_cast<T>(cfg.eps);
+      V<T> su = zero, sa = zero;
+      for (int e = 0; e < n; ++e) {
+        const V<T> a = s.graft_c1 * mv[e] / (s.graft_s2 * lanes::vsqrt<T>(vv[e]) + eps);
+        su += x[e] * x[e];
+        sa += a * a;
+      }
+      // A block whose norms are not finite (a NaN gradient) is left out of its unit's norms.
+      const M<T> ok = ((su - su) == T(0)) & ((sa - sa) == T(0));
+      su = ok ? su : zero;
+      sa = ok ? sa : zero;
+      T* out = tiles.norms + t * 2 * kCompactTile + u;
+      std::memcpy(out, &su, sizeof(V<T>));
+      std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
+      if (cfg.stream_directions) stream_compact<T>(x.data(), n, direction);
+      else store_compact<T>(x.data(), n, direction);
+      scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+      scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
       return;
     }
-    // The measuring pass: m, v, u and the norms stored, p untouched.
-    const V<T> zero = lanes::splat<V<T>>(T(0));
-    V<T> su = zero, sa = zero;
-    for (int e = 0; e < n; ++e) {
-      su += x[e] * x[e];
-      sa += av[e] * av[e];
-    }
-    // A block whose norms are not finite (a NaN gradient) is left out of its unit's norms.
-    const M<T> ok = ((su - su) == T(0)) & ((sa - sa) == T(0));
-    su = ok ? su : zero;
-    sa = ok ? sa : zero;
-    T* out = tiles.norms + t * 2 * kCompactTile + u;
-    std::memcpy(out, &su, sizeof(V<T>));
-    std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
-    if (cfg.stream_directions) stream_compact<T>(x.data(), n, direction);
-    else store_compact<T>(x.data(), n, direction);
+    scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+    move_params(s, b0, cnt, cfg, lr);
   }
 
-  // The momentum m = rho m + dir (dir = g, or g + wd p with a coupled decay) and, grafted,
-  // Adam's v = beta2 v + (1 - beta2) dir^2 and direction a = c1 m / (s2 sqrt(v) + eps), updated
-  // in place in the blocks' own layout; the new m lands in x (lanes) for the solve, a in av.
-  // So g, m and v are read and m and v written with no transposes but m's and a's (the step
-  // gathered g, m and v and scattered m and v: 5 transposes where 2 are left).
-  template <bool Graft>
-  void moments(const StepSegment<T>& s, int64_t b0, int cnt, const StepConfig& cfg) {
-    const T rho = static_cast<T>(cfg.momentum), wd = static_cast<T>(cfg.weight_decay);
-    const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - beta2, eps = static_cast<T>(cfg.eps);
-    const T c1 = s.graft_c1, s2 = s.graft_s2;
-    const bool coupled = !cfg.decoupled_weight_decay;
-    enum { kP, kG, kM, kV };
-    auto op = [&](const auto& a) {
-      auto dir = a.load(kG);
-      if (coupled) dir = dir + wd * a.load(kP);
-      const auto m = rho * a.load(kM) + dir;
-      a.store(kM, m);
-      a.out(0, m);
-      if constexpr (Graft) {
-        const auto v = beta2 * a.load(kV) + w2 * dir * dir;
-        a.store(kV, v);
-        a.out(1, c1 * m / (s2 * lanes::sqrt_each(v) + eps));
-      }
-    };
-    constexpr int NO = Graft ? 2 : 1;
-    T* const xs = reinterpret_cast<T*>(x.data());
-    T* const as = reinterpret_cast<T*>(av.data());
-    auto outs = [&](int64_t row) {
-      if constexpr (Graft) return lanes::Ptrs<T, 2>{xs + row * W, as + row * W};
-      else return lanes::Ptrs<T, 1>{xs + row * W};
-    };
-    const int64_t at = b0 * s.row_stride;
-    lanes::gather_map<T, NO, 4>({s.p + at, const_cast<T*>(s.g) + at, s.m + at,
-                                 Graft ? s.v + at : nullptr},
-                                s.row_stride, s.width, cnt, outs(0), op);
-    if (s.m_tail == nullptr) return;
-    lanes::gather_map<T, NO, 4>({s.p_tail + b0, const_cast<T*>(s.g_tail) + b0, s.m_tail + b0,
-                                 Graft ? s.v_tail + b0 : nullptr},
-                                1, 1, cnt, outs(s.width), op);
-  }
-
-  // p -= lr_u x (x in lanes) and the decoupled decay lr wd p, in p's own layout: p is read
-  // and written once, x alone transposed (p was gathered and scattered: 2 transposes).
+  // p (in pv) moved by lr_u x and the decoupled decay, then stored.
   void move_params(const StepSegment<T>& s, int64_t b0, int cnt, const StepConfig& cfg,
                    T lr_u) {
-    const T lr_wd = static_cast<T>(cfg.lr) * static_cast<T>(cfg.weight_decay);
-    const bool decoupled = cfg.decoupled_weight_decay;
-    auto op = [&](const auto& a, auto u) {
-      const auto p = a.load(0);
-      if (decoupled) a.store(0, p - lr_u * u - lr_wd * p);
-      else a.store(0, p - lr_u * u);
-    };
-    const T* in = reinterpret_cast<const T*>(x.data());
-    lanes::scatter_map<T, 1>(in, s.width, cnt, s.row_stride, {s.p + b0 * s.row_stride}, op);
-    if (s.p_tail == nullptr) return;
-    lanes::scatter_map<T, 1>(in + s.width * W, 1, cnt, 1, {s.p_tail + b0}, op);
+    const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
+    for (int e = 0; e < n; ++e) {
+      const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
+      pv[e] = pv[e] - lr_u * x[e] - decay;
+    }
+    scatter(pv, b0, cnt, s.p, s.row_stride, s.width, s.p_tail);
   }
 };
 

@@ -11,7 +11,6 @@
 // the dense kernels use full row-major blocks in place instead (FullIndex).
 #pragma once
 
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -115,22 +114,13 @@ inline BlockDim<D> block_dim(int d) {
   else return D > 0 ? D : d;
 }
 
-// Lane-wise sqrt of any vector type (or a scalar). With -fno-math-errno the compiler emits one
-// vector sqrt instruction. (`r{}`: every lane is written below, but GCC's
-// -Wmaybe-uninitialized fires with 16 AVX-512 lanes.)
-template <typename R>
-inline R sqrt_each(R x) {
-  if constexpr (std::is_floating_point_v<R>) {
-    return std::sqrt(x);
-  } else {
-    R r{};
-    for (int l = 0; l < int(sizeof(R) / sizeof(x[0])); ++l) r[l] = std::sqrt(x[l]);
-    return r;
-  }
-}
+// Lane-wise sqrt. With -fno-math-errno the compiler emits one vector sqrt instruction. (`r{}`:
+// every lane is written below, but GCC's -Wmaybe-uninitialized fires with 16 AVX-512 lanes.)
 template <typename T>
 inline typename Lanes<T>::V vsqrt(typename Lanes<T>::V x) {
-  return sqrt_each(x);
+  typename Lanes<T>::V r{};
+  for (int l = 0; l < Lanes<T>::W; ++l) r[l] = std::sqrt(x[l]);
+  return r;
 }
 
 // In-place Cholesky of a tile: `a` holds the damped lower triangles (tri vectors) on entry
@@ -257,8 +247,12 @@ inline void inverse_tile(const typename Lanes<T>::V* L, const typename Lanes<T>:
 //
 // gather_lanes: `count` consecutive elements of each of `cnt` blocks (block l starts at
 // src + l * stride) into lane l of dst[0 .. count): dst[e * W + l] = src[l * stride + e].
-// Lanes from cnt to W are set to zero. scatter_lanes is the inverse, for lanes < cnt. Both
-// are the plain cases of gather_map and scatter_map (below), which apply an op on the way.
+// Lanes from cnt to W are set to `pad`. scatter_lanes is the inverse, for lanes < cnt.
+//
+// With AVX2 (and AVX-512) and a full tile, 8 (float) or 4 (double) blocks' rows are loaded
+// as vectors and transposed in registers: a handful of shuffles per vector instead of one
+// scalar store per element, whose vector reloads stall on store forwarding. The scalar level,
+// the batch tail and the last `count % 8` (or 4) elements take the scalar loop.
 
 #if defined(__AVX2__)
 inline void transpose_in_registers(__m256* r) {  // 8 x 8 floats
@@ -432,11 +426,10 @@ inline const Stride3& stride3() {
   return tables;
 }
 
-// 16 blocks' 9 elements as 9 contiguous zmm registers r (block l's element e at 9 l + e) into
-// 9 rows of 16 lanes at dst, and back.
-inline void transpose_9x16_to_lanes(const __m512* r, float* dst) {
+inline void gather_lanes_9x16(const float* src, float* dst) {
   const Stride3& t = stride3();
-  __m512 s[3][3];
+  __m512 r[9], s[3][3];
+  for (int k = 0; k < 9; ++k) r[k] = _mm512_loadu_ps(src + 16 * k);
   for (int j = 0; j < 3; ++j)
     for (int b = 0; b < 3; ++b) s[b][j] = t.deinterleave(r[3 * j], r[3 * j + 1], r[3 * j + 2], b);
   for (int b = 0; b < 3; ++b)
@@ -444,210 +437,91 @@ inline void transpose_9x16_to_lanes(const __m512* r, float* dst) {
       _mm512_storeu_ps(dst + 16 * (3 * a + b), t.deinterleave(s[b][0], s[b][1], s[b][2], a));
 }
 
-inline void transpose_9x16_from_lanes(const float* src, __m512* out) {
+inline void scatter_lanes_9x16(const float* src, float* dst) {
   const Stride3& t = stride3();
   __m512 x[9], s[3][3];
   for (int e = 0; e < 9; ++e) x[e] = _mm512_loadu_ps(src + 16 * e);
   for (int b = 0; b < 3; ++b)
     for (int j = 0; j < 3; ++j) s[b][j] = t.interleave(x[b], x[3 + b], x[6 + b], j);
   for (int j = 0; j < 3; ++j)
-    for (int r = 0; r < 3; ++r) out[3 * j + r] = t.interleave(s[0][j], s[1][j], s[2][j], r);
+    for (int r = 0; r < 3; ++r)
+      _mm512_storeu_ps(dst + 16 * (3 * j + r), t.interleave(s[0][j], s[1][j], s[2][j], r));
 }
 #endif
 
-// Mapped transposes. gather_map visits element e < count of blocks l < cnt of NS streams laid
-// out alike (stream k: block l's element e at base[k] + l * stride + e) and calls op(at) there:
-// `at.load(k)` reads stream k, `at.store(k, value)` writes it back, and `at.out(j, value)` gives
-// output j, which lands transposed in dst[j][e * W + l] (lanes cnt .. W of every output are
-// zero). op runs on whatever the path visiting the element holds (an AVX2 register of one
-// block's row, a row of W blocks' same element, a scalar), so an elementwise update of the
-// streams (the step's momentum) costs no transpose: each stream is read and written once in
-// its own layout, and only the outputs are transposed. gather_lanes is the one-stream case
-// whose op only reads. scatter_map is the inverse: op(at, value) at every element, value being
-// src[e * W + l]; scatter_lanes's op stores it.
-//
-// With AVX2 (and AVX-512) and a full tile, 8 (float) or 4 (double) blocks' rows are loaded
-// as vectors and transposed in registers: a handful of shuffles per vector instead of one
-// scalar store per element, whose vector reloads stall on store forwarding. The rows left
-// over (count % 8, or 4) go a row of W blocks at a time (FullRow::column), the scalar level
-// and the batch tail element by element. A stream of count = 1 at stride 1 (a Linear bias:
-// one element per block, contiguous over blocks) is one vector of W lanes.
-
-// Stream and output pointers are passed by value: the stores are vector stores, which may alias
-// anything, and pointers read from memory were reloaded after each one.
-template <typename T, int N>
-using Ptrs = std::array<T*, N>;
-
-// The element(s) an op is called on: a value of type R at base[k] + off in each stream; its
-// outputs go to `put(j, value)`.
-template <typename R, typename Base, typename Put>
-struct At {
-  Base base;  // Ptrs
-  int64_t off;
-  Put put;
-  R load(int k) const {
-    R r;
-    std::memcpy(&r, base[k] + off, sizeof(R));
-    return r;
-  }
-  void store(int k, R v) const { std::memcpy(base[k] + off, &v, sizeof(R)); }
-  void out(int j, R v) const { put(j, v); }
-};
-template <typename R, typename Base, typename Put>
-At<R, Base, Put> at(const Base& base, int64_t off, Put put) { return {base, off, put}; }
-
-#if defined(__AVX2__)
-// A row of W blocks' element at base[k] + off + l * stride (FullRow::column). With more than
-// one such row, its stores are kept (`pending`) until every one has been read: a row's loads
-// span the elements that the previous row's scalar stores write, and would wait for them (no
-// store forwarding).
-template <typename T, int NS, typename Put>
-struct AtColumn {
-  using R = typename FullRow<T>::R;
-  Ptrs<T, NS> base;
-  int64_t off, stride;
-  Put put;
-  R* pending;     // [NS], or nullptr: store at once
-  bool* written;  // [NS]
-  R load(int k) const { return FullRow<T>::column(base[k] + off, stride); }
-  void store(int k, R v) const {
-    if (pending == nullptr) return store_column(base[k] + off, stride, v);
-    pending[k] = v;
-    written[k] = true;
-  }
-  static void store_column(T* p, int64_t stride, R v) {
-    loop(Ic<0>{}, Ic<Lanes<T>::W>{}, [&](auto l) { p[l * stride] = v[int(l)]; });
-  }
-  void out(int j, R v) const { put(j, v); }
-};
-#endif
-
-template <typename T, int NO, int NS, typename Op>
-inline void gather_map(Ptrs<T, NS> base, int64_t stride, int count, int cnt, Ptrs<T, NO> dst,
-                       Op&& op) {
+// A full tile moves through the registers in groups of G = 32 / sizeof(T) lanes (one AVX2
+// register of blocks: 8 floats or 4 doubles): G rows of G blocks transposed at a time, one
+// group for AVX2 tiles, two for AVX-512 tiles (W = 16 floats or 8 doubles), joined into one
+// register per row. (A 16 x 16 transpose would need count >= 16; the hot d = 9 would never
+// take it.) d = 9 at AVX-512 takes the permutes above.
+template <typename T>
+inline void gather_lanes(const T* src, int64_t stride, int count, int cnt, T pad, T* dst) {
   constexpr int W = Lanes<T>::W;
-  using VL = typename Lanes<T>::V;
-  if (count == 1 && stride == 1 && cnt == W) {
-    op(at<VL>(base, 0, [&](int j, VL v) { std::memcpy(dst[j], &v, sizeof(VL)); }));
-    return;
-  }
   int e0 = 0;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (count == 9 && stride == 9 && cnt == W) {
-      __m512 r[NO][9];
-      for (int q = 0; q < 9; ++q)
-        op(at<__m512>(base, 16 * q, [&](int j, __m512 v) { r[j][q] = v; }));
-      for (int j = 0; j < NO; ++j) transpose_9x16_to_lanes(r[j], dst[j]);
-      return;
-    }
-  }
+  if constexpr (std::is_same_v<T, float>)
+    if (count == 9 && stride == 9 && cnt == W) return gather_lanes_9x16(src, dst);
 #endif
 #if defined(__AVX2__)
+  // Whole rows only: at AVX-512 both G-lane halves of a row are transposed before it is stored
+  // as one zmm, and the rows left over (count % G) are gathered. The step reloads every row as
+  // one register, and a load that spans two stores (or W scalar ones) waits for them to retire
+  // instead of being forwarded.
   constexpr int G = 32 / int(sizeof(T));
   using Z = FullRow<T>;
-  using R = typename Avx2<T>::R;
   if (cnt == W && stride <= (int64_t(1) << 31) / (W * int64_t(sizeof(T)))) {
-    // The leftover rows first (their loads overlap the transposed rows' elements), their
-    // stores after all of them were read. (Counted by the remainder, < G, so that GCC sees
-    // the loop's bound.)
-    const int rows_end = count - count % G, rem = count - rows_end;
-    typename Z::R pending[G][NS];
-    bool written[G][NS] = {};
-    for (int k = 0; k < rem && k < G; ++k) {
-      auto put = [&](int j, typename Z::R v) { Z::store(dst[j] + (rows_end + k) * W, v); };
-      op(AtColumn<T, NS, decltype(put)>{base, rows_end + k, stride, put,
-                                        rem > 1 ? pending[k] : nullptr, written[k]});
-    }
-    for (int k = 0; rem > 1 && k < rem && k < G; ++k)
-      for (int s = 0; s < NS; ++s)
-        if (written[k][s])
-          AtColumn<T, NS, int>::store_column(base[s] + rows_end + k, stride, pending[k][s]);
-    R r[NO][W / G][G];
-    for (; e0 < rows_end; e0 += G) {
+    typename Avx2<T>::R r[W / G][G];
+    for (; e0 + G <= count; e0 += G) {
       for (int h = 0; h < W / G; ++h) {
-        for (int l = 0; l < G; ++l)
-          op(at<R>(base, (h * G + l) * stride + e0, [&](int j, R v) { r[j][h][l] = v; }));
-        for (int j = 0; j < NO; ++j) transpose_in_registers(r[j][h]);
+        for (int l = 0; l < G; ++l) r[h][l] = Avx2<T>::load(src + (h * G + l) * stride + e0);
+        transpose_in_registers(r[h]);
       }
-      for (int j = 0; j < NO; ++j)
-        for (int e = 0; e < G; ++e) Z::store(dst[j] + (e0 + e) * W, Z::row(r[j], e));
+      for (int e = 0; e < G; ++e) Z::store(dst + (e0 + e) * W, Z::row(r, e));
     }
+    // (Counted by the remainder, < G, so that GCC sees the loop's bound.)
+    for (int k = 0, rem = count - e0; k < rem && k < G; ++k)
+      Z::store(dst + (e0 + k) * W, Z::column(src + e0 + k, stride));
     return;
   }
 #endif
   for (int l = 0; l < W; ++l)
-    for (int e = e0; e < count; ++e) {
-      if (l < cnt) {
-        op(at<T>(base, l * stride + e, [&](int j, T v) { dst[j][e * W + l] = v; }));
-      } else {
-        for (int j = 0; j < NO; ++j) dst[j][e * W + l] = T(0);
-      }
-    }
+    for (int e = e0; e < count; ++e) dst[e * W + l] = l < cnt ? src[l * stride + e] : pad;
 }
 
-template <typename T, int NS, typename Op>
-inline void scatter_map(const T* src, int count, int cnt, int64_t stride, Ptrs<T, NS> base,
-                        Op&& op) {
+template <typename T>
+inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* dst) {
   constexpr int W = Lanes<T>::W;
-  using VL = typename Lanes<T>::V;
-  auto none = [](int, auto) {};
-  if (count == 1 && stride == 1 && cnt == W) {
-    VL v;
-    std::memcpy(&v, src, sizeof(VL));
-    op(at<VL>(base, 0, none), v);
-    return;
-  }
   int e0 = 0;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (count == 9 && stride == 9 && cnt == W) {
-      __m512 x[9];
-      transpose_9x16_from_lanes(src, x);
-      for (int q = 0; q < 9; ++q) op(at<__m512>(base, 16 * q, none), x[q]);
-      return;
-    }
-  }
+  if constexpr (std::is_same_v<T, float>)
+    if (count == 9 && stride == 9 && cnt == W) return scatter_lanes_9x16(src, dst);
 #endif
 #if defined(__AVX2__)
   constexpr int G = 32 / int(sizeof(T));
-  using R = typename Avx2<T>::R;
   if (cnt == W) {
-    R r[G];
+    typename Avx2<T>::R r[G];
     for (; e0 + G <= count; e0 += G) {
       for (int h = 0; h < W; h += G) {
         for (int e = 0; e < G; ++e) r[e] = Avx2<T>::load(src + (e0 + e) * W + h);
         transpose_in_registers(r);
-        for (int l = 0; l < G; ++l) op(at<R>(base, (h + l) * stride + e0, none), r[l]);
+        for (int l = 0; l < G; ++l) Avx2<T>::store(dst + (h + l) * stride + e0, r[l]);
       }
     }
     // The rows left over (count % G) go lane by lane from a register holding the whole row.
     // Scalar loads of its lanes, from the vector store that just wrote the row, were not
     // forwarded on Zen 3 (they waited for the store): at d = 9 that loop was 15-20% of the
-    // fused step there. (Counted by the remainder, < G, as in gather_map.)
+    // fused step there.
+    // (Counted by the remainder, < G, as in gather_lanes.)
     for (int k = 0, rem = count - e0; k < rem && k < G; ++k) {
-      VL row;
+      typename Lanes<T>::V row;
       std::memcpy(&row, src + (e0 + k) * W, sizeof(row));
-      loop(Ic<0>{}, Ic<W>{}, [&](auto l) {
-        op(at<T>(base, l * stride + e0 + k, none), row[int(l)]);
-      });
+      loop(Ic<0>{}, Ic<W>{}, [&](auto l) { dst[l * stride + e0 + k] = row[int(l)]; });
     }
     return;
   }
 #endif
   for (int l = 0; l < cnt; ++l)
-    for (int e = e0; e < count; ++e) op(at<T>(base, l * stride + e, none), src[e * W + l]);
-}
-
-template <typename T>
-inline void gather_lanes(const T* src, int64_t stride, int count, int cnt, T* dst) {
-  gather_map<T, 1, 1>({const_cast<T*>(src)}, stride, count, cnt, {dst},  // src: read only
-                      [](const auto& a) { a.out(0, a.load(0)); });
-}
-
-template <typename T>
-inline void scatter_lanes(const T* src, int count, int cnt, int64_t stride, T* dst) {
-  scatter_map<T, 1>(src, count, cnt, stride, {dst}, [](const auto& a, auto v) { a.store(0, v); });
+    for (int e = e0; e < count; ++e) dst[l * stride + e] = src[e * W + l];
 }
 
 }  // namespace lanes
