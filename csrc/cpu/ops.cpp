@@ -756,8 +756,9 @@ constexpr int64_t kRefactorGrain = int64_t(1) << 30;  // d = 1024
 // reference.relative_damping), stored with its diagonal inverted as the bucket factors are;
 // where it fails, the diagonal fallback of MBF_SPEC section 4 (reference.diagonal_fallback),
 // counted in stats[1]; then the inverse (F + damping I)^{-1} derived from the stored factor
-// (as shared_block.derive_inverse: a loaded state gives the same bits). In torch calls from
-// Python that cost about ten calls per block, half of a refactor of the ReLU autoencoder.
+// (as shared_block.derive_inverse, on all threads: a loaded state gives the same bits). In torch
+// calls from Python that cost about ten calls per block, half of a refactor of the ReLU
+// autoencoder.
 void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors,
                          at::TensorList inverses, at::TensorList stats, double damping,
                          bool relative, double floor) {
@@ -808,10 +809,16 @@ void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors,
                     at::full({}, fill, s.options())));
       stats[i].mutable_data_ptr<int64_t>()[1] += 1;
     }
-    at::Tensor from_factor = factor.clone();
+  }, kRefactorGrain);
+  // The inverses one after another, each on all threads, as shared_block.derive_inverse
+  // derives them on a load: LAPACK's inverse rounds differently on one thread (inside the loop
+  // above) than on all, and a resumed run would not continue bit for bit. (It is the cheaper
+  // half of a refactor, which runs once per T2 steps.)
+  for (size_t i = 0; i < n_blocks; ++i) {
+    at::Tensor from_factor = factors[i].clone();
     from_factor.diagonal().reciprocal_();
     inverses[i].copy_(at::cholesky_inverse(from_factor));
-  }, kRefactorGrain);
+  }
 }
 
 // sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):
