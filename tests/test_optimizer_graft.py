@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -805,6 +806,19 @@ def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_c
 def test_bad_options_raise_naming_them(bad, match):
     with pytest.raises(ValueError, match=match):
         mk.MBF(_net().parameters(), **bad)
+
+
+def test_graft_none_with_the_default_relative_damping_warns_and_the_paper_setting_does_not():
+    """Turning grafting off but keeping the default relative damping makes lr a step length in
+    units of 1 / curvature, where an AdamW lr diverges: the constructor says so. The paper's
+    setting (absolute damping) and an explicit damping_mode do not warn."""
+    with pytest.warns(UserWarning, match="damping_mode='absolute'"):
+        mk.MBF.from_model(_net(), graft="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mk.MBF(_net().parameters(), **PAPER)
+        mk.MBF(_net().parameters(), graft="none", damping_mode="relative", lr=1e-5)
+        mk.MBF(_net().parameters())
 
 
 def test_graft_momentum_equal_to_beta1_is_accepted():
