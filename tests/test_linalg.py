@@ -476,3 +476,15 @@ def test_compiled_backend_refuses_autograd():
 def test_sparse_input():
     with pytest.raises(TypeError, match="A must be a dense"):
         L.cholesky(torch.eye(3).to_sparse())
+
+
+def test_meta_tensors_give_shapes_as_torch_linalg_does():
+    """On meta tensors (shape inference, deferred init) the ops return the shapes and dtypes
+    torch.linalg would, with no values to check."""
+    A = torch.empty(2, 5, 9, 9, device="meta")
+    B = torch.empty(2, 5, 9, 3, device="meta")
+    assert L.solve_spd(A, B).shape == (2, 5, 9, 3)
+    assert L.cholesky(A).shape == torch.linalg.cholesky(A).shape
+    assert L.inv_spd(A.double()).dtype == torch.float64
+    factor, info = L.cholesky_ex(A)
+    assert factor.shape == A.shape and info.shape == (2, 5)
