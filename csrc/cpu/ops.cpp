@@ -812,8 +812,9 @@ void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors,
   }, kRefactorGrain);
   // The inverses one after another, each on all threads, as shared_block.derive_inverse
   // derives them on a load: LAPACK's inverse rounds differently on one thread (inside the loop
-  // above) than on all, and a resumed run would not continue bit for bit. (It is the cheaper
-  // half of a refactor, which runs once per T2 steps.)
+  // above) than on all, and a resumed run would not continue bit for bit. (potri is the larger
+  // part of a refactor, but a refactor runs once per T2 steps: on the ReLU autoencoder this
+  // costs under 0.01 ms a step.)
   for (size_t i = 0; i < n_blocks; ++i) {
     at::Tensor from_factor = factors[i].clone();
     from_factor.diagonal().reciprocal_();
