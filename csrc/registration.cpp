@@ -79,12 +79,12 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // whether it is the first refresh: F = beta F + (1 - beta) G^T G / rows where G is finite.
   m.def("shared_refresh_(Tensor(a!)[] curvatures, Tensor(b!)[] work, Tensor(c!)[] stats, "
         "Tensor?[] grads, int[] params_per_block, int[] rows, bool[] first, float beta) -> ()");
-  // The refactor of exact shared blocks in one call (CPU): per block its (d, d) curvature,
+  // The refactor of exact shared blocks in one call (CPU): per block its (d, d) curvature and
   // factor (written: the Cholesky factor of F + damping I with its diagonal inverted, or the
-  // diagonal fallback, counted in stats[1]) and inverse (written); damping relative: damping
-  // times the mean diagonal entry of F, plus floor.
-  m.def("shared_refactor_(Tensor[] curvatures, Tensor(a!)[] factors, Tensor(b!)[] inverses, "
-        "Tensor(c!)[] stats, float damping, bool relative, float floor) -> ()");
+  // diagonal fallback, counted in stats[1]); damping relative: damping times the mean diagonal
+  // entry of F, plus floor. The caller derives the inverse from the factor.
+  m.def("shared_refactor_(Tensor[] curvatures, Tensor(a!)[] factors, Tensor(b!)[] stats, "
+        "float damping, bool relative, float floor) -> ()");
   // out = m inverse, a shared block's rows by its symmetric (d, d) inverse (CPU: a large GEMM on
   // oneDNN's float32 matmul, which beat MKL's by 1.8x on an AMD host; torch's mm below).
   m.def("apply_inverse_(Tensor(a!) out, Tensor m, Tensor inverse) -> ()");

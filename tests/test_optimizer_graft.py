@@ -23,6 +23,7 @@ from torch.nn import functional as F
 import mbf_kernels as mk
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.optim import PAPER, ReferenceMBF
+from mbf_kernels.optim.shared_block import inverse_from_factor
 from mbf_kernels.layout import StepMode
 from conftest import STEP_TOL, compiled_backends, cpu_levels, randn
 
@@ -390,8 +391,9 @@ def test_shared_refresh_op_is_the_curvature_ema(dtype):
 def test_shared_refactor_op_factors_inverts_and_falls_back(relative):
     """The one-call refactor of exact shared blocks: the stored factor is the Cholesky factor of
     F + damping I with its diagonal inverted (damping relative: times F's mean diagonal entry,
-    plus the floor) and the inverse is (F + damping I)^{-1}, against torch.linalg in float64; a
-    block that is not positive definite gets the diagonal fallback and is counted."""
+    plus the floor) and the inverse derived from it (as the optimizer does after the op) is
+    (F + damping I)^{-1}, against torch.linalg in float64; a block that is not positive definite
+    gets the diagonal fallback and is counted."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     g = torch.Generator().manual_seed(5)
@@ -402,11 +404,11 @@ def test_shared_refactor_op_factors_inverts_and_falls_back(relative):
         curvatures.append(A @ A.mT / d)
     curvatures[2] = -curvatures[2] - 10 * torch.eye(9, dtype=torch.float64)  # not SPD
     factors = [torch.full_like(C, float("nan")) for C in curvatures]
-    inverses = [torch.full_like(C, float("nan")) for C in curvatures]
     stats = [torch.zeros(2, dtype=torch.int64) for _ in curvatures]
-    torch.ops.mbf_kernels.shared_refactor_(curvatures, factors, inverses, stats, damping,
-                                           relative, reference.RELATIVE_DAMPING_FLOOR)
-    for i, (C, factor, inverse, s) in enumerate(zip(curvatures, factors, inverses, stats)):
+    torch.ops.mbf_kernels.shared_refactor_(curvatures, factors, stats, damping, relative,
+                                           reference.RELATIVE_DAMPING_FLOOR)
+    for i, (C, factor, s) in enumerate(zip(curvatures, factors, stats)):
+        inverse = inverse_from_factor(factor)
         d = C.shape[0]
         lam = (reference.relative_damping(damping, C.diagonal().sum(), d) if relative
                else damping)
@@ -422,9 +424,9 @@ def test_shared_refactor_op_factors_inverts_and_falls_back(relative):
         torch.testing.assert_close(factor, stored)
         damped = C + lam * torch.eye(d, dtype=C.dtype)
         torch.testing.assert_close(inverse, torch.linalg.inv(damped))
-    with pytest.raises(RuntimeError, match="one curvature, factor, inverse and stats"):
-        torch.ops.mbf_kernels.shared_refactor_(curvatures, factors[:1], inverses, stats, damping,
-                                               relative, 0.0)
+    with pytest.raises(RuntimeError, match="one curvature, factor and stats"):
+        torch.ops.mbf_kernels.shared_refactor_(curvatures, factors[:1], stats, damping, relative,
+                                               0.0)
 
 
 @pytest.fixture(params=["mm", "onednn"])

@@ -755,31 +755,26 @@ constexpr int64_t kRefactorGrain = int64_t(1) << 30;  // d = 1024
 // factor of F + damping I (relative: damping times F's mean diagonal entry plus `floor`, as
 // reference.relative_damping), stored with its diagonal inverted as the bucket factors are;
 // where it fails, the diagonal fallback of MBF_SPEC section 4 (reference.diagonal_fallback),
-// counted in stats[1]; then the inverse (F + damping I)^{-1} derived from the stored factor
-// (as shared_block.derive_inverse, on all threads: a loaded state gives the same bits). In torch
-// calls from Python that cost about ten calls per block, half of a refactor of the ReLU
-// autoencoder.
-void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors,
-                         at::TensorList inverses, at::TensorList stats, double damping,
-                         bool relative, double floor) {
+// counted in stats[1]. In torch calls from Python that cost about ten calls per block, half of
+// a refactor of the ReLU autoencoder. The inverse (F + damping I)^{-1} is not derived here: the
+// caller derives it from the stored factor as a load does (shared_block.derive_inverse, LAPACK
+// on all threads), so that a resumed run continues bit for bit (on one thread, inside the loop
+// below, LAPACK's inverse rounded differently).
+void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors, at::TensorList stats,
+                         double damping, bool relative, double floor) {
   const size_t n_blocks = curvatures.size();
-  TORCH_CHECK(factors.size() == n_blocks && inverses.size() == n_blocks &&
-                  stats.size() == n_blocks,
-              "mbf_kernels: shared_refactor_ takes one curvature, factor, inverse and stats per "
-              "block");
+  TORCH_CHECK(factors.size() == n_blocks && stats.size() == n_blocks,
+              "mbf_kernels: shared_refactor_ takes one curvature, factor and stats per block");
   std::vector<int64_t> cost(n_blocks);  // d^3 per block
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& F = curvatures[i];
-    TORCH_CHECK(F.dim() == 2 && F.size(0) == F.size(1) && factors[i].sizes() == F.sizes() &&
-                    inverses[i].sizes() == F.sizes(),
-                "mbf_kernels: shared_refactor_: block ", i, " needs (d, d) curvature, factor "
-                "and inverse, got ", F.sizes(), ", ", factors[i].sizes(), ", ",
-                inverses[i].sizes());
+    TORCH_CHECK(F.dim() == 2 && F.size(0) == F.size(1) && factors[i].sizes() == F.sizes(),
+                "mbf_kernels: shared_refactor_: block ", i, " needs (d, d) curvature and "
+                "factor, got ", F.sizes(), ", ", factors[i].sizes());
     TORCH_CHECK(F.scalar_type() == at::kFloat || F.scalar_type() == at::kDouble,
                 "mbf_kernels: shared_refactor_: curvatures must be float32 or float64, got ",
                 F.scalar_type());
     check_like(factors[i], F, "factor");
-    check_like(inverses[i], F, "inverse");
     check_stats(stats[i], F.device());
     cost[i] = F.size(0) * F.size(0) * F.size(0);
   }
@@ -810,16 +805,6 @@ void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors,
       stats[i].mutable_data_ptr<int64_t>()[1] += 1;
     }
   }, kRefactorGrain);
-  // The inverses one after another, each on all threads, as shared_block.derive_inverse
-  // derives them on a load: LAPACK's inverse rounds differently on one thread (inside the loop
-  // above) than on all, and a resumed run would not continue bit for bit. (potri is the larger
-  // part of a refactor, but a refactor runs once per T2 steps: on the ReLU autoencoder this
-  // costs under 0.01 ms a step.)
-  for (size_t i = 0; i < n_blocks; ++i) {
-    at::Tensor from_factor = factors[i].clone();
-    from_factor.diagonal().reciprocal_();
-    inverses[i].copy_(at::cholesky_inverse(from_factor));
-  }
 }
 
 // sqrt(sum a^2 / sum u^2) per unit from per-block pairs (|u|^2, |a|^2) (registration.cpp):

@@ -393,14 +393,17 @@ class SharedSet:
 
     def _refactor_fused(self, group: dict, blocks: list[SharedBlock]) -> bool:
         """The refactor of ``blocks`` in one C++ call (``shared_refactor_``, the blocks shared
-        among the threads), where they are all exact and on the CPU's ops; whether it ran."""
+        among the threads), where they are all exact and on the CPU's ops; whether it ran. The
+        inverses follow from the factors as on a load (:meth:`SharedBlock.derive_inverse`)."""
         if (not blocks or any(b.lowrank is not None for b in blocks)
                 or not dispatch.cpu_ops(group, self.device)):
             return False
         torch.ops.mbf_kernels.shared_refactor_(
             [b.curvature for b in blocks], [b.factor for b in blocks],
-            [b.inverse for b in blocks], [b.stats for b in blocks], group["damping"],
-            group["damping_mode"] == "relative", reference.RELATIVE_DAMPING_FLOOR)
+            [b.stats for b in blocks], group["damping"], group["damping_mode"] == "relative",
+            reference.RELATIVE_DAMPING_FLOOR)
+        for b in blocks:
+            b.derive_inverse()
         return True
 
     @staticmethod

@@ -29,6 +29,14 @@ def warn_if_large(name: str, d: int, itemsize: int) -> None:
                       "(shared_rank) in O(d k) memory", stacklevel=2)
 
 
+def inverse_from_factor(factor: Tensor) -> Tensor:
+    """(F + damping I)^{-1} from its stored factor (the Cholesky factor with 1 / L_ii on its
+    diagonal), by LAPACK on all threads: its rounding depends on the thread count."""
+    L = factor.clone()
+    L.diagonal().reciprocal_()
+    return torch.cholesky_inverse(L)
+
+
 @dataclass
 class SharedBlock:
     """One shared block and its views (n, d) into the set's row buffers. Exact (``curvature``,
@@ -84,10 +92,9 @@ class SharedBlock:
     def derive_inverse(self) -> None:
         """The step applies the block to all rows at once, U = M (F + damping I)^{-1}: one GEMM,
         1.3-1.5x faster than cholesky_solve's triangular solves at d = 4097 (dev VM). Always
-        derived from the stored factor, so that a loaded state gives the same bits."""
-        L = self.factor.clone()
-        L.diagonal().reciprocal_()
-        self.inverse.copy_(torch.cholesky_inverse(L))
+        derived from the stored factor, here and only here (after every refactor, and on a
+        load), so that a loaded state gives the same bits."""
+        self.inverse.copy_(inverse_from_factor(self.factor))
 
     def apply(self) -> None:
         """rows["work"] = U, the step's direction for rows["momentum"] up to a positive scalar
