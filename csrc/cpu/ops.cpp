@@ -607,7 +607,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& m = momenta[i];
     const int64_t count = params_per_block[i];
-    const size_t next = first[i];
+    const size_t weight_at = first[i];
     TORCH_CHECK(m.dim() == 2 && m.is_contiguous() && work[i].sizes() == m.sizes() &&
                     work[i].is_contiguous() && inverses[i].dim() == 2 &&
                     inverses[i].size(0) == m.size(1) && inverses[i].size(1) == m.size(1),
@@ -616,15 +616,15 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                 inverses[i].sizes());
     check_like(work[i], m, "work");
     check_like(inverses[i], m, "inverse");
-    const at::Tensor& weight = params[next];
+    const at::Tensor& weight = params[weight_at];
     const int64_t n = m.size(0), d = m.size(1), width = count == 2 ? d - 1 : d;
     TORCH_CHECK(weight.is_contiguous() && weight.numel() == n * width &&
-                    (count == 1 || (params[next + 1].is_contiguous() &&
-                                    params[next + 1].numel() == n)),
+                    (count == 1 || (params[weight_at + 1].is_contiguous() &&
+                                    params[weight_at + 1].numel() == n)),
                 "mbf_kernels: shared_graft_step_: block ", i, "'s parameters must be contiguous ",
                 n, " x ", width, (count == 2 ? " and " : ""), (count == 2 ? std::to_string(n) : ""));
     check_like(weight, m, "weight");
-    if (count == 2) check_like(params[next + 1], m, "bias");
+    if (count == 2) check_like(params[weight_at + 1], m, "bias");
     elems[i] = n * d;
   }
   // the row passes, as graft_rows_
@@ -694,7 +694,7 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& G = work[i];
     const int64_t count = params_per_block[i];
-    const size_t next = grad_index[i];
+    const size_t grad_at = grad_index[i];
     TORCH_CHECK(G.dim() == 2 && G.is_contiguous() && curvatures[i].dim() == 2 &&
                     curvatures[i].size(0) == G.size(1) && curvatures[i].size(1) == G.size(1),
                 "mbf_kernels: shared_refresh_: block ", i, " needs contiguous (n, d) work rows "
@@ -702,8 +702,8 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
     check_like(curvatures[i], G, "curvature");
     check_stats(stats[i], G.device());
     const int64_t n = G.size(0), d = G.size(1), width = count == 2 ? d - 1 : d;
-    const c10::optional<at::Tensor> gw = grads.get(next);
-    const c10::optional<at::Tensor> gb = count == 2 ? grads.get(next + 1) : c10::nullopt;
+    const c10::optional<at::Tensor> gw = grads.get(grad_at);
+    const c10::optional<at::Tensor> gb = count == 2 ? grads.get(grad_at + 1) : c10::nullopt;
     TORCH_CHECK((!gw.has_value() || (gw->is_contiguous() && gw->numel() == n * width)) &&
                     (!gb.has_value() || (gb->is_contiguous() && gb->numel() == n)),
                 "mbf_kernels: shared_refresh_: block ", i, "'s gradients must be contiguous ",
