@@ -100,6 +100,7 @@ class SharedSet:
         # Each block's rows, and the block of each row: grafting sums its rows' norms per block.
         self.block_rows = torch.tensor(row_counts, dtype=torch.int64, device=device)
         self.block_index = torch.arange(len(self.blocks), device=device)
+        self._row_params_of: dict[tuple[int, ...], tuple[list[Tensor], list[int]]] = {}
         self.row_block = torch.repeat_interleave(
             self.block_index, self.block_rows,
             output_size=self.row_starts[-1])  # known here: no sync (and meta tensors work)
@@ -195,10 +196,26 @@ class SharedSet:
             for i, b in zip(active, blocks):
                 b.update_in_place(coefs[i], decay, fused)
 
-    def _fused_grads(self, group: dict, active: list[int]) -> list[tuple] | None:
-        """The (weight, bias) gradients of the blocks ``active`` where the C++ row passes apply
-        (None where not: the caller takes the torch path): on the CPU with the compiled kernels
-        and float32 GEMMs, the step's direction the gradient itself (decoupled decay, or none),
+    def _row_params(self, active: list[int]) -> tuple[list[Tensor], list[int]]:
+        """Each block of ``active``'s weight, then its bias where it has one, in one list, and
+        the count per block (1 or 2): built once per active set (each step's are the same on a
+        small model, whose step costs its Python)."""
+        key = tuple(active)
+        if key not in self._row_params_of:
+            params, counts = [], []
+            for i in active:
+                seg = self.blocks[i].unit.segments[0]
+                unit_params = self.blocks[i].unit.params
+                tail = [] if seg.tail is None else [unit_params[seg.tail]]
+                params += [unit_params[seg.main], *tail]
+                counts.append(1 + len(tail))
+            self._row_params_of[key] = params, counts
+        return self._row_params_of[key]
+
+    def _fused_grads(self, group: dict, active: list[int]) -> list[Tensor | None] | None:
+        """The gradients of :meth:`_row_params` where the C++ row passes apply (None where not:
+        the caller takes the torch path): on the CPU with the compiled kernels and float32
+        GEMMs, the step's direction the gradient itself (decoupled decay, or none),
         gradients and parameters in the state's dtype, contiguous."""
         if (not dispatch.cpu_ops(group, self.device)
                 # emulated TF32 GEMMs (for measuring it) are torch's: the fused passes' are not
@@ -206,16 +223,11 @@ class SharedSet:
                 or (group["weight_decay"] and not group["decoupled_weight_decay"])):
             return None
         dtype = self.flat["work"].dtype
-        grads = []
-        for i in active:
-            b = self.blocks[i]
-            seg = b.unit.segments[0]
-            gw = b.unit.params[seg.main].grad
-            gb = None if seg.tail is None else b.unit.params[seg.tail].grad
-            if any(t is not None and (t.dtype != dtype or not t.is_contiguous())
-                   for t in (gw, gb, *b.unit.params)):  # (the update's pass writes params)
+        params = self._row_params(active)[0]
+        grads = [p.grad for p in params]
+        for t in (*grads, *params):  # (the update's pass writes params)
+            if t is not None and (t.dtype != dtype or not t.is_contiguous()):
                 return None
-            grads.append((gw, gb))
         return grads
 
     def _exact_step_fused(self, group: dict, active: list[int], steps: list[int],
@@ -230,20 +242,15 @@ class SharedSet:
         grads = self._fused_grads(group, active)
         if grads is None:
             return False
-        params, flat_grads, counts = [], [], []
-        for b, (gw, gb) in zip(blocks, grads):  # each block's weight, then its bias
-            seg = b.unit.segments[0]
-            tail = () if seg.tail is None else (b.unit.params[seg.tail],)
-            params += (b.unit.params[seg.main], *tail)
-            flat_grads += (gw,) + ((gb,) if tail else ())
-            counts.append(1 + len(tail))
+        params, counts = self._row_params(active)
         beta2 = group["betas"][1]
-        corrections = [graft_bias_corrections(beta1, beta2, k) for k in steps]
+        per_step = {k: graft_bias_corrections(beta1, beta2, k) for k in set(steps)}
+        corrections = [per_step[k] for k in steps]
         torch.ops.mbf_kernels.shared_graft_step_(
             [b.rows["momentum"] for b in blocks], [b.rows["second_moment"] for b in blocks],
-            [b.rows["work"] for b in blocks], [b.inverse for b in blocks], params, flat_grads,
-            counts, [c1 / s2 for c1, s2 in corrections],
-            [group["eps"] / s2 for _, s2 in corrections], beta1, beta2, group["lr"], decay)
+            [b.rows["work"] for b in blocks], [b.inverse for b in blocks], params, grads, counts,
+            [c1 / s2 for c1, s2 in corrections], [group["eps"] / s2 for _, s2 in corrections],
+            beta1, beta2, group["lr"], decay)
         return True
 
     def _rows_fused(self, group: dict, active: list[int], steps: list[int],
@@ -259,8 +266,11 @@ class SharedSet:
         beta2 = group["betas"][1]
         sq = torch.zeros(self.row_block.shape[0], 2, dtype=dtype, device=self.device)
         projections = {}
-        for i, k, (gw, gb) in zip(active, steps, grads):
+        counts = self._row_params(active)[1]
+        firsts = [sum(counts[:j]) for j in range(len(counts))]
+        for i, k, first, count in zip(active, steps, firsts, counts):
             b = self.blocks[i]
+            gw, gb = grads[first], (grads[first + 1] if count == 2 else None)
             c1, s2 = graft_bias_corrections(beta1, beta2, k)
             basis = b.lowrank.apply_basis_t.mT if b.projects else None  # V^T contiguous: no copy
             rows, projections[i] = torch.ops.mbf_kernels.graft_rows_(
