@@ -91,6 +91,10 @@ def test_train_over_seeds_reports_mean_and_range(tmp_path):
         assert row["seeds"] == [0, 1]
         assert math.isclose(row["train_loss"], sum(finals) / 2, rel_tol=1e-12)
         assert row["train_loss_range"] == [min(finals), max(finals)]
+        paces = [p["time_s"] / p["epoch"] for p in
+                 (r["points"][-1] for r in runs if r["optimizer"] == name)]
+        assert row["s_per_epoch_range"] == [min(paces), max(paces)]
+        assert min(paces) - 1e-3 <= row["s_per_epoch"] <= max(paces) + 1e-3  # (rounded to ms)
     md = (out / "summary.md").read_text()
     assert md.count("| digits/small_cnn") == 2 and "[" in md  # one row per optimizer, ranges
 

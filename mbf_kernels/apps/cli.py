@@ -122,8 +122,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     paths = report.write_outputs(args.out, results, trials, cfg, environment(device))
     rows = report.summary_rows(results)
     table = Table(title="mbf train: final epoch of each run (same data order, seed, budget)")
-    for col in ("task", "optimizer", "lr", "epochs", "train s", "train loss", "s to common loss",
-                "test loss", "test acc"):
+    for col in report.COLUMNS:
         table.add_column(col, justify="left" if col in ("task", "optimizer") else "right")
     for r in rows:
         table.add_row(*report.format_row(r))

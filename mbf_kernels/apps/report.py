@@ -14,7 +14,11 @@ from pathlib import Path
 from .benchmark import NO_PLOT, can_plot
 from .training import LABELS, OPTIMIZERS, RunResult, TrainConfig
 
-__all__ = ["summary_rows", "markdown_table", "format_row", "write_outputs"]
+__all__ = ["COLUMNS", "summary_rows", "markdown_table", "format_row", "write_outputs"]
+
+#: The summary table's columns, as :func:`format_row` fills them (terminal and summary.md).
+COLUMNS = ("task", "optimizer", "lr", "epochs", "train s", "s/epoch", "train loss",
+           "s to common loss", "test loss", "test acc")
 
 
 def summary_rows(results: list[RunResult]) -> list[dict]:
@@ -37,6 +41,8 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
             return dict(mean=sum(values) / len(values), min=min(values), max=max(values))
 
         loss, acc = stat([p.train_loss for p in finals]), None
+        # each run's own seconds per epoch: the spread over seeds beside the mean
+        pace = stat([p.time_s / max(p.epoch, 1e-9) for p in finals])
         if finals[0].test_acc is not None:
             acc = stat([p.test_acc for p in finals])
         rows.append(dict(
@@ -45,6 +51,7 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
             train_s=round(stat([p.time_s for p in finals])["mean"], 2),
             s_per_epoch=round(sum(p.time_s for p in finals) / max(sum(p.epoch for p in finals),
                                                                   1e-9), 3),
+            s_per_epoch_range=(pace["min"], pace["max"]),
             train_loss=loss["mean"], train_loss_range=(loss["min"], loss["max"]),
             test_loss=stat([p.test_loss for p in finals])["mean"],
             test_acc=None if acc is None else acc["mean"],
@@ -90,8 +97,7 @@ def _plot(results: list[RunResult], path: Path) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| task | optimizer | lr | epochs | train s | train loss | s to common loss | "
-             "test loss | test acc |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = format_row(r)
         lines.append("| " + " | ".join(cells) + " |")
@@ -99,8 +105,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def format_row(r: dict) -> list[str]:
-    """A summary row as the table cells both the terminal and summary.md show: over several
-    seeds, the mean and [min, max]."""
+    """A summary row as the table cells (:data:`COLUMNS`) both the terminal and summary.md show:
+    over several seeds, the mean and [min, max] (of the runs' own seconds per epoch, for
+    s/epoch)."""
     several = len(r["seeds"]) > 1
     acc = f"{100 * r['test_acc']:.1f}%" if r["test_acc"] is not None else "-"
     if several and r["test_acc"] is not None:
@@ -111,8 +118,11 @@ def format_row(r: dict) -> list[str]:
     if several:
         loss += " [{:.3g}, {:.3g}]".format(*r["train_loss_range"])
     loss += " diverged" if r["diverged"] else ""
+    pace = f"{r['s_per_epoch']:.3g}"
+    if several:
+        pace += " [{:.3g}, {:.3g}]".format(*r["s_per_epoch_range"])
     return [r["task"], r["optimizer"], f"{r['lr']:.3g}", f"{r['epochs']:g}", f"{r['train_s']:.1f}",
-            loss, reach, f"{r['test_loss']:.3g}", acc]
+            pace, loss, reach, f"{r['test_loss']:.3g}", acc]
 
 
 def write_outputs(out: Path, results: list[RunResult], trials: list[dict], cfg: TrainConfig,
