@@ -135,7 +135,7 @@ class SharedSet:
         blocks = [self.blocks[i] for i in active]
         params = [p for b in blocks for p in b.unit.params]
         # Every due refresh, then every due refactor (each block's after its refresh).
-        if not self._refresh_fused(group, blocks, flags, fisher):
+        if not self._refresh_fused(group, active, flags, fisher):
             for b, f in zip(blocks, flags):
                 if f & _REFRESH:
                     self._refresh(group, b, f, fisher)
@@ -328,26 +328,22 @@ class SharedSet:
             finite = self._refresh_from_rows(group, b, f, grads)
         b.stats[0] += (~finite).to(torch.int64)
 
-    def _refresh_fused(self, group: dict, blocks: list[SharedBlock], flags: list[int],
+    def _refresh_fused(self, group: dict, active: list[int], flags: list[int],
                        fisher: dict[Tensor, Tensor]) -> bool:
         """The refresh of the blocks due one in one C++ call (``shared_refresh_``), where they
         are all exact, on the CPU's ops, with no FSDP2 sum, and their gradients are contiguous
         in the state's dtype; whether it ran. On the ReLU autoencoder (seven blocks) it took
         a refresh's cost beyond a cached step from 1.06 to 0.50 ms (AMD Zen 3, 2 threads): the
         per-block torch calls had cost more than the GEMMs."""
-        due = [(b, f) for b, f in zip(blocks, flags) if f & _REFRESH]
+        due_index = [i for i, f in zip(active, flags) if f & _REFRESH]
+        due = [(self.blocks[i], f) for i, f in zip(active, flags) if f & _REFRESH]
         if (not due or self.reduce is not None or any(b.lowrank is not None for b, _ in due)
                 or not dispatch.cpu_ops(group, self.device)):
             return False
         dtype = self.flat["work"].dtype
         true_fisher = group["fisher"] == "true"  # MBF-True: the sampled gradient's curvature
-        grads, counts = [], []
-        for b, _ in due:  # each block's weight, then its bias
-            seg = b.unit.segments[0]
-            params = [b.unit.params[seg.main]]
-            params += [] if seg.tail is None else [b.unit.params[seg.tail]]
-            grads += [fisher.get(p) if true_fisher else p.grad for p in params]
-            counts.append(len(params))
+        params, counts = self._row_params(due_index)
+        grads = [fisher.get(p) if true_fisher else p.grad for p in params]
         if any(g is not None and (g.dtype != dtype or not g.is_contiguous()) for g in grads):
             return False
         torch.ops.mbf_kernels.shared_refresh_(
