@@ -563,19 +563,23 @@ void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = 
 }
 
 // A GEMM of up to this many flops runs on one thread where a step's GEMMs are shared among the
-// threads (gemm_grain). The ReLU autoencoder's seven shared blocks (0.1 to 17 MFLOP each, 39 in
+// threads (for_each_gemm). The ReLU autoencoder's seven shared blocks (0.1 to 17 MFLOP each, 39 in
 // all, AMD Zen 3, 2 threads): 365-405 us one after another on both threads, 550-615 us on one
 // thread; split between the two threads the cached grafted step went from 0.64-0.81 to
 // 0.59-0.67 ms (medians of alternating runs).
 constexpr int64_t kGemmGrain = int64_t(1) << 26;
 
-// The grain for for_each_block over GEMMs of `flops` each: kGemmGrain where the blocks can be
-// shared evenly (none more than a thread's share of the total), else 0 (one after another, each
-// on all threads: a layer far wider than the others would run on one thread).
-int64_t gemm_grain(const std::vector<int64_t>& flops) {
+// Runs fn(i) for every block i, a GEMM of 2 n d^2 flops over its (n, d) `rows`: side by side,
+// one block per thread (for_each_block), where the blocks can be shared evenly (none more than a
+// thread's share of the total flops, none above kGemmGrain), else one after another, each on all
+// threads (a layer far wider than the others would run on one thread).
+template <typename Fn>
+void for_each_gemm(at::TensorList rows, Fn&& fn) {
+  std::vector<int64_t> flops(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) flops[i] = 2 * rows[i].numel() * rows[i].size(1);
   const int64_t total = std::accumulate(flops.begin(), flops.end(), int64_t(0));
   const int64_t largest = flops.empty() ? 0 : *std::max_element(flops.begin(), flops.end());
-  return largest * at::get_num_threads() <= total ? kGemmGrain : 0;
+  for_each_block(flops, fn, largest * at::get_num_threads() <= total ? kGemmGrain : 0);
 }
 
 // Each block's first entry (its weight; its bias follows) in a list of `total` entries laid out
@@ -602,8 +606,7 @@ std::vector<size_t> block_offsets(at::IntArrayRef params_per_block, size_t total
 // block's coefficient -lr |a| / |u| (rows whose u or a is not finite count as 0), and p =
 // decay p + coef U. On a small MLP the same in torch calls from Python cost more than the
 // GEMMs themselves (about 10 calls per block). Every block is checked before any is touched;
-// the row passes, the GEMMs and the updates run per block (for_each_block; the GEMMs by
-// gemm_grain).
+// the row passes and the updates run per block (for_each_block), the GEMMs by for_each_gemm.
 void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments,
                            at::TensorList work, at::TensorList inverses, at::TensorList params,
                            const c10::List<c10::optional<at::Tensor>>& grads,
@@ -652,11 +655,9 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                                          bias ? grads.get(first[i] + 1) : c10::nullopt,
                                          momentum, beta2, adam_eps[i], c10::nullopt));
   });
-  std::vector<int64_t> flops(n_blocks);
-  for (size_t i = 0; i < n_blocks; ++i) flops[i] = 2 * elems[i] * momenta[i].size(1);
-  for_each_block(flops, [&](size_t i) {
+  for_each_gemm(momenta, [&](size_t i) {
     apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), momenta[i], inverses[i]);
-  }, gemm_grain(flops));
+  });
   for_each_block(elems, [&](size_t i) {
     const int64_t n = momenta[i].size(0), d = momenta[i].size(1);
     const bool has_bias = params_per_block[i] == 2;
@@ -696,7 +697,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
 // NaN included, are not read); a block whose G is not finite keeps F and counts in its
 // stats[0]. In torch calls from Python (shared.py) that was about ten calls per block, more
 // than the GEMM itself on the ReLU autoencoder's seven blocks. Every block is checked before any
-// is touched; the copies and the GEMMs run per block (for_each_block; the GEMMs by gemm_grain).
+// is touched; the copies run per block (for_each_block), the GEMMs by for_each_gemm.
 void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::TensorList stats,
                         const c10::List<c10::optional<at::Tensor>>& grads,
                         at::IntArrayRef params_per_block, at::IntArrayRef rows,
@@ -751,9 +752,7 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
       finite[i] = sq - sq == scalar_t(0);
     });
   });
-  std::vector<int64_t> flops(n_blocks);
-  for (size_t i = 0; i < n_blocks; ++i) flops[i] = 2 * elems[i] * work[i].size(1);
-  for_each_block(flops, [&](size_t i) {
+  for_each_gemm(work, [&](size_t i) {
     if (!finite[i]) {
       stats[i].mutable_data_ptr<int64_t>()[0] += 1;
       return;
@@ -763,7 +762,7 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
         (from_scratch ? 1.0 : 1.0 - beta) / double(std::max<int64_t>(rows[i], 1));
     at::Tensor F = curvatures[i];
     F.addmm_(work[i].t(), work[i], from_scratch ? 0.0 : beta, scale);
-  }, gemm_grain(flops));
+  });
 }
 
 // A factorisation of up to this many d^3 runs on one thread, the blocks shared among the
