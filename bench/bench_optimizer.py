@@ -2,6 +2,7 @@
 
     python bench/bench_optimizer.py                      # ResNet-32 and VGG16 (a few minutes)
     python bench/bench_optimizer.py --models resnet32 --repeats 5
+    python bench/bench_optimizer.py --device cuda --shared-matmul float32 tf32   # on a GPU
 
 Gradients are random (fixed seed): a step's cost does not depend on their values. MBF is
 timed in each kind of step, by setting the group's T1/T2 between measurements:
@@ -47,17 +48,22 @@ NEVER = 10**9
 KINDS = {"cached": (NEVER, NEVER), "refresh": (1, NEVER), "refactor": (1, 1)}
 
 
-def build(name: str, num_classes: int) -> torch.nn.Module:
+def build(name: str, num_classes: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = MODELS[name](num_classes=num_classes)
+    model = MODELS[name](num_classes=num_classes).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
     return model
 
 
-def time_step(opt: torch.optim.Optimizer) -> float:
+def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    # A GPU step returns once its kernels are queued: time to the end of the device's work.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -73,24 +79,30 @@ UPDATES = {"default": {}, "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_D
 
 def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
                 update: str = "default", shared_rank: int | None = None,
-                factor_dtype: str = "auto") -> list[dict]:
-    model = build(name, num_classes)
+                factor_dtype: str = "auto", device: torch.device = torch.device("cpu"),
+                shared_matmul: str = "auto") -> list[dict]:
+    model = build(name, num_classes, device)
     params = list(model.parameters())
     param_bytes = sum(p.nbytes for p in params)
     baselines = {"adamw": torch.optim.AdamW(params, lr=1e-3, fused=True),
                  "adamw_foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True)}
     mbf = mk.MBF.from_model(model, lr=1e-3, large_linear=large_linear, shared_rank=shared_rank,
-                            factor_dtype=factor_dtype, **UPDATES[update])
-    # Step 1 (refresh + refactor) fills the state; AdamW's first step allocates its state.
+                            factor_dtype=factor_dtype, shared_matmul=shared_matmul,
+                            **UPDATES[update])
+    # Step 1 (refresh + refactor) fills the state; AdamW's first step allocates its state. One
+    # untimed step of each kind follows, so that no timed step compiles or tunes a GPU kernel.
     for opt in (*baselines.values(), mbf):
         opt.step()
+    for t1, t2 in KINDS.values():
+        set_freqs(mbf, t1, t2)
+        mbf.step()
     times: dict[str, list[float]] = {k: [] for k in (*baselines, *KINDS)}
     for _ in range(repeats):
         for key, opt in baselines.items():
-            times[key].append(time_step(opt))
+            times[key].append(time_step(opt, device))
         for kind, (t1, t2) in KINDS.items():
             set_freqs(mbf, t1, t2)
-            times[kind].append(time_step(mbf))
+            times[kind].append(time_step(mbf, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     amortised = (90 * med["cached"] + 9 * med["refresh"] + med["refactor"]) / 100
     shared = [r for r in mbf.block_summary() if r["kind"] in ("shared", "lowrank")]
@@ -102,6 +114,7 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
         spread = times.get(kind, [t])
         rows.append(dict(
             model=name, large_linear=large_linear, update=update, factor_dtype=factor_dtype,
+            shared_matmul=shared_matmul,
             factor_storage=storage, step=kind,
             ranks=",".join(str(r["rank"]) for r in shared),
             optimizer={"adamw": "AdamW(fused)", "adamw_foreach": "AdamW(foreach)"}.get(kind, "MBF"),
@@ -115,14 +128,17 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [f"CPU: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
-             f"commit {env['commit']}", "",
-             "| model | large_linear (ranks) | update | factor | step | median ms (min-max) | "
-             "x AdamW(fused) | state / params |", "|---|---|---|---|---|---|---|---|"]
+    where = (f"GPU: {env['gpu']}, triton {env.get('triton')}" if "gpu" in env
+             else f"CPU: {env['cpu']}, {env['threads']} threads")
+    lines = [f"{where}, torch {env['torch']}, commit {env['commit']}", "",
+             "| model | large_linear (ranks) | update | factor | shared GEMMs | step | "
+             "median ms (min-max) | x AdamW(fused) | state / params |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ranks = f" ({r['ranks']})" if r["ranks"] else ""
         lines.append(f"| {r['model']} | {r['large_linear']}{ranks} | {r['update']} | "
-                     f"{r['factor_dtype']} ({r['factor_storage']}) | {r['step']} | "
+                     f"{r['factor_dtype']} ({r['factor_storage']}) | {r['shared_matmul']} | "
+                     f"{r['step']} | "
                      f"{r['median_ms']:.1f} "
                      f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['ratio_vs_adamw']:.2f} | "
                      f"{r['state_x_params']:.1f}x |")
@@ -145,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
                     choices=list(mk.optim.options.FACTOR_DTYPE),
                     help="MBF's factor_dtype (auto: bfloat16 under relative damping, the "
                          "state's dtype under the paper's absolute damping)")
+    ap.add_argument("--shared-matmul", nargs="+", default=["auto"],
+                    choices=list(mk.optim.precision.MATMUL),
+                    help="MBF's shared_matmul for the shared blocks' GEMMs (auto: tf32 on CUDA)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     args = ap.parse_args(argv)
-    env = environment()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    device = torch.device(args.device)
+    env = environment(device)
     rows: list[dict] = []
     for name in args.models:
         # The paper: CIFAR-100 on VGG16; an ImageNet head has 1000 classes.
@@ -158,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in (args.large_linear if has_large else ["shared"]):
             for update in args.update:
                 for factor_dtype in args.factor_dtype:
-                    rows += bench_model(name, num_classes, mode, args.repeats, update,
-                                        args.shared_rank, factor_dtype)
+                    for matmul in (args.shared_matmul if has_large else ["auto"]):
+                        rows += bench_model(name, num_classes, mode, args.repeats, update,
+                                            args.shared_rank, factor_dtype, device, matmul)
             print(markdown([r for r in rows if r["model"] == name and r["large_linear"] == mode],
                            env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

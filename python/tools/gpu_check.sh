@@ -13,12 +13,14 @@
 #   GPU_CHECK_BUILD_S     time bound of the build (default 240 s)
 #   GPU_CHECK_TESTS_S     of the gpu tests, Triton compilation and tuning included (150 s)
 #   GPU_CHECK_BENCH_S     of the benchmark, Triton compilation and tuning included (120 s)
-# Triton's compiled kernels are cached in $OUT/triton-cache: a second run reuses them, and the
+#   GPU_CHECK_OPTIMIZER_S of the optimizer step benchmark (150 s)
+#   GPU_CHECK_OUT         where it writes (default $OUT, else out/gpu_check)
+# Triton's compiled kernels are cached in <out>/triton-cache: a second run reuses them, and the
 # difference between the two runs' test times is the compilation time.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 python="${PYTHON:-python3}"
-out="${OUT:-out/gpu_check}"
+out="${GPU_CHECK_OUT:-${OUT:-out/gpu_check}}"
 mkdir -p "$out"
 export TRITON_CACHE_DIR="$PWD/$out/triton-cache"
 summary="$out/summary.md"
@@ -55,12 +57,22 @@ phase build "${GPU_CHECK_BUILD_S:-240}" env MBF_CUDA=1 MBF_CUDA_ARCHS="$arch" \
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Correctness needs no tile tuning, which compiles every kernel once per config (minutes):
 # the tests run each kernel with its first config; the benchmark tunes.
+# pytest-xdist, where installed, spreads the tests (and so Triton's compilations) over 8
+# processes; they share the kernel cache.
+workers=()
+"$python" -c 'import xdist' 2>/dev/null && workers=(-n 8)
 phase tests "${GPU_CHECK_TESTS_S:-150}" env MBF_TRITON_AUTOTUNE=0 "$python" -m pytest -q -m gpu \
-  -p no:cacheprovider --durations=8 tests
+  -p no:cacheprovider --durations=8 "${workers[@]}" tests
 tests_rc=$?
 phase bench "${GPU_CHECK_BENCH_S:-120}" "$python" bench/bench_kernels.py --device cuda \
   --quick --budget 0.2 --out "$out"
 bench_rc=$?
+# A whole optimizer step against AdamW(fused=True) on the GPU: ResNet-32, the CIFAR VGG16 and
+# one Linear(4096, 4096), its shared blocks' GEMMs in float32 and on TF32 tensor cores.
+phase optimizer "${GPU_CHECK_OPTIMIZER_S:-150}" "$python" bench/bench_optimizer.py --device cuda \
+  --models resnet32 vgg16 linear4096 --large-linear auto --shared-matmul float32 tf32 \
+  --repeats 9 --out "$out"
+optimizer_rc=$?
 
 echo
 echo "== phases (Triton compilation and tuning are inside tests and bench; the slowest tests"
@@ -69,4 +81,8 @@ cat "$summary"
 echo
 echo "== the bar (bench_kernels.py, $out/cuda_kernels.md)"
 sed -n '/bar/,$p' "$out/cuda_kernels.md" 2>/dev/null || echo "(no benchmark table: see $out/bench.log)"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo
+echo "== the optimizer step against AdamW(fused=True) ($out/optimizer_step.md)"
+grep -E "amortised|cached|GPU" "$out/optimizer_step.md" 2>/dev/null \
+  || echo "(no optimizer table: see $out/optimizer.log)"
+exit $(( tests_rc != 0 || bench_rc != 0 || optimizer_rc != 0 ))
