@@ -108,7 +108,8 @@ def _extensions():
     include_dirs = [str(CSRC / "include")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _flag("MBF_CUDA_ARCHS", "8.0;9.0"))
-        sources += ["csrc/cuda/ops.cu", "csrc/cuda/block_kernels.cu", "csrc/cuda/step_kernels.cu"]
+        sources += ["csrc/cuda/ops.cu", "csrc/cuda/block_kernels.cu"] + [
+            f"csrc/cuda/step_kernels_{t}.cu" for t in ("f32", "f64", "bf16")]
         ext = CUDAExtension(
             "mbf_kernels._C",
             sources,

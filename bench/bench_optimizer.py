@@ -67,6 +67,27 @@ def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def profile_cached(opt: mk.MBF, device: torch.device, path: Path, steps: int = 5) -> None:
+    """torch.profiler's table of ``steps`` cached-factor steps (per op: host time, and on a GPU
+    device time and launches), written to ``path``: where a step's time goes beyond its bytes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_freqs(opt, *KINDS["cached"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    table = prof.key_averages()
+    text = (f"{steps} cached steps\n\nby host time\n"
+            f"{table.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
+    if device.type == "cuda":
+        text += f"\nby device time\n{table.table(sort_by='self_cuda_time_total', row_limit=30)}\n"
+    path.write_text(text)
+
+
 def set_freqs(opt: mk.MBF, t1: int, t2: int) -> None:
     for g in opt.param_groups:
         g["curvature_update_freq"], g["inverse_update_freq"] = t1, t2
@@ -80,7 +101,7 @@ UPDATES = {"default": {}, "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_D
 def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
                 update: str = "default", shared_rank: int | None = None,
                 factor_dtype: str = "auto", device: torch.device = torch.device("cpu"),
-                shared_matmul: str = "auto") -> list[dict]:
+                shared_matmul: str = "auto", profile_to: Path | None = None) -> list[dict]:
     model = build(name, num_classes, device)
     params = list(model.parameters())
     param_bytes = sum(p.nbytes for p in params)
@@ -103,6 +124,8 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
         for kind, (t1, t2) in KINDS.items():
             set_freqs(mbf, t1, t2)
             times[kind].append(time_step(mbf, device))
+    if profile_to is not None:
+        profile_cached(mbf, device, profile_to)
     med = {k: statistics.median(v) for k, v in times.items()}
     amortised = (90 * med["cached"] + 9 * med["refresh"] + med["refactor"]) / 100
     shared = [r for r in mbf.block_summary() if r["kind"] in ("shared", "lowrank")]
@@ -165,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                     choices=list(mk.optim.precision.MATMUL),
                     help="MBF's shared_matmul for the shared blocks' GEMMs (auto: tf32 on CUDA)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--profile", action="store_true",
+                    help="also write torch.profiler's table of a few cached steps per row "
+                         "group (<out>/profile_<model>_<large_linear>_<update>_<shared_matmul>.txt)")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
     device = torch.device(args.device)
@@ -182,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             for update in args.update:
                 for factor_dtype in args.factor_dtype:
                     for matmul in (args.shared_matmul if has_large else ["auto"]):
+                        where = (args.out / f"profile_{name}_{mode}_{update}_{matmul}.txt"
+                                 if args.profile else None)
                         rows += bench_model(name, num_classes, mode, args.repeats, update,
-                                            args.shared_rank, factor_dtype, device, matmul)
+                                            args.shared_rank, factor_dtype, device, matmul,
+                                            where)
             print(markdown([r for r in rows if r["model"] == name and r["large_linear"] == mode],
                            env), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "optimizer_step.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

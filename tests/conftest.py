@@ -18,6 +18,21 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import mbf_kernels as mk
 
+#: A file to which each failure's report is appended as it happens (python/tools/gpu_check.sh
+#: sets it): a run that its time bound cuts short, before pytest's summary, still says what
+#: failed and why, a crashed xdist worker included.
+FAILURE_LOG_ENV = "MBF_TEST_FAILURE_LOG"
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get(FAILURE_LOG_ENV)
+    # Under xdist the controller sees every worker's reports: only it writes, once each.
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+                    f"{report.longreprtext}\n\n")
+
+
 # Awkward sizes on purpose (STYLE.md): d = 1, non-powers of two, both sides of the hot sizes.
 BLOCK_DIMS = (1, 2, 9, 10, 25, 27, 33)
 BATCH_SIZES = (0, 1, 7, 1000)

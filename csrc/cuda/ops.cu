@@ -1,6 +1,6 @@
 // CUDA implementations of the mbf_kernels ops: checks, allocation and the
 // current stream around the torch-free launchers of block_kernels.cu and
-// step_kernels.cu. Compiled only when setup.py finds a CUDA build of torch and
+// step_kernels.cuh. Compiled only when setup.py finds a CUDA build of torch and
 // nvcc (and, compile-only, by the CMake build's check against torch's headers).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -118,7 +118,7 @@ void outer_ema_cuda(at::Tensor& F, const at::Tensor& G_in, double beta) {
 }
 
 
-// The fused step and the compact ops: one thread per block (step_kernels.cu).
+// The fused step and the compact ops: one thread per block (step_kernels.cuh).
 
 void check_step_dim(int64_t d) {
   TORCH_CHECK(d >= 1 && d <= kMaxGenericDim, "mbf_kernels: the CUDA fused step and compact ops "

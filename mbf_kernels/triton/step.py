@@ -12,13 +12,15 @@ runs first: refresh, factor, and for a failed block the diagonal fallback (MBF_S
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.testing import do_bench
 
-from ..layout import (SegmentFlags, StepMode, check_bucket_step_fake,
+from ..layout import (SEGMENT_FIELDS, SegmentFlags, StepMode, check_bucket_step_fake,
                       check_segments, compact_shape)
 from ..limits import triton_autotune
 from ..reference import graft_bias_corrections
@@ -348,11 +350,70 @@ def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int,
     return _STEP_CONFIG[key]
 
 
+class _TablePlans:
+    """The segment tables' fields of recent calls, keyed by everything they are built from but
+    the units' step counts: the same tensors and layout give the same fields every step, so a
+    step only fills in each row's bias corrections (grafting's, from its unit's step). Building
+    and checking them per call was half of a ResNet-32 step's host time (dev VM)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._plans: OrderedDict[tuple, dict] = OrderedDict()
+        self._size = size
+
+    def get(self, key: tuple, build):
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build()
+            if len(self._plans) > self._size:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+
+_PLANS = _TablePlans()
+_STEP = SEGMENT_FIELDS - 1  # the step count's position in a segment's fields
+_C1 = 12  # the bias corrections' position in a table row (SEG_FIELDS above); c2 follows
+
+
 def _segment_tables(F: Tensor, params, grads, momenta, streams, segments, d: int,
                     graft: bool, momentum_coef: float, beta2: float) -> dict[int, tuple]:
     """flags -> (table fields, block counts) of the segments with those flags: every stream
     addressed by its offset from F's first element (layout: SEG_FIELDS above), after the one
-    segment check of :func:`mbf_kernels.layout.check_segments`."""
+    segment check of :func:`mbf_kernels.layout.check_segments` (once per layout and tensors:
+    :class:`_TablePlans`)."""
+    layout = list(segments)
+    steps = layout[_STEP::SEGMENT_FIELDS]
+    del layout[_STEP::SEGMENT_FIELDS]
+    tensors = (*params, *grads, *momenta, *streams)
+    key = (F.data_ptr(), F.shape[0], d, graft, tuple(layout),
+           tuple(t.data_ptr() for t in tensors), tuple(t.numel() for t in params))
+    plan = _PLANS.get(key, lambda: _table_plan(F, params, grads, momenta, streams, segments, d,
+                                               graft))
+    if not graft:
+        return {flags: (fields, counts) for flags, (fields, counts, _) in plan.items()}
+    if min(steps, default=1) < 1:  # (the plan was checked with other step counts)
+        check_segments("mbf_kernels triton", segments, [p.numel() for p in params], d,
+                       F.shape[0], graft)
+    corrections: dict[int, tuple[int, int]] = {}
+    groups = {}
+    for flags, (fields, counts, rows) in plan.items():
+        fields = fields.copy()
+        for j, s in enumerate(rows):
+            step = steps[s]
+            if step not in corrections:
+                c1, s2 = graft_bias_corrections(momentum_coef, beta2, step)
+                corrections[step] = (bits(c1), bits(s2))
+            k = j * SEG_FIELDS.value + _C1
+            fields[k], fields[k + 1] = corrections[step]
+        groups[flags] = (fields, counts)
+    return groups
+
+
+def _table_plan(F: Tensor, params, grads, momenta, streams, segments, d: int,
+                graft: bool) -> dict[int, tuple]:
+    """flags -> (table fields with unit bias corrections of 1, block counts, the segments'
+    indices in ``segments``): the checked, step-independent part of the segment tables."""
     size, base = F.element_size(), F.data_ptr()
 
     def offset(t: Tensor, elements: int) -> int:
@@ -362,19 +423,20 @@ def _segment_tables(F: Tensor, params, grads, momenta, streams, segments, d: int
                              "its element size")
         return q
 
-    groups: dict[int, tuple[list[int], list[int]]] = {}
-    for main, tail, n, col, width, stride, tile0, flags, step in check_segments(
-            "mbf_kernels triton", segments, [p.numel() for p in params], d, F.shape[0], graft):
+    one = bits(1.0)
+    groups: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    for s, (main, tail, n, col, width, stride, tile0, flags, _) in enumerate(check_segments(
+            "mbf_kernels triton", segments, [p.numel() for p in params], d, F.shape[0], graft)):
         if n == 0:
             continue
         t = tail if tail >= 0 else main
-        c1, s2 = graft_bias_corrections(momentum_coef, beta2, step) if graft else (1.0, 1.0)
-        fields, counts = groups.setdefault(flags, ([], []))
+        fields, counts, rows = groups.setdefault(flags, ([], [], []))
         fields += [offset(params[main], col), offset(grads[main], col),
                    offset(momenta[main], col), offset(params[t], 0), offset(grads[t], 0),
                    offset(momenta[t], 0), n, stride, tile0, int(tail >= 0),
-                   offset(streams[main], col), offset(streams[t], 0), bits(c1), bits(s2)]
+                   offset(streams[main], col), offset(streams[t], 0), one, one]
         counts.append(n)
+        rows.append(s)
     return groups
 
 
@@ -433,10 +495,7 @@ class _StepLaunches:
                                             WRITE=write, GRAFT=graft, **meta)
 
 
-@torch.library.custom_op("mbf_kernels::triton_bucket_step_",
-                         mutates_args=("params", "momenta", "curvature", "factor", "stats",
-                                       "second_moments", "tile_norms", "directions"))
-def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+def _bucket_step(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
                     curvature: Tensor, factor: Tensor, stats: Tensor, segments: list[int],
                     lr: float, momentum_coef: float, beta: float, damping: float,
                     weight_decay: float, decoupled_weight_decay: bool,
@@ -451,6 +510,12 @@ def _bucket_step_op(params: list[Tensor], grads: list[Tensor], momenta: list[Ten
                          beta2, eps, step_mode)
     if step.launches:
         step.run(_step_config(step.d, curvature.dtype, curvature.device))
+
+
+_bucket_step_op = torch.library.custom_op(
+    "mbf_kernels::triton_bucket_step_", _bucket_step,
+    mutates_args=("params", "momenta", "curvature", "factor", "stats", "second_moments",
+                  "tile_norms", "directions"))
 
 
 @_bucket_step_op.register_fake
@@ -469,11 +534,16 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     """The fused step for a bucket of segments (layout: csrc/registration.cpp; arguments:
     mbf_kernels.reference.mbf_bucket_step_): one launch per distinct set of segment flags, each
     reading its segments' strided rows (and tails) in place and its own tiles of the bucket's
-    compact state; stats on the state's device."""
-    _bucket_step_op(params, grads, momenta, curvature, factor, stats, segments, lr,
-                    momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
-                    list(second_moments), tile_damping, tile_scale, tile_norms, directions, beta2,
-                    eps, int(mode))
+    compact state; stats on the state's device.
+
+    Outside torch.compile this calls the launcher itself, not the registered op: the op's
+    eager wrapping (autograd, in-place version counters, alias checks) took 0.6 ms of the 1.5 ms
+    per call on the dev VM, and a small model's GPU step is its host time (bench/RESULTS.md,
+    the H200 run). Under torch.compile the op is what gets traced."""
+    run = _bucket_step_op if torch.compiler.is_compiling() else _bucket_step
+    run(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
+        damping, weight_decay, decoupled_weight_decay, list(second_moments), tile_damping,
+        tile_scale, tile_norms, directions, beta2, eps, int(mode))
 
 
 def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,

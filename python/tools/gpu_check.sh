@@ -11,18 +11,20 @@
 #
 #   PYTHON=python3        the interpreter with torch (CUDA), triton, pytest, rich
 #   GPU_CHECK_BUILD_S     time bound of the build (default 240 s)
-#   GPU_CHECK_TESTS_S     of the gpu tests, Triton compilation and tuning included (150 s)
-#   GPU_CHECK_BENCH_S     of the benchmark, Triton compilation and tuning included (120 s)
+#   GPU_CHECK_TESTS_S     of the gpu tests, Triton compilation included (240 s)
+#   GPU_CHECK_BENCH_S     of the benchmark, Triton compilation and tuning included (150 s)
 #   GPU_CHECK_OPTIMIZER_S of the optimizer step benchmark (150 s)
-#   GPU_CHECK_OUT         where it writes (default $OUT, else out/gpu_check)
-# Triton's compiled kernels are cached in <out>/triton-cache: a second run reuses them, and the
-# difference between the two runs' test times is the compilation time.
+#   GPU_CHECK_OUT         where it writes (default $OUT, else out/gpu_check); at the end it packs
+#                         its logs and tables into <out>/gpu_check.tgz, one file to send
+# Triton's compiled kernels are cached in out/gpu_check_triton_cache: a second run reuses them,
+# and the difference between the two runs' test times is the compilation time.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 python="${PYTHON:-python3}"
 out="${GPU_CHECK_OUT:-${OUT:-out/gpu_check}}"
 mkdir -p "$out"
-export TRITON_CACHE_DIR="$PWD/$out/triton-cache"
+out=$(cd "$out" && pwd)  # absolute: the phases run from the repository root
+export TRITON_CACHE_DIR="$PWD/out/gpu_check_triton_cache"
 summary="$out/summary.md"
 : > "$summary"
 
@@ -59,19 +61,25 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the tests run each kernel with its first config; the benchmark tunes.
 # pytest-xdist, where installed, spreads the tests (and so Triton's compilations) over 8
 # processes; they share the kernel cache.
+# Each failure's report goes to failures.log as it happens (tests/conftest.py), so a phase cut
+# short by its bound still says what failed; pytest-timeout, where installed, stops a hung test.
 workers=()
 "$python" -c 'import xdist' 2>/dev/null && workers=(-n 8)
-phase tests "${GPU_CHECK_TESTS_S:-150}" env MBF_TRITON_AUTOTUNE=0 "$python" -m pytest -q -m gpu \
-  -p no:cacheprovider --durations=8 "${workers[@]}" tests
+"$python" -c 'import pytest_timeout' 2>/dev/null && workers+=(--timeout 120)
+: > "$out/failures.log"
+phase tests "${GPU_CHECK_TESTS_S:-240}" env MBF_TRITON_AUTOTUNE=0 \
+  MBF_TEST_FAILURE_LOG="$out/failures.log" "$python" -m pytest -m gpu -p no:cacheprovider \
+  -rfE --durations=8 "${workers[@]}" tests
 tests_rc=$?
-phase bench "${GPU_CHECK_BENCH_S:-120}" "$python" bench/bench_kernels.py --device cuda \
+phase bench "${GPU_CHECK_BENCH_S:-150}" "$python" bench/bench_kernels.py --device cuda \
   --quick --budget 0.2 --out "$out"
 bench_rc=$?
 # A whole optimizer step against AdamW(fused=True) on the GPU: ResNet-32, the CIFAR VGG16 and
-# one Linear(4096, 4096), its shared blocks' GEMMs in float32 and on TF32 tensor cores.
+# one Linear(4096, 4096), its shared blocks' GEMMs in float32 and on TF32 tensor cores; and
+# torch.profiler's table of five cached steps of each (profile_*.txt).
 phase optimizer "${GPU_CHECK_OPTIMIZER_S:-150}" "$python" bench/bench_optimizer.py --device cuda \
   --models resnet32 vgg16 linear4096 --large-linear auto --shared-matmul float32 tf32 \
-  --repeats 9 --out "$out"
+  --repeats 9 --profile --out "$out"
 optimizer_rc=$?
 
 echo
@@ -79,10 +87,14 @@ echo "== phases (Triton compilation and tuning are inside tests and bench; the s
 echo "   are listed in $out/tests.log)"
 cat "$summary"
 echo
+echo "== failed tests ($(grep -c '^== ' "$out/failures.log") in $out/failures.log; first lines of each)"
+grep -A4 '^== ' "$out/failures.log" | cut -c1-200 | head -80
+echo
 echo "== the bar (bench_kernels.py, $out/cuda_kernels.md)"
 sed -n '/bar/,$p' "$out/cuda_kernels.md" 2>/dev/null || echo "(no benchmark table: see $out/bench.log)"
 echo
 echo "== the optimizer step against AdamW(fused=True) ($out/optimizer_step.md)"
 grep -E "amortised|cached|GPU" "$out/optimizer_step.md" 2>/dev/null \
   || echo "(no optimizer table: see $out/optimizer.log)"
+tar czf "$out/gpu_check.tgz" -C "$out" --exclude=gpu_check.tgz . 2>/dev/null
 exit $(( tests_rc != 0 || bench_rc != 0 || optimizer_rc != 0 ))

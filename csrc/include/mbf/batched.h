@@ -256,7 +256,7 @@ int outer_ema_batched(T* F, const T* G, int64_t n, int d, int S, T beta,
                       void* stream);
 
 
-// The compact-layout ops and the fused bucket step (csrc/cuda/step_kernels.cu): one thread per
+// The compact-layout ops and the fused bucket step (csrc/cuda/step_kernels.cuh): one thread per
 // block, the per-block code of mbf/compact_block.h, hot sizes as template parameters, the
 // generic path up to kMaxGenericDim (compact_block.h). All pointers are device pointers.
 inline constexpr int kStepThreads = 128;  // threads (blocks of the bucket) per CUDA block

@@ -1,5 +1,5 @@
 // The fused MBF step (MBF_SPEC section 3) and its phases for ONE block of the compact layout
-// (see batched.h): what one CUDA thread does in csrc/cuda/step_kernels.cu. Torch-free and
+// (see batched.h): what one CUDA thread does in csrc/cuda/step_kernels.cuh. Torch-free and
 // MBF_HD, so the C++ unit tests run this very code on the host over every block and compare it
 // with the CPU kernels: the device math is tested on machines without a GPU, and only the
 // launch (grid, segment lookup, counters) is left to the GPU tests.

@@ -2,8 +2,13 @@
 // per block running the per-block code of mbf/compact_block.h (the same code the C++ unit tests
 // run on the host), hot sizes as template parameters, the generic path up to kMaxGenericDim.
 // Consecutive threads own consecutive blocks, so every compact state access of a warp is two
-// 64-byte rows. Torch-free (launchers take a raw stream): the CMake build compiles this file
-// with plain nvcc on machines without a GPU or a CUDA build of torch.
+// 64-byte rows. Torch-free (launchers take a raw stream): the CMake build compiles the files
+// that include this with plain nvcc on machines without a GPU or a CUDA build of torch.
+//
+// The templates live here and each step_kernels_*.cu instantiates one storage type: nvcc took
+// 50-80 s over all three in one file, the critical path of the extension's parallel build.
+#pragma once
+
 #include <cuda_runtime.h>
 
 #include "launch.cuh"
@@ -160,20 +165,14 @@ int compact_solve(const T* factor, const T* B, T* X, int64_t n, int d, void* str
   return cudaGetLastError();
 }
 
-#define MBF_INSTANTIATE(T)                                                                    \
+// Explicit instantiations of the launchers for one storage type T (one step_kernels_*.cu each).
+#define MBF_INSTANTIATE_STEP_KERNELS(T)                                                       \
   template int bucket_step<T, T>(const StepSegment<T>*, const int64_t*, int, int64_t, T*, T*, int, \
                               const StepConfig&, const StepTiles<T>&, unsigned long long*,    \
                               void*);                                                         \
   template int compact_outer_ema<T>(T*, const T*, int64_t, int, T, void*);                     \
   template int compact_cholesky<T>(const T*, T*, int32_t*, int64_t, int, T, void*);            \
   template int compact_solve<T>(const T*, const T*, T*, int64_t, int, void*);
-
-MBF_INSTANTIATE(float)
-MBF_INSTANTIATE(double)
-#undef MBF_INSTANTIATE
-template int bucket_step<float, Bf16>(const StepSegment<float>*, const int64_t*, int, int64_t,
-                                      float*, Bf16*, int, const StepConfig&,
-                                      const StepTiles<float>&, unsigned long long*, void*);
 
 }  // namespace cuda
 }  // namespace mbf

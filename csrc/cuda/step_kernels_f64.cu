@@ -1,0 +1,10 @@
+// The CUDA fused step and compact ops (step_kernels.cuh) for float64 state.
+#include "step_kernels.cuh"
+
+namespace mbf {
+namespace cuda {
+
+MBF_INSTANTIATE_STEP_KERNELS(double)
+
+}  // namespace cuda
+}  // namespace mbf
