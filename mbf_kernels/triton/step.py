@@ -12,19 +12,17 @@ runs first: refresh, factor, and for a failed block the diagonal fallback (MBF_S
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.testing import do_bench
 
-from ..layout import (SEGMENT_FIELDS, SegmentFlags, StepMode, check_bucket_step_fake,
-                      check_segments, compact_shape)
+from ..layout import (SegmentFlags, StepMode, check_bucket_step_fake,
+                      compact_shape)
 from ..limits import triton_autotune
-from ..reference import graft_bias_corrections
 from ._common import CONFIGS, TABLES, bits, check_step_tensors, fits, vector_rows
+from .tables import TABLE_ROW, segment_tables
 from ._tuples import (cholesky, compact_base, diagonal_fallback, ema, load_tri, outer, pack,
                       pow2, select, solve, store_tri, unpack)
 
@@ -38,7 +36,7 @@ _REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentF
 # lr * weight_decay, the fallback floor, beta2 and eps (tl.constexpr: a kernel reads them).
 (SEG_P, SEG_G, SEG_M, SEG_PT, SEG_GT, SEG_MT, SEG_N, SEG_STRIDE, SEG_TILE, SEG_TAIL, SEG_V,
  SEG_VT, SEG_C1, SEG_S2) = (tl.constexpr(i) for i in range(14))
-SEG_FIELDS = tl.constexpr(14)
+SEG_FIELDS = tl.constexpr(TABLE_ROW)
 
 
 @triton.jit
@@ -350,96 +348,6 @@ def _step_config(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int,
     return _STEP_CONFIG[key]
 
 
-class _TablePlans:
-    """The segment tables' fields of recent calls, keyed by everything they are built from but
-    the units' step counts: the same tensors and layout give the same fields every step, so a
-    step only fills in each row's bias corrections (grafting's, from its unit's step). Building
-    and checking them per call was half of a ResNet-32 step's host time (dev VM)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._plans: OrderedDict[tuple, dict] = OrderedDict()
-        self._size = size
-
-    def get(self, key: tuple, build):
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = build()
-            if len(self._plans) > self._size:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return plan
-
-
-_PLANS = _TablePlans()
-_STEP = SEGMENT_FIELDS - 1  # the step count's position in a segment's fields
-_C1 = 12  # the bias corrections' position in a table row (SEG_FIELDS above); c2 follows
-
-
-def _segment_tables(F: Tensor, params, grads, momenta, streams, segments, d: int,
-                    graft: bool, momentum_coef: float, beta2: float) -> dict[int, tuple]:
-    """flags -> (table fields, block counts) of the segments with those flags: every stream
-    addressed by its offset from F's first element (layout: SEG_FIELDS above), after the one
-    segment check of :func:`mbf_kernels.layout.check_segments` (once per layout and tensors:
-    :class:`_TablePlans`)."""
-    layout = list(segments)
-    steps = layout[_STEP::SEGMENT_FIELDS]
-    del layout[_STEP::SEGMENT_FIELDS]
-    tensors = (*params, *grads, *momenta, *streams)
-    key = (F.data_ptr(), F.shape[0], d, graft, tuple(layout),
-           tuple(t.data_ptr() for t in tensors), tuple(t.numel() for t in params))
-    plan = _PLANS.get(key, lambda: _table_plan(F, params, grads, momenta, streams, segments, d,
-                                               graft))
-    if not graft:
-        return {flags: (fields, counts) for flags, (fields, counts, _) in plan.items()}
-    if min(steps, default=1) < 1:  # (the plan was checked with other step counts)
-        check_segments("mbf_kernels triton", segments, [p.numel() for p in params], d,
-                       F.shape[0], graft)
-    corrections: dict[int, tuple[int, int]] = {}
-    groups = {}
-    for flags, (fields, counts, rows) in plan.items():
-        fields = fields.copy()
-        for j, s in enumerate(rows):
-            step = steps[s]
-            if step not in corrections:
-                c1, s2 = graft_bias_corrections(momentum_coef, beta2, step)
-                corrections[step] = (bits(c1), bits(s2))
-            k = j * SEG_FIELDS.value + _C1
-            fields[k], fields[k + 1] = corrections[step]
-        groups[flags] = (fields, counts)
-    return groups
-
-
-def _table_plan(F: Tensor, params, grads, momenta, streams, segments, d: int,
-                graft: bool) -> dict[int, tuple]:
-    """flags -> (table fields with unit bias corrections of 1, block counts, the segments'
-    indices in ``segments``): the checked, step-independent part of the segment tables."""
-    size, base = F.element_size(), F.data_ptr()
-
-    def offset(t: Tensor, elements: int) -> int:
-        q, r = divmod(t.data_ptr() + elements * size - base, size)
-        if r:
-            raise ValueError("mbf_kernels triton: a tensor of the bucket is not aligned to "
-                             "its element size")
-        return q
-
-    one = bits(1.0)
-    groups: dict[int, tuple[list[int], list[int], list[int]]] = {}
-    for s, (main, tail, n, col, width, stride, tile0, flags, _) in enumerate(check_segments(
-            "mbf_kernels triton", segments, [p.numel() for p in params], d, F.shape[0], graft)):
-        if n == 0:
-            continue
-        t = tail if tail >= 0 else main
-        fields, counts, rows = groups.setdefault(flags, ([], [], []))
-        fields += [offset(params[main], col), offset(grads[main], col),
-                   offset(momenta[main], col), offset(params[t], 0), offset(grads[t], 0),
-                   offset(momenta[t], 0), n, stride, tile0, int(tail >= 0),
-                   offset(streams[main], col), offset(streams[t], 0), one, one]
-        counts.append(n)
-        rows.append(s)
-    return groups
-
-
 class _StepLaunches:
     """One call of the bucket op, checked and turned into kernel launches: a segment table per
     distinct set of flags (usually one per step: all units count their steps alike)."""
@@ -461,7 +369,7 @@ class _StepLaunches:
         self.tile_damping = tile_damping
         self.tiles = tuple(F if t is None else t
                            for t in (tile_damping, tile_scale, tile_norms, directions))
-        groups = _segment_tables(F, params, grads, momenta, second_moments if graft else params,
+        groups = segment_tables(F, params, grads, momenta, second_moments if graft else params,
                                  segments, self.d, graft, momentum_coef, beta2)
         floor = damping ** -0.5 if damping > 0 else 1.0
         hyper = [bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
