@@ -122,8 +122,11 @@ def random_spd(n: int, d: int, dtype: torch.dtype, device: torch.device | str = 
 def environment(device: torch.device | str = "cpu") -> dict:
     """Device, versions and commit: stored beside every measurement."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        # "-dirty" when the tracked files differ from HEAD: a tree sent to another machine
+        # (the device tool) carries the session's starting HEAD beside uncommitted changes.
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"],
+                                capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
     cpu = platform.processor() or platform.machine()

@@ -335,8 +335,12 @@ class SharedSet:
         in the state's dtype; whether it ran. On the ReLU autoencoder (seven blocks) it took
         a refresh's cost beyond a cached step from 1.06 to 0.50 ms (AMD Zen 3, 2 threads): the
         per-block torch calls had cost more than the GEMMs."""
-        due_index = [i for i, f in zip(active, flags) if f & _REFRESH]
-        due = [(self.blocks[i], f) for i, f in zip(active, flags) if f & _REFRESH]
+        due_index, due_flags = [], []
+        for i, f in zip(active, flags):
+            if f & _REFRESH:
+                due_index.append(i)
+                due_flags.append(f)
+        due = [(self.blocks[i], f) for i, f in zip(due_index, due_flags)]
         if (not due or self.reduce is not None or any(b.lowrank is not None for b, _ in due)
                 or not dispatch.cpu_ops(group, self.device)):
             return False

@@ -142,30 +142,41 @@ def bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-class TableCache:
+class LruCache:
+    """The ``size`` most recently used values, each built once by ``get``'s ``build`` on a miss:
+    the segment tables' host fields (tables.py) and their device copies (:data:`TABLES`)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._values: OrderedDict[tuple, object] = OrderedDict()
+        self._size = size
+
+    def get(self, key: tuple, build):
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = build()
+            if len(self._values) > self._size:
+                self._values.popitem(last=False)
+        else:
+            self._values.move_to_end(key)
+        return value
+
+
+def _device_table(values: list[int], device: torch.device) -> Tensor:
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+class DeviceTables(LruCache):
     """Device copies of recent segment tables, keyed by their contents: the same parameters and
     gradient buffers give the same table every step, which then costs no host-to-device copy."""
 
-    def __init__(self, size: int = 64) -> None:
-        self._tables: OrderedDict[tuple, Tensor] = OrderedDict()
-        self._size = size
-
-    def get(self, values: list[int], device: torch.device) -> Tensor:
-        key = (device, tuple(values))
-        table = self._tables.get(key)
-        if table is None:
-            table = torch.tensor(values, dtype=torch.int64)
-            if device.type == "cuda":
-                table = table.pin_memory().to(device, non_blocking=True)
-            self._tables[key] = table
-            if len(self._tables) > self._size:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return table
+    def table(self, values: list[int], device: torch.device) -> Tensor:
+        return self.get((device, tuple(values)), lambda: _device_table(values, device))
 
 
-TABLES = TableCache()
+TABLES = DeviceTables()
 
 
 def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile_damping,

@@ -374,7 +374,7 @@ class _StepLaunches:
         floor = damping ** -0.5 if damping > 0 else 1.0
         hyper = [bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
                                     lr * weight_decay, floor, beta2, eps)]
-        self.launches = [(flags, TABLES.get(fields + hyper, F.device), counts)
+        self.launches = [(flags, TABLES.table(fields + hyper, F.device), counts)
                          for flags, (fields, counts) in groups.items()]
 
     def run(self, config: tuple[int, int]) -> None:

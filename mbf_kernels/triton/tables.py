@@ -3,40 +3,21 @@ once per layout and tensors, the step counts' bias corrections filled in per cal
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from torch import Tensor
 
 from ..layout import SEGMENT_FIELDS, check_segments
 from ..reference import graft_bias_corrections
-from ._common import bits
+from ._common import LruCache, bits
 
 #: int64 fields per segment in a table row (step.py's SEG_FIELDS).
 TABLE_ROW = 14
 
 
-class TablePlans:
-    """The segment tables' fields of recent calls, keyed by everything they are built from but
-    the units' step counts: the same tensors and layout give the same fields every step, so a
-    step only fills in each row's bias corrections (grafting's, from its unit's step). Building
-    and checking them per call was half of a ResNet-32 step's host time (dev VM)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._plans: OrderedDict[tuple, dict] = OrderedDict()
-        self._size = size
-
-    def get(self, key: tuple, build):
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = build()
-            if len(self._plans) > self._size:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return plan
-
-
-_PLANS = TablePlans()
+#: The segment tables' fields of recent calls, keyed by everything they are built from but the
+#: units' step counts: the same tensors and layout give the same fields every step, so a step only
+#: fills in each row's bias corrections (grafting's, from its unit's step). Building and checking
+#: them per call was half of a ResNet-32 step's host time (dev VM).
+_PLANS = LruCache()
 _STEP = SEGMENT_FIELDS - 1  # the step count's position in a segment's fields
 _C1 = 12  # the bias corrections' position in a table row (SEG_FIELDS in step.py); c2 follows
 
@@ -46,7 +27,7 @@ def segment_tables(F: Tensor, params, grads, momenta, streams, segments, d: int,
     """flags -> (table fields, block counts) of the segments with those flags: every stream
     addressed by its offset from F's first element (layout: SEG_FIELDS in step.py), after the one
     segment check of :func:`mbf_kernels.layout.check_segments` (once per layout and tensors:
-    :class:`TablePlans`)."""
+    ``_PLANS``)."""
     layout = list(segments)
     steps = layout[_STEP::SEGMENT_FIELDS]
     del layout[_STEP::SEGMENT_FIELDS]

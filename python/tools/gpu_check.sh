@@ -63,13 +63,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # processes; they share the kernel cache.
 # Each failure's report goes to failures.log as it happens (tests/conftest.py), so a phase cut
 # short by its bound still says what failed; pytest-timeout, where installed, stops a hung test.
-workers=()
-"$python" -c 'import xdist' 2>/dev/null && workers=(-n 8)
-"$python" -c 'import pytest_timeout' 2>/dev/null && workers+=(--timeout 120)
+pytest_opts=()
+"$python" -c 'import xdist' 2>/dev/null && pytest_opts=(-n 8)
+"$python" -c 'import pytest_timeout' 2>/dev/null && pytest_opts+=(--timeout 120)
 : > "$out/failures.log"
 phase tests "${GPU_CHECK_TESTS_S:-240}" env MBF_TRITON_AUTOTUNE=0 \
   MBF_TEST_FAILURE_LOG="$out/failures.log" "$python" -m pytest -m gpu -p no:cacheprovider \
-  -rfE --durations=8 "${workers[@]}" tests
+  -rfE --durations=8 "${pytest_opts[@]}" tests
 tests_rc=$?
 phase bench "${GPU_CHECK_BENCH_S:-150}" "$python" bench/bench_kernels.py --device cuda \
   --quick --budget 0.2 --out "$out"
