@@ -32,7 +32,7 @@ MODES = {"write": StepMode.WRITE, "measure": StepMode.GRAFT,
          "graft-write": StepMode.WRITE | StepMode.GRAFT, "refresh-only": StepMode.NONE}
 
 
-def _bucket(dtype):
+def _bucket(dtype, flags=None):
     """Segments of 9-blocks with a bias tail (W (20, 8) + b (20,)), strided rows (columns 3..11
     of V (5, 14)) and plain rows (R (33, 9)), 6 tiles; flags differ per segment, and so do the
     units' step counts (Adam's bias correction)."""
@@ -45,6 +45,8 @@ def _bucket(dtype):
     segments = [0, 1, 20, 0, 8, 8, 0, 7, 1,
                 2, -1, 5, 3, 9, 14, 2, 1, 4,
                 3, -1, 33, 0, 9, 9, 3, 5, 12]
+    if flags is not None:  # one set of flags for every segment, the step counts still differ
+        segments[reference.SEGMENT_FIELDS - 2::reference.SEGMENT_FIELDS] = [flags] * 3
     return params, grads, momenta, second, 6, segments
 
 
@@ -54,8 +56,8 @@ def _real_blocks(C):
                                                                          (3, 6, 33))])
 
 
-def _run_bucket(fn, dtype, mode, tile_damping):
-    params, grads, momenta, second, tiles, segments = _bucket(dtype)
+def _run_bucket(fn, dtype, mode, tile_damping, flags=None):
+    params, grads, momenta, second, tiles, segments = _bucket(dtype, flags)
     Fc = torch.full((tiles, 45, 16), 0.25, dtype=dtype)
     L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45))
     stats = torch.zeros(2, dtype=torch.int64)
@@ -113,6 +115,23 @@ def test_bucket_op_extras_match_reference(backend, dtype, mode, tile_damping):
     if MODES[mode] == StepMode.NONE:
         for a, b in zip(got["params"], fresh[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("flags", [0, 5], ids=["cached", "refresh-refactor"])
+@pytest.mark.parametrize("backend", compiled_backends(covering=9))
+def test_measuring_pass_of_units_at_different_steps_matches_reference(backend, flags):
+    """Segments alike but for their units' step counts (1, 4, 12): each keeps its own bias
+    corrections (the Triton launcher splits such a set of flags by step)."""
+    want = _run_bucket(reference.mbf_bucket_step_, torch.float64, StepMode.GRAFT, False, flags)
+    module = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test",
+                             d=9, step=True)
+    got = _run_bucket(module.mbf_bucket_step_, torch.float64, StepMode.GRAFT, False, flags)
+    tol = STEP_TOL[torch.float64]
+    for key in ("momenta", "second"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+    torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
+                               atol=tol["atol"])
 
 
 def test_bucket_op_refuses_a_graft_without_its_tensors():

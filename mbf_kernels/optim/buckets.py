@@ -68,7 +68,8 @@ class Bucket:
             module = select(backend, self.device, differentiable=False, fn="MBF", d=self.d,
                             step=True)
             self.stats = torch.zeros(2, dtype=torch.int64, device=self.device)
-            self.step_fn = module.mbf_bucket_step_
+            # (the Triton module's entry without the per-tensor checks, for tensors MBF made)
+            self.step_fn = getattr(module, "owned_bucket_step_", module.mbf_bucket_step_)
         return self.step_fn
 
     def factor_dtype(self, group: dict) -> torch.dtype:

@@ -11,8 +11,8 @@ Importing this package imports Triton. The kernels run on CUDA tensors, or on CP
 from ._common import MAX_D
 from .compact import compact_cholesky_ex, compact_outer_ema_, compact_solve
 from .linalg import cholesky_ex, cholesky_solve, inv_spd_ex, outer_ema_, solve_spd_ex
-from .step import mbf_bucket_step_, mbf_step_
+from .step import mbf_bucket_step_, mbf_step_, owned_bucket_step_
 
 __all__ = ["MAX_D", "cholesky_ex", "cholesky_solve", "solve_spd_ex", "inv_spd_ex", "outer_ema_",
            "compact_outer_ema_", "compact_cholesky_ex", "compact_solve", "mbf_step_",
-           "mbf_bucket_step_"]
+           "mbf_bucket_step_", "owned_bucket_step_"]

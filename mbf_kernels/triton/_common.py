@@ -15,7 +15,6 @@ API (:mod:`mbf_kernels.linalg`, :mod:`mbf_kernels.compact`, the optimizer) reach
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 
 import torch
@@ -137,14 +136,9 @@ def nbin(n: int) -> int:
     return int(n >= 1 << 16)
 
 
-def bits(x: float) -> int:
-    """A float64 as the int64 with the same bits (the table is one int64 tensor)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
 class LruCache:
     """The ``size`` most recently used values, each built once by ``get``'s ``build`` on a miss:
-    the segment tables' host fields (tables.py) and their device copies (:data:`TABLES`)."""
+    the segment tables' launch plans (tables.py) and their device copies (:data:`TABLES`)."""
 
     def __init__(self, size: int = 64) -> None:
         self._values: OrderedDict[tuple, object] = OrderedDict()
@@ -161,19 +155,22 @@ class LruCache:
         return value
 
 
-def _device_table(values: list[int], device: torch.device) -> Tensor:
-    table = torch.tensor(values, dtype=torch.int64)
+def _device_table(values: list, device: torch.device, dtype: torch.dtype) -> Tensor:
+    table = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
     return table
 
 
 class DeviceTables(LruCache):
-    """Device copies of recent segment tables, keyed by their contents: the same parameters and
-    gradient buffers give the same table every step, which then costs no host-to-device copy."""
+    """Device copies of recent tables, keyed by their contents: the same parameters and
+    gradient buffers give the same segment table every step, which then costs no host-to-device
+    copy."""
 
-    def table(self, values: list[int], device: torch.device) -> Tensor:
-        return self.get((device, tuple(values)), lambda: _device_table(values, device))
+    def table(self, values: list, device: torch.device,
+              dtype: torch.dtype = torch.int64) -> Tensor:
+        return self.get((device, dtype, tuple(values)),
+                        lambda: _device_table(values, device, dtype))
 
 
 TABLES = DeviceTables()

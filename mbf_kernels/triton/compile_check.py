@@ -71,7 +71,7 @@ _FAMILIES = {
 _MODULE_OF = {name: module for module, names in _FAMILIES.items() for name in names}
 KERNELS = tuple(_MODULE_OF)
 
-_POINTERS_INT = {"info_ptr": "*i32", "table": "*i64", "stats": "*i64"}
+_FIXED_POINTERS = {"info_ptr": "*i32", "table": "*i64", "stats": "*i64", "hyper": "*fp64"}
 _INTS = {"n", "k", "S", "NBIN", "n_seg"}
 _FLOAT64 = {"damping", "beta"}
 
@@ -103,8 +103,8 @@ def _signature(fn, dtype: str, constexprs: dict, pointers: dict) -> dict:
             sig[name] = pointers[name]
         elif name in constexprs:
             sig[name] = "constexpr"
-        elif name in _POINTERS_INT:
-            sig[name] = _POINTERS_INT[name]
+        elif name in _FIXED_POINTERS:
+            sig[name] = _FIXED_POINTERS[name]
         elif name in _INTS:
             sig[name] = "i32"
         elif name in _FLOAT64:

@@ -12,6 +12,8 @@ runs first: refresh, factor, and for a failed block the diagonal fallback (MBF_S
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -21,8 +23,9 @@ from triton.testing import do_bench
 from ..layout import (SegmentFlags, StepMode, check_bucket_step_fake,
                       compact_shape)
 from ..limits import triton_autotune
-from ._common import CONFIGS, TABLES, bits, check_step_tensors, fits, vector_rows
-from .tables import TABLE_ROW, segment_tables
+from ..packed import tril_dim
+from ._common import CONFIGS, check_step_tensors, fits, vector_rows
+from .tables import TABLE_ROW, launch_scalars, segment_launches
 from ._tuples import (cholesky, compact_base, diagonal_fallback, ema, load_tri, outer, pack,
                       pow2, select, solve, store_tri, unpack)
 
@@ -31,11 +34,11 @@ __all__ = ["mbf_bucket_step_", "mbf_step_"]
 _REFRESH, _FIRST, _REFACTOR = SegmentFlags.REFRESH, SegmentFlags.FIRST, SegmentFlags.REFACTOR
 # The step kernel's segment table: SEG_FIELDS int64 per segment (offsets, in elements from the
 # curvature's first, of p, g, m and of their tails; n_blocks, row stride, first tile, has a tail;
-# the offsets of Adam's v and its tail, and the float64 bits of the unit's bias corrections c1,
-# s2 when grafting), then the float64 bit patterns of lr, momentum, beta, damping, weight_decay,
-# lr * weight_decay, the fallback floor, beta2 and eps (tl.constexpr: a kernel reads them).
+# the offsets of Adam's v and its tail when grafting). Its scalars (float64, tables.py's
+# launch_scalars): lr, momentum, beta, damping, weight_decay, lr * weight_decay, the fallback
+# floor, beta2, eps, then grafting's bias corrections c1 and s2 at the launch's step.
 (SEG_P, SEG_G, SEG_M, SEG_PT, SEG_GT, SEG_MT, SEG_N, SEG_STRIDE, SEG_TILE, SEG_TAIL, SEG_V,
- SEG_VT, SEG_C1, SEG_S2) = (tl.constexpr(i) for i in range(14))
+ SEG_VT) = (tl.constexpr(i) for i in range(12))
 SEG_FIELDS = tl.constexpr(TABLE_ROW)
 
 
@@ -64,8 +67,8 @@ def _store_rows(ptr, tail, rows, blocks, mask, has_tail, v, D: tl.constexpr):
 
 
 @triton.jit
-def _hyper(table, k):
-    return tl.load(table + k).to(tl.float64, bitcast=True)
+def _hyper(scalars, k):
+    return tl.load(scalars + k)
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.constexpr,
+def _bucket_refactor_kernel(F, L, table, hyper, stats, n_seg, TD, UPDATE_CURVATURE: tl.constexpr,
                             FIRST_CURVATURE: tl.constexpr, TILE_DAMPING: tl.constexpr,
                             BF16_FACTOR: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
     """The refactor phase of a step (every T2-th): optional curvature refresh, then the factor
@@ -144,7 +147,6 @@ def _bucket_refactor_kernel(F, L, table, stats, n_seg, TD, UPDATE_CURVATURE: tl.
     more read of g and L every T2 steps. Table layout: _bucket_step_kernel."""
     T: tl.constexpr = D * (D + 1) // 2
     row, blocks, mask, has_tail, rows = _segment_blocks(table, n_seg, BLOCK)
-    hyper = table + n_seg * SEG_FIELDS
     damping = _hyper(hyper, 3).to(F.dtype.element_ty)
     floor = _hyper(hyper, 6).to(F.dtype.element_ty)
     if TILE_DAMPING:  # relative damping: one value per compact tile (its unit's)
@@ -192,8 +194,8 @@ def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, directi
     v = _load_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, D)
     beta2 = _hyper(hyper, 7).to(dt)
     eps = _hyper(hyper, 8).to(dt)
-    c1 = tl.load(row + SEG_C1).to(tl.float64, bitcast=True).to(dt)
-    s2 = tl.load(row + SEG_S2).to(tl.float64, bitcast=True).to(dt)
+    c1 = _hyper(hyper, 9).to(dt)
+    s2 = _hyper(hyper, 10).to(dt)
     new_v = ()
     su = tl.zeros_like(u[0])
     sa = tl.zeros_like(u[0])
@@ -216,14 +218,14 @@ def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, directi
 
 
 @triton.jit
-def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN, DIR,
+def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
                         DECOUPLED: tl.constexpr, UPDATE_CURVATURE: tl.constexpr,
                         FIRST_CURVATURE: tl.constexpr, WRITE: tl.constexpr, GRAFT: tl.constexpr,
                         D: tl.constexpr, BLOCK: tl.constexpr):
     """One MBF step with the cached factor (and an optional curvature refresh) for the segments
     of a bucket that share this step's flags.
 
-    ``table`` holds SEG_FIELDS int64 per segment, then the float64 hyper-parameters. A
+    ``table`` holds SEG_FIELDS int64 per segment, ``hyper`` the launch's scalars. A
     segment's blocks are rows ``[0, n)`` of a strided view: block i reads D - has_tail values at
     ``F + p_off + i * row_stride`` (likewise g, m, v: every stream is addressed from F, the
     bucket's curvature, so one kernel serves any number of parameter tensors), then
@@ -237,7 +239,6 @@ def _bucket_step_kernel(F, L, table, stats, n_seg, TS, TN, DIR,
     T: tl.constexpr = D * (D + 1) // 2
     dt = F.dtype.element_ty
     row, blocks, mask, has_tail, rows = _segment_blocks(table, n_seg, BLOCK)
-    hyper = table + n_seg * SEG_FIELDS
     lr = _hyper(hyper, 0).to(dt)
     rho = _hyper(hyper, 1).to(dt)
     wd = _hyper(hyper, 4).to(dt)
@@ -355,13 +356,16 @@ class _StepLaunches:
     def __init__(self, params, grads, momenta, curvature, factor, stats, segments, lr,
                  momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
                  second_moments=(), tile_damping=None, tile_scale=None, tile_norms=None,
-                 directions=None, beta2=0.999, eps=1e-8, mode=StepMode.WRITE) -> None:
+                 directions=None, beta2=0.999, eps=1e-8, mode=StepMode.WRITE, *,
+                 checked: bool = False) -> None:
         F = self.F = curvature
         self.L, self.stats, self.decoupled = factor, stats, bool(decoupled_weight_decay)
         mode = self.mode = StepMode(mode)
         graft = mode == StepMode.GRAFT  # the measuring pass reads v
-        self.d = check_step_tensors(params, grads, momenta, F, factor, stats, second_moments,
-                                     tile_damping, tile_scale, tile_norms, directions, mode)
+        # (checked: the caller owns the tensors, owned_bucket_step_)
+        self.d = tril_dim(F.shape[1]) if checked else check_step_tensors(
+            params, grads, momenta, F, factor, stats, second_moments, tile_damping, tile_scale,
+            tile_norms, directions, mode)
         # Kept alive until the launches are queued (the caching allocator orders reuse after
         # them on the stream).
         self.grads = grads = [g.contiguous() for g in grads]
@@ -369,13 +373,14 @@ class _StepLaunches:
         self.tile_damping = tile_damping
         self.tiles = tuple(F if t is None else t
                            for t in (tile_damping, tile_scale, tile_norms, directions))
-        groups = segment_tables(F, params, grads, momenta, second_moments if graft else params,
-                                 segments, self.d, graft, momentum_coef, beta2)
+        self.launches = segment_launches(F, params, grads, momenta,
+                                         second_moments if graft else params, segments, self.d,
+                                         graft)
         floor = damping ** -0.5 if damping > 0 else 1.0
-        hyper = [bits(x) for x in (lr, momentum_coef, beta, damping, weight_decay,
-                                    lr * weight_decay, floor, beta2, eps)]
-        self.launches = [(flags, TABLES.table(fields + hyper, F.device), counts)
-                         for flags, (fields, counts) in groups.items()]
+        hyper = (lr, momentum_coef, beta, damping, weight_decay, lr * weight_decay, floor, beta2,
+                 eps)
+        self.scalars = (launch_scalars(self.launches, hyper, graft, momentum_coef, beta2,
+                                       F.device).unbind(0) if self.launches else ())
 
     def run(self, config: tuple[int, int]) -> None:
         """Queue the kernels with tiles of config = (BLOCK, num_warps); on a refactor step the
@@ -384,20 +389,22 @@ class _StepLaunches:
         meta = dict(D=self.d, BLOCK=block, num_warps=warps, num_stages=1)
         write, graft = bool(self.mode & StepMode.WRITE), bool(self.mode & StepMode.GRAFT)
         damping, scale, norms, directions = self.tiles
-        for flags, table, counts in self.launches:
+        for launch, scalars in zip(self.launches, self.scalars):
+            flags, table, counts = launch.flags, launch.table, launch.counts
             grid = (sum(triton.cdiv(n, block) for n in counts),)
             refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
             if flags & _REFACTOR:
-                _bucket_refactor_kernel[grid](self.F, self.L, table, self.stats, len(counts),
-                                                damping, UPDATE_CURVATURE=refresh,
+                _bucket_refactor_kernel[grid](self.F, self.L, table, scalars, self.stats,
+                                                len(counts), damping,
+                                                UPDATE_CURVATURE=refresh,
                                                 FIRST_CURVATURE=first,
                                                 TILE_DAMPING=self.tile_damping is not None,
                                                 BF16_FACTOR=self.L.dtype == torch.bfloat16,
                                                 **meta)
                 refresh = first = False
             if write or graft or refresh:
-                _bucket_step_kernel[grid](self.F, self.L, table, self.stats, len(counts),
-                                            scale, norms, directions,
+                _bucket_step_kernel[grid](self.F, self.L, table, scalars, self.stats,
+                                            len(counts), scale, norms, directions,
                                             DECOUPLED=self.decoupled,
                                             UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
                                             WRITE=write, GRAFT=graft, **meta)
@@ -412,12 +419,15 @@ def _bucket_step(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor
                     directions: Tensor | None, beta2: float, eps: float,
                     step_mode: int) -> None:
     # (not `mode`: torch's dispatch wrappers take an argument of that name)
-    step = _StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
-                         momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
-                         second_moments, tile_damping, tile_scale, tile_norms, directions,
-                         beta2, eps, step_mode)
+    _launch(_StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
+                          momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
+                          second_moments, tile_damping, tile_scale, tile_norms, directions,
+                          beta2, eps, step_mode))
+
+
+def _launch(step: _StepLaunches) -> None:
     if step.launches:
-        step.run(_step_config(step.d, curvature.dtype, curvature.device))
+        step.run(_step_config(step.d, step.F.dtype, step.F.device))
 
 
 _bucket_step_op = torch.library.custom_op(
@@ -438,7 +448,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                      second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
                      tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
                      directions: Tensor | None = None, beta2: float = 0.999, eps: float = 1e-8,
-                     mode: int = 1) -> None:
+                     mode: int = 1, _owned: bool = False) -> None:
     """The fused step for a bucket of segments (layout: csrc/registration.cpp; arguments:
     mbf_kernels.reference.mbf_bucket_step_): one launch per distinct set of segment flags, each
     reading its segments' strided rows (and tails) in place and its own tiles of the bucket's
@@ -447,11 +457,26 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     Outside torch.compile this calls the launcher itself, not the registered op: the op's
     eager wrapping (autograd, in-place version counters, alias checks) took 0.6 ms of the 1.5 ms
     per call on the dev VM, and a small model's GPU step is its host time (bench/RESULTS.md,
-    the H200 run). Under torch.compile the op is what gets traced."""
-    run = _bucket_step_op if torch.compiler.is_compiling() else _bucket_step
-    run(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
-        damping, weight_decay, decoupled_weight_decay, list(second_moments), tile_damping,
-        tile_scale, tile_norms, directions, beta2, eps, int(mode))
+    the H200 run). Under torch.compile the op is what gets traced. ``_owned``:
+    :data:`owned_bucket_step_`."""
+    _entry(_owned, params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef,
+           beta, damping, weight_decay, decoupled_weight_decay, list(second_moments),
+           tile_damping, tile_scale, tile_norms, directions, beta2, eps, int(mode))
+
+
+def _entry(checked: bool, *args) -> None:
+    if torch.compiler.is_compiling():
+        _bucket_step_op(*args)
+    else:
+        _launch(_StepLaunches(*args, checked=checked))
+
+
+#: :func:`mbf_bucket_step_` without its per-tensor checks, for the optimizer, which made every
+#: tensor it passes but the gradients (state, factor, counters, scratch) and checked those
+#: (dtype and layout: buckets.bucket_call; torch checks a ``.grad``'s shape, dtype and device
+#: when it is set). The segments are still checked, once per layout and tensors. The checks
+#: were a fifth of a ResNet-32 step's host time (dev VM, launches mocked).
+owned_bucket_step_ = functools.partial(mbf_bucket_step_, _owned=True)
 
 
 def mbf_step_(param: Tensor, grad: Tensor, momentum: Tensor, curvature: Tensor, factor: Tensor,
