@@ -79,6 +79,33 @@ def test_triton_backend_refuses_a_device_it_cannot_run_on():
         mk.MBF([w], backend="triton").step()
 
 
+@needs_triton
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_triton_cached_steps_read_nothing_back_from_the_device(large_linear):
+    """The Triton path's cached steps, shipped defaults (grafted: unit norms reduced per step),
+    call nothing that reads a tensor's value on the host: on a GPU every such read is a device
+    sync that stalls the step's queue (a checked segment_reduce made two per step). Counted
+    on the CPU through the interpreter, as torch.profiler sees the reads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 80),
+                          nn.ReLU(), nn.Linear(80, 10)).to(DEVICE)
+    opt = mk.MBF.from_model(model, backend="triton", large_linear=large_linear, shared_rank=8)
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+
+    def iteration():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    iteration()  # the first step refreshes and factors; the next ones until T1 are cached
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            iteration()
+    reads = [e.name for e in prof.events()
+             if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert not reads, reads
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_optimizer_auto_on_gpu_matches_torch_backend():
@@ -144,14 +171,16 @@ def test_state_dict_moves_between_cpu_and_gpu():
     torch.testing.assert_close(results["cuda->cpu"], results["cpu"], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("update", ["paper", "default"])
 @pytest.mark.parametrize("target", targets(gpu_only=True))
-def test_step_never_syncs_with_the_host(target):
+def test_step_never_syncs_with_the_host(target, update):
     """A whole optimizer step is queued without a device synchronisation (the segment tables
-    come from pinned memory or a cache)."""
+    come from pinned memory or a cache), the paper's update and the shipped grafted one."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 6 * 6, 10)).cuda()
-    opt = mk.MBF.from_model(model, backend=target.backend, **OPTIONS)
+    opt = mk.MBF.from_model(model, backend=target.backend,
+                            **(OPTIONS if update == "paper" else {}))
     x = torch.randn(4, 3, 8, 8, device="cuda")
     for _ in range(2):  # compile, tune and cache first
         model(x).square().mean().backward()
