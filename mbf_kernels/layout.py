@@ -197,6 +197,15 @@ def check_bucket_step_fake(params, grads, momenta, curvature, factor, stats,
     for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
         torch._check(g.shape == p.shape and m.shape == p.shape,
                      lambda: f"grads[{i}] and momenta[{i}] must have the shape of params[{i}]")
+        # A call mixing devices dispatches to the highest of them: with one meta tensor among
+        # CPU ones that is this fake kernel, which must then refuse it, not return.
+        for name, t in (("params", p), ("grads", g), ("momenta", m)):
+            torch._check(t.device == curvature.device and t.dtype == curvature.dtype,
+                         lambda: f"{name}[{i}] must match curvature ({curvature.dtype} on "
+                                 f"{curvature.device}), got {t.dtype} on {t.device}")
+    for name, t in (("factor", factor), ("stats", stats)):
+        torch._check(t.device == curvature.device,
+                     lambda: f"{name} must be on {curvature.device}, got {t.device}")
     torch._check(curvature.dim() == 3 and curvature.shape[2] == COMPACT_TILE
                  and factor.shape == curvature.shape,
                  lambda: "curvature and factor must be compact tensors of one shape")

@@ -258,6 +258,24 @@ def test_bucket_op_rejects_bad_segments(target):
                             **hyper)
 
 
+@pytest.mark.parametrize("where", ["meta", "float64"])
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+def test_bucket_op_names_a_gradient_on_another_device_or_dtype(target, where):
+    """A gradient on the meta device (whose device index, -1, a CPU tensor's also reports) or
+    of another dtype is refused by name before anything is read."""
+    step_fn = dispatch.module(target.backend).mbf_bucket_step_
+    params, grads, momenta, tiles, segments = samples.bucket_step(torch.float32, target.device)
+    F = torch.zeros(tiles, 45, 16, device=target.device)
+    grads[1] = (torch.empty_like(grads[1], device="meta") if where == "meta"
+                else grads[1].double())
+    named = r"grads?\[?1?\]?.*(meta|float64|Double)"
+    with pytest.raises((ValueError, RuntimeError), match=named):
+        step_fn(params, grads, momenta, F, F.clone(), torch.zeros(2, dtype=torch.int64,
+                                                                  device=target.device),
+                segments, lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+                decoupled_weight_decay=False)
+
+
 @pytest.mark.parametrize("target", targets(gpu_only=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d", (1, 2, 9, 10, 16, 25, 33, 64))
