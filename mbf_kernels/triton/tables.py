@@ -16,8 +16,9 @@ TABLE_ROW = 12
 
 #: The segment tables of recent calls, keyed by everything they are built from but the units'
 #: step counts: the same tensors and layout give the same tables every step. Building, checking
-#: and uploading them per call was most of a ResNet-32 step's host time (dev VM).
-_PLANS = LruCache()
+#: and uploading them per call was most of a ResNet-32 step's host time (dev VM). (A bucket has
+#: one plan per pass and set of flags, about ten: room for a few dozen buckets.)
+_PLANS = LruCache(256)
 _STEP = SEGMENT_FIELDS - 1  # the step count's position in a segment's fields
 
 
