@@ -214,7 +214,10 @@ def mbf_step_(
     step_direction = grad if decoupled_weight_decay else grad + weight_decay * param
     new_m = momentum_coef * momentum + step_direction
     L = cholesky_from_factor(factor.to(new_m.dtype))  # a bfloat16 factor as stored (rounded)
-    u = torch.cholesky_solve(new_m[:, :, None], L)[:, :, 0]
+    # Two triangular solves, not cholesky_solve: that checks an info it reads back to the host,
+    # a device sync per bucket and step where this backend runs on a GPU.
+    y = torch.linalg.solve_triangular(L, new_m[:, :, None], upper=False)
+    u = torch.linalg.solve_triangular(L.mT, y, upper=True)[:, :, 0]
     momentum.copy_(new_m)
     if mode & StepMode.GRAFT:  # the measuring pass
         new_v = beta2 * second_moment + (1 - beta2) * step_direction * step_direction

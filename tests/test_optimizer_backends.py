@@ -79,18 +79,20 @@ def test_triton_backend_refuses_a_device_it_cannot_run_on():
         mk.MBF([w], backend="triton").step()
 
 
-@needs_triton
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
-def test_triton_cached_steps_read_nothing_back_from_the_device(large_linear):
-    """The Triton path's cached steps, shipped defaults (grafted: unit norms reduced per step),
-    call nothing that reads a tensor's value on the host: on a GPU every such read is a device
-    sync that stalls the step's queue (a checked segment_reduce made two per step). Counted
-    on the CPU through the interpreter, as torch.profiler sees the reads."""
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
+def test_cached_steps_read_nothing_back_from_the_device(backend, large_linear):
+    """The GPU backends' cached steps (Triton's, and torch's fallback), shipped defaults
+    (grafted: unit norms reduced per step), call nothing that reads a tensor's value on the
+    host: on a GPU every such read is a device sync that stalls the step's queue (a checked
+    segment_reduce made two per step, torch's cholesky_solve one per bucket). Counted on the
+    CPU (Triton through its interpreter), as torch.profiler sees the reads."""
     torch.manual_seed(0)
+    device = DEVICE if backend == "triton" else "cpu"
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 80),
-                          nn.ReLU(), nn.Linear(80, 10)).to(DEVICE)
-    opt = mk.MBF.from_model(model, backend="triton", large_linear=large_linear, shared_rank=8)
-    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+                          nn.ReLU(), nn.Linear(80, 10)).to(device)
+    opt = mk.MBF.from_model(model, backend=backend, large_linear=large_linear, shared_rank=8)
+    x = torch.randn(4, 3, 8, 8, device=device)
 
     def iteration():
         opt.zero_grad()
