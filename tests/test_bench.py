@@ -60,12 +60,21 @@ def test_bench_optimizer_toy(tmp_path):
     assert {r["optimizer"] for r in rows if r["step"] == "adamw"} == {"AdamW(fused)"}
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["ratio_vs_adamw"]) > 0
+        # The time until step() returned is part of the step's (every pair's, so the medians')
+        assert 0 < float(r["host_ms"]) <= float(r["median_ms"])
     adamw = [r for r in rows if r["step"] == "adamw"]
     assert all(float(r["ratio_vs_adamw"]) == 1.0 and float(r["state_x_params"]) == 2.0
                for r in adamw)
     # MBF state: momentum (1x) + curvature and factor (d(d+1)/2 per d parameters each) > 3x.
     assert all(float(r["state_x_params"]) > 3 for r in rows if r["optimizer"] == "MBF")
     assert "| small_cnn |" in (tmp_path / "optimizer_step.md").read_text()
+    # On a GPU the table also shows the host's time, a column of its own in every row.
+    table = bench.markdown([{**r, **{k: float(r[k]) for k in ("median_ms", "min_ms", "max_ms",
+                                                               "host_ms", "ratio_vs_adamw",
+                                                               "state_x_params")}}
+                            for r in rows], dict(gpu="a GPU", torch="x", commit="y"))
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert "host ms" in lines[0] and len({line.count("|") for line in lines}) == 1
 
 
 def test_sweep_defaults_toy(tmp_path):

@@ -100,7 +100,7 @@ echo "== the bar (bench_kernels.py, $out/cuda_kernels.md)"
 sed -n '/bar/,$p' "$out/cuda_kernels.md" 2>/dev/null || echo "(no benchmark table: see $out/bench.log)"
 echo
 echo "== the optimizer step against AdamW(fused=True) ($out/optimizer_step.md)"
-grep -E "amortised|cached|GPU" "$out/optimizer_step.md" 2>/dev/null \
+grep -E "^\| model |amortised|cached|GPU" "$out/optimizer_step.md" 2>/dev/null \
   || echo "(no optimizer table: see $out/optimizer.log)"
 tar czf "$out/gpu_check.tgz" -C "$out" --exclude=gpu_check.tgz . 2>/dev/null
 exit $(( tests_rc != 0 || bench_rc != 0 || optimizer_rc != 0 ))
