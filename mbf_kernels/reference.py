@@ -146,12 +146,12 @@ def graft_bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float
     return (1 - beta1) / (1 - beta1 ** step), (1 - beta2 ** step) ** -0.5
 
 
-def _cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
-    """(L L^T)^{-1} b for each of the batch's vectors b (N, d): two triangular solves, not
-    torch.cholesky_solve, which checks an info it reads back to the host (a device sync per
-    bucket and step where this backend runs on a GPU)."""
-    y = torch.linalg.solve_triangular(L, b[:, :, None], upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True)[:, :, 0]
+def solve_cholesky(L: Tensor, B: Tensor) -> Tensor:
+    """(L L^T)^{-1} B for a lower Cholesky factor L (..., d, d) and B (..., d, k): two
+    triangular solves, not torch.cholesky_solve, which checks an info it reads back to the host
+    (a device sync each call on a GPU: per bucket and step in this reference's step)."""
+    Y = torch.linalg.solve_triangular(L, B, upper=False)
+    return torch.linalg.solve_triangular(L.mT, Y, upper=True)
 
 
 def mbf_step_(
@@ -222,7 +222,7 @@ def mbf_step_(
     step_direction = grad if decoupled_weight_decay else grad + weight_decay * param
     new_m = momentum_coef * momentum + step_direction
     L = cholesky_from_factor(factor.to(new_m.dtype))  # a bfloat16 factor as stored (rounded)
-    u = _cholesky_solve(L, new_m)
+    u = solve_cholesky(L, new_m[:, :, None])[:, :, 0]
     momentum.copy_(new_m)
     if mode & StepMode.GRAFT:  # the measuring pass
         new_v = beta2 * second_moment + (1 - beta2) * step_direction * step_direction

@@ -62,11 +62,7 @@ def nystrom(Y: Tensor, omega: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor
     B = omega.mT @ Y
     chol, info = torch.linalg.cholesky_ex((B + B.mT) / 2)
     Q, R = torch.linalg.qr(Y)
-    # W = B^{-1} R^T by two triangular solves: cholesky_solve reads its info back to the host
-    # (a device sync per refresh on a GPU; a failed factor is caught by ``ok`` below anyway)
-    W = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, R.mT,
-                                                                             upper=False),
-                                      upper=True)
+    W = reference.solve_cholesky(chol, R.mT)  # B^{-1} R^T (a failed factor: ``ok`` below)
     core = R @ W
     ok = (info == 0) & torch.isfinite(core).all()
     evals, vecs = torch.linalg.eigh(torch.where(ok, (core + core.mT) / 2, 0))
