@@ -391,7 +391,7 @@ class _StepLaunches:
         damping, scale, norms, directions = self.tiles
         for launch, scalars in zip(self.launches, self.scalars):
             flags, table, counts = launch.flags, launch.table, launch.counts
-            grid = (sum(triton.cdiv(n, block) for n in counts),)
+            grid = (launch.programs(block),)
             refresh, first = bool(flags & _REFRESH), bool(flags & _FIRST)
             if flags & _REFACTOR:
                 _bucket_refactor_kernel[grid](self.F, self.L, table, scalars, self.stats,
