@@ -221,7 +221,7 @@ def test_graft_rows_projection(target, dtype, n, d, k):
     """With a low-rank block's basis V (d, k), graft_rows_ also returns T = m V of the updated
     rows: against torch's product, for row counts that do and do not fill its 4-row blocks, k
     across its register groups, rows longer than its 2048-column chunks, and more rows than
-    one grain (the projection follows the row pass grain by grain)."""
+    one round (the projection follows the row pass a few rows at a time)."""
     m, v = randn(n, d, seed=1).to(dtype), randn(n, d, seed=2).to(dtype) ** 2
     gw, gb = randn(n, d - 1, seed=3).to(dtype), randn(n, seed=4).to(dtype)
     basis = torch.linalg.qr(randn(d, k, seed=5).to(dtype)).Q

@@ -364,12 +364,19 @@ std::tuple<at::Tensor, at::Tensor> graft_rows_cpu(at::Tensor& m,
     scalar_t* proj = projection.mutable_data_ptr<scalar_t>();
     const auto& kern = cpu::kernels().of<scalar_t>();
     const int64_t grain = row_grain(d);
+    // Rows per round of row pass then projection: about 16 KB of m, half of the smallest L1
+    // (and at least the 4 rows project_rows takes at a time).
+    const int64_t rows_per_round =
+        k > 0 ? std::max<int64_t>(4, (int64_t(16) << 10) / (d * int64_t(sizeof(scalar_t))) / 4 * 4)
+              : grain;
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
       // A thread's range is its whole share of the rows (tens of MB on a large layer): the
-      // projection follows the row pass a grain (about 256 KB of m) at a time, so that it
-      // reads the rows just written from L2, not again from memory.
-      for (int64_t b0 = b; b0 < e; b0 += grain) {
-        const int64_t e0 = std::min(e, b0 + grain);
+      // projection follows the row pass a few rows at a time, so that it reads the rows just
+      // written from L1, not again from memory (Linear(4096, 4096) on the Zen 3 dev VM: the
+      // projection's share 8.0 -> 6.3 ms in medians of interleaved runs, against rounds of a
+      // 256 KB grain, whose rows it read from L2).
+      for (int64_t b0 = b; b0 < e; b0 += rows_per_round) {
+        const int64_t e0 = std::min(e, b0 + rows_per_round);
         kern.graft_rows(mp, vp, gw, gb, width, d, b0, e0, static_cast<scalar_t>(momentum),
                         static_cast<scalar_t>(beta2), static_cast<scalar_t>(eps), out);
         if (k > 0) kern.project_rows(mp, d, b0, e0, vt, k, proj);
