@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mbf_kernels as mk
 
@@ -106,3 +107,17 @@ def test_bench_distributed_toy(tmp_path):
         per_rank = [float(r["curvature_mb"]) for r in rows if r["wrapping"] == wrapping]
         assert whole <= sum(per_rank) < 1.05 * whole and max(per_rank) < 0.55 * whole, wrapping
     assert "| 2 | ddp_sharded |" in (tmp_path / "distributed.md").read_text()
+
+
+def test_bench_host_toy():
+    """The Triton step's host time on the CPU: every kind of step timed, and the kernels it
+    stood in for are back afterwards (later tests launch them)."""
+    bench = _load("bench_host")
+    kernels = (bench.triton_step._bucket_step_kernel, bench.triton_step._bucket_refactor_kernel)
+    torch.manual_seed(0)
+    times = bench.host_times(bench.models.ResNet32(num_classes=10), rounds=1, steps=2)
+    assert set(times) == {"cached", "refresh", "refactor"}
+    assert all(len(v) == 1 and v[0] > 0 for v in times.values())
+    assert (bench.triton_step._bucket_step_kernel,
+            bench.triton_step._bucket_refactor_kernel) == kernels
+    assert bench.markdown(times).count("\n") == 4
