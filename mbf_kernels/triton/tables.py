@@ -37,8 +37,8 @@ class Launch:
     def programs(self, block: int) -> int:
         """The launch's grid: ``block`` blocks per program over each segment. Remembered per
         block size and shared with the plan's launch it copies: summed with ``triton.cdiv`` (a
-        constexpr function, ~2 us a call) over ResNet-32's ~200 segments, it had been a fifth
-        of a cached step's host time (dev VM)."""
+        constexpr function, ~2 us a call) over ResNet-32's ~200 segments, it had been a third
+        of a cached step's host time (dev VM, ``bench/bench_host.py``)."""
         grid = self._programs.get(block)
         if grid is None:
             grid = self._programs[block] = sum(-(-n // block) for n in self.counts)
