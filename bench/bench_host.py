@@ -26,10 +26,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 import torch  # noqa: E402
 
 import mbf_kernels as mk  # noqa: E402
-from mbf_kernels.apps import models  # noqa: E402
+from bench_optimizer import KINDS, build, set_freqs  # noqa: E402  (a script beside this one)
 from mbf_kernels.triton import step as triton_step  # noqa: E402
-
-KINDS = {"cached": (10**9, 10**9), "refresh": (1, 10**9), "refactor": (1, 1)}
 
 
 class _NoLaunch:
@@ -39,18 +37,16 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def host_times(model: torch.nn.Module, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Seconds per step of each kind, one value per round (the kernels not launched)."""
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-2
-    opt = mk.MBF.from_model(model, backend="triton")
+def host_times(model: str, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each kind of ``model`` (bench_optimizer.py's, with its random
+    gradients), one value per round (the kernels not launched)."""
+    opt = mk.MBF.from_model(build(model, 10, torch.device("cpu")), backend="triton")
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     with (mock.patch.object(triton_step, "_bucket_step_kernel", _NoLaunch()),
           mock.patch.object(triton_step, "_bucket_refactor_kernel", _NoLaunch())):
         for r in range(rounds + 1):  # round 0 warms every kind up
             for kind, (t1, t2) in KINDS.items():
-                for g in opt.param_groups:
-                    g["curvature_update_freq"], g["inverse_update_freq"] = t1, t2
+                set_freqs(opt, t1, t2)
                 start = time.perf_counter()
                 for _ in range(steps):
                     opt.step()
@@ -71,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50, help="steps per round and kind")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    times = host_times(models.ResNet32(num_classes=10), args.rounds, args.steps)
+    times = host_times("resnet32", args.rounds, args.steps)
     print(f"ResNet-32, backend='triton', kernels not launched; {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}")
     print(markdown(times))
