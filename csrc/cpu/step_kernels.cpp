@@ -114,11 +114,27 @@ int64_t count_lanes(const M<T>& mask, int cnt) {
 template <typename T, int D>
 struct CompactTile {
   static constexpr int W = Ln<T>::W;
-  std::vector<V<T>> gv, mv, pv, vv, F, L, inv_diag, x;
+  std::vector<V<T>> gv, mv, pv, vv, F, L, inv_diag, x, flat;
   int n, tri;
   explicit CompactTile(int d)
       : gv(d), mv(d), pv(d), vv(d), F(d * (d + 1) / 2), L(d * (d + 1) / 2), inv_diag(d), x(d),
-        n(D > 0 ? D : d), tri(n * (n + 1) / 2) {}
+        flat(d), n(D > 0 ? D : d), tri(n * (n + 1) / 2) {}
+
+  // Whether the W blocks at b0 are W n consecutive values of every stream (a full sub-tile of
+  // a segment without a tail whose blocks are contiguous: a conv weight). The element-wise
+  // parts of the step (momentum, Adam's second moment, the parameter update) then run on
+  // those values in place, as n plain vectors that need no transposing, and only the solve's
+  // input and output cross into lanes: two transposes where gathering g, m, p (or v) and
+  // scattering m and p (or v) took five. Each value gets the same operations either way.
+  bool contiguous(const StepSegment<T>& s, int cnt) const {
+    return cnt == W && s.p_tail == nullptr && s.width == n && s.row_stride == n;
+  }
+  static V<T> load_flat(const T* at) {
+    V<T> v;
+    std::memcpy(&v, at, sizeof(V<T>));
+    return v;
+  }
+  static void store_flat(T* at, const V<T>& v) { std::memcpy(at, &v, sizeof(V<T>)); }
 
   // Lanes dst[0, n) of blocks b0 .. b0 + cnt of a stream laid out as StepSegment describes:
   // `width` values per block at main + b * row_stride, then tail[b] when there is a tail.
@@ -208,7 +224,8 @@ struct CompactTile {
   void step(const StepSegment<T>& s, T* Fc, FT* Lc, int64_t b0, int cnt, const StepConfig& cfg,
             const StepTiles<T>& tiles, int64_t t, int u, StepStats& stats) {
     const bool apply = applies_direction(cfg);
-    if (!apply || s.flags.update_curvature)
+    // (Contiguous blocks read g in place for the momentum: into lanes for the curvature only.)
+    if ((!apply && !contiguous(s, cnt)) || s.flags.update_curvature)
       gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
     if (s.flags.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
@@ -227,25 +244,30 @@ struct CompactTile {
     // This sub-tile's direction rows (compact: d rows of kCompactTile per tile).
     T* direction = cfg.graft ? tiles.directions + t * n * kCompactTile + u : nullptr;
     if (apply) {
-      gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+      if (!contiguous(s, cnt)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
       load_compact<T>(direction, n, x.data());
       move_params(s, b0, cnt, cfg, lr * tiles.scale[t]);
       return;
     }
-    gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
-    // Grafting's measuring pass reads p only for a coupled decay (with the default, decoupled
-    // decay, that is a ninth of its reads saved).
-    if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
-    if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
-    const T rho = static_cast<T>(cfg.momentum);
-    const bool coupled = !cfg.decoupled_weight_decay;
-    const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
-    for (int e = 0; e < n; ++e) {
-      const V<T> dir = coupled ? gv[e] + wd * pv[e] : gv[e];
-      mv[e] = rho * mv[e] + dir;
-      x[e] = mv[e];
-      if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
+    const bool flat_blocks = contiguous(s, cnt);
+    if (flat_blocks) {
+      moments_in_place(s, b0, cfg);
+    } else {
+      gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
+      // Grafting's measuring pass reads p only for a coupled decay (with the default,
+      // decoupled decay, that is a ninth of its reads saved).
+      if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+      if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
+      const T rho = static_cast<T>(cfg.momentum);
+      const bool coupled = !cfg.decoupled_weight_decay;
+      const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
+      for (int e = 0; e < n; ++e) {
+        const V<T> dir = coupled ? gv[e] + wd * pv[e] : gv[e];
+        mv[e] = rho * mv[e] + dir;
+        if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
+      }
     }
+    for (int e = 0; e < n; ++e) x[e] = mv[e];
     solve(Lc);
     if (cfg.graft) {  // the measuring pass: m, v, u and the norms stored, p untouched
       const V<T> zero = lanes::splat<V<T>>(T(0));
@@ -265,20 +287,59 @@ struct CompactTile {
       std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
       if (cfg.stream_directions) stream_compact<T>(x.data(), n, direction);
       else store_compact<T>(x.data(), n, direction);
+      if (flat_blocks) return;  // m and v were stored in place
       scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
       scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
       return;
     }
-    scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+    if (!flat_blocks) scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
     move_params(s, b0, cnt, cfg, lr);
   }
 
-  // p (in pv) moved by lr_u x and the decoupled decay, then stored.
+  // The momentum (and Adam's second moment) of contiguous blocks (`contiguous`), updated and
+  // stored in place; the new values go into lanes (mv, vv) for the solve and the norms.
+  void moments_in_place(const StepSegment<T>& s, int64_t b0, const StepConfig& cfg) {
+    const int64_t at = b0 * s.row_stride;
+    const T rho = static_cast<T>(cfg.momentum), wd = static_cast<T>(cfg.weight_decay);
+    const bool coupled = !cfg.decoupled_weight_decay;
+    const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
+    for (int k = 0; k < n; ++k) {
+      const V<T> g = load_flat(s.g + at + k * W);
+      const V<T> dir = coupled ? g + wd * load_flat(s.p + at + k * W) : g;
+      flat[k] = rho * load_flat(s.m + at + k * W) + dir;
+      store_flat(s.m + at + k * W, flat[k]);
+      if (cfg.graft) {
+        const V<T> v = beta2 * load_flat(s.v + at + k * W) + w2 * dir * dir;
+        store_flat(s.v + at + k * W, v);
+        pv[k] = v;  // (pv is free: a measuring pass with decoupled decay reads no p)
+      }
+    }
+    lanes::gather_lanes<T>(reinterpret_cast<const T*>(flat.data()), n, n, W, T(0),
+                           reinterpret_cast<T*>(mv.data()));
+    if (cfg.graft)
+      lanes::gather_lanes<T>(reinterpret_cast<const T*>(pv.data()), n, n, W, T(0),
+                             reinterpret_cast<T*>(vv.data()));
+  }
+
+  // p moved by lr_u x and the decoupled decay, then stored: in place for contiguous blocks
+  // (x crossing back from lanes), else through pv (gathered here for the writing pass).
   void move_params(const StepSegment<T>& s, int64_t b0, int cnt, const StepConfig& cfg,
                    T lr_u) {
     const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
+    const bool decoupled = cfg.decoupled_weight_decay;
+    if (contiguous(s, cnt)) {
+      lanes::scatter_lanes<T>(reinterpret_cast<const T*>(x.data()), n, W, n,
+                              reinterpret_cast<T*>(flat.data()));
+      T* p = s.p + b0 * s.row_stride;
+      for (int k = 0; k < n; ++k) {
+        const V<T> pk = load_flat(p + k * W);
+        const V<T> decay = decoupled ? lr * wd * pk : lanes::splat<V<T>>(T(0));
+        store_flat(p + k * W, pk - lr_u * flat[k] - decay);
+      }
+      return;
+    }
     for (int e = 0; e < n; ++e) {
-      const V<T> decay = cfg.decoupled_weight_decay ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
+      const V<T> decay = decoupled ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
       pv[e] = pv[e] - lr_u * x[e] - decay;
     }
     scatter(pv, b0, cnt, s.p, s.row_stride, s.width, s.p_tail);
