@@ -136,6 +136,29 @@ struct CompactTile {
   }
   static void store_flat(T* at, const V<T>& v) { std::memcpy(at, &v, sizeof(V<T>)); }
 
+  // The step's element-wise updates of one vector, written once for both layouts: a vector
+  // of lanes (W blocks' element e) or of W consecutive values of contiguous blocks.
+  struct Elementwise {
+    T rho, wd, beta2, w2, lr_wd;
+    bool decoupled;
+    explicit Elementwise(const StepConfig& cfg)
+        : rho(static_cast<T>(cfg.momentum)), wd(static_cast<T>(cfg.weight_decay)),
+          beta2(static_cast<T>(cfg.beta2)), w2(T(1) - static_cast<T>(cfg.beta2)),
+          lr_wd(static_cast<T>(cfg.lr) * static_cast<T>(cfg.weight_decay)),
+          decoupled(cfg.decoupled_weight_decay) {}
+    // The gradient with a coupled decay (p is read only then).
+    V<T> direction(const V<T>& g, const V<T>& p) const { return decoupled ? g : g + wd * p; }
+    V<T> momentum(const V<T>& m, const V<T>& dir) const { return rho * m + dir; }
+    V<T> second_moment(const V<T>& v, const V<T>& dir) const {
+      return beta2 * v + w2 * dir * dir;
+    }
+    // p moved by lr_u x and the decoupled decay.
+    V<T> moved(const V<T>& p, const V<T>& x, T lr_u) const {
+      const V<T> decay = decoupled ? lr_wd * p : lanes::splat<V<T>>(T(0));
+      return p - lr_u * x - decay;
+    }
+  };
+
   // Lanes dst[0, n) of blocks b0 .. b0 + cnt of a stream laid out as StepSegment describes:
   // `width` values per block at main + b * row_stride, then tail[b] when there is a tail.
   // Padding lanes (cnt .. W) are zero.
@@ -224,8 +247,9 @@ struct CompactTile {
   void step(const StepSegment<T>& s, T* Fc, FT* Lc, int64_t b0, int cnt, const StepConfig& cfg,
             const StepTiles<T>& tiles, int64_t t, int u, StepStats& stats) {
     const bool apply = applies_direction(cfg);
+    const bool flat_blocks = contiguous(s, cnt);
     // (Contiguous blocks read g in place for the momentum: into lanes for the curvature only.)
-    if ((!apply && !contiguous(s, cnt)) || s.flags.update_curvature)
+    if ((!apply && !flat_blocks) || s.flags.update_curvature)
       gather(s.g, s.row_stride, s.width, s.g_tail, b0, cnt, gv);
     if (s.flags.update_curvature) {
       M<T> finite = lanes::splat<M<T>>(-1);
@@ -240,31 +264,28 @@ struct CompactTile {
       stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
     if (!cfg.write && !cfg.graft) return;  // the refresh/refactor-only pass
-    const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
+    const T lr = static_cast<T>(cfg.lr);
+    const Elementwise op(cfg);
     // This sub-tile's direction rows (compact: d rows of kCompactTile per tile).
     T* direction = cfg.graft ? tiles.directions + t * n * kCompactTile + u : nullptr;
     if (apply) {
-      if (!contiguous(s, cnt)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
+      if (!flat_blocks) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
       load_compact<T>(direction, n, x.data());
-      move_params(s, b0, cnt, cfg, lr * tiles.scale[t]);
+      move_params(s, b0, cnt, op, lr * tiles.scale[t], flat_blocks);
       return;
     }
-    const bool flat_blocks = contiguous(s, cnt);
     if (flat_blocks) {
-      moments_in_place(s, b0, cfg);
+      moments_in_place(s, b0, op, cfg.graft);
     } else {
       gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
       // Grafting's measuring pass reads p only for a coupled decay (with the default,
       // decoupled decay, that is a ninth of its reads saved).
       if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
       if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
-      const T rho = static_cast<T>(cfg.momentum);
-      const bool coupled = !cfg.decoupled_weight_decay;
-      const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
       for (int e = 0; e < n; ++e) {
-        const V<T> dir = coupled ? gv[e] + wd * pv[e] : gv[e];
-        mv[e] = rho * mv[e] + dir;
-        if (cfg.graft) vv[e] = beta2 * vv[e] + w2 * dir * dir;
+        const V<T> dir = op.direction(gv[e], pv[e]);
+        mv[e] = op.momentum(mv[e], dir);
+        if (cfg.graft) vv[e] = op.second_moment(vv[e], dir);
       }
     }
     for (int e = 0; e < n; ++e) x[e] = mv[e];
@@ -293,55 +314,45 @@ struct CompactTile {
       return;
     }
     if (!flat_blocks) scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
-    move_params(s, b0, cnt, cfg, lr);
+    move_params(s, b0, cnt, op, lr, flat_blocks);
   }
 
   // The momentum (and Adam's second moment) of contiguous blocks (`contiguous`), updated and
   // stored in place; the new values go into lanes (mv, vv) for the solve and the norms.
-  void moments_in_place(const StepSegment<T>& s, int64_t b0, const StepConfig& cfg) {
+  void moments_in_place(const StepSegment<T>& s, int64_t b0, const Elementwise& op,
+                        bool graft) {
     const int64_t at = b0 * s.row_stride;
-    const T rho = static_cast<T>(cfg.momentum), wd = static_cast<T>(cfg.weight_decay);
-    const bool coupled = !cfg.decoupled_weight_decay;
-    const T beta2 = static_cast<T>(cfg.beta2), w2 = T(1) - static_cast<T>(cfg.beta2);
     for (int k = 0; k < n; ++k) {
       const V<T> g = load_flat(s.g + at + k * W);
-      const V<T> dir = coupled ? g + wd * load_flat(s.p + at + k * W) : g;
-      flat[k] = rho * load_flat(s.m + at + k * W) + dir;
+      const V<T> dir = op.decoupled ? g : op.direction(g, load_flat(s.p + at + k * W));
+      flat[k] = op.momentum(load_flat(s.m + at + k * W), dir);
       store_flat(s.m + at + k * W, flat[k]);
-      if (cfg.graft) {
-        const V<T> v = beta2 * load_flat(s.v + at + k * W) + w2 * dir * dir;
+      if (graft) {
+        const V<T> v = op.second_moment(load_flat(s.v + at + k * W), dir);
         store_flat(s.v + at + k * W, v);
-        pv[k] = v;  // (pv is free: a measuring pass with decoupled decay reads no p)
+        pv[k] = v;  // (scratch: this path reads p in place, never into pv)
       }
     }
     lanes::gather_lanes<T>(reinterpret_cast<const T*>(flat.data()), n, n, W, T(0),
                            reinterpret_cast<T*>(mv.data()));
-    if (cfg.graft)
+    if (graft)
       lanes::gather_lanes<T>(reinterpret_cast<const T*>(pv.data()), n, n, W, T(0),
                              reinterpret_cast<T*>(vv.data()));
   }
 
   // p moved by lr_u x and the decoupled decay, then stored: in place for contiguous blocks
-  // (x crossing back from lanes), else through pv (gathered here for the writing pass).
-  void move_params(const StepSegment<T>& s, int64_t b0, int cnt, const StepConfig& cfg,
-                   T lr_u) {
-    const T lr = static_cast<T>(cfg.lr), wd = static_cast<T>(cfg.weight_decay);
-    const bool decoupled = cfg.decoupled_weight_decay;
-    if (contiguous(s, cnt)) {
+  // (x crossing back from lanes), else through pv (gathered by the caller).
+  void move_params(const StepSegment<T>& s, int64_t b0, int cnt, const Elementwise& op,
+                   T lr_u, bool flat_blocks) {
+    if (flat_blocks) {
       lanes::scatter_lanes<T>(reinterpret_cast<const T*>(x.data()), n, W, n,
                               reinterpret_cast<T*>(flat.data()));
       T* p = s.p + b0 * s.row_stride;
-      for (int k = 0; k < n; ++k) {
-        const V<T> pk = load_flat(p + k * W);
-        const V<T> decay = decoupled ? lr * wd * pk : lanes::splat<V<T>>(T(0));
-        store_flat(p + k * W, pk - lr_u * flat[k] - decay);
-      }
+      for (int k = 0; k < n; ++k)
+        store_flat(p + k * W, op.moved(load_flat(p + k * W), flat[k], lr_u));
       return;
     }
-    for (int e = 0; e < n; ++e) {
-      const V<T> decay = decoupled ? lr * wd * pv[e] : lanes::splat<V<T>>(T(0));
-      pv[e] = pv[e] - lr_u * x[e] - decay;
-    }
+    for (int e = 0; e < n; ++e) pv[e] = op.moved(pv[e], x[e], lr_u);
     scatter(pv, b0, cnt, s.p, s.row_stride, s.width, s.p_tail);
   }
 };
