@@ -95,13 +95,13 @@ void inverse_diagonal(const V<T>* a, V<T>* inv_diag, int d) {
 }
 
 // Calls body(b0, cnt) for each tile of at most W blocks in [begin, end), prefetching the
-// next tile of `stream` (elements_per_block elements per block) before each.
+// tile kPrefetchTiles ahead of `stream` (elements_per_block elements per block) before each.
 template <typename T, typename Body>
 void for_each_tile(int64_t begin, int64_t end, const T* stream, int64_t elements_per_block,
                    Body&& body) {
   constexpr int W = Ln<T>::W;
   for (int64_t b0 = begin; b0 < end; b0 += W) {
-    const int64_t next = b0 + W;
+    const int64_t next = b0 + kPrefetchTiles * W;
     if (next < end)
       prefetch_bytes(stream + next * elements_per_block,
                      std::min<int64_t>(W, end - next) * elements_per_block * int64_t(sizeof(T)));

@@ -17,12 +17,19 @@ template <typename T>
 using M = typename Ln<T>::M;  // one mask / integer per block (lane)
 using lanes::tri_index;
 
-// Prefetch [p, p + bytes) for reading, one request per 64-byte line. The kernels call it for
-// the next tile, so that its memory traffic overlaps the current tile's arithmetic instead
-// of alternating with it (10-15% on the dev VM).
+// How many tiles ahead the kernels prefetch their streams: far enough that a tile's lines
+// arrive while the tiles before it are computed (about a DRAM latency of work per tile at
+// d = 9), near enough that they are still in L2 when used.
+inline constexpr int64_t kPrefetchTiles = 4;
+
+// Prefetch [p, p + bytes) for reading into L2 (prefetcht1), one request per 64-byte line, so
+// that a stream's memory traffic overlaps the arithmetic of the tiles before it instead of
+// alternating with it. Measured on Zen 4 (bench/RESULTS.md, sixteenth session): the cached
+// d = 9 step from DRAM took 23-25 ns per block on one thread with the old prefetchnta of the
+// next tile and 10-11 with prefetcht1 four tiles ahead; prefetcht0 was as slow as prefetchnta.
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 0);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 }  // namespace cpu

@@ -398,16 +398,17 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
       const int64_t rows_bytes = int64_t(kCompactTile) * s->row_stride * int64_t(sizeof(T));
       for_each_subtile<T>(s->n_blocks, t0, t1, [&](int64_t lt, int64_t b0, int cnt, int u) {
         const int64_t t = s->tile_offset + lt;
-        // At a tile's start, prefetch the next tile of every stream the step reads.
-        if (u == 0 && lt + 1 < t1) {
-          const int64_t next_row = (b0 + kCompactTile) * s->row_stride;
-          if (touches_F) prefetch_bytes(F + (t + 1) * tile_elems, tile_bytes);
+        // At a tile's start, prefetch every stream the step reads kPrefetchTiles tiles ahead.
+        if (u == 0 && lt + kPrefetchTiles < t1) {
+          const int64_t ahead = t + kPrefetchTiles;
+          const int64_t next_row = (b0 + kPrefetchTiles * kCompactTile) * s->row_stride;
+          if (touches_F) prefetch_bytes(F + ahead * tile_elems, tile_bytes);
           if (applies_direction(cfg)) {
-            prefetch_bytes(tiles.directions + (t + 1) * d * kCompactTile,
+            prefetch_bytes(tiles.directions + ahead * d * kCompactTile,
                            d * kCompactTile * int64_t(sizeof(T)));
             prefetch_bytes(s->p + next_row, rows_bytes);
           } else {
-            prefetch_bytes(factor + (t + 1) * tile_elems, factor_tile_bytes);
+            prefetch_bytes(factor + ahead * tile_elems, factor_tile_bytes);
             prefetch_bytes(s->g + next_row, rows_bytes);
             prefetch_bytes(s->m + next_row, rows_bytes);
             if (needs_p(cfg)) prefetch_bytes(s->p + next_row, rows_bytes);
