@@ -728,6 +728,12 @@ namespace {
 
 // R rows of p = decay p + coef u + t V^T over columns [c0, c1) (scalar tail included); each
 // row of V^T loaded once for all R rows, t's values broadcast from memory.
+// Values of T in a 64-byte line, and how far ahead of a row pass its rows are prefetched.
+template <typename T>
+constexpr int kLineValues = 64 / int(sizeof(T));
+template <typename T>
+constexpr int64_t kRowPrefetch = 1024 / int64_t(sizeof(T));
+
 template <typename T, int R>
 void scaled_add_block(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, int64_t k,
                       const T* vt, int64_t vt_ld, int64_t c0, int64_t c1, T decay, T coef) {
@@ -739,6 +745,14 @@ void scaled_add_block(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, 
   // term was bound by the load ports, not the FMAs).
   for (; k > 0 && j + 2 * W <= c1; j += 2 * W) {
     V<T> acc[R][2];
+    // R rows at once are 2 R streams, more than the hardware prefetcher follows: each row's p
+    // and u are prefetched 1 KB ahead (on Zen 4, 6.4-6.5 ms -> 5.8 ms for 4096 x 4096 at k = 16;
+    // the rest is the rank-k term's arithmetic).
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2 * W; h += kLineValues<T>) {
+        __builtin_prefetch(p + r * p_ld + j + kRowPrefetch<T> + h, 0, 2);
+        __builtin_prefetch(u + r * u_ld + j + kRowPrefetch<T> + h, 0, 2);
+      }
     for (int r = 0; r < R; ++r) {
       for (int h = 0; h < 2; ++h) {
         V<T> pv, uv;
