@@ -25,8 +25,8 @@ inline constexpr int64_t kPrefetchTiles = 4;
 // Prefetch [p, p + bytes) for reading into L2 (prefetcht1), one request per 64-byte line, so
 // that a stream's memory traffic overlaps the arithmetic of the tiles before it instead of
 // alternating with it. Measured on Zen 4 (bench/RESULTS.md, sixteenth session): the cached
-// d = 9 step from DRAM took 23-25 ns per block on one thread with the old prefetchnta of the
-// next tile and 10-11 with prefetcht1 four tiles ahead; prefetcht0 was as slow as prefetchnta.
+// d = 9 step from DRAM took 25-27 ns per block on one thread with the old prefetchnta of the
+// next tile and 10-16 with prefetcht1 four tiles ahead; prefetcht0 was as slow as prefetchnta.
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
