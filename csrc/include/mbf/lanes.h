@@ -123,6 +123,31 @@ inline typename Lanes<T>::V vsqrt(typename Lanes<T>::V x) {
   return r;
 }
 
+// c - a b, lane-wise, as one fused multiply-add where the level has one, and spelled out: GCC
+// fuses `c - a * b` at its own discretion, per instantiation, and did so differently in the
+// solve's float32- and bfloat16-factor instantiations at some d, so that the two steps no
+// longer agreed bit for bit on equal factors. Written through this, the solve rounds the same
+// in every instantiation. (Without FMA, as at the scalar level, there is nothing to fuse.)
+template <typename V>
+__attribute__((always_inline)) inline V fnmadd(V a, V b, V c) {
+#if defined(__AVX512F__) || defined(__FMA__)
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
+#endif
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, float>)
+    return (V)_mm512_fnmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, double>)
+    return (V)_mm512_fnmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32 && std::is_same_v<T, float>)
+    return (V)_mm256_fnmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  if constexpr (sizeof(V) == 32 && std::is_same_v<T, double>)
+    return (V)_mm256_fnmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#endif
+  return c - a * b;
+}
+
 // In-place Cholesky of a tile: `a` holds the damped lower triangles (tri vectors) on entry
 // and the lower factors on exit; `inv_diag` (n vectors) receives 1 / L_ii.
 // Returns per-lane info: 0 on success, else 1 + the first row whose pivot was not a finite
@@ -191,7 +216,9 @@ inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
   auto substitute = [&](V* xs, int stride, int c) __attribute__((always_inline)) {
     loop(Ic<0>{}, n, [&](auto j) {  // U z = b
       const V zj = xs[j * stride + c];
-      loop(j + one, n, [&](auto i) { xs[i * stride + c] -= unit(i, j) * zj; });
+      loop(j + one, n, [&](auto i) {
+        xs[i * stride + c] = fnmadd(unit(i, j), zj, xs[i * stride + c]);
+      });
     });
     loop(Ic<0>{}, n, [&](auto i) {  // w = D^{-2} z
       const V q = inverse_pivot(i);
@@ -200,7 +227,9 @@ inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
     loop(Ic<0>{}, n, [&](auto r) {  // U^T x = w, rows from the last
       const auto i = n - one - r;
       const V xi = xs[i * stride + c];
-      loop(Ic<0>{}, i, [&](auto j) { xs[j * stride + c] -= unit(i, j) * xi; });
+      loop(Ic<0>{}, i, [&](auto j) {
+        xs[j * stride + c] = fnmadd(unit(i, j), xi, xs[j * stride + c]);
+      });
     });
   };
   if constexpr (is_ic<std::remove_const_t<decltype(n)>>) {
