@@ -127,19 +127,25 @@ inline typename Lanes<T>::V vsqrt(typename Lanes<T>::V x) {
 // fuses `c - a * b` at its own discretion, per instantiation, and did so differently in the
 // solve's float32- and bfloat16-factor instantiations at some d, so that the two steps no
 // longer agreed bit for bit on equal factors. Written through this, the solve rounds the same
-// in every instantiation. With hardware FMA (`__FP_FAST_FMA`) the lane loop of std::fma is one
-// vfnmadd; without it, as at the scalar level, there is nothing to fuse and std::fma would be
-// a slow exact libcall. (`r{}`: as in vsqrt.)
+// in every instantiation. (Without FMA, as at the scalar level, there is nothing to fuse.)
 template <typename V>
 __attribute__((always_inline)) inline V fnmadd(V a, V b, V c) {
-#if defined(__FP_FAST_FMA)
-  constexpr int kW = int(sizeof(V) / sizeof(a[0]));
-  V r{};
-  for (int l = 0; l < kW; ++l) r[l] = std::fma(-a[l], b[l], c[l]);
-  return r;
-#else
-  return c - a * b;
+#if defined(__AVX512F__) || defined(__FMA__)
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
 #endif
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, float>)
+    return (V)_mm512_fnmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, double>)
+    return (V)_mm512_fnmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32 && std::is_same_v<T, float>)
+    return (V)_mm256_fnmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  if constexpr (sizeof(V) == 32 && std::is_same_v<T, double>)
+    return (V)_mm256_fnmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#endif
+  return c - a * b;
 }
 
 // In-place Cholesky of a tile: `a` holds the damped lower triangles (tri vectors) on entry
