@@ -933,7 +933,7 @@ at::Tensor unit_ratios_cpu(at::TensorList norms, at::TensorList entry_tiles,
             else
               add_finite_lanes<0>(pu, pu + lanes, lane_u.data(), lane_a.data(), lanes);
           }
-          if (t1 > t0) fold(e);
+          fold(e);  // (an empty chunk folds zeros)
         }
       });
     });
