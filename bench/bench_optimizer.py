@@ -103,8 +103,10 @@ def set_freqs(opt: mk.MBF, t1: int, t2: int) -> None:
 
 
 #: MBF's update: the shipped defaults (grafted from Adam: a measuring pass and a writing pass
-#: over the buckets, relative damping) or the paper's (one pass).
-UPDATES = {"default": {}, "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_DAMPING)}
+#: over the buckets, relative damping), the same grafted at the previous step's ratios (one
+#: pass: graft_norms="previous") or the paper's (one pass).
+UPDATES = {"default": {}, "previous": dict(graft_norms="previous"),
+           "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_DAMPING)}
 
 
 def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
@@ -125,6 +127,10 @@ def bench_model(name: str, num_classes: int, large_linear: str, repeats: int,
         opt.step()
     for t1, t2 in KINDS.values():
         set_freqs(mbf, t1, t2)
+        mbf.step()
+    # Past graft_norms="previous"'s warm-up (its first steps take two passes), for every update.
+    set_freqs(mbf, *KINDS["cached"])
+    for _ in range(mk.optim.options.graft_lag_warmup(mbf.param_groups[0])):
         mbf.step()
     times: dict[str, list[float]] = {k: [] for k in (*baselines, *KINDS)}
     host_times: dict[str, list[float]] = {k: [] for k in times}

@@ -156,7 +156,12 @@ StepSegment<T> whole_segment(at::Tensor& param, const at::Tensor& grad, at::Tens
 inline constexpr int kSegmentFields = 9;
 
 // mbf_bucket_step_'s `mode` bits (mbf_kernels.layout.StepMode).
-inline constexpr int64_t kModeWrite = 1, kModeGraft = 2;
+inline constexpr int64_t kModeWrite = 1, kModeGraft = 2, kModeLagged = 4;
+// The modes a pass may take: none (refresh/refactor only), write (the paper's), graft (the
+// measuring pass), write | graft (the writing pass) and write | graft | lagged (one pass).
+inline bool valid_mode(int64_t mode) {
+  return mode >= 0 && (mode < kModeLagged || mode == (kModeWrite | kModeGraft | kModeLagged));
+}
 
 // Which buckets a backend's step takes with a bfloat16 factor (factor_dtype): any (the CPU
 // kernels), or those of a hot block size (the CUDA kernels, which keep the factor in registers
@@ -220,10 +225,11 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
                          const c10::optional<at::Tensor>& norms,
                          const c10::optional<at::Tensor>& directions, int64_t mode,
                          StepConfig* cfg) {
-  TORCH_CHECK(mode >= 0 && mode <= (kModeWrite | kModeGraft), "mbf_kernels: mode must be a ",
-              "combination of 1 (write) and 2 (graft), got ", mode);
+  TORCH_CHECK(valid_mode(mode), "mbf_kernels: mode must be 0, 1 (write), 2 (graft), 3 (write | ",
+              "graft) or 7 (write | graft | lagged), got ", mode);
   cfg->write = (mode & kModeWrite) != 0;
   cfg->graft = (mode & kModeGraft) != 0;
+  cfg->lagged = (mode & kModeLagged) != 0;
   const int64_t tiles = curvature.size(0);
   auto check_tiles = [&](const c10::optional<at::Tensor>& t, const char* name,
                          std::initializer_list<int64_t> shape) -> T* {
@@ -240,13 +246,17 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
   out.norms = check_tiles(norms, "tile_norms", {tiles, 2, kCompactTile});
   out.directions = check_tiles(directions, "directions", {tiles, tri_dim(curvature.size(1)),
                                                           kCompactTile});
-  if (cfg->graft) {
-    // (has_value, not the pointers: an empty bucket's tensors have none)
+  // (has_value, not the pointers: an empty bucket's tensors have none)
+  if (cfg->graft && !cfg->lagged) {
     TORCH_CHECK(directions.has_value() && (cfg->write ? scale.has_value() : norms.has_value()),
                 "mbf_kernels: a grafted step needs directions, and tile_norms to measure (mode ",
                 "2) or tile_scale to write (mode 3)");
   }
-  if (cfg->graft && !cfg->write) {
+  if (cfg->lagged) {
+    TORCH_CHECK(scale.has_value() && norms.has_value(), "mbf_kernels: a lagged grafted step ",
+                "(mode 7) needs tile_scale to write and tile_norms to measure");
+  }
+  if (measures_graft(*cfg)) {
     TORCH_CHECK(second_moments.size() == params.size(), "mbf_kernels: a grafted step needs one ",
                 "second moment per params tensor, got ", second_moments.size(), " for ",
                 params.size());
@@ -313,7 +323,7 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
         has_tail ? ptr(momenta[tail]) : nullptr, n, stride, tile_offset,
         static_cast<int>(width),
         StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0, (flag_bits & 4) != 0}});
-    if (cfg.graft && !cfg.write) {  // the measuring pass (the writing pass reads directions)
+    if (measures_graft(cfg)) {  // (the writing pass reads directions, not v)
       StepSegment<T>& seg = out.back();
       seg.v = ptr(second_moments[main]) + col;
       seg.v_tail = has_tail ? ptr(second_moments[tail]) : nullptr;

@@ -55,8 +55,14 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // (n, d - 1 or d) and bias (n,) (None: no gradient);
   // updates m and v, returns each row's |m / (sqrt(v) + eps)|^2 and |m|^2 (n, 2) and, with a
   // low-rank block's basis V (d, k), the new rows' projection T = m V (n, k; k = 0 without).
+  // With `weight` (n, d - 1 or d; and `bias` (n,) when the rows have a bias column), the
+  // block's update in the same pass, a few rows after their projection: p = decay p + coef (m
+  // - T diag(apply_weight) V^T), apply_weight (k,) and coef one element (the lagged graft's
+  // step, graft_norms="previous").
   m.def("graft_rows_(Tensor(a!) m, Tensor(b!)? v, Tensor? grad_weight, Tensor? grad_bias, "
-        "float momentum, float beta2, float eps, Tensor? basis=None) -> (Tensor, Tensor)");
+        "float momentum, float beta2, float eps, Tensor? basis=None, Tensor(c!)? weight=None, "
+        "Tensor(d!)? bias=None, Tensor? apply_weight=None, float decay=1.0, "
+        "Tensor? coef=None) -> (Tensor, Tensor)");
   // p = decay p + coef u (+ t basis_t) in one pass: p (n,) or (n, w) contiguous, u of its shape
   // with unit stride within a row (a shared block's rows of U or M), coef a one-element tensor;
   // a low-rank block's rank-k term: t (n, k) contiguous, basis_t (k, w) (V^T's columns of p).
@@ -68,11 +74,13 @@ TORCH_LIBRARY(mbf_kernels, m) {
   m.def("sketch_rows(Tensor grad_weight, Tensor? grad_bias, Tensor omega) -> (Tensor, Tensor)");
   // A grafted step of exact shared blocks in one call (CPU): per block its m, v and work rows
   // (n, d), its (d, d) inverse, its weight (and bias: params_per_block 1 or 2, gradients
-  // aligned with params, None for none), Adam's bias corrections c1 / s2 and eps / s2.
+  // aligned with params, None for none), Adam's bias corrections c1 / s2 and eps / s2; ratios
+  // (blocks,) receives each block's graft ratio |a| / |u|, and with `lagged` the step is taken
+  // at the ratios it held (the previous step's: graft_norms="previous").
   m.def("shared_graft_step_(Tensor(a!)[] momenta, Tensor(b!)[] second_moments, "
         "Tensor(c!)[] work, Tensor[] inverses, Tensor(d!)[] params, Tensor?[] grads, "
         "int[] params_per_block, float[] adam_scale, float[] adam_eps, float momentum, "
-        "float beta2, float lr, float decay) -> ()");
+        "float beta2, float lr, float decay, Tensor(e!) ratios, bool lagged) -> ()");
   // The curvature refresh of exact shared blocks in one call (CPU): per block its (d, d)
   // curvature, work rows (n, d) that receive G = [weight grad, bias grad], stats counters, its
   // parameter count (1 or 2: gradients aligned, None for none), rows to average over and

@@ -141,12 +141,49 @@ class StepMode(enum.IntFlag):
     ``WRITE | GRAFT``, the writing pass of a grafted step: update the parameters by the stored
     direction, scaled per tile by ``tile_scale``; it reads no gradient, momentum, v or factor
     (a grafted step moves 12 B more per element than the paper's instead of 40).
+    ``WRITE | GRAFT | LAGGED``, the grafted step in one pass (``graft_norms="previous"``):
+    the measuring pass's work (m, v and the norms stored, no direction) and the parameters
+    moved by u scaled by ``tile_scale``, which holds the previous step's ratios (a grafted step
+    then moves 8 B more per element than the paper's).
     No bit at all runs the refresh/refactor only (relative damping's first pass).
     """
 
     NONE = 0
     WRITE = 1
     GRAFT = 2
+    LAGGED = 4
+
+    @property
+    def measures(self) -> bool:
+        """Whether the pass measures the graft's norms (and updates Adam's v)."""
+        return bool(self & StepMode.GRAFT) and (not self & StepMode.WRITE
+                                                 or bool(self & StepMode.LAGGED))
+
+    @property
+    def applies_direction(self) -> bool:
+        """Whether the pass moves the parameters by stored directions (the writing pass)."""
+        return self == StepMode.WRITE | StepMode.GRAFT
+
+
+#: The modes a bucket pass takes (:class:`StepMode`).
+STEP_MODES = (StepMode.NONE, StepMode.WRITE, StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT,
+              StepMode.WRITE | StepMode.GRAFT | StepMode.LAGGED)
+
+
+def check_mode(fn: str, mode: int, tile_scale, tile_norms, directions) -> StepMode:
+    """``mode`` as a :class:`StepMode`, checked to be one of :data:`STEP_MODES` with the
+    grafting tensors it needs; ``fn`` starts each error message."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"{fn}: mode must be 0, 1 (write), 2 (graft), 3 (write | graft) or 7 "
+                         f"(write | graft | lagged), got {int(mode)}")
+    mode = StepMode(mode)
+    if mode in (StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT) and directions is None:
+        raise ValueError(f"{fn}: a two-pass grafted step needs directions (modes 2 and 3)")
+    if mode.measures and tile_norms is None:
+        raise ValueError(f"{fn}: a grafted step needs tile_norms to measure (modes 2 and 7)")
+    if mode & StepMode.WRITE and mode & StepMode.GRAFT and tile_scale is None:
+        raise ValueError(f"{fn}: a grafted step needs tile_scale to write (modes 3 and 7)")
+    return mode
 
 
 def check_segments(fn: str, segments: list[int], numels: list[int], d: int, tiles: int,

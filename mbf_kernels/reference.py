@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import (COMPACT_TILE, SEGMENT_FIELDS, Segment, SegmentFlags, StepMode,
+from .layout import (COMPACT_TILE, SEGMENT_FIELDS, Segment, SegmentFlags, StepMode, check_mode,
                      cholesky_from_factor, factor_from_cholesky, from_compact, n_tiles,
                      to_compact)
 from .packed import pack_tril, unpack_tril
@@ -192,10 +192,9 @@ def mbf_step_(
     ``damping`` at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment``
     (N, d) is Adam's v, ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]`` (0, 0 for a block
     where either is not finite, so that one bad block cannot spread to its unit), ``direction``
-    (N, d) receives u; with ``mode == WRITE | GRAFT`` the update is ``lr * block_scale *
-    direction`` (:class:`StepMode`); ``step`` is the unit's step count for Adam's bias
-    correction (:func:`graft_bias_corrections`).
-    """
+    (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
+    ``WRITE | GRAFT | LAGGED``: measured as ``GRAFT``, the update ``lr * block_scale * u``
+    (:class:`StepMode`). ``step``: the unit's step count (:func:`graft_bias_corrections`)."""
 
     if update_curvature:
         finite = torch.isfinite(grad).all(dim=-1)
@@ -213,10 +212,11 @@ def mbf_step_(
         factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
                                  factor_from_cholesky(L)))
         stats[1] += failed.sum().to(stats.device)
+    mode = StepMode(mode)
     if not mode:
         return
     decay = lr * weight_decay * param if decoupled_weight_decay else 0
-    if mode == StepMode.WRITE | StepMode.GRAFT:  # the stored direction, scaled
+    if mode.applies_direction:  # the stored direction, scaled
         param.sub_(lr * block_scale.to(direction.dtype)[:, None] * direction + decay)
         return
     step_direction = grad if decoupled_weight_decay else grad + weight_decay * param
@@ -224,16 +224,26 @@ def mbf_step_(
     L = cholesky_from_factor(factor.to(new_m.dtype))  # a bfloat16 factor as stored (rounded)
     u = solve_cholesky(L, new_m[:, :, None])[:, :, 0]
     momentum.copy_(new_m)
-    if mode & StepMode.GRAFT:  # the measuring pass
-        new_v = beta2 * second_moment + (1 - beta2) * step_direction * step_direction
-        c1, s2 = graft_bias_corrections(momentum_coef, beta2, step)
-        a = c1 * new_m / (s2 * new_v.sqrt() + eps)
-        norms = torch.stack([(u * u).sum(-1), (a * a).sum(-1)], dim=-1)
-        block_norms.copy_(torch.where(torch.isfinite(norms).all(-1, keepdim=True), norms, 0))
-        second_moment.copy_(new_v)
-        direction.copy_(u)
+    if not mode & StepMode.GRAFT:
+        param.sub_(lr * u + decay)
         return
-    param.sub_(lr * u + decay)
+    # the measuring pass, or the lagged one-pass step
+    second_moment.mul_(beta2).add_((1 - beta2) * step_direction * step_direction)
+    block_norms.copy_(_graft_norms(u, new_m, second_moment, momentum_coef, beta2, eps, step))
+    if mode & StepMode.LAGGED:
+        param.sub_(lr * block_scale.to(u.dtype)[:, None] * u + decay)
+    else:
+        direction.copy_(u)
+
+
+def _graft_norms(u: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, eps: float,
+                 step: int) -> Tensor:
+    """Each block's [|u|^2, |a|^2] (N, 2), Adam's direction a = c1 m / (s2 sqrt(v) + eps) from
+    the new m and v; (0, 0) where either is not finite."""
+    c1, s2 = graft_bias_corrections(beta1, beta2, step)
+    a = c1 * m / (s2 * v.sqrt() + eps)
+    norms = torch.stack([(u * u).sum(-1), (a * a).sum(-1)], dim=-1)
+    return torch.where(torch.isfinite(norms).all(-1, keepdim=True), norms, 0)
 
 
 def _write_compact_rows(C: Tensor, X: Tensor) -> None:
@@ -264,10 +274,11 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     Adam's v, one per params tensor; the measuring pass (``GRAFT``) writes each block's
     [|u|^2, |a|^2] to ``tile_norms`` (tiles, 2, 16) and its u to ``directions`` (tiles, d, 16),
     compact like the state; the writing pass (``WRITE | GRAFT``) applies ``directions`` scaled
-    by ``tile_scale`` (tiles,).
+    by ``tile_scale`` (tiles,); the lagged pass (``WRITE | GRAFT | LAGGED``) measures as the
+    measuring pass and moves the parameters by u scaled by ``tile_scale``.
     """
 
-    mode = StepMode(mode)
+    mode = check_mode("mbf_kernels torch", mode, tile_scale, tile_norms, directions)
     for s in range(0, len(segments), SEGMENT_FIELDS):
         main, tail, n, offset, width, stride, tile0, flags, step = segments[s:s + SEGMENT_FIELDS]
         if n == 0:
@@ -282,10 +293,10 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
             return None if x is None else x[tile0:tile0 + tiles].repeat_interleave(
                 COMPACT_TILE)[:n]
 
-        graft = bool(mode & StepMode.GRAFT)
-        measure = mode == StepMode.GRAFT
+        measure = mode.measures
         V = seg.rows(second_moments) if measure else None
-        U = from_compact(directions[tile0:tile0 + tiles], n) if graft else None
+        stored = mode in (StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT)  # the two passes'
+        U = from_compact(directions[tile0:tile0 + tiles], n) if stored else None
         norms = torch.zeros(n, 2, dtype=curvature.dtype, device=curvature.device)
         mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
                   damping=damping, weight_decay=weight_decay,
@@ -301,7 +312,8 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
             seg.write_rows(momenta, Mm)
         if measure:
             seg.write_rows(second_moments, V)
-            _write_compact_rows(directions[tile0:tile0 + tiles], U)
+            if stored:
+                _write_compact_rows(directions[tile0:tile0 + tiles], U)
             # Padding blocks of the segment's last tile hold zeros.
             out = norms.new_zeros(tiles * COMPACT_TILE, 2)
             out[:n] = norms

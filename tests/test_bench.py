@@ -90,6 +90,21 @@ def test_sweep_defaults_toy(tmp_path):
     assert "Chosen: lr = " in (tmp_path / "defaults_sweep.md").read_text()
 
 
+def test_bench_graft_norms_toy(tmp_path):
+    """The ratio runs (20 steps: past the warm-up) and one training cell per graft_norms."""
+    bench = _load("bench_graft_norms")
+    assert bench.main(["--tasks", "digits_cnn", "--steps", "20", "--seeds", "1",
+                       "--lr-factors", "1", "--epochs-scale", "0.05",
+                       "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "graft_norms.csv")))
+    assert [r["graft_norms"] for r in rows] == ["current", "previous"]
+    assert all(0 < float(r["loss"]) < 10 and float(r["s_per_epoch"]) > 0 for r in rows)
+    md = (tmp_path / "graft_norms.md").read_text()
+    # one ratio row per unit in buckets (the small CNN's two convs and BatchNorms, with biases)
+    assert md.count("| digits_cnn | features.") == 8
+    assert "| digits_cnn | 0.001 | previous |" in md
+
+
 def test_bench_distributed_toy(tmp_path):
     """Two ranks, DDP sharded and not, and FSDP2: ResNet-32's units balance, so each sharded rank
     keeps about half the curvature (the small CNN would not: one shared block is 97% of it);

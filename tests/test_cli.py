@@ -203,6 +203,21 @@ def test_train_mbf_dropin_variants(optimizer, model):
     assert not run.diverged and run.points[-1].train_loss < run.points[0].train_loss
 
 
+def test_train_graft_norms_flag_reaches_the_optimizer(tmp_path, monkeypatch):
+    """``--graft-norms previous`` builds MBF with it (recorded in results.json) and trains."""
+    built = []
+    make = training.OPTIMIZERS["mbf"]
+    monkeypatch.setitem(training.OPTIMIZERS, "mbf", lambda *a: built.append(make(*a)) or built[-1])
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "2", "--optimizers", "mbf", "--models", "small_cnn",
+                     "--graft-norms", "previous", "--out", str(out)]) == 0
+    assert [g["graft_norms"] for g in built[0].param_groups] == ["previous"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["graft_norms"] == "previous"
+    curve = [float(r["train_loss"]) for r in _read_curves(out)]
+    assert curve[-1] < curve[0]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar10"], "pass --data-dir"),
     (["--optimizers", "mbf,lion"], "unknown optimizer 'lion'"),

@@ -452,14 +452,14 @@ def test_explicit_backend_is_used(backend, monkeypatch):
     calls = []
     real = torch.ops.mbf_kernels.mbf_bucket_step_.default
     import mbf_kernels._extension as ext
-    from mbf_kernels.optim import buckets
+    from mbf_kernels.optim import bound
     monkeypatch.setattr(ext, "mbf_bucket_step_", lambda *a, **k: (calls.append(1), real(
         *a[:7], k["lr"], k["momentum_coef"], k["beta"], k["damping"], k["weight_decay"],
         k["decoupled_weight_decay"], list(k["second_moments"]), k["tile_damping"],
         k["tile_scale"], k["tile_norms"], k["directions"], k["beta2"], k["eps"],
         int(k["mode"])))[1])
-    bound_step = buckets.BoundBuckets.step
-    monkeypatch.setattr(buckets.BoundBuckets, "step", lambda self, *a: (
+    bound_step = bound.BoundBuckets.step
+    monkeypatch.setattr(bound.BoundBuckets, "step", lambda self, *a: (
         calls.extend([1] * len(opt._plans[0].buckets)), bound_step(self, *a)))
     model = make_net()
     opt = mk.MBF.from_model(model, backend=backend, **OPTIONS)

@@ -29,7 +29,8 @@ from conftest import STEP_TOL, compiled_backends, cpu_levels, randn
 
 DEVICE = "cpu"
 MODES = {"write": StepMode.WRITE, "measure": StepMode.GRAFT,
-         "graft-write": StepMode.WRITE | StepMode.GRAFT, "refresh-only": StepMode.NONE}
+         "graft-write": StepMode.WRITE | StepMode.GRAFT, "refresh-only": StepMode.NONE,
+         "lagged": StepMode.WRITE | StepMode.GRAFT | StepMode.LAGGED}
 
 
 def _bucket(dtype, flags=None):
@@ -94,20 +95,25 @@ def test_bucket_op_extras_match_reference(backend, dtype, mode, tile_damping):
                                    msg=lambda m: f"{key}: {m}")
     assert got["stats"].tolist() == want["stats"].tolist()
     fresh = _bucket(dtype)
-    if MODES[mode] == StepMode.GRAFT:
+    if MODES[mode].measures:  # the measuring pass and the lagged one
         torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
                                    atol=tol["atol"])
         assert (got["norms"][3, :, 4] == 0).all()  # R's NaN block 4 (R starts at tile 3)
         assert (got["norms"][1, :, 4:] == 0).all()  # padding blocks of W's last tile
+    else:
+        assert (got["norms"] == -1).all()  # untouched but by the measuring passes
+    if MODES[mode] == StepMode.GRAFT:
         # u of the real blocks (as the norms: the solve's rounding grows with conditioning)
         torch.testing.assert_close(_real_blocks(got["directions"]),
                                    _real_blocks(want["directions"]), rtol=100 * tol["rtol"],
                                    atol=100 * tol["atol"], equal_nan=True)
         for a, b in zip(got["params"], fresh[0]):  # the measuring pass leaves p alone
             assert torch.equal(a, b)
-    else:
-        assert (got["norms"] == -1).all()  # untouched but by the measuring pass
+    else:  # (the lagged pass stores no direction)
         assert torch.equal(got["directions"], randn(6, 9, 16, seed=40).to(dtype))
+    if MODES[mode] & StepMode.LAGGED:  # p moved, by the tiles' scales (not 1): as the reference
+        for a, b in zip(got["params"], fresh[0]):
+            assert not torch.equal(a, b)
     if MODES[mode] in (StepMode.NONE, StepMode.WRITE | StepMode.GRAFT):
         # The writing pass of a grafted step moves p only; the refresh-only pass nothing.
         for a, b in zip(got["momenta"] + got["second"], fresh[2] + fresh[3]):
@@ -162,6 +168,19 @@ def test_bucket_op_refuses_a_graft_without_its_tensors():
             fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, second_moments=second[:2],
                tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64),
                directions=directions, **{**hyper, "mode": StepMode.GRAFT})
+        # The lagged pass needs no directions, but both per-tile tensors and v.
+        lagged = {**hyper, "mode": StepMode.WRITE | StepMode.GRAFT | StepMode.LAGGED}
+        with pytest.raises((RuntimeError, ValueError), match="tile_norms to measure"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments, second_moments=second,
+               tile_scale=torch.ones(tiles, dtype=torch.float64), **lagged)
+        with pytest.raises((RuntimeError, ValueError), match="one second moment per params"):
+            fn(params, grads, momenta, Fc, Fc.clone(), stats, segments,
+               tile_scale=torch.ones(tiles, dtype=torch.float64),
+               tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64), **lagged)
+        for mode in (4, 5, 6, 8):
+            with pytest.raises((RuntimeError, ValueError), match="mode must be 0, 1"):
+                fn(params, grads, momenta, Fc, Fc.clone(), stats, segments,
+                   **{**hyper, "mode": mode})
 
 
 def test_bucket_op_schema_with_extras():
@@ -173,7 +192,7 @@ def test_bucket_op_schema_with_extras():
             0.1, 0.9, 0.8, 0.05, 0.0, False, second, torch.full((tiles,), 0.1, dtype=torch.float64),
             torch.ones(tiles, dtype=torch.float64), torch.zeros(tiles, 2, 16, dtype=torch.float64),
             torch.zeros(tiles, 9, 16, dtype=torch.float64), 0.999, 1e-8)
-    for mode in (2, 3):  # the measuring pass, then the writing one
+    for mode in (2, 3, 7):  # the measuring pass, the writing one, the lagged one
         torch.library.opcheck(torch.ops.mbf_kernels.mbf_bucket_step_.default, (*args, mode))
 
 
@@ -234,6 +253,37 @@ def test_graft_rows_projection(target, dtype, n, d, k):
     assert ((T - m @ basis).abs() <= bound).all()
     with pytest.raises(RuntimeError, match="basis must be"):
         torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb, 0.9, 0.99, 1e-3, basis[1:])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (40, 4100, 16)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("target", cpu_levels())
+def test_graft_rows_with_the_update(target, dtype, n, d, k, bias):
+    """With a weight (and bias), graft_rows_ also moves them in the same pass (the lagged
+    graft's low-rank step): p = decay p + coef (m - T diag(w) V^T) from the updated rows m and
+    their T = m V, against torch's products; m, v and the returned norms and T are as without."""
+    m, v = randn(n, d, seed=1).to(dtype), randn(n, d, seed=2).to(dtype) ** 2
+    width = d - 1 if bias else d
+    gw, gb = randn(n, width, seed=3).to(dtype), randn(n, seed=4).to(dtype) if bias else None
+    basis = torch.linalg.qr(randn(d, k, seed=5).to(dtype)).Q
+    w = torch.rand(k, generator=torch.Generator().manual_seed(6)).to(dtype)
+    weight, b = randn(n, width, seed=7).to(dtype), randn(n, seed=8).to(dtype) if bias else None
+    coef = torch.tensor([-0.3], dtype=dtype)
+    m0, v0 = m.clone(), v.clone()
+    sq0, T0 = torch.ops.mbf_kernels.graft_rows_(m0, v0, gw, gb, 0.9, 0.99, 1e-3, basis)
+    p0 = torch.cat([weight, b[:, None]], 1) if bias else weight.clone()
+    sq, T = torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb, 0.9, 0.99, 1e-3, basis, weight, b,
+                                              w, 0.99, coef)
+    assert torch.equal(sq, sq0) and torch.equal(T, T0) and torch.equal(m, m0)
+    want = 0.99 * p0 - 0.3 * (m - (T * w) @ basis.mT)
+    got = torch.cat([weight, b[:, None]], 1) if bias else weight
+    eps = torch.finfo(dtype).eps
+    bound = 8 * (k + 1) * eps * (p0.abs() + m.abs() + (T * w).abs() @ basis.mT.abs())
+    assert ((got - want).abs() <= bound).all()
+    with pytest.raises(RuntimeError, match="an update needs the basis"):
+        torch.ops.mbf_kernels.graft_rows_(m, v, gw, gb, 0.9, 0.99, 1e-3, basis, weight, b,
+                                          None, 0.99, coef)
 
 
 @pytest.mark.parametrize("target", cpu_levels())
@@ -337,9 +387,12 @@ def test_shared_graft_step_op_names_bad_arguments(target):
     m, v, work, inv = torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, 5), torch.eye(5)
     weight, bias = torch.zeros(3, 4), torch.zeros(3)
     args = ([m], [v], [work], [inv], [weight, bias], [None, None], [2], [1.0], [1e-8], 0.9,
-            0.99, 0.1, 1.0)
+            0.99, 0.1, 1.0, torch.full((1,), 7.0), False)
     torch.ops.mbf_kernels.shared_graft_step_(*args)  # zero gradients: nothing moves
     assert not weight.any() and not bias.any()
+    assert args[-2].item() == 0  # the measured ratio (|u| = 0: 0)
+    with pytest.raises(RuntimeError, match="one value per block"):
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:-2], torch.zeros(2), True)
     with pytest.raises(RuntimeError, match="one m, v, work, inverse"):
         torch.ops.mbf_kernels.shared_graft_step_(*args[:2], [], *args[3:])
     with pytest.raises(RuntimeError, match="parameters must be contiguous 3 x 4"):
@@ -509,8 +562,14 @@ FUSED_ROWS_LAYERS = {"uneven": [(40, 30, True), (30, 20, False), (20, 5, True)],
                      "even": [(40, 30, True), (30, 30, True), (30, 40, False), (40, 10, True)]}
 
 
+#: The updates of the shared-block tests: the grafted default, the same at the previous step's
+#: ratios (beta1 = 0.5: lagged from step 3, but at the refactors), the paper's.
+SHARED_UPDATES = {"default": {}, "previous": dict(graft_norms="previous", betas=(0.5, 0.999)),
+                  "paper": dict(PAPER, lr=0.02, damping=0.05)}
+
+
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
-@pytest.mark.parametrize("update", ["default", "paper"])
+@pytest.mark.parametrize("update", list(SHARED_UPDATES))
 @pytest.mark.parametrize("layers", list(FUSED_ROWS_LAYERS))
 def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update, layers):
     """Shared blocks (with and without a bias) on the CPU backend take the fused C++ passes
@@ -521,7 +580,7 @@ def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update, lay
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     ends = []
-    options = {} if update == "default" else dict(PAPER, lr=0.02, damping=0.05)
+    options = SHARED_UPDATES[update]
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
         modules = []
@@ -543,12 +602,12 @@ def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update, lay
     torch.testing.assert_close(ends[0], ends[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("update", ["default", "paper"])
+@pytest.mark.parametrize("update", list(SHARED_UPDATES))
 def test_a_block_on_either_gemm_library_steps_as_the_torch_path(update, gemm_library):
     """A 513-wide exact block (64 rows) whose GEMMs run on oneDNN (where the paper's update goes
     through U instead of addmm_) or on MKL's mm ends 6 steps where the torch backend's plain
     GEMMs do, to float32 rounding."""
-    options = {} if update == "default" else dict(PAPER, lr=0.02, damping=0.05)
+    options = SHARED_UPDATES[update]
     ends = []
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
@@ -619,6 +678,13 @@ CONFIGS = {
     "relative": dict(graft="none", damping_mode="relative", damping=0.3, lr=1e-5),
     "graft-chunk": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
                         large_linear="chunk", max_block_size=16),
+    # One pass per step at the previous step's ratios: beta1 = 0.5 lags from step 3 on (the
+    # warm-up, ceil(1 / (1 - beta1))), but at the refactors (steps 4, 7, 10).
+    "graft-previous": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                           betas=(0.5, 0.999), graft_norms="previous"),
+    "graft-previous-coupled-wd": dict(graft="adam", damping_mode="absolute", lr=1e-2,
+                                      betas=(0.5, 0.999), weight_decay=0.01,
+                                      decoupled_weight_decay=False, graft_norms="previous"),
 }
 
 
@@ -644,7 +710,8 @@ def test_optimizer_matches_dense_reference(backend, config):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("config", ["graft", "graft-relative-decoupled", "graft-coupled-wd",
-                                    "relative", "paper"])
+                                    "graft-previous", "graft-previous-coupled-wd", "relative",
+                                    "paper"])
 def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, monkeypatch):
     """On the CPU a step whose units all step alike runs every bucket in one C++ call
     (BoundBuckets: grafted, a measuring pass, the units' ratios and a writing pass; the paper's
@@ -655,12 +722,12 @@ def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, mon
     and ends where the original ends."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
-    from mbf_kernels.optim import buckets
+    from mbf_kernels.optim.bound import BoundBuckets
     taken = []
-    bound_step = buckets.BoundBuckets.step
-    monkeypatch.setattr(buckets.BoundBuckets, "step",
-                        lambda self, group, flags, k: (taken.append(k),
-                                                       bound_step(self, group, flags, k)))
+    bound_step = BoundBuckets.step
+    monkeypatch.setattr(BoundBuckets, "step",
+                        lambda self, group, flags, k, lagged: (
+                            taken.append(k), bound_step(self, group, flags, k, lagged)))
     X, Y = _data(dtype)
 
     def train(model, opt, steps):
@@ -696,7 +763,7 @@ def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, mon
     assert (ends[0] - _flat(_net(dtype))).abs().max() > 1e-3  # the run moved
     before = len(taken)
     train(twin_model, twin, range(8, 12))
-    assert taken[before:] == [9] and isinstance(twin._plans[0].bound, buckets.BoundBuckets)
+    assert taken[before:] == [9] and isinstance(twin._plans[0].bound, BoundBuckets)
     assert twin._plans[0].bound is not opt._plans[0].bound
     assert torch.equal(_flat(twin_model), ends[0])
 
@@ -727,11 +794,13 @@ def test_grafted_first_step_is_as_long_as_adamw_per_unit():
             assert cos < 0.999, unit
 
 
+@pytest.mark.parametrize("graft_norms", ["current", "previous"])
 @pytest.mark.parametrize("backend", ["torch"] + compiled_backends(covering=17))
-def test_graft_with_relative_damping_is_invariant_to_the_loss_scale(backend):
+def test_graft_with_relative_damping_is_invariant_to_the_loss_scale(backend, graft_norms):
     """Scaling the loss by 1e4 scales every gradient, curvature and damping alike: with graft
-    and relative damping (and eps far below the gradients) the trajectory is the same; the
-    paper's absolute damping is not (its effective step lr / damping changes)."""
+    and relative damping (and eps far below the gradients) the trajectory is the same, the
+    lagged graft's (beta1 = 0.5: from step 3) too; the paper's absolute damping is not (its
+    effective step lr / damping changes)."""
     def run(scale, **opts):
         model = _net()
         _train(model, mk.MBF.from_model(model, backend=backend, curvature_update_freq=2,
@@ -739,7 +808,10 @@ def test_graft_with_relative_damping_is_invariant_to_the_loss_scale(backend):
                loss_scale=scale)
         return _flat(model)
 
-    grafted = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2)
+    grafted = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                   graft_norms=graft_norms)
+    if graft_norms == "previous":
+        grafted["betas"] = (0.5, 0.999)
     torch.testing.assert_close(run(1e4, **grafted), run(1.0, **grafted), rtol=1e-7, atol=1e-9)
     paper = dict(lr=1e-3, damping=0.1, **PAPER)
     assert (run(1e4, **paper) - run(1.0, **paper)).abs().max() > 1e-2
@@ -769,19 +841,50 @@ def test_nan_gradient_in_one_block_stays_in_that_block(backend):
     assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if n != "conv.weight")
 
 
-def test_grafted_state_round_trips_and_resumes_identically():
+@pytest.mark.parametrize("graft_norms", ["current", "previous"])
+def test_grafted_state_round_trips_and_resumes_identically(graft_norms):
+    """Saved after step 4 (a refactor), resumed: steps 5 and 6 (one pass each with
+    graft_norms="previous", at the saved ratios) and 7 end where the uninterrupted run ends."""
+    options = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                   betas=(0.5, 0.999), curvature_update_freq=2, inverse_update_freq=3,
+                   graft_norms=graft_norms)
     a = _net()
-    opt_a = mk.MBF.from_model(a, graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
-                              curvature_update_freq=2, inverse_update_freq=3)
+    opt_a = mk.MBF.from_model(a, **options)
     _train(a, opt_a, 4)
     b = copy.deepcopy(a)
-    opt_b = mk.MBF.from_model(b, graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
-                              curvature_update_freq=2, inverse_update_freq=3)
-    opt_b.load_state_dict(opt_a.state_dict())
-    assert any("exp_avg_sq" in s for s in opt_a.state_dict()["state"].values())
+    opt_b = mk.MBF.from_model(b, **options)
+    saved = opt_a.state_dict()
+    opt_b.load_state_dict(saved)
+    assert any("exp_avg_sq" in s for s in saved["state"].values())
+    # every unit (5 here) saves its last ratio
+    units = [s for s in saved["state"].values() if "block_layout" in s]
+    assert len(units) == 5 and all("graft_ratio" in s for s in units)
     _train(a, opt_a, 3)
     _train(b, opt_b, 3)
     assert torch.equal(_flat(a), _flat(b))
+
+
+def test_lagged_graft_measures_again_where_a_load_brought_no_ratio():
+    """A state saved without the ratios (by an earlier version) resumes with a step that
+    measures its own: the same step, bit for bit, as graft_norms="current" takes."""
+    options = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                   betas=(0.5, 0.999), curvature_update_freq=2, inverse_update_freq=3)
+    a = _net()
+    opt = mk.MBF.from_model(a, **options)
+    _train(a, opt, 4)
+    saved = opt.state_dict()
+    assert all(s.pop("graft_ratio", None) is not None for s in saved["state"].values()
+               if "block_layout" in s)
+    ends = []
+    for graft_norms in ("previous", "current"):
+        b = copy.deepcopy(a)
+        opt_b = mk.MBF.from_model(b, **options, graft_norms=graft_norms)
+        opt_b.load_state_dict(saved)
+        assert not opt_b._plans[0].graft_ready
+        _train(b, opt_b, 1)
+        assert opt_b._plans[0].graft_ready
+        ends.append(_flat(b))
+    assert torch.equal(ends[0], ends[1])
 
 
 def test_exact_shared_blocks_resume_bit_for_bit_in_float32():

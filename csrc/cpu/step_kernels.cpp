@@ -114,7 +114,9 @@ inline void stream_fence() {
 // (g + wd p even at wd = 0, as the reference: a non-finite p then reaches m, as it should).
 inline bool needs_p(const StepConfig& cfg) { return cfg.write || !cfg.decoupled_weight_decay; }
 // A grafted step's writing pass: p moves by the stored direction (no g, m, v or factor read).
-inline bool applies_direction(const StepConfig& cfg) { return cfg.write && cfg.graft; }
+inline bool applies_direction(const StepConfig& cfg) {
+  return cfg.write && cfg.graft && !cfg.lagged;
+}
 
 template <typename T>
 int64_t count_lanes(const M<T>& mask, int cnt) {
@@ -281,7 +283,8 @@ struct CompactTile {
     const T lr = static_cast<T>(cfg.lr);
     const Elementwise op(cfg);
     // This sub-tile's direction rows (compact: d rows of kCompactTile per tile).
-    T* direction = cfg.graft ? tiles.directions + t * n * kCompactTile + u : nullptr;
+    T* direction = cfg.graft && !cfg.lagged ? tiles.directions + t * n * kCompactTile + u
+                                            : nullptr;
     if (apply) {
       if (!flat_blocks) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
       load_compact<T>(direction, n, x.data());
@@ -304,7 +307,9 @@ struct CompactTile {
     }
     for (int e = 0; e < n; ++e) x[e] = mv[e];
     solve(Lc);
-    if (cfg.graft) {  // the measuring pass: m, v, u and the norms stored, p untouched
+    // The measuring pass: m, v, u and the norms stored, p untouched; lagged, the norms, m and
+    // v stored and p moved by u at the previous step's ratio (no direction stream).
+    if (cfg.graft) {
       const V<T> zero = lanes::splat<V<T>>(T(0));
       const T eps = static_cast<T>(cfg.eps);
       V<T> su = zero, sa = zero;
@@ -320,6 +325,14 @@ struct CompactTile {
       T* out = tiles.norms + t * 2 * kCompactTile + u;
       std::memcpy(out, &su, sizeof(V<T>));
       std::memcpy(out + kCompactTile, &sa, sizeof(V<T>));
+      if (cfg.lagged) {
+        if (!flat_blocks) {
+          scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
+          scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
+        }
+        move_params(s, b0, cnt, op, lr * tiles.scale[t], flat_blocks);
+        return;
+      }
       if (cfg.stream_directions) stream_compact<T>(x.data(), n, direction);
       else store_compact<T>(x.data(), n, direction);
       if (flat_blocks) return;  // m and v were stored in place

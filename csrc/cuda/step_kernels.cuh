@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kStepThreads)
         block_vector<T>(seg.m, seg.m_tail, b, seg.row_stride, seg.width),
         compact_entries<T>(F, state_block, d), compact_entries<FT>(L, state_block, d), d, c,
         seg.flags.update_curvature, seg.flags.first_curvature, seg.flags.refactor, ex);
-  } else if (c.graft && !c.write && b < ((seg.n_blocks + kCompactTile - 1) /
+  } else if (c.graft && (!c.write || c.lagged) && b < ((seg.n_blocks + kCompactTile - 1) /
                                                        kCompactTile) * kCompactTile) {
     // Padding blocks of the segment's last tile: zero norms, as on the other backends.
     const int64_t state_block = seg.tile_offset * kCompactTile + b;

@@ -66,6 +66,7 @@ class TrainConfig:
     inverse_update_freq: int = MBF_DEFAULTS["inverse_update_freq"]
     mbf_backend: str = "auto"
     factor_dtype: str = MBF_DEFAULTS["factor_dtype"]  # mbf's and mbf_true's factor storage
+    graft_norms: str = MBF_DEFAULTS["graft_norms"]  # mbf's and mbf_true's graft ratios
     lr_milestones: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     tune: bool = False
@@ -93,7 +94,7 @@ def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module,
     return MBF.from_model(model, lr=lr, damping=cfg.damping, weight_decay=cfg.weight_decay,
                           fisher=fisher, curvature_update_freq=cfg.curvature_update_freq,
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend,
-                          factor_dtype=cfg.factor_dtype)
+                          factor_dtype=cfg.factor_dtype, graft_norms=cfg.graft_norms)
 
 
 def _make_mbf_true(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -19,7 +19,7 @@ from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_til
 from ..reference import relative_damping
 from .blocks import Unit
 from .fsdp import LocalShards
-from .options import bfloat16_factor, momentum_coef
+from .options import bfloat16_factor, graft_lag_warmup, momentum_coef
 from .shared import SharedSet
 from .shared_block import SharedBlock
 
@@ -100,11 +100,54 @@ class GroupPlan:
     shards: LocalShards | None = None  # FSDP2: the local shards stepped, the mesh's group
     # The buckets bound to one C++ call for the step's common case (at first use; False: this
     # plan does not qualify). Rebuilt in a copy: its tensors are the original's.
-    bound: "BoundBuckets | bool | None" = None
+    bound: object = None  # bound.BoundBuckets | bool | None
+    # graft_norms="previous": per unit, whether its tiles' tile_scale holds a measured ratio
+    # (a grafted step measured it; not after a load, which does not save the ratios), and
+    # whether every unit's does.
+    graft_measured: list[bool] = field(default_factory=list)
+    graft_ready: bool = False
 
     def __post_init__(self) -> None:
         if self.all_units is None:
             self.all_units = self.units
+        self.forget_graft_ratios()
+
+    def forget_graft_ratios(self) -> None:
+        """Mark every unit's graft ratio unmeasured (a new plan, a load)."""
+        self.graft_measured = [False] * len(self.units)
+        self.graft_ready = not self.units
+
+    def lags_graft(self, group: dict, flags: dict[int, int], steps: dict[int, int]) -> bool:
+        """Whether this step of the buckets grafts in one pass at the previous step's ratios
+        (``graft_norms="previous"``, docs/options.md): every stepping unit has a measured
+        ratio and is past :func:`graft_lag_warmup`, and none refactors (a new factor changes
+        |u|: that step measures its own ratios, in two passes, one step in T2)."""
+        if group["graft"] != "adam" or group["graft_norms"] != "previous":
+            return False
+        if min(steps.values()) <= graft_lag_warmup(group):
+            return False
+        if any(f & REFACTOR for f in flags.values()):
+            return False
+        return self.graft_ready or all(measured or id(u) not in flags
+                                       for u, measured in zip(self.units, self.graft_measured))
+
+    def graft_ratios(self, unit: Unit) -> list[Tensor]:
+        """Where ``unit``'s last graft ratio is kept: the views of the buckets' ``tile_scale``
+        over its tiles (none before :func:`plan_unit_reductions`), or its shared block's entry
+        of :attr:`SharedSet.ratios`; all hold the same value."""
+        for s in self.shared:
+            for i, b in enumerate(s.blocks):
+                if b.unit is unit:
+                    return [s.ratios[i:i + 1]]
+        return [b.tile_scale[tile0:tile0 + n_tiles(seg.n_blocks)] for b in self.buckets
+                if b.tile_scale is not None for u, seg, tile0 in b.entries if u is unit]
+
+    def graft_measured_now(self, flags: dict[int, int]) -> None:
+        """Record that a grafted step measured the ratios of the units in ``flags``."""
+        if not self.graft_ready:
+            self.graft_measured = [m or id(u) in flags
+                                   for u, m in zip(self.units, self.graft_measured)]
+            self.graft_ready = all(self.graft_measured)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "bound": None}
@@ -230,81 +273,6 @@ def static_segments(bucket: Bucket, params: list[Tensor], index: dict[int, int]
             for unit, seg, tile0 in bucket.entries]
 
 
-class BoundBuckets:
-    """A group's buckets bound once to the C++ ``BoundBuckets`` (CPU), which steps all of them
-    in one call when every unit steps alike (flags, step count) and every gradient is dense,
-    contiguous and of its parameter's dtype: the step :func:`step_buckets` takes then, without
-    the per-bucket argument lists and per-parameter checks that were 0.3 of a ResNet-32's
-    0.7 ms step. ``params`` are the buckets' distinct tensors; ``others`` the group's other
-    parameters (the shared blocks'), whose gradients Python checks."""
-
-    def __init__(self, group: dict, plan: GroupPlan, state: dict) -> None:
-        index: dict[int, int] = {}
-        self.params: list[Tensor] = []
-        segments, counts = [], []
-        for b in plan.buckets:
-            b.step_function(group["backend"])  # its stats
-            # tensors numbered across the group's buckets: one list for the whole call
-            segments += [f for _, fields in static_segments(b, self.params, index)
-                         for f in fields]
-            counts.append(len(b.entries))
-        self.others = [p for u in plan.all_units for p in u.params if id(p) not in index]
-        # The grafted step's tensors, where the plan has them (graft="adam" at construction).
-        self.graft = all(SECOND_MOMENT in state[p] for p in self.params)
-        graft = []
-        if self.graft:
-            for b in plan.buckets:
-                if b.directions is None:
-                    b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype,
-                                               device=b.device)
-                graft += [b.directions, b.tile_norms, b.tile_scale, b.tile_unit, b.entry_tiles,
-                          b.entry_unit]
-        self.relative = plan.buckets[0].tile_damping is not None
-        self.op = torch.classes.mbf_kernels.BoundBuckets(
-            self.params, [state[p][MOMENTUM] for p in self.params],
-            [state[p][SECOND_MOMENT] for p in self.params] if self.graft else [],
-            *([getattr(b, name) for b in plan.buckets]
-              for name in ("curvature", "factor", "stats")),
-            graft, [b.tile_damping for b in plan.buckets] if self.relative else [],
-            segments, counts, len(plan.units) + 1)
-
-    @staticmethod
-    def of(group: dict, plan: GroupPlan, state: dict, flags: int,
-           fisher: dict[Tensor, Tensor]) -> "BoundBuckets | None":
-        """The plan's bound buckets (built at their first use) where they serve this step:
-        None for buckets not all on the CPU's C++ ops in one dtype, parameters of another dtype
-        (stepped in float32 copies), sharded or FSDP2 plans (whose units and reductions span
-        ranks), sampled gradients, relative damping's refactor (its sums run in torch), and a
-        grafted step without the grafted state."""
-        if plan.bound is None:
-            b0 = plan.buckets[0] if plan.buckets else None
-            ok = (b0 is not None and plan.shards is None and plan.sync is None
-                  and all(cpu_ops(group, b.device) and b.dtype == b0.dtype
-                          for b in plan.buckets)
-                  and all(p.dtype == b0.dtype for u in plan.units for p in u.params))
-            plan.bound = BoundBuckets(group, plan, state) if ok else False
-        bound = plan.bound
-        relative = group["damping_mode"] == "relative"
-        if (not bound or (fisher and group["fisher"] == "true")
-                or (relative and (flags & REFACTOR or not bound.relative))
-                or (group["graft"] == "adam" and not bound.graft)):
-            return None
-        return bound
-
-    def bind(self) -> bool:
-        """Whether this step's gradients qualify (kept in the C++ object for :meth:`step`),
-        the others' too: present, dense, real."""
-        return (all(g is not None and g.layout == torch.strided and not g.is_complex()
-                    for g in (p.grad for p in self.others))
-                and self.op.bind([p.grad for p in self.params]))
-
-    def step(self, group: dict, flags: int, step: int) -> None:
-        self.op.step(flags, step, group["lr"], momentum_coef(group), group["beta"],
-                     group["damping"], group["weight_decay"], group["decoupled_weight_decay"],
-                     group["betas"][1], group["eps"], group["damping_mode"] == "relative",
-                     group["graft"] == "adam")
-
-
 def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], steps: dict[int, int],
                 state: dict, fisher: dict[Tensor, Tensor]) -> BucketCall | None:
     """This step's arguments of the bucket op, or None when no unit of it has a gradient.
@@ -367,28 +335,30 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
                                          segments[_FLAGS_FIELD::SEGMENT_FIELDS]):
         return
     graft = bool(mode & StepMode.GRAFT)
-    if graft and b.directions is None:
+    if graft and not mode & StepMode.LAGGED and b.directions is None:  # (the two passes')
         b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype, device=b.device)
     b.step_function(group["backend"])(
         call.params, call.grads if grads is None else grads, call.momenta, b.curvature,
         b.factor, b.stats, segments, lr=group["lr"], momentum_coef=momentum_coef(group),
         beta=group["beta"], damping=group["damping"], weight_decay=group["weight_decay"],
         decoupled_weight_decay=group["decoupled_weight_decay"],
-        second_moments=call.second_moments if mode == StepMode.GRAFT else [],
+        second_moments=call.second_moments if mode.measures else [],
         tile_damping=b.tile_damping if group["damping_mode"] == "relative" else None,
         tile_scale=b.tile_scale if graft else None, tile_norms=b.tile_norms if graft else None,
         directions=b.directions, beta2=group["betas"][1], eps=group["eps"], mode=mode)
 
 
 def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dict[int, int],
-                 state: dict, fisher: dict[Tensor, Tensor]) -> None:
+                 state: dict, fisher: dict[Tensor, Tensor], lagged: bool = False) -> None:
     """The step of every bucket of a group: one pass of the fused op per bucket (the paper's
     update); with MBF-True, a refresh-only pass first on refresh steps, from the sampled
     gradients; with relative damping, a refresh-only pass before the refactor (the damping is a
     fraction of the refreshed curvature); with grafting, a measuring pass (m, v and MBF's
     direction stored; the norms of MBF's and Adam's directions per block, reduced to units on
-    the device) before the pass that moves the parameters by the stored directions. Passes
-    after the first refresh no longer refresh, nor after the refactor refactor."""
+    the device) before the pass that moves the parameters by the stored directions, or
+    (``lagged``, :meth:`GroupPlan.lags_graft`) one pass that measures and moves the parameters
+    at the previous step's ratios, then this step's ratios for the next. Passes after the
+    first refresh no longer refresh, nor after the refactor refactor."""
     calls = [c for c in (bucket_call(group, b, flags, steps, state, fisher)
                          for b in plan.buckets) if c]
     if not calls:
@@ -404,16 +374,20 @@ def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dic
         _relative_damping(group, plan, calls)
         everything = REFACTOR
     mode = StepMode.WRITE
-    if group["graft"] == "adam":
+    if group["graft"] == "adam" and not lagged:
         for call in calls:
             run_pass(group, call, StepMode.GRAFT, everything)
         _graft_scales(group, plan, calls)
         everything = 0
         mode = StepMode.WRITE | StepMode.GRAFT
+    elif lagged:
+        mode = StepMode.WRITE | StepMode.GRAFT | StepMode.LAGGED
     for call in calls:
         run_pass(group, call, mode, everything)
         for p, work in call.staged:
             p.copy_(work)
+    if lagged:
+        _graft_scales(group, plan, calls)  # the next step's
 
 
 def _unit_sums(plan: GroupPlan, calls: list[BucketCall], values) -> Tensor:

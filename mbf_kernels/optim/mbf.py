@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from ..layout import COMPACT_TILE, n_tiles
 from ..packed import tril_size
 from .blocks import ModuleRoles, Unit, module_roles, plan_group
+from .bound import BoundBuckets
 from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, Bucket,
-                      BoundBuckets, GroupPlan, plan_unit_reductions, step_buckets)
+                      GroupPlan, plan_unit_reductions, step_buckets)
 from .fisher import FisherCapture
 from .fsdp import global_rows, local_roles, local_shards
 from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, momentum_coef, prepare_group,
@@ -191,18 +192,22 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         all_flags = [self._unit_flags(g, plan, fisher)
                      for g, plan in zip(self.param_groups, self._plans)]
         for group, plan, (flags, steps, bound) in zip(self.param_groups, self._plans, all_flags):
+            # graft_norms="previous": one decision for the group's buckets and shared blocks
+            lagged = bool(flags) and plan.lags_graft(group, flags, steps)
             if bound is None:
-                step_buckets(group, plan, flags, steps, self.state, fisher)
+                step_buckets(group, plan, flags, steps, self.state, fisher, lagged)
             else:
                 k = steps[id(plan.all_units[0])]
-                bound.step(group, flags[id(plan.all_units[0])], k)
+                bound.step(group, flags[id(plan.all_units[0])], k, lagged)
             for shared in plan.shared:
                 active = [i for i, b in enumerate(shared.blocks) if id(b.unit) in flags]
                 if active:
                     units = [shared.blocks[i].unit for i in active]
                     shared.step(group, momentum_coef(group), active,
                                 [flags[id(u)] for u in units], [steps[id(u)] for u in units],
-                                fisher)
+                                fisher, lagged)
+            if group["graft"] == "adam" and flags:
+                plan.graft_measured_now(flags)
             if bound is not None:  # every unit stepped (to k)
                 for st in plan.unit_states:
                     st[STEP] = k

@@ -21,11 +21,15 @@ from .precision import MATMUL
 from .sharding import SHARD
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
-           "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
-           "prepare_group", "momentum_coef", "state_dtype", "bfloat16_factor"]
+           "GRAFT_NORMS", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
+           "prepare_group", "momentum_coef", "state_dtype", "bfloat16_factor",
+           "graft_lag_warmup"]
 
 #: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
 GRAFT = ("none", "adam")
+#: Which step's per-unit norms scale a grafted step (GroupPlan.lags_graft): this step's (two
+#: passes over the buckets) or the previous step's (one pass; docs/options.md).
+GRAFT_NORMS = ("current", "previous")
 DAMPING_MODE = ("absolute", "relative")
 FISHER = ("empirical", "true")
 #: How a float32 bucket stores its factor (:func:`bfloat16_factor`): "auto" (bfloat16 under
@@ -66,6 +70,7 @@ class MBFOptions:
     conv1x1: str = "conv"  # "conv" | "row"
     backend: str = "auto"  # "auto" | "cpu" | "cuda" | "triton" | "torch"
     graft: str = "adam"  # "adam" | "none"
+    graft_norms: str = "current"  # "current" | "previous": whose per-unit norms scale a step
     damping_mode: str = "relative"  # "relative" | "absolute"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -102,6 +107,7 @@ class MBFOptions:
         for name, choices in (("large_linear", LARGE_LINEAR), ("shared_matmul", MATMUL),
                               ("conv1x1", CONV1X1),
                               ("backend", CHOICES), ("graft", GRAFT),
+                              ("graft_norms", GRAFT_NORMS),
                               ("damping_mode", DAMPING_MODE), ("fisher", FISHER),
                               ("factor_dtype", FACTOR_DTYPE)):
             if getattr(self, name) not in choices:
@@ -157,6 +163,15 @@ def prepare_group(group: dict) -> None:
 def momentum_coef(group: dict) -> float:
     """The heavy-ball coefficient: AdamW's beta1 when grafting from Adam."""
     return group["betas"][0] if group["graft"] == "adam" else group["momentum"]
+
+
+def graft_lag_warmup(group: dict) -> int:
+    """The steps after which ``graft_norms="previous"`` may lag: the momentum's memory,
+    ceil(1 / (1 - beta1)) (10 at AdamW's 0.9). A younger unit's m is mostly its last few
+    gradients, and consecutive steps' ratios |a| / |u| measured 10-25x apart at step 2 (the
+    momentum then leaves the one gradient the first factor was built from) and up to 2x until
+    step 10, against at most 1.5x after (bench/RESULTS.md, "A one-pass grafted step")."""
+    return math.ceil(1 / (1 - group["betas"][0]))
 
 
 def bfloat16_factor(group: dict) -> bool:

@@ -17,8 +17,8 @@ from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
 from ..layout import cholesky_from_factor, factor_from_cholesky
 from ..reference import relative_damping
-from .options import (DEFAULTS, bfloat16_factor, momentum_coef, prepare_group, state_dtype,
-                      validate_group)
+from .options import (DEFAULTS, bfloat16_factor, graft_lag_warmup, momentum_coef,
+                      prepare_group, state_dtype, validate_group)
 
 
 class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
@@ -91,9 +91,17 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
                 loss = closure()
         fisher = self._take_fisher_grads()
         for group, units in zip(self.param_groups, self._units):
-            for unit in units:
-                if any(p.grad is not None for p in unit.params):
-                    self._step_unit(group, unit, fisher)
+            stepping = [u for u in units if any(p.grad is not None for p in u.params)]
+            # graft_norms="previous": every unit steps at the ratio its previous step measured,
+            # unless a unit of the group refactors at this step, is within its first
+            # graft_lag_warmup steps or has no ratio yet (then every unit measures its own).
+            t2, warmup = group["inverse_update_freq"], graft_lag_warmup(group)
+            lagged = (group["graft"] == "adam" and group["graft_norms"] == "previous"
+                      and all(self.state[u.params[0]]["step"] % t2 != 0
+                              and self.state[u.params[0]]["step"] >= warmup for u in stepping)
+                      and all("graft_ratio" in self.state[u.params[0]] for u in stepping))
+            for unit in stepping:
+                self._step_unit(group, unit, fisher, lagged)
         return loss
 
     def _refreshes_next(self, group: dict) -> bool:
@@ -101,7 +109,24 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
         return any(self.state[u.params[0]]["step"] % group["curvature_update_freq"] == 0
                    for u in units)
 
-    def _step_unit(self, group: dict, unit, fisher: dict) -> None:
+    def _graft_ratio(self, group: dict, unit, ms: list[Tensor], Us: list[Tensor], k: int):
+        """|a| / |u| over the unit (0 where |u| = 0): Adam's direction a = m_hat / (sqrt(v_hat)
+        + eps), m_hat = (1 - beta1) m / (1 - beta1^k), v_hat = v / (1 - beta2^k); blocks (rows of
+        a shared block) whose |u|^2 or |a|^2 is not finite are left out of both norms."""
+        b1, b2 = momentum_coef(group), group["betas"][1]
+        vs = [self.state[p]["exp_avg_sq"] for p in unit.params]
+        su = sa = 0.0
+        for seg, U in zip(unit.segments, Us):
+            m_hat = (1 - b1) * seg.rows(ms) / (1 - b1 ** k)
+            v_hat = seg.rows(vs) / (1 - b2 ** k)
+            A = m_hat / (v_hat.sqrt() + group["eps"])
+            u2, a2 = (U * U).sum(1), (A * A).sum(1)
+            ok = torch.isfinite(u2) & torch.isfinite(a2)
+            su = su + torch.where(ok, u2, 0).sum()
+            sa = sa + torch.where(ok, a2, 0).sum()
+        return torch.where(su > 0, (sa / su).sqrt(), 0.0) if torch.is_tensor(su) else 0.0
+
+    def _step_unit(self, group: dict, unit, fisher: dict, lagged: bool = False) -> None:
         lr, rho, beta = group["lr"], momentum_coef(group), group["beta"]
         wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
         t1, t2 = group["curvature_update_freq"], group["inverse_update_freq"]
@@ -159,23 +184,11 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
                 Us.append(torch.cholesky_solve(M.mT, L).mT)
             else:
                 Us.append(torch.cholesky_solve(M[:, :, None], L)[:, :, 0])
-        # Grafting: u's length per unit becomes that of Adam's direction a = m_hat / (sqrt(v_hat)
-        # + eps), m_hat = (1 - beta1) m / (1 - beta1^k), v_hat = v / (1 - beta2^k); blocks (rows
-        # of a shared block) whose |u|^2 or |a|^2 is not finite are left out of both norms.
         scale = 1.0
-        if graft:
-            b1, b2 = rho, group["betas"][1]
-            vs = [self.state[p]["exp_avg_sq"] for p in unit.params]
-            su = sa = 0.0
-            for seg, U in zip(unit.segments, Us):
-                m_hat = (1 - b1) * seg.rows(ms) / (1 - b1 ** k)
-                v_hat = seg.rows(vs) / (1 - b2 ** k)
-                A = m_hat / (v_hat.sqrt() + group["eps"])
-                u2, a2 = (U * U).sum(1), (A * A).sum(1)
-                ok = torch.isfinite(u2) & torch.isfinite(a2)
-                su = su + torch.where(ok, u2, 0).sum()
-                sa = sa + torch.where(ok, a2, 0).sum()
-            scale = torch.where(su > 0, (sa / su).sqrt(), 0.0) if torch.is_tensor(su) else 0.0
+        if graft:  # graft_norms="previous" steps at the ratio measured last
+            measured = self._graft_ratio(group, unit, ms, Us, k)
+            scale = st["graft_ratio"] if lagged else measured
+            st["graft_ratio"] = measured
         # Step 6: p = p - alpha u (- alpha gamma p, decoupled), from the pre-step p.
         for seg, U in zip(unit.segments, Us):
             P = seg.rows(ps)

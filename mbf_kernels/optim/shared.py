@@ -100,6 +100,8 @@ class SharedSet:
         # Each block's rows, and the block of each row: grafting sums its rows' norms per block.
         self.block_rows = torch.tensor(row_counts, dtype=torch.int64, device=device)
         self.block_index = torch.arange(len(self.blocks), device=device)
+        # Each block's last measured graft ratio |a| / |u| (graft_norms="previous" steps by it)
+        self.ratios = torch.zeros(len(self.blocks), dtype=dtype, device=device)
         self._row_params_of: dict[tuple[int, ...], tuple[list[Tensor], list[int]]] = {}
         self.row_block = torch.repeat_interleave(
             self.block_index, self.block_rows,
@@ -126,9 +128,11 @@ class SharedSet:
         return [tuple(r) for r in out]
 
     def step(self, group: dict, momentum_coef: float, active: list[int], flags: list[int],
-             steps: list[int], fisher: dict[Tensor, Tensor]) -> None:
+             steps: list[int], fisher: dict[Tensor, Tensor], lagged: bool = False) -> None:
         """One step of the blocks ``active`` (indices, ascending), each with its segment flags
-        and its unit's step count (this step's, from 1)."""
+        and its unit's step count (this step's, from 1); ``lagged``: grafted at each block's
+        previous ratio (:attr:`ratios`, GroupPlan.lags_graft), this step's stored for the
+        next."""
         graft = group["graft"] == "adam"
         lr, wd = group["lr"], group["weight_decay"]
         decoupled = group["decoupled_weight_decay"]
@@ -144,7 +148,7 @@ class SharedSet:
             for b in refactoring:
                 self._refactor(group, b)
         decay = 1 - lr * wd if decoupled else 1.0
-        if graft and self._exact_step_fused(group, active, steps, momentum_coef, decay):
+        if graft and self._exact_step_fused(group, active, steps, momentum_coef, decay, lagged):
             return
         # The direction d = g (+ wd p, coupled; a missing gradient counts as 0), into momentum
         # and Adam's v, parameter by parameter through the row buffers' views.
@@ -157,11 +161,13 @@ class SharedSet:
             dirs += [wd * params[i] for i in no_grad]
             has_grad += no_grad
         # On the CPU: m (v and Adam's row norms, grafted) in one pass per block (None: not
-        # here); grafted, the decay joins the update's pass
-        rows = self._rows_fused(group, active, steps, momentum_coef)
+        # here); grafted, the decay joins the update's pass. Lagged, a low-rank block's update
+        # joins its row pass too (at the coefficient from its previous ratio).
+        lag = self.ratios * -lr if graft and lagged else None
+        rows = self._rows_fused(group, active, steps, momentum_coef, lag, decay)
         fused = rows is not None
-        adam_sq, m_sq, projections = ((rows[0][:, 0], rows[0][:, 1], rows[1]) if fused
-                                      else (None, None, {}))
+        adam_sq, m_sq, projections, updated = ((rows[0][:, 0], rows[0][:, 1], rows[1], rows[2])
+                                               if fused else (None, None, {}, set()))
         if not fused:
             _scale_add(m_views, has_grad, dirs, momentum_coef)
         if graft and not fused:
@@ -191,10 +197,13 @@ class SharedSet:
             lo, hi = self.row_starts[i], self.row_starts[i + 1]
             u_sq[lo:hi] = b.measure(None if m_sq is None else m_sq[lo:hi], matmul,
                                     projections.get(i))
-        coefs = self._graft_coefs(group, u_sq, adam_sq)
+        coefs = self._graft_coefs(group, u_sq, adam_sq, active, lagged)
         with shared_matmul(matmul, self.device):
             for i, b in zip(active, blocks):
-                b.update_in_place(coefs[i], decay, fused)
+                if i in updated:  # (its row pass moved it; its T served the norms only)
+                    b.projection = None
+                else:
+                    b.update_in_place(coefs[i], decay, fused)
 
     def _row_params(self, active: list[int]) -> tuple[list[Tensor], list[int]]:
         """Each block of ``active``'s weight, then its bias where it has one, in one list, and
@@ -231,7 +240,7 @@ class SharedSet:
         return grads
 
     def _exact_step_fused(self, group: dict, active: list[int], steps: list[int],
-                          beta1: float, decay: float) -> bool:
+                          beta1: float, decay: float, lagged: bool) -> bool:
         """A grafted step of exact blocks in one C++ call (``shared_graft_step_``), where the
         row passes apply and no FSDP2 sum intervenes; whether it ran. On the ReLU autoencoder
         (seven shared blocks) the step's Python and small torch calls had cost more than its
@@ -246,39 +255,54 @@ class SharedSet:
         beta2 = group["betas"][1]
         per_step = {k: graft_bias_corrections(beta1, beta2, k) for k in set(steps)}
         corrections = [per_step[k] for k in steps]
+        every = len(active) == len(self.blocks)
+        # (the active blocks' ratios: in with lagged, out always)
+        ratios = self.ratios if every else self.ratios[active]
         torch.ops.mbf_kernels.shared_graft_step_(
             [b.rows["momentum"] for b in blocks], [b.rows["second_moment"] for b in blocks],
             [b.rows["work"] for b in blocks], [b.inverse for b in blocks], params, grads, counts,
             [c1 / s2 for c1, s2 in corrections], [group["eps"] / s2 for _, s2 in corrections],
-            beta1, beta2, group["lr"], decay)
+            beta1, beta2, group["lr"], decay, ratios, lagged)
+        if not every:
+            self.ratios[active] = ratios
         return True
 
-    def _rows_fused(self, group: dict, active: list[int], steps: list[int],
-                    beta1: float) -> tuple[Tensor, dict[int, Tensor]] | None:
+    def _rows_fused(self, group: dict, active: list[int], steps: list[int], beta1: float,
+                    lag: Tensor | None = None, decay: float = 1.0
+                    ) -> tuple[Tensor, dict[int, Tensor], set[int]] | None:
         """The momentum update and, grafted, Adam's v and :meth:`_adam_row_squares` and |m_j|^2
         (rows, 2), and each projecting block's T = M V (by block index), in one pass per block
         over its rows (the C++ op ``graft_rows_``: 7 passes and a GEMM become 1), where
-        :meth:`_fused_grads` applies; None where not."""
+        :meth:`_fused_grads` applies; None where not. ``lag`` (the lagged graft's coefficient
+        per block): a projecting block's update ``decay p + coef u`` in the same pass (on
+        Linear(4096, 4096) its second pass over p and m had cost as much as the first); the
+        third element is the set of blocks so updated."""
         grads = self._fused_grads(group, active)
         if grads is None:
             return None
         dtype = self.flat["work"].dtype
         beta2 = group["betas"][1]
         sq = torch.zeros(self.row_block.shape[0], 2, dtype=dtype, device=self.device)
-        projections = {}
-        counts = self._row_params(active)[1]
+        projections, updated = {}, set()
+        params, counts = self._row_params(active)
         firsts = [sum(counts[:j]) for j in range(len(counts))]
         for i, k, first, count in zip(active, steps, firsts, counts):
             b = self.blocks[i]
             gw, gb = grads[first], (grads[first + 1] if count == 2 else None)
             c1, s2 = graft_bias_corrections(beta1, beta2, k)
             basis = b.lowrank.apply_basis_t.mT if b.projects else None  # V^T contiguous: no copy
+            update = {}
+            if lag is not None and b.projects:
+                update = dict(weight=params[first], bias=params[first + 1] if count == 2 else None,
+                              apply_weight=b.lowrank.apply_weight, decay=decay,
+                              coef=lag[i:i + 1])
+                updated.add(i)
             rows, projections[i] = torch.ops.mbf_kernels.graft_rows_(
                 b.rows["momentum"], b.rows.get("second_moment"), gw, gb, beta1, beta2,
-                group["eps"] / s2, basis)
+                group["eps"] / s2, basis, **update)
             rows[:, 0] *= (c1 / s2) ** 2
             sq[self.row_starts[i]:self.row_starts[i + 1]] = rows
-        return sq, {i: t for i, t in projections.items() if t.shape[1]}
+        return sq, {i: t for i, t in projections.items() if t.shape[1]}, updated
 
     def _adam_row_squares(self, group: dict, active: list[int], steps: list[int],
                           beta1: float) -> Tensor:
@@ -299,23 +323,32 @@ class SharedSet:
             sq[self.row_starts[first]:self.row_starts[end]] = norms.square() * (c1 / s2) ** 2
         return sq
 
-    def _graft_coefs(self, group: dict, u_sq: Tensor, adam_sq: Tensor) -> list[Tensor]:
+    def _graft_coefs(self, group: dict, u_sq: Tensor, adam_sq: Tensor, active: list[int],
+                     lagged: bool) -> list[Tensor]:
         """-lr * |a| / |u| per block (0 where |u| = 0), from the rows' squared norms: a row whose
-        u or a is not finite counts as 0, so that one bad row cannot spread to its layer."""
+        u or a is not finite counts as 0, so that one bad row cannot spread to its layer.
+        The ``active`` blocks' ratios are stored in :attr:`ratios`; ``lagged``: the coefficients
+        are from the ratios stored before (the previous step's)."""
         squares = torch.stack([u_sq, adam_sq])
         if self.reduce is None and dispatch.cpu_ops(group, self.device):  # one C++ call
             # (rows, 2, 1): each row a "tile" of one block, each block an entry of its rows
             scale = torch.ops.mbf_kernels.unit_ratios(
                 [squares.mT.contiguous()[:, :, None]], [self.block_rows],
                 [self.block_index], len(self.blocks))
-            return (scale * -group["lr"]).unbind()
-        squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
-        sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)
-        if self.reduce is not None:
-            self.reduce(sums)
-        su, sa = sums[0], sums[1]
-        scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(), 0)
-        return (scale * -group["lr"]).unbind()
+        else:
+            squares = torch.where(torch.isfinite(squares).all(0), squares, 0)
+            sums = squares.new_zeros(2, len(self.blocks)).index_add_(1, self.row_block, squares)
+            if self.reduce is not None:
+                self.reduce(sums)
+            su, sa = sums[0], sums[1]
+            scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(),
+                                0)
+        step_by = self.ratios.clone() if lagged else scale
+        if len(active) == len(self.blocks):
+            self.ratios.copy_(scale)
+        else:
+            self.ratios[active] = scale[active]
+        return (step_by * -group["lr"]).unbind()
 
     def _refresh(self, group: dict, b: SharedBlock, f: int, fisher: dict[Tensor, Tensor]) -> None:
         grads = [fisher.get(p) if group["fisher"] == "true" else p.grad

@@ -14,6 +14,9 @@ from .options import RUN_OPTIONS
 CURVATURE = "curvature"  # list, one (n_blocks, d(d+1)/2) packed tensor per segment
 FACTOR = "factor"  # same layout: packed L with its diagonal stored as 1 / L_ii
 LAYOUT = "block_layout"  # list of (kind, d, n_blocks) per segment, checked on load
+# graft_norms="previous": the unit's last measured graft ratio |a| / |u| (a 0-dim tensor), which
+# its next step's buckets scale by; absent where none was measured (the next step measures).
+GRAFT_RATIO = "graft_ratio"
 
 
 def _same_layout(got: list[tuple], want: list[tuple]) -> bool:
@@ -93,9 +96,12 @@ class CanonicalState:
             self.state = local_state
         index = self._param_index()
         for plan in self._plans:
-            for unit in plan.units:
+            for unit, measured in zip(plan.units, plan.graft_measured):
                 i = index[id(unit.params[0])]
                 entry = dict(sd["state"].get(i, {}))
+                scales = plan.graft_ratios(unit)
+                if measured and scales:
+                    entry[GRAFT_RATIO] = scales[0][0].clone()
                 curv, fac = [], []
                 blocks = self._block_state(unit, plan)
                 for kind, seg, C, L in blocks:
@@ -191,3 +197,18 @@ class CanonicalState:
                     # Padding blocks keep finite values (zeros), as on a fresh optimizer.
                     C.copy_(to_compact(c.to(C)))
                     L.copy_(to_compact(f.to(L)))
+        self._load_graft_ratios(saved, index)
+
+    def _load_graft_ratios(self, saved: dict, index: dict[int, int]) -> None:
+        """The units' saved graft ratios into the plans; a unit saved without one measures
+        its own at its next step (GroupPlan.lags_graft)."""
+        for plan in self._plans:
+            plan.forget_graft_ratios()
+            for pos, unit in enumerate(plan.units):
+                ratio = saved[index[id(unit.params[0])]].get(GRAFT_RATIO)
+                scales = plan.graft_ratios(unit)
+                if ratio is not None and scales:
+                    for view in scales:
+                        view.copy_(ratio.expand_as(view))
+                    plan.graft_measured[pos] = True
+            plan.graft_ready = all(plan.graft_measured)

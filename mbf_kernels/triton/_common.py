@@ -23,7 +23,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..layout import COMPACT_TILE, StepMode, compact_shape
+from ..layout import COMPACT_TILE, check_mode, compact_shape
 from ..limits import TRITON_MAX_D as MAX_D
 from ..limits import triton_autotune, triton_interpreted
 from ..packed import tril_dim
@@ -177,7 +177,7 @@ TABLES = DeviceTables()
 
 
 def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile_damping,
-                        tile_scale, tile_norms, directions, mode: StepMode) -> int:
+                        tile_scale, tile_norms, directions, mode: int) -> int:
     """The bucket op's tensor arguments checked against the curvature F: its block size d."""
     if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
         raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
@@ -225,11 +225,8 @@ def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile
             if tuple(t.shape) != shape or not t.is_contiguous():
                 raise ValueError(f"mbf_kernels triton: {name} must be a contiguous tensor "
                                  f"of shape {shape}, got {tuple(t.shape)}")
-    if mode & StepMode.GRAFT and (directions is None or (
-            tile_scale is None if mode & StepMode.WRITE else tile_norms is None)):
-        raise ValueError("mbf_kernels triton: a grafted step needs directions, and tile_norms "
-                         "to measure (mode 2) or tile_scale to write (mode 3)")
-    if mode == StepMode.GRAFT:
+    mode = check_mode("mbf_kernels triton", mode, tile_scale, tile_norms, directions)
+    if mode.measures:
         if len(second_moments) != len(params):
             raise ValueError(f"mbf_kernels triton: a grafted step needs one second moment "
                              f"per params tensor, got {len(second_moments)} for "

@@ -183,10 +183,10 @@ def _direction_entry(DIR, tile, lane, i, D: tl.constexpr):
 
 @triton.jit
 def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, direction, mom, u,
-                   D: tl.constexpr):
+                   D: tl.constexpr, STORE_U: tl.constexpr):
     """A grafted step's measuring pass (MBF_SPEC 3b) in the step kernel: Adam's v updated
     from the step's direction and stored, each block's [|u|^2, |a|^2] stored to TN (tiles, 2,
-    16) for the unit reductions and its u to DIR (tiles, D, 16)."""
+    16) for the unit reductions and, with STORE_U, its u to DIR (tiles, D, 16)."""
     dt = F.dtype.element_ty
     tile, lane = _tiles(row, blocks)
     v_ptr = F + tl.load(row + SEG_V)
@@ -213,15 +213,16 @@ def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, directi
     tl.store(TN + tile * 32 + lane, su.to(dt), mask=tile_mask)
     tl.store(TN + tile * 32 + 16 + lane, sa.to(dt), mask=tile_mask)
     _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
-    for i in tl.static_range(D):
-        tl.store(_direction_entry(DIR, tile, lane, i, D), u[i].to(dt), mask=mask)
+    if STORE_U:
+        for i in tl.static_range(D):
+            tl.store(_direction_entry(DIR, tile, lane, i, D), u[i].to(dt), mask=mask)
 
 
 @triton.jit
 def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
                         DECOUPLED: tl.constexpr, UPDATE_CURVATURE: tl.constexpr,
                         FIRST_CURVATURE: tl.constexpr, WRITE: tl.constexpr, GRAFT: tl.constexpr,
-                        D: tl.constexpr, BLOCK: tl.constexpr):
+                        LAGGED: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
     """One MBF step with the cached factor (and an optional curvature refresh) for the segments
     of a bucket that share this step's flags.
 
@@ -234,7 +235,9 @@ def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
     factorisations]. WRITE: the paper's pass, m and p stored. GRAFT (MBF_SPEC 3b, StepMode,
     mbf_kernels.reference.mbf_bucket_step_): the measuring pass, m and Adam's v stored, each
     block's [|u|^2, |a|^2] to TN (tiles, 2, 16) and u to DIR (tiles, D, 16). Both: the writing
-    pass, p moved by DIR scaled by TS (tiles,). Neither: the refresh alone.
+    pass, p moved by DIR scaled by TS (tiles,). Both and LAGGED: the grafted step in one pass,
+    the measuring pass's stores but u's, and p moved by u scaled by TS (the previous step's
+    ratios). Neither: the refresh alone.
     """
     T: tl.constexpr = D * (D + 1) // 2
     dt = F.dtype.element_ty
@@ -244,7 +247,7 @@ def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
     wd = _hyper(hyper, 4).to(dt)
     lr_wd = _hyper(hyper, 5).to(dt)
     state = compact_base(blocks + tl.load(row + SEG_TILE) * 16, T)
-    APPLY: tl.constexpr = WRITE and GRAFT  # a grafted step's writing pass: reads no g, m, v, L
+    APPLY: tl.constexpr = WRITE and GRAFT and not LAGGED  # the writing pass: no g, m, v, L
     if UPDATE_CURVATURE or not APPLY:
         g = _load_rows(F + tl.load(row + SEG_G), F + tl.load(row + SEG_GT), rows, blocks, mask,
                        has_tail, D)
@@ -286,8 +289,12 @@ def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
         _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
         if GRAFT:
             _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, direction, mom,
-                           u, D)
-        else:
+                           u, D, not LAGGED)
+        if LAGGED:
+            lr_u = lr * tl.load(TS + _tiles(row, blocks)[0], mask=mask, other=0.0)
+            _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
+                        _moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
+        elif not GRAFT:
             _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
                         _moved(p, u, lr, lr_wd, DECOUPLED, D), D)
 
@@ -360,12 +367,12 @@ class _StepLaunches:
                  checked: bool = False) -> None:
         F = self.F = curvature
         self.L, self.stats, self.decoupled = factor, stats, bool(decoupled_weight_decay)
-        mode = self.mode = StepMode(mode)
-        graft = mode == StepMode.GRAFT  # the measuring pass reads v
         # (checked: the caller owns the tensors, owned_bucket_step_)
         self.d = tril_dim(F.shape[1]) if checked else check_step_tensors(
             params, grads, momenta, F, factor, stats, second_moments, tile_damping, tile_scale,
             tile_norms, directions, mode)
+        mode = self.mode = StepMode(mode)
+        graft = mode.measures  # the passes that read v
         # Kept alive until the launches are queued (the caching allocator orders reuse after
         # them on the stream).
         self.grads = grads = [g.contiguous() for g in grads]
@@ -387,7 +394,7 @@ class _StepLaunches:
         refactor kernel (with the refresh) runs first."""
         block, warps = config
         meta = dict(D=self.d, BLOCK=block, num_warps=warps, num_stages=1)
-        write, graft = bool(self.mode & StepMode.WRITE), bool(self.mode & StepMode.GRAFT)
+        write, graft, lagged = (bool(self.mode & bit) for bit in StepMode)
         damping, scale, norms, directions = self.tiles
         for launch, scalars in zip(self.launches, self.scalars):
             flags, table, counts = launch.flags, launch.table, launch.counts
@@ -407,7 +414,7 @@ class _StepLaunches:
                                             len(counts), scale, norms, directions,
                                             DECOUPLED=self.decoupled,
                                             UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
-                                            WRITE=write, GRAFT=graft, **meta)
+                                            WRITE=write, GRAFT=graft, LAGGED=lagged, **meta)
 
 
 def _bucket_step(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],

@@ -74,10 +74,18 @@ struct StepConfig {
   bool decoupled_weight_decay;
   double beta2 = 0.999, eps = 1e-8;
   bool write = true, graft = false;
+  // With write and graft: the grafted step in one pass (StepMode.LAGGED): measure as the
+  // measuring pass (norms into StepTiles::norms, no direction stored) and move p by
+  // lr * StepTiles::scale, the previous step's ratios.
+  bool lagged = false;
   // CPU: the measuring pass writes the directions with non-temporal stores (a bucket larger
   // than the caches: see stream_compact in cpu/step_kernels.cpp).
   bool stream_directions = false;
 };
+
+// Whether a pass measures the graft's norms (and so reads and updates Adam's v): the measuring
+// pass, or the lagged one-pass step.
+inline bool measures_graft(const StepConfig& c) { return c.graft && (!c.write || c.lagged); }
 
 // Per compact tile of a bucket (index = tile), each optional (nullptr): `damping` replaces
 // StepConfig::damping at a refactor (relative damping), `scale` multiplies the update's lr

@@ -59,7 +59,7 @@ struct StepScalars {
   T lr, momentum, beta, one_minus_beta, damping, weight_decay, floor;
   bool decoupled;
   T beta2, one_minus_beta2, eps;
-  bool write, graft;
+  bool write, graft, lagged;
 };
 
 template <typename T>
@@ -67,7 +67,7 @@ inline StepScalars<T> step_scalars(const StepConfig& c) {
   const double floor = c.damping > 0 ? 1.0 / std::sqrt(c.damping) : 1.0;
   return {T(c.lr),          T(c.momentum),     T(c.beta), T(1.0 - c.beta),
           T(c.damping),     T(c.weight_decay), T(floor),  c.decoupled_weight_decay,
-          T(c.beta2),       T(1.0 - c.beta2),  T(c.eps),  c.write, c.graft};
+          T(c.beta2),       T(1.0 - c.beta2),  T(c.eps),  c.write, c.graft, c.lagged};
 }
 
 // What a block's step takes beyond the paper (StepConfig::graft, StepTiles): its damping at a
@@ -231,8 +231,9 @@ MBF_UNROLL
 }
 
 // The update once u = x holds (F + damping I)^{-1} m: m and p (the paper's pass), or, when
-// grafting (the measuring pass), Adam's direction, both norms, m, v and u stored. mv and vv
-// are the new momentum and second moment.
+// grafting (the measuring pass), Adam's direction, both norms, m, v and u stored (lagged: m, v
+// and the norms stored, p moved by u scaled by the previous step's ratio). mv and vv are the
+// new momentum and second moment.
 template <typename T, int D, typename Vec>
 MBF_HD void finish_block(const BlockVector<T>& p, const BlockVector<T>& m, const Vec& mv,
                          const Vec& vv, const Vec& x, int d, const StepScalars<T>& c,
@@ -256,10 +257,11 @@ MBF_UNROLL
     m[i] = mv[i];
     if (c.graft) {
       ex.v[i] = vv[i];
-      ex.direction[i] = x[i];
+      if (!c.lagged) ex.direction[i] = x[i];
     }
   }
-  if (!c.graft) move_block<T, D>(p, x, d, c, c.lr);
+  // The paper's pass, or the lagged grafted pass, scaled by the previous step's ratio.
+  if (!c.graft || c.lagged) move_block<T, D>(p, x, d, c, c.graft ? c.lr * ex.scale : c.lr);
 }
 
 // One MBF step of one block: p, g, m its vectors (d values each), F and L its compact entries.
@@ -274,7 +276,7 @@ MBF_HD BlockCounts step_block(const BlockVector<T>& p, const BlockVector<const T
   constexpr int kVec = D > 0 ? D : kMaxGenericDim;
   const int n = block_dim<D>(d);
   // A grafted step's writing pass moves p by the stored direction: no g, m, v or factor read.
-  const bool apply = c.write && c.graft;
+  const bool apply = c.write && c.graft && !c.lagged;
   BlockCounts counts;
   T gv[kVec] = {};  // read below only where loaded; the compiler cannot tell
   bool finite = true;
@@ -286,7 +288,8 @@ MBF_UNROLL
     }
   }
   const T floor = ex.damping > T(0) ? T(1) / std::sqrt(ex.damping) : T(1);
-  T x[kVec], mv[kVec], vv[kVec];
+  T x[kVec], mv[kVec];
+  T vv[kVec] = {};  // set and read under c.graft only; GCC cannot tell through the lagged branch
   if constexpr (D > 0) {
     Triangle<T, D> f, l;
     if (update_curvature || refactor) load_triangle<T, D>(f, F);
