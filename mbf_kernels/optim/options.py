@@ -70,7 +70,9 @@ class MBFOptions:
     conv1x1: str = "conv"  # "conv" | "row"
     backend: str = "auto"  # "auto" | "cpu" | "cuda" | "triton" | "torch"
     graft: str = "adam"  # "adam" | "none"
-    graft_norms: str = "current"  # "current" | "previous": whose per-unit norms scale a step
+    # Whose per-unit norms scale a grafted step: the previous step's (one pass over the
+    # buckets) or this step's (exact, two passes); the panel trained alike (bench/RESULTS.md).
+    graft_norms: str = "previous"  # "previous" | "current"
     damping_mode: str = "relative"  # "relative" | "absolute"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
