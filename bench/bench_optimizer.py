@@ -102,10 +102,10 @@ def set_freqs(opt: mk.MBF, t1: int, t2: int) -> None:
         g["curvature_update_freq"], g["inverse_update_freq"] = t1, t2
 
 
-#: MBF's update: the shipped defaults (grafted from Adam: a measuring pass and a writing pass
-#: over the buckets, relative damping), the same grafted at the previous step's ratios (one
-#: pass: graft_norms="previous") or the paper's (one pass).
-UPDATES = {"default": {}, "previous": dict(graft_norms="previous"),
+#: MBF's update: the shipped defaults (grafted from Adam at the previous step's ratios, one pass
+#: over the buckets; relative damping), the same at this step's ratios (graft_norms="current": a
+#: measuring pass and a writing pass) or the paper's (one pass).
+UPDATES = {"default": {}, "current": dict(graft_norms="current"),
            "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_DAMPING)}
 
 
