@@ -101,9 +101,8 @@ class GroupPlan:
     # The buckets bound to one C++ call for the step's common case (at first use; False: this
     # plan does not qualify). Rebuilt in a copy: its tensors are the original's.
     bound: object = None  # bound.BoundBuckets | bool | None
-    # graft_norms="previous": per unit, whether its tiles' tile_scale holds a measured ratio
-    # (a grafted step measured it; not after a load, which does not save the ratios), and
-    # whether every unit's does.
+    # graft_norms="previous": per unit, whether its last ratio (graft_ratios) was measured, by
+    # a grafted step or a load of a state that saved it, and whether every unit's was.
     graft_measured: list[bool] = field(default_factory=list)
     graft_ready: bool = False
 
