@@ -864,6 +864,26 @@ def test_grafted_state_round_trips_and_resumes_identically(graft_norms):
     assert torch.equal(_flat(a), _flat(b))
 
 
+@pytest.mark.parametrize("bind", [True, False], ids=["bound", "per-bucket"])
+@pytest.mark.parametrize("graft_norms", ["previous", "current"])
+def test_two_pass_directions_are_kept_only_where_every_step_needs_them(graft_norms, bind):
+    """The buckets' direction buffer (4 B per element) lives between steps under "current",
+    whose every step takes two passes; under "previous" only for its two-pass steps (here the
+    refactor at step 4, and the warm-up: beta1 = 0.5 lags from step 3)."""
+    model = _net()
+    opt = mk.MBF.from_model(model, graft="adam", betas=(0.5, 0.999), graft_norms=graft_norms,
+                            curvature_update_freq=2, inverse_update_freq=3)
+    if not bind:
+        opt._plans[0].bound = False
+    _train(model, opt, 3)  # steps 1, 2 (two passes) and 3 (lagged)
+    kept = [b.directions is not None for b in opt._plans[0].buckets]
+    assert kept == [graft_norms == "current"] * len(kept)
+    before = opt.state_bytes()
+    _train(model, opt, 1)  # step 4 refactors: two passes, a buffer for the step only
+    assert [b.directions is not None for b in opt._plans[0].buckets] == kept
+    assert opt.state_bytes() == before
+
+
 def test_lagged_graft_measures_again_where_a_load_brought_no_ratio():
     """A state saved without the ratios (by an earlier version) resumes with a step that
     measures its own: the same step, bit for bit, as graft_norms="current" takes."""

@@ -1011,7 +1011,7 @@ class BoundBuckets : public torch::CustomClassHolder {
  public:
   // params / momenta / second_moments: the buckets' distinct tensors, which the segments
   // index (second_moments empty: the plan has no grafted state); per bucket b: its state, and
-  // graft[kGraftTensors * b ...] its directions, tile_norms, tile_scale, tile_unit, entry_tiles
+  // graft[kGraftTensors * b ...] its tile_norms, tile_scale, tile_unit, entry_tiles
   // and entry_unit (registration.cpp's mbf_bucket_step_ and unit_ratios; empty without grafted
   // state), tile_dampings[b] (empty: no relative damping); segments: the first seven fields of
   // mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the group's
@@ -1071,13 +1071,18 @@ class BoundBuckets : public torch::CustomClassHolder {
   // when `relative`). `graft`: a measuring pass per bucket, the units' ratios into the
   // tile_scales, then the writing pass per bucket; with `lagged` too, one pass per bucket at
   // the tile_scales of the previous step, then this step's ratios into them; otherwise the
-  // paper's pass per bucket.
+  // paper's pass per bucket. `directions`: each bucket's scratch for the two passes' u (none
+  // otherwise: the caller keeps it only while a two-pass step needs it).
   void step(int64_t flags, int64_t step, double lr, double momentum_coef, double beta,
             double damping, double weight_decay, bool decoupled_weight_decay, double beta2,
-            double eps, bool relative, bool graft, bool lagged) {
+            double eps, bool relative, bool graft, bool lagged,
+            const std::vector<at::Tensor>& directions) {
     TORCH_CHECK(!grads_.empty(), "mbf_kernels: BoundBuckets.step without bound gradients");
     TORCH_CHECK(!graft || (!graft_.empty() && !second_moments_.empty()),
                 "mbf_kernels: BoundBuckets bound without the grafted step's state");
+    TORCH_CHECK(!graft || lagged || directions.size() == curvatures_.size(),
+                "mbf_kernels: BoundBuckets.step: a two-pass grafted step needs one directions "
+                "tensor per bucket, got ", directions.size());
     TORCH_CHECK(!relative || !tile_dampings_.empty(),
                 "mbf_kernels: BoundBuckets bound without per-tile damping");
     const std::vector<at::Tensor> grads = std::move(grads_);
@@ -1111,7 +1116,9 @@ class BoundBuckets : public torch::CustomClassHolder {
         bucket_pass(params_, grads, momenta_, curvatures_[b], factors_[b], stats_[b], segs,
                     dims[b], cfg, second_moments_,
                     relative ? c10::optional<at::Tensor>(tile_dampings_[b]) : c10::nullopt,
-                    tile(b, kScale), tile(b, kNorms), tile(b, kDirections), mode);
+                    tile(b, kScale), tile(b, kNorms),
+                    graft && !lagged ? c10::optional<at::Tensor>(directions[b]) : c10::nullopt,
+                    mode);
       }
       if (mode != kModeWrite && mode != (kModeGraft | kModeWrite)) {  // it measured
         RECORD_FUNCTION("mbf_kernels::unit_ratios", std::vector<c10::IValue>());
@@ -1133,7 +1140,7 @@ class BoundBuckets : public torch::CustomClassHolder {
  private:
   static constexpr int64_t kStaticFields = kSegmentFields - 2;  // without flags and step
   // graft_'s tensors per bucket, in order
-  enum { kDirections, kNorms, kScale, kTileUnits, kEntryTiles, kEntryUnits, kGraftTensors };
+  enum { kNorms, kScale, kTileUnits, kEntryTiles, kEntryUnits, kGraftTensors };
   std::vector<at::Tensor> params_, momenta_, second_moments_, curvatures_, factors_, stats_,
       graft_, tile_dampings_, grads_;
   std::vector<int64_t> segments_, bucket_segments_;

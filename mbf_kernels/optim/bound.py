@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..dispatch import cpu_ops
-from ..layout import COMPACT_TILE
 from .buckets import MOMENTUM, REFACTOR, SECOND_MOMENT, GroupPlan, static_segments
 from .options import momentum_coef
 
@@ -33,14 +32,11 @@ class BoundBuckets:
         self.others = [p for u in plan.all_units for p in u.params if id(p) not in index]
         # The grafted step's tensors, where the plan has them (graft="adam" at construction).
         self.graft = all(SECOND_MOMENT in state[p] for p in self.params)
+        self.buckets = plan.buckets
         graft = []
         if self.graft:
             for b in plan.buckets:
-                if b.directions is None:
-                    b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype,
-                                               device=b.device)
-                graft += [b.directions, b.tile_norms, b.tile_scale, b.tile_unit, b.entry_tiles,
-                          b.entry_unit]
+                graft += [b.tile_norms, b.tile_scale, b.tile_unit, b.entry_tiles, b.entry_unit]
         self.relative = plan.buckets[0].tile_damping is not None
         self.op = torch.classes.mbf_kernels.BoundBuckets(
             self.params, [state[p][MOMENTUM] for p in self.params],
@@ -83,7 +79,13 @@ class BoundBuckets:
     def step(self, group: dict, flags: int, step: int, lagged: bool = False) -> None:
         """Every bucket's step, every unit stepping with ``flags`` to ``step``; ``lagged``:
         grafted in one pass at the previous step's ratios (:meth:`GroupPlan.lags_graft`)."""
+        graft = group["graft"] == "adam"
+        two_pass = graft and not lagged
         self.op.step(flags, step, group["lr"], momentum_coef(group), group["beta"],
                      group["damping"], group["weight_decay"], group["decoupled_weight_decay"],
                      group["betas"][1], group["eps"], group["damping_mode"] == "relative",
-                     group["graft"] == "adam", lagged)
+                     graft, lagged, [b.scratch_directions() for b in self.buckets] if two_pass
+                     else [])
+        if two_pass:
+            for b in self.buckets:
+                b.release_directions(group)

@@ -58,7 +58,22 @@ class Bucket:
     tile_scale: Tensor | None = None  # (tiles,): the graft's lr multiplier of each tile's unit
     tile_damping: Tensor | None = None  # (tiles,): the relative damping of each tile's unit
     # graft="adam": each block's direction u between a step's two passes, compact (tiles, d, 16)
+    # (scratch_directions); None between two-pass steps under graft_norms="previous"
     directions: Tensor | None = None
+
+    def scratch_directions(self) -> Tensor:
+        """The buffer a two-pass grafted step keeps its directions in (made at first use)."""
+        if self.directions is None:
+            self.directions = torch.zeros(self.tiles, self.d, COMPACT_TILE, dtype=self.dtype,
+                                          device=self.device)
+        return self.directions
+
+    def release_directions(self, group: dict) -> None:
+        """After a two-pass grafted step: under graft_norms="previous", whose steps take two
+        passes only at refactors and in the warm-up, the buffer is let go (4 B per element of
+        float32 state between those steps); under "current" every step reuses it."""
+        if group["graft_norms"] == "previous":
+            self.directions = None
 
     def step_function(self, backend: str) -> Callable:
         """The ``mbf_bucket_step_`` serving this bucket, chosen once for its device and block
@@ -334,8 +349,7 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
                                          segments[_FLAGS_FIELD::SEGMENT_FIELDS]):
         return
     graft = bool(mode & StepMode.GRAFT)
-    if graft and not mode & StepMode.LAGGED and b.directions is None:  # (the two passes')
-        b.directions = torch.zeros(b.tiles, b.d, COMPACT_TILE, dtype=b.dtype, device=b.device)
+    two_pass = graft and not mode & StepMode.LAGGED
     b.step_function(group["backend"])(
         call.params, call.grads if grads is None else grads, call.momenta, b.curvature,
         b.factor, b.stats, segments, lr=group["lr"], momentum_coef=momentum_coef(group),
@@ -344,7 +358,8 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
         second_moments=call.second_moments if mode.measures else [],
         tile_damping=b.tile_damping if group["damping_mode"] == "relative" else None,
         tile_scale=b.tile_scale if graft else None, tile_norms=b.tile_norms if graft else None,
-        directions=b.directions, beta2=group["betas"][1], eps=group["eps"], mode=mode)
+        directions=b.scratch_directions() if two_pass else None, beta2=group["betas"][1],
+        eps=group["eps"], mode=mode)
 
 
 def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dict[int, int],
@@ -385,6 +400,8 @@ def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dic
         run_pass(group, call, mode, everything)
         for p, work in call.staged:
             p.copy_(work)
+        if mode == StepMode.WRITE | StepMode.GRAFT:
+            call.bucket.release_directions(group)
     if lagged:
         _graft_scales(group, plan, calls)  # the next step's
 
