@@ -164,6 +164,12 @@ class StepMode(enum.IntFlag):
         """Whether the pass moves the parameters by stored directions (the writing pass)."""
         return self == StepMode.WRITE | StepMode.GRAFT
 
+    @property
+    def uses_directions(self) -> bool:
+        """Whether the pass is one of a two-pass grafted step's, which store (the measuring
+        pass) or read (the writing pass) each block's direction."""
+        return self in (StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT)
+
 
 #: The modes a bucket pass takes (:class:`StepMode`).
 STEP_MODES = (StepMode.NONE, StepMode.WRITE, StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT,
@@ -177,7 +183,7 @@ def check_mode(fn: str, mode: int, tile_scale, tile_norms, directions) -> StepMo
         raise ValueError(f"{fn}: mode must be 0, 1 (write), 2 (graft), 3 (write | graft) or 7 "
                          f"(write | graft | lagged), got {int(mode)}")
     mode = StepMode(mode)
-    if mode in (StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT) and directions is None:
+    if mode.uses_directions and directions is None:
         raise ValueError(f"{fn}: a two-pass grafted step needs directions (modes 2 and 3)")
     if mode.measures and tile_norms is None:
         raise ValueError(f"{fn}: a grafted step needs tile_norms to measure (modes 2 and 7)")

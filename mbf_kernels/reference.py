@@ -295,8 +295,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
 
         measure = mode.measures
         V = seg.rows(second_moments) if measure else None
-        stored = mode in (StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT)  # the two passes'
-        U = from_compact(directions[tile0:tile0 + tiles], n) if stored else None
+        U = from_compact(directions[tile0:tile0 + tiles], n) if mode.uses_directions else None
         norms = torch.zeros(n, 2, dtype=curvature.dtype, device=curvature.device)
         mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
                   damping=damping, weight_decay=weight_decay,
@@ -312,7 +311,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
             seg.write_rows(momenta, Mm)
         if measure:
             seg.write_rows(second_moments, V)
-            if stored:
+            if mode.uses_directions:
                 _write_compact_rows(directions[tile0:tile0 + tiles], U)
             # Padding blocks of the segment's last tile hold zeros.
             out = norms.new_zeros(tiles * COMPACT_TILE, 2)

@@ -349,7 +349,6 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
                                          segments[_FLAGS_FIELD::SEGMENT_FIELDS]):
         return
     graft = bool(mode & StepMode.GRAFT)
-    two_pass = graft and not mode & StepMode.LAGGED
     b.step_function(group["backend"])(
         call.params, call.grads if grads is None else grads, call.momenta, b.curvature,
         b.factor, b.stats, segments, lr=group["lr"], momentum_coef=momentum_coef(group),
@@ -358,7 +357,8 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
         second_moments=call.second_moments if mode.measures else [],
         tile_damping=b.tile_damping if group["damping_mode"] == "relative" else None,
         tile_scale=b.tile_scale if graft else None, tile_norms=b.tile_norms if graft else None,
-        directions=b.scratch_directions() if two_pass else None, beta2=group["betas"][1],
+        directions=b.scratch_directions() if mode.uses_directions else None,
+        beta2=group["betas"][1],
         eps=group["eps"], mode=mode)
 
 
@@ -400,7 +400,7 @@ def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dic
         run_pass(group, call, mode, everything)
         for p, work in call.staged:
             p.copy_(work)
-        if mode == StepMode.WRITE | StepMode.GRAFT:
+        if mode.applies_direction:  # (the two passes' last)
             call.bucket.release_directions(group)
     if lagged:
         _graft_scales(group, plan, calls)  # the next step's

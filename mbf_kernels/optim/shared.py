@@ -197,7 +197,7 @@ class SharedSet:
             lo, hi = self.row_starts[i], self.row_starts[i + 1]
             u_sq[lo:hi] = b.measure(None if m_sq is None else m_sq[lo:hi], matmul,
                                     projections.get(i))
-        coefs = self._graft_coefs(group, u_sq, adam_sq, active, lagged)
+        coefs = self._graft_coefs(group, u_sq, adam_sq, active, lag)
         with shared_matmul(matmul, self.device):
             for i, b in zip(active, blocks):
                 if i in updated:  # (its row pass moved it; its T served the norms only)
@@ -324,11 +324,11 @@ class SharedSet:
         return sq
 
     def _graft_coefs(self, group: dict, u_sq: Tensor, adam_sq: Tensor, active: list[int],
-                     lagged: bool) -> list[Tensor]:
+                     lag: Tensor | None) -> list[Tensor]:
         """-lr * |a| / |u| per block (0 where |u| = 0), from the rows' squared norms: a row whose
         u or a is not finite counts as 0, so that one bad row cannot spread to its layer.
-        The ``active`` blocks' ratios are stored in :attr:`ratios`; ``lagged``: the coefficients
-        are from the ratios stored before (the previous step's)."""
+        The ``active`` blocks' ratios are stored in :attr:`ratios`; ``lag`` (the coefficients
+        from the ratios stored before, the lagged graft's) is returned in their place."""
         squares = torch.stack([u_sq, adam_sq])
         if self.reduce is None and dispatch.cpu_ops(group, self.device):  # one C++ call
             # (rows, 2, 1): each row a "tile" of one block, each block an entry of its rows
@@ -343,12 +343,11 @@ class SharedSet:
             su, sa = sums[0], sums[1]
             scale = torch.where(su > 0, (sa / su.clamp_min(torch.finfo(su.dtype).tiny)).sqrt(),
                                 0)
-        step_by = self.ratios.clone() if lagged else scale
         if len(active) == len(self.blocks):
             self.ratios.copy_(scale)
         else:
             self.ratios[active] = scale[active]
-        return (step_by * -group["lr"]).unbind()
+        return (scale * -group["lr"] if lag is None else lag).unbind()
 
     def _refresh(self, group: dict, b: SharedBlock, f: int, fisher: dict[Tensor, Tensor]) -> None:
         grads = [fisher.get(p) if group["fisher"] == "true" else p.grad
