@@ -90,9 +90,13 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // The refactor of exact shared blocks in one call (CPU): per block its (d, d) curvature and
   // factor (written: the Cholesky factor of F + damping I with its diagonal inverted, or the
   // diagonal fallback, counted in stats[1]); damping relative: damping times the mean diagonal
-  // entry of F, plus floor. The caller derives the inverse from the factor.
+  // entry of F, plus floor. The caller derives the inverse from the factor (shared_inverse_).
   m.def("shared_refactor_(Tensor[] curvatures, Tensor(a!)[] factors, Tensor(b!)[] stats, "
         "float damping, bool relative, float floor) -> ()");
+  // Exact shared blocks' inverses (F + damping I)^{-1} from their factors as shared_refactor_
+  // stores them (CPU): each block's rounding independent of the other blocks in the call, so
+  // that a refactor and a load derive the same bits.
+  m.def("shared_inverse_(Tensor(a!)[] inverses, Tensor[] factors) -> ()");
   // out = m inverse, a shared block's rows by its symmetric (d, d) inverse (CPU: a large GEMM on
   // oneDNN's float32 matmul, which beat MKL's by 1.8x on an AMD host; torch's mm below).
   m.def("apply_inverse_(Tensor(a!) out, Tensor m, Tensor inverse) -> ()");

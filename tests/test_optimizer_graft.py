@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -501,6 +502,52 @@ def test_shared_refactor_op_factors_inverts_and_falls_back(relative):
                                                0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_inverse_op_inverts_each_block_alone_or_together(dtype):
+    """The shared blocks' inverses from their stored factors (1 / L_ii on the diagonal) are
+    (F + damping I)^{-1} (against torch.linalg.inv in float64), symmetric, and the same bits
+    whether a block is inverted alone (as a load does) or beside others (as a refactor does),
+    with one thread or two (each block runs on one thread; LAPACK's rounding still depends on
+    the thread count set)."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    g = torch.Generator().manual_seed(11)
+    damped = []
+    for d in (65, 3, 130, 17):
+        A = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+        damped.append(A @ A.mT / d + 0.1 * torch.eye(d, dtype=torch.float64))
+    factors = []
+    for D in damped:
+        L = torch.linalg.cholesky(D)
+        L.diagonal().reciprocal_()
+        factors.append(L.to(dtype))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            together = [torch.full_like(L, float("nan")) for L in factors]
+            torch.ops.mbf_kernels.shared_inverse_(together, factors)
+            for L, want in zip(factors, together):
+                alone = torch.empty_like(L)
+                torch.ops.mbf_kernels.shared_inverse_([alone], [L])
+                assert torch.equal(alone, want), f"{L.shape[0]}, {n} threads"
+    finally:
+        torch.set_num_threads(threads)
+    eps = torch.finfo(dtype).eps
+    for D, inverse in zip(damped, together):
+        assert torch.equal(inverse, inverse.mT)
+        # a Cholesky-based inverse's relative error grows like d * cond(D) * eps
+        want = torch.linalg.inv(D)
+        bound = 4 * D.shape[0] * torch.linalg.cond(D) * eps
+        err = (torch.linalg.matrix_norm(inverse.double() - want, 2)
+               / torch.linalg.matrix_norm(want, 2))
+        assert err <= bound, (D.shape[0], err, bound)
+    with pytest.raises(RuntimeError, match="one inverse and one factor per block"):
+        torch.ops.mbf_kernels.shared_inverse_(together, factors[:1])
+    with pytest.raises(RuntimeError, match=r"\(d, d\) inverse and factor"):
+        torch.ops.mbf_kernels.shared_inverse_([together[0][:, :-1]], factors[:1])
+
+
 @pytest.fixture(params=["mm", "onednn"])
 def gemm_library(request):
     """Sends every shared-block GEMM of the C++ ops to MKL's mm or to oneDNN for one test,
@@ -516,14 +563,21 @@ def gemm_library(request):
 
 
 def test_the_gemm_library_follows_the_cpu_and_an_override_is_undone():
-    """oneDNN from 8 MFLOP where AVX-512 runs (it beat MKL there), from 1 GFLOP elsewhere (its
-    AVX2 kernel lost to MKL below that); an override holds until None restores the default."""
+    """oneDNN from 8 MFLOP where AVX-512 runs (it beat MKL there) but on AMD's family 25 (Zen 4
+    runs AVX-512 on 256-bit units), from 1 GFLOP elsewhere (its AVX2 kernel lost to MKL below
+    that); an override holds until None restores the default."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     from mbf_kernels._extension import (build_info, onednn_gemm_min_flops,
                                         set_onednn_gemm_min_flops)
     avx512 = "avx512" in build_info()["cpu_levels_supported"]
-    default = 8.0 * 2**20 if avx512 else 2.0**30
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's vendor and family from")
+    zen3_or_4 = ("AuthenticAMD" in cpuinfo
+                 and re.search(r"^cpu family\s*:\s*25$", cpuinfo, re.M) is not None)
+    default = 8.0 * 2**20 if avx512 and not zen3_or_4 else 2.0**30
     assert onednn_gemm_min_flops() == default == build_info()["onednn_gemm_min_flops"]
     try:
         set_onednn_gemm_min_flops(123.0)

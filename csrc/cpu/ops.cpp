@@ -518,15 +518,19 @@ std::tuple<at::Tensor, at::Tensor> sketch_rows_cpu(const at::Tensor& grad_weight
   return {y_t.sum(0).narrow(1, 0, d).t().contiguous(), at::scalar_tensor(total, omega.options())};
 }
 
-// The size from which a shared block's GEMM runs on oneDNN (ops_common.h). On an AVX-512 CPU
-// (the dev VM's AMD EPYC, Zen 5) oneDNN's float32 matmul (brg_matmul:avx512_core) took 64 x 513
+// The size from which a shared block's GEMM runs on oneDNN (ops_common.h). MKL's sgemm runs AVX2
+// code on AMD CPUs; oneDNN's float32 matmul (brg_matmul:avx512_core) uses AVX-512 where it runs.
+// On an AVX-512 CPU with full-width units (the dev VM's AMD EPYC, Zen 5) oneDNN took 64 x 513
 // by 513 x 513 in 124 us against MKL's 225 and 128 x 257 by 257 x 257 in 56 against 101, but
 // 16 x 65 by 65 x 65 in 15 against 4 (its call's fixed cost): from 8 MFLOP. On an AVX2-only
 // CPU (AMD EPYC Zen 3, 2 threads) its AVX2 kernel lost to MKL at every size up to 270 MFLOP
-// (1.04-1.46x MKL's time: 128 x 257 in 218 against 180 us) and won only at 4.3 GFLOP (0.91x):
-// from 1 GFLOP there (bench/RESULTS.md, "oneDNN or MKL by CPU").
+// (1.04-1.46x MKL's time: 128 x 257 in 218 against 180 us) and won only at 4.3 GFLOP (0.91x);
+// on Zen 4, whose AVX-512 runs on 256-bit units, it lost too (one thread: 128 x 257 in 188
+// against 183 us, 256 x 129 in 108 against 96): from 1 GFLOP on both (bench/RESULTS.md, "oneDNN
+// or MKL by CPU").
 double default_onednn_gemm_min_flops() {
-  return cpu::cpu_runs_level("avx512") ? 8.0 * (1 << 20) : double(1 << 30);
+  return cpu::cpu_runs_level("avx512") && !cpu::amd_family_25() ? 8.0 * (1 << 20)
+                                                                 : double(1 << 30);
 }
 
 std::atomic<double> g_onednn_gemm_min_flops{-1.0};  // negative: this CPU's default
@@ -580,31 +584,48 @@ T sum_of_squares(const T* x, int64_t n) {
   return sum;
 }
 
+// Runs fn(i) for each block i of `which` inside one parallel region, each block on one thread
+// (the libraries it calls then run sequentially), the largest `cost` first to the thread with
+// the least work so far.
+template <typename Fn>
+void run_side_by_side(const std::vector<int64_t>& cost, const std::vector<size_t>& which,
+                      Fn&& fn) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<size_t> order(which);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return cost[a] > cost[b]; });
+  std::vector<int64_t> load(threads, 0), owner(cost.size(), -1);
+  for (size_t i : order) {
+    const auto t = std::min_element(load.begin(), load.end()) - load.begin();
+    owner[i] = t;
+    load[t] += cost[i];
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (size_t i : which)
+      if (owner[i] >= t0 && owner[i] < t1) fn(i);
+  });
+}
+
 // Runs fn(i) for every block i of `elems[i]` elements. A block large enough to split runs its
 // own rows in parallel (row_grain), so those go one after another; when every block is smaller
 // than that (a small MLP's: each would run on one thread, the others idle), the blocks
-// themselves are shared among the threads, each taking those whose first element falls in its
-// share of all the elements.
+// themselves are shared among the threads (run_side_by_side: taken in order, the ReLU
+// autoencoder's seven GEMMs had put 239 us on one thread and 211 on the other, its seven
+// factorisations twice the work on one thread as on the other).
 // `grain`: the size from which a block splits (row_grain's elements, or another measure of
 // work in the same units as `elems`).
 template <typename Fn>
 void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = row_grain(1)) {
-  const int64_t threads = at::get_num_threads();
   const int64_t total = std::accumulate(elems.begin(), elems.end(), int64_t(0));
   const bool split = std::any_of(elems.begin(), elems.end(),
                                  [&](int64_t e) { return e > grain; });
-  if (threads == 1 || elems.size() < 2 || split || total == 0) {
+  if (at::get_num_threads() == 1 || elems.size() < 2 || split || total == 0) {
     for (size_t i = 0; i < elems.size(); ++i) fn(i);
     return;
   }
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    int64_t start = 0;
-    for (size_t i = 0; i < elems.size(); ++i) {
-      const int64_t owner = start * threads / total;
-      if (owner >= t0 && owner < t1) fn(i);
-      start += elems[i];
-    }
-  });
+  std::vector<size_t> all(elems.size());
+  std::iota(all.begin(), all.end(), size_t(0));
+  run_side_by_side(elems, all, fn);
 }
 
 // A GEMM of up to this many flops runs on one thread where a step's GEMMs are shared among the
@@ -833,9 +854,8 @@ constexpr int64_t kRefactorGrain = int64_t(1) << 30;  // d = 1024
 // where it fails, the diagonal fallback of MBF_SPEC section 4 (reference.diagonal_fallback),
 // counted in stats[1]. In torch calls from Python that cost about ten calls per block, half of
 // a refactor of the ReLU autoencoder. The inverse (F + damping I)^{-1} is not derived here: the
-// caller derives it from the stored factor as a load does (shared_block.derive_inverse, LAPACK
-// on all threads), so that a resumed run continues bit for bit (on one thread, inside the loop
-// below, LAPACK's inverse rounded differently).
+// caller derives it from the stored factor as a load does (shared_inverse_), so that a resumed
+// run continues bit for bit.
 void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors, at::TensorList stats,
                          double damping, bool relative, double floor) {
   const size_t n_blocks = curvatures.size();
@@ -881,6 +901,46 @@ void shared_refactor_cpu(at::TensorList curvatures, at::TensorList factors, at::
       stats[i].mutable_data_ptr<int64_t>()[1] += 1;
     }
   }, kRefactorGrain);
+}
+
+// (F + damping I)^{-1} of exact shared blocks from their stored factors (registration.cpp):
+// the Cholesky factor with 1 / L_ii on its diagonal, inverted by LAPACK (cholesky_inverse).
+// A block of d <= 1024 is inverted on one thread inside a parallel region, the blocks side by
+// side (run_side_by_side), even one alone, so that its rounding does not depend on which blocks
+// share the call: a refactor (all blocks at once) and a load (one block at a time) give the
+// same bits (LAPACK's rounding still depends on the thread count set). LAPACK's potri on all
+// threads had taken a d = 257 block in 0.9 ms against 0.49 on one (AMD Zen 4, 2 threads): the
+// ReLU autoencoder's seven inverses were 2.9 ms of a 3.7-ms refactor step. Larger blocks run
+// one after another, each on all threads.
+void shared_inverse_cpu(at::TensorList inverses, at::TensorList factors) {
+  const size_t n_blocks = inverses.size();
+  TORCH_CHECK(factors.size() == n_blocks,
+              "mbf_kernels: shared_inverse_ takes one inverse and one factor per block, got ",
+              n_blocks, " and ", factors.size());
+  std::vector<int64_t> cost(n_blocks);  // d^3 per block
+  std::vector<size_t> small, large;
+  for (size_t i = 0; i < n_blocks; ++i) {
+    const at::Tensor& L = factors[i];
+    TORCH_CHECK(L.dim() == 2 && L.size(0) == L.size(1) && inverses[i].sizes() == L.sizes(),
+                "mbf_kernels: shared_inverse_: block ", i, " needs (d, d) inverse and factor, "
+                "got ", inverses[i].sizes(), ", ", L.sizes());
+    TORCH_CHECK(L.scalar_type() == at::kFloat || L.scalar_type() == at::kDouble,
+                "mbf_kernels: shared_inverse_: factors must be float32 or float64, got ",
+                L.scalar_type());
+    check_like(inverses[i], L, "inverse");
+    cost[i] = L.size(0) * L.size(0) * L.size(0);
+    (cost[i] <= kRefactorGrain ? small : large).push_back(i);
+  }
+  const auto invert = [&](size_t i) {
+    at::Tensor L = factors[i].clone();
+    L.diagonal().reciprocal_();
+    const_cast<at::Tensor&>(inverses[i]).copy_(at::cholesky_inverse(L));
+  };
+  if (at::get_num_threads() == 1)
+    for (size_t i : small) invert(i);
+  else if (!small.empty())
+    run_side_by_side(cost, small, invert);
+  for (size_t i : large) invert(i);
 }
 
 // lu[l] += u[l], la[l] += a[l] over a tile's lanes (L of them; L = 0: `lanes`, at run time),
@@ -1046,11 +1106,17 @@ class BoundBuckets : public torch::CustomClassHolder {
   }
 
   // Keeps `grads` for step() when each is a dense contiguous tensor of its parameter's dtype,
-  // device and shape, and every parameter is still contiguous in the shape it was bound with;
-  // otherwise (a gradient None, say) keeps nothing and returns false: the caller takes the
-  // general path, which names what is wrong, if anything is.
-  bool bind(const std::vector<c10::optional<at::Tensor>>& grads) {
+  // device and shape, every parameter is still contiguous in the shape it was bound with, and
+  // each of `others` (the gradients of the group's other parameters, the shared blocks', which
+  // step() does not read; checked in Python, that had cost a tenth of a small MLP's step) is
+  // present, dense and real; otherwise (a gradient None, say) keeps nothing and returns false:
+  // the caller takes the general path, which names what is wrong, if anything is.
+  bool bind(const std::vector<c10::optional<at::Tensor>>& grads,
+            const std::vector<c10::optional<at::Tensor>>& others) {
     grads_.clear();
+    for (const auto& g : others)
+      if (!g.has_value() || !g->defined() || g->layout() != at::kStrided || g->is_complex())
+        return false;
     if (grads.size() != params_.size()) return false;
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& p = params_[i];
@@ -1177,6 +1243,7 @@ TORCH_LIBRARY_IMPL(mbf_kernels, CPU, m) {
   m.impl("shared_graft_step_", &shared_graft_step_cpu);
   m.impl("shared_refresh_", &shared_refresh_cpu);
   m.impl("shared_refactor_", &shared_refactor_cpu);
+  m.impl("shared_inverse_", &shared_inverse_cpu);
   m.impl("apply_inverse_", &apply_inverse_cpu);
   m.impl("unit_ratios", &unit_ratios_cpu);
 }

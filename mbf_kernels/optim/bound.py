@@ -17,7 +17,7 @@ class BoundBuckets:
     contiguous and of its parameter's dtype: the step :func:`step_buckets` takes then, without
     the per-bucket argument lists and per-parameter checks that were 0.3 of a ResNet-32's
     0.7 ms step. ``params`` are the buckets' distinct tensors; ``others`` the group's other
-    parameters (the shared blocks'), whose gradients Python checks."""
+    parameters (the shared blocks'), whose gradients :meth:`bind` checks too."""
 
     def __init__(self, group: dict, plan: GroupPlan, state: dict) -> None:
         index: dict[int, int] = {}
@@ -72,9 +72,7 @@ class BoundBuckets:
     def bind(self) -> bool:
         """Whether this step's gradients qualify (kept in the C++ object for :meth:`step`),
         the others' too: present, dense, real."""
-        return (all(g is not None and g.layout == torch.strided and not g.is_complex()
-                    for g in (p.grad for p in self.others))
-                and self.op.bind([p.grad for p in self.params]))
+        return self.op.bind([p.grad for p in self.params], [p.grad for p in self.others])
 
     def step(self, group: dict, flags: int, step: int, lagged: bool = False) -> None:
         """Every bucket's step, every unit stepping with ``flags`` to ``step``; ``lagged``:

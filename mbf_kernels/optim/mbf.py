@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..layout import COMPACT_TILE, n_tiles
 from ..packed import tril_size
 from .blocks import ModuleRoles, Unit, module_roles, plan_group
@@ -151,7 +152,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.factor_dtype(group), device=b.device)
         reduce = None if shards is None else shards.all_reduce
-        shared = [SharedSet(us, dtype, device, graft, reduce)
+        shared = [SharedSet(us, dtype, device, graft, reduce, dispatch.cpu_ops(group, device))
                   for (dtype, device), us in shared_units.items()]
         # The state of a shared block's parameters is a view of its row buffers.
         keys = ((MOMENTUM, "momentum"),) + (((SECOND_MOMENT, "second_moment"),) if graft else ())

@@ -28,7 +28,7 @@ from ..reference import graft_bias_corrections
 from .blocks import Unit
 from .lowrank import LowRankCurvature
 from .precision import resolve, shared_matmul
-from .shared_block import SharedBlock, warn_if_large
+from .shared_block import SharedBlock, derive_inverses, warn_if_large
 
 # The quantities with a row buffer: momentum, the work rows (gradient rows on a refresh, then
 # Adam's direction, then U), and Adam's v with graft="adam".
@@ -69,7 +69,8 @@ class SharedSet:
     """The shared blocks of one param group with one state dtype and device."""
 
     def __init__(self, units: list[Unit], dtype: torch.dtype, device: torch.device,
-                 graft: bool, reduce: Callable[[Tensor], None] | None = None) -> None:
+                 graft: bool, reduce: Callable[[Tensor], None] | None = None,
+                 cpu_inverse: bool = False) -> None:
         self.blocks: list[SharedBlock] = []
         self.device = device
         # FSDP2 (.fsdp): sums a tensor over the ranks that hold the layers' rows, in place
@@ -84,7 +85,8 @@ class SharedSet:
             if unit.rank is None:
                 warn_if_large(unit.name, seg.d, dtype.itemsize)
                 zeros = torch.zeros(seg.d, seg.d, dtype=dtype, device=device)
-                block = SharedBlock(unit, stats, zeros.clone(), zeros.clone(), zeros.clone())
+                block = SharedBlock(unit, stats, zeros.clone(), zeros.clone(), zeros.clone(),
+                                    cpu_inverse=cpu_inverse)
             else:
                 # Seeded by the unit's place in the optimizer: reproducible, and the same on any
                 # device and whichever rank owns it (shard_curvature).
@@ -103,6 +105,7 @@ class SharedSet:
         # Each block's last measured graft ratio |a| / |u| (graft_norms="previous" steps by it)
         self.ratios = torch.zeros(len(self.blocks), dtype=dtype, device=device)
         self._row_params_of: dict[tuple[int, ...], tuple[list[Tensor], list[int]]] = {}
+        self._exact_rows_of: dict[tuple[int, ...], tuple[list[Tensor], ...] | None] = {}
         self.row_block = torch.repeat_interleave(
             self.block_index, self.block_rows,
             output_size=self.row_starts[-1])  # known here: no sync (and meta tensors work)
@@ -137,7 +140,6 @@ class SharedSet:
         lr, wd = group["lr"], group["weight_decay"]
         decoupled = group["decoupled_weight_decay"]
         blocks = [self.blocks[i] for i in active]
-        params = [p for b in blocks for p in b.unit.params]
         # Every due refresh, then every due refactor (each block's after its refresh).
         if not self._refresh_fused(group, active, flags, fisher):
             for b, f in zip(blocks, flags):
@@ -152,6 +154,7 @@ class SharedSet:
             return
         # The direction d = g (+ wd p, coupled; a missing gradient counts as 0), into momentum
         # and Adam's v, parameter by parameter through the row buffers' views.
+        params = [p for b in blocks for p in b.unit.params]
         m_views = [v for b in blocks for v in b.views["momentum"]]
         has_grad = [i for i, p in enumerate(params) if p.grad is not None]
         dirs = [params[i].grad for i in has_grad]
@@ -221,6 +224,19 @@ class SharedSet:
             self._row_params_of[key] = params, counts
         return self._row_params_of[key]
 
+    def _exact_rows(self, active: list[int]) -> tuple[list[Tensor], ...] | None:
+        """The ``active`` blocks' momentum, v and work rows and inverses, for
+        ``shared_graft_step_``, built once per active set (the tensors persist: a refactor and
+        a load rewrite them in place; building them each step was a tenth of the ReLU
+        autoencoder's step in Python); None where a block is kept at a rank."""
+        key = tuple(active)
+        if key not in self._exact_rows_of:
+            blocks = [self.blocks[i] for i in active]
+            self._exact_rows_of[key] = None if any(b.lowrank is not None for b in blocks) else (
+                *([b.rows[k] for b in blocks] for k in ("momentum", "second_moment", "work")),
+                [b.inverse for b in blocks])
+        return self._exact_rows_of[key]
+
     def _fused_grads(self, group: dict, active: list[int]) -> list[Tensor | None] | None:
         """The gradients of :meth:`_row_params` where the C++ row passes apply (None where not:
         the caller takes the torch path): on the CPU with the compiled kernels and float32
@@ -245,8 +261,8 @@ class SharedSet:
         row passes apply and no FSDP2 sum intervenes; whether it ran. On the ReLU autoencoder
         (seven shared blocks) the step's Python and small torch calls had cost more than its
         GEMMs."""
-        blocks = [self.blocks[i] for i in active]
-        if self.reduce is not None or any(b.lowrank is not None for b in blocks):
+        rows = self._exact_rows(active)
+        if self.reduce is not None or rows is None:
             return False
         grads = self._fused_grads(group, active)
         if grads is None:
@@ -259,10 +275,9 @@ class SharedSet:
         # (the active blocks' ratios: in with lagged, out always)
         ratios = self.ratios if every else self.ratios[active]
         torch.ops.mbf_kernels.shared_graft_step_(
-            [b.rows["momentum"] for b in blocks], [b.rows["second_moment"] for b in blocks],
-            [b.rows["work"] for b in blocks], [b.inverse for b in blocks], params, grads, counts,
-            [c1 / s2 for c1, s2 in corrections], [group["eps"] / s2 for _, s2 in corrections],
-            beta1, beta2, group["lr"], decay, ratios, lagged)
+            *rows, params, grads, counts, [c1 / s2 for c1, s2 in corrections],
+            [group["eps"] / s2 for _, s2 in corrections], beta1, beta2, group["lr"], decay,
+            ratios, lagged)
         if not every:
             self.ratios[active] = ratios
         return True
@@ -433,7 +448,7 @@ class SharedSet:
     def _refactor_fused(self, group: dict, blocks: list[SharedBlock]) -> bool:
         """The refactor of ``blocks`` in one C++ call (``shared_refactor_``, the blocks shared
         among the threads), where they are all exact and on the CPU's ops; whether it ran. The
-        inverses follow from the factors as on a load (:meth:`SharedBlock.derive_inverse`)."""
+        inverses follow from the factors as on a load (:func:`derive_inverses`)."""
         if (not blocks or any(b.lowrank is not None for b in blocks)
                 or not dispatch.cpu_ops(group, self.device)):
             return False
@@ -441,8 +456,7 @@ class SharedSet:
             [b.curvature for b in blocks], [b.factor for b in blocks],
             [b.stats for b in blocks], group["damping"], group["damping_mode"] == "relative",
             reference.RELATIVE_DAMPING_FLOOR)
-        for b in blocks:
-            b.derive_inverse()
+        derive_inverses(blocks)
         return True
 
     @staticmethod

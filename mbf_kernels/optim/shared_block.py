@@ -31,10 +31,23 @@ def warn_if_large(name: str, d: int, itemsize: int) -> None:
 
 def inverse_from_factor(factor: Tensor) -> Tensor:
     """(F + damping I)^{-1} from its stored factor (the Cholesky factor with 1 / L_ii on its
-    diagonal), by LAPACK on all threads: its rounding depends on the thread count."""
+    diagonal), by torch's cholesky_inverse (its rounding depends on the thread count)."""
     L = factor.clone()
     L.diagonal().reciprocal_()
     return torch.cholesky_inverse(L)
+
+
+def derive_inverses(blocks: list[SharedBlock]) -> None:
+    """Each exact block's inverse from its stored factor: in one C++ call (``shared_inverse_``:
+    each block on one thread, the blocks side by side; its rounding independent of the other
+    blocks in the call) for the blocks whose group takes the CPU's ops,
+    by :func:`inverse_from_factor` for the others."""
+    cpu = [b for b in blocks if b.cpu_inverse]
+    if cpu:
+        torch.ops.mbf_kernels.shared_inverse_([b.inverse for b in cpu], [b.factor for b in cpu])
+    for b in blocks:
+        if not b.cpu_inverse:
+            b.inverse.copy_(inverse_from_factor(b.factor))
 
 
 @dataclass
@@ -53,6 +66,8 @@ class SharedBlock:
     # Between measure() (or the row pass) and update_in_place(): T = M V of a low-rank block whose
     # update goes straight into its parameters (None: U is in the work rows)
     projection: Tensor | None = None
+    # Whether derive_inverses takes the CPU's C++ op (the group's tensors take the CPU's ops)
+    cpu_inverse: bool = False
 
     @property
     def d(self) -> int:
@@ -92,9 +107,9 @@ class SharedBlock:
     def derive_inverse(self) -> None:
         """The step applies the block to all rows at once, U = M (F + damping I)^{-1}: one GEMM,
         1.3-1.5x faster than cholesky_solve's triangular solves at d = 4097 (dev VM). Always
-        derived from the stored factor, here and only here (after every refactor, and on a
-        load), so that a loaded state gives the same bits."""
-        self.inverse.copy_(inverse_from_factor(self.factor))
+        derived from the stored factor, by :func:`derive_inverses` (after every refactor, and on
+        a load), so that a loaded state gives the same bits."""
+        derive_inverses([self])
 
     def apply(self) -> None:
         """rows["work"] = U, the step's direction for rows["momentum"] up to a positive scalar

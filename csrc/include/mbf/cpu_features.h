@@ -4,6 +4,10 @@
 
 #include <string>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace mbf {
 namespace cpu {
 
@@ -21,6 +25,23 @@ inline bool cpu_runs_level(const std::string& level) {
   return false;
 #else
   return level == "default";
+#endif
+}
+
+// Whether this is an AMD CPU of family 25 (0x19: Zen 3 and Zen 4). Zen 4 runs AVX-512 on 256-bit
+// units, so a 512-bit kernel gains no arithmetic over an AVX2 one there (ops.cpp's choice of
+// GEMM library follows from it).
+inline bool amd_family_25() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  // "AuthenticAMD" in ebx, edx, ecx
+  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;
+  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned family = ((eax >> 8) & 0xf) + ((eax >> 20) & 0xff);
+  return family == 0x19;
+#else
+  return false;
 #endif
 }
 
