@@ -48,9 +48,10 @@ at::Tensor with_huge_pages(at::Tensor t) {
   return t;
 }
 
-// Blocks per parallel task: enough work (about d^3 flops each) to amortise
-// the task overhead, so small batches stay on one thread.
-int64_t grain_for(int64_t d) { return 1 + 32768 / (d * d * d + 1); }
+// Blocks per parallel task: enough work (about d^3 flops each) to amortise the task overhead,
+// so small batches stay on one thread. (From 32k flops: the ReLU autoencoder's one bucket, 64
+// blocks of d = 17, went to two threads, whose wake-up made its step 27 us against 13 on one.)
+int64_t grain_for(int64_t d) { return 1 + (int64_t(1) << 18) / (d * d * d + 1); }
 
 std::tuple<at::Tensor, at::Tensor> cholesky_ex_cpu(const at::Tensor& A_in,
                                                    double damping) {
@@ -1075,14 +1076,15 @@ class BoundBuckets : public torch::CustomClassHolder {
   // and entry_unit (registration.cpp's mbf_bucket_step_ and unit_ratios; empty without grafted
   // state), tile_dampings[b] (empty: no relative damping); segments: the first seven fields of
   // mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the group's
-  // units + 1 (the padding slot).
+  // units + 1 (the padding slot); others: the group's other parameters (the shared blocks'),
+  // whose gradients bind() checks.
   BoundBuckets(std::vector<at::Tensor> params, std::vector<at::Tensor> momenta,
                std::vector<at::Tensor> second_moments, std::vector<at::Tensor> curvatures,
                std::vector<at::Tensor> factors, std::vector<at::Tensor> stats,
                std::vector<at::Tensor> graft, std::vector<at::Tensor> tile_dampings,
                std::vector<int64_t> segments, std::vector<int64_t> bucket_segments,
-               int64_t units)
-      : params_(std::move(params)), momenta_(std::move(momenta)),
+               int64_t units, std::vector<at::Tensor> others)
+      : params_(std::move(params)), others_(std::move(others)), momenta_(std::move(momenta)),
         second_moments_(std::move(second_moments)), curvatures_(std::move(curvatures)),
         factors_(std::move(factors)), stats_(std::move(stats)), graft_(std::move(graft)),
         tile_dampings_(std::move(tile_dampings)), segments_(std::move(segments)),
@@ -1105,30 +1107,31 @@ class BoundBuckets : public torch::CustomClassHolder {
     for (const auto& p : params_) sizes_.push_back(p.sizes().vec());
   }
 
-  // Keeps `grads` for step() when each is a dense contiguous tensor of its parameter's dtype,
-  // device and shape, every parameter is still contiguous in the shape it was bound with, and
-  // each of `others` (the gradients of the group's other parameters, the shared blocks', which
-  // step() does not read; checked in Python, that had cost a tenth of a small MLP's step) is
-  // present, dense and real; otherwise (a gradient None, say) keeps nothing and returns false:
-  // the caller takes the general path, which names what is wrong, if anything is.
-  bool bind(const std::vector<c10::optional<at::Tensor>>& grads,
-            const std::vector<c10::optional<at::Tensor>>& others) {
+  // Keeps the parameters' gradients (read here, from the parameters: passing them from Python,
+  // and checking the others' there, had cost a tenth of a small MLP's step) for step() when
+  // each is a dense contiguous tensor of its parameter's dtype, device and shape, every
+  // parameter is still contiguous in the shape it was bound with, and each of the others'
+  // gradients (which step() does not read) is present, dense and real; otherwise (a gradient
+  // None, say) keeps nothing and returns false: the caller takes the general path, which names
+  // what is wrong, if anything is.
+  bool bind() {
     grads_.clear();
-    for (const auto& g : others)
-      if (!g.has_value() || !g->defined() || g->layout() != at::kStrided || g->is_complex())
-        return false;
-    if (grads.size() != params_.size()) return false;
-    for (size_t i = 0; i < grads.size(); ++i) {
+    for (const auto& p : others_) {
+      const at::Tensor& g = p.grad();
+      if (!g.defined() || g.layout() != at::kStrided || g.is_complex()) return false;
+    }
+    std::vector<at::Tensor> grads;
+    grads.reserve(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
-      if (!grads[i].has_value() || !grads[i]->defined()) return false;
-      const at::Tensor& g = *grads[i];
-      if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+      const at::Tensor& g = p.grad();
+      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
           g.device() != p.device() || !g.is_contiguous() || !p.is_contiguous() ||
           p.sizes() != at::IntArrayRef(sizes_[i]) || g.sizes() != p.sizes())
         return false;
+      grads.push_back(g);
     }
-    grads_.reserve(grads.size());
-    for (const auto& g : grads) grads_.push_back(*g);
+    grads_ = std::move(grads);
     return true;
   }
 
@@ -1207,8 +1210,8 @@ class BoundBuckets : public torch::CustomClassHolder {
   static constexpr int64_t kStaticFields = kSegmentFields - 2;  // without flags and step
   // graft_'s tensors per bucket, in order
   enum { kNorms, kScale, kTileUnits, kEntryTiles, kEntryUnits, kGraftTensors };
-  std::vector<at::Tensor> params_, momenta_, second_moments_, curvatures_, factors_, stats_,
-      graft_, tile_dampings_, grads_;
+  std::vector<at::Tensor> params_, others_, momenta_, second_moments_, curvatures_, factors_,
+      stats_, graft_, tile_dampings_, grads_;
   std::vector<int64_t> segments_, bucket_segments_;
   int64_t units_;
   std::vector<std::vector<int64_t>> sizes_;
@@ -1252,7 +1255,7 @@ TORCH_LIBRARY_FRAGMENT(mbf_kernels, m) {
   using Tensors = std::vector<at::Tensor>;
   m.class_<BoundBuckets>("BoundBuckets")
       .def(torch::init<Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors,
-                       std::vector<int64_t>, std::vector<int64_t>, int64_t>())
+                       std::vector<int64_t>, std::vector<int64_t>, int64_t, Tensors>())
       .def("bind", &BoundBuckets::bind)
       .def("step", &BoundBuckets::step);
 }

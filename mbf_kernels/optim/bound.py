@@ -44,7 +44,7 @@ class BoundBuckets:
             *([getattr(b, name) for b in plan.buckets]
               for name in ("curvature", "factor", "stats")),
             graft, [b.tile_damping for b in plan.buckets] if self.relative else [],
-            segments, counts, len(plan.units) + 1)
+            segments, counts, len(plan.units) + 1, self.others)
 
     @staticmethod
     def of(group: dict, plan: GroupPlan, state: dict, flags: int,
@@ -72,7 +72,7 @@ class BoundBuckets:
     def bind(self) -> bool:
         """Whether this step's gradients qualify (kept in the C++ object for :meth:`step`),
         the others' too: present, dense, real."""
-        return self.op.bind([p.grad for p in self.params], [p.grad for p in self.others])
+        return self.op.bind()
 
     def step(self, group: dict, flags: int, step: int, lagged: bool = False) -> None:
         """Every bucket's step, every unit stepping with ``flags`` to ``step``; ``lagged``:
