@@ -630,23 +630,44 @@ void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = 
 }
 
 // A GEMM of up to this many flops runs on one thread where a step's GEMMs are shared among the
-// threads (for_each_gemm). The ReLU autoencoder's seven shared blocks (0.1 to 17 MFLOP each, 39 in
-// all, AMD Zen 3, 2 threads): 365-405 us one after another on both threads, 550-615 us on one
+// threads (for_each_gemm_block). The ReLU autoencoder's seven shared blocks (0.1 to 17 MFLOP
+// each, 39 in all, AMD Zen 3, 2 threads): 365-405 us one after another on both threads, 550-615 us on one
 // thread; split between the two threads the cached grafted step went from 0.64-0.81 to
 // 0.59-0.67 ms (medians of alternating runs).
 constexpr int64_t kGemmGrain = int64_t(1) << 26;
 
-// Runs fn(i) for every block i, a GEMM of 2 n d^2 flops over its (n, d) `rows`: side by side,
-// one block per thread (for_each_block), where the blocks can be shared evenly (none more than a
-// thread's share of the total flops, none above kGemmGrain), else one after another, each on all
-// threads (a layer far wider than the others would run on one thread).
-template <typename Fn>
-void for_each_gemm(at::TensorList rows, Fn&& fn) {
-  std::vector<int64_t> flops(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) flops[i] = 2 * rows[i].numel() * rows[i].size(1);
+// The work of a step over blocks i, each a GEMM of 2 n d^2 flops over its (n, d) `rows` between
+// element-wise passes over its `elems[i]` elements (`before`, `gemm`, `after`: fn(i) each).
+// Where the GEMMs can be shared evenly (none more than a thread's share of the total flops,
+// none above kGemmGrain), each block's three run one after another on one thread, the blocks
+// side by side (run_side_by_side, by flops): its rows stay in that core's cache, and no
+// barrier separates the passes (the passes shared by elements and the GEMMs by flops had put
+// a block's rows on one core and its GEMM on the other: the ReLU autoencoder's grafted step
+// 636 us against 379 while the VM's second core ran slow). Otherwise each pass runs over all
+// blocks (for_each_block), the GEMMs one after another, each on all threads (a layer far wider
+// than the others would run on one thread).
+template <typename Before, typename Gemm, typename After>
+void for_each_gemm_block(at::TensorList rows, const std::vector<int64_t>& elems,
+                         Before&& before, Gemm&& gemm, After&& after) {
+  const size_t n = rows.size();
+  std::vector<int64_t> flops(n);
+  for (size_t i = 0; i < n; ++i) flops[i] = 2 * rows[i].numel() * rows[i].size(1);
   const int64_t total = std::accumulate(flops.begin(), flops.end(), int64_t(0));
   const int64_t largest = flops.empty() ? 0 : *std::max_element(flops.begin(), flops.end());
-  for_each_block(flops, fn, largest * at::get_num_threads() <= total ? kGemmGrain : 0);
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && n > 1 && largest <= kGemmGrain && largest * threads <= total) {
+    std::vector<size_t> all(n);
+    std::iota(all.begin(), all.end(), size_t(0));
+    run_side_by_side(flops, all, [&](size_t i) {
+      before(i);
+      gemm(i);
+      after(i);
+    });
+    return;
+  }
+  for_each_block(elems, before);
+  for (size_t i = 0; i < n; ++i) gemm(i);
+  for_each_block(elems, after);
 }
 
 // Each block's first entry (its weight; its bias follows) in a list of `total` entries laid out
@@ -674,7 +695,7 @@ std::vector<size_t> block_offsets(at::IntArrayRef params_per_block, size_t total
 // -lr times the block's entry of `ratios`, which then receives |a| / |u| either way), and p =
 // decay p + coef U. On a small MLP the same in torch calls from Python cost more than the
 // GEMMs themselves (about 10 calls per block). Every block is checked before any is touched;
-// the row passes and the updates run per block (for_each_block), the GEMMs by for_each_gemm.
+// each block's row pass, GEMM and update by for_each_gemm_block.
 void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments,
                            at::TensorList work, at::TensorList inverses, at::TensorList params,
                            const c10::List<c10::optional<at::Tensor>>& grads,
@@ -721,7 +742,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
   }
   // the row passes, as graft_rows_
   std::vector<at::Tensor> rows(n_blocks);
-  for_each_block(elems, [&](size_t i) {
+  const auto row_pass = [&](size_t i) {
     const bool bias = params_per_block[i] == 2;
     at::Tensor m = momenta[i], v = second_moments[i];
     rows[i] = std::get<0>(graft_rows_cpu(m, v, grads.get(first[i]),
@@ -729,11 +750,11 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                                          momentum, beta2, adam_eps[i], c10::nullopt,
                                          c10::nullopt, c10::nullopt, c10::nullopt, 1.0,
                                          c10::nullopt));
-  });
-  for_each_gemm(momenta, [&](size_t i) {
+  };
+  const auto gemm = [&](size_t i) {
     apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), momenta[i], inverses[i]);
-  });
-  for_each_block(elems, [&](size_t i) {
+  };
+  const auto update = [&](size_t i) {
     const int64_t n = momenta[i].size(0), d = momenta[i].size(1);
     const bool has_bias = params_per_block[i] == 2;
     const int64_t width = has_bias ? d - 1 : d;
@@ -766,7 +787,8 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
           kern.scaled_add_rows(bp, 1, u + width, d, nullptr, 0, nullptr, 0, 1, b, e, a, coef);
       });
     });
-  });
+  };
+  for_each_gemm_block(momenta, elems, row_pass, gemm, update);
 }
 
 // The curvature refresh of exact shared blocks in one call (registration.cpp): per block, its
@@ -775,7 +797,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
 // NaN included, are not read); a block whose G is not finite keeps F and counts in its
 // stats[0]. In torch calls from Python (shared.py) that was about ten calls per block, more
 // than the GEMM itself on the ReLU autoencoder's seven blocks. Every block is checked before any
-// is touched; the copies run per block (for_each_block), the GEMMs by for_each_gemm.
+// is touched; each block's copy and GEMM by for_each_gemm_block.
 void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::TensorList stats,
                         const c10::List<c10::optional<at::Tensor>>& grads,
                         at::IntArrayRef params_per_block, at::IntArrayRef rows,
@@ -812,7 +834,7 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
     elems[i] = n * d;
   }
   std::vector<char> finite(n_blocks);
-  for_each_block(elems, [&](size_t i) {
+  const auto copy = [&](size_t i) {
     const bool bias = params_per_block[i] == 2;
     const c10::optional<at::Tensor> gw = grads.get(grad_index[i]);
     const c10::optional<at::Tensor> gb = bias ? grads.get(grad_index[i] + 1) : c10::nullopt;
@@ -829,8 +851,8 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
       const scalar_t sq = sum_of_squares(G, n * d);
       finite[i] = sq - sq == scalar_t(0);
     });
-  });
-  for_each_gemm(work, [&](size_t i) {
+  };
+  const auto gemm = [&](size_t i) {
     if (!finite[i]) {
       stats[i].mutable_data_ptr<int64_t>()[0] += 1;
       return;
@@ -840,7 +862,8 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
         (from_scratch ? 1.0 : 1.0 - beta) / double(std::max<int64_t>(rows[i], 1));
     at::Tensor F = curvatures[i];
     F.addmm_(work[i].t(), work[i], from_scratch ? 0.0 : beta, scale);
-  });
+  };
+  for_each_gemm_block(work, elems, copy, gemm, [](size_t) {});
 }
 
 // A factorisation of up to this many d^3 runs on one thread, the blocks shared among the
