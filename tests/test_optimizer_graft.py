@@ -822,6 +822,61 @@ def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, mon
     assert torch.equal(_flat(twin_model), ends[0])
 
 
+@pytest.mark.parametrize("graft_norms", ["previous", "current"])
+def test_bound_shared_blocks_step_as_the_torch_path(graft_norms, monkeypatch):
+    """On the CPU the grafted step of exact shared blocks runs in one call of the C++
+    BoundShared, which reads the gradients from the parameters. Where a gradient does not
+    qualify (step 3: a non-contiguous one) it touches nothing and the general path steps; a
+    missing weight gradient (step 6) counts as zero, as there. Ten steps (float64, T1 = 2,
+    T2 = 3) end where the torch backend ends; a deep copy taken after step 5 binds its own
+    tensors and ends where the original ends."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    from mbf_kernels.optim.shared import SharedSet
+    bound_at = []
+    fused = SharedSet._exact_step_fused
+
+    def recorded(self, group, active, steps, *rest):
+        ran = fused(self, group, active, steps, *rest)
+        bound_at.append((steps[0], ran))
+        return ran
+
+    monkeypatch.setattr(SharedSet, "_exact_step_fused", recorded)
+    x = randn(16, 70, seed=2)
+    y = torch.arange(16) % 5
+
+    def train(model, opt, steps):
+        for k in steps:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if k == 2:
+                g = model[0].weight.grad
+                model[0].weight.grad = g.mT.contiguous().mT
+                assert not model[0].weight.grad.is_contiguous()
+            if k == 5:
+                model[2].weight.grad = None
+            opt.step()
+
+    ends = []
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(70, 80), nn.Tanh(), nn.Linear(80, 5)).double()
+        opt = mk.MBF.from_model(model, backend=backend, curvature_update_freq=2,
+                                inverse_update_freq=3, graft_norms=graft_norms)
+        assert [b["kind"] for b in opt.block_summary()] == ["shared", "shared"]
+        train(model, opt, range(5))
+        if backend == "cpu":
+            twin_model, twin = copy.deepcopy((model, opt))
+        train(model, opt, range(5, 10))
+        ends.append(_flat(model))
+    taken = [k for k, ran in bound_at if ran]
+    assert taken[:9] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+    torch.testing.assert_close(ends[0], ends[1], rtol=1e-9, atol=1e-12)
+    assert (ends[0] - _flat(twin_model)).abs().max() > 1e-3  # the run moved
+    train(twin_model, twin, range(5, 10))
+    assert torch.equal(_flat(twin_model), ends[0])
+
+
 def test_grafted_first_step_is_as_long_as_adamw_per_unit():
     """At step 1 the grafted update of each unit has the length of AdamW's update of it (the
     definition, against torch.optim.AdamW itself): lr |m_hat / (sqrt(v_hat) + eps)|."""

@@ -1240,6 +1240,57 @@ class BoundBuckets : public torch::CustomClassHolder {
   std::vector<std::vector<int64_t>> sizes_;
 };
 
+// A param group's exact shared blocks bound once (mbf_kernels.optim.shared.SharedSet binds
+// them), for their grafted step in one call: shared_graft_step_ with the tensors kept here and
+// the gradients read from the parameters (on the ReLU autoencoder the op's argument lists and
+// their checks in Python had cost 30 us of a 460-us step). momenta, second_moments, work,
+// inverses: per block; params: each block's weight, then its bias where params_per_block says
+// 2.
+class BoundShared : public torch::CustomClassHolder {
+ public:
+  BoundShared(std::vector<at::Tensor> momenta, std::vector<at::Tensor> second_moments,
+              std::vector<at::Tensor> work, std::vector<at::Tensor> inverses,
+              std::vector<at::Tensor> params, std::vector<int64_t> params_per_block)
+      : momenta_(std::move(momenta)), second_moments_(std::move(second_moments)),
+        work_(std::move(work)), inverses_(std::move(inverses)), params_(std::move(params)),
+        params_per_block_(std::move(params_per_block)) {
+    TORCH_CHECK(!momenta_.empty(), "mbf_kernels: BoundShared takes at least one block");
+    block_offsets(params_per_block_, params_.size(), "BoundShared", "parameters");
+  }
+
+  // The grafted step (shared_graft_step_, which checks the bound tensors) where every
+  // parameter is contiguous in the rows' dtype and every gradient is absent (a zero) or a
+  // dense contiguous tensor of its parameter's dtype and size; otherwise nothing is touched and
+  // the result is false: the caller takes the general path, which names what is wrong, if
+  // anything is.
+  bool step(std::vector<double> adam_scale, std::vector<double> adam_eps, double momentum,
+            double beta2, double lr, double decay, at::Tensor ratios, bool lagged) {
+    const auto dtype = momenta_[0].scalar_type();
+    c10::List<c10::optional<at::Tensor>> grads;
+    grads.reserve(params_.size());
+    for (const at::Tensor& p : params_) {
+      if (p.scalar_type() != dtype || !p.is_contiguous()) return false;
+      const at::Tensor& g = p.grad();
+      if (!g.defined()) {
+        grads.push_back(c10::nullopt);
+        continue;
+      }
+      if (g.layout() != at::kStrided || g.scalar_type() != dtype || !g.is_contiguous() ||
+          g.device() != p.device() || g.numel() != p.numel())
+        return false;
+      grads.push_back(g);
+    }
+    shared_graft_step_cpu(momenta_, second_moments_, work_, inverses_, params_, grads,
+                          params_per_block_, adam_scale, adam_eps, momentum, beta2, lr, decay,
+                          ratios, lagged);
+    return true;
+  }
+
+ private:
+  std::vector<at::Tensor> momenta_, second_moments_, work_, inverses_, params_;
+  std::vector<int64_t> params_per_block_;
+};
+
 }  // namespace
 
 double onednn_gemm_min_flops() {
@@ -1281,6 +1332,9 @@ TORCH_LIBRARY_FRAGMENT(mbf_kernels, m) {
                        std::vector<int64_t>, std::vector<int64_t>, int64_t, Tensors>())
       .def("bind", &BoundBuckets::bind)
       .def("step", &BoundBuckets::step);
+  m.class_<BoundShared>("BoundShared")
+      .def(torch::init<Tensors, Tensors, Tensors, Tensors, Tensors, std::vector<int64_t>>())
+      .def("step", &BoundShared::step);
 }
 
 }  // namespace ops

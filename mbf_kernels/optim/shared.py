@@ -105,7 +105,7 @@ class SharedSet:
         # Each block's last measured graft ratio |a| / |u| (graft_norms="previous" steps by it)
         self.ratios = torch.zeros(len(self.blocks), dtype=dtype, device=device)
         self._row_params_of: dict[tuple[int, ...], tuple[list[Tensor], list[int]]] = {}
-        self._exact_rows_of: dict[tuple[int, ...], tuple[list[Tensor], ...] | None] = {}
+        self._bound_of: dict[tuple[int, ...], object | None] = {}
         self.row_block = torch.repeat_interleave(
             self.block_index, self.block_rows,
             output_size=self.row_starts[-1])  # known here: no sync (and meta tensors work)
@@ -224,28 +224,39 @@ class SharedSet:
             self._row_params_of[key] = params, counts
         return self._row_params_of[key]
 
-    def _exact_rows(self, active: list[int]) -> tuple[list[Tensor], ...] | None:
-        """The ``active`` blocks' momentum, v and work rows and inverses, for
-        ``shared_graft_step_``, built once per active set (the tensors persist: a refactor and
-        a load rewrite them in place; building them each step was a tenth of the ReLU
-        autoencoder's step in Python); None where a block is kept at a rank."""
+    def _bound(self, active: list[int]) -> object | None:
+        """The ``active`` exact blocks bound to the C++ ``BoundShared`` (their rows, inverses
+        and parameters; it reads the gradients), built once per active set (the tensors
+        persist: a refactor and a load rewrite them in place; the op's argument lists, built
+        and checked each step, had cost 30 us of the ReLU autoencoder's 460-us step); None
+        where a block is kept at a rank."""
         key = tuple(active)
-        if key not in self._exact_rows_of:
+        if key not in self._bound_of:
             blocks = [self.blocks[i] for i in active]
-            self._exact_rows_of[key] = None if any(b.lowrank is not None for b in blocks) else (
-                *([b.rows[k] for b in blocks] for k in ("momentum", "second_moment", "work")),
-                [b.inverse for b in blocks])
-        return self._exact_rows_of[key]
+            params, counts = self._row_params(active)
+            self._bound_of[key] = None if any(b.lowrank is not None for b in blocks) else (
+                torch.classes.mbf_kernels.BoundShared(
+                    *([b.rows[k] for b in blocks] for k in ("momentum", "second_moment", "work")),
+                    [b.inverse for b in blocks], params, counts))
+        return self._bound_of[key]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_bound_of": {}}  # (C++ objects: bound again on first use)
+
+    def _row_passes_serve(self, group: dict) -> bool:
+        """Whether the C++ row passes serve the group's step: on the CPU with the compiled
+        kernels and float32 GEMMs, the step's direction the gradient itself (decoupled decay,
+        or none)."""
+        return (dispatch.cpu_ops(group, self.device)
+                # emulated TF32 GEMMs (for measuring it) are torch's: the fused passes' are not
+                and resolve(group["shared_matmul"], self.device) != "tf32"
+                and not (group["weight_decay"] and not group["decoupled_weight_decay"]))
 
     def _fused_grads(self, group: dict, active: list[int]) -> list[Tensor | None] | None:
-        """The gradients of :meth:`_row_params` where the C++ row passes apply (None where not:
-        the caller takes the torch path): on the CPU with the compiled kernels and float32
-        GEMMs, the step's direction the gradient itself (decoupled decay, or none),
-        gradients and parameters in the state's dtype, contiguous."""
-        if (not dispatch.cpu_ops(group, self.device)
-                # emulated TF32 GEMMs (for measuring it) are torch's: the fused passes' are not
-                or resolve(group["shared_matmul"], self.device) == "tf32"
-                or (group["weight_decay"] and not group["decoupled_weight_decay"])):
+        """The gradients of :meth:`_row_params` where the C++ row passes serve
+        (:meth:`_row_passes_serve`) and gradients and parameters are in the state's dtype,
+        contiguous (None where not: the caller takes the torch path)."""
+        if not self._row_passes_serve(group):
             return None
         dtype = self.flat["work"].dtype
         params = self._row_params(active)[0]
@@ -257,27 +268,26 @@ class SharedSet:
 
     def _exact_step_fused(self, group: dict, active: list[int], steps: list[int],
                           beta1: float, decay: float, lagged: bool) -> bool:
-        """A grafted step of exact blocks in one C++ call (``shared_graft_step_``), where the
-        row passes apply and no FSDP2 sum intervenes; whether it ran. On the ReLU autoencoder
+        """A grafted step of exact blocks in one C++ call (``BoundShared.step``: the op
+        ``shared_graft_step_`` on the bound tensors), where the row passes serve, every
+        gradient qualifies and no FSDP2 sum intervenes; whether it ran. On the ReLU autoencoder
         (seven shared blocks) the step's Python and small torch calls had cost more than its
         GEMMs."""
-        rows = self._exact_rows(active)
-        if self.reduce is not None or rows is None:
+        if self.reduce is not None or not self._row_passes_serve(group):
             return False
-        grads = self._fused_grads(group, active)
-        if grads is None:
+        bound = self._bound(active)
+        if bound is None:
             return False
-        params, counts = self._row_params(active)
         beta2 = group["betas"][1]
         per_step = {k: graft_bias_corrections(beta1, beta2, k) for k in set(steps)}
         corrections = [per_step[k] for k in steps]
         every = len(active) == len(self.blocks)
         # (the active blocks' ratios: in with lagged, out always)
         ratios = self.ratios if every else self.ratios[active]
-        torch.ops.mbf_kernels.shared_graft_step_(
-            *rows, params, grads, counts, [c1 / s2 for c1, s2 in corrections],
-            [group["eps"] / s2 for _, s2 in corrections], beta1, beta2, group["lr"], decay,
-            ratios, lagged)
+        if not bound.step([c1 / s2 for c1, s2 in corrections],
+                          [group["eps"] / s2 for _, s2 in corrections], beta1, beta2,
+                          group["lr"], decay, ratios, lagged):
+            return False
         if not every:
             self.ratios[active] = ratios
         return True
