@@ -631,9 +631,9 @@ void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = 
 
 // A GEMM of up to this many flops runs on one thread where a step's GEMMs are shared among the
 // threads (for_each_gemm_block). The ReLU autoencoder's seven shared blocks (0.1 to 17 MFLOP
-// each, 39 in all, AMD Zen 3, 2 threads): 365-405 us one after another on both threads, 550-615 us on one
-// thread; split between the two threads the cached grafted step went from 0.64-0.81 to
-// 0.59-0.67 ms (medians of alternating runs).
+// each, 39 in all, AMD Zen 3, 2 threads): 365-405 us one after another on both threads,
+// 550-615 us on one thread; split between the two threads the cached grafted step went from
+// 0.64-0.81 to 0.59-0.67 ms (medians of alternating runs).
 constexpr int64_t kGemmGrain = int64_t(1) << 26;
 
 // The work of a step over blocks i, each a GEMM of 2 n d^2 flops over its (n, d) `rows` between
