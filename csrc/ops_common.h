@@ -20,11 +20,12 @@ namespace ops {
 
 // A shared block's U = M inv of at least onednn_gemm_min_flops() FLOPs runs on oneDNN's float32
 // matmul (apply_inverse_ in cpu/ops.cpp), smaller ones on torch's mm (MKL). Which library wins
-// depends on the CPU, so the size does too (cpu/ops.cpp: the default for this CPU and the
-// measurements behind it); set_onednn_gemm_min_flops() overrides it (tests take each library on
-// any host: 0 sends every GEMM to oneDNN, inf none). build_info() and Python
+// depends on the CPU and on whether the GEMM runs on all threads or on one beside others
+// (`side_by_side`), so the size does too (cpu/ops.cpp: the defaults for this CPU and the
+// measurements behind them); set_onednn_gemm_min_flops() overrides both (tests take each
+// library on any host: 0 sends every GEMM to oneDNN, inf none). build_info() and Python
 // (mbf_kernels._extension.onednn_gemm_min_flops, shared_block.py) read it.
-double onednn_gemm_min_flops();
+double onednn_gemm_min_flops(bool side_by_side = false);
 void set_onednn_gemm_min_flops(double flops);  // a negative value restores this CPU's default
 
 inline void check_blocks(const at::Tensor& A, const char* name) {

@@ -156,7 +156,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_level", [] { return std::string(mbf::cpu::kernels().isa); },
         "The ISA level of the active CPU kernels.");
   m.def("onednn_gemm_min_flops", &mbf::ops::onednn_gemm_min_flops,
-        "FLOPs from which apply_inverse_ runs a shared block's GEMM on oneDNN (else MKL's mm).");
+        pybind11::arg("side_by_side") = false,
+        "FLOPs from which apply_inverse_ runs a shared block's GEMM on oneDNN (else MKL's mm), "
+        "on all threads or (side_by_side) on one beside other blocks' GEMMs.");
   m.def("set_onednn_gemm_min_flops", &mbf::ops::set_onednn_gemm_min_flops, pybind11::arg("flops"),
         "Override onednn_gemm_min_flops(); a negative value restores this CPU's default.");
 }

@@ -77,14 +77,16 @@ def build_info() -> dict:
     if _C is None:
         return {}
     return dict(_BUILD_INFO, cpu_level=cpu_capability(),
-                onednn_gemm_min_flops=onednn_gemm_min_flops())
+                onednn_gemm_min_flops=onednn_gemm_min_flops(),
+                onednn_gemm_min_flops_side_by_side=onednn_gemm_min_flops(side_by_side=True))
 
 
-def onednn_gemm_min_flops() -> float:
+def onednn_gemm_min_flops(side_by_side: bool = False) -> float:
     """FLOPs from which the C++ ``apply_inverse_`` runs a shared block's GEMM on oneDNN rather
-    than MKL's mm (inf without the extension). It depends on the CPU (csrc/ops_common.h): 8
-    MFLOP where AVX-512 runs, 1 GFLOP elsewhere."""
-    return _C.onednn_gemm_min_flops() if _C is not None else math.inf
+    than MKL's mm (inf without the extension), on all threads or (``side_by_side``) on one
+    beside other blocks' GEMMs. It depends on the CPU (csrc/cpu/ops.cpp): 8 MFLOP where AVX-512
+    runs, 1 GFLOP elsewhere and side by side on AMD's family 25 (Zen 3 and 4)."""
+    return _C.onednn_gemm_min_flops(side_by_side) if _C is not None else math.inf
 
 
 def set_onednn_gemm_min_flops(flops: float | None) -> None:

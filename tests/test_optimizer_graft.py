@@ -563,9 +563,10 @@ def gemm_library(request):
 
 
 def test_the_gemm_library_follows_the_cpu_and_an_override_is_undone():
-    """oneDNN from 8 MFLOP where AVX-512 runs (it beat MKL there) but on AMD's family 25 (Zen 4
-    runs AVX-512 on 256-bit units), from 1 GFLOP elsewhere (its AVX2 kernel lost to MKL below
-    that); an override holds until None restores the default."""
+    """oneDNN from 8 MFLOP where AVX-512 runs (it beat MKL there), from 1 GFLOP elsewhere (its
+    AVX2 kernel lost to MKL below that) and, on AMD's family 25 (Zen 4 runs AVX-512 on 256-bit
+    units), for a GEMM on one thread beside others; an override holds for both until None
+    restores the defaults."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     from mbf_kernels._extension import (build_info, onednn_gemm_min_flops,
@@ -577,14 +578,19 @@ def test_the_gemm_library_follows_the_cpu_and_an_override_is_undone():
         pytest.skip("no /proc/cpuinfo to read the CPU's vendor and family from")
     zen3_or_4 = ("AuthenticAMD" in cpuinfo
                  and re.search(r"^cpu family\s*:\s*25$", cpuinfo, re.M) is not None)
-    default = 8.0 * 2**20 if avx512 and not zen3_or_4 else 2.0**30
-    assert onednn_gemm_min_flops() == default == build_info()["onednn_gemm_min_flops"]
+    default = 8.0 * 2**20 if avx512 else 2.0**30
+    side_by_side = 2.0**30 if zen3_or_4 else default
+    info = build_info()
+    assert onednn_gemm_min_flops() == default == info["onednn_gemm_min_flops"]
+    assert (onednn_gemm_min_flops(side_by_side=True) == side_by_side
+            == info["onednn_gemm_min_flops_side_by_side"])
     try:
         set_onednn_gemm_min_flops(123.0)
-        assert onednn_gemm_min_flops() == 123.0
+        assert onednn_gemm_min_flops() == onednn_gemm_min_flops(side_by_side=True) == 123.0
     finally:
         set_onednn_gemm_min_flops(None)
     assert onednn_gemm_min_flops() == default
+    assert onednn_gemm_min_flops(side_by_side=True) == side_by_side
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])

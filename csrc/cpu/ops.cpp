@@ -521,17 +521,21 @@ std::tuple<at::Tensor, at::Tensor> sketch_rows_cpu(const at::Tensor& grad_weight
 
 // The size from which a shared block's GEMM runs on oneDNN (ops_common.h). MKL's sgemm runs AVX2
 // code on AMD CPUs; oneDNN's float32 matmul (brg_matmul:avx512_core) uses AVX-512 where it runs.
-// On an AVX-512 CPU with full-width units (the dev VM's AMD EPYC, Zen 5) oneDNN took 64 x 513
-// by 513 x 513 in 124 us against MKL's 225 and 128 x 257 by 257 x 257 in 56 against 101, but
-// 16 x 65 by 65 x 65 in 15 against 4 (its call's fixed cost): from 8 MFLOP. On an AVX2-only
-// CPU (AMD EPYC Zen 3, 2 threads) its AVX2 kernel lost to MKL at every size up to 270 MFLOP
-// (1.04-1.46x MKL's time: 128 x 257 in 218 against 180 us) and won only at 4.3 GFLOP (0.91x);
-// on Zen 4, whose AVX-512 runs on 256-bit units, it lost too (one thread: 128 x 257 in 188
-// against 183 us, 256 x 129 in 108 against 96): from 1 GFLOP on both (bench/RESULTS.md, "oneDNN
-// or MKL by CPU").
-double default_onednn_gemm_min_flops() {
-  return cpu::cpu_runs_level("avx512") && !cpu::amd_family_25() ? 8.0 * (1 << 20)
-                                                                 : double(1 << 30);
+// On an AVX-512 CPU (the dev VM's AMD EPYC, Zen 5) oneDNN took 64 x 513 by 513 x 513 in 124 us
+// against MKL's 225 and 128 x 257 by 257 x 257 in 56 against 101, but 16 x 65 by 65 x 65 in 15
+// against 4 (its call's fixed cost): from 8 MFLOP. On an AVX2-only CPU (AMD EPYC Zen 3, 2
+// threads) its AVX2 kernel lost to MKL at every size up to 270 MFLOP (1.04-1.46x MKL's time:
+// 128 x 257 in 218 against 180 us) and won only at 4.3 GFLOP (0.91x): from 1 GFLOP there
+// (bench/RESULTS.md, "oneDNN or MKL by CPU").
+// `side_by_side`: a GEMM on one thread while the others run other blocks (for_each_gemm_block).
+// On AMD's family 25 (Zen 3; Zen 4, whose AVX-512 runs on 256-bit units) MKL won there (Zen 4:
+// 128 x 257 in 183 us against 188, 256 x 129 in 96 against 108), while on both threads oneDNN
+// won on Zen 4 (107 against 113 us, and 10 x 4097 in 4.3 ms against MKL's 9.3): from 1 GFLOP
+// side by side on family 25.
+double default_onednn_gemm_min_flops(bool side_by_side) {
+  static const bool family_25 = cpu::amd_family_25();
+  if (side_by_side && family_25) return double(1 << 30);
+  return cpu::cpu_runs_level("avx512") ? 8.0 * (1 << 20) : double(1 << 30);
 }
 
 std::atomic<double> g_onednn_gemm_min_flops{-1.0};  // negative: this CPU's default
@@ -558,7 +562,8 @@ void apply_inverse_cpu(at::Tensor& out, const at::Tensor& m, const at::Tensor& i
   // reorder: 50x slower.
   const at::Tensor weight = inverse.is_contiguous() ? inverse : inverse.mT();
   const c10::OperatorHandle* op = onednn_linear();
-  if (op != nullptr && flops >= onednn_gemm_min_flops() && m.scalar_type() == at::kFloat &&
+  if (op != nullptr && flops >= onednn_gemm_min_flops(at::in_parallel_region()) &&
+      m.scalar_type() == at::kFloat &&
       m.is_contiguous() && weight.is_contiguous()) {
     torch::jit::Stack stack{m, weight, c10::IValue(), std::string("none"),
                             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
@@ -1293,10 +1298,11 @@ class BoundShared : public torch::CustomClassHolder {
 
 }  // namespace
 
-double onednn_gemm_min_flops() {
+double onednn_gemm_min_flops(bool side_by_side) {
   const double set = g_onednn_gemm_min_flops.load(std::memory_order_relaxed);
-  static const double cpu_default = default_onednn_gemm_min_flops();
-  return set < 0 ? cpu_default : set;
+  static const double all_threads = default_onednn_gemm_min_flops(false);
+  static const double one_thread = default_onednn_gemm_min_flops(true);
+  return set >= 0 ? set : side_by_side ? one_thread : all_threads;
 }
 
 void set_onednn_gemm_min_flops(double flops) {
