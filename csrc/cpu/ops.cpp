@@ -48,10 +48,9 @@ at::Tensor with_huge_pages(at::Tensor t) {
   return t;
 }
 
-// Blocks per parallel task: enough work (about d^3 flops each) to amortise the task overhead,
-// so small batches stay on one thread. (From 32k flops: the ReLU autoencoder's one bucket, 64
-// blocks of d = 17, went to two threads, whose wake-up made its step 27 us against 13 on one.)
-int64_t grain_for(int64_t d) { return 1 + (int64_t(1) << 18) / (d * d * d + 1); }
+// Blocks per parallel task: enough work (about d^3 flops each) to amortise
+// the task overhead, so small batches stay on one thread.
+int64_t grain_for(int64_t d) { return 1 + 32768 / (d * d * d + 1); }
 
 std::tuple<at::Tensor, at::Tensor> cholesky_ex_cpu(const at::Tensor& A_in,
                                                    double damping) {
@@ -158,8 +157,15 @@ void outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
   if (!in_place) F.copy_(Fc);
 }
 
-// Compact tiles per parallel task.
-int64_t tile_grain(int64_t d) { return 1 + grain_for(d) / kCompactTile; }
+// Compact tiles per parallel task: about 20 us of work, from the fused step's time per block on
+// one thread (AMD Zen 4: 4 ns at d = 1, 15 at d = 9, 80 at d = 17; about 4 + d^3 / 64 ns), so
+// that a small bucket stays on one thread: by grain_for's d^3 alone the ReLU autoencoder's
+// bucket (64 blocks of d = 17) went to two threads, whose wake-up made its step 27 us against 13
+// on one, while a d^3 grain large enough for that left a 33k-block bucket of d = 1 on one
+// thread (140 us against 70 on two).
+int64_t tile_grain(int64_t d) {
+  return 1 + ((int64_t(1) << 20) / (d * d * d + 256)) / kCompactTile;
+}
 
 // The fused step over compact tiles [0, n_tiles) of the segments, split across threads;
 // adds the counters to stats ([skipped curvature blocks, failed factorisations]).
