@@ -615,8 +615,8 @@ def test_apply_inverse_op_is_the_product(n, d, layout, gemm_library):
 
 # Layers (in, out, bias) of the fused-rows test: one layer's GEMMs above the others' (they run
 # one after another, on all threads), or GEMMs that split evenly (run side by side, one block
-# per thread: shared_graft_step_'s and shared_refresh_'s for_each_gemm). The even set's last layer
-# has more rows than the rank (8): with 5, float32 rounding of its rank-deficient sketch moved
+# per thread: shared_graft_step_'s and shared_refresh_'s for_each_gemm_block). The even set's
+# last layer has more rows than the rank (8): with 5, float32 rounding of its rank-deficient sketch moved
 # the end 1.2e-5 apart between the backends (in float64, 7e-15: rounding, not a difference).
 FUSED_ROWS_LAYERS = {"uneven": [(40, 30, True), (30, 20, False), (20, 5, True)],
                      "even": [(40, 30, True), (30, 30, True), (30, 40, False), (40, 10, True)]}
