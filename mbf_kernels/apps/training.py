@@ -343,12 +343,16 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
             ) -> tuple[list[RunResult], list[dict]]:
     """Every optimizer on every task, for each of ``cfg.seeds`` (initial weights and data order;
     the lr is tuned on the first); ``progress`` is an optional rich.progress.Progress (one bar
-    per run, and one per tuning sweep)."""
+    per run, and one per tuning sweep). The runs go seed by seed, every optimizer's run of a
+    seed after the other's, so that the times compared were taken close together (a shared VM's
+    speed drifts over minutes: run optimizer by optimizer, the main job's per-epoch ratios had
+    compared runs a minute apart)."""
     results, trials = [], []
     seeds = cfg.seeds or (cfg.seed,)
     cfg = replace(cfg, seed=seeds[0])  # the tuning runs' seed
     for task in tasks:
         warm_up(task, cfg)
+        lrs = {}
         for name in optimizers:
             lr = cfg.lr_of(name)
             if cfg.tune:
@@ -361,9 +365,11 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
 
                 lr, tried = tune_lr(task, name, cfg, on_trial)
                 trials += tried
-            for seed in seeds:
-                results.append(_progress_run(task, name, lr, replace(cfg, seed=seed), progress,
-                                             f" seed {seed}" if len(seeds) > 1 else ""))
+            lrs[name] = lr
+        for seed in seeds:
+            for name in optimizers:
+                results.append(_progress_run(task, name, lrs[name], replace(cfg, seed=seed),
+                                             progress, f" seed {seed}" if len(seeds) > 1 else ""))
     return results, trials
 
 
