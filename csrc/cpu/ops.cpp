@@ -618,6 +618,14 @@ void run_side_by_side(const std::vector<int64_t>& cost, const std::vector<size_t
   });
 }
 
+// The same for every block.
+template <typename Fn>
+void run_side_by_side(const std::vector<int64_t>& cost, Fn&& fn) {
+  std::vector<size_t> all(cost.size());
+  std::iota(all.begin(), all.end(), size_t(0));
+  run_side_by_side(cost, all, fn);
+}
+
 // Runs fn(i) for every block i of `elems[i]` elements. A block large enough to split runs its
 // own rows in parallel (row_grain), so those go one after another; when every block is smaller
 // than that (a small MLP's: each would run on one thread, the others idle), the blocks
@@ -635,9 +643,7 @@ void for_each_block(const std::vector<int64_t>& elems, Fn&& fn, int64_t grain = 
     for (size_t i = 0; i < elems.size(); ++i) fn(i);
     return;
   }
-  std::vector<size_t> all(elems.size());
-  std::iota(all.begin(), all.end(), size_t(0));
-  run_side_by_side(elems, all, fn);
+  run_side_by_side(elems, fn);
 }
 
 // A GEMM of up to this many flops runs on one thread where a step's GEMMs are shared among the
@@ -667,9 +673,7 @@ void for_each_gemm_block(at::TensorList rows, const std::vector<int64_t>& elems,
   const int64_t largest = flops.empty() ? 0 : *std::max_element(flops.begin(), flops.end());
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && n > 1 && largest <= kGemmGrain && largest * threads <= total) {
-    std::vector<size_t> all(n);
-    std::iota(all.begin(), all.end(), size_t(0));
-    run_side_by_side(flops, all, [&](size_t i) {
+    run_side_by_side(flops, [&](size_t i) {
       before(i);
       gemm(i);
       after(i);
@@ -971,10 +975,7 @@ void shared_inverse_cpu(at::TensorList inverses, at::TensorList factors) {
     L.diagonal().reciprocal_();
     const_cast<at::Tensor&>(inverses[i]).copy_(at::cholesky_inverse(L));
   };
-  if (at::get_num_threads() == 1)
-    for (size_t i : small) invert(i);
-  else if (!small.empty())
-    run_side_by_side(cost, small, invert);
+  run_side_by_side(cost, small, invert);  // (on one thread: inline)
   for (size_t i : large) invert(i);
 }
 
