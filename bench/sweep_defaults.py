@@ -1,6 +1,6 @@
 """The sweep behind MBF's shipped defaults (mbf_kernels.optim.DEFAULTS): lr, damping, T1/T2.
 
-    python bench/sweep_defaults.py --out bench/results
+    python bench/sweep_defaults.py --betas 0.9 0.6 0.3 --out bench/results/curvature_beta
 
 A panel of four tasks of different architectures, losses and data, each through ``mbf train``'s
 training loop (seeded initialisation and data order), two seeds:
@@ -11,14 +11,15 @@ training loop (seeded initialisation and data order), two seeds:
   shapes_cnn   the small CNN on the generated 32x32 RGB shapes, cross-entropy, wd 0.01
 
 MBF runs in the mode the package ships (graft="adam", damping_mode="relative", decoupled weight
-decay) over lr x damping; AdamW runs at the same learning rates beside it. Criterion, as the
+decay) over lr x damping x beta (the curvature EMA's decay, ``--betas``; 0.9 alone unless
+given); AdamW runs at the same learning rates beside it. Criterion, as the
 paper's tuning: training loss over the last epoch, averaged over the seeds. A default must
 survive a user's lr being off by up to 9x either way (issue 12's bar), so a pair qualifies only
 if, at 9x its lr (same damping), every task was measured, stayed finite and is no worse than at
 1/9x its lr; the grid runs to 27x 1e-3 so that candidates up to 3e-3 can be judged. A default
 must also be good on every task and at a user's 3x larger lr, so a qualifying pair's score is
 the worst, over the tasks, of its loss and the loss at the next larger lr, each relative to
-that task's best MBF cell; the lowest score wins. Then (T1, T2) are swept at the chosen pair
+that task's best MBF cell; the lowest score wins (a setting being lr, damping and beta). Then (T1, T2) are swept at the chosen pair
 and kept at the paper's (10, 100) unless another pair is better on every task. Writes
 defaults_sweep.csv and defaults_sweep.md; ``--summarize CSV`` redoes only the choice from an
 existing csv, ``--extend CSV`` runs only the cells that csv lacks (a wider grid, the (T1, T2)
@@ -55,26 +56,27 @@ PANEL = {
 BASE_LR = 1e-3  # AdamW's default, which a drop-in keeps
 LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0, 27.0)
 DAMPINGS = (0.03, 0.1, 0.3)
+BETAS = (0.9,)  # the curvature EMA's decay; --betas widens it
 FREQS = ((10, 100), (5, 50), (20, 200))  # (T1, T2); the first is the paper's
 DATA = functools.cache(load_dataset)
-FIELDS = ("task", "optimizer", "lr", "damping", "t1", "t2", "loss", "test_acc")
+FIELDS = ("task", "optimizer", "lr", "damping", "beta", "t1", "t2", "loss", "test_acc")
 
 
-def run(task: str, optimizer: str, lr: float, damping: float, t1: int, t2: int,
+def run(task: str, optimizer: str, lr: float, damping: float, beta: float, t1: int, t2: int,
         seeds: int, epochs_scale: float) -> dict:
     """One cell: the training loss of the last epoch (inf if diverged), mean over the seeds."""
     spec = PANEL[task]
     losses, accs = [], []
     for seed in range(seeds):
         cfg = training.TrainConfig(epochs=max(1, round(spec.epochs * epochs_scale)), seed=seed,
-                                   weight_decay=spec.weight_decay, damping=damping,
+                                   weight_decay=spec.weight_decay, damping=damping, beta=beta,
                                    curvature_update_freq=t1, inverse_update_freq=t2)
         result = training.train_run(training.make_task(DATA(spec.dataset), spec.model),
                                     optimizer, lr, cfg)
         losses.append(math.inf if result.diverged else result.final.train_loss)
         accs.append(result.final.test_acc)
     acc = None if None in accs else sum(accs) / len(accs)
-    return dict(task=task, optimizer=optimizer, lr=lr, damping=damping, t1=t1, t2=t2,
+    return dict(task=task, optimizer=optimizer, lr=lr, damping=damping, beta=beta, t1=t1, t2=t2,
                 loss=sum(losses) / len(losses), test_acc=acc)
 
 
@@ -108,65 +110,81 @@ def choose(rows: list[dict]) -> tuple[dict, list[str]]:
     mbf = [r for r in rows if r["optimizer"] == "mbf"]
     grid = [r for r in mbf if (r["t1"], r["t2"]) == FREQS[0]]
     lrs = sorted({r["lr"] for r in grid})
-    dampings = sorted({r["damping"] for r in grid})
-    cells = {(r["task"], r["lr"], r["damping"], r["t1"], r["t2"]): r["loss"] for r in mbf}
+    # A setting is (damping, beta); the lr is chosen with it.
+    settings = sorted({(r["damping"], r["beta"]) for r in grid}, key=lambda x: (-x[1], x[0]))
+    cells = {(r["task"], r["lr"], r["damping"], r["beta"], r["t1"], r["t2"]): r["loss"]
+             for r in mbf}
     best = {t: min(r["loss"] for r in grid if r["task"] == t) for t in tasks}
-    score = {(lr, d): _score(cells, tasks, lrs, best, lr, (d, *FREQS[0]))
-             for lr in lrs for d in dampings}
-    robust = {k: _robust(cells, tasks, lrs, k[0], (k[1], *FREQS[0])) for k in score}
-    lr, damping = min(score, key=lambda k: (not robust[k], score[k]))
-    # (T1, T2) are run at the chosen pair only. They trade step cost against quality, so the
-    # paper's (10, 100) stays unless another pair is better on every task (then the best such
-    # pair by its worst relative loss).
-    freq_score = {f: max(cells[(t, lr, damping, *f)] / best[t] for t in tasks) for f in FREQS
-                  if all((t, lr, damping, *f) in cells for t in tasks)}
+    score = {(lr, *st): _score(cells, tasks, lrs, best, lr, (*st, *FREQS[0]))
+             for lr in lrs for st in settings}
+    robust = {k: _robust(cells, tasks, lrs, k[0], (*k[1:], *FREQS[0])) for k in score}
+    lr, damping, beta = min(score, key=lambda k: (not robust[k], score[k]))
+    # (T1, T2) are run at the chosen setting only. They trade step cost against quality, so
+    # the paper's (10, 100) stays unless another pair is better on every task (then the best
+    # such pair by its worst relative loss).
+    freq_score = {f: max(cells[(t, lr, damping, beta, *f)] / best[t] for t in tasks)
+                  for f in FREQS if all((t, lr, damping, beta, *f) in cells for t in tasks)}
     better = [f for f in freq_score if f != FREQS[0] and all(
-        cells[(t, lr, damping, *f)] < cells[(t, lr, damping, *FREQS[0])] for t in tasks)]
+        cells[(t, lr, damping, beta, *f)] < cells[(t, lr, damping, beta, *FREQS[0])]
+        for t in tasks)]
     t1, t2 = min(better, key=freq_score.get) if better else FREQS[0]
-    chosen = dict(lr=lr, damping=damping, curvature_update_freq=t1, inverse_update_freq=t2)
+    chosen = dict(lr=lr, damping=damping, beta=beta, curvature_update_freq=t1,
+                  inverse_update_freq=t2)
 
+    def name(st: tuple[float, float]) -> str:
+        return f"damping {st[0]:g}" + (f", beta {st[1]:g}" if len(betas) > 1 else "")
+
+    betas = {st[1] for st in settings}
     adamw = {(r["task"], r["lr"]): r["loss"] for r in rows if r["optimizer"] == "adamw"}
     lines = ["Training loss of the last epoch, mean over the seeds (`inf`: diverged). MBF with "
-             "graft=\"adam\", damping_mode=\"relative\"; T1 = 10, T2 = 100 unless stated.", ""]
+             "graft=\"adam\", damping_mode=\"relative\"; T1 = 10, T2 = 100 unless stated; "
+             "beta is the curvature EMA's decay.", ""]
     for t in tasks:
         lines += [f"**{t}** ({PANEL[t].dataset}/{PANEL[t].model}, {PANEL[t].epochs} epochs, "
                   f"weight decay {PANEL[t].weight_decay:g})", "",
-                  "| lr | " + " | ".join(f"MBF damping {d:g}" for d in dampings) + " | AdamW |",
-                  "|---|" + "---|" * (len(dampings) + 1)]
+                  "| lr | " + " | ".join(f"MBF {name(st)}" for st in settings) + " | AdamW |",
+                  "|---|" + "---|" * (len(settings) + 1)]
         for x in lrs:
-            row = [f"{cells.get((t, x, d, *FREQS[0]), math.nan):.3g}" for d in dampings]
-            row = [f"**{c}**" if (x, d) == (lr, damping) else c for c, d in zip(row, dampings)]
+            row = [f"{cells.get((t, x, *st, *FREQS[0]), math.nan):.3g}" for st in settings]
+            row = [f"**{c}**" if (x, *st) == (lr, damping, beta) else c
+                   for c, st in zip(row, settings)]
             lines.append(f"| {x:.3g} | " + " | ".join(row) +
                          f" | {adamw.get((t, x), math.nan):.3g} |")
         lines.append("")
     lines += ["Score (worst over the tasks of the loss at lr and at 3x lr, relative to each "
               "task's best MBF cell; lower is better; \"not robust\": at 9x lr some task was "
               "not measured, diverged or ended worse than at lr / 9):", "",
-              "| lr \\ damping | " + " | ".join(f"{d:g}" for d in dampings) + " |",
-              "|---|" + "---|" * len(dampings)]
+              "| lr | " + " | ".join(name(st) for st in settings) + " |",
+              "|---|" + "---|" * len(settings)]
     for x in lrs:
         lines.append(f"| {x:.3g} | " + " | ".join(
-            f"{score[x, d]:.3g}" + ("" if robust[x, d] else " (not robust)") for d in dampings) +
-            " |")
-    lines += ["", f"(T1, T2) at lr {lr:g}, damping {damping:g}, loss per task relative to "
+            f"{score[(x, *st)]:.3g}" + ("" if robust[(x, *st)] else " (not robust)")
+            for st in settings) + " |")
+    lines += ["", f"(T1, T2) at lr {lr:g}, {name((damping, beta))}, loss per task relative to "
               f"(10, 100) ({', '.join(tasks)}): " + "; ".join(
                   f"({a}, {b}) " + " / ".join(
-                      f"{cells[t, lr, damping, a, b] / cells[(t, lr, damping, *FREQS[0])]:.3g}"
+                      f"{cells[t, lr, damping, beta, a, b] / cells[(t, lr, damping, beta, *FREQS[0])]:.3g}"
                       for t in tasks) for (a, b) in freq_score), "",
-              f"Chosen: lr = {lr:g}, damping = {damping:g}, T1 = {t1}, T2 = {t2} "
-              f"(score {score[lr, damping]:.3g})."]
+              f"Chosen: lr = {lr:g}, damping = {damping:g}, beta = {beta:g}, T1 = {t1}, "
+              f"T2 = {t2} (score {score[lr, damping, beta]:.3g})."]
     return chosen, lines
 
 
 def _read(path: Path) -> list[dict]:
-    return [dict(r, lr=float(r["lr"]), damping=float(r["damping"]), t1=int(r["t1"]),
-                 t2=int(r["t2"]), loss=float(r["loss"])) for r in csv.DictReader(open(path))]
+    return _read_rows(csv.DictReader(open(path)))
 
 
-def _key(task: str, optimizer: str, lr: float, damping: float, t1: int, t2: int,
+def _read_rows(rows) -> list[dict]:
+    # A csv written before the beta axis ran every cell at MBF's then default, 0.9.
+    return [dict(r, lr=float(r["lr"]), damping=float(r["damping"]),
+                 beta=float(r.get("beta") or 0.9), t1=int(r["t1"]), t2=int(r["t2"]),
+                 loss=float(r["loss"])) for r in rows]
+
+
+def _key(task: str, optimizer: str, lr: float, damping: float, beta: float, t1: int, t2: int,
          **_) -> tuple:
     """A cell's identity; lrs compare after rounding (1e-3 * 27 written and read back)."""
-    return (task, optimizer, float(f"{lr:.12g}"), damping, t1, t2)
+    return (task, optimizer, float(f"{lr:.12g}"), damping, beta, t1, t2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-factors", type=float, nargs="+", default=LR_FACTORS,
                     help=f"multiples of AdamW's lr {BASE_LR:g}")
     ap.add_argument("--dampings", type=float, nargs="+", default=DAMPINGS)
+    ap.add_argument("--betas", type=float, nargs="+", default=BETAS,
+                    help="the curvature EMA's decays to try with every damping")
     ap.add_argument("--epochs-scale", type=float, default=1.0,
                     help="multiply every task's epochs (a quick look; the defaults used 1)")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
@@ -189,23 +209,24 @@ def main(argv: list[str] | None = None) -> int:
         have = {_key(**r) for r in rows}
         cell = functools.partial(run, seeds=args.seeds, epochs_scale=args.epochs_scale)
 
-        def measure(task: str, optimizer: str, lr: float, damping: float, t1: int,
-                    t2: int) -> None:
-            key = _key(task, optimizer, lr, damping, t1, t2)
+        def measure(task: str, optimizer: str, lr: float, damping: float, beta: float,
+                    t1: int, t2: int) -> None:
+            key = _key(task, optimizer, lr, damping, beta, t1, t2)
             if key not in have:
-                rows.append(cell(task, optimizer, lr, damping, t1, t2))
+                rows.append(cell(task, optimizer, lr, damping, beta, t1, t2))
                 have.add(key)
                 print(rows[-1], flush=True)
 
         for t in args.tasks:
             for lr in (BASE_LR * f for f in args.lr_factors):
-                measure(t, "adamw", lr, 0.0, *FREQS[0])
+                measure(t, "adamw", lr, 0.0, 0.0, *FREQS[0])
                 for d in args.dampings:
-                    measure(t, "mbf", lr, d, *FREQS[0])
+                    for b in args.betas:
+                        measure(t, "mbf", lr, d, b, *FREQS[0])
         chosen, _ = choose(rows)
         for t in args.tasks:
             for f in FREQS[1:]:
-                measure(t, "mbf", chosen["lr"], chosen["damping"], *f)
+                measure(t, "mbf", chosen["lr"], chosen["damping"], chosen["beta"], *f)
         with open(args.out / "defaults_sweep.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()

@@ -78,16 +78,44 @@ def test_bench_optimizer_toy(tmp_path):
 
 
 def test_sweep_defaults_toy(tmp_path):
-    """Two tasks, two lrs, one damping, a fraction of an epoch: the csv has every cell (AdamW
-    and MBF per lr, then the (T1, T2) variants at the chosen pair) and the report a choice."""
+    """Two tasks, two lrs, one damping, two curvature decays, a fraction of an epoch: the csv
+    has every cell (AdamW and MBF per lr and beta, then the (T1, T2) variants at the chosen
+    setting) and the report a choice."""
     sweep = _load("sweep_defaults")
     assert sweep.main(["--tasks", "digits_cnn", "tanh_ae", "--seeds", "1", "--lr-factors", "1",
-                       "3", "--dampings", "0.1", "--epochs-scale", "0.05",
-                       "--out", str(tmp_path)]) == 0
+                       "3", "--dampings", "0.1", "--betas", "0.9", "0.5", "--epochs-scale",
+                       "0.05", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "defaults_sweep.csv")))
-    assert len(rows) == 2 * (2 * 2) + 2 * 2
+    assert len(rows) == 2 * 2 * (1 + 2) + 2 * 2
     assert all(0 < float(r["loss"]) < 10 for r in rows)
+    grid = [r for r in rows if r["optimizer"] == "mbf" and (r["t1"], r["t2"]) == ("10", "100")]
+    assert sorted(float(r["beta"]) for r in grid) == [0.5] * 4 + [0.9] * 4
     assert "Chosen: lr = " in (tmp_path / "defaults_sweep.md").read_text()
+
+
+def test_sweep_defaults_choice_rule():
+    """The rule on made-up losses: a setting (lr, damping, beta) must be robust at 9x its lr;
+    among the robust ones the lowest worst-over-tasks loss (at lr and 3x lr, relative to each
+    task's best) wins; a csv written before the beta axis reads as beta 0.9."""
+    sweep = _load("sweep_defaults")
+    lrs = [1e-3 * f for f in (1 / 9, 1 / 3, 1, 3, 9, 27)]
+
+    def rows(beta: float, losses: list[float]) -> list[dict]:
+        return [dict(task=t, optimizer="mbf", lr=lr, damping=0.3, beta=beta, t1=10, t2=100,
+                     loss=x * (2 if t == "tanh_ae" else 1))
+                for t in ("digits_cnn", "tanh_ae") for lr, x in zip(lrs, losses)]
+
+    # beta 0.5 is best at 1e-3 but fails at 9e-3 (worse than at lr / 9): not robust.
+    fragile = rows(0.5, [4.0, 2.0, 0.5, 0.6, 5.0, 9.0])
+    steady = rows(0.9, [4.0, 2.0, 1.0, 1.2, 1.5, 3.0])
+    chosen, lines = sweep.choose(fragile + steady)
+    assert (chosen["lr"], chosen["beta"]) == (lrs[2], 0.9)
+    assert any("not robust" in line for line in lines)
+    better = rows(0.6, [4.0, 2.0, 0.8, 0.9, 1.2, 3.0])
+    chosen, _ = sweep.choose(fragile + steady + better)
+    assert (chosen["lr"], chosen["damping"], chosen["beta"]) == (lrs[2], 0.3, 0.6)
+    old = {k: str(v) for k, v in steady[0].items() if k != "beta"}
+    assert sweep._read_rows([old])[0]["beta"] == 0.9
 
 
 def test_bench_graft_norms_toy(tmp_path):

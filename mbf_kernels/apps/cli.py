@@ -104,7 +104,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed, seeds=tuple(int(x) for x in _csv_list(args.seeds or "")),
         device=str(device), compile=args.compile,
         amp=None if args.amp == "none" else args.amp, weight_decay=args.weight_decay, lr=lrs,
-        momentum=args.momentum, damping=args.damping, paper_damping=args.paper_damping,
+        momentum=args.momentum, damping=args.damping, beta=args.beta,
+        paper_damping=args.paper_damping,
         curvature_update_freq=args.curvature_update_freq,
         inverse_update_freq=args.inverse_update_freq, mbf_backend=args.mbf_backend,
         factor_dtype=args.factor_dtype, graft_norms=args.graft_norms,
@@ -252,6 +253,13 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _add_mbf_schedule(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curvature-update-freq", type=_positive_int,
                    default=DEFAULTS["curvature_update_freq"], help="MBF's T1")
@@ -307,6 +315,8 @@ def _add_train(sub) -> None:
     train.add_argument("--damping", type=_nonnegative_float, default=DEFAULTS["damping"],
                        help="mbf's and mbf_true's damping: a fraction of each unit's mean "
                        "curvature eigenvalue (docs/options.md)")
+    train.add_argument("--beta", type=_decay, default=DEFAULTS["beta"],
+                       help="mbf's and mbf_true's curvature EMA decay (docs/options.md)")
     train.add_argument("--paper-damping", type=_nonnegative_float, default=PAPER_DAMPING,
                        help="mbf_paper's (absolute) damping")
     _add_mbf_schedule(train)
