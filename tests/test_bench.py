@@ -100,9 +100,9 @@ def test_sweep_defaults_choice_rule():
     sweep = _load("sweep_defaults")
     lrs = [1e-3 * f for f in (1 / 9, 1 / 3, 1, 3, 9, 27)]
 
-    def rows(beta: float, losses: list[float]) -> list[dict]:
-        return [dict(task=t, optimizer="mbf", lr=lr, damping=0.3, beta=beta, t1=10, t2=100,
-                     loss=x * (2 if t == "tanh_ae" else 1))
+    def rows(beta: float, losses: list[float], shared_beta: float | None = None) -> list[dict]:
+        return [dict(task=t, optimizer="mbf", lr=lr, damping=0.3, beta=beta,
+                     shared_beta=shared_beta, t1=10, t2=100, loss=x * (2 if t == "tanh_ae" else 1))
                 for t in ("digits_cnn", "tanh_ae") for lr, x in zip(lrs, losses)]
 
     # beta 0.5 is best at 1e-3 but fails at 9e-3 (worse than at lr / 9): not robust.
@@ -114,8 +114,13 @@ def test_sweep_defaults_choice_rule():
     better = rows(0.6, [4.0, 2.0, 0.8, 0.9, 1.2, 3.0])
     chosen, _ = sweep.choose(fragile + steady + better)
     assert (chosen["lr"], chosen["damping"], chosen["beta"]) == (lrs[2], 0.3, 0.6)
-    old = {k: str(v) for k, v in steady[0].items() if k != "beta"}
-    assert sweep._read_rows([old])[0]["beta"] == 0.9
+    assert chosen["shared_beta"] == 0.6  # (None: the same as beta)
+    split = rows(0.9, [4.0, 2.0, 0.7, 0.8, 1.1, 3.0], shared_beta=0.5)
+    chosen, lines = sweep.choose(fragile + steady + better + split)
+    assert (chosen["beta"], chosen["shared_beta"]) == (0.9, 0.5)
+    assert any("beta 0.9 / 0.5" in line for line in lines)
+    old = {k: str(v) for k, v in steady[0].items() if k not in ("beta", "shared_beta")}
+    assert [sweep._read_rows([old])[0][k] for k in ("beta", "shared_beta")] == [0.9, 0.9]
 
 
 def test_bench_graft_norms_toy(tmp_path):

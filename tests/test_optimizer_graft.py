@@ -1052,6 +1052,26 @@ def test_exact_shared_blocks_resume_bit_for_bit_in_float32():
     assert torch.equal(_flat(net), _flat(resumed))
 
 
+def test_loading_groups_saved_without_newer_options_keeps_the_loaders_values():
+    """A state dict saved by a version without some options (here graft_norms and shared_beta)
+    loads: the groups keep the loading optimizer's values for those, the saved values for the
+    rest, and the run steps on."""
+    net = _net()
+    opt = mk.MBF.from_model(net, graft_norms="current")
+    _train(net, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for g in saved["param_groups"]:
+        del g["graft_norms"], g["shared_beta"]
+        g["lr"] = 5e-4
+    opt2 = mk.MBF.from_model(net)
+    opt2.load_state_dict(saved)
+    for g in opt2.param_groups:
+        assert (g["graft_norms"], g["shared_beta"], g["lr"]) == ("previous", None, 5e-4)
+    before = _flat(net)
+    _train(net, opt2, 2)
+    assert torch.isfinite(_flat(net)).all() and not torch.equal(before, _flat(net))
+
+
 def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_cleanly():
     a = _net()
     plain = mk.MBF.from_model(a, **PAPER)
@@ -1091,6 +1111,54 @@ def test_graft_none_with_the_default_relative_damping_warns_and_the_paper_settin
         mk.MBF(_net().parameters(), **PAPER)
         mk.MBF(_net().parameters(), graft="none", damping_mode="relative", lr=1e-5)
         mk.MBF(_net().parameters())
+
+
+def test_shared_beta_resolves_by_graft():
+    """shared_beta=None: SHARED_BETA with graft="adam"; beta without grafting (also a beta
+    changed after construction), so that the paper's options keep section 3's one beta for
+    every block; a value given is kept."""
+    from mbf_kernels.optim.options import shared_beta
+
+    group = lambda **kw: mk.MBF(_net().parameters(), **kw).param_groups[0]  # noqa: E731
+    assert shared_beta(group()) == mk.optim.SHARED_BETA != group()["beta"]
+    paper = group(beta=0.8, **PAPER)
+    assert shared_beta(paper) == 0.8
+    paper["beta"] = 0.7
+    assert shared_beta(paper) == 0.7
+    assert shared_beta(group(shared_beta=0.7, **PAPER)) == 0.7
+    assert shared_beta(group(shared_beta=0.0)) == 0.0
+    with pytest.raises(ValueError, match=r"shared_beta must be in \[0, 1\)"):
+        mk.MBF(_net().parameters(), shared_beta=1.0)
+
+
+@pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
+def test_shared_beta_decays_the_shared_blocks_and_beta_the_mini_blocks(large_linear):
+    """Two refreshes: a conv's mini-blocks hold beta C1 + (1 - beta) C2 of their g g^T, the
+    shared block of a linear layer (and its exact-rank low-rank form) shared_beta C1 + (1 -
+    shared_beta) C2 of its rows' G^T G / out."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
+    opt = mk.MBF.from_model(net, max_block_size=4, curvature_update_freq=1, beta=0.8,
+                            shared_beta=0.5, large_linear=large_linear, shared_rank=9)
+    conv, shared = [], []
+    for _ in range(2):
+        opt.zero_grad()
+        net(torch.randn(5, 1, 4, 4, dtype=torch.float64)).square().sum().backward()
+        g = net[0].weight.grad.reshape(2, 9)
+        conv.append(g[:, :, None] * g[:, None, :])
+        G = torch.cat([net[2].weight.grad, net[2].bias.grad[:, None]], 1)
+        shared.append(G.mT @ G / 3)
+        opt.step()
+    state = opt.state_dict()["state"]
+    unpack = mk.packed.unpack_tril
+    torch.testing.assert_close(unpack(state[0]["curvature"][0]), 0.8 * conv[0] + 0.2 * conv[1])
+    saved = state[2]["curvature"][0]
+    if large_linear == "lowrank":  # F = r I + V diag(e) V^T (docs/options.md)
+        V, e = saved["basis"], saved["excess"]
+        F_shared = saved["residual"] * torch.eye(9, dtype=V.dtype) + (V * e) @ V.mT
+    else:
+        F_shared = unpack(saved)[0]
+    torch.testing.assert_close(F_shared, 0.5 * shared[0] + 0.5 * shared[1])
 
 
 def test_graft_momentum_equal_to_beta1_is_accepted():

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from .. import __version__, _extension, backends
 from ..optim.blocks import LARGE_LINEAR
-from ..optim.options import DEFAULTS, FACTOR_DTYPE, GRAFT_NORMS, PAPER_DAMPING
+from ..optim.options import DEFAULTS, FACTOR_DTYPE, GRAFT_NORMS, PAPER_DAMPING, SHARED_BETA
 from . import benchmark, profiling, report, training
 from .benchmark import environment
 from .data import DATASETS, load_dataset
@@ -105,6 +105,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         device=str(device), compile=args.compile,
         amp=None if args.amp == "none" else args.amp, weight_decay=args.weight_decay, lr=lrs,
         momentum=args.momentum, damping=args.damping, beta=args.beta,
+        shared_beta=args.shared_beta,
         paper_damping=args.paper_damping,
         curvature_update_freq=args.curvature_update_freq,
         inverse_update_freq=args.inverse_update_freq, mbf_backend=args.mbf_backend,
@@ -317,6 +318,9 @@ def _add_train(sub) -> None:
                        "curvature eigenvalue (docs/options.md)")
     train.add_argument("--beta", type=_decay, default=DEFAULTS["beta"],
                        help="mbf's and mbf_true's curvature EMA decay (docs/options.md)")
+    train.add_argument("--shared-beta", type=_decay, default=DEFAULTS["shared_beta"],
+                       help="the same for their shared blocks (default: "
+                       f"{SHARED_BETA:g} with grafting; docs/options.md)")
     train.add_argument("--paper-damping", type=_nonnegative_float, default=PAPER_DAMPING,
                        help="mbf_paper's (absolute) damping")
     _add_mbf_schedule(train)

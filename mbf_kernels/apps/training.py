@@ -61,7 +61,8 @@ class TrainConfig:
     lr: dict[str, float] = field(default_factory=dict)  # per optimizer; DEFAULT_LR otherwise
     momentum: float = 0.9  # SGD's and the paper-mode MBF's momentum
     damping: float = MBF_DEFAULTS["damping"]  # MBF's (relative: a fraction of the curvature)
-    beta: float | None = MBF_DEFAULTS["beta"]  # mbf's and mbf_true's curvature EMA
+    beta: float = MBF_DEFAULTS["beta"]  # mbf's and mbf_true's curvature EMA decay
+    shared_beta: float | None = MBF_DEFAULTS["shared_beta"]  # their shared blocks' (None: auto)
     paper_damping: float = PAPER_DAMPING  # the paper-mode MBF's (absolute)
     curvature_update_freq: int = MBF_DEFAULTS["curvature_update_freq"]
     inverse_update_freq: int = MBF_DEFAULTS["inverse_update_freq"]
@@ -93,6 +94,7 @@ def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module,
               fisher: str = "empirical") -> torch.optim.Optimizer:
     # The shipped defaults (an AdamW drop-in: Adam's step lengths, betas, decoupled decay).
     return MBF.from_model(model, lr=lr, damping=cfg.damping, beta=cfg.beta,
+                          shared_beta=cfg.shared_beta,
                           weight_decay=cfg.weight_decay, fisher=fisher, curvature_update_freq=cfg.curvature_update_freq,
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend,
                           factor_dtype=cfg.factor_dtype, graft_norms=cfg.graft_norms)

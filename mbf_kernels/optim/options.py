@@ -20,10 +20,17 @@ from .blocks import CONV1X1, LARGE_LINEAR
 from .precision import MATMUL
 from .sharding import SHARD
 
-__all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "GRAFT",
+__all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "SHARED_BETA", "GRAFT",
            "GRAFT_NORMS", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
-           "prepare_group", "momentum_coef", "state_dtype", "bfloat16_factor",
+           "prepare_group", "shared_beta", "momentum_coef", "state_dtype", "bfloat16_factor",
            "graft_lag_warmup"]
+
+#: The shared blocks' curvature EMA decay under graft="adam" (option ``shared_beta``), from the
+#: defaults sweep's beta axis (bench/RESULTS.md, "A shorter curvature memory for shared
+#: blocks"): a shared block's refresh already averages its layer's rows (rank up to the batch
+#: size, where a mini-block's is rank 1), so a shorter memory serves it, and tracks the
+#: curvature as it moves; the mini-blocks keep beta.
+SHARED_BETA = 0.6
 
 #: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
 GRAFT = ("none", "adam")
@@ -57,6 +64,9 @@ class MBFOptions:
     lr: float = 1e-3
     momentum: float = 0.9  # heavy ball without grafting; with graft="adam" it is betas[0]
     beta: float = 0.9  # curvature EMA
+    # The shared (and low-rank) blocks' curvature EMA; None: SHARED_BETA with graft="adam",
+    # beta without (the paper's section 3 has one beta for every block). docs/options.md.
+    shared_beta: float | None = None
     damping: float = 0.3  # relative: a fraction of the mean eigenvalue; absolute: added to F
     weight_decay: float = 0.0
     # None: AdamW's decoupled decay with graft="adam", the paper's L2 (coupled) without.
@@ -89,7 +99,9 @@ class MBFOptions:
         for name in ("lr", "damping", "weight_decay", "eps"):
             if _real(name, getattr(self, name)) < 0:
                 raise ValueError(f"MBF: {name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("momentum", "beta"):
+        for name in ("momentum", "beta", "shared_beta"):
+            if name == "shared_beta" and self.shared_beta is None:
+                continue
             if not 0.0 <= _real(name, getattr(self, name)) < 1.0:
                 raise ValueError(f"MBF: {name} must be in [0, 1), got {getattr(self, name)!r}")
         for name in ("curvature_update_freq", "inverse_update_freq", "max_block_size",
@@ -160,6 +172,15 @@ def prepare_group(group: dict) -> None:
     validate_group(group)
     if group["decoupled_weight_decay"] is None:
         group["decoupled_weight_decay"] = group["graft"] != "none"
+
+
+def shared_beta(group: dict) -> float:
+    """The shared blocks' curvature EMA decay: ``shared_beta``, or where it is None,
+    SHARED_BETA with graft="adam" and the group's ``beta`` without (read at each refresh, so
+    that a beta changed later still applies to every block of the paper's update)."""
+    if group["shared_beta"] is not None:
+        return group["shared_beta"]
+    return SHARED_BETA if group["graft"] == "adam" else group["beta"]
 
 
 def momentum_coef(group: dict) -> float:

@@ -18,7 +18,7 @@ from .fisher import FisherCapture
 from ..layout import cholesky_from_factor, factor_from_cholesky
 from ..reference import relative_damping
 from .options import (DEFAULTS, bfloat16_factor, graft_lag_warmup, momentum_coef,
-                      prepare_group, state_dtype, validate_group)
+                      prepare_group, shared_beta, state_dtype, validate_group)
 
 
 class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
@@ -162,7 +162,8 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
                     C = G[:, :, None] * G[:, None, :]
                     finite = torch.isfinite(G).all(dim=1)[:, None, None]
                 F_old = st["F"][s] if st["F"][s] is not None else torch.zeros_like(C)
-                new = C if k == 1 else beta * F_old + (1 - beta) * C
+                decay = shared_beta(group) if unit.kind == "shared" else beta
+                new = C if k == 1 else decay * F_old + (1 - decay) * C
                 st["F"][s] = torch.where(finite, new, F_old)
                 self.stats["skipped_curvature"] += int((~finite).sum())
         # Step 2: factor, every T2 steps. Relative damping (docs/options.md): a fraction of the

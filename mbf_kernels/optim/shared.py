@@ -27,6 +27,7 @@ from ..layout import SegmentFlags
 from ..reference import graft_bias_corrections
 from .blocks import Unit
 from .lowrank import LowRankCurvature
+from .options import shared_beta
 from .precision import resolve, shared_matmul
 from .shared_block import SharedBlock, derive_inverses, warn_if_large
 
@@ -379,7 +380,7 @@ class SharedSet:
                  for p in b.unit.params]  # MBF-True: the sampled gradient's curvature
         sketch = self._sketch_from_grads(group, b, grads)
         if sketch is not None:  # one pass over the gradient: G is never copied
-            finite = b.lowrank.refresh(None, group["beta"], bool(f & _FIRST), b.unit.rows,
+            finite = b.lowrank.refresh(None, shared_beta(group), bool(f & _FIRST), b.unit.rows,
                                        sketch=sketch)
         else:
             finite = self._refresh_from_rows(group, b, f, grads)
@@ -407,7 +408,7 @@ class SharedSet:
         torch.ops.mbf_kernels.shared_refresh_(
             [b.curvature for b, _ in due], [b.rows["work"] for b, _ in due],
             [b.stats for b, _ in due], grads, counts, [b.unit.rows for b, _ in due],
-            [bool(f & _FIRST) for _, f in due], group["beta"])
+            [bool(f & _FIRST) for _, f in due], shared_beta(group))
         return True
 
     def _refresh_from_rows(self, group: dict, b: SharedBlock, f: int,
@@ -417,7 +418,7 @@ class SharedSet:
         for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
             view.zero_() if g is None else view.copy_(g)
         if b.lowrank is not None:
-            return b.lowrank.refresh(G, group["beta"], bool(f & _FIRST), b.unit.rows, self.reduce)
+            return b.lowrank.refresh(G, shared_beta(group), bool(f & _FIRST), b.unit.rows, self.reduce)
         if self.reduce is None and self.device.type == "cpu":
             # On the CPU reading a flag costs no sync: a non-finite G is skipped by a branch, and
             # the EMA rides in the GEMM (addmm_ in place; the general path's C, where and copy
@@ -425,7 +426,7 @@ class SharedSet:
             first = bool(f & _FIRST)
             finite = torch.isfinite(torch.linalg.vector_norm(G))  # as LowRankCurvature's
             if finite:
-                beta = group["beta"]
+                beta = shared_beta(group)
                 b.curvature.addmm_(G.mT, G, beta=0.0 if first else beta,
                                    alpha=(1.0 if first else 1 - beta) / max(b.unit.rows, 1))
             return finite
@@ -434,7 +435,7 @@ class SharedSet:
             self.reduce(C)
         finite = torch.isfinite(C.diagonal().sum())  # as LowRankCurvature's |G|^2
         C /= max(b.unit.rows, 1)
-        new = C if f & _FIRST else group["beta"] * b.curvature + (1 - group["beta"]) * C
+        new = C if f & _FIRST else shared_beta(group) * b.curvature + (1 - shared_beta(group)) * C
         b.curvature.copy_(torch.where(finite, new, b.curvature))
         return finite
 

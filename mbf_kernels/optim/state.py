@@ -9,7 +9,7 @@ from ..layout import from_compact, n_tiles, to_compact
 from .blocks import Segment, Unit
 from .fsdp import LocalShards, blocks_per_row, local_part, rows_of, shard_blocks, shard_like
 from .buckets import MOMENTUM, SECOND_MOMENT, STEP, GroupPlan
-from .options import RUN_OPTIONS
+from .options import DEFAULTS, RUN_OPTIONS
 
 CURVATURE = "curvature"  # list, one (n_blocks, d(d+1)/2) packed tensor per segment
 FACTOR = "factor"  # same layout: packed L with its diagonal stored as 1 / L_ii
@@ -120,6 +120,18 @@ class CanonicalState:
                 sd["state"][i] = entry
         return sd
 
+    def _load_groups(self, state_dict: dict) -> None:
+        """The param groups' hyper-parameters (lr schedules) from a state dict, but for the
+        options that belong to this run: the backend and the block layout (a run saved on CPU
+        resumes on a GPU; the layout was checked equal), and any option the saved groups lack
+        (saved by a version without it), which keeps this optimizer's value."""
+        own = [{k: g[k] for k in DEFAULTS} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, opts in zip(self.param_groups, own):
+            g.update({k: opts[k] for k in RUN_OPTIONS})
+            for k, v in opts.items():
+                g.setdefault(k, v)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state_dict saved by MBF on any backend/device; values are copied into this
         optimizer's buffers (dtype and device of its state, never the parameters' dtype)."""
@@ -169,12 +181,7 @@ class CanonicalState:
         stripped = dict(state_dict)
         stripped["state"] = {}
         own_state = dict(self.state)  # (under FSDP2 keyed by the local shards)
-        # The backend and the block layout belong to this run, not to the saved one (a run
-        # saved on CPU resumes on a GPU); the layout was checked equal above.
-        own_options = [{k: g[k] for k in RUN_OPTIONS} for g in self.param_groups]
-        super().load_state_dict(stripped)  # param groups: hyper-parameters, lr schedules
-        for g, opts in zip(self.param_groups, own_options):
-            g.update(opts)
+        self._load_groups(stripped)
         for p, st in own_state.items():
             self.state[p] = st
         for plan in self._plans:  # the other ranks' units (shard_curvature): their step counts
