@@ -1,6 +1,8 @@
 """The sweep behind MBF's shipped defaults (mbf_kernels.optim.DEFAULTS): lr, damping, betas, T1/T2.
 
     python bench/sweep_defaults.py --betas 0.9 0.6 0.3 --out bench/results/curvature_beta
+    python bench/sweep_defaults.py --extend bench/results/curvature_beta/defaults_sweep.csv \
+        --betas 0.9 --shared-betas 0.6 0.3 --dampings 0.3 --out bench/results/curvature_beta
 
 A panel of four tasks of different architectures, losses and data, each through ``mbf train``'s
 training loop (seeded initialisation and data order), two seeds:

@@ -26,11 +26,11 @@ __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "SHAR
            "graft_lag_warmup"]
 
 #: The shared blocks' curvature EMA decay under graft="adam" (option ``shared_beta``), from the
-#: defaults sweep's beta axis (bench/RESULTS.md, "A shorter curvature memory for shared
-#: blocks"): a shared block's refresh already averages its layer's rows (rank up to the batch
-#: size, where a mini-block's is rank 1), so a shorter memory serves it, and tracks the
-#: curvature as it moves; the mini-blocks keep beta.
-SHARED_BETA = 0.6
+#: defaults sweep's beta axes and paired runs over 8 seeds (bench/RESULTS.md, "A shorter
+#: curvature memory for the shared blocks"): a shared block's refresh already averages its
+#: layer's rows (rank up to the batch size, where a mini-block's is rank 1), so a shorter memory
+#: serves it and tracks the curvature as it moves; the mini-blocks keep beta.
+SHARED_BETA = 0.3
 
 #: Values of the options beyond the paper (MBF_SPEC section 3b; definitions in docs/options.md).
 GRAFT = ("none", "adam")
