@@ -94,8 +94,8 @@ def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module,
               fisher: str = "empirical") -> torch.optim.Optimizer:
     # The shipped defaults (an AdamW drop-in: Adam's step lengths, betas, decoupled decay).
     return MBF.from_model(model, lr=lr, damping=cfg.damping, beta=cfg.beta,
-                          shared_beta=cfg.shared_beta,
-                          weight_decay=cfg.weight_decay, fisher=fisher, curvature_update_freq=cfg.curvature_update_freq,
+                          shared_beta=cfg.shared_beta, weight_decay=cfg.weight_decay,
+                          fisher=fisher, curvature_update_freq=cfg.curvature_update_freq,
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend,
                           factor_dtype=cfg.factor_dtype, graft_norms=cfg.graft_norms)
 

@@ -418,7 +418,8 @@ class SharedSet:
         for g, view in zip(grads, b.views["work"]):  # a weight and its bias at most
             view.zero_() if g is None else view.copy_(g)
         if b.lowrank is not None:
-            return b.lowrank.refresh(G, shared_beta(group), bool(f & _FIRST), b.unit.rows, self.reduce)
+            return b.lowrank.refresh(G, shared_beta(group), bool(f & _FIRST), b.unit.rows,
+                                     self.reduce)
         if self.reduce is None and self.device.type == "cpu":
             # On the CPU reading a flag costs no sync: a non-finite G is skipped by a branch, and
             # the EMA rides in the GEMM (addmm_ in place; the general path's C, where and copy
