@@ -206,10 +206,9 @@ def _setting(r: dict) -> tuple[float, float, float]:
 
 
 def _key(task: str, optimizer: str, lr: float, damping: float, beta: float,
-         shared_beta: float | None, t1: int, t2: int, **_) -> tuple:
+         shared_beta: float, t1: int, t2: int, **_) -> tuple:
     """A cell's identity; lrs compare after rounding (1e-3 * 27 written and read back)."""
-    return (task, optimizer, float(f"{lr:.12g}"), damping, beta,
-            beta if shared_beta is None else shared_beta, t1, t2)
+    return (task, optimizer, float(f"{lr:.12g}"), damping, beta, shared_beta, t1, t2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,11 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         cell = functools.partial(run, seeds=args.seeds, epochs_scale=args.epochs_scale)
 
         def measure(task: str, optimizer: str, lr: float, damping: float, beta: float,
-                    shared_beta: float | None, t1: int, t2: int) -> None:
+                    shared_beta: float, t1: int, t2: int) -> None:
             key = _key(task, optimizer, lr, damping, beta, shared_beta, t1, t2)
             if key not in have:
-                rows.append(cell(task, optimizer, lr, damping, beta,
-                                 beta if shared_beta is None else shared_beta, t1, t2))
+                rows.append(cell(task, optimizer, lr, damping, beta, shared_beta, t1, t2))
                 have.add(key)
                 print(rows[-1], flush=True)
 
@@ -250,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure(t, "adamw", lr, 0.0, 0.0, 0.0, *FREQS[0])
                 for d in args.dampings:
                     for b in args.betas:
-                        for sb in args.shared_betas:
-                            measure(t, "mbf", lr, d, b, sb, *FREQS[0])
+                        for sb in args.shared_betas:  # None: the same as beta
+                            measure(t, "mbf", lr, d, b, b if sb is None else sb, *FREQS[0])
         chosen, _ = choose(rows)
         for t in args.tasks:
             for f in FREQS[1:]:

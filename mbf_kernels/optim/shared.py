@@ -436,7 +436,8 @@ class SharedSet:
             self.reduce(C)
         finite = torch.isfinite(C.diagonal().sum())  # as LowRankCurvature's |G|^2
         C /= max(b.unit.rows, 1)
-        new = C if f & _FIRST else shared_beta(group) * b.curvature + (1 - shared_beta(group)) * C
+        decay = shared_beta(group)
+        new = C if f & _FIRST else decay * b.curvature + (1 - decay) * C
         b.curvature.copy_(torch.where(finite, new, b.curvature))
         return finite
 
