@@ -15,7 +15,11 @@ from mbf_kernels.optim import PAPER, ReferenceMBF
 from test_optimizer import BACKENDS, batches, flat, make_net, train
 
 # The defaults (grafted, relative damping) with the refresh and refactor every few steps.
-OPTIONS = dict(curvature_update_freq=2, inverse_update_freq=3, weight_decay=0.01)
+# The shared block's GEMM in float32: these tests are about the buckets' factor, and under
+# shared_matmul="bfloat16" (the default on a CPU with AVX512_BF16 or AMX) the optimizer's and
+# ReferenceMBF's U would round to bfloat16 after different summation orders.
+OPTIONS = dict(curvature_update_freq=2, inverse_update_freq=3, weight_decay=0.01,
+               shared_matmul="float32")
 
 
 def _factor_dtypes(opt):

@@ -626,6 +626,11 @@ FUSED_ROWS_LAYERS = {"uneven": [(40, 30, True), (30, 20, False), (20, 5, True)],
 #: ratios (beta1 = 0.5: lagged from step 3, but at the refactors), the paper's.
 SHARED_UPDATES = {"default": {}, "previous": dict(graft_norms="previous", betas=(0.5, 0.999)),
                   "paper": dict(PAPER, lr=0.02, damping=0.05)}
+#: The tests that compare two paths' GEMMs to float32 rounding run them in float32: under
+#: shared_matmul="bfloat16" (the default on a CPU with AVX512_BF16 or AMX) each path rounds U to
+#: bfloat16 after its own summation order, and an entry near a rounding boundary moves by 2^-8
+#: of itself (test_shared_matmul_bfloat16_applies_the_rounded_inverse covers that mode).
+FLOAT32_GEMMS = dict(shared_matmul="float32")
 
 
 @pytest.mark.parametrize("large_linear", ["shared", "lowrank"])
@@ -650,7 +655,7 @@ def test_shared_blocks_fused_rows_equal_the_torch_path(large_linear, update, lay
         model = nn.Sequential(*modules)
         opt = mk.MBF.from_model(model, backend=backend, large_linear=large_linear, shared_rank=8,
                                 max_block_size=16, curvature_update_freq=3, inverse_update_freq=6,
-                                **options)
+                                **FLOAT32_GEMMS, **options)
         x, y = randn(32, 40, seed=7).float(), torch.arange(32) % 5
         for _ in range(12):
             opt.zero_grad()
@@ -673,7 +678,7 @@ def test_a_block_on_either_gemm_library_steps_as_the_torch_path(update, gemm_lib
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(512, 64), nn.Tanh(), nn.Linear(64, 5))
         opt = mk.MBF.from_model(model, backend=backend, curvature_update_freq=2,
-                                inverse_update_freq=4, **options)
+                                inverse_update_freq=4, **FLOAT32_GEMMS, **options)
         x, y = randn(32, 512, seed=7).float(), torch.arange(32) % 5
         for _ in range(6):
             opt.zero_grad()
@@ -681,6 +686,77 @@ def test_a_block_on_either_gemm_library_steps_as_the_torch_path(update, gemm_lib
             opt.step()
         ends.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(ends[0], ends[1], rtol=1e-4, atol=1e-6)
+
+
+def _bf16_product_bound(M: torch.Tensor, inv16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16(bf16(M) inv16) in float64 before its last rounding, and how far a float32-accumulated
+    product rounded to bfloat16 may lie from it: half a bfloat16 ulp (2^-9 of itself, 2^-8 with
+    the slack of a neighbouring value) plus the float32 sum's error bound, 2 d eps |M16| |inv16|
+    (its summation order is the library's)."""
+    M16 = M.to(torch.bfloat16).double()
+    exact = M16 @ inv16.double()
+    sums = 2 * M.shape[1] * torch.finfo(torch.float32).eps * (M16.abs() @ inv16.double().abs())
+    return exact, 2.0**-8 * exact.abs() + sums
+
+
+@pytest.mark.parametrize("n, d", [(5, 9), (64, 257)])
+def test_apply_inverse_op_bfloat16_rounds_rows_inverse_and_product(n, d):
+    """A bfloat16 inverse beside float32 rows (shared_matmul="bfloat16"): U = bf16(bf16(M)
+    inv16) widened to float32, within the product's bound; every entry a bfloat16 value (the
+    float32 product's are not)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    inv = torch.linalg.inv(A @ A.mT / d + torch.eye(d, dtype=torch.float64)).float()
+    inv16 = ((inv + inv.mT) / 2).to(torch.bfloat16)
+    M, out = torch.randn(n, d, generator=g), torch.full((n, d), float("nan"))
+    torch.ops.mbf_kernels.apply_inverse_(out, M, inv16)
+    exact, bound = _bf16_product_bound(M, inv16)
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert torch.equal(out, out.to(torch.bfloat16).float())
+    full = M @ inv16.float()
+    assert not torch.equal(full, full.to(torch.bfloat16).float())
+    with pytest.raises(RuntimeError, match="inverse must have dtype"):  # bfloat16 rows: no
+        torch.ops.mbf_kernels.apply_inverse_(out.double(), M.double(), inv16)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("update", ["default", "paper"])
+def test_shared_matmul_bfloat16_applies_the_rounded_inverse(backend, update):
+    """shared_matmul="bfloat16": an exact shared block's direction is U = bf16(bf16(M)
+    bf16(inv)) from the block's own float32 inverse, on the CPU's fused step (grafted: the
+    one-call BoundShared step; the paper's: apply_inverse_) and in torch calls; the parameters
+    move by -lr U (the paper's) or along U (grafted); a refactor rewrites the bfloat16 copy;
+    the curvature is refreshed in float32 as before."""
+    if backend == "cpu" and not mk.backends()["cpu"].available:
+        pytest.skip(mk.backends()["cpu"].detail)
+    options = dict(PAPER, lr=1.0, damping=0.3) if update == "paper" else {}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
+    opt = mk.MBF.from_model(model, backend=backend, max_block_size=16, large_linear="shared",
+                            shared_matmul="bfloat16", curvature_update_freq=2,
+                            inverse_update_freq=2, **options)
+    block = opt._plans[0].shared[0].blocks[0]
+    assert block.unit.params[0] is model[0].weight
+    x, y = randn(32, 40, seed=7).float(), torch.arange(32) % 5
+    inverses = []
+    for step in range(3):
+        before = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert torch.equal(block.inverse_bf16, block.inverse.to(torch.bfloat16))
+        inverses.append(block.inverse_bf16.clone())
+        U, M = block.rows["work"], block.rows["momentum"]
+        exact, bound = _bf16_product_bound(M, block.inverse_bf16)
+        assert ((U.double() - exact).abs() <= bound).all(), step
+        assert torch.equal(U, U.to(torch.bfloat16).float())
+        moved = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()]) - before
+        u = torch.cat([U[:, :40].flatten(), U[:, 40]])
+        coef = -1.0 if update == "paper" else float(moved @ u / (u @ u))
+        assert coef < 0
+        torch.testing.assert_close(moved, coef * u, rtol=0, atol=1e-6 * float(before.abs().max()))
+    # the refresh and refactor at step 3 (T1 = T2 = 2) moved the inverse, and the copy with it
+    assert torch.equal(inverses[0], inverses[1]) and not torch.equal(inverses[1], inverses[2])
 
 
 # -- the optimizer ---------------------------------------------------------------------------

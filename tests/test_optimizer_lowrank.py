@@ -312,6 +312,28 @@ def test_shared_matmul_tf32_changes_only_the_applied_gemms(large_linear):
     assert 0 < (dtf - d32).norm() < 5e-3 * d32.norm()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_shared_matmul_auto_is_bfloat16_on_a_bfloat16_cpu_under_relative_damping(
+        native, monkeypatch):
+    """"auto": TF32 on CUDA; on a CPU that multiplies bfloat16 in hardware, "bfloat16" under
+    relative damping (the default) and float32 under the paper's absolute damping; float32 on
+    other CPUs. The optimizer follows it: a bfloat16 copy of the inverse exists only then."""
+    from mbf_kernels.optim import precision
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: native)
+    cpu = torch.device("cpu")
+    assert precision.resolve("auto", cpu, "relative") == ("bfloat16" if native else "float32")
+    assert precision.resolve("auto", cpu, "absolute") == "float32"
+    assert precision.resolve("auto", torch.device("cuda"), "relative") == "tf32"
+    assert precision.resolve("float32", cpu, "relative") == "float32"
+    for options, bf16 in ((dict(), native), (dict(PAPER), False)):
+        model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 5))
+        opt = mk.MBF.from_model(model, max_block_size=8, large_linear="shared", **options)
+        F.cross_entropy(model(torch.randn(4, 40)), torch.arange(4)).backward()
+        opt.step()
+        blocks = opt._plans[0].shared[0].blocks
+        assert [b.inverse_bf16 is not None for b in blocks] == [bf16] * len(blocks)
+
+
 def test_loading_its_own_state_dict_changes_nothing():
     """state_dict() hands out the live tensors (as torch's optimizers do), and DCP loads into
     them in place: loading an optimizer's own state dict must not clear it on the way."""

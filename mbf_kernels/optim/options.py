@@ -76,7 +76,9 @@ class MBFOptions:
     max_block_size: int = 64
     large_linear: str = "auto"  # "auto" | "shared" | "lowrank" | "chunk" | "diagonal"
     shared_rank: int | None = None  # rank of a "lowrank" block; None: per device (AUTO_RANK)
-    shared_matmul: str = "auto"  # "auto" (tf32 on CUDA) | "float32" | "tf32": their GEMMs
+    # Their applying GEMMs: "auto" (tf32 on CUDA; bfloat16 on a CPU with AVX512_BF16 or AMX under
+    # relative damping; precision.resolve) | "float32" | "tf32" | "bfloat16"
+    shared_matmul: str = "auto"
     conv1x1: str = "conv"  # "conv" | "row"
     backend: str = "auto"  # "auto" | "cpu" | "cuda" | "triton" | "torch"
     graft: str = "adam"  # "adam" | "none"

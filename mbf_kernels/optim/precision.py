@@ -4,8 +4,14 @@
 TF32's 10-bit mantissa and float32 accumulation: on CUDA on the tensor cores (torch's
 ``fp32_precision`` switch, set for the optimizer's own GEMMs only and restored after), elsewhere
 emulated by rounding the inputs, so that its effect on training can be measured and tested
-without a GPU (slower than float32 there: emulation is for checking, not speed). ``"auto"`` is
-``"tf32"`` on CUDA and ``"float32"`` elsewhere.
+without a GPU (slower than float32 there: emulation is for checking, not speed). ``"auto"``:
+:func:`resolve`.
+
+``"bfloat16"`` applies an exact shared block of a float32 state as ``U = bf16(bf16(M)
+bf16(inv))``: the rows and a bfloat16 copy of the inverse (made where the inverse is derived)
+multiplied with float32 accumulation, the product rounded to bfloat16 (oneDNN's and the tensor
+cores' bfloat16 GEMMs write bfloat16) and widened. Low-rank blocks' thin GEMMs (memory-bound)
+and the refresh's stay float32.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-MATMUL = ("auto", "float32", "tf32")
+MATMUL = ("auto", "float32", "tf32", "bfloat16")
 
 # The GEMMs by where their two matrix operands sit: first in the arguments, or after the
 # added-to operand (addmm, addmv).
@@ -45,10 +51,28 @@ class _EmulatedTF32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def resolve(mode: str, device: torch.device) -> str:
-    if mode == "auto":
-        return "tf32" if device.type == "cuda" else "float32"
-    return mode
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX), where oneDNN's
+    bfloat16 GEMM runs at about twice the float32 rate (elsewhere it converts, and is slower)."""
+    # (torch's private probes; a torch without them counts as no)
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                          "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def resolve(mode: str, device: torch.device, damping_mode: str = "absolute") -> str:
+    """``mode`` for ``device`` and the group's ``damping_mode``: "auto" is "tf32" on CUDA; on
+    a CPU "bfloat16" under relative damping where the CPU multiplies bfloat16 in hardware
+    (:func:`native_bfloat16`), else "float32". Relative damping bounds the blocks' conditioning
+    (as for factor_dtype), and the paper's options (absolute damping) keep section 3's float32
+    update."""
+    if mode != "auto":
+        return mode
+    if device.type == "cuda":
+        return "tf32"
+    if device.type == "cpu" and damping_mode == "relative" and native_bfloat16():
+        return "bfloat16"
+    return "float32"
 
 
 @contextlib.contextmanager

@@ -188,11 +188,11 @@ class SharedSet:
         # float32: the Nystrom core R (omega^T Y)^{-1} R^T amplifies a TF32 product's 1e-3
         # rounding into spurious eigenvalues (the ReLU autoencoder at rank 32 trained to 2.5x the
         # loss with TF32 refreshes; with TF32 applies only, within 1%: docs/options.md).
-        matmul = group["shared_matmul"]
+        matmul = self.matmul(group)
         if not graft:
             with shared_matmul(matmul, self.device):
                 for i, b in zip(active, blocks):
-                    b.update_params(lr, projections.get(i), fused)
+                    b.update_params(lr, projections.get(i), fused, b.bf16_applies(matmul))
             return
         # Every block's rows have a slot (0 for the inactive ones): one row index serves every
         # step.
@@ -225,24 +225,28 @@ class SharedSet:
             self._row_params_of[key] = params, counts
         return self._row_params_of[key]
 
-    def _bound(self, active: list[int]) -> object | None:
+    def _bound(self, active: list[int], bf16: bool) -> object | None:
         """The ``active`` exact blocks bound to the C++ ``BoundShared`` (their rows, inverses
-        and parameters; it reads the gradients), built once per active set (the tensors
-        persist: a refactor and a load rewrite them in place; the op's argument lists, built
-        and checked each step, had cost 30 us of the ReLU autoencoder's 460-us step); None
-        where a block is kept at a rank."""
-        key = tuple(active)
+        (``bf16``: their bfloat16 copies) and parameters; it reads the gradients), built once
+        per active set (the tensors persist: a refactor and a load rewrite them in place; the
+        op's argument lists, built and checked each step, had cost 30 us of the ReLU
+        autoencoder's 460-us step); None where a block is kept at a rank."""
+        key = (tuple(active), bf16)
         if key not in self._bound_of:
             blocks = [self.blocks[i] for i in active]
             params, counts = self._row_params(active)
             self._bound_of[key] = None if any(b.lowrank is not None for b in blocks) else (
                 torch.classes.mbf_kernels.BoundShared(
                     *([b.rows[k] for b in blocks] for k in ("momentum", "second_moment", "work")),
-                    [b.inverse for b in blocks], params, counts))
+                    [b.applied_inverse(bf16) for b in blocks], params, counts))
         return self._bound_of[key]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_bound_of": {}}  # (C++ objects: bound again on first use)
+
+    def matmul(self, group: dict) -> str:
+        """The group's shared_matmul resolved for this set's device and damping."""
+        return resolve(group["shared_matmul"], self.device, group["damping_mode"])
 
     def _row_passes_serve(self, group: dict) -> bool:
         """Whether the C++ row passes serve the group's step: on the CPU with the compiled
@@ -250,7 +254,7 @@ class SharedSet:
         or none)."""
         return (dispatch.cpu_ops(group, self.device)
                 # emulated TF32 GEMMs (for measuring it) are torch's: the fused passes' are not
-                and resolve(group["shared_matmul"], self.device) != "tf32"
+                and self.matmul(group) != "tf32"
                 and not (group["weight_decay"] and not group["decoupled_weight_decay"]))
 
     def _fused_grads(self, group: dict, active: list[int]) -> list[Tensor | None] | None:
@@ -276,7 +280,7 @@ class SharedSet:
         GEMMs."""
         if self.reduce is not None or not self._row_passes_serve(group):
             return False
-        bound = self._bound(active)
+        bound = self._bound(active, self.blocks[active[0]].bf16_applies(self.matmul(group)))
         if bound is None:
             return False
         beta2 = group["betas"][1]

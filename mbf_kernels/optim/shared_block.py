@@ -48,6 +48,8 @@ def derive_inverses(blocks: list[SharedBlock]) -> None:
     for b in blocks:
         if not b.cpu_inverse:
             b.inverse.copy_(inverse_from_factor(b.factor))
+        if b.inverse_bf16 is not None:
+            b.inverse_bf16.copy_(b.inverse)
 
 
 @dataclass
@@ -60,6 +62,9 @@ class SharedBlock:
     curvature: Tensor | None = None  # (d, d)
     factor: Tensor | None = None  # (d, d) lower, diagonal stored as 1 / L_ii (canonical)
     inverse: Tensor | None = None  # (d, d) (F + damping I)^{-1}, derived from the factor
+    # The inverse rounded to bfloat16 (shared_matmul="bfloat16"), made on first use and then
+    # rewritten in place wherever the inverse is derived
+    inverse_bf16: Tensor | None = None
     lowrank: LowRankCurvature | None = None
     rows: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)  # param_views(key), kept
@@ -81,7 +86,8 @@ class SharedBlock:
     def nbytes(self) -> int:
         if self.lowrank is not None:
             return self.lowrank.nbytes
-        return self.curvature.nbytes + self.factor.nbytes + self.inverse.nbytes
+        extra = 0 if self.inverse_bf16 is None else self.inverse_bf16.nbytes
+        return self.curvature.nbytes + self.factor.nbytes + self.inverse.nbytes + extra
 
     def layout(self) -> tuple[str, int, int]:
         """(kind, d, rank) of the canonical state: ("shared", d, 1) exact (one block), or
@@ -111,11 +117,28 @@ class SharedBlock:
         a load), so that a loaded state gives the same bits."""
         derive_inverses([self])
 
-    def apply(self) -> None:
+    def bf16_applies(self, matmul: str) -> bool:
+        """Whether shared_matmul ``matmul`` (resolved) applies this block in bfloat16: an exact
+        block of a float32 state (float64 and low-rank blocks keep their dtype)."""
+        return (matmul == "bfloat16" and self.lowrank is None
+                and self.inverse.dtype == torch.float32)
+
+    def applied_inverse(self, bf16: bool) -> Tensor:
+        """The inverse the step's GEMM reads: the state's, or (``bf16``) its bfloat16 copy."""
+        if not bf16:
+            return self.inverse
+        if self.inverse_bf16 is None:
+            self.inverse_bf16 = self.inverse.to(torch.bfloat16)
+        return self.inverse_bf16
+
+    def apply(self, bf16: bool = False) -> None:
         """rows["work"] = U, the step's direction for rows["momentum"] up to a positive scalar
-        factor per block (the graft's rescaling, which uses it, makes that factor irrelevant)."""
+        factor per block (the graft's rescaling, which uses it, makes that factor irrelevant);
+        ``bf16`` (:meth:`bf16_applies`): U = bf16(bf16(M) bf16(inv)), widened."""
         M, U = self.rows["momentum"], self.rows["work"]
-        if self.lowrank is None:
+        if bf16:
+            U.copy_(torch.mm(M.to(torch.bfloat16), self.applied_inverse(True)))
+        elif self.lowrank is None:
             torch.mm(M, self.inverse, out=U)
         else:
             self.lowrank.apply(M, out=U)
@@ -141,7 +164,7 @@ class SharedBlock:
                 ) -> Tensor:
         """|u_j|^2 of every row of the grafted step's direction u = M (F + damping I)^{-1} (up to
         a positive factor per block). Exact, or parameters the GEMMs cannot write: U into the
-        work rows (its GEMM at ``matmul``, the shared_matmul option), and its norms. At a rank:
+        work rows (its GEMM at ``matmul``, the resolved shared_matmul), and its norms. At a rank:
         only T = M V, and the norms from T and ``m_sq`` (|m_j|^2, None: computed here) with
         :meth:`LowRankCurvature.row_squares` (``projection``: T already computed); the update
         then adds M and T's rank-k term to the parameters, and U is never formed (on
@@ -150,7 +173,7 @@ class SharedBlock:
         M = self.rows["momentum"]
         if not self.projects:
             with shared_matmul(matmul, M.device):
-                self.apply()
+                self.apply(self.bf16_applies(matmul))
             return torch.linalg.vector_norm(self.rows["work"], dim=1).square()
         if m_sq is None:
             m_sq = torch.linalg.vector_norm(M, dim=1).square()
@@ -190,28 +213,29 @@ class SharedBlock:
                 params[seg.tail].addmv_(t, basis_t[:, seg.width])
 
     def update_params(self, lr: float, projection: Tensor | None = None,
-                      fused: bool = False) -> None:
+                      fused: bool = False, bf16: bool = False) -> None:
         """p -= lr u without grafting (any decay applied by the caller): u = M (F + damping
         I)^{-1} accumulated straight into the weight and bias (addmm_ / addmv_, no U buffer: on
         a large layer every pass over its rows counts); at a rank, as :meth:`update_in_place`
         from T = M V (``projection``: already computed); through U for parameters of another
         dtype than the state's; ``fused`` (the CPU's C++ passes apply) and a GEMM large enough
-        for oneDNN: through U, with ``apply_inverse_`` and one ``scaled_add_`` pass."""
+        for oneDNN: through U, with ``apply_inverse_`` and one ``scaled_add_`` pass. ``bf16``
+        (:meth:`bf16_applies`): through U as :meth:`apply` makes it."""
         seg = self.unit.segments[0]
         M, params = self.rows["momentum"], self.unit.params
         if self.projects:
             self.projection = M @ self.lowrank.apply_basis if projection is None else projection
             self.update_in_place(self.lowrank.apply_scale * -lr, 1.0, fused)
             return
-        if fused and self.lowrank is None and self.gemm_flops >= onednn_gemm_min_flops():
+        if fused and self.lowrank is None and (bf16 or self.gemm_flops >= onednn_gemm_min_flops()):
             # U through apply_inverse_ (oneDNN's GEMM, 1.7x MKL's addmm_ for a 64 x 513 block
             # on the dev VM), then p -= lr U in one C++ pass; below, the extra calls per block
             # cost more than oneDNN saves
-            torch.ops.mbf_kernels.apply_inverse_(self.rows["work"], M, self.inverse)
+            torch.ops.mbf_kernels.apply_inverse_(self.rows["work"], M, self.applied_inverse(bf16))
             self.update_in_place(M.new_full((1,), -lr), 1.0, True)
             return
-        if not self._updates_in_place():
-            self.apply()
+        if bf16 or not self._updates_in_place():
+            self.apply(bf16)
             scale = None if self.lowrank is None else self.lowrank.apply_scale
             for p, u in zip(params, self.views["work"]):
                 if scale is None:
