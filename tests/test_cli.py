@@ -204,18 +204,21 @@ def test_train_mbf_dropin_variants(optimizer, model):
     assert not run.diverged and run.points[-1].train_loss < run.points[0].train_loss
 
 
-def test_train_graft_norms_and_beta_flags_reach_the_optimizer(tmp_path, monkeypatch):
-    """``--graft-norms previous --beta 0.5`` builds MBF with them (recorded in results.json)
-    and trains."""
+def test_train_graft_norms_beta_and_matmul_flags_reach_the_optimizer(tmp_path, monkeypatch):
+    """``--graft-norms previous --beta 0.5 --shared-matmul float32`` builds MBF with them
+    (recorded in results.json) and trains."""
     built = []
     make = training.OPTIMIZERS["mbf"]
     monkeypatch.setitem(training.OPTIMIZERS, "mbf", lambda *a: built.append(make(*a)) or built[-1])
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "2", "--optimizers", "mbf", "--models", "small_cnn",
-                     "--graft-norms", "previous", "--beta", "0.5", "--out", str(out)]) == 0
-    assert [(g["graft_norms"], g["beta"]) for g in built[0].param_groups] == [("previous", 0.5)]
+                     "--graft-norms", "previous", "--beta", "0.5", "--shared-matmul", "float32",
+                     "--out", str(out)]) == 0
+    assert [(g["graft_norms"], g["beta"], g["shared_matmul"]) for g in built[0].param_groups] == [
+        ("previous", 0.5, "float32")]
     doc = json.loads((out / "results.json").read_text())
-    assert (doc["config"]["graft_norms"], doc["config"]["beta"]) == ("previous", 0.5)
+    assert (doc["config"]["graft_norms"], doc["config"]["beta"],
+            doc["config"]["shared_matmul"]) == ("previous", 0.5, "float32")
     curve = [float(r["train_loss"]) for r in _read_curves(out)]
     assert curve[-1] < curve[0]
 

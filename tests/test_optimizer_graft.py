@@ -725,22 +725,28 @@ def test_shared_matmul_bfloat16_applies_the_rounded_inverse(backend, update):
     """shared_matmul="bfloat16": an exact shared block's direction is U = bf16(bf16(M)
     bf16(inv)) from the block's own float32 inverse, on the CPU's fused step (grafted: the
     one-call BoundShared step; the paper's: apply_inverse_) and in torch calls; the parameters
-    move by -lr U (the paper's) or along U (grafted); a refactor rewrites the bfloat16 copy;
-    the curvature is refreshed in float32 as before."""
+    move by -lr U (the paper's) or along U (grafted); a refactor rewrites the bfloat16 copy. A
+    block whose GEMM is under BF16_MIN_FLOPS (the second layer's) stays float32."""
+    from mbf_kernels.optim.precision import BF16_MIN_FLOPS
     if backend == "cpu" and not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     options = dict(PAPER, lr=1.0, damping=0.3) if update == "paper" else {}
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
+    model = nn.Sequential(nn.Linear(300, 40), nn.Tanh(), nn.Linear(40, 5))
     opt = mk.MBF.from_model(model, backend=backend, max_block_size=16, large_linear="shared",
                             shared_matmul="bfloat16", curvature_update_freq=2,
                             inverse_update_freq=2, **options)
-    block = opt._plans[0].shared[0].blocks[0]
-    assert block.unit.params[0] is model[0].weight
-    x, y = randn(32, 40, seed=7).float(), torch.arange(32) % 5
+    block, small = opt._plans[0].shared[0].blocks
+    assert block.unit.params[0] is model[0].weight and small.unit.params[0] is model[2].weight
+    assert small.gemm_flops < BF16_MIN_FLOPS <= block.gemm_flops
+    x, y = randn(32, 300, seed=7).float(), torch.arange(32) % 5
     inverses = []
+
+    def flat(layer):
+        return torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+
     for step in range(3):
-        before = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
+        before, before_small = flat(model[0]), flat(model[2])
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -750,13 +756,19 @@ def test_shared_matmul_bfloat16_applies_the_rounded_inverse(backend, update):
         exact, bound = _bf16_product_bound(M, block.inverse_bf16)
         assert ((U.double() - exact).abs() <= bound).all(), step
         assert torch.equal(U, U.to(torch.bfloat16).float())
-        moved = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()]) - before
-        u = torch.cat([U[:, :40].flatten(), U[:, 40]])
+        moved = flat(model[0]) - before
+        u = torch.cat([U[:, :300].flatten(), U[:, 300]])
         coef = -1.0 if update == "paper" else float(moved @ u / (u @ u))
         assert coef < 0
         torch.testing.assert_close(moved, coef * u, rtol=0, atol=1e-6 * float(before.abs().max()))
     # the refresh and refactor at step 3 (T1 = T2 = 2) moved the inverse, and the copy with it
     assert torch.equal(inverses[0], inverses[1]) and not torch.equal(inverses[1], inverses[2])
+    assert small.inverse_bf16 is None
+    U = small.rows["momentum"] @ small.inverse
+    assert not torch.equal(U, U.to(torch.bfloat16).float())
+    u, moved = torch.cat([U[:, :40].flatten(), U[:, 40]]), flat(model[2]) - before_small
+    coef = -1.0 if update == "paper" else float(moved @ u / (u @ u))
+    torch.testing.assert_close(moved, coef * u, rtol=0, atol=1e-5 * float(u.abs().max()))
 
 
 # -- the optimizer ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from rich.table import Table
 from .. import __version__, _extension, backends
 from ..optim.blocks import LARGE_LINEAR
 from ..optim.options import DEFAULTS, FACTOR_DTYPE, GRAFT_NORMS, PAPER_DAMPING, SHARED_BETA
+from ..optim.precision import MATMUL
 from . import benchmark, profiling, report, training
 from .benchmark import environment
 from .data import DATASETS, load_dataset
@@ -109,7 +110,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         curvature_update_freq=args.curvature_update_freq,
         inverse_update_freq=args.inverse_update_freq, mbf_backend=args.mbf_backend,
         factor_dtype=args.factor_dtype, graft_norms=args.graft_norms,
-        lr_milestones=tuple(int(m) for m in _csv_list(args.lr_milestones or "")),
+        shared_matmul=args.shared_matmul, lr_milestones=tuple(int(m) for m in _csv_list(args.lr_milestones or "")),
         lr_gamma=args.lr_gamma, tune=args.tune, tune_epochs=args.tune_epochs)
     console.print(f"mbf train: {data.name} ({len(data.y_train)} train / {len(data.y_test)} test "
                   f"images), models {', '.join(model_names)}, optimizers {', '.join(optimizers)}; "
@@ -326,6 +327,9 @@ def _add_train(sub) -> None:
     train.add_argument("--mbf-backend", default="auto", help="MBF's kernel backend")
     train.add_argument("--factor-dtype", default=DEFAULTS["factor_dtype"], choices=FACTOR_DTYPE,
                        help="mbf's and mbf_true's factor storage (docs/options.md)")
+    train.add_argument("--shared-matmul", default=DEFAULTS["shared_matmul"], choices=MATMUL,
+                       help="mbf's and mbf_true's shared blocks' GEMMs (auto: bfloat16 on a "
+                       "CPU with AVX512_BF16 or AMX, tf32 on CUDA; docs/options.md)")
     train.add_argument("--graft-norms", default=DEFAULTS["graft_norms"], choices=GRAFT_NORMS,
                        help="mbf's and mbf_true's graft ratios: this step's (two passes over "
                        "the blocks) or the previous step's (one pass; docs/options.md)")

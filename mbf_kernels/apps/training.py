@@ -68,6 +68,7 @@ class TrainConfig:
     inverse_update_freq: int = MBF_DEFAULTS["inverse_update_freq"]
     mbf_backend: str = "auto"
     factor_dtype: str = MBF_DEFAULTS["factor_dtype"]  # mbf's and mbf_true's factor storage
+    shared_matmul: str = MBF_DEFAULTS["shared_matmul"]  # their shared blocks' GEMM precision
     graft_norms: str = MBF_DEFAULTS["graft_norms"]  # mbf's and mbf_true's graft ratios
     lr_milestones: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
@@ -97,7 +98,8 @@ def _make_mbf(params, lr: float, cfg: TrainConfig, model: nn.Module,
                           shared_beta=cfg.shared_beta, weight_decay=cfg.weight_decay,
                           fisher=fisher, curvature_update_freq=cfg.curvature_update_freq,
                           inverse_update_freq=cfg.inverse_update_freq, backend=cfg.mbf_backend,
-                          factor_dtype=cfg.factor_dtype, graft_norms=cfg.graft_norms)
+                          factor_dtype=cfg.factor_dtype, graft_norms=cfg.graft_norms,
+                          shared_matmul=cfg.shared_matmul)
 
 
 def _make_mbf_true(params, lr: float, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -225,20 +225,21 @@ class SharedSet:
             self._row_params_of[key] = params, counts
         return self._row_params_of[key]
 
-    def _bound(self, active: list[int], bf16: bool) -> object | None:
+    def _bound(self, active: list[int], matmul: str) -> object | None:
         """The ``active`` exact blocks bound to the C++ ``BoundShared`` (their rows, inverses
-        (``bf16``: their bfloat16 copies) and parameters; it reads the gradients), built once
-        per active set (the tensors persist: a refactor and a load rewrite them in place; the
-        op's argument lists, built and checked each step, had cost 30 us of the ReLU
-        autoencoder's 460-us step); None where a block is kept at a rank."""
-        key = (tuple(active), bf16)
+        (their bfloat16 copies where the resolved ``matmul`` applies them so) and parameters; it
+        reads the gradients), built once per active set and mode (the tensors persist: a
+        refactor and a load rewrite them in place; the op's argument lists, built and checked
+        each step, had cost 30 us of the ReLU autoencoder's 460-us step); None where a block is
+        kept at a rank."""
+        key = (tuple(active), matmul)
         if key not in self._bound_of:
             blocks = [self.blocks[i] for i in active]
             params, counts = self._row_params(active)
             self._bound_of[key] = None if any(b.lowrank is not None for b in blocks) else (
                 torch.classes.mbf_kernels.BoundShared(
                     *([b.rows[k] for b in blocks] for k in ("momentum", "second_moment", "work")),
-                    [b.applied_inverse(bf16) for b in blocks], params, counts))
+                    [b.applied_inverse(b.bf16_applies(matmul)) for b in blocks], params, counts))
         return self._bound_of[key]
 
     def __getstate__(self) -> dict:
@@ -280,7 +281,7 @@ class SharedSet:
         GEMMs."""
         if self.reduce is not None or not self._row_passes_serve(group):
             return False
-        bound = self._bound(active, self.blocks[active[0]].bf16_applies(self.matmul(group)))
+        bound = self._bound(active, self.matmul(group))
         if bound is None:
             return False
         beta2 = group["betas"][1]

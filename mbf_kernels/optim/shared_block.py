@@ -13,7 +13,7 @@ from .._extension import onednn_gemm_min_flops
 from ..packed import pack_tril, unpack_tril
 from .blocks import Unit
 from .lowrank import LowRankCurvature
-from .precision import shared_matmul
+from .precision import BF16_MIN_FLOPS, shared_matmul
 
 #: An exact shared block whose state passes this many bytes is announced (issue 16: a silent
 #: 7.5 GB allocation for an ImageNet head is a bug, not a default).
@@ -119,9 +119,10 @@ class SharedBlock:
 
     def bf16_applies(self, matmul: str) -> bool:
         """Whether shared_matmul ``matmul`` (resolved) applies this block in bfloat16: an exact
-        block of a float32 state (float64 and low-rank blocks keep their dtype)."""
+        block of a float32 state whose GEMM has at least BF16_MIN_FLOPS (float64, low-rank and
+        smaller blocks keep float32)."""
         return (matmul == "bfloat16" and self.lowrank is None
-                and self.inverse.dtype == torch.float32)
+                and self.inverse.dtype == torch.float32 and self.gemm_flops >= BF16_MIN_FLOPS)
 
     def applied_inverse(self, bf16: bool) -> Tensor:
         """The inverse the step's GEMM reads: the state's, or (``bf16``) its bfloat16 copy."""
