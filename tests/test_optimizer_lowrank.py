@@ -333,6 +333,8 @@ def test_shared_matmul_auto_is_bfloat16_on_a_bfloat16_cpu_under_relative_damping
         opt.step()
         blocks = opt._plans[0].shared[0].blocks
         assert [b.inverse_bf16 is not None for b in blocks] == [bf16, False]
+        assert [r["matmul"] for r in opt.block_summary() if r["kind"] == "shared"] == [
+            "bfloat16" if bf16 else "float32", "float32"]
 
 
 def test_loading_its_own_state_dict_changes_nothing():

@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         curvature_update_freq=args.curvature_update_freq,
         inverse_update_freq=args.inverse_update_freq, mbf_backend=args.mbf_backend,
         factor_dtype=args.factor_dtype, graft_norms=args.graft_norms,
-        shared_matmul=args.shared_matmul, lr_milestones=tuple(int(m) for m in _csv_list(args.lr_milestones or "")),
+        shared_matmul=args.shared_matmul,
+        lr_milestones=tuple(int(m) for m in _csv_list(args.lr_milestones or "")),
         lr_gamma=args.lr_gamma, tune=args.tune, tune_epochs=args.tune_epochs)
     console.print(f"mbf train: {data.name} ({len(data.y_train)} train / {len(data.y_test)} test "
                   f"images), models {', '.join(model_names)}, optimizers {', '.join(optimizers)}; "

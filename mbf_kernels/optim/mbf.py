@@ -304,8 +304,9 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
     def block_summary(self) -> list[dict]:
         """One row per bucket / shared block: group, kind, d, blocks, dtype, device, bytes (its
         curvature and factor state; a bucket also its factor's storage, factor_dtype); a shared
-        block also its layer's name and ``rank`` (d when it is exact, "shared"; less when it is
-        kept at a rank, "lowrank")."""
+        block also its layer's name, ``rank`` (d when it is exact, "shared"; less when it is
+        kept at a rank, "lowrank") and ``matmul``, the precision of the GEMM that applies it
+        (shared_matmul as resolved for the block: docs/options.md)."""
         rows = []
         for gi, plan in enumerate(self._plans):
             for b in plan.buckets:
@@ -314,9 +315,13 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                                  dtype=str(b.dtype), factor_dtype=str(b.factor.dtype),
                                  device=str(b.device),
                                  bytes=b.curvature.nbytes + b.factor.nbytes))
-            for sh in plan.shared_blocks:
-                rows.append(dict(group=gi, kind="shared" if sh.lowrank is None else "lowrank",
-                                 d=sh.d, blocks=1, dtype=str(sh.rows["work"].dtype),
-                                 device=str(sh.stats.device), bytes=sh.nbytes,
-                                 name=sh.unit.name, rank=sh.rank))
+            for shared in plan.shared:
+                matmul = shared.matmul(self.param_groups[gi])
+                for sh in shared.blocks:
+                    rows.append(dict(group=gi, kind="shared" if sh.lowrank is None else "lowrank",
+                                     d=sh.d, blocks=1, dtype=str(sh.rows["work"].dtype),
+                                     device=str(sh.stats.device), bytes=sh.nbytes,
+                                     name=sh.unit.name, rank=sh.rank,
+                                     matmul="bfloat16" if sh.bf16_applies(matmul) else
+                                     "tf32" if matmul == "tf32" else "float32"))
         return rows
