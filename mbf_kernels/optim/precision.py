@@ -17,6 +17,7 @@ Smaller blocks, low-rank blocks' thin GEMMs (memory-bound) and the refresh's sta
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -57,6 +58,7 @@ class _EmulatedTF32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX), where oneDNN's
     bfloat16 GEMM runs at about twice the float32 rate (elsewhere it converts, and is slower)."""
