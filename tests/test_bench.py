@@ -123,6 +123,33 @@ def test_sweep_defaults_choice_rule():
     assert [sweep._read_rows([old])[0][k] for k in ("beta", "shared_beta")] == [0.9, 0.9]
 
 
+def test_sweep_defaults_keeps_the_shipped_setting_within_the_seeds_noise():
+    """A robust setting whose score is within two combined standard errors of the best is a tie,
+    and among ties the shipped setting stays; once the seeds tell them apart the best wins. A
+    csv without standard errors reads as exact."""
+    sweep = _load("sweep_defaults")
+    lrs = [1e-3 * f for f in (1 / 9, 1 / 3, 1, 3, 9, 27)]
+
+    def rows(damping: float, losses: list[float], se: float) -> list[dict]:
+        return [dict(task=t, optimizer="mbf", lr=lr, damping=damping, beta=0.9, shared_beta=0.3,
+                     t1=10, t2=100, loss=x, loss_se=se * x)
+                for t in ("digits_cnn", "tanh_ae") for lr, x in zip(lrs, losses)]
+
+    shipped = (1e-3, 0.3, 0.9, 0.3)
+    steady = [4.0, 2.0, 1.05, 1.1, 1.5, 3.0]
+    better = [4.0, 2.0, 1.0, 1.05, 1.4, 3.0]
+    for se, want in ((0.05, 0.3), (0.005, 0.1)):  # 5% noise: a tie; 0.5%: 0.1 is better
+        chosen, lines = sweep.choose(rows(0.3, steady, se) + rows(0.1, better, se), shipped)
+        assert (chosen["lr"], chosen["damping"]) == (lrs[2], want)
+        assert any(line.startswith("Within the seeds' noise") for line in lines)
+        assert ("the shipped setting, kept" in lines[-1]) == (want == 0.3)
+    other = (1e-3, 0.03, 0.9, 0.3)
+    chosen, _ = sweep.choose(rows(0.3, steady, 0.05) + rows(0.1, better, 0.05), other)
+    assert chosen["damping"] == 0.1  # another shipped setting: the best wins the tie
+    old = {k: str(v) for k, v in rows(0.3, steady, 0.05)[0].items() if k != "loss_se"}
+    assert sweep._read_rows([old])[0]["loss_se"] == 0.0
+
+
 def test_bench_graft_norms_toy(tmp_path):
     """The ratio runs (20 steps: past the warm-up) and one training cell per graft_norms."""
     bench = _load("bench_graft_norms")
