@@ -211,8 +211,8 @@ struct CompactTile {
     const auto nd = lanes::block_dim<D>(n);
     load_compact<T>(Fc, tri, F.data());
     const T beta = beta_, w = T(1) - beta_;
-    lanes::loop(lanes::Ic<0>{}, nd, [&](auto i) {
-      lanes::loop(lanes::Ic<0>{}, i + lanes::Ic<1>{}, [&](auto j) {
+    lanes::loop(lanes::Ic<0>{}, nd, [&](auto i) MBF_INLINE {
+      lanes::loop(lanes::Ic<0>{}, i + lanes::Ic<1>{}, [&](auto j) MBF_INLINE {
         const V<T> c = gv[i] * gv[j];
         V<T>& f = F[tri_index(i, j)];
         const V<T> updated = first ? c : beta * f + w * c;

@@ -67,6 +67,11 @@ constexpr Ic<A + B> operator+(Ic<A>, Ic<B>) { return {}; }
 template <int A, int B>
 constexpr Ic<A - B> operator-(Ic<A>, Ic<B>) { return {}; }
 
+// On each lambda that a loop unrolls: without it GCC inlines the unrolled bodies only up to
+// its size limits and calls the rest, so that the d = 9 dense solve's substitutions and the
+// d = 16 factorisation ran as out-of-line calls, their vectors passed through memory.
+#define MBF_INLINE __attribute__((always_inline))
+
 template <typename X>
 inline constexpr bool is_ic = false;
 template <int N>
@@ -167,7 +172,7 @@ inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
   M info = splat<M>(0);
-  loop(Ic<0>{}, n, [&](auto j) {
+  loop(Ic<0>{}, n, [&](auto j) MBF_INLINE {
     V s = a[idx(j, j)];
     // (s - s) == 0 is false exactly for Inf and NaN; s > 0 is false for NaN.
     const M ok = (s > T(0)) & ((s - s) == T(0));
@@ -177,10 +182,10 @@ inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<
     const V inv = T(1) / r;
     a[idx(j, j)] = r;
     inv_diag[j] = inv;
-    loop(j + one, n, [&](auto i) { a[idx(i, j)] *= inv; });
-    loop(j + one, n, [&](auto i) {
+    loop(j + one, n, [&](auto i) MBF_INLINE { a[idx(i, j)] *= inv; });
+    loop(j + one, n, [&](auto i) MBF_INLINE {
       const V lij = a[idx(i, j)];
-      loop(j + one, i + one, [&](auto k) { a[idx(i, k)] -= lij * a[idx(k, j)]; });
+      loop(j + one, i + one, [&](auto k) MBF_INLINE { a[idx(i, k)] -= lij * a[idx(k, j)]; });
     });
   });
   return info;
@@ -208,26 +213,28 @@ inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
   using V = typename Lanes<T>::V;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
-  auto inverse_pivot = [&](auto i) -> V {
+  auto inverse_pivot = [&](auto i) MBF_INLINE -> V {
     if constexpr (InvDiagInL) return L[idx(i, i)];
     else return inv_diag[i];
   };
-  auto unit = [&](auto i, auto j) -> V { return L[idx(i, j)] * inverse_pivot(j); };  // U_ij
-  auto substitute = [&](V* xs, int stride, int c) __attribute__((always_inline)) {
-    loop(Ic<0>{}, n, [&](auto j) {  // U z = b
+  auto unit = [&](auto i, auto j) MBF_INLINE -> V {  // U_ij
+    return L[idx(i, j)] * inverse_pivot(j);
+  };
+  auto substitute = [&](V* xs, int stride, int c) MBF_INLINE {
+    loop(Ic<0>{}, n, [&](auto j) MBF_INLINE {  // U z = b
       const V zj = xs[j * stride + c];
-      loop(j + one, n, [&](auto i) {
+      loop(j + one, n, [&](auto i) MBF_INLINE {
         xs[i * stride + c] = fnmadd(unit(i, j), zj, xs[i * stride + c]);
       });
     });
-    loop(Ic<0>{}, n, [&](auto i) {  // w = D^{-2} z
+    loop(Ic<0>{}, n, [&](auto i) MBF_INLINE {  // w = D^{-2} z
       const V q = inverse_pivot(i);
       xs[i * stride + c] *= q * q;
     });
-    loop(Ic<0>{}, n, [&](auto r) {  // U^T x = w, rows from the last
+    loop(Ic<0>{}, n, [&](auto r) MBF_INLINE {  // U^T x = w, rows from the last
       const auto i = n - one - r;
       const V xi = xs[i * stride + c];
-      loop(Ic<0>{}, i, [&](auto j) {
+      loop(Ic<0>{}, i, [&](auto j) MBF_INLINE {
         xs[j * stride + c] = fnmadd(unit(i, j), xi, xs[j * stride + c]);
       });
     });
@@ -235,9 +242,9 @@ inline void solve_tile(const Rows& L, const typename Lanes<T>::V* inv_diag,
   if constexpr (is_ic<std::remove_const_t<decltype(n)>>) {
     if (k == 1) {
       V local[decltype(n)::value];
-      loop(Ic<0>{}, n, [&](auto i) { local[i] = x[i]; });
+      loop(Ic<0>{}, n, [&](auto i) MBF_INLINE { local[i] = x[i]; });
       substitute(local, 1, 0);
-      loop(Ic<0>{}, n, [&](auto i) { x[i] = local[i]; });
+      loop(Ic<0>{}, n, [&](auto i) MBF_INLINE { x[i] = local[i]; });
       return;
     }
   }
@@ -254,18 +261,20 @@ inline void inverse_tile(const typename Lanes<T>::V* L, const typename Lanes<T>:
   using V = typename Lanes<T>::V;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
-  loop(Ic<0>{}, n, [&](auto j) {
+  loop(Ic<0>{}, n, [&](auto j) MBF_INLINE {
     linv[tri_index(j, j)] = inv_diag[j];
-    loop(j + one, n, [&](auto i) {
+    loop(j + one, n, [&](auto i) MBF_INLINE {
       V s = splat<V>(T(0));
-      loop(j, i, [&](auto k) { s += L[idx(i, k)] * linv[tri_index(k, j)]; });
+      loop(j, i, [&](auto k) MBF_INLINE { s += L[idx(i, k)] * linv[tri_index(k, j)]; });
       linv[tri_index(i, j)] = -s * inv_diag[i];
     });
   });
-  loop(Ic<0>{}, n, [&](auto i) {
-    loop(Ic<0>{}, i + one, [&](auto j) {
+  loop(Ic<0>{}, n, [&](auto i) MBF_INLINE {
+    loop(Ic<0>{}, i + one, [&](auto j) MBF_INLINE {
       V s = splat<V>(T(0));
-      loop(i, n, [&](auto k) { s += linv[tri_index(k, i)] * linv[tri_index(k, j)]; });
+      loop(i, n, [&](auto k) MBF_INLINE {
+        s += linv[tri_index(k, i)] * linv[tri_index(k, j)];
+      });
       out[tri_index(i, j)] = s;
     });
   });
