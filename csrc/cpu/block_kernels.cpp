@@ -94,20 +94,32 @@ void inverse_diagonal(const V<T>* a, V<T>* inv_diag, int d) {
   for (int i = 0; i < n; ++i) inv_diag[i] = T(1) / a[i * n + i];
 }
 
-// Calls body(b0, cnt) for each tile of at most W blocks in [begin, end), prefetching the
-// tile kPrefetchTiles ahead of `stream` (elements_per_block elements per block) before each.
+// Calls body(b0, cnt, pf) for each tile of at most W blocks in [begin, end), with `pf` set to
+// the tile kPrefetchTiles ahead of `stream` (elements_per_block elements per block): the body
+// spreads its lines over its arithmetic, and what it leaves is sent after it.
 template <typename T, typename Body>
 void for_each_tile(int64_t begin, int64_t end, const T* stream, int64_t elements_per_block,
                    Body&& body) {
   constexpr int W = Ln<T>::W;
+  SpreadPrefetch pf;
   for (int64_t b0 = begin; b0 < end; b0 += W) {
     const int64_t next = b0 + kPrefetchTiles * W;
     if (next < end)
-      prefetch_bytes(stream + next * elements_per_block,
-                     std::min<int64_t>(W, end - next) * elements_per_block * int64_t(sizeof(T)));
-    body(b0, static_cast<int>(std::min<int64_t>(W, end - b0)));
+      pf.start(stream + next * elements_per_block,
+               std::min<int64_t>(W, end - next) * elements_per_block * int64_t(sizeof(T)));
+    body(b0, static_cast<int>(std::min<int64_t>(W, end - b0)), pf);
+    pf.rest();
   }
 }
+
+// factor_tile's column hook: an equal share of the tile's prefetch at each column.
+struct PrefetchByColumn {
+  SpreadPrefetch& pf;
+  int64_t per_column;
+  PrefetchByColumn(SpreadPrefetch& p, int d) : pf(p), per_column((p.lines() + d - 1) / d) {}
+  template <typename J>
+  void operator()(J) const { pf.issue(per_column); }
+};
 
 }  // namespace
 
@@ -118,9 +130,10 @@ void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin, int64_t en
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, 0, false);
     const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
-    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
+    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
       load_blocks<T, kD>(A + b0 * dd, s, d, cnt, damping);
-      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full,
+                                                 PrefetchByColumn(pf, d));
       store_blocks<T, kD>(s.full.data(), full, inf, s, L + b0 * dd, d, cnt, /*symmetric=*/false);
       store_info<T>(inf, info + b0, cnt);
     });
@@ -135,8 +148,9 @@ void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin, int64_t
     TileScratch<T> s(d, k, false);
     const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
     const M<T> ok = lanes::splat<M<T>>(0);
-    for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt) {
+    for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
       load_blocks<T, kD>(L + b0 * dd, s, d, cnt, T(0));
+      pf.issue(pf.lines() / 2);  // half here, the rest after the solve
       inverse_diagonal<T, kD>(s.full.data(), s.inv_diag.data(), d);
       load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
       lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, full);
@@ -152,9 +166,10 @@ void solve_spd_batched(const T* A, const T* B, T* X, int32_t* info, int64_t begi
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, k, false);
     const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
-    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
+    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
       load_blocks<T, kD>(A + b0 * dd, s, d, cnt, damping);
-      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full,
+                                                 PrefetchByColumn(pf, d));
       load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
       lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, full);
       store_rhs<T>(s, inf, X + b0 * dk, static_cast<int>(dk), cnt);
@@ -170,9 +185,10 @@ void inv_spd_batched(const T* A, T* Ainv, int32_t* info, int64_t begin, int64_t 
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, 0, true);
     const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
-    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt) {
+    for_each_tile<T>(begin, end, A, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
       load_blocks<T, kD>(A + b0 * dd, s, d, cnt, damping);
-      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full);
+      const M<T> inf = lanes::factor_tile<T, kD>(s.full.data(), s.inv_diag.data(), d, full,
+                                                 PrefetchByColumn(pf, d));
       lanes::inverse_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.linv.data(), s.out.data(),
                                  d, full);
       store_blocks<T, kD>(s.out.data(), lanes::PackedIndex{}, inf, s, Ainv + b0 * dd, d, cnt,

@@ -164,15 +164,25 @@ __attribute__((always_inline)) inline V fnmadd(V a, V b, V c) {
 // (left-looking) order is one long dependency chain per row and ran at an IPC below 0.5.
 // Each entry still receives its updates in the same order (k = 0, 1, ...), so the rounding
 // is that of the row-by-row version.
-template <typename T, int D, typename Index = PackedIndex>
+//
+// `column(j)` runs at the start of column j: a caller spreads its prefetches over the columns
+// there (lane_types.h, SpreadPrefetch).
+struct NoColumnHook {
+  template <typename J>
+  void operator()(J) const {}
+};
+
+template <typename T, int D, typename Index = PackedIndex, typename ColumnHook = NoColumnHook>
 inline typename Lanes<T>::M factor_tile(typename Lanes<T>::V* a, typename Lanes<T>::V* inv_diag,
-                                        int d, Index idx = {}) {
+                                        int d, Index idx = {},
+                                        const ColumnHook& column = ColumnHook{}) {
   using V = typename Lanes<T>::V;
   using M = typename Lanes<T>::M;
   const auto n = block_dim<D>(d);
   constexpr Ic<1> one;
   M info = splat<M>(0);
   loop(Ic<0>{}, n, [&](auto j) MBF_INLINE {
+    column(j);
     V s = a[idx(j, j)];
     // (s - s) == 0 is false exactly for Inf and NaN; s > 0 is false for NaN.
     const M ok = (s > T(0)) & ((s - s) == T(0));
