@@ -39,6 +39,16 @@ MODELS = {**models.MODELS,
           # the main job's ReLU autoencoder (seven exact shared blocks of d <= 257)
           "digits_autoencoder": lambda num_classes: models.DigitsAutoencoder(
               activation=torch.nn.ReLU),
+          # A small model of issue 14's kind (its 1-D CNN of 26k parameters): a sequence
+          # classifier of 24.6k, kernels of 7, 5 and 3 (mini-blocks of those sizes), BatchNorm,
+          # and a 64 -> classes head (d = 65: one exact shared block). Unlike the small CNN's
+          # 512 -> 64 layer, no head's GEMM outweighs the rest of its step.
+          "cnn1d": lambda num_classes: torch.nn.Sequential(
+              torch.nn.Conv1d(4, 32, 7, padding=3), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+              torch.nn.Conv1d(32, 64, 5, padding=2), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+              torch.nn.MaxPool1d(2),
+              torch.nn.Conv1d(64, 64, 3, padding=1), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+              torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(), torch.nn.Linear(64, num_classes)),
           # Issue 16's shapes: one Linear(4096, 4096), and the ImageNet VGG16's classifier.
           "linear4096": lambda num_classes: torch.nn.Sequential(torch.nn.Linear(4096, 4096)),
           "vgg16_imagenet_head": lambda num_classes: torch.nn.Sequential(
