@@ -90,11 +90,15 @@ def _as_rhs(fn: str, B: Tensor, A: Tensor, a_name: str) -> tuple[Tensor, bool]:
     return Bm, vector
 
 
-def _flat_pair(fn: str, A: Tensor, Bm: Tensor, a_name: str):
-    """Broadcast the batch dims of A (..., d, d) and Bm (..., d, k), flattened to one."""
+def _flat_pair(fn: str, A: Tensor, Bm: Tensor, a_name: str, column_major_ok: bool = False):
+    """Broadcast the batch dims of A (..., d, d) and Bm (..., d, k), flattened to one. With
+    ``column_major_ok`` a batch of column-major matrices (torch.linalg.cholesky's factors) stays
+    as it is, for the backends that read it in place, instead of being copied."""
     batch = v.broadcast_batch(fn, (a_name, "B"), A.shape[:-2], Bm.shape[:-2])
     d, k = A.shape[-1], Bm.shape[-1]
-    A3 = A.expand(*batch, d, d).reshape(-1, d, d).contiguous()
+    A3 = A.expand(*batch, d, d).reshape(-1, d, d)
+    if not (column_major_ok and A3.mT.is_contiguous()):
+        A3 = A3.contiguous()
     B3 = Bm.expand(*batch, d, k).reshape(-1, d, k).contiguous()
     return A3, B3, batch
 
@@ -108,7 +112,7 @@ def cholesky_solve(B: Tensor, L: Tensor, *, backend: str = "auto") -> Tensor:
     v.check_matrix_batch(fn, "L", L)
     Bm, vector = _as_rhs(fn, B, L, "L")
     impl = select(backend, L.device, differentiable=_needs_grad(B, L), fn=fn, d=L.shape[-1])
-    L3, B3, batch = _flat_pair(fn, L, Bm, "L")
+    L3, B3, batch = _flat_pair(fn, L, Bm, "L", column_major_ok=True)
     X = impl.cholesky_solve(B3, L3).reshape(*batch, *Bm.shape[-2:])
     return X.squeeze(-1) if vector else X
 

@@ -230,10 +230,16 @@ def test_solve_spd(target, n, d, dtype, k):
 @pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d", CASES)
-def test_cholesky_solve(target, n, d, dtype):
+@pytest.mark.parametrize("layout", ["column_major", "row_major"])
+def test_cholesky_solve(target, n, d, dtype, layout):
+    """torch.linalg.cholesky's factors are column-major (the cpu kernels read them in place);
+    mk.linalg.cholesky's are row-major: both layouts on every backend."""
     backend = target.backend
     B64, L64 = samples.cholesky_solve(n, d, torch.float64, target.device)
+    assert L64.mT.is_contiguous()  # as torch.linalg.cholesky returns it
     L, B = L64.to(dtype), B64.to(dtype)
+    if layout == "row_major":
+        L = L.contiguous()
     if not dispatch.covers(backend, d):
         return assert_refuses_block_size(backend, d,
                                          lambda: mk.linalg.cholesky_solve(B, L, backend=backend))

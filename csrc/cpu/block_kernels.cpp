@@ -142,20 +142,28 @@ void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin, int64_t en
 
 template <typename T>
 void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin, int64_t end, int d,
-                            int k) {
+                            int k, bool transposed) {
   const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
     TileScratch<T> s(d, k, false);
-    const lanes::FullIndex<lanes::BlockDim<kD>> full{lanes::block_dim<kD>(d)};
+    const auto n = lanes::block_dim<kD>(d);
     const M<T> ok = lanes::splat<M<T>>(0);
-    for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
-      load_blocks<T, kD>(L + b0 * dd, s, d, cnt, T(0));
-      pf.issue(pf.lines() / 2);  // half here, the rest after the solve
-      inverse_diagonal<T, kD>(s.full.data(), s.inv_diag.data(), d);
-      load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
-      lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, full);
-      store_rhs<T>(s, ok, X + b0 * dk, static_cast<int>(dk), cnt);
-    });
+    // `index` places entry (i, j) of a factor in the tile as loaded: row-major, or (transposed
+    // storage) column-major; the diagonal is where it is either way.
+    auto solve_all = [&](auto index) {
+      for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
+        load_blocks<T, kD>(L + b0 * dd, s, d, cnt, T(0));
+        pf.issue(pf.lines() / 2);  // half here, the rest after the solve
+        inverse_diagonal<T, kD>(s.full.data(), s.inv_diag.data(), d);
+        load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
+        lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, index);
+        store_rhs<T>(s, ok, X + b0 * dk, static_cast<int>(dk), cnt);
+      });
+    };
+    if (transposed)
+      solve_all(lanes::TransposedFullIndex<lanes::BlockDim<kD>>{n});
+    else
+      solve_all(lanes::FullIndex<lanes::BlockDim<kD>>{n});
   });
 }
 
@@ -209,7 +217,8 @@ void outer_ema_batched(T* F, const T* G, int64_t begin, int64_t end, int d, int 
 
 #define MBF_INSTANTIATE(T)                                                                  \
   template void cholesky_batched<T>(const T*, T*, int32_t*, int64_t, int64_t, int, T);      \
-  template void cholesky_solve_batched<T>(const T*, const T*, T*, int64_t, int64_t, int, int); \
+  template void cholesky_solve_batched<T>(const T*, const T*, T*, int64_t, int64_t, int, int, \
+                                          bool);                                              \
   template void solve_spd_batched<T>(const T*, const T*, T*, int32_t*, int64_t, int64_t, int,  \
                                      int, T);                                                 \
   template void inv_spd_batched<T>(const T*, T*, int32_t*, int64_t, int64_t, int, T);       \

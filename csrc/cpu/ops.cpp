@@ -75,7 +75,10 @@ std::tuple<at::Tensor, at::Tensor> cholesky_ex_cpu(const at::Tensor& A_in,
 at::Tensor cholesky_solve_cpu(const at::Tensor& B_in, const at::Tensor& L_in) {
   check_blocks(L_in, "L");
   check_rhs(B_in, L_in);
-  const auto L = L_in.contiguous();
+  // torch.linalg.cholesky returns its factors column-major: such a batch is read in place (its
+  // storage is each L^T, row-major) rather than copied, a copy that cost more than the solve.
+  const bool transposed = !L_in.is_contiguous() && L_in.transpose(1, 2).is_contiguous();
+  const auto L = transposed ? L_in.transpose(1, 2) : L_in.contiguous();
   const auto B = B_in.contiguous();
   const int64_t n = L.size(0);
   const int d = static_cast<int>(L.size(1));
@@ -86,7 +89,7 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& B_in, const at::Tensor& L_in) {
     const scalar_t* rhs = B.const_data_ptr<scalar_t>();
     scalar_t* x = X.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, grain_for(d), [&](int64_t b, int64_t e) {
-      cpu::kernels().of<scalar_t>().cholesky_solve_batched(l, rhs, x, b, e, d, k);
+      cpu::kernels().of<scalar_t>().cholesky_solve_batched(l, rhs, x, b, e, d, k, transposed);
     });
   });
   return X;

@@ -155,9 +155,11 @@ template <typename T>
 void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin,
                       int64_t end, int d, T damping);
 
+// L's blocks row-major, or with `transposed` column-major (each block's storage is L^T row-major,
+// as torch.linalg.cholesky returns them): read in place either way.
 template <typename T>
 void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin,
-                            int64_t end, int d, int k);
+                            int64_t end, int d, int k, bool transposed);
 
 // Fused factor + solve of (A + damping I) X = B; blocks whose factorisation
 // fails get X = 0 and a non-zero info.

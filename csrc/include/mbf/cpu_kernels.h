@@ -22,12 +22,12 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 7;
+inline constexpr int kCpuKernelsVersion = 8;
 
 template <typename T>
 struct KernelTable {
   void (*cholesky_batched)(const T*, T*, int32_t*, int64_t, int64_t, int, T);
-  void (*cholesky_solve_batched)(const T*, const T*, T*, int64_t, int64_t, int, int);
+  void (*cholesky_solve_batched)(const T*, const T*, T*, int64_t, int64_t, int, int, bool);
   void (*solve_spd_batched)(const T*, const T*, T*, int32_t*, int64_t, int64_t, int, int, T);
   void (*inv_spd_batched)(const T*, T*, int32_t*, int64_t, int64_t, int, T);
   void (*outer_ema_batched)(T*, const T*, int64_t, int64_t, int, int, T);

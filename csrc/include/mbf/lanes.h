@@ -112,6 +112,14 @@ struct FullIndex {
   template <typename I, typename J>
   constexpr int operator()(I i, J j) const { return int(i) * int(n) + int(j); }
 };
+// A full block stored transposed (a column-major batch, as torch.linalg.cholesky returns its
+// factors): entry (i, j) at j n + i.
+template <typename N>
+struct TransposedFullIndex {
+  N n;
+  template <typename I, typename J>
+  constexpr int operator()(I i, J j) const { return int(j) * int(n) + int(i); }
+};
 
 template <int D>
 inline BlockDim<D> block_dim(int d) {
