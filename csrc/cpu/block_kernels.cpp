@@ -140,30 +140,39 @@ void cholesky_batched(const T* A, T* L, int32_t* info, int64_t begin, int64_t en
   });
 }
 
+namespace {
+
+// cholesky_solve_batched's tiles, with `index` placing entry (i, j) of a factor in the tile as
+// loaded: row-major, or (transposed storage) column-major; the diagonal is where it is either way.
+template <typename T, int D, typename Index>
+void cholesky_solve_tiles(const T* L, const T* B, T* X, int64_t begin, int64_t end, int d, int k,
+                          Index index) {
+  const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
+  TileScratch<T> s(d, k, false);
+  const M<T> ok = lanes::splat<M<T>>(0);
+  for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
+    load_blocks<T, D>(L + b0 * dd, s, d, cnt, T(0));
+    pf.issue(pf.lines() / 2);  // half here, the rest after the solve
+    inverse_diagonal<T, D>(s.full.data(), s.inv_diag.data(), d);
+    load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
+    lanes::solve_tile<T, D>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, index);
+    store_rhs<T>(s, ok, X + b0 * dk, static_cast<int>(dk), cnt);
+  });
+}
+
+}  // namespace
+
 template <typename T>
 void cholesky_solve_batched(const T* L, const T* B, T* X, int64_t begin, int64_t end, int d,
                             int k, bool transposed) {
-  const int64_t dd = int64_t(d) * d, dk = int64_t(d) * k;
   MBF_DISPATCH_BLOCK_DIM(d, [&] {
-    TileScratch<T> s(d, k, false);
     const auto n = lanes::block_dim<kD>(d);
-    const M<T> ok = lanes::splat<M<T>>(0);
-    // `index` places entry (i, j) of a factor in the tile as loaded: row-major, or (transposed
-    // storage) column-major; the diagonal is where it is either way.
-    auto solve_all = [&](auto index) {
-      for_each_tile<T>(begin, end, L, dd, [&](int64_t b0, int cnt, SpreadPrefetch& pf) {
-        load_blocks<T, kD>(L + b0 * dd, s, d, cnt, T(0));
-        pf.issue(pf.lines() / 2);  // half here, the rest after the solve
-        inverse_diagonal<T, kD>(s.full.data(), s.inv_diag.data(), d);
-        load_rhs<T>(B + b0 * dk, s, static_cast<int>(dk), cnt);
-        lanes::solve_tile<T, kD>(s.full.data(), s.inv_diag.data(), s.x.data(), d, k, index);
-        store_rhs<T>(s, ok, X + b0 * dk, static_cast<int>(dk), cnt);
-      });
-    };
     if (transposed)
-      solve_all(lanes::TransposedFullIndex<lanes::BlockDim<kD>>{n});
+      cholesky_solve_tiles<T, kD>(L, B, X, begin, end, d, k,
+                                  lanes::TransposedFullIndex<lanes::BlockDim<kD>>{n});
     else
-      solve_all(lanes::FullIndex<lanes::BlockDim<kD>>{n});
+      cholesky_solve_tiles<T, kD>(L, B, X, begin, end, d, k,
+                                  lanes::FullIndex<lanes::BlockDim<kD>>{n});
   });
 }
 
