@@ -148,9 +148,9 @@ def choose(rows: list[dict], incumbent: tuple = INCUMBENT) -> tuple[dict, list[s
     lrs = sorted({r["lr"] for r in grid})
     # A setting is (damping, beta, shared_beta); the lr is chosen with it.
     settings = sorted({_setting(r) for r in grid}, key=lambda x: (-x[1], -x[2], x[0]))
-    cells = {(r["task"], r["lr"], *_setting(r), r["t1"], r["t2"]): r["loss"] for r in mbf}
-    ses = {(r["task"], r["lr"], *_setting(r), r["t1"], r["t2"]): r.get("loss_se", 0.0)
-           for r in mbf}
+    keys = [(r["task"], r["lr"], *_setting(r), r["t1"], r["t2"]) for r in mbf]
+    cells = {k: r["loss"] for k, r in zip(keys, mbf)}
+    ses = {k: r.get("loss_se", 0.0) for k, r in zip(keys, mbf)}
     best = {t: min(r["loss"] for r in grid if r["task"] == t) for t in tasks}
     scored = {(lr, *st): _score(cells, ses, tasks, lrs, best, lr, (*st, *FREQS[0]))
               for lr in lrs for st in settings}
