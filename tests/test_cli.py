@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -115,6 +116,22 @@ def test_train_same_data_order_and_init_for_every_optimizer():
     torch.manual_seed(cfg.seed)
     w1 = task.build_model().state_dict()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_train_runs_in_turns_are_the_runs_made_alone():
+    """compare() advances a seed's runs an epoch each in turn (their times then taken close
+    together); each run, MBF-True's sampled labels included, is still the one made alone."""
+    task = training.make_task(load_dataset("digits"), "small_cnn")
+    # (T2 = T1: each refresh's sampled curvature reaches the step)
+    cfg = training.TrainConfig(epochs=2, seeds=(1,), batch_size=128, inverse_update_freq=10)
+    names = ["mbf_true", "sgd"]
+    results, _ = training.compare([task], names, cfg)
+    assert [r.optimizer for r in results] == names
+    for r in results:
+        alone = training.train_run(task, r.optimizer, r.lr, replace(cfg, seed=1))
+        assert len(r.points) == 2
+        assert [(p.train_loss, p.test_loss) for p in r.points] == [
+            (p.train_loss, p.test_loss) for p in alone.points]
 
 
 def test_train_tune_picks_the_best_trial(tmp_path):

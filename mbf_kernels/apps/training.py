@@ -7,6 +7,8 @@ Fairness, as the comparison defines it:
     permutation per epoch, drawn from a generator that only the data order uses);
   * every run gets the same budget: ``epochs`` and, if given, ``budget_s`` seconds of training
     time (evaluation is not counted), whichever ends first;
+  * the runs of a seed advance together, an epoch each in turn, so that the times compared
+    were taken under the same load (a shared machine's speed drifts over minutes);
   * with ``tune``, every optimizer's learning rate (MBF's included) comes from a sweep of the
     same size around its default, scored on the training loss after ``tune_epochs`` epochs.
 Training loss is the mean of the mini-batch losses of each epoch (the loss the optimizer saw);
@@ -18,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -256,10 +258,13 @@ def _evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor, batch: int,
     return float(total) / n, acc
 
 
-def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs: int | None = None,
-              budget_s: float | None = None, on_epoch: Callable[[Point], None] | None = None
-              ) -> RunResult:
-    """Train ``task``'s model from the seeded initialisation with one optimizer."""
+def train_epochs(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *,
+                 epochs: int | None = None, budget_s: float | None = None
+                 ) -> Generator[Point, None, RunResult]:
+    """Train ``task``'s model from the seeded initialisation with one optimizer, yielding each
+    epoch's point; the generator returns the run. Everything random in a run draws from its own
+    generators (the data order, MBF-True's sampled labels), so that runs advanced in turns
+    (:func:`compare`) are the runs :func:`train_run` makes alone."""
     epochs = cfg.epochs if epochs is None else epochs
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -275,6 +280,7 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
     x, y = ds.x_train.to(device), ds.y_train.to(device)
     xt, yt = ds.x_test.to(device), ds.y_test.to(device)
     order = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.Generator(device).manual_seed(cfg.seed)
     n_batches = max(math.ceil(len(x) / cfg.batch_size), 1)
     result = RunResult(task.name, optimizer, lr, [], seed=cfg.seed)
     elapsed = 0.0
@@ -291,7 +297,8 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
             opt.zero_grad(set_to_none=True)
             if getattr(opt, "wants_fisher", None) is not None and opt.wants_fisher():
                 with opt.fisher_pass():  # MBF-True: the curvature's gradient, at sampled labels
-                    sampled_loss(out, task.sampled_loss_kind).backward(retain_graph=True)
+                    sampled_loss(out, task.sampled_loss_kind, generator=labels).backward(
+                        retain_graph=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
@@ -307,8 +314,7 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
         test_loss, test_acc = _evaluate(task, forward, xt, yt, 512, amp)
         point = Point(epoch + done / n_batches, elapsed, train_loss, test_loss, test_acc, lr_used)
         result.points.append(point)
-        if on_epoch is not None:
-            on_epoch(point)
+        yield point
         if not math.isfinite(train_loss):
             result.diverged = True
             break
@@ -317,6 +323,32 @@ def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs
     if isinstance(opt, MBF):
         result.stats = opt.stats
     return result
+
+
+def train_run(task: Task, optimizer: str, lr: float, cfg: TrainConfig, *, epochs: int | None = None,
+              budget_s: float | None = None, on_epoch: Callable[[Point], None] | None = None
+              ) -> RunResult:
+    """Train ``task``'s model from the seeded initialisation with one optimizer."""
+    return _in_turns([train_epochs(task, optimizer, lr, cfg, epochs=epochs, budget_s=budget_s)],
+                     [on_epoch])[0]
+
+
+def _in_turns(runs: list[Generator[Point, None, RunResult]],
+              on_epoch: list[Callable[[Point], None] | None]) -> list[RunResult]:
+    """Advance the runs an epoch each in turn until every one has ended; their results."""
+    results: list[RunResult | None] = [None] * len(runs)
+    live = list(range(len(runs)))
+    while live:
+        for i in list(live):
+            try:
+                point = next(runs[i])
+            except StopIteration as end:
+                results[i] = end.value
+                live.remove(i)
+                continue
+            if on_epoch[i] is not None:
+                on_epoch[i](point)
+    return results
 
 
 def tune_lr(task: Task, optimizer: str, cfg: TrainConfig,
@@ -348,10 +380,11 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
             ) -> tuple[list[RunResult], list[dict]]:
     """Every optimizer on every task, for each of ``cfg.seeds`` (initial weights and data order;
     the lr is tuned on the first); ``progress`` is an optional rich.progress.Progress (one bar
-    per run, and one per tuning sweep). The runs go seed by seed, every optimizer's run of a
-    seed after the other's, so that the times compared were taken close together (a shared VM's
-    speed drifts over minutes: run optimizer by optimizer, the main job's per-epoch ratios had
-    compared runs a minute apart)."""
+    per run, and one per tuning sweep). The runs of a seed advance together, an epoch each in
+    turn, so that the epoch times compared were taken seconds apart: a shared VM's speed
+    drifts over minutes, and run one after another, MBF's and AdamW's runs of one main job had
+    met different speeds (one MBF run's epochs went from 50 to 32 ms halfway, its AdamW's took
+    26-28 ms throughout). Each run is still the run it would be alone (:func:`train_epochs`)."""
     results, trials = [], []
     seeds = cfg.seeds or (cfg.seed,)
     cfg = replace(cfg, seed=seeds[0])  # the tuning runs' seed
@@ -372,27 +405,34 @@ def compare(tasks: list[Task], optimizers: list[str], cfg: TrainConfig, progress
                 trials += tried
             lrs[name] = lr
         for seed in seeds:
-            for name in optimizers:
-                results.append(_progress_run(task, name, lrs[name], replace(cfg, seed=seed),
-                                             progress, f" seed {seed}" if len(seeds) > 1 else ""))
+            seed_cfg = replace(cfg, seed=seed)
+            label = f" seed {seed}" if len(seeds) > 1 else ""
+            bars = [_RunBar(task, name, lrs[name], seed_cfg, progress, label) if progress
+                    else None for name in optimizers]
+            results += _in_turns([train_epochs(task, name, lrs[name], seed_cfg,
+                                               budget_s=cfg.budget_s) for name in optimizers],
+                                 bars)
+            for bar in filter(None, bars):
+                bar.finish()
     return results, trials
 
 
-def _progress_run(task: Task, name: str, lr: float, cfg: TrainConfig, progress,
-                  label: str) -> RunResult:
-    # The bar counts epochs, or seconds when a time budget is set.
-    total = cfg.budget_s if cfg.budget_s else cfg.epochs
-    bar = progress.add_task(f"{task.name} {LABELS[name]} lr={lr:.3g}{label}", total=total,
-                            status="") if progress else None
+class _RunBar:
+    """A run's progress bar, moved by each epoch's point: it counts epochs, or seconds when a
+    time budget is set."""
 
-    def on_epoch(p: Point) -> None:
-        if progress:
-            acc = f" acc {100 * p.test_acc:.1f}%" if p.test_acc is not None else ""
-            progress.update(bar, completed=p.time_s if cfg.budget_s else p.epoch,
-                            status=f"epoch {p.epoch:.0f} train {p.train_loss:.4f} "
-                            f"test {p.test_loss:.4f}{acc}")
+    def __init__(self, task: Task, name: str, lr: float, cfg: TrainConfig, progress,
+                 label: str) -> None:
+        self.progress, self.timed = progress, bool(cfg.budget_s)
+        self.total = cfg.budget_s if cfg.budget_s else cfg.epochs
+        self.bar = progress.add_task(f"{task.name} {LABELS[name]} lr={lr:.3g}{label}",
+                                     total=self.total, status="")
 
-    run = train_run(task, name, lr, cfg, budget_s=cfg.budget_s, on_epoch=on_epoch)
-    if progress:
-        progress.update(bar, completed=total)
-    return run
+    def __call__(self, p: Point) -> None:
+        acc = f" acc {100 * p.test_acc:.1f}%" if p.test_acc is not None else ""
+        self.progress.update(self.bar, completed=p.time_s if self.timed else p.epoch,
+                             status=f"epoch {p.epoch:.0f} train {p.train_loss:.4f} "
+                             f"test {p.test_loss:.4f}{acc}")
+
+    def finish(self) -> None:
+        self.progress.update(self.bar, completed=self.total)
