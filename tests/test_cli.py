@@ -97,8 +97,17 @@ def test_train_over_seeds_reports_mean_and_range(tmp_path):
                  (r["points"][-1] for r in runs if r["optimizer"] == name)]
         assert row["s_per_epoch_range"] == [min(paces), max(paces)]
         assert min(paces) - 1e-3 <= row["s_per_epoch"] <= max(paces) + 1e-3  # (rounded to ms)
+    # seconds per epoch over both seeds, against AdamW's, per task
+    def pace(name: str) -> float:
+        finals = [r["points"][-1] for r in runs if r["optimizer"] == name]
+        return sum(p["time_s"] for p in finals) / sum(p["epoch"] for p in finals)
+
+    ratios = {row["optimizer"]: row["epoch_vs_adamw"] for row in doc["summary"]}
+    assert ratios["AdamW"] == 1.0
+    assert math.isclose(ratios["MBF"], pace("mbf") / pace("adamw"), rel_tol=1e-12)
     md = (out / "summary.md").read_text()
     assert md.count("| digits/small_cnn") == 2 and "[" in md  # one row per optimizer, ranges
+    assert "| epoch x AdamW |" in md and "| 1.00x |" in md
 
 
 def test_train_same_data_order_and_init_for_every_optimizer():

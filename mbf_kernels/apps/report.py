@@ -17,8 +17,8 @@ from .training import LABELS, OPTIMIZERS, RunResult, TrainConfig
 __all__ = ["COLUMNS", "summary_rows", "markdown_table", "format_row", "write_outputs"]
 
 #: The summary table's columns, as :func:`format_row` fills them (terminal and summary.md).
-COLUMNS = ("task", "optimizer", "lr", "epochs", "train s", "s/epoch", "train loss",
-           "s to common loss", "test loss", "test acc")
+COLUMNS = ("task", "optimizer", "lr", "epochs", "train s", "s/epoch", "epoch x AdamW",
+           "train loss", "s to common loss", "test loss", "test acc")
 
 
 def summary_rows(results: list[RunResult]) -> list[dict]:
@@ -30,9 +30,14 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
     for task in dict.fromkeys(r.task for r in results):
         finals = [r.final.train_loss for r in results if r.task == task and not r.diverged]
         common[task] = max(finals) if finals else math.nan
+    def pace_of(runs: list[RunResult]) -> float:  # seconds per epoch over the runs together
+        finals = [r.final for r in runs]
+        return sum(p.time_s for p in finals) / max(sum(p.epoch for p in finals), 1e-9)
+
     rows = []
     for task, optimizer in dict.fromkeys((r.task, r.optimizer) for r in results):
         runs = [r for r in results if (r.task, r.optimizer) == (task, optimizer)]
+        adamw = [r for r in results if (r.task, r.optimizer) == (task, "adamw")]
         finals = [r.final for r in runs]
         reach = [next((p.time_s for p in r.points if p.train_loss <= common[task]), None)
                  for r in runs]
@@ -49,9 +54,9 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
             task=task, optimizer=LABELS[optimizer], lr=runs[0].lr, seeds=[r.seed for r in runs],
             epochs=round(stat([p.epoch for p in finals])["mean"], 2),
             train_s=round(stat([p.time_s for p in finals])["mean"], 2),
-            s_per_epoch=round(sum(p.time_s for p in finals) / max(sum(p.epoch for p in finals),
-                                                                  1e-9), 3),
-            s_per_epoch_range=(pace["min"], pace["max"]),
+            s_per_epoch=round(pace_of(runs), 3), s_per_epoch_range=(pace["min"], pace["max"]),
+            # (the runs of a seed ran in turns: the ratio compares epochs taken close together)
+            epoch_vs_adamw=pace_of(runs) / pace_of(adamw) if adamw else None,
             train_loss=loss["mean"], train_loss_range=(loss["min"], loss["max"]),
             test_loss=stat([p.test_loss for p in finals])["mean"],
             test_acc=None if acc is None else acc["mean"],
@@ -121,8 +126,9 @@ def format_row(r: dict) -> list[str]:
     pace = f"{r['s_per_epoch']:.3g}"
     if several:
         pace += " [{:.3g}, {:.3g}]".format(*r["s_per_epoch_range"])
+    vs_adamw = "-" if r["epoch_vs_adamw"] is None else f"{r['epoch_vs_adamw']:.2f}x"
     return [r["task"], r["optimizer"], f"{r['lr']:.3g}", f"{r['epochs']:g}", f"{r['train_s']:.1f}",
-            pace, loss, reach, f"{r['test_loss']:.3g}", acc]
+            pace, vs_adamw, loss, reach, f"{r['test_loss']:.3g}", acc]
 
 
 def write_outputs(out: Path, results: list[RunResult], trials: list[dict], cfg: TrainConfig,
