@@ -285,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train with MBF and baselines; table, curves, plot",
                            description="Train one model with MBF and with baseline optimizers "
-                           "on the same data, seed and budget (see mbf_kernels/apps/training.py).")
+                           "on the same data, seed and budget (see mbf_kernels/apps/training.py). "
+                           "A seed's runs advance an epoch each in turn, so that their epoch "
+                           "times meet the same machine speed; every optimizer's model and state "
+                           "are then held at once (--optimizers picks fewer).")
     train.add_argument("--dataset", choices=tuple(DATASETS), default="digits",
                        help="digits ships with the package and shapes is generated; the "
                        "others are read from --data-dir")
