@@ -30,6 +30,7 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
     for task in dict.fromkeys(r.task for r in results):
         finals = [r.final.train_loss for r in results if r.task == task and not r.diverged]
         common[task] = max(finals) if finals else math.nan
+
     def pace_of(runs: list[RunResult]) -> float:  # seconds per epoch over the runs together
         finals = [r.final for r in runs]
         return sum(p.time_s for p in finals) / max(sum(p.epoch for p in finals), 1e-9)
