@@ -49,15 +49,16 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
         loss, acc = stat([p.train_loss for p in finals]), None
         # each run's own seconds per epoch: the spread over seeds beside the mean
         pace = stat([p.time_s / max(p.epoch, 1e-9) for p in finals])
+        s_per_epoch = pace_of(runs)
         if finals[0].test_acc is not None:
             acc = stat([p.test_acc for p in finals])
         rows.append(dict(
             task=task, optimizer=LABELS[optimizer], lr=runs[0].lr, seeds=[r.seed for r in runs],
             epochs=round(stat([p.epoch for p in finals])["mean"], 2),
             train_s=round(stat([p.time_s for p in finals])["mean"], 2),
-            s_per_epoch=round(pace_of(runs), 3), s_per_epoch_range=(pace["min"], pace["max"]),
+            s_per_epoch=round(s_per_epoch, 3), s_per_epoch_range=(pace["min"], pace["max"]),
             # (the runs of a seed ran in turns: the ratio compares epochs taken close together)
-            epoch_vs_adamw=pace_of(runs) / pace_of(adamw) if adamw else None,
+            epoch_vs_adamw=s_per_epoch / pace_of(adamw) if adamw else None,
             train_loss=loss["mean"], train_loss_range=(loss["min"], loss["max"]),
             test_loss=stat([p.test_loss for p in finals])["mean"],
             test_acc=None if acc is None else acc["mean"],
