@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mbf_kernels as mk
 
@@ -194,3 +196,17 @@ def test_bench_host_toy():
     assert (bench.triton_step._bucket_step_kernel,
             bench.triton_step._bucket_refactor_kernel) == kernels
     assert bench.markdown(times).count("\n") == 4
+
+
+def test_bench_dead_units_toy(tmp_path):
+    """Every optimizer's row over the windows the steps fill, with the flush mode reset after."""
+    bench = _load("bench_dead_units")
+    assert bench.main(["--steps", "150", "--models", "Conv2d(512, 512, 3)",
+                       "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "dead_units.json").read_text())
+    assert [r["optimizer"] for r in doc["rows"]] == list(bench.OPTIMIZERS)
+    for r in doc["rows"]:
+        assert len(r["window_ms"]) == 2 and all(t > 0 for t in r["window_ms"])
+        assert r["slowest_vs_first"] >= 1.0
+    assert (tmp_path / "dead_units.md").read_text().count("| Conv2d(512, 512, 3) |") == 3
+    assert (torch.tensor([torch.finfo(torch.float32).tiny / 8]) * 0.5).item() > 0

@@ -5,12 +5,13 @@ here, against the plain-PyTorch reference step (MBF_SPEC sections 3, 4), on ever
 from __future__ import annotations
 
 import importlib.util
+import platform
 
 import pytest
 import torch
 
 import samples
-from conftest import STEP_TOL as TOL, StepBucket, assert_refuses_block_size, randn, targets
+from conftest import STEP_TOL as TOL, StepBucket, Target, assert_refuses_block_size, randn, targets
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.limits import TRITON_MAX_D as MAX_D
 from mbf_kernels.packed import pack_tril
@@ -183,6 +184,34 @@ def test_fused_step_non_finite_gradient_and_failed_factor(target):
     g2 = randn(n, d, dtype=torch.float64, seed=6).to(target.device)
     pair.step(g2, **dict(hyper, damping=0.1), **SCHEDULE[4])
     pair.assert_matches(torch.float64, "second step")
+
+
+@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="C++ kernels not built")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="the flush is x86-64's MXCSR mode")
+def test_cpu_step_ops_flush_denormal_state_and_keep_the_callers_mode():
+    """A dead unit's momentum (rho m + 0 every step) stalls in the smallest denormals in IEEE
+    arithmetic, where Intel cores take a microcode assist per multiply; the C++ step ops
+    flush it to exactly zero, on every thread, and leave the caller's floating-point mode as
+    they found it."""
+    denormal = torch.finfo(torch.float32).tiny / 8
+    n, d = 37, 9
+    bucket = Bucket(Target("cpu", "cpu"), n, d, torch.float32)
+    bucket.m_ref.fill_(denormal)
+    bucket.m.fill_(denormal)
+    bucket.step(torch.zeros(n, d), lr=0.1, momentum_coef=0.9, beta=0.9, damping=0.1,
+                weight_decay=0.0, decoupled_weight_decay=True, update_curvature=False,
+                first_curvature=False, refactor=False)
+    assert (bucket.m_ref > 0).all()  # IEEE: 0.9 x denormal, still a denormal
+    assert (bucket.m == 0).all()
+    torch.testing.assert_close(bucket.p, bucket.p_ref)
+    # graft_rows_ (the shared and low-rank blocks' row pass): m and Adam's v at g = 0.
+    m = torch.full((64, 33), denormal)
+    v = torch.full_like(m, denormal)
+    torch.ops.mbf_kernels.graft_rows_(m, v, torch.zeros(64, 32), torch.zeros(64), 0.9, 0.999,
+                                      1e-8, None)
+    assert (m == 0).all() and (v == 0).all()
+    assert (torch.tensor([denormal]) * 0.5).item() > 0  # this thread's mode: unchanged
 
 
 @pytest.mark.parametrize("target", targets(covering=9, step=True))
