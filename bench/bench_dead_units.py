@@ -38,12 +38,12 @@ OPTIMIZERS = {
         lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True), True),
 }
 WINDOW = 100
+DIES_AT = 10  # the step from which the dead units get zero gradient
 
 
-def step_times(model: str, optimizer: str, steps: int, dead: float, dies_at: int = 10
-               ) -> list[float]:
+def step_times(model: str, optimizer: str, steps: int, dead: float) -> list[float]:
     """Seconds per step of ``optimizer`` on ``model``, ``dead`` of its output units getting zero
-    gradient from step ``dies_at`` on."""
+    gradient from step DIES_AT on."""
     torch.manual_seed(0)
     module = MODELS[model]()
     params = list(module.parameters())
@@ -60,7 +60,7 @@ def step_times(model: str, optimizer: str, steps: int, dead: float, dies_at: int
     try:
         for step in range(steps):
             for p, g, g_dead in zip(params, grads, dead_grads):
-                p.grad = g if step < dies_at else g_dead
+                p.grad = g if step < DIES_AT else g_dead
             start = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - start)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{model}, {optimizer}: done")
     starts = [f"{i}" for i in range(0, args.steps, WINDOW)]
     table = Table(title=f"ms per step, medians of {WINDOW} steps ({args.dead:.0%} of units dead "
-                        f"from step 10)")
+                        f"from step {DIES_AT})")
     for col in ("model", "optimizer", "first", "slowest (from step)", "last", "slowest / first"):
         table.add_column(col, justify="left" if col in ("model", "optimizer") else "right")
     md = [f"| model | optimizer | {' | '.join(starts)} | slowest / first |",

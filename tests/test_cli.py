@@ -195,9 +195,9 @@ def test_train_compiled_model_matches_eager(tmp_path):
     # Inductor's kernels round differently from eager's, and MBF's damped solves amplify that
     # by up to the curvature's condition number at every step: epoch 1's losses (before and
     # after one step) agreed to 5e-5 relative, epoch 2's (after two and three) to 1.4e-3 on an
-    # Intel Xeon host (under 1e-3 on the AMD ones). Weights the optimizer did not share with the compiled
-    # wrapper would leave its loss where training started: epoch 2 is held to 2% of the
-    # distance eager training went (1.4e-3 / 0.88 here).
+    # Intel Xeon host (under 1e-3 on the AMD ones). Weights the optimizer did not share with
+    # the compiled wrapper would leave its loss where training started: epoch 2 is held to 2%
+    # of the distance eager training went (1.4e-3 / 0.88 here).
     assert compiled.points[0].train_loss == pytest.approx(first, rel=1e-3)
     assert second < 0.8 * first
     assert abs(compiled.points[1].train_loss - second) <= 0.02 * (first - second)
