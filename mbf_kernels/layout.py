@@ -137,7 +137,8 @@ class StepMode(enum.IntFlag):
     ``GRAFT`` alone, the measuring pass of a grafted step: store the new momentum and Adam's
     second moment ``v`` of the step's direction, MBF's direction ``u`` of each block to
     ``directions`` (compact, (tiles, d, 16)) and each block's ``[|u_b|^2, |a_b|^2]`` (MBF's
-    direction, Adam's) to ``tile_norms``; the parameters are not touched.
+    direction, Adam's) to ``tile_norms`` (or, shaped (tiles, 2, 1), their sums per tile);
+    the parameters are not touched.
     ``WRITE | GRAFT``, the writing pass of a grafted step: update the parameters by the stored
     direction, scaled per tile by ``tile_scale``; it reads no gradient, momentum, v or factor
     (a grafted step moves 12 B more per element than the paper's instead of 40).

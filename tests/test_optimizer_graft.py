@@ -58,12 +58,13 @@ def _real_blocks(C):
                                                                          (3, 6, 33))])
 
 
-def _run_bucket(fn, dtype, mode, tile_damping, flags=None):
+def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16):
     params, grads, momenta, second, tiles, segments = _bucket(dtype, flags)
     Fc = torch.full((tiles, 45, 16), 0.25, dtype=dtype)
     L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45))
     stats = torch.zeros(2, dtype=torch.int64)
-    norms = torch.full((tiles, 2, 16), -1.0, dtype=dtype)  # every entry must be written
+    # every entry must be written; norm_lanes=1: the norms' sums per tile
+    norms = torch.full((tiles, 2, norm_lanes), -1.0, dtype=dtype)
     # The directions a measuring pass left (read by the writing pass; written by a measuring one)
     directions = randn(tiles, 9, 16, seed=40).to(dtype)
     extras = dict(second_moments=second, tile_norms=norms, directions=directions, beta2=0.99,
@@ -122,6 +123,28 @@ def test_bucket_op_extras_match_reference(backend, dtype, mode, tile_damping):
     if MODES[mode] == StepMode.NONE:
         for a, b in zip(got["params"], fresh[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["measure", "lagged"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("target", cpu_levels())
+def test_bucket_op_writes_the_norms_summed_per_tile(target, dtype, mode):
+    """A tile_norms of shape (tiles, 2, 1) (what MBF gives the C++ step: the graft needs the
+    norms per unit, whose blocks fill whole tiles) receives each tile's sums of the per-block
+    norms, NaN block and padding left out, at every ISA level (AVX2 and the scalar level add a
+    tile's sub-tiles up); the reference defines it so; the state is as with per-block norms."""
+    per_block = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], True)
+    want = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], True, norm_lanes=1)
+    got = _run_bucket(dispatch.module("cpu").mbf_bucket_step_, dtype, MODES[mode], True,
+                      norm_lanes=1)
+    tol = STEP_TOL[dtype]
+    sums = per_block["norms"].sum(2, keepdim=True)
+    assert (sums > 0).all()  # every tile has a real block with finite norms
+    torch.testing.assert_close(want["norms"], sums, rtol=tol["rtol"], atol=0)
+    torch.testing.assert_close(got["norms"], sums, rtol=100 * tol["rtol"], atol=tol["atol"])
+    for key in ("params", "momenta", "second"):
+        for a, b in zip(got[key], per_block[key]):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("flags", [0, 5], ids=["cached", "refresh-refactor"])

@@ -54,7 +54,9 @@ class Bucket:
     block_unit: Tensor | None = None  # (tiles * 16,) int64
     entry_tiles: Tensor | None = None  # (entries,) int64: each entry's tiles, in tile order
     entry_unit: Tensor | None = None  # (entries,) int64
-    tile_norms: Tensor | None = None  # (tiles, 2, 16): [|u_b|^2, |a_b|^2] of each block
+    # (tiles, 2, 16): [|u_b|^2, |a_b|^2] of each block; (tiles, 2, 1) their sums per tile on
+    # the CPU's C++ ops, whose step adds them up (the graft needs them per unit only)
+    tile_norms: Tensor | None = None
     tile_scale: Tensor | None = None  # (tiles,): the graft's lr multiplier of each tile's unit
     tile_damping: Tensor | None = None  # (tiles,): the relative damping of each tile's unit
     # graft="adam": each block's direction u between a step's two passes, compact (tiles, d, 16)
@@ -176,7 +178,7 @@ class GroupPlan:
         return [b for s in self.shared for b in s.blocks]
 
 
-def plan_unit_reductions(plan: GroupPlan) -> None:
+def plan_unit_reductions(plan: GroupPlan, group: dict) -> None:
     """Index tensors that reduce per-block values to the units of a group (and spread unit
     values back to tiles) on the device."""
     index = {id(u): i for i, u in enumerate(plan.units)}
@@ -197,7 +199,8 @@ def plan_unit_reductions(plan: GroupPlan) -> None:
                                     dtype=torch.int64, device=b.device)
         b.tile_unit = torch.tensor(tile_unit, dtype=torch.int64, device=b.device)
         b.block_unit = torch.tensor(block_unit, dtype=torch.int64, device=b.device)
-        b.tile_norms = torch.zeros(b.tiles, 2, COMPACT_TILE, dtype=b.dtype, device=b.device)
+        norm_lanes = 1 if cpu_ops(group, b.device) else COMPACT_TILE
+        b.tile_norms = torch.zeros(b.tiles, 2, norm_lanes, dtype=b.dtype, device=b.device)
         b.tile_scale = torch.ones(b.tiles, dtype=b.dtype, device=b.device)
         b.tile_damping = torch.zeros(b.tiles, dtype=b.dtype, device=b.device)
     if plan.buckets:

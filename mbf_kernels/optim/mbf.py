@@ -166,7 +166,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         # dicts, and hashing ~100 parameters per step was a tenth of a ResNet-32 step.
         plan.unit_states = [self.state[u.params[0]] for u in all_units]
         if graft or group["damping_mode"] == "relative":
-            plan_unit_reductions(plan)
+            plan_unit_reductions(plan, group)
         return plan
 
     # -- the step -------------------------------------------------------------------------

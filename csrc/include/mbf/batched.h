@@ -91,6 +91,8 @@ inline bool measures_graft(const StepConfig& c) { return c.graft && (!c.write ||
 // StepConfig::damping at a refactor (relative damping), `scale` multiplies the update's lr
 // (grafting), `norms` receives [|u_b|^2 for the tile's 16 blocks, then |a_b|^2 for them]
 // (2 x 16 values per tile; zeros for padding blocks and for a block where either is not finite),
+// or with `norm_sums` (CPU) the two sums over the tile's blocks (2 values per tile: the graft
+// needs them per unit only, and a unit's blocks fill whole tiles),
 // `directions` holds each block's u, compact like the state but with d rows per tile
 // (entry e of block b at directions[((b / 16) * d + e) * 16 + b % 16]).
 template <typename T>
@@ -99,6 +101,7 @@ struct StepTiles {
   const T* scale = nullptr;
   T* norms = nullptr;
   T* directions = nullptr;
+  bool norm_sums = false;
 };
 
 // What this step does besides the update; per parameter, since each one counts its own steps.
