@@ -41,6 +41,12 @@ WINDOW = 100
 DIES_AT = 10  # the step from which the dead units get zero gradient
 
 
+def flush_denormal_enabled() -> bool:
+    """Whether this thread flushes denormals (``torch.set_flush_denormal``, which has no
+    getter): with DAZ set, the smallest float64 denormal reads as zero."""
+    return torch.tensor([5e-324], dtype=torch.float64).mul(1.0).item() == 0.0
+
+
 def step_times(model: str, optimizer: str, steps: int, dead: float) -> list[float]:
     """Seconds per step of ``optimizer`` on ``model``, ``dead`` of its output units getting zero
     gradient from step DIES_AT on."""
@@ -54,6 +60,7 @@ def step_times(model: str, optimizer: str, steps: int, dead: float) -> list[floa
         g[:n_dead] = 0
     make, flush = OPTIMIZERS[optimizer]
     opt = make(params)
+    was_flushing = flush_denormal_enabled()  # restored after the rows, whatever it was
     if flush and not torch.set_flush_denormal(True):
         raise SystemExit("torch.set_flush_denormal is not supported on this CPU")
     times = []
@@ -65,7 +72,7 @@ def step_times(model: str, optimizer: str, steps: int, dead: float) -> list[floa
             opt.step()
             times.append(time.perf_counter() - start)
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(was_flushing)
     return times
 
 

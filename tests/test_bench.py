@@ -210,3 +210,11 @@ def test_bench_dead_units_toy(tmp_path):
         assert r["slowest_vs_first"] >= 1.0
     assert (tmp_path / "dead_units.md").read_text().count("| Conv2d(512, 512, 3) |") == 3
     assert (torch.tensor([torch.finfo(torch.float32).tiny / 8]) * 0.5).item() > 0
+    # A process that flushes denormals itself keeps doing so after the flushing row.
+    torch.set_flush_denormal(True)
+    try:
+        bench.step_times("Conv2d(512, 512, 3)", "AdamW(fused), set_flush_denormal", 1, 0.1)
+        assert bench.flush_denormal_enabled()
+        assert (torch.tensor([torch.finfo(torch.float32).tiny / 8]) * 0.5).item() == 0
+    finally:
+        torch.set_flush_denormal(False)
