@@ -374,19 +374,39 @@ def test_sketch_rows_op_matches_its_definition(target, dtype, n, width, s, bias)
         torch.ops.mbf_kernels.sketch_rows(gw.mT.contiguous().mT, gb, omega)
 
 
+def _unit_ratio_inputs(case: str, dtype):
+    """(norms, entry_tiles, entry_units) for unit_ratios over 5 units. "small": two tensors with
+    16 and 7 lanes (one chunk). "large": 1 lane per tile (what the CPU step writes) and 16,
+    enough tiles for chunks on every thread, entries of 0 to 40 tiles and one of 30000 that
+    several chunks share."""
+    if case == "small":
+        norms = [randn(40, 2, 16, seed=1).to(dtype) ** 2, randn(3, 2, 7, seed=2).to(dtype) ** 2]
+        tiles = [torch.tensor([5, 1, 30, 4]), torch.tensor([2, 1])]
+        owners = [torch.tensor([0, 2, 1, 0]), torch.tensor([4, 1])]
+    else:
+        gen = torch.Generator().manual_seed(3)
+        counts = torch.randint(0, 41, (400,), generator=gen)
+        counts[100] = 30000
+        tiles = [counts, counts[:200]]
+        units = torch.tensor([0, 1, 2, 4])  # unit 3 has no blocks
+        owners = [units[torch.randint(0, 4, (n,), generator=gen)] for n in (400, 200)]
+        norms = [randn(int(tiles[0].sum()), 2, 1, seed=1).to(dtype) ** 2,
+                 randn(int(tiles[1].sum()), 2, 16, seed=2).to(dtype) ** 2]
+    norms[0][2, 1, norms[0].shape[2] - 1] = float("inf")
+    norms[1][0, 0, 4] = float("nan")
+    return norms, tiles, owners
+
+
+@pytest.mark.parametrize("case", ["small", "large"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_unit_ratios_op_matches_its_definition(dtype):
+def test_unit_ratios_op_matches_its_definition(dtype, case):
     """Grafting's per-unit rescaling from per-block pairs (|u|^2, |a|^2) in two tensors of the
     bucket layout (T, 2, L), each in entries of consecutive tiles owned by a unit: sqrt(sum
     |a|^2 / sum |u|^2) per unit, a pair with a non-finite value left out, 0 for a unit whose
     |u|^2 sums to 0 (here unit 3, which has no blocks)."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
-    norms = [randn(40, 2, 16, seed=1).to(dtype) ** 2, randn(3, 2, 7, seed=2).to(dtype) ** 2]
-    norms[0][2, 1, 3] = float("inf")
-    norms[1][0, 0, 4] = float("nan")
-    tiles = [torch.tensor([5, 1, 30, 4]), torch.tensor([2, 1])]
-    owners = [torch.tensor([0, 2, 1, 0]), torch.tensor([4, 1])]
+    norms, tiles, owners = _unit_ratio_inputs(case, dtype)
     su, sa = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
     for x, count, unit in zip(norms, tiles, owners):
         pairs = x.transpose(1, 2).double()  # (T, L, 2)
@@ -398,6 +418,8 @@ def test_unit_ratios_op_matches_its_definition(dtype):
     got = torch.ops.mbf_kernels.unit_ratios(norms, tiles, owners, 5)
     torch.testing.assert_close(got, want, **STEP_TOL[dtype])
     assert got[3] == 0
+    if case == "large":
+        return
     with pytest.raises(RuntimeError, match=r"unit 5 outside \[0, 5\)"):
         torch.ops.mbf_kernels.unit_ratios(norms[1:], tiles[1:], [torch.tensor([5, 1])], 5)
     with pytest.raises(RuntimeError, match="entry_tiles sum to 2, norms have 3 tiles"):
