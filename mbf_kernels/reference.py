@@ -275,9 +275,10 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     [|u|^2, |a|^2] to ``tile_norms`` (tiles, 2, 16), or their sums over each tile's blocks
     to a ``tile_norms`` of shape (tiles, 2, 1) (the grafting needs them per unit only, and a
     unit's blocks fill whole tiles; the torch and cpu backends take it), and its u to
-    ``directions`` (tiles, d, 16), compact like the state; the writing pass (``WRITE | GRAFT``) applies ``directions`` scaled
-    by ``tile_scale`` (tiles,); the lagged pass (``WRITE | GRAFT | LAGGED``) measures as the
-    measuring pass and moves the parameters by u scaled by ``tile_scale``.
+    ``directions`` (tiles, d, 16), compact like the state; the writing pass
+    (``WRITE | GRAFT``) applies ``directions`` scaled by ``tile_scale`` (tiles,); the lagged
+    pass (``WRITE | GRAFT | LAGGED``) measures as the measuring pass and moves the parameters
+    by u scaled by ``tile_scale``.
     """
 
     mode = check_mode("mbf_kernels torch", mode, tile_scale, tile_norms, directions)
@@ -318,9 +319,9 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
             # Padding blocks of the segment's last tile hold zeros.
             out = norms.new_zeros(tiles * COMPACT_TILE, 2)
             out[:n] = norms
-            per_block = out.view(tiles, COMPACT_TILE, 2).transpose(1, 2)
-            tile_norms[tile0:tile0 + tiles] = (per_block if tile_norms.shape[2] == COMPACT_TILE
-                                               else per_block.sum(2, keepdim=True))
+            pairs = out.view(tiles, COMPACT_TILE, 2).transpose(1, 2)
+            tile_norms[tile0:tile0 + tiles] = (pairs if tile_norms.shape[2] == COMPACT_TILE
+                                               else pairs.sum(2, keepdim=True))
         _write_compact_rows(F_c, F)
         _write_compact_rows(L_c, L)
 
