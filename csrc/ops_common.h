@@ -218,15 +218,18 @@ inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::Ten
 // The grafting / relative-damping arguments of mbf_bucket_step_ (see StepConfig, StepTiles):
 // checked against the bucket, and the config completed from `mode`. Per-tile tensors are
 // contiguous, of the curvature's dtype and device: damping and scale (tiles,), norms
-// (tiles, 2, 16), or (tiles, 2, 1) for the sums per tile where the backend writes them
-// (`tile_sums`: StepTiles::norm_sums); second moments like params. Returns the tile pointers.
+// (tiles, 2, 16), or (tiles, 2, 1) for the sums per tile where the backend writes them; second
+// moments like params, or one per block (block_second_moment (tiles, 16)) where the backend
+// keeps them so. `cpu_kernels`: the backend is the CPU's, whose kernels do both
+// (StepTiles::norm_sums, StepTiles::block_v). Returns the tile pointers.
 template <typename T>
 StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
                          const at::Tensor& curvature, const c10::optional<at::Tensor>& damping,
                          const c10::optional<at::Tensor>& scale,
                          const c10::optional<at::Tensor>& norms,
-                         const c10::optional<at::Tensor>& directions, int64_t mode,
-                         StepConfig* cfg, bool tile_sums) {
+                         const c10::optional<at::Tensor>& directions,
+                         const c10::optional<at::Tensor>& block_second_moment, int64_t mode,
+                         StepConfig* cfg, bool cpu_kernels) {
   TORCH_CHECK(valid_mode(mode), "mbf_kernels: mode must be 0, 1 (write), 2 (graft), 3 (write | ",
               "graft) or 7 (write | graft | lagged), got ", mode);
   cfg->write = (mode & kModeWrite) != 0;
@@ -245,10 +248,14 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
   StepTiles<T> out;
   out.damping = check_tiles(damping, "tile_damping", {tiles});
   out.scale = check_tiles(scale, "tile_scale", {tiles});
-  out.norm_sums = tile_sums && norms.has_value() && norms->dim() == 3 && norms->size(2) == 1;
+  out.norm_sums = cpu_kernels && norms.has_value() && norms->dim() == 3 && norms->size(2) == 1;
   out.norms = check_tiles(norms, "tile_norms", {tiles, 2, out.norm_sums ? 1 : kCompactTile});
   out.directions = check_tiles(directions, "directions", {tiles, tri_dim(curvature.size(1)),
                                                           kCompactTile});
+    TORCH_CHECK(!block_second_moment.has_value() || cpu_kernels, "mbf_kernels: this backend keeps ",
+              "Adam's second moment per entry (second_moments); block_second_moment ",
+              "(graft_second_moment=\"block\") runs on the CPU's kernels");
+  out.block_v = check_tiles(block_second_moment, "block_second_moment", {tiles, kCompactTile});
   // (has_value, not the pointers: an empty bucket's tensors have none)
   if (cfg->graft && !cfg->lagged) {
     TORCH_CHECK(directions.has_value() && (cfg->write ? scale.has_value() : norms.has_value()),
@@ -259,10 +266,13 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
     TORCH_CHECK(scale.has_value() && norms.has_value(), "mbf_kernels: a lagged grafted step ",
                 "(mode 7) needs tile_scale to write and tile_norms to measure");
   }
-  if (measures_graft(*cfg)) {
+  if (measures_graft(*cfg) && block_second_moment.has_value()) {
+    TORCH_CHECK(second_moments.empty(), "mbf_kernels: a grafted step takes Adam's v per block ",
+                "(block_second_moment) or per entry (second_moments), not both");
+  } else if (measures_graft(*cfg)) {
     TORCH_CHECK(second_moments.size() == params.size(), "mbf_kernels: a grafted step needs one ",
-                "second moment per params tensor, got ", second_moments.size(), " for ",
-                params.size());
+                "second moment per params tensor (or one per block, block_second_moment), got ",
+                second_moments.size(), " for ", params.size());
     for (size_t i = 0; i < params.size(); ++i) {
       check_like(second_moments[i], curvature, "second_moments[i]");
       TORCH_CHECK(second_moments[i].sizes() == params[i].sizes() &&
@@ -328,8 +338,10 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
         StepFlags{(flag_bits & 1) != 0, (flag_bits & 2) != 0, (flag_bits & 4) != 0}});
     if (measures_graft(cfg)) {  // (the writing pass reads directions, not v)
       StepSegment<T>& seg = out.back();
-      seg.v = ptr(second_moments[main]) + col;
-      seg.v_tail = has_tail ? ptr(second_moments[tail]) : nullptr;
+      if (!second_moments.empty()) {  // (empty: v per block, StepTiles::block_v)
+        seg.v = ptr(second_moments[main]) + col;
+        seg.v_tail = has_tail ? ptr(second_moments[tail]) : nullptr;
+      }
       const double t = static_cast<double>(step);
       seg.graft_c1 = static_cast<T>((1.0 - cfg.momentum) / (1.0 - std::pow(cfg.momentum, t)));
       seg.graft_s2 = static_cast<T>(1.0 / std::sqrt(1.0 - std::pow(cfg.beta2, t)));
@@ -341,8 +353,8 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
 
 // One pass of mbf_bucket_step_ up to its kernels, shared by the backends: the grafting
 // arguments checked (config completed from `mode`) and the segments parsed, then
-// run(segments, config, tiles, tiles_used) launches the backend's step; `tile_sums`: its
-// kernels can write the graft's norms as sums per tile (check_graft).
+// run(segments, config, tiles, tiles_used) launches the backend's step; `cpu_kernels`: the
+// backend is the CPU's (check_graft).
 template <typename T, typename Run>
 void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grads,
                       at::TensorList momenta, const at::Tensor& curvature,
@@ -350,11 +362,12 @@ void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grad
                       at::TensorList second_moments, const c10::optional<at::Tensor>& tile_damping,
                       const c10::optional<at::Tensor>& tile_scale,
                       const c10::optional<at::Tensor>& tile_norms,
-                      const c10::optional<at::Tensor>& directions, int64_t mode,
-                      bool tile_sums, Run&& run) {
+                      const c10::optional<at::Tensor>& directions,
+                      const c10::optional<at::Tensor>& block_second_moment, int64_t mode,
+                      bool cpu_kernels, Run&& run) {
   const StepTiles<T> tiles = check_graft<T>(params, second_moments, curvature, tile_damping,
-                                            tile_scale, tile_norms, directions, mode, &cfg,
-                                            tile_sums);
+                                            tile_scale, tile_norms, directions,
+                                            block_second_moment, mode, &cfg, cpu_kernels);
   int64_t tiles_used = 0;
   const auto segs = parse_segments<T>(params, grads, momenta, second_moments, segments, d,
                                       curvature.size(0), cfg, &tiles_used);

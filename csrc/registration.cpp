@@ -42,14 +42,15 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // 2 a grafted step's measuring pass (m, Adam's v in second_moments, each block's u to
   // directions (tiles, d, 16) and [|u|^2, |a|^2] to tile_norms (tiles, 2, 16)); 3 its writing
   // pass (p by directions, scaled by tile_scale (tiles,)). tile_damping (tiles,) replaces damping
-  // at the refactor.
+  // at the refactor. block_second_moment (tiles, 16), on the CPU: Adam's v one per block (the
+  // mean of the per-entry v; graft_second_moment="block") in place of second_moments.
   m.def(
       "mbf_bucket_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, "
       "Tensor(c!) curvature, Tensor(d!) factor, Tensor(e!) stats, int[] segments, float lr, "
       "float momentum_coef, float beta, float damping, float weight_decay, "
       "bool decoupled_weight_decay, Tensor(f!)[] second_moments, Tensor? tile_damping, "
       "Tensor? tile_scale, Tensor(g!)? tile_norms, Tensor(h!)? directions, float beta2, "
-      "float eps, int step_mode) -> ()");
+      "float eps, int step_mode, Tensor(i!)? block_second_moment=None) -> ()");
   // Grafting's row pass over a shared block (mbf/batched.h graft_rows): m and v its (n, d) row
   // buffers (v None: the momentum alone, the paper's update), the gradient's weight rows
   // (n, d - 1 or d) and bias (n,) (None: no gradient);

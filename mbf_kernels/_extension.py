@@ -140,13 +140,13 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                      second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
                      tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
                      directions: Tensor | None = None, beta2: float = 0.999, eps: float = 1e-8,
-                     mode: int = 1) -> None:
+                     mode: int = 1, block_second_moment: Tensor | None = None) -> None:
     """The fused step for a bucket of segments (layout: csrc/registration.cpp; the definition
     of every argument: mbf_kernels.reference.mbf_bucket_step_)."""
     torch.ops.mbf_kernels.mbf_bucket_step_.default(
         params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
         damping, weight_decay, decoupled_weight_decay, list(second_moments), tile_damping,
-        tile_scale, tile_norms, directions, beta2, eps, int(mode))
+        tile_scale, tile_norms, directions, beta2, eps, int(mode), block_second_moment)
 
 
 def compact_outer_ema_(F: Tensor, G: Tensor, beta: float) -> None:
@@ -236,7 +236,8 @@ if AVAILABLE:
     @torch.library.register_fake("mbf_kernels::mbf_bucket_step_")
     def _(params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef, beta,
           damping, weight_decay, decoupled_weight_decay, second_moments, tile_damping,
-          tile_scale, tile_norms, directions, beta2, eps, step_mode) -> None:
+          tile_scale, tile_norms, directions, beta2, eps, step_mode,
+          block_second_moment=None) -> None:
         check_bucket_step_fake(params, grads, momenta, curvature, factor, stats, segments)
 
     @torch.library.register_fake("mbf_kernels::mbf_step_")

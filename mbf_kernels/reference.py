@@ -190,7 +190,7 @@ def mbf_step_(
 
     Beyond the paper (MBF_SPEC section 3b), per block: ``block_damping`` (N,) replaces
     ``damping`` at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment``
-    (N, d) is Adam's v, ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]`` (0, 0 for a block
+    (N, d) is Adam's v (or (N, 1): :func:`_second_moment_ema_`), ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]`` (0, 0 for a block
     where either is not finite, so that one bad block cannot spread to its unit), ``direction``
     (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
     ``WRITE | GRAFT | LAGGED``: measured as ``GRAFT``, the update ``lr * block_scale * u``
@@ -228,12 +228,22 @@ def mbf_step_(
         param.sub_(lr * u + decay)
         return
     # the measuring pass, or the lagged one-pass step
-    second_moment.mul_(beta2).add_((1 - beta2) * step_direction * step_direction)
+    _second_moment_ema_(second_moment, step_direction, beta2)
     block_norms.copy_(_graft_norms(u, new_m, second_moment, momentum_coef, beta2, eps, step))
     if mode & StepMode.LAGGED:
         param.sub_(lr * block_scale.to(u.dtype)[:, None] * u + decay)
     else:
         direction.copy_(u)
+
+
+def _second_moment_ema_(v: Tensor, direction: Tensor, beta2: float) -> None:
+    """Adam's v (N, d) = beta2 v + (1 - beta2) d^2, in place; v of shape (N, 1) is kept per block
+    (graft_second_moment="block"): the EMA of the mean of the block's d^2, which is the mean of
+    its entries' v (the EMA is linear)."""
+    squares = direction * direction
+    if v.shape[-1] == 1:
+        squares = squares.mean(-1, keepdim=True)
+    v.mul_(beta2).add_((1 - beta2) * squares)
 
 
 def _graft_norms(u: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, eps: float,
@@ -262,7 +272,8 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                      second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
                      tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
                      directions: Tensor | None = None, beta2: float = 0.999, eps: float = 1e-8,
-                     mode: int = StepMode.WRITE) -> None:
+                     mode: int = StepMode.WRITE,
+                     block_second_moment: Tensor | None = None) -> None:
     """The fused step for a bucket of segments: :func:`mbf_step_` on each segment's blocks.
 
     ``segments`` holds :data:`SEGMENT_FIELDS` ints per segment, as the compiled op takes them
@@ -278,7 +289,9 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     ``directions`` (tiles, d, 16), compact like the state; the writing pass
     (``WRITE | GRAFT``) applies ``directions`` scaled by ``tile_scale`` (tiles,); the lagged
     pass (``WRITE | GRAFT | LAGGED``) measures as the measuring pass and moves the parameters
-    by u scaled by ``tile_scale``.
+    by u scaled by ``tile_scale``. ``block_second_moment`` (tiles, 16), compact like the
+    state, replaces ``second_moments`` with Adam's v kept per block (:func:`mbf_step_`'s (N, 1)
+    form; padding blocks keep theirs).
     """
 
     mode = check_mode("mbf_kernels torch", mode, tile_scale, tile_norms, directions)
@@ -297,7 +310,11 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                 COMPACT_TILE)[:n]
 
         measure = mode.measures
-        V = seg.rows(second_moments) if measure else None
+        v_per_block = block_second_moment is not None
+        if measure and v_per_block:
+            V = block_second_moment[tile0:tile0 + tiles].reshape(-1)[:n, None].clone()
+        else:
+            V = seg.rows(second_moments) if measure else None
         U = from_compact(directions[tile0:tile0 + tiles], n) if mode.uses_directions else None
         norms = torch.zeros(n, 2, dtype=curvature.dtype, device=curvature.device)
         mbf_step_(P, G, Mm, F, L, stats, lr=lr, momentum_coef=momentum_coef, beta=beta,
@@ -313,7 +330,10 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
         if mode == StepMode.WRITE or measure:
             seg.write_rows(momenta, Mm)
         if measure:
-            seg.write_rows(second_moments, V)
+            if v_per_block:
+                block_second_moment[tile0:tile0 + tiles].view(-1)[:n] = V[:, 0]
+            else:
+                seg.write_rows(second_moments, V)
             if mode.uses_directions:
                 _write_compact_rows(directions[tile0:tile0 + tiles], U)
             # Padding blocks of the segment's last tile hold zeros.

@@ -58,7 +58,25 @@ def _real_blocks(C):
                                                                          (3, 6, 33))])
 
 
-def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16):
+def _block_means(second, segments):
+    """Adam's v per block (compact (tiles, 16), padding 0) as the mean of each block's per-entry
+    v (what graft_second_moment="block" keeps: the EMA is linear)."""
+    tiles = 6
+    out = torch.zeros(tiles * 16, dtype=second[0].dtype)
+    for s in range(0, len(segments), reference.SEGMENT_FIELDS):
+        main, tail, n, offset, width, stride, tile0 = segments[s:s + 7]
+        seg = reference.Segment(main, None if tail < 0 else tail, n, offset, width, stride)
+        out[tile0 * 16:tile0 * 16 + n] = seg.rows(second).mean(1)
+    return out.view(tiles, 16)
+
+
+def _real_block_values(values):
+    """The (tiles, 16) per-block values of the bucket's real blocks (as _real_blocks)."""
+    return torch.cat([values[t0:t1].reshape(-1)[:n] for t0, t1, n in ((0, 2, 20), (2, 3, 5),
+                                                                      (3, 6, 33))])
+
+
+def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16, block_v=False):
     params, grads, momenta, second, tiles, segments = _bucket(dtype, flags)
     Fc = torch.full((tiles, 45, 16), 0.25, dtype=dtype)
     L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45))
@@ -72,10 +90,13 @@ def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16):
                   tile_scale=torch.linspace(0.5, 2.0, tiles, dtype=dtype),
                   tile_damping=(torch.linspace(0.01, 0.2, tiles, dtype=dtype)
                                 if tile_damping else None))
+    if block_v:  # v one per block, starting from the per-entry v's block means
+        extras.update(second_moments=[], block_second_moment=_block_means(second, segments))
     fn(params, grads, momenta, Fc, L, stats, segments, lr=0.1, momentum_coef=0.9, beta=0.8,
        damping=0.05, weight_decay=0.01, decoupled_weight_decay=False, **extras)
     return dict(params=params, momenta=momenta, second=second, F=Fc, L=L, stats=stats,
-                norms=norms, directions=directions)
+                norms=norms, directions=directions,
+                block_v=extras.get("block_second_moment"))
 
 
 @pytest.mark.parametrize("tile_damping", [False, True], ids=["damping", "tile-damping"])
@@ -145,6 +166,52 @@ def test_bucket_op_writes_the_norms_summed_per_tile(target, dtype, mode):
     for key in ("params", "momenta", "second"):
         for a, b in zip(got[key], per_block[key]):
             torch.testing.assert_close(a, b, **tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["measure", "lagged", "graft-write"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("target", cpu_levels())
+def test_bucket_op_keeps_adams_v_per_block(target, dtype, mode):
+    """graft_second_moment="block": Adam's v one per block (block_second_moment, compact). The
+    reference's v per block stays the mean of its entries' v (the EMA is linear: from the
+    block means of a per-entry v, one step lands on the block means of that v's step), the
+    momentum and |u|^2 are the per-entry step's, and |a|^2 is Adam's with each entry's v
+    replaced by its block's; the C++ step at every ISA level (per-tile sums of the norms, as
+    MBF runs it) matches the reference, which keeps the per-entry v untouched."""
+    entry = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], True)
+    want = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], True, block_v=True)
+    got = _run_bucket(dispatch.module("cpu").mbf_bucket_step_, dtype, MODES[mode], True,
+                      norm_lanes=1, block_v=True)
+    tol = STEP_TOL[dtype]
+    segments = _bucket(dtype)[5]
+    fresh = _bucket(dtype)[3]
+    torch.testing.assert_close(_real_block_values(want["block_v"]),
+                               _real_block_values(_block_means(entry["second"], segments)),
+                               **tol, equal_nan=True)  # (R's NaN block 4: NaN either way)
+    for a, b in zip(want["second"], fresh):  # the per-entry v is not read
+        assert torch.equal(a, b)
+    if MODES[mode].measures:
+        for a, b in zip(want["momenta"], entry["momenta"]):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+        torch.testing.assert_close(want["norms"][:, 0], entry["norms"][:, 0], **tol)
+        # |a|^2 by its definition, for the tiles of R (segment 3, 33 blocks from tile 3 on; the
+        # NaN block 4 counts 0); step 12's bias corrections
+        c1, s2 = reference.graft_bias_corrections(0.9, 0.99, 12)
+        seg = reference.Segment(3, None, 33, 0, 9, 9)
+        m = seg.rows(want["momenta"])
+        v = want["block_v"][3:6].reshape(-1)[:33, None]
+        a2 = ((c1 * m / (s2 * v.sqrt() + 1e-6)) ** 2).sum(1)
+        a2 = torch.where(torch.isfinite(a2), a2, 0)
+        torch.testing.assert_close(want["norms"][3:6, 1].reshape(-1)[:33], a2,
+                                   rtol=100 * tol["rtol"], atol=tol["atol"])
+    for key in ("params", "momenta"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+    torch.testing.assert_close(_real_block_values(got["block_v"]),
+                               _real_block_values(want["block_v"]), **tol, equal_nan=True)
+    if MODES[mode].measures:
+        torch.testing.assert_close(got["norms"], want["norms"].sum(2, keepdim=True),
+                                   rtol=100 * tol["rtol"], atol=tol["atol"])
 
 
 @pytest.mark.parametrize("flags", [0, 5], ids=["cached", "refresh-refactor"])
@@ -878,7 +945,16 @@ CONFIGS = {
     "graft-previous-coupled-wd": dict(graft="adam", damping_mode="absolute", lr=1e-2,
                                       betas=(0.5, 0.999), weight_decay=0.01,
                                       decoupled_weight_decay=False, graft_norms="previous"),
+    # Adam's v one per mini-block (the head's rows are blocks of d = 17 here)
+    "graft-block-v": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                          graft_norms="current", graft_second_moment="block"),
+    "graft-previous-block-v": dict(graft="adam", damping_mode="absolute", lr=1e-2,
+                                   betas=(0.5, 0.999), weight_decay=0.01,
+                                   decoupled_weight_decay=False, graft_norms="previous",
+                                   graft_second_moment="block"),
 }
+#: The backends that keep Adam's v per block (graft_second_moment="block")
+BLOCK_V_BACKENDS = ("torch", "cpu")
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -891,6 +967,10 @@ def test_optimizer_matches_dense_reference(backend, config):
     if backend == "triton" and opts.get("large_linear") == "chunk":
         pytest.skip("the chunked row (d = 16 + 1) leaves d = 1 only: covered by 'graft'")
     a, b = _net(), _net()
+    if opts.get("graft_second_moment") == "block" and backend not in BLOCK_V_BACKENDS:
+        with pytest.raises(ValueError, match="graft_second_moment='block' runs on the CPU"):
+            mk.MBF.from_model(a, backend=backend, **opts)
+        return
     start = _flat(a)
     _train(a, mk.MBF.from_model(a, backend=backend, **opts), 10)
     _train(b, ReferenceMBF.from_model(b, **opts), 10)
@@ -904,7 +984,7 @@ def test_optimizer_matches_dense_reference(backend, config):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("config", ["graft", "graft-relative-decoupled", "graft-coupled-wd",
                                     "graft-previous", "graft-previous-coupled-wd", "relative",
-                                    "paper"])
+                                    "paper", "graft-block-v", "graft-previous-block-v"])
 def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, monkeypatch):
     """On the CPU a step whose units all step alike runs every bucket in one C++ call
     (BoundBuckets: grafted, a measuring pass, the units' ratios and a writing pass; the paper's
@@ -1110,6 +1190,89 @@ def test_grafted_state_round_trips_and_resumes_identically(graft_norms):
     _train(a, opt_a, 3)
     _train(b, opt_b, 3)
     assert torch.equal(_flat(a), _flat(b))
+
+
+@pytest.mark.parametrize("backend", BLOCK_V_BACKENDS)
+def test_adams_v_per_block_saves_and_converts_on_load(backend):
+    """graft_second_moment="block" saves each unit's v per block (block_exp_avg_sq, a list per
+    segment) and resumes identically; a per-entry state loads into it as its blocks' means
+    (the v a run with v per block would have: the EMA is linear), and a per-block state into
+    a per-entry optimizer as every entry taking its block's v. The shared block (fc) keeps its
+    v per entry either way."""
+    options = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                   betas=(0.5, 0.999), curvature_update_freq=2, inverse_update_freq=3,
+                   max_block_size=20, backend=backend)  # (fc: d = 49, a shared block)
+    block = dict(options, graft_second_moment="block")
+    a = _net()
+    opt_a = mk.MBF.from_model(a, **block)
+    _train(a, opt_a, 4)
+    saved = opt_a.state_dict()
+    conv_state = saved["state"][0]  # the conv weight: one unit, one segment of 6 blocks
+    assert "exp_avg_sq" not in conv_state and conv_state["block_exp_avg_sq"][0].shape == (6,)
+    assert "exp_avg_sq" in saved["state"][3]  # fc.weight, a shared block
+    b = copy.deepcopy(a)
+    opt_b = mk.MBF.from_model(b, **block)
+    opt_b.load_state_dict(saved)
+    _train(a, opt_a, 3)
+    _train(b, opt_b, 3)
+    assert torch.equal(_flat(a), _flat(b))
+
+    # per entry -> per block: the blocks' means
+    e = _net()
+    opt_e = mk.MBF.from_model(e, **options)
+    _train(e, opt_e, 4)
+    entry_state = opt_e.state_dict()
+    # the state: 8 B per bucketed entry (float64) less, 8 B per block (and padding) more
+    bucketed = sum(p.numel() for n, p in e.named_parameters() if not n.startswith("fc."))
+    per_block_bytes = sum(b.block_second_moment.nbytes for b in opt_a._plans[0].buckets)
+    assert opt_e.state_bytes() - opt_a.state_bytes() == 8 * bucketed - per_block_bytes
+    opt_eb = mk.MBF.from_model(copy.deepcopy(e), **block)
+    opt_eb.load_state_dict(entry_state)
+    loaded = opt_eb.state_dict()["state"]
+    want = entry_state["state"][0]["exp_avg_sq"].reshape(6, 9).mean(1)
+    torch.testing.assert_close(loaded[0]["block_exp_avg_sq"][0], want, rtol=1e-15, atol=0)
+    head_v = torch.cat([entry_state["state"][5]["exp_avg_sq"],  # head.weight (4, 16) + bias
+                        entry_state["state"][6]["exp_avg_sq"][:, None]], 1).mean(1)
+    torch.testing.assert_close(loaded[5]["block_exp_avg_sq"][0], head_v, rtol=1e-15, atol=0)
+    assert torch.equal(loaded[3]["exp_avg_sq"], entry_state["state"][3]["exp_avg_sq"])
+
+    # per block -> per entry: each entry its block's v
+    opt_be = mk.MBF.from_model(copy.deepcopy(a), **options)
+    opt_be.load_state_dict(opt_a.state_dict())
+    per_block = opt_a.state_dict()["state"][0]["block_exp_avg_sq"][0]
+    got = opt_be.state_dict()["state"][0]["exp_avg_sq"].reshape(6, 9)
+    assert torch.equal(got, per_block[:, None].expand(6, 9))
+
+    # a state without Adam's v (the paper's update): named, nothing changed
+    paper = mk.MBF.from_model(copy.deepcopy(a), lr=1e-2, max_block_size=20, **PAPER)
+    before = opt_b.state_dict()["state"][0]["block_exp_avg_sq"][0].clone()
+    with pytest.raises(ValueError, match="no Adam second moment for conv"):
+        opt_b.load_state_dict(paper.state_dict())
+    assert torch.equal(opt_b.state_dict()["state"][0]["block_exp_avg_sq"][0], before)
+
+
+def test_adams_v_per_block_is_refused_where_it_cannot_run():
+    """A backend that keeps Adam's v per entry (Triton, CUDA) refuses graft_second_moment=
+    "block" by name; its op has no block_second_moment (CUDA's names it, C++'s check); a bad
+    value is named."""
+    with pytest.raises(ValueError, match="graft_second_moment must be one of"):
+        mk.MBF.from_model(_net(), graft_second_moment="blocks")
+    if not mk.backends()["triton"].available:
+        pytest.skip(mk.backends()["triton"].detail)
+    if dispatch.triton_interpreted() or torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with pytest.raises(ValueError, match="graft_second_moment='block' runs on the CPU"):
+            mk.MBF.from_model(_net().to(device), backend="triton", graft_second_moment="block")
+    params, grads, momenta, second, tiles, segments = _bucket(torch.float64)
+    Fc = torch.zeros(tiles, 45, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="block_second_moment"):
+        dispatch.module("triton").mbf_bucket_step_(
+            params, grads, momenta, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64),
+            segments, lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+            decoupled_weight_decay=True, mode=StepMode.GRAFT,
+            tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64),
+            directions=torch.zeros(tiles, 9, 16, dtype=torch.float64),
+            block_second_moment=torch.zeros(tiles, 16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("bind", [True, False], ids=["bound", "per-bucket"])

@@ -270,13 +270,14 @@ void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
                  const c10::optional<at::Tensor>& tile_damping,
                  const c10::optional<at::Tensor>& tile_scale,
                  const c10::optional<at::Tensor>& tile_norms,
-                 const c10::optional<at::Tensor>& directions, int64_t mode) {
+                 const c10::optional<at::Tensor>& directions,
+                 const c10::optional<at::Tensor>& block_second_moment, int64_t mode) {
   cpu::StepConfig cfg = config;
   cfg.stream_directions = directions.has_value() && directions->nbytes() >= kStreamMinBytes;
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
     bucket_pass_with<scalar_t>(
         params, grads, momenta, curvature, segments, d, cfg, second_moments, tile_damping,
-        tile_scale, tile_norms, directions, mode, /*tile_sums=*/true,
+        tile_scale, tile_norms, directions, block_second_moment, mode, /*cpu_kernels=*/true,
         [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
           with_factor<scalar_t>(factor, [&](auto* L) {
             run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(), L, d, used, cfg,
@@ -296,13 +297,14 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const c10::optional<at::Tensor>& tile_scale,
                          const c10::optional<at::Tensor>& tile_norms,
                          const c10::optional<at::Tensor>& directions, double beta2, double eps,
-                         int64_t mode) {
+                         int64_t mode, const c10::optional<at::Tensor>& block_second_moment) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats,
                                  Bf16Factor::kAny);
   const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                             decoupled_weight_decay, beta2, eps};
   bucket_pass(params, contiguous_all(grads), momenta, curvature, factor, stats, segments, d, cfg,
-              second_moments, tile_damping, tile_scale, tile_norms, directions, mode);
+              second_moments, tile_damping, tile_scale, tile_norms, directions,
+              block_second_moment, mode);
 }
 
 void compact_outer_ema_cpu(at::Tensor& F, const at::Tensor& G_in, double beta) {
@@ -1199,9 +1201,10 @@ class BoundBuckets : public torch::CustomClassHolder {
  public:
   // params / momenta / second_moments: the buckets' distinct tensors, which the segments
   // index (second_moments empty: the plan has no grafted state); per bucket b: its state, and
-  // graft[kGraftTensors * b ...] its tile_norms, tile_scale, tile_unit, entry_tiles
-  // and entry_unit (registration.cpp's mbf_bucket_step_ and unit_ratios; empty without grafted
-  // state), tile_dampings[b] (empty: no relative damping); segments: the first seven fields of
+  // graft[kGraftTensors * b ...] its tile_norms, tile_scale, tile_unit, entry_tiles,
+  // entry_unit (registration.cpp's mbf_bucket_step_ and unit_ratios) and block_second_moment
+  // (Adam's v per block, which serves where second_moments is empty); graft empty without
+  // grafted state, tile_dampings[b] (empty: no relative damping); segments: the first seven fields of
   // mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the group's
   // units + 1 (the padding slot); others: the group's other parameters (the shared blocks'),
   // whose gradients bind() checks.
@@ -1274,7 +1277,7 @@ class BoundBuckets : public torch::CustomClassHolder {
             double eps, bool relative, bool graft, bool lagged,
             const std::vector<at::Tensor>& directions) {
     TORCH_CHECK(!grads_.empty(), "mbf_kernels: BoundBuckets.step without bound gradients");
-    TORCH_CHECK(!graft || (!graft_.empty() && !second_moments_.empty()),
+    TORCH_CHECK(!graft || !graft_.empty(),
                 "mbf_kernels: BoundBuckets bound without the grafted step's state");
     TORCH_CHECK(!graft || lagged || directions.size() == curvatures_.size(),
                 "mbf_kernels: BoundBuckets.step: a two-pass grafted step needs one directions "
@@ -1314,7 +1317,7 @@ class BoundBuckets : public torch::CustomClassHolder {
                     relative ? c10::optional<at::Tensor>(tile_dampings_[b]) : c10::nullopt,
                     tile(b, kScale), tile(b, kNorms),
                     graft && !lagged ? c10::optional<at::Tensor>(directions[b]) : c10::nullopt,
-                    mode);
+                    second_moments_.empty() ? tile(b, kBlockMoments) : c10::nullopt, mode);
       }
       if (mode != kModeWrite && mode != (kModeGraft | kModeWrite)) {  // it measured
         RECORD_FUNCTION("mbf_kernels::unit_ratios", std::vector<c10::IValue>());
@@ -1336,7 +1339,7 @@ class BoundBuckets : public torch::CustomClassHolder {
  private:
   static constexpr int64_t kStaticFields = kSegmentFields - 2;  // without flags and step
   // graft_'s tensors per bucket, in order
-  enum { kNorms, kScale, kTileUnits, kEntryTiles, kEntryUnits, kGraftTensors };
+  enum { kNorms, kScale, kTileUnits, kEntryTiles, kEntryUnits, kBlockMoments, kGraftTensors };
   std::vector<at::Tensor> params_, others_, momenta_, second_moments_, curvatures_, factors_,
       stats_, graft_, tile_dampings_, grads_;
   std::vector<int64_t> segments_, bucket_segments_;

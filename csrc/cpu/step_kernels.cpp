@@ -302,19 +302,33 @@ struct CompactTile {
       move_params(s, b0, cnt, op, lr * tiles.scale[t], flat_blocks);
       return;
     }
+    // Adam's v one per block (StepTiles::block_v): this sub-tile's W values, in lanes.
+    T* block_v = cfg.graft && tiles.block_v != nullptr ? tiles.block_v + t * kCompactTile + u
+                                                       : nullptr;
+    const bool entry_v = cfg.graft && block_v == nullptr;
     if (flat_blocks) {
-      moments_in_place(s, b0, op, cfg.graft);
+      moments_in_place(s, b0, op, entry_v, block_v != nullptr);
     } else {
       gather(s.m, s.row_stride, s.width, s.m_tail, b0, cnt, mv);
       // Grafting's measuring pass reads p only for a coupled decay (with the default,
       // decoupled decay, that is a ninth of its reads saved).
       if (needs_p(cfg)) gather(s.p, s.row_stride, s.width, s.p_tail, b0, cnt, pv);
-      if (cfg.graft) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
+      if (entry_v) gather(s.v, s.row_stride, s.width, s.v_tail, b0, cnt, vv);
       for (int e = 0; e < n; ++e) {
         const V<T> dir = op.direction(gv[e], pv[e]);
         mv[e] = op.momentum(mv[e], dir);
-        if (cfg.graft) vv[e] = op.second_moment(vv[e], dir);
+        if (entry_v) vv[e] = op.second_moment(vv[e], dir);
+        if (block_v != nullptr) vv[e] = dir * dir;  // (summed below)
       }
+    }
+    // Each block's v from its squared directions' mean (padding lanes: zeros in, zeros out);
+    // 4 bytes per block moved where v per entry moved 4 per entry.
+    V<T> v_of_block = lanes::splat<V<T>>(T(0));
+    if (block_v != nullptr) {
+      V<T> sum = vv[0];
+      for (int e = 1; e < n; ++e) sum += vv[e];
+      v_of_block = op.beta2 * load_flat(block_v) + (op.w2 / static_cast<T>(n)) * sum;
+      store_flat(block_v, v_of_block);
     }
     for (int e = 0; e < n; ++e) x[e] = mv[e];
     solve(Lc);
@@ -324,10 +338,19 @@ struct CompactTile {
       const V<T> zero = lanes::splat<V<T>>(T(0));
       const T eps = static_cast<T>(cfg.eps);
       V<T> su = zero, sa = zero;
-      for (int e = 0; e < n; ++e) {
-        const V<T> a = s.graft_c1 * mv[e] / (s.graft_s2 * lanes::vsqrt<T>(vv[e]) + eps);
-        su += x[e] * x[e];
-        sa += a * a;
+      if (block_v != nullptr) {  // one denominator per block
+        const V<T> scale = s.graft_c1 / (s.graft_s2 * lanes::vsqrt<T>(v_of_block) + eps);
+        for (int e = 0; e < n; ++e) {
+          const V<T> a = scale * mv[e];
+          su += x[e] * x[e];
+          sa += a * a;
+        }
+      } else {
+        for (int e = 0; e < n; ++e) {
+          const V<T> a = s.graft_c1 * mv[e] / (s.graft_s2 * lanes::vsqrt<T>(vv[e]) + eps);
+          su += x[e] * x[e];
+          sa += a * a;
+        }
       }
       // A block whose norms are not finite (a NaN gradient) is left out of its unit's norms.
       const M<T> ok = ((su - su) == T(0)) & ((sa - sa) == T(0));
@@ -349,7 +372,7 @@ struct CompactTile {
       if (cfg.lagged) {
         if (!flat_blocks) {
           scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
-          scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
+          if (entry_v) scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
         }
         move_params(s, b0, cnt, op, lr * tiles.scale[t], flat_blocks);
         return;
@@ -358,32 +381,34 @@ struct CompactTile {
       else store_compact<T>(x.data(), n, direction);
       if (flat_blocks) return;  // m and v were stored in place
       scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
-      scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
+      if (entry_v) scatter(vv, b0, cnt, s.v, s.row_stride, s.width, s.v_tail);
       return;
     }
     if (!flat_blocks) scatter(mv, b0, cnt, s.m, s.row_stride, s.width, s.m_tail);
     move_params(s, b0, cnt, op, lr, flat_blocks);
   }
 
-  // The momentum (and Adam's second moment) of contiguous blocks (`contiguous`), updated and
-  // stored in place; the new values go into lanes (mv, vv) for the solve and the norms.
+  // The momentum (and Adam's second moment per entry, `entry_v`) of contiguous blocks
+  // (`contiguous`), updated and stored in place; the new values go into lanes (mv, vv) for the
+  // solve and the norms. `squares`: the squared directions into vv instead (v per block).
   void moments_in_place(const StepSegment<T>& s, int64_t b0, const Elementwise& op,
-                        bool graft) {
+                        bool entry_v, bool squares) {
     const int64_t at = b0 * s.row_stride;
     for (int k = 0; k < n; ++k) {
       const V<T> g = load_flat(s.g + at + k * W);
       const V<T> dir = op.decoupled ? g : op.direction(g, load_flat(s.p + at + k * W));
       flat[k] = op.momentum(load_flat(s.m + at + k * W), dir);
       store_flat(s.m + at + k * W, flat[k]);
-      if (graft) {
+      if (entry_v) {
         const V<T> v = op.second_moment(load_flat(s.v + at + k * W), dir);
         store_flat(s.v + at + k * W, v);
         pv[k] = v;  // (scratch: this path reads p in place, never into pv)
       }
+      if (squares) pv[k] = dir * dir;
     }
     lanes::gather_lanes<T>(reinterpret_cast<const T*>(flat.data()), n, n, W, T(0),
                            reinterpret_cast<T*>(mv.data()));
-    if (graft)
+    if (entry_v || squares)
       lanes::gather_lanes<T>(reinterpret_cast<const T*>(pv.data()), n, n, W, T(0),
                              reinterpret_cast<T*>(vv.data()));
   }

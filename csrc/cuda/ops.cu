@@ -195,7 +195,7 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           const c10::optional<at::Tensor>& tile_scale,
                           const c10::optional<at::Tensor>& tile_norms,
                           const c10::optional<at::Tensor>& directions, double beta2, double eps,
-                          int64_t mode) {
+                          int64_t mode, const c10::optional<at::Tensor>& block_second_moment) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats,
                                  Bf16Factor::kHotSizes);
   check_step_dim(d);
@@ -206,7 +206,7 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cuda", [&] {
     bucket_pass_with<scalar_t>(
         params, grads_c, momenta, curvature, segments, d, config, second_moments, tile_damping,
-        tile_scale, tile_norms, directions, mode, /*tile_sums=*/false,
+        tile_scale, tile_norms, directions, block_second_moment, mode, /*cpu_kernels=*/false,
         [&](const auto& segs, const StepConfig& cfg, const auto& tiles, int64_t) {
           with_factor<scalar_t>(factor, [&](auto* L) {
             run_bucket_step<scalar_t>(segs, curvature, L, stats, d, cfg, tiles);

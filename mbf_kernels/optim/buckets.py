@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..dispatch import cpu_ops, module, select
 from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles
 from ..reference import relative_damping
@@ -62,6 +63,22 @@ class Bucket:
     # graft="adam": each block's direction u between a step's two passes, compact (tiles, d, 16)
     # (scratch_directions); None between two-pass steps under graft_norms="previous"
     directions: Tensor | None = None
+    # graft_second_moment="block": Adam's v one per block, compact (tiles, 16); None: per entry,
+    # each parameter's SECOND_MOMENT
+    block_second_moment: Tensor | None = None
+
+    def allocate_block_second_moment(self, group: dict) -> None:
+        """Adam's v per block (graft_second_moment="block"), which the CPU's kernels and the
+        torch backend keep: ValueError naming the backend elsewhere."""
+        step = self.step_function(group["backend"])
+        if step not in (module("cpu").mbf_bucket_step_, reference.mbf_bucket_step_):
+            raise ValueError(
+                "MBF: graft_second_moment='block' runs on the CPU's kernels and the torch "
+                f"backend; the blocks of d = {self.d} on {self.device} take another backend "
+                "(Triton or CUDA), which keeps Adam's v per entry: use "
+                "graft_second_moment='element' there")
+        self.block_second_moment = torch.zeros(self.tiles, COMPACT_TILE, dtype=self.dtype,
+                                               device=self.device)
 
     def scratch_directions(self) -> Tensor:
         """The buffer a two-pass grafted step keeps its directions in (made at first use)."""
@@ -300,7 +317,8 @@ def bucket_call(group: dict, bucket: Bucket, flags: dict[int, int], steps: dict[
     if bucket.layout is None:
         bucket.layout = BucketLayout.of(bucket)
     layout = bucket.layout
-    graft = group["graft"] == "adam"
+    # (Adam's v per entry: the parameters'; per block it is the bucket's own)
+    graft = group["graft"] == "adam" and bucket.block_second_moment is None
     if not (group["fisher"] == "true" and fisher) and all(id(u) in flags for u in layout.units):
         grads = [p.grad for p in layout.params]
         dtype = bucket.dtype
@@ -361,8 +379,9 @@ def run_pass(group: dict, call: BucketCall, mode: StepMode, keep: int,
         tile_damping=b.tile_damping if group["damping_mode"] == "relative" else None,
         tile_scale=b.tile_scale if graft else None, tile_norms=b.tile_norms if graft else None,
         directions=b.scratch_directions() if mode.uses_directions else None,
-        beta2=group["betas"][1],
-        eps=group["eps"], mode=mode)
+        beta2=group["betas"][1], eps=group["eps"], mode=mode,
+        **({"block_second_moment": b.block_second_moment}
+           if mode.measures and b.block_second_moment is not None else {}))
 
 
 def step_buckets(group: dict, plan: GroupPlan, flags: dict[int, int], steps: dict[int, int],

@@ -29,8 +29,8 @@ from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, B
                       GroupPlan, plan_unit_reductions, step_buckets)
 from .fisher import FisherCapture
 from .fsdp import global_rows, local_roles, local_shards
-from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, momentum_coef, prepare_group,
-                      state_dtype, validate_group)
+from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, block_second_moment,
+                      momentum_coef, prepare_group, state_dtype, validate_group)
 from .shared import SharedSet
 from .sharding import SHARD_OWNER, ShardSync, assign_owners, wants_sharding, world
 from .state import CanonicalState
@@ -128,6 +128,10 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         buckets: dict[tuple, Bucket] = {}
         shared_units: dict[tuple, list[Unit]] = {}
         graft = group["graft"] == "adam"
+        per_block_v = block_second_moment(group)
+        if per_block_v and (shards is not None or sync is not None):
+            raise ValueError("MBF: graft_second_moment='block' is not supported under FSDP2 or "
+                             "shard_curvature yet; use graft_second_moment='element'")
         for unit in units:
             p0 = unit.params[0]
             dtype, device = state_dtype(p0), p0.device
@@ -136,7 +140,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                 continue
             for p in unit.params:
                 self.state[p][MOMENTUM] = torch.zeros(p.shape, dtype=dtype, device=device)
-                if graft:
+                if graft and not per_block_v:
                     self.state[p][SECOND_MOMENT] = torch.zeros(p.shape, dtype=dtype,
                                                                device=device)
             for seg in unit.segments:
@@ -151,6 +155,8 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.factor_dtype(group), device=b.device)
+            if per_block_v:
+                b.allocate_block_second_moment(group)
         reduce = None if shards is None else shards.all_reduce
         shared = [SharedSet(us, dtype, device, graft, reduce, dispatch.cpu_ops(group, device))
                   for (dtype, device), us in shared_units.items()]
@@ -288,7 +294,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (momentum, curvature, factors, compact padding, the grafted
-        step's directions and the shared blocks' work buffers included)."""
+        step's directions, Adam's v per block and the shared blocks' work buffers included)."""
         total = 0
         for plan in self._plans:
             for unit in plan.units:
@@ -297,6 +303,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             for b in plan.buckets:
                 total += b.curvature.nbytes + b.factor.nbytes
                 total += 0 if b.directions is None else b.directions.nbytes
+                total += 0 if b.block_second_moment is None else b.block_second_moment.nbytes
             total += sum(sh.nbytes for sh in plan.shared_blocks)
             total += sum(s.work_bytes() for s in plan.shared)
         return total

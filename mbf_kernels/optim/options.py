@@ -21,9 +21,9 @@ from .precision import MATMUL
 from .sharding import SHARD
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "SHARED_BETA", "GRAFT",
-           "GRAFT_NORMS", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
+           "GRAFT_NORMS", "GRAFT_SECOND_MOMENT", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
            "prepare_group", "shared_beta", "momentum_coef", "state_dtype", "bfloat16_factor",
-           "graft_lag_warmup"]
+           "graft_lag_warmup", "block_second_moment"]
 
 #: The shared blocks' curvature EMA decay under graft="adam" (option ``shared_beta``), from the
 #: defaults sweep's beta axes and paired runs over 8 seeds (bench/RESULTS.md, "A shorter
@@ -37,6 +37,9 @@ GRAFT = ("none", "adam")
 #: Which step's per-unit norms scale a grafted step (GroupPlan.lags_graft): this step's (two
 #: passes over the buckets) or the previous step's (one pass; docs/options.md).
 GRAFT_NORMS = ("current", "previous")
+#: How grafting keeps Adam's v for the mini-blocks (docs/options.md): per entry, as Adam, or
+#: one per block (the mean of the entries' v; CPU kernels and the torch backend).
+GRAFT_SECOND_MOMENT = ("element", "block")
 DAMPING_MODE = ("absolute", "relative")
 FISHER = ("empirical", "true")
 #: How a float32 bucket stores its factor (:func:`bfloat16_factor`): "auto" (bfloat16 under
@@ -85,6 +88,9 @@ class MBFOptions:
     # Whose per-unit norms scale a grafted step: the previous step's (one pass over the
     # buckets) or this step's (exact, two passes); the panel trained alike (bench/RESULTS.md).
     graft_norms: str = "previous"  # "previous" | "current"
+    # Adam's v of the mini-blocks per entry or one per block (the shared blocks' rows keep
+    # theirs per entry): a ninth of the bytes at d = 9 (docs/options.md).
+    graft_second_moment: str = "element"  # "element" | "block"
     damping_mode: str = "relative"  # "relative" | "absolute"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -124,6 +130,7 @@ class MBFOptions:
                               ("conv1x1", CONV1X1),
                               ("backend", CHOICES), ("graft", GRAFT),
                               ("graft_norms", GRAFT_NORMS),
+                              ("graft_second_moment", GRAFT_SECOND_MOMENT),
                               ("damping_mode", DAMPING_MODE), ("fisher", FISHER),
                               ("factor_dtype", FACTOR_DTYPE)):
             if getattr(self, name) not in choices:
@@ -158,7 +165,8 @@ PAPER_LR, PAPER_DAMPING = 0.01, 0.3
 #: Options that shape the optimizer's buffers or describe this run (fixed at construction):
 #: kept from the loading optimizer on load_state_dict.
 RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "shared_rank", "conv1x1", "graft",
-               "damping_mode", "fisher", "shard_curvature", "factor_dtype")
+               "damping_mode", "fisher", "shard_curvature", "factor_dtype",
+               "graft_second_moment")
 
 
 def validate_group(group: dict) -> None:
@@ -207,6 +215,11 @@ def bfloat16_factor(group: dict) -> bool:
     that the paper's options give section 3's update exactly, whatever the defaults are."""
     option = group["factor_dtype"]
     return option == "bfloat16" or (option == "auto" and group["damping_mode"] == "relative")
+
+
+def block_second_moment(group: dict) -> bool:
+    """Whether grafting keeps Adam's v of the group's mini-blocks one per block."""
+    return group["graft"] == "adam" and group["graft_second_moment"] == "block"
 
 
 def state_dtype(p: Tensor) -> torch.dtype:

@@ -17,8 +17,8 @@ from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
 from ..layout import cholesky_from_factor, factor_from_cholesky
 from ..reference import relative_damping
-from .options import (DEFAULTS, bfloat16_factor, graft_lag_warmup, momentum_coef,
-                      prepare_group, shared_beta, state_dtype, validate_group)
+from .options import (DEFAULTS, bfloat16_factor, block_second_moment, graft_lag_warmup,
+                      momentum_coef, prepare_group, shared_beta, state_dtype, validate_group)
 
 
 class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
@@ -56,9 +56,14 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
             st["step"] = 0
             st["F"] = [None] * len(unit.segments)  # dense (n, d, d) per segment, or (d, d)
             st["L"] = [None] * len(unit.segments)
+            # graft_second_moment="block": Adam's v one per mini-block, (n,) per segment
+            per_block = block_second_moment(group) and unit.kind != "shared"
+            if per_block:
+                st["block_v"] = [torch.zeros(seg.n_blocks, dtype=dt, device=p0.device)
+                                 for seg in unit.segments]
             for p in unit.params:
                 self.state[p]["momentum_buffer"] = torch.zeros(p.shape, dtype=dt, device=p.device)
-                if group["graft"] == "adam":
+                if group["graft"] == "adam" and not per_block:
                     self.state[p]["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
 
     def _factor(self, F: Tensor, damping: float | Tensor) -> Tensor:
@@ -114,11 +119,12 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
         + eps), m_hat = (1 - beta1) m / (1 - beta1^k), v_hat = v / (1 - beta2^k); blocks (rows of
         a shared block) whose |u|^2 or |a|^2 is not finite are left out of both norms."""
         b1, b2 = momentum_coef(group), group["betas"][1]
-        vs = [self.state[p]["exp_avg_sq"] for p in unit.params]
+        block_v = self.state[unit.params[0]].get("block_v")
+        vs = None if block_v else [self.state[p]["exp_avg_sq"] for p in unit.params]
         su = sa = 0.0
-        for seg, U in zip(unit.segments, Us):
+        for s, (seg, U) in enumerate(zip(unit.segments, Us)):
             m_hat = (1 - b1) * seg.rows(ms) / (1 - b1 ** k)
-            v_hat = seg.rows(vs) / (1 - b2 ** k)
+            v_hat = (block_v[s][:, None] if block_v else seg.rows(vs)) / (1 - b2 ** k)
             A = m_hat / (v_hat.sqrt() + group["eps"])
             u2, a2 = (U * U).sum(1), (A * A).sum(1)
             ok = torch.isfinite(u2) & torch.isfinite(a2)
@@ -139,13 +145,20 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
         gs = [(p.grad if p.grad is not None else torch.zeros_like(p)).to(dt)
               for p in unit.params]
         ms = [self.state[p]["momentum_buffer"] for p in unit.params]
-        # Steps 3-4: d = g + gamma p (coupled) or g; m = rho m + d (and Adam's v, grafting).
+        # Steps 3-4: d = g + gamma p (coupled) or g; m = rho m + d (and Adam's v, grafting: per
+        # entry, or per block the mean of the block's d^2).
+        b2 = group["betas"][1]
+        block_v = st.get("block_v")
+        directions = []
         for p, g, m, param in zip(ps, gs, ms, unit.params):
             direction = g if decoupled else g + wd * p
+            directions.append(direction)
             m.mul_(rho).add_(direction)
-            if graft:
-                b2 = group["betas"][1]
+            if graft and not block_v:
                 self.state[param]["exp_avg_sq"].mul_(b2).add_((1 - b2) * direction * direction)
+        if graft and block_v:
+            for v, seg in zip(block_v, unit.segments):
+                v.mul_(b2).add_((1 - b2) * seg.rows(directions).square().mean(1))
         # Step 1: curvature, every T1 steps; blocks with a non-finite g keep F. MBF-True: g is
         # the gradient of the loss at sampled targets (fisher_pass()), not of the data loss.
         if (k - 1) % t1 == 0 and group["fisher"] == "true":

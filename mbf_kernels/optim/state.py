@@ -17,12 +17,22 @@ LAYOUT = "block_layout"  # list of (kind, d, n_blocks) per segment, checked on l
 # graft_norms="previous": the unit's last measured graft ratio |a| / |u| (a 0-dim tensor), which
 # its next step's buckets scale by; absent where none was measured (the next step measures).
 GRAFT_RATIO = "graft_ratio"
+# graft_second_moment="block": Adam's v of the unit's mini-blocks, one per block: a list, one
+# (n_blocks,) tensor per segment. A load converts from and to the per-entry v (exp_avg_sq on
+# each parameter): a block's v is the mean of its entries' (the EMA is linear); the entries
+# of a block loaded from one take the block's.
+BLOCK_SECOND_MOMENT = "block_exp_avg_sq"
 
 
 def _same_layout(got: list[tuple], want: list[tuple]) -> bool:
     """Equal layouts; a low-rank block's rank may differ (LowRankCurvature.load converts)."""
     return len(got) == len(want) and all(
         g == w or (g[0] == w[0] == "lowrank" and g[1] == w[1]) for g, w in zip(got, want))
+
+
+def _stepped(unit: Unit) -> list[Segment]:
+    """The segments of ``unit`` that have blocks (the buckets' entries; not under FSDP2)."""
+    return [seg for seg in unit.segments if seg.n_blocks]
 
 
 class CanonicalState:
@@ -43,6 +53,22 @@ class CanonicalState:
                     tiles = n_tiles(seg.n_blocks)
                     out.append(("blocks", seg, bucket.curvature[tile0:tile0 + tiles],
                                 bucket.factor[tile0:tile0 + tiles]))
+        return out
+
+    @staticmethod
+    def _block_moments(unit: Unit, plan: GroupPlan) -> list[tuple[Segment, Tensor]] | None:
+        """(segment, compact (tiles, 16) view of its blocks' v) per segment of ``unit``, where
+        its buckets keep Adam's v per block (graft_second_moment="block"); None otherwise."""
+        if unit.kind == "shared":
+            return None
+        out = []
+        for bucket in plan.buckets:
+            for u, seg, tile0 in bucket.entries:
+                if u is unit:
+                    if bucket.block_second_moment is None:
+                        return None
+                    out.append((seg, bucket.block_second_moment[tile0:tile0 + n_tiles(
+                        seg.n_blocks)]))
         return out
 
     def _keyed_by_params(self) -> dict:
@@ -117,6 +143,10 @@ class CanonicalState:
                     fac.append(f)
                 entry.update({CURVATURE: curv, FACTOR: fac,
                               LAYOUT: self._layout(unit, blocks, plan.shards)})
+                moments = self._block_moments(unit, plan)
+                if moments is not None:
+                    entry[BLOCK_SECOND_MOMENT] = [v.reshape(-1)[:seg.n_blocks].clone()
+                                                  for seg, v in moments]
                 sd["state"][i] = entry
         return sd
 
@@ -166,17 +196,7 @@ class CanonicalState:
                                      f"layout {got}, this optimizer has {want} (different "
                                      "max_block_size, large_linear, shared_rank, conv1x1 or "
                                      "from_model?)")
-                for p in unit.params:
-                    j = index[id(p)]
-                    for key in (MOMENTUM, SECOND_MOMENT):
-                        if key not in self.state[p]:
-                            continue
-                        m = saved.get(j, {}).get(key)
-                        if m is None or tuple(m.shape) != tuple(p.shape):
-                            raise ValueError(
-                                f"MBF.load_state_dict: {key} of parameter {j} missing or of the "
-                                "wrong shape" + (" (saved without graft='adam'?)"
-                                                 if key == SECOND_MOMENT else ""))
+                self._check_moments(unit, plan, entry, saved, index)
                 todo.append((unit, blocks, entry))
         stripped = dict(state_dict)
         stripped["state"] = {}
@@ -195,8 +215,10 @@ class CanonicalState:
             st[STEP] = int(entry[STEP])
             for p in unit.params:
                 for key in (MOMENTUM, SECOND_MOMENT):
-                    if key in self.state[p]:
+                    if key in self.state[p] and not (key == SECOND_MOMENT and
+                                                     entry.get(BLOCK_SECOND_MOMENT)):
                         self.state[p][key].copy_(saved[index[id(p)]][key])
+            self._load_second_moments(unit, plan, entry, saved, index)
             for (kind, seg, C, L), c, f in zip(blocks, entry[CURVATURE], entry[FACTOR]):
                 if kind == "shared":
                     C.load(c, f)
@@ -205,6 +227,55 @@ class CanonicalState:
                     C.copy_(to_compact(c.to(C)))
                     L.copy_(to_compact(f.to(L)))
         self._load_graft_ratios(saved, index)
+
+    def _check_moments(self, unit: Unit, plan: GroupPlan, entry: dict, saved: dict,
+                       index: dict[int, int]) -> None:
+        """ValueError where the saved state lacks ``unit``'s momentum or Adam's v (per entry, or
+        per block: BLOCK_SECOND_MOMENT, which converts either way) or has them misshapen."""
+        saved_blocks = entry.get(BLOCK_SECOND_MOMENT)
+        for p in unit.params:
+            j = index[id(p)]
+            for key in (MOMENTUM, SECOND_MOMENT):
+                if key not in self.state[p] or (key == SECOND_MOMENT and saved_blocks):
+                    continue  # (per entry from per block: _load_second_moments)
+                m = saved.get(j, {}).get(key)
+                if m is None or tuple(m.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"MBF.load_state_dict: {key} of parameter {j} missing or of the "
+                        "wrong shape" + (" (saved without graft='adam'?)"
+                                         if key == SECOND_MOMENT else ""))
+        moments = self._block_moments(unit, plan)
+        if moments is not None and not saved_blocks:  # from the per-entry v
+            for p in unit.params:
+                v = saved.get(index[id(p)], {}).get(SECOND_MOMENT)
+                if v is None or tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"MBF.load_state_dict: no Adam second moment for {unit.name} "
+                        f"(neither {BLOCK_SECOND_MOMENT} nor {SECOND_MOMENT} of the "
+                        "right shape; saved without graft='adam'?)")
+        if saved_blocks and [v.numel() for v in saved_blocks] != [
+                seg.n_blocks for seg in _stepped(unit)]:
+            raise ValueError(f"MBF.load_state_dict: {BLOCK_SECOND_MOMENT} of "
+                             f"{unit.name} does not match its blocks")
+
+    def _load_second_moments(self, unit: Unit, plan: GroupPlan, entry: dict, saved: dict,
+                             index: dict[int, int]) -> None:
+        """Adam's v of ``unit``'s mini-blocks where the saved state and this optimizer keep it
+        differently (BLOCK_SECOND_MOMENT; checked by load_state_dict)."""
+        blocks = entry.get(BLOCK_SECOND_MOMENT)
+        moments = self._block_moments(unit, plan)
+        if moments is not None:
+            if blocks:
+                per_block = list(blocks)
+            else:
+                saved_v = [saved[index[id(p)]][SECOND_MOMENT] for p in unit.params]
+                per_block = [seg.rows(saved_v).mean(1) for seg, _ in moments]
+            for (seg, view), v in zip(moments, per_block):
+                view.reshape(-1)[:seg.n_blocks] = v.to(view)
+        elif blocks and unit.kind != "shared":
+            own_v = [self.state[p][SECOND_MOMENT] for p in unit.params]
+            for seg, v in zip(_stepped(unit), blocks):
+                seg.write_rows(own_v, v.to(own_v[0])[:, None].expand(seg.n_blocks, seg.d))
 
     def _load_graft_ratios(self, saved: dict, index: dict[int, int]) -> None:
         """The units' saved graft ratios into the plans; a unit saved without one measures
