@@ -214,6 +214,26 @@ def test_bucket_op_keeps_adams_v_per_block(target, dtype, mode):
                                    rtol=100 * tol["rtol"], atol=tol["atol"])
 
 
+@pytest.mark.parametrize("mode", ["measure", "lagged"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("backend", compiled_backends(covering=9))
+def test_bucket_op_keeps_adams_v_per_block_on_every_backend(backend, dtype, mode):
+    """Adam's v one per block (block_second_moment) on each compiled backend that runs here
+    (the C++ CPU step and Triton's) as the reference keeps it."""
+    module = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test",
+                             d=9, step=True)
+    want = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], True, block_v=True)
+    got = _run_bucket(module.mbf_bucket_step_, dtype, MODES[mode], True, block_v=True)
+    tol = STEP_TOL[dtype]
+    for key in ("params", "momenta"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+    torch.testing.assert_close(_real_block_values(got["block_v"]),
+                               _real_block_values(want["block_v"]), **tol, equal_nan=True)
+    torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
+                               atol=tol["atol"])
+
+
 @pytest.mark.parametrize("flags", [0, 5], ids=["cached", "refresh-refactor"])
 @pytest.mark.parametrize("backend", compiled_backends(covering=9))
 def test_measuring_pass_of_units_at_different_steps_matches_reference(backend, flags):
@@ -953,8 +973,6 @@ CONFIGS = {
                                    decoupled_weight_decay=False, graft_norms="previous",
                                    graft_second_moment="block"),
 }
-#: The backends that keep Adam's v per block (graft_second_moment="block")
-BLOCK_V_BACKENDS = ("torch", "cpu")
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -967,10 +985,6 @@ def test_optimizer_matches_dense_reference(backend, config):
     if backend == "triton" and opts.get("large_linear") == "chunk":
         pytest.skip("the chunked row (d = 16 + 1) leaves d = 1 only: covered by 'graft'")
     a, b = _net(), _net()
-    if opts.get("graft_second_moment") == "block" and backend not in BLOCK_V_BACKENDS:
-        with pytest.raises(ValueError, match="graft_second_moment='block' runs on the CPU"):
-            mk.MBF.from_model(a, backend=backend, **opts)
-        return
     start = _flat(a)
     _train(a, mk.MBF.from_model(a, backend=backend, **opts), 10)
     _train(b, ReferenceMBF.from_model(b, **opts), 10)
@@ -1192,7 +1206,7 @@ def test_grafted_state_round_trips_and_resumes_identically(graft_norms):
     assert torch.equal(_flat(a), _flat(b))
 
 
-@pytest.mark.parametrize("backend", BLOCK_V_BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # (Net's head, d = 17: not Triton's)
 def test_adams_v_per_block_saves_and_converts_on_load(backend):
     """graft_second_moment="block" saves each unit's v per block (block_exp_avg_sq, a list per
     segment) and resumes identically; a per-entry state loads into it as its blocks' means
@@ -1251,28 +1265,45 @@ def test_adams_v_per_block_saves_and_converts_on_load(backend):
     assert torch.equal(opt_b.state_dict()["state"][0]["block_exp_avg_sq"][0], before)
 
 
-def test_adams_v_per_block_is_refused_where_it_cannot_run():
-    """A backend that keeps Adam's v per entry (Triton, CUDA) refuses graft_second_moment=
-    "block" by name; its op has no block_second_moment (CUDA's names it, C++'s check); a bad
-    value is named."""
+@pytest.mark.parametrize("backend", compiled_backends(covering=9))
+def test_adams_v_per_block_bad_arguments_are_named(backend):
+    """A bad graft_second_moment is named; a step given v both per entry and per block
+    refuses, naming both."""
     with pytest.raises(ValueError, match="graft_second_moment must be one of"):
         mk.MBF.from_model(_net(), graft_second_moment="blocks")
-    if not mk.backends()["triton"].available:
-        pytest.skip(mk.backends()["triton"].detail)
-    if dispatch.triton_interpreted() or torch.cuda.is_available():
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with pytest.raises(ValueError, match="graft_second_moment='block' runs on the CPU"):
-            mk.MBF.from_model(_net().to(device), backend="triton", graft_second_moment="block")
     params, grads, momenta, second, tiles, segments = _bucket(torch.float64)
     Fc = torch.zeros(tiles, 45, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="block_second_moment"):
-        dispatch.module("triton").mbf_bucket_step_(
-            params, grads, momenta, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64),
-            segments, lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+    fn = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test", d=9,
+                         step=True).mbf_bucket_step_
+    with pytest.raises((RuntimeError, ValueError), match="per block .* or per entry"):
+        fn(params, grads, momenta, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64), segments,
+           lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+           decoupled_weight_decay=True, mode=StepMode.GRAFT, second_moments=second,
+           tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64),
+           directions=torch.zeros(tiles, 9, 16, dtype=torch.float64),
+           block_second_moment=torch.zeros(tiles, 16, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_refuse_adams_v_per_block():
+    """The CUDA step keeps Adam's v per entry: MBF names it at construction for the blocks it
+    would step (d = 33 > Triton's 16 here), and its op names the argument."""
+    if not mk.backends()["cuda"].available:
+        pytest.skip(mk.backends()["cuda"].detail)
+    model = nn.Linear(32, 4).cuda()
+    with pytest.raises(ValueError, match="take the CUDA kernels"):
+        mk.MBF.from_model(model, graft_second_moment="block")
+    params, grads, momenta, second, tiles, segments = _bucket(torch.float64)
+    cuda = [[t.cuda() for t in ts] for ts in (params, grads, momenta)]
+    Fc = torch.zeros(tiles, 45, 16, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="block_second_moment"):
+        dispatch.module("cuda").mbf_bucket_step_(
+            *cuda, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64, device="cuda"), segments,
+            lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
             decoupled_weight_decay=True, mode=StepMode.GRAFT,
-            tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64),
-            directions=torch.zeros(tiles, 9, 16, dtype=torch.float64),
-            block_second_moment=torch.zeros(tiles, 16, dtype=torch.float64))
+            tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64, device="cuda"),
+            directions=torch.zeros(tiles, 9, 16, dtype=torch.float64, device="cuda"),
+            block_second_moment=torch.zeros(tiles, 16, dtype=torch.float64, device="cuda"))
 
 
 @pytest.mark.parametrize("bind", [True, False], ids=["bound", "per-bucket"])

@@ -171,6 +171,7 @@ COMPILE_CASES = (
        "_bucket_refactor_kernel:9:fp32:90:relative damping",
        "_bucket_step_kernel:9:fp32:90:graft measure, bf16 factor",
        "_bucket_step_kernel:9:fp32:90:graft lagged, bf16 factor",
+       "_bucket_step_kernel:9:fp32:90:graft lagged, bf16 factor, v per block",
        "_bucket_refactor_kernel:9:fp32:90:relative damping, bf16 factor",
        "_dense_solve_spd_kernel:2:fp64:80:"]
 )

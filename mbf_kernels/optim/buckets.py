@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import reference
 from ..dispatch import cpu_ops, module, select
 from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles
 from ..reference import relative_damping
@@ -68,15 +67,15 @@ class Bucket:
     block_second_moment: Tensor | None = None
 
     def allocate_block_second_moment(self, group: dict) -> None:
-        """Adam's v per block (graft_second_moment="block"), which the CPU's kernels and the
-        torch backend keep: ValueError naming the backend elsewhere."""
-        step = self.step_function(group["backend"])
-        if step not in (module("cpu").mbf_bucket_step_, reference.mbf_bucket_step_):
+        """Adam's v per block (graft_second_moment="block"), which the CPU's kernels, Triton
+        and the torch backend keep: ValueError naming the CUDA kernels, which do not."""
+        if (self.device.type == "cuda"
+                and self.step_function(group["backend"]) is module("cuda").mbf_bucket_step_):
             raise ValueError(
-                "MBF: graft_second_moment='block' runs on the CPU's kernels and the torch "
-                f"backend; the blocks of d = {self.d} on {self.device} take another backend "
-                "(Triton or CUDA), which keeps Adam's v per entry: use "
-                "graft_second_moment='element' there")
+                "MBF: graft_second_moment='block' runs on the CPU's kernels, Triton and the "
+                f"torch backend; the blocks of d = {self.d} on {self.device} take the CUDA "
+                "kernels, which keep Adam's v per entry: use graft_second_moment='element' "
+                "there")
         self.block_second_moment = torch.zeros(self.tiles, COMPACT_TILE, dtype=self.dtype,
                                                device=self.device)
 

@@ -177,7 +177,8 @@ TABLES = DeviceTables()
 
 
 def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile_damping,
-                        tile_scale, tile_norms, directions, mode: int) -> int:
+                        tile_scale, tile_norms, directions, mode: int,
+                        block_second_moment=None) -> int:
     """The bucket op's tensor arguments checked against the curvature F: its block size d."""
     if F.ndim != 3 or F.shape[2] != COMPACT_TILE:
         raise ValueError(f"mbf_kernels triton: curvature must be a compact tensor (tiles, T, "
@@ -219,14 +220,20 @@ def check_step_tensors(params, grads, momenta, F, L, stats, second_moments, tile
     for name, t, shape in (("tile_damping", tile_damping, (F.shape[0],)),
                            ("tile_scale", tile_scale, (F.shape[0],)),
                            ("tile_norms", tile_norms, (F.shape[0], 2, COMPACT_TILE)),
-                           ("directions", directions, (F.shape[0], d, COMPACT_TILE))):
+                           ("directions", directions, (F.shape[0], d, COMPACT_TILE)),
+                           ("block_second_moment", block_second_moment,
+                            (F.shape[0], COMPACT_TILE))):
         if t is not None:
             check_like(name, t, "curvature", F)
             if tuple(t.shape) != shape or not t.is_contiguous():
                 raise ValueError(f"mbf_kernels triton: {name} must be a contiguous tensor "
                                  f"of shape {shape}, got {tuple(t.shape)}")
     mode = check_mode("mbf_kernels triton", mode, tile_scale, tile_norms, directions)
-    if mode.measures:
+    if mode.measures and block_second_moment is not None:
+        if len(second_moments):
+            raise ValueError("mbf_kernels triton: a grafted step takes Adam's v per block "
+                             "(block_second_moment) or per entry (second_moments), not both")
+    elif mode.measures:
         if len(second_moments) != len(params):
             raise ValueError(f"mbf_kernels triton: a grafted step needs one second moment "
                              f"per params tensor, got {len(second_moments)} for "

@@ -335,3 +335,31 @@ def ema(f, c, beta, one_minus_beta, N: tl.constexpr):
     for e in tl.static_range(N):
         out = out + (beta * f[e] + one_minus_beta * c[e],)
     return out
+
+
+@triton.jit
+def round_bf16(x):
+    """float32 x rounded to the nearest bfloat16, ties to even (as the CPU kernels and torch
+    round), still as float32: the conversion that follows is then exact, whatever rounding the
+    compiler's or the interpreter's (which truncates) float32 -> bfloat16 uses."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def direction_entry(DIR, tile, lane, i, D: tl.constexpr):
+    """Where entry i of each lane's u lives in the compact directions (tiles, D, 16)."""
+    return DIR + (tile * D + i) * 16 + lane
+
+
+@triton.jit
+def moved(p, u, lr_u, lr_wd, DECOUPLED: tl.constexpr, D: tl.constexpr):
+    """p - lr_u u, less the decoupled decay lr wd p."""
+    new_p = ()
+    for i in tl.static_range(D):
+        if DECOUPLED:
+            new_p = new_p + (p[i] - (lr_u * u[i] + lr_wd * p[i]),)
+        else:
+            new_p = new_p + (p[i] - lr_u * u[i],)
+    return new_p

@@ -26,8 +26,8 @@ from ..limits import triton_autotune
 from ..packed import tril_dim
 from ._common import CONFIGS, check_step_tensors, fits, vector_rows
 from .tables import TABLE_ROW, launch_scalars, segment_launches
-from ._tuples import (cholesky, compact_base, diagonal_fallback, ema, load_tri, outer, pack,
-                      pow2, select, solve, store_tri, unpack)
+from ._tuples import (cholesky, compact_base, diagonal_fallback, direction_entry, ema, load_tri,
+                      moved, outer, pack, pow2, round_bf16, select, solve, store_tri, unpack)
 
 __all__ = ["mbf_bucket_step_", "mbf_step_"]
 
@@ -127,16 +127,6 @@ def _tiles(row, blocks):
 
 
 @triton.jit
-def _round_bf16(x):
-    """float32 x rounded to the nearest bfloat16, ties to even (as the CPU kernels and torch
-    round), still as float32: the conversion that follows is then exact, whatever rounding the
-    compiler's or the interpreter's (which truncates) float32 -> bfloat16 uses."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _bucket_refactor_kernel(F, L, table, hyper, stats, n_seg, TD, UPDATE_CURVATURE: tl.constexpr,
                             FIRST_CURVATURE: tl.constexpr, TILE_DAMPING: tl.constexpr,
                             BF16_FACTOR: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -168,7 +158,7 @@ def _bucket_refactor_kernel(F, L, table, hyper, stats, n_seg, TD, UPDATE_CURVATU
     if BF16_FACTOR:
         rounded = ()
         for e in tl.static_range(T):
-            rounded = rounded + (_round_bf16(l[e]),)
+            rounded = rounded + (round_bf16(l[e]),)
         l = rounded
     store_tri(L, state, mask, l, D)
     n_failed = tl.sum((mask & (info != 0)).to(tl.int64), axis=0)
@@ -176,34 +166,43 @@ def _bucket_refactor_kernel(F, L, table, hyper, stats, n_seg, TD, UPDATE_CURVATU
 
 
 @triton.jit
-def _direction_entry(DIR, tile, lane, i, D: tl.constexpr):
-    """Where entry i of each lane's u lives in the compact directions (tiles, D, 16)."""
-    return DIR + (tile * D + i) * 16 + lane
-
-
-@triton.jit
-def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, direction, mom, u,
-                   D: tl.constexpr, STORE_U: tl.constexpr):
+def _graft_measure(F, TN, DIR, BV, row, hyper, rows, blocks, mask, has_tail, direction, mom, u,
+                   D: tl.constexpr, STORE_U: tl.constexpr, BLOCK_V: tl.constexpr):
     """A grafted step's measuring pass (MBF_SPEC 3b) in the step kernel: Adam's v updated
-    from the step's direction and stored, each block's [|u|^2, |a|^2] stored to TN (tiles, 2,
-    16) for the unit reductions and, with STORE_U, its u to DIR (tiles, D, 16)."""
+    from the step's direction and stored (per entry, or with BLOCK_V one per block in BV
+    (tiles, 16): the EMA of the block's mean d^2), each block's [|u|^2, |a|^2] stored to TN
+    (tiles, 2, 16) for the unit reductions and, with STORE_U, its u to DIR (tiles, D, 16)."""
     dt = F.dtype.element_ty
     tile, lane = _tiles(row, blocks)
-    v_ptr = F + tl.load(row + SEG_V)
-    vt_ptr = F + tl.load(row + SEG_VT)
-    v = _load_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, D)
     beta2 = _hyper(hyper, 7).to(dt)
     eps = _hyper(hyper, 8).to(dt)
     c1 = _hyper(hyper, 9).to(dt)
     s2 = _hyper(hyper, 10).to(dt)
-    new_v = ()
     su = tl.zeros_like(u[0])
     sa = tl.zeros_like(u[0])
-    for i in tl.static_range(D):
-        new_v = new_v + (beta2 * v[i] + (1 - beta2) * direction[i] * direction[i],)
-        a = c1 * mom[i] / (s2 * tl.sqrt(new_v[i]) + eps)
-        su += u[i] * u[i]
-        sa += a * a
+    if BLOCK_V:
+        squares = direction[0] * direction[0]
+        for i in tl.static_range(1, D):
+            squares += direction[i] * direction[i]
+        v_b = (beta2 * tl.load(BV + tile * 16 + lane, mask=mask, other=0.0)
+               + (1 - beta2) * (squares / D))
+        tl.store(BV + tile * 16 + lane, v_b.to(dt), mask=mask)
+        scale = c1 / (s2 * tl.sqrt(v_b) + eps)  # one denominator per block
+        for i in tl.static_range(D):
+            a = scale * mom[i]
+            su += u[i] * u[i]
+            sa += a * a
+    else:
+        v_ptr = F + tl.load(row + SEG_V)
+        vt_ptr = F + tl.load(row + SEG_VT)
+        v = _load_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, D)
+        new_v = ()
+        for i in tl.static_range(D):
+            new_v = new_v + (beta2 * v[i] + (1 - beta2) * direction[i] * direction[i],)
+            a = c1 * mom[i] / (s2 * tl.sqrt(new_v[i]) + eps)
+            su += u[i] * u[i]
+            sa += a * a
+        _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
     # A block whose norms are not finite (a NaN gradient) is left out of its unit's.
     ok = (tl.abs(su) < float("inf")) & (tl.abs(sa) < float("inf"))
     su = tl.where(ok & mask, su, 0.0)
@@ -212,17 +211,17 @@ def _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, directi
     tile_mask = blocks < tl.cdiv(tl.load(row + SEG_N), 16) * 16
     tl.store(TN + tile * 32 + lane, su.to(dt), mask=tile_mask)
     tl.store(TN + tile * 32 + 16 + lane, sa.to(dt), mask=tile_mask)
-    _store_rows(v_ptr, vt_ptr, rows, blocks, mask, has_tail, new_v, D)
     if STORE_U:
         for i in tl.static_range(D):
-            tl.store(_direction_entry(DIR, tile, lane, i, D), u[i].to(dt), mask=mask)
+            tl.store(direction_entry(DIR, tile, lane, i, D), u[i].to(dt), mask=mask)
 
 
 @triton.jit
-def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
+def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR, BV,
                         DECOUPLED: tl.constexpr, UPDATE_CURVATURE: tl.constexpr,
                         FIRST_CURVATURE: tl.constexpr, WRITE: tl.constexpr, GRAFT: tl.constexpr,
-                        LAGGED: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                        LAGGED: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """One MBF step with the cached factor (and an optional curvature refresh) for the segments
     of a bucket that share this step's flags.
 
@@ -234,7 +233,8 @@ def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
     (curvature) and L (factor). stats (int64 (2,)) += [skipped curvature refreshes, failed
     factorisations]. WRITE: the paper's pass, m and p stored. GRAFT (MBF_SPEC 3b, StepMode,
     mbf_kernels.reference.mbf_bucket_step_): the measuring pass, m and Adam's v stored, each
-    block's [|u|^2, |a|^2] to TN (tiles, 2, 16) and u to DIR (tiles, D, 16). Both: the writing
+    block's [|u|^2, |a|^2] to TN (tiles, 2, 16) and u to DIR (tiles, D, 16); BLOCK_V: v one per
+    block in BV (tiles, 16), not per entry (graft_second_moment="block"). Both: the writing
     pass, p moved by DIR scaled by TS (tiles,). Both and LAGGED: the grafted step in one pass,
     the measuring pass's stores but u's, and p moved by u scaled by TS (the previous step's
     ratios). Neither: the refresh alone.
@@ -263,9 +263,9 @@ def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
         lr_u = lr * tl.load(TS + tile, mask=mask, other=0.0)
         u = ()
         for i in tl.static_range(D):
-            u = u + (tl.load(_direction_entry(DIR, tile, lane, i, D), mask=mask, other=0.0),)
+            u = u + (tl.load(direction_entry(DIR, tile, lane, i, D), mask=mask, other=0.0),)
         _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
-                    _moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
+                    moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
     elif WRITE or GRAFT:
         stored = load_tri(L, state, mask, D, True)
         l = ()
@@ -288,27 +288,15 @@ def _bucket_step_kernel(F, L, table, hyper, stats, n_seg, TS, TN, DIR,
         u = solve(l, mom, D)
         _store_rows(m_ptr, mt_ptr, rows, blocks, mask, has_tail, mom, D)
         if GRAFT:
-            _graft_measure(F, TN, DIR, row, hyper, rows, blocks, mask, has_tail, direction, mom,
-                           u, D, not LAGGED)
+            _graft_measure(F, TN, DIR, BV, row, hyper, rows, blocks, mask, has_tail, direction,
+                           mom, u, D, not LAGGED, BLOCK_V)
         if LAGGED:
             lr_u = lr * tl.load(TS + _tiles(row, blocks)[0], mask=mask, other=0.0)
             _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
-                        _moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
+                        moved(p, u, lr_u, lr_wd, DECOUPLED, D), D)
         elif not GRAFT:
             _store_rows(p_ptr, pt_ptr, rows, blocks, mask, has_tail,
-                        _moved(p, u, lr, lr_wd, DECOUPLED, D), D)
-
-
-@triton.jit
-def _moved(p, u, lr_u, lr_wd, DECOUPLED: tl.constexpr, D: tl.constexpr):
-    """p - lr_u u, less the decoupled decay lr wd p."""
-    new_p = ()
-    for i in tl.static_range(D):
-        if DECOUPLED:
-            new_p = new_p + (p[i] - (lr_u * u[i] + lr_wd * p[i]),)
-        else:
-            new_p = new_p + (p[i] - lr_u * u[i],)
-    return new_p
+                        moved(p, u, lr, lr_wd, DECOUPLED, D), D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,16 +351,17 @@ class _StepLaunches:
     def __init__(self, params, grads, momenta, curvature, factor, stats, segments, lr,
                  momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
                  second_moments=(), tile_damping=None, tile_scale=None, tile_norms=None,
-                 directions=None, beta2=0.999, eps=1e-8, mode=StepMode.WRITE, *,
-                 checked: bool = False) -> None:
+                 directions=None, beta2=0.999, eps=1e-8, mode=StepMode.WRITE,
+                 block_second_moment=None, *, checked: bool = False) -> None:
         F = self.F = curvature
         self.L, self.stats, self.decoupled = factor, stats, bool(decoupled_weight_decay)
         # (checked: the caller owns the tensors, owned_bucket_step_)
         self.d = tril_dim(F.shape[1]) if checked else check_step_tensors(
             params, grads, momenta, F, factor, stats, second_moments, tile_damping, tile_scale,
-            tile_norms, directions, mode)
+            tile_norms, directions, mode, block_second_moment)
         mode = self.mode = StepMode(mode)
         graft = mode.measures  # the passes that read v
+        self.block_v = block_second_moment if graft else None
         # Kept alive until the launches are queued (the caching allocator orders reuse after
         # them on the stream).
         self.grads = grads = [g.contiguous() for g in grads]
@@ -381,8 +370,8 @@ class _StepLaunches:
         self.tiles = tuple(F if t is None else t
                            for t in (tile_damping, tile_scale, tile_norms, directions))
         self.launches = segment_launches(F, params, grads, momenta,
-                                         second_moments if graft else params, segments, self.d,
-                                         graft)
+                                         second_moments if graft and self.block_v is None
+                                         else params, segments, self.d, graft)
         floor = damping ** -0.5 if damping > 0 else 1.0
         hyper = (lr, momentum_coef, beta, damping, weight_decay, lr * weight_decay, floor, beta2,
                  eps)
@@ -410,11 +399,14 @@ class _StepLaunches:
                                                 **meta)
                 refresh = first = False
             if write or graft or refresh:
+                block_v = self.block_v
                 _bucket_step_kernel[grid](self.F, self.L, table, scalars, self.stats,
                                             len(counts), scale, norms, directions,
+                                            self.F if block_v is None else block_v,
                                             DECOUPLED=self.decoupled,
                                             UPDATE_CURVATURE=refresh, FIRST_CURVATURE=first,
-                                            WRITE=write, GRAFT=graft, LAGGED=lagged, **meta)
+                                            WRITE=write, GRAFT=graft, LAGGED=lagged,
+                                            BLOCK_V=block_v is not None, **meta)
 
 
 def _bucket_step(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
@@ -424,12 +416,12 @@ def _bucket_step(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor
                     second_moments: list[Tensor], tile_damping: Tensor | None,
                     tile_scale: Tensor | None, tile_norms: Tensor | None,
                     directions: Tensor | None, beta2: float, eps: float,
-                    step_mode: int) -> None:
+                    step_mode: int, block_second_moment: Tensor | None = None) -> None:
     # (not `mode`: torch's dispatch wrappers take an argument of that name)
     _launch(_StepLaunches(params, grads, momenta, curvature, factor, stats, segments, lr,
                           momentum_coef, beta, damping, weight_decay, decoupled_weight_decay,
                           second_moments, tile_damping, tile_scale, tile_norms, directions,
-                          beta2, eps, step_mode))
+                          beta2, eps, step_mode, block_second_moment))
 
 
 def _launch(step: _StepLaunches) -> None:
@@ -440,7 +432,7 @@ def _launch(step: _StepLaunches) -> None:
 _bucket_step_op = torch.library.custom_op(
     "mbf_kernels::triton_bucket_step_", _bucket_step,
     mutates_args=("params", "momenta", "curvature", "factor", "stats", "second_moments",
-                  "tile_norms", "directions"))
+                  "tile_norms", "directions", "block_second_moment"))
 
 
 @_bucket_step_op.register_fake
@@ -455,7 +447,8 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                      second_moments: list[Tensor] = (), tile_damping: Tensor | None = None,
                      tile_scale: Tensor | None = None, tile_norms: Tensor | None = None,
                      directions: Tensor | None = None, beta2: float = 0.999, eps: float = 1e-8,
-                     mode: int = 1, _owned: bool = False) -> None:
+                     mode: int = 1, block_second_moment: Tensor | None = None,
+                     _owned: bool = False) -> None:
     """The fused step for a bucket of segments (layout: csrc/registration.cpp; arguments:
     mbf_kernels.reference.mbf_bucket_step_): one launch per distinct set of segment flags, each
     reading its segments' strided rows (and tails) in place and its own tiles of the bucket's
@@ -468,7 +461,8 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
     :data:`owned_bucket_step_`."""
     _entry(_owned, params, grads, momenta, curvature, factor, stats, segments, lr, momentum_coef,
            beta, damping, weight_decay, decoupled_weight_decay, list(second_moments),
-           tile_damping, tile_scale, tile_norms, directions, beta2, eps, int(mode))
+           tile_damping, tile_scale, tile_norms, directions, beta2, eps, int(mode),
+           block_second_moment)
 
 
 def _entry(checked: bool, *args) -> None:
