@@ -218,10 +218,9 @@ inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::Ten
 // The grafting / relative-damping arguments of mbf_bucket_step_ (see StepConfig, StepTiles):
 // checked against the bucket, and the config completed from `mode`. Per-tile tensors are
 // contiguous, of the curvature's dtype and device: damping and scale (tiles,), norms
-// (tiles, 2, 16), or (tiles, 2, 1) for the sums per tile where the backend writes them; second
-// moments like params, or one per block (block_second_moment (tiles, 16)) where the backend
-// keeps them so. `cpu_kernels`: the backend is the CPU's, whose kernels do both
-// (StepTiles::norm_sums, StepTiles::block_v). Returns the tile pointers.
+// (tiles, 2, 16), or (tiles, 2, 1) for the sums per tile where the backend writes them
+// (`tile_sums`: StepTiles::norm_sums); second moments like params, or one per block
+// (block_second_moment (tiles, 16): StepTiles::block_v). Returns the tile pointers.
 template <typename T>
 StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
                          const at::Tensor& curvature, const c10::optional<at::Tensor>& damping,
@@ -229,7 +228,7 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
                          const c10::optional<at::Tensor>& norms,
                          const c10::optional<at::Tensor>& directions,
                          const c10::optional<at::Tensor>& block_second_moment, int64_t mode,
-                         StepConfig* cfg, bool cpu_kernels) {
+                         StepConfig* cfg, bool tile_sums) {
   TORCH_CHECK(valid_mode(mode), "mbf_kernels: mode must be 0, 1 (write), 2 (graft), 3 (write | ",
               "graft) or 7 (write | graft | lagged), got ", mode);
   cfg->write = (mode & kModeWrite) != 0;
@@ -248,14 +247,11 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
   StepTiles<T> out;
   out.damping = check_tiles(damping, "tile_damping", {tiles});
   out.scale = check_tiles(scale, "tile_scale", {tiles});
-  out.norm_sums = cpu_kernels && norms.has_value() && norms->dim() == 3 && norms->size(2) == 1;
+  out.norm_sums = tile_sums && norms.has_value() && norms->dim() == 3 && norms->size(2) == 1;
   out.norms = check_tiles(norms, "tile_norms", {tiles, 2, out.norm_sums ? 1 : kCompactTile});
   out.directions = check_tiles(directions, "directions", {tiles, tri_dim(curvature.size(1)),
                                                           kCompactTile});
-    TORCH_CHECK(!block_second_moment.has_value() || cpu_kernels, "mbf_kernels: this backend keeps ",
-              "Adam's second moment per entry (second_moments); block_second_moment ",
-              "(graft_second_moment=\"block\") runs on the CPU's kernels");
-  out.block_v = check_tiles(block_second_moment, "block_second_moment", {tiles, kCompactTile});
+    out.block_v = check_tiles(block_second_moment, "block_second_moment", {tiles, kCompactTile});
   // (has_value, not the pointers: an empty bucket's tensors have none)
   if (cfg->graft && !cfg->lagged) {
     TORCH_CHECK(directions.has_value() && (cfg->write ? scale.has_value() : norms.has_value()),
@@ -353,8 +349,8 @@ std::vector<StepSegment<T>> parse_segments(at::TensorList params,
 
 // One pass of mbf_bucket_step_ up to its kernels, shared by the backends: the grafting
 // arguments checked (config completed from `mode`) and the segments parsed, then
-// run(segments, config, tiles, tiles_used) launches the backend's step; `cpu_kernels`: the
-// backend is the CPU's (check_graft).
+// run(segments, config, tiles, tiles_used) launches the backend's step; `tile_sums`: its
+// kernels can write the graft's norms as sums per tile (check_graft).
 template <typename T, typename Run>
 void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grads,
                       at::TensorList momenta, const at::Tensor& curvature,
@@ -364,10 +360,10 @@ void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grad
                       const c10::optional<at::Tensor>& tile_norms,
                       const c10::optional<at::Tensor>& directions,
                       const c10::optional<at::Tensor>& block_second_moment, int64_t mode,
-                      bool cpu_kernels, Run&& run) {
+                      bool tile_sums, Run&& run) {
   const StepTiles<T> tiles = check_graft<T>(params, second_moments, curvature, tile_damping,
                                             tile_scale, tile_norms, directions,
-                                            block_second_moment, mode, &cfg, cpu_kernels);
+                                            block_second_moment, mode, &cfg, tile_sums);
   int64_t tiles_used = 0;
   const auto segs = parse_segments<T>(params, grads, momenta, second_moments, segments, d,
                                       curvature.size(0), cfg, &tiles_used);

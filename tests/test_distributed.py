@@ -20,10 +20,14 @@ import mbf_kernels as mk
 
 STEPS, T1, T2, LOCAL_BATCH = 20, 2, 5, 4
 #: The FSDP2 runs: the shipped defaults (grafting, relative damping) with the large linears at
-#: a rank, exact, and the paper's update.
+#: a rank, exact, the paper's update, and Adam's v one per mini-block.
 FSDP_OPTIONS = {"fsdp": dict(large_linear="lowrank", shared_rank=8),
                 "fsdp_exact": dict(large_linear="shared"),
-                "fsdp_paper": dict(mk.optim.PAPER, large_linear="lowrank", shared_rank=8)}
+                "fsdp_paper": dict(mk.optim.PAPER, large_linear="lowrank", shared_rank=8),
+                "fsdp_block_v": dict(large_linear="lowrank", shared_rank=8,
+                                     graft_second_moment="block")}
+#: The DDP runs' options beyond _optimizer's (by mode; "ddp_block_v" trains as "ddp").
+DDP_OPTIONS = {"ddp_block_v": dict(graft_second_moment="block")}
 OPTS = dict(curvature_update_freq=T1, inverse_update_freq=T2, max_block_size=16)
 TIMEOUT_S = 240
 
@@ -50,9 +54,9 @@ def _model() -> nn.Module:
     return Net().double()
 
 
-def _optimizer(model: nn.Module, shard: bool | None = None) -> mk.MBF:
+def _optimizer(model: nn.Module, shard: bool | None = None, **options) -> mk.MBF:
     return mk.MBF.from_model(model, large_linear="lowrank", shared_rank=8,
-                             shard_curvature=shard, **OPTS)
+                             shard_curvature=shard, **OPTS, **options)
 
 
 def _global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,11 +109,14 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     for layer in (model.conv, model.fc1, model.fc2, model.head):
         fully_shard(layer)
     fully_shard(model)
-    opt = mk.MBF.from_model(model, **FSDP_OPTIONS.get(mode, FSDP_OPTIONS["fsdp"]), **OPTS)
-    if mode == "fsdp_save":
+    # (fsdp_save / fsdp_resume with a suffix: that FSDP_OPTIONS entry's, "fsdp_block_v" say)
+    variant = mode.removeprefix("fsdp_save").removeprefix("fsdp_resume")
+    options = FSDP_OPTIONS.get(mode, FSDP_OPTIONS.get("fsdp" + variant, FSDP_OPTIONS["fsdp"]))
+    opt = mk.MBF.from_model(model, **options, **OPTS)
+    if mode.startswith("fsdp_save"):
         _train_and_save(model, opt, world, rank, out / "fsdp_ckpt")
         return
-    if mode == "fsdp_resume":
+    if mode.startswith("fsdp_resume"):
         _load_and_train(model, opt, world, rank, out / "fsdp_ckpt")
         torch.save({"params": _params(model)}, out / f"{mode}_{world}_{rank}.pt")
         return
@@ -159,8 +166,9 @@ def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
         _fsdp_worker(rank, world, out, mode)
         return
     model = nn.parallel.DistributedDataParallel(_model().float() if mode == "amp" else _model())
-    opt = _optimizer(model, shard=False if mode == "unsharded" else None)
-    if mode in ("ddp", "unsharded"):
+    opt = _optimizer(model, shard=False if mode == "unsharded" else None,
+                     **DDP_OPTIONS.get(mode, {}))
+    if mode in ("ddp", "unsharded", "ddp_block_v"):
         _train(model, opt, STEPS, world, rank)
         torch.save({"curvature": sum(r["bytes"] for r in opt.block_summary()),
                     "units": len(opt._plans[0].units)}, out / f"memory_{mode}_{world}_{rank}.pt")
@@ -238,17 +246,20 @@ def _rank_params(out: Path, mode: str, world: int) -> list[torch.Tensor]:
     return [torch.load(out / f"params_{mode}_{world}_{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "unsharded"])
+@pytest.mark.parametrize("mode", ["ddp", "unsharded", "ddp_block_v"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_equals_one_process_on_the_global_batch(tmp_path, world, mode):
     """20 steps, T1 = 2, T2 = 5, with the curvature sharded across the ranks (the default under
-    a process group) or not: every rank ends with the same parameters (bit for bit: sharded,
-    each rank's come from their owner), equal to one process's on the global batch up to the
-    all-reduce's summation order. Sharded, each rank keeps a share of the blocks."""
+    a process group; with Adam's v per block too) or not: every rank ends with the same
+    parameters (bit for bit: sharded, each rank's come from their owner), equal to one
+    process's on the global batch up to the all-reduce's summation order. Sharded, each rank
+    keeps a share of the blocks."""
     _spawn(world, tmp_path, mode)
     ranks = _rank_params(tmp_path, mode, world)
     assert all(torch.equal(ranks[0], r) for r in ranks[1:])
-    single = _one_process(world, world)
+    options = DDP_OPTIONS.get(mode)
+    single = _one_process(world, world, options and dict(options, large_linear="lowrank",
+                                                         shared_rank=8))
     assert (single - _params(_model())).abs().max() > 1e-2  # it trained
     torch.testing.assert_close(ranks[0], single, rtol=1e-9, atol=1e-11)
     memory = [torch.load(tmp_path / f"memory_{mode}_{world}_{r}.pt") for r in range(world)]
@@ -342,22 +353,24 @@ def test_fsdp2_equals_one_process_on_the_global_batch(tmp_path, world, mode):
     assert "Shard(0)" in ranks[0]["refused"][0]
 
 
+@pytest.mark.parametrize("variant", ["", "_block_v"])
 @pytest.mark.parametrize("save_world, load_world", [(2, 2), (2, 3)])
-def test_fsdp2_dcp_save_and_load_resumes_identically(tmp_path, save_world, load_world):
+def test_fsdp2_dcp_save_and_load_resumes_identically(tmp_path, save_world, load_world, variant):
     """The optimizer state of FSDP2 shards saved through DCP at step 10 (each rank its rows'
-    blocks, as DTensors laid out as the parameters) and loaded by fresh ranks: on the same
-    ranks the run ends bit for bit where the uninterrupted one does; on 3 ranks (the blocks
-    resharded with the rows), where one process that switched batches at step 10 does."""
-    _spawn(save_world, tmp_path, "fsdp_save")
-    _spawn(load_world, tmp_path, "fsdp_resume")
-    resumed = [torch.load(tmp_path / f"fsdp_resume_{load_world}_{r}.pt")["params"]
+    blocks, as DTensors laid out as the parameters; Adam's v per block too, ``_block_v``) and
+    loaded by fresh ranks: on the same ranks the run ends bit for bit where the uninterrupted
+    one does; on 3 ranks (the blocks resharded with the rows), where one process that switched
+    batches at step 10 does."""
+    _spawn(save_world, tmp_path, "fsdp_save" + variant)
+    _spawn(load_world, tmp_path, "fsdp_resume" + variant)
+    resumed = [torch.load(tmp_path / f"fsdp_resume{variant}_{load_world}_{r}.pt")["params"]
                for r in range(load_world)]
     if load_world == save_world:
-        _spawn(save_world, tmp_path, "fsdp")
-        whole = torch.load(tmp_path / f"fsdp_{save_world}_0.pt")["params"]
+        _spawn(save_world, tmp_path, "fsdp" + variant)
+        whole = torch.load(tmp_path / f"fsdp{variant}_{save_world}_0.pt")["params"]
         for a in resumed:
             assert torch.equal(a, whole)
     else:
-        expected = _one_process(save_world, load_world, FSDP_OPTIONS["fsdp"])
+        expected = _one_process(save_world, load_world, FSDP_OPTIONS["fsdp" + variant])
         for a in resumed:
             torch.testing.assert_close(a, expected, rtol=1e-9, atol=1e-11)

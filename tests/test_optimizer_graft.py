@@ -76,7 +76,10 @@ def _real_block_values(values):
                                                                       (3, 6, 33))])
 
 
-def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16, block_v=False):
+def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16, block_v=False,
+                device="cpu"):
+    """One call of ``fn`` on :func:`_bucket` (its tensors on ``device``); every tensor it may
+    write, back on the CPU."""
     params, grads, momenta, second, tiles, segments = _bucket(dtype, flags)
     Fc = torch.full((tiles, 45, 16), 0.25, dtype=dtype)
     L = compact.to_compact(compact.identity_factor(9, dtype).expand(tiles * 16, 45))
@@ -92,11 +95,21 @@ def _run_bucket(fn, dtype, mode, tile_damping, flags=None, norm_lanes=16, block_
                                 if tile_damping else None))
     if block_v:  # v one per block, starting from the per-entry v's block means
         extras.update(second_moments=[], block_second_moment=_block_means(second, segments))
-    fn(params, grads, momenta, Fc, L, stats, segments, lr=0.1, momentum_coef=0.9, beta=0.8,
-       damping=0.05, weight_decay=0.01, decoupled_weight_decay=False, **extras)
-    return dict(params=params, momenta=momenta, second=second, F=Fc, L=L, stats=stats,
-                norms=norms, directions=directions,
-                block_v=extras.get("block_second_moment"))
+
+    def to(x, dev):
+        if isinstance(x, list):
+            return [to(t, dev) for t in x]
+        return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+    args = to([params, grads, momenta, Fc, L, stats], device)
+    extras = {k: to(v, device) for k, v in extras.items()}
+    fn(*args, segments, lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.01,
+       decoupled_weight_decay=False, **extras)
+    params, _, momenta, Fc, L, stats = to(args, "cpu")  # (the same tensors on the CPU)
+    extras = {k: to(v, "cpu") for k, v in extras.items()}
+    return dict(params=params, momenta=momenta, second=extras["second_moments"] or second,
+                F=Fc, L=L, stats=stats, norms=extras["tile_norms"],
+                directions=extras["directions"], block_v=extras.get("block_second_moment"))
 
 
 @pytest.mark.parametrize("tile_damping", [False, True], ids=["damping", "tile-damping"])
@@ -1285,25 +1298,24 @@ def test_adams_v_per_block_bad_arguments_are_named(backend):
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_refuse_adams_v_per_block():
-    """The CUDA step keeps Adam's v per entry: MBF names it at construction for the blocks it
-    would step (d = 33 > Triton's 16 here), and its op names the argument."""
+@pytest.mark.parametrize("mode", ["measure", "lagged"])
+def test_cuda_step_keeps_adams_v_per_block(mode):
+    """The CUDA step (one thread per block) keeps Adam's v per block as the reference does
+    (its per-block code also runs on the host in the C++ tests, against the CPU kernels)."""
     if not mk.backends()["cuda"].available:
         pytest.skip(mk.backends()["cuda"].detail)
-    model = nn.Linear(32, 4).cuda()
-    with pytest.raises(ValueError, match="take the CUDA kernels"):
-        mk.MBF.from_model(model, graft_second_moment="block")
-    params, grads, momenta, second, tiles, segments = _bucket(torch.float64)
-    cuda = [[t.cuda() for t in ts] for ts in (params, grads, momenta)]
-    Fc = torch.zeros(tiles, 45, 16, dtype=torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="block_second_moment"):
-        dispatch.module("cuda").mbf_bucket_step_(
-            *cuda, Fc, Fc.clone(), torch.zeros(2, dtype=torch.int64, device="cuda"), segments,
-            lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
-            decoupled_weight_decay=True, mode=StepMode.GRAFT,
-            tile_norms=torch.zeros(tiles, 2, 16, dtype=torch.float64, device="cuda"),
-            directions=torch.zeros(tiles, 9, 16, dtype=torch.float64, device="cuda"),
-            block_second_moment=torch.zeros(tiles, 16, dtype=torch.float64, device="cuda"))
+    want = _run_bucket(reference.mbf_bucket_step_, torch.float64, MODES[mode], True,
+                       block_v=True)
+    got = _run_bucket(dispatch.module("cuda").mbf_bucket_step_, torch.float64, MODES[mode],
+                      True, block_v=True, device="cuda")
+    tol = STEP_TOL[torch.float64]
+    for key in ("params", "momenta"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+    torch.testing.assert_close(_real_block_values(got["block_v"]),
+                               _real_block_values(want["block_v"]), **tol, equal_nan=True)
+    torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
+                               atol=tol["atol"])
 
 
 @pytest.mark.parametrize("bind", [True, False], ids=["bound", "per-bucket"])

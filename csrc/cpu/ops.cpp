@@ -277,7 +277,7 @@ void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cpu", [&] {
     bucket_pass_with<scalar_t>(
         params, grads, momenta, curvature, segments, d, cfg, second_moments, tile_damping,
-        tile_scale, tile_norms, directions, block_second_moment, mode, /*cpu_kernels=*/true,
+        tile_scale, tile_norms, directions, block_second_moment, mode, /*tile_sums=*/true,
         [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
           with_factor<scalar_t>(factor, [&](auto* L) {
             run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(), L, d, used, cfg,

@@ -206,7 +206,7 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(curvature.scalar_type(), "mbf_bucket_step_cuda", [&] {
     bucket_pass_with<scalar_t>(
         params, grads_c, momenta, curvature, segments, d, config, second_moments, tile_damping,
-        tile_scale, tile_norms, directions, block_second_moment, mode, /*cpu_kernels=*/false,
+        tile_scale, tile_norms, directions, block_second_moment, mode, /*tile_sums=*/false,
         [&](const auto& segs, const StepConfig& cfg, const auto& tiles, int64_t) {
           with_factor<scalar_t>(factor, [&](auto* L) {
             run_bucket_step<scalar_t>(segs, curvature, L, stats, d, cfg, tiles);

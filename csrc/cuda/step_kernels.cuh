@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(kStepThreads)
         seg.graft_s2, tiles.scale != nullptr ? tiles.scale[tile] : T(1),
         tiles.norms != nullptr ? tiles.norms + tile * 2 * kCompactTile + state_block % kCompactTile
                                : nullptr,
-        compact_vector<T>(tiles.directions, state_block, d)};
+        compact_vector<T>(tiles.directions, state_block, d),
+        tiles.block_v != nullptr ? tiles.block_v + state_block : nullptr};
     counts = step_block<T, D, FT>(
         block_vector<T>(seg.p, seg.p_tail, b, seg.row_stride, seg.width),
         block_vector<const T>(seg.g, seg.g_tail, b, seg.row_stride, seg.width),

@@ -379,9 +379,10 @@ int count_mismatches(const std::vector<T>& a, const std::vector<T>& b, T tol) {
 // the options beyond the paper: a refactor with per-tile (relative) damping, a grafted
 // measuring pass (m, v, norms and directions stored, the directions streamed), grafted writes
 // of the stored directions with per-tile lr scales, two lagged one-pass grafted steps (the
-// norms measured, p moved by u at the per-tile scales), and a refresh-only pass.
-// Hot sizes and the generic path (d = 2, 33, 64).
-template <typename T>
+// norms measured, p moved by u at the per-tile scales), and a refresh-only pass; with
+// `block_v`, Adam's v one per block (StepTiles::block_v, BlockExtras::v_block) in place of v per
+// entry. Hot sizes and the generic path (d = 2, 33, 64).
+template <typename T, bool block_v>
 void test_device_step_matches_cpu_step_t() {
   struct Phase {
     mbf::StepFlags flags;
@@ -408,6 +409,7 @@ void test_device_step_matches_cpu_step_t() {
     std::vector<T> L_cpu(F_cpu.size(), T(0)), norms_cpu(tiles * 2 * mbf::kCompactTile, T(0));
     auto p_dev = p_cpu, m_dev = m_cpu, v_dev = v_cpu, F_dev = F_cpu, L_dev = L_cpu;
     auto norms_dev = norms_cpu;
+    std::vector<T> vb_cpu(tiles * mbf::kCompactTile, T(0)), vb_dev = vb_cpu;  // v per block
     std::vector<T> dir_dev(tiles * d * mbf::kCompactTile, T(0));
     // The CPU's directions aligned to a cache line, as torch allocates them: the measuring
     // pass streams them (non-temporal stores) only to aligned rows.
@@ -436,11 +438,12 @@ void test_device_step_matches_cpu_step_t() {
         tiles_arg.scale = tile_scale.data();
         tiles_arg.norms = norms_cpu.data();
         tiles_arg.directions = dir_cpu;
+        if (block_v) tiles_arg.block_v = vb_cpu.data();
       }
       const T c1 = T(0.1 / (1 - std::pow(0.9, k + 1))), s2 = T(1 / std::sqrt(1 - std::pow(0.999, k + 1)));
       mbf::StepSegment<T> seg{p_cpu.data(), g.data(), m_cpu.data(), nullptr, nullptr, nullptr,
                               n, d, 0, d, ph.flags};
-      seg.v = v_cpu.data();
+      seg.v = block_v ? nullptr : v_cpu.data();
       seg.graft_c1 = c1;
       seg.graft_s2 = s2;
       const auto want = mbf::cpu::mbf_bucket_step_tiles<T>(&seg, 1, F_cpu.data(), L_cpu.data(),
@@ -455,7 +458,8 @@ void test_device_step_matches_cpu_step_t() {
                                        tile_scale[t],
                                        norms_dev.data() + t * 2 * mbf::kCompactTile +
                                            b % mbf::kCompactTile,
-                                       mbf::compact_vector<T>(dir_dev.data(), b, d)};
+                                       mbf::compact_vector<T>(dir_dev.data(), b, d),
+                                       block_v ? vb_dev.data() + b : nullptr};
           const mbf::BlockCounts counts = mbf::step_block<T, kD>(
               {p_dev.data() + b * d, nullptr, d}, {g.data() + b * d, nullptr, d},
               {m_dev.data() + b * d, nullptr, d}, mbf::compact_entries<T>(F_dev.data(), b, d),
@@ -475,6 +479,12 @@ void test_device_step_matches_cpu_step_t() {
       EXPECT(count_mismatches(m_dev, m_cpu, tol) == 0, "d=%d step %d: momenta differ", d, k + 1);
       EXPECT(count_mismatches(v_dev, v_cpu, tol) == 0, "d=%d step %d: second moments differ", d,
              k + 1);
+      // v per block: the real blocks' (the CPU's padding lanes decay, the host's are untouched)
+      EXPECT(count_mismatches(std::vector<T>(vb_dev.begin(), vb_dev.begin() + n),
+                              std::vector<T>(vb_cpu.begin(), vb_cpu.begin() + n), tol) == 0,
+             "d=%d step %d: second moments per block differ", d, k + 1);
+      EXPECT(!block_v || !ph.graft || (ph.write && !ph.lagged) || vb_cpu[0] > T(0),
+             "d=%d step %d: the measuring pass must write v per block", d, k + 1);
       if (ph.graft) {
         // The norms of real blocks (padding lanes are zero on the CPU, untouched on the host).
         for (int64_t b = 0; b < n; ++b)
@@ -709,7 +719,8 @@ int main(int argc, char** argv) {
       {"step_first_is_sherman_morrison", both<test_step_first_is_sherman_morrison_t<float>, test_step_first_is_sherman_morrison_t<double>>},
       {"step_failure_falls_back", both<test_step_failure_falls_back_t<float>, test_step_failure_falls_back_t<double>>},
       {"bucket_segments_match_rows", both<test_bucket_segments_match_rows_t<float>, test_bucket_segments_match_rows_t<double>>},
-      {"device_step_matches_cpu_step", both<test_device_step_matches_cpu_step_t<float>, test_device_step_matches_cpu_step_t<double>>},
+      {"device_step_matches_cpu_step", both<test_device_step_matches_cpu_step_t<float, false>, test_device_step_matches_cpu_step_t<double, false>>},
+      {"device_step_matches_cpu_step_v_per_block", both<test_device_step_matches_cpu_step_t<float, true>, test_device_step_matches_cpu_step_t<double, true>>},
       {"device_compact_ops_match_cpu", both<test_device_compact_ops_match_cpu_t<float>, test_device_compact_ops_match_cpu_t<double>>},
       {"bf16_factor_step", test_bf16_factor_step},
   };

@@ -66,18 +66,6 @@ class Bucket:
     # each parameter's SECOND_MOMENT
     block_second_moment: Tensor | None = None
 
-    def allocate_block_second_moment(self, group: dict) -> None:
-        """Adam's v per block (graft_second_moment="block"), which the CPU's kernels, Triton
-        and the torch backend keep: ValueError naming the CUDA kernels, which do not."""
-        if (self.device.type == "cuda"
-                and self.step_function(group["backend"]) is module("cuda").mbf_bucket_step_):
-            raise ValueError(
-                "MBF: graft_second_moment='block' runs on the CPU's kernels, Triton and the "
-                f"torch backend; the blocks of d = {self.d} on {self.device} take the CUDA "
-                "kernels, which keep Adam's v per entry: use graft_second_moment='element' "
-                "there")
-        self.block_second_moment = torch.zeros(self.tiles, COMPACT_TILE, dtype=self.dtype,
-                                               device=self.device)
 
     def scratch_directions(self) -> Tensor:
         """The buffer a two-pass grafted step keeps its directions in (made at first use)."""

@@ -129,9 +129,6 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         shared_units: dict[tuple, list[Unit]] = {}
         graft = group["graft"] == "adam"
         per_block_v = block_second_moment(group)
-        if per_block_v and (shards is not None or sync is not None):
-            raise ValueError("MBF: graft_second_moment='block' is not supported under FSDP2 or "
-                             "shard_curvature yet; use graft_second_moment='element'")
         for unit in units:
             p0 = unit.params[0]
             dtype, device = state_dtype(p0), p0.device
@@ -156,7 +153,8 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.factor_dtype(group), device=b.device)
             if per_block_v:
-                b.allocate_block_second_moment(group)
+                b.block_second_moment = torch.zeros(b.tiles, COMPACT_TILE, dtype=b.dtype,
+                                                    device=b.device)
         reduce = None if shards is None else shards.all_reduce
         shared = [SharedSet(us, dtype, device, graft, reduce, dispatch.cpu_ops(group, device))
                   for (dtype, device), us in shared_units.items()]

@@ -38,7 +38,7 @@ GRAFT = ("none", "adam")
 #: passes over the buckets) or the previous step's (one pass; docs/options.md).
 GRAFT_NORMS = ("current", "previous")
 #: How grafting keeps Adam's v for the mini-blocks (docs/options.md): per entry, as Adam, or
-#: one per block (the mean of the entries' v; CPU kernels and the torch backend).
+#: one per block (the mean of the entries' v, which is all the graft's norm needs).
 GRAFT_SECOND_MOMENT = ("element", "block")
 DAMPING_MODE = ("absolute", "relative")
 FISHER = ("empirical", "true")

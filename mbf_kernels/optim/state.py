@@ -30,9 +30,9 @@ def _same_layout(got: list[tuple], want: list[tuple]) -> bool:
         g == w or (g[0] == w[0] == "lowrank" and g[1] == w[1]) for g, w in zip(got, want))
 
 
-def _stepped(unit: Unit) -> list[Segment]:
-    """The segments of ``unit`` that have blocks (the buckets' entries; not under FSDP2)."""
-    return [seg for seg in unit.segments if seg.n_blocks]
+def _bucketed(unit: Unit, plan: GroupPlan) -> list[Segment]:
+    """``unit``'s segments in its buckets, in the order its saved block state lists them."""
+    return [seg for b in plan.buckets for u, seg, _ in b.entries if u is unit]
 
 
 class CanonicalState:
@@ -145,8 +145,13 @@ class CanonicalState:
                               LAYOUT: self._layout(unit, blocks, plan.shards)})
                 moments = self._block_moments(unit, plan)
                 if moments is not None:
-                    entry[BLOCK_SECOND_MOMENT] = [v.reshape(-1)[:seg.n_blocks].clone()
-                                                  for seg, v in moments]
+                    blocks_v = [v.reshape(-1)[:seg.n_blocks].clone() for seg, v in moments]
+                    if plan.shards is not None:  # (n, 1) rows, laid out as the shards
+                        blocks_v = [shard_blocks(v[:, None], unit.params[seg.main],
+                                                 plan.shards.dtensor_of(unit.params[seg.main]),
+                                                 seg.row_stride)
+                                    for (seg, _), v in zip(moments, blocks_v)]
+                    entry[BLOCK_SECOND_MOMENT] = blocks_v
                 sd["state"][i] = entry
         return sd
 
@@ -166,6 +171,7 @@ class CanonicalState:
         """Restore a state_dict saved by MBF on any backend/device; values are copied into this
         optimizer's buffers (dtype and device of its state, never the parameters' dtype)."""
         saved = {i: {k: ([local_part(x) for x in v] if k in (CURVATURE, FACTOR) else
+                         [local_part(x).reshape(-1) for x in v] if k == BLOCK_SECOND_MOMENT else
                          local_part(v)) for k, v in entry.items()}
                  for i, entry in state_dict["state"].items()}
         # The saved state's keys, in parameter order, as torch's Optimizer maps them: the saved
@@ -216,7 +222,7 @@ class CanonicalState:
             for p in unit.params:
                 for key in (MOMENTUM, SECOND_MOMENT):
                     if key in self.state[p] and not (key == SECOND_MOMENT and
-                                                     entry.get(BLOCK_SECOND_MOMENT)):
+                                                     BLOCK_SECOND_MOMENT in entry):
                         self.state[p][key].copy_(saved[index[id(p)]][key])
             self._load_second_moments(unit, plan, entry, saved, index)
             for (kind, seg, C, L), c, f in zip(blocks, entry[CURVATURE], entry[FACTOR]):
@@ -233,10 +239,11 @@ class CanonicalState:
         """ValueError where the saved state lacks ``unit``'s momentum or Adam's v (per entry, or
         per block: BLOCK_SECOND_MOMENT, which converts either way) or has them misshapen."""
         saved_blocks = entry.get(BLOCK_SECOND_MOMENT)
+        per_block = saved_blocks is not None
         for p in unit.params:
             j = index[id(p)]
             for key in (MOMENTUM, SECOND_MOMENT):
-                if key not in self.state[p] or (key == SECOND_MOMENT and saved_blocks):
+                if key not in self.state[p] or (key == SECOND_MOMENT and per_block):
                     continue  # (per entry from per block: _load_second_moments)
                 m = saved.get(j, {}).get(key)
                 if m is None or tuple(m.shape) != tuple(p.shape):
@@ -245,7 +252,7 @@ class CanonicalState:
                         "wrong shape" + (" (saved without graft='adam'?)"
                                          if key == SECOND_MOMENT else ""))
         moments = self._block_moments(unit, plan)
-        if moments is not None and not saved_blocks:  # from the per-entry v
+        if moments is not None and not per_block:  # from the per-entry v
             for p in unit.params:
                 v = saved.get(index[id(p)], {}).get(SECOND_MOMENT)
                 if v is None or tuple(v.shape) != tuple(p.shape):
@@ -253,8 +260,8 @@ class CanonicalState:
                         f"MBF.load_state_dict: no Adam second moment for {unit.name} "
                         f"(neither {BLOCK_SECOND_MOMENT} nor {SECOND_MOMENT} of the "
                         "right shape; saved without graft='adam'?)")
-        if saved_blocks and [v.numel() for v in saved_blocks] != [
-                seg.n_blocks for seg in _stepped(unit)]:
+        if per_block and [v.numel() for v in saved_blocks] != [
+                seg.n_blocks for seg in _bucketed(unit, plan)]:
             raise ValueError(f"MBF.load_state_dict: {BLOCK_SECOND_MOMENT} of "
                              f"{unit.name} does not match its blocks")
 
@@ -265,16 +272,16 @@ class CanonicalState:
         blocks = entry.get(BLOCK_SECOND_MOMENT)
         moments = self._block_moments(unit, plan)
         if moments is not None:
-            if blocks:
+            if blocks is not None:
                 per_block = list(blocks)
             else:
                 saved_v = [saved[index[id(p)]][SECOND_MOMENT] for p in unit.params]
                 per_block = [seg.rows(saved_v).mean(1) for seg, _ in moments]
             for (seg, view), v in zip(moments, per_block):
                 view.reshape(-1)[:seg.n_blocks] = v.to(view)
-        elif blocks and unit.kind != "shared":
+        elif blocks is not None and unit.kind != "shared":
             own_v = [self.state[p][SECOND_MOMENT] for p in unit.params]
-            for seg, v in zip(_stepped(unit), blocks):
+            for seg, v in zip(_bucketed(unit, plan), blocks):
                 seg.write_rows(own_v, v.to(own_v[0])[:, None].expand(seg.n_blocks, seg.d))
 
     def _load_graft_ratios(self, saved: dict, index: dict[int, int]) -> None:

@@ -73,7 +73,8 @@ inline StepScalars<T> step_scalars(const StepConfig& c) {
 // What a block's step takes beyond the paper (StepConfig::graft, StepTiles): its damping at a
 // refactor, and when grafting its second moment, its unit's bias corrections, the update's lr
 // multiplier, where its [|u|^2, |a|^2] go (norms[0] and norms[kCompactStride]) and its
-// direction u (entry e at direction[e]: StepTiles::directions, compact).
+// direction u (entry e at direction[e]: StepTiles::directions, compact); `v_block` (non-null:
+// StepTiles::block_v) its one second moment, which replaces v per entry.
 template <typename T>
 struct BlockExtras {
   T damping;
@@ -81,6 +82,7 @@ struct BlockExtras {
   T c1, s2, scale;
   T* norms;
   CompactEntries<T> direction;
+  T* v_block = nullptr;
 };
 
 // Entry 0 of block b of a compact tensor of blocks of size d.
@@ -233,7 +235,8 @@ MBF_UNROLL
 // The update once u = x holds (F + damping I)^{-1} m: m and p (the paper's pass), or, when
 // grafting (the measuring pass), Adam's direction, both norms, m, v and u stored (lagged: m, v
 // and the norms stored, p moved by u scaled by the previous step's ratio). mv and vv are the
-// new momentum and second moment.
+// new momentum and second moment (with ex.v_block, the squared directions: the block's v is
+// their mean's EMA).
 template <typename T, int D, typename Vec>
 MBF_HD void finish_block(const BlockVector<T>& p, const BlockVector<T>& m, const Vec& mv,
                          const Vec& vv, const Vec& x, int d, const StepScalars<T>& c,
@@ -241,9 +244,19 @@ MBF_HD void finish_block(const BlockVector<T>& p, const BlockVector<T>& m, const
   const int n = block_dim<D>(d);
   if (c.graft) {
     T su = T(0), sa = T(0);
+    T scale = T(0);  // with v per block, one denominator for the block
+    if (ex.v_block != nullptr) {
+      T squares = T(0);
+MBF_UNROLL
+      for (int i = 0; i < (D > 0 ? D : n); ++i) squares += vv[i];
+      const T v = c.beta2 * *ex.v_block + c.one_minus_beta2 * (squares / T(n));
+      *ex.v_block = v;
+      scale = ex.c1 / (ex.s2 * std::sqrt(v) + c.eps);
+    }
 MBF_UNROLL
     for (int i = 0; i < (D > 0 ? D : n); ++i) {
-      const T a = ex.c1 * mv[i] / (ex.s2 * std::sqrt(vv[i]) + c.eps);
+      const T a = ex.v_block != nullptr ? scale * mv[i]
+                                        : ex.c1 * mv[i] / (ex.s2 * std::sqrt(vv[i]) + c.eps);
       su += x[i] * x[i];
       sa += a * a;
     }
@@ -256,7 +269,7 @@ MBF_UNROLL
   for (int i = 0; i < (D > 0 ? D : n); ++i) {
     m[i] = mv[i];
     if (c.graft) {
-      ex.v[i] = vv[i];
+      if (ex.v_block == nullptr) ex.v[i] = vv[i];
       if (!c.lagged) ex.direction[i] = x[i];
     }
   }
@@ -322,7 +335,9 @@ MBF_UNROLL
       const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * p[i];
       mv[i] = c.momentum * m[i] + dir;
       x[i] = mv[i];
-      if (c.graft) vv[i] = c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
+      if (c.graft)
+        vv[i] = ex.v_block != nullptr ? dir * dir
+                                      : c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
     }
     solve_packed<T, D>(l, x, d);
   } else if constexpr (std::is_same_v<FT, T>) {
@@ -351,7 +366,9 @@ MBF_UNROLL
       const T dir = c.decoupled ? gv[i] : gv[i] + c.weight_decay * p[i];
       mv[i] = c.momentum * m[i] + dir;
       x[i] = mv[i];
-      if (c.graft) vv[i] = c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
+      if (c.graft)
+        vv[i] = ex.v_block != nullptr ? dir * dir
+                                      : c.beta2 * ex.v[i] + c.one_minus_beta2 * dir * dir;
     }
     solve_packed<T, 0>(L, x, d);
   } else {
