@@ -190,9 +190,9 @@ def mbf_step_(
 
     Beyond the paper (MBF_SPEC section 3b), per block: ``block_damping`` (N,) replaces
     ``damping`` at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment``
-    (N, d) is Adam's v (or (N, 1): :func:`_second_moment_ema_`), ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]`` (0, 0 for a block
-    where either is not finite, so that one bad block cannot spread to its unit), ``direction``
-    (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
+    (N, d) is Adam's v (or (N, 1): :func:`_second_moment_ema_`), ``block_norms`` (N, 2)
+    receives ``[|u|^2, |a|^2]`` (0, 0 for a block where either is not finite, so that one bad
+    block cannot spread to its unit), ``direction`` (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
     ``WRITE | GRAFT | LAGGED``: measured as ``GRAFT``, the update ``lr * block_scale * u``
     (:class:`StepMode`). ``step``: the unit's step count (:func:`graft_bias_corrections`)."""
 

@@ -235,8 +235,14 @@ def test_bucket_op_keeps_adams_v_per_block_on_every_backend(backend, dtype, mode
     (the C++ CPU step and Triton's) as the reference keeps it."""
     module = dispatch.select(backend, torch.device(DEVICE), differentiable=False, fn="test",
                              d=9, step=True)
+    _check_block_v_pass(module.mbf_bucket_step_, dtype, mode)
+
+
+def _check_block_v_pass(fn, dtype, mode, device="cpu"):
+    """``fn``'s pass with Adam's v per block (its tensors on ``device``) against the
+    reference's: p, m, the real blocks' v and the per-block norms."""
     want = _run_bucket(reference.mbf_bucket_step_, dtype, MODES[mode], True, block_v=True)
-    got = _run_bucket(module.mbf_bucket_step_, dtype, MODES[mode], True, block_v=True)
+    got = _run_bucket(fn, dtype, MODES[mode], True, block_v=True, device=device)
     tol = STEP_TOL[dtype]
     for key in ("params", "momenta"):
         for a, b in zip(got[key], want[key]):
@@ -1304,18 +1310,7 @@ def test_cuda_step_keeps_adams_v_per_block(mode):
     (its per-block code also runs on the host in the C++ tests, against the CPU kernels)."""
     if not mk.backends()["cuda"].available:
         pytest.skip(mk.backends()["cuda"].detail)
-    want = _run_bucket(reference.mbf_bucket_step_, torch.float64, MODES[mode], True,
-                       block_v=True)
-    got = _run_bucket(dispatch.module("cuda").mbf_bucket_step_, torch.float64, MODES[mode],
-                      True, block_v=True, device="cuda")
-    tol = STEP_TOL[torch.float64]
-    for key in ("params", "momenta"):
-        for a, b in zip(got[key], want[key]):
-            torch.testing.assert_close(a, b, **tol, equal_nan=True)
-    torch.testing.assert_close(_real_block_values(got["block_v"]),
-                               _real_block_values(want["block_v"]), **tol, equal_nan=True)
-    torch.testing.assert_close(got["norms"], want["norms"], rtol=100 * tol["rtol"],
-                               atol=tol["atol"])
+    _check_block_v_pass(dispatch.module("cuda").mbf_bucket_step_, torch.float64, mode, "cuda")
 
 
 @pytest.mark.parametrize("bind", [True, False], ids=["bound", "per-bucket"])

@@ -1204,10 +1204,10 @@ class BoundBuckets : public torch::CustomClassHolder {
   // graft[kGraftTensors * b ...] its tile_norms, tile_scale, tile_unit, entry_tiles,
   // entry_unit (registration.cpp's mbf_bucket_step_ and unit_ratios) and block_second_moment
   // (Adam's v per block, which serves where second_moments is empty); graft empty without
-  // grafted state, tile_dampings[b] (empty: no relative damping); segments: the first seven fields of
-  // mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the group's
-  // units + 1 (the padding slot); others: the group's other parameters (the shared blocks'),
-  // whose gradients bind() checks.
+  // grafted state, tile_dampings[b] (empty: no relative damping); segments: the first seven
+  // fields of mbf_bucket_step_'s segments, bucket_segments[b] of them for bucket b; units: the
+  // group's units + 1 (the padding slot); others: the group's other parameters (the shared
+  // blocks'), whose gradients bind() checks.
   BoundBuckets(std::vector<at::Tensor> params, std::vector<at::Tensor> momenta,
                std::vector<at::Tensor> second_moments, std::vector<at::Tensor> curvatures,
                std::vector<at::Tensor> factors, std::vector<at::Tensor> stats,

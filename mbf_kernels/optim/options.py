@@ -21,9 +21,9 @@ from .precision import MATMUL
 from .sharding import SHARD
 
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "SHARED_BETA", "GRAFT",
-           "GRAFT_NORMS", "GRAFT_SECOND_MOMENT", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE", "RUN_OPTIONS", "validate_group",
-           "prepare_group", "shared_beta", "momentum_coef", "state_dtype", "bfloat16_factor",
-           "graft_lag_warmup", "block_second_moment"]
+           "GRAFT_NORMS", "GRAFT_SECOND_MOMENT", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE",
+           "RUN_OPTIONS", "validate_group", "prepare_group", "shared_beta", "momentum_coef",
+           "state_dtype", "bfloat16_factor", "graft_lag_warmup", "block_second_moment"]
 
 #: The shared blocks' curvature EMA decay under graft="adam" (option ``shared_beta``), from the
 #: defaults sweep's beta axes and paired runs over 8 seeds (bench/RESULTS.md, "A shorter

@@ -30,9 +30,10 @@ def _same_layout(got: list[tuple], want: list[tuple]) -> bool:
         g == w or (g[0] == w[0] == "lowrank" and g[1] == w[1]) for g, w in zip(got, want))
 
 
-def _bucketed(unit: Unit, plan: GroupPlan) -> list[Segment]:
-    """``unit``'s segments in its buckets, in the order its saved block state lists them."""
-    return [seg for b in plan.buckets for u, seg, _ in b.entries if u is unit]
+def _entries(unit: Unit, plan: GroupPlan) -> list[tuple]:
+    """(bucket, segment, first tile) of each of ``unit``'s segments in the plan's buckets, in
+    the order its saved block state lists them."""
+    return [(b, seg, tile0) for b in plan.buckets for u, seg, tile0 in b.entries if u is unit]
 
 
 class CanonicalState:
@@ -46,30 +47,18 @@ class CanonicalState:
         if unit.kind == "shared":
             sh = next(s for s in plan.shared_blocks if s.unit is unit)
             return [("shared", unit.segments[0], sh, None)]
-        out = []
-        for bucket in plan.buckets:
-            for u, seg, tile0 in bucket.entries:
-                if u is unit:
-                    tiles = n_tiles(seg.n_blocks)
-                    out.append(("blocks", seg, bucket.curvature[tile0:tile0 + tiles],
-                                bucket.factor[tile0:tile0 + tiles]))
-        return out
+        return [("blocks", seg, b.curvature[t0:t0 + n_tiles(seg.n_blocks)],
+                 b.factor[t0:t0 + n_tiles(seg.n_blocks)]) for b, seg, t0 in _entries(unit, plan)]
 
     @staticmethod
     def _block_moments(unit: Unit, plan: GroupPlan) -> list[tuple[Segment, Tensor]] | None:
         """(segment, compact (tiles, 16) view of its blocks' v) per segment of ``unit``, where
         its buckets keep Adam's v per block (graft_second_moment="block"); None otherwise."""
-        if unit.kind == "shared":
+        entries = [] if unit.kind == "shared" else _entries(unit, plan)
+        if not entries or any(b.block_second_moment is None for b, _, _ in entries):
             return None
-        out = []
-        for bucket in plan.buckets:
-            for u, seg, tile0 in bucket.entries:
-                if u is unit:
-                    if bucket.block_second_moment is None:
-                        return None
-                    out.append((seg, bucket.block_second_moment[tile0:tile0 + n_tiles(
-                        seg.n_blocks)]))
-        return out
+        return [(seg, b.block_second_moment[t0:t0 + n_tiles(seg.n_blocks)])
+                for b, seg, t0 in entries]
 
     def _keyed_by_params(self) -> dict:
         """self.state keyed by the param groups' parameters, as torch's Optimizer.state_dict
@@ -261,7 +250,7 @@ class CanonicalState:
                         f"(neither {BLOCK_SECOND_MOMENT} nor {SECOND_MOMENT} of the "
                         "right shape; saved without graft='adam'?)")
         if per_block and [v.numel() for v in saved_blocks] != [
-                seg.n_blocks for seg in _bucketed(unit, plan)]:
+                seg.n_blocks for _, seg, _ in _entries(unit, plan)]:
             raise ValueError(f"MBF.load_state_dict: {BLOCK_SECOND_MOMENT} of "
                              f"{unit.name} does not match its blocks")
 
@@ -281,7 +270,7 @@ class CanonicalState:
                 view.reshape(-1)[:seg.n_blocks] = v.to(view)
         elif blocks is not None and unit.kind != "shared":
             own_v = [self.state[p][SECOND_MOMENT] for p in unit.params]
-            for seg, v in zip(_bucketed(unit, plan), blocks):
+            for (_, seg, _), v in zip(_entries(unit, plan), blocks):
                 seg.write_rows(own_v, v.to(own_v[0])[:, None].expand(seg.n_blocks, seg.d))
 
     def _load_graft_ratios(self, saved: dict, index: dict[int, int]) -> None:
