@@ -114,10 +114,11 @@ def set_freqs(opt: mk.MBF, t1: int, t2: int) -> None:
 
 #: MBF's update: the shipped defaults (grafted from Adam at the previous step's ratios, one pass
 #: over the buckets; relative damping), the same at this step's ratios (graft_norms="current": a
-#: measuring pass and a writing pass), the defaults with Adam's v one per mini-block
-#: (graft_second_moment="block") or the paper's (one pass).
+#: measuring pass and a writing pass), the defaults with Adam's v per entry
+#: (graft_second_moment="element"; the CPU's default keeps it one per mini-block) or the paper's
+#: (one pass).
 UPDATES = {"default": {}, "current": dict(graft_norms="current"),
-           "block_v": dict(graft_second_moment="block"),
+           "element_v": dict(graft_second_moment="element"),
            "paper": dict(mk.optim.PAPER, damping=mk.optim.PAPER_DAMPING)}
 
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--update", nargs="+", default=["default"], choices=list(UPDATES),
                     help="MBF's update (UPDATES): the shipped defaults, at this step's "
-                         "ratios, with Adam's v per block, and/or the paper's")
+                         "ratios, with Adam's v per entry, and/or the paper's")
     ap.add_argument("--factor-dtype", nargs="+", default=["auto"],
                     choices=list(mk.optim.options.FACTOR_DTYPE),
                     help="MBF's factor_dtype (auto: bfloat16 under relative damping, the "

@@ -20,14 +20,15 @@ import mbf_kernels as mk
 
 STEPS, T1, T2, LOCAL_BATCH = 20, 2, 5, 4
 #: The FSDP2 runs: the shipped defaults (grafting, relative damping) with the large linears at
-#: a rank, exact, the paper's update, and Adam's v one per mini-block.
+#: a rank, exact, the paper's update, and Adam's v per entry (the CPU's default keeps it one per
+#: mini-block).
 FSDP_OPTIONS = {"fsdp": dict(large_linear="lowrank", shared_rank=8),
                 "fsdp_exact": dict(large_linear="shared"),
                 "fsdp_paper": dict(mk.optim.PAPER, large_linear="lowrank", shared_rank=8),
-                "fsdp_block_v": dict(large_linear="lowrank", shared_rank=8,
-                                     graft_second_moment="block")}
-#: The DDP runs' options beyond _optimizer's (by mode; "ddp_block_v" trains as "ddp").
-DDP_OPTIONS = {"ddp_block_v": dict(graft_second_moment="block")}
+                "fsdp_element_v": dict(large_linear="lowrank", shared_rank=8,
+                                       graft_second_moment="element")}
+#: The DDP runs' options beyond _optimizer's (by mode; "ddp_element_v" trains as "ddp").
+DDP_OPTIONS = {"ddp_element_v": dict(graft_second_moment="element")}
 OPTS = dict(curvature_update_freq=T1, inverse_update_freq=T2, max_block_size=16)
 TIMEOUT_S = 240
 
@@ -109,7 +110,7 @@ def _fsdp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     for layer in (model.conv, model.fc1, model.fc2, model.head):
         fully_shard(layer)
     fully_shard(model)
-    # (fsdp_save / fsdp_resume with a suffix: that FSDP_OPTIONS entry's, "fsdp_block_v" say)
+    # (fsdp_save / fsdp_resume with a suffix: that FSDP_OPTIONS entry's, "fsdp_element_v" say)
     variant = mode.removeprefix("fsdp_save").removeprefix("fsdp_resume")
     options = FSDP_OPTIONS.get(mode, FSDP_OPTIONS.get("fsdp" + variant, FSDP_OPTIONS["fsdp"]))
     opt = mk.MBF.from_model(model, **options, **OPTS)
@@ -168,7 +169,7 @@ def _ddp_worker(rank: int, world: int, out: Path, mode: str) -> None:
     model = nn.parallel.DistributedDataParallel(_model().float() if mode == "amp" else _model())
     opt = _optimizer(model, shard=False if mode == "unsharded" else None,
                      **DDP_OPTIONS.get(mode, {}))
-    if mode in ("ddp", "unsharded", "ddp_block_v"):
+    if mode in ("ddp", "unsharded", "ddp_element_v"):
         _train(model, opt, STEPS, world, rank)
         torch.save({"curvature": sum(r["bytes"] for r in opt.block_summary()),
                     "units": len(opt._plans[0].units)}, out / f"memory_{mode}_{world}_{rank}.pt")
@@ -246,11 +247,11 @@ def _rank_params(out: Path, mode: str, world: int) -> list[torch.Tensor]:
     return [torch.load(out / f"params_{mode}_{world}_{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "unsharded", "ddp_block_v"])
+@pytest.mark.parametrize("mode", ["ddp", "unsharded", "ddp_element_v"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_equals_one_process_on_the_global_batch(tmp_path, world, mode):
     """20 steps, T1 = 2, T2 = 5, with the curvature sharded across the ranks (the default under
-    a process group; with Adam's v per block too) or not: every rank ends with the same
+    a process group; with Adam's v per entry too) or not: every rank ends with the same
     parameters (bit for bit: sharded, each rank's come from their owner), equal to one
     process's on the global batch up to the all-reduce's summation order. Sharded, each rank
     keeps a share of the blocks."""
@@ -353,11 +354,11 @@ def test_fsdp2_equals_one_process_on_the_global_batch(tmp_path, world, mode):
     assert "Shard(0)" in ranks[0]["refused"][0]
 
 
-@pytest.mark.parametrize("variant", ["", "_block_v"])
+@pytest.mark.parametrize("variant", ["", "_element_v"])
 @pytest.mark.parametrize("save_world, load_world", [(2, 2), (2, 3)])
 def test_fsdp2_dcp_save_and_load_resumes_identically(tmp_path, save_world, load_world, variant):
     """The optimizer state of FSDP2 shards saved through DCP at step 10 (each rank its rows'
-    blocks, as DTensors laid out as the parameters; Adam's v per block too, ``_block_v``) and
+    blocks, as DTensors laid out as the parameters; Adam's v per entry too, ``_element_v``) and
     loaded by fresh ranks: on the same ranks the run ends bit for bit where the uninterrupted
     one does; on 3 ranks (the blocks resharded with the rows), where one process that switched
     batches at step 10 does."""

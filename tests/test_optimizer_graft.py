@@ -984,13 +984,13 @@ CONFIGS = {
     "graft-previous-coupled-wd": dict(graft="adam", damping_mode="absolute", lr=1e-2,
                                       betas=(0.5, 0.999), weight_decay=0.01,
                                       decoupled_weight_decay=False, graft_norms="previous"),
-    # Adam's v one per mini-block (the head's rows are blocks of d = 17 here)
-    "graft-block-v": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
-                          graft_norms="current", graft_second_moment="block"),
-    "graft-previous-block-v": dict(graft="adam", damping_mode="absolute", lr=1e-2,
-                                   betas=(0.5, 0.999), weight_decay=0.01,
-                                   decoupled_weight_decay=False, graft_norms="previous",
-                                   graft_second_moment="block"),
+    # Adam's v per entry (the CPU's default, "auto", keeps it one per mini-block)
+    "graft-element-v": dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
+                            graft_norms="current", graft_second_moment="element"),
+    "graft-previous-element-v": dict(graft="adam", damping_mode="absolute", lr=1e-2,
+                                     betas=(0.5, 0.999), weight_decay=0.01,
+                                     decoupled_weight_decay=False, graft_norms="previous",
+                                     graft_second_moment="element"),
 }
 
 
@@ -1017,7 +1017,7 @@ def test_optimizer_matches_dense_reference(backend, config):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("config", ["graft", "graft-relative-decoupled", "graft-coupled-wd",
                                     "graft-previous", "graft-previous-coupled-wd", "relative",
-                                    "paper", "graft-block-v", "graft-previous-block-v"])
+                                    "paper", "graft-element-v", "graft-previous-element-v"])
 def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, monkeypatch):
     """On the CPU a step whose units all step alike runs every bucket in one C++ call
     (BoundBuckets: grafted, a measuring pass, the units' ratios and a writing pass; the paper's
@@ -1129,23 +1129,31 @@ def test_bound_shared_blocks_step_as_the_torch_path(graft_norms, monkeypatch):
     assert torch.equal(_flat(twin_model), ends[0])
 
 
-def test_grafted_first_step_is_as_long_as_adamw_per_unit():
+@pytest.mark.parametrize("second_moment", ["element", "block"])
+def test_grafted_first_step_is_as_long_as_adamw_per_unit(second_moment):
     """At step 1 the grafted update of each unit has the length of AdamW's update of it (the
-    definition, against torch.optim.AdamW itself): lr |m_hat / (sqrt(v_hat) + eps)|."""
+    definition, against torch.optim.AdamW itself): lr |m_hat / (sqrt(v_hat) + eps)|; with
+    Adam's v per block, Adam-mini's: each block's entries over its RMS gradient (+ eps)."""
     a, b = _net(), _net()
     X, Y = _data()
     before = {n: p.detach().clone() for n, p in a.named_parameters()}
-    _train(a, mk.MBF.from_model(a, graft="adam", lr=1e-3, betas=(0.8, 0.99), eps=1e-7), 1,
-           data=(X, Y))
+    _train(a, mk.MBF.from_model(a, graft="adam", lr=1e-3, betas=(0.8, 0.99), eps=1e-7,
+                                graft_second_moment=second_moment), 1, data=(X, Y))
     _train(b, torch.optim.AdamW(b.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-7,
                                 weight_decay=0.0), 1, data=(X, Y))
     mbf = {n: p.detach() - before[n] for n, p in a.named_parameters()}
     adam = {n: p.detach() - before[n] for n, p in b.named_parameters()}
+    grads = {n: p.grad for n, p in a.named_parameters()}
     units = [("conv.weight",), ("bn.weight",), ("bn.bias",),
              ("fc.weight", "fc.bias"), ("head.weight", "head.bias")]
     for unit in units:
         ours = torch.cat([mbf[n].reshape(-1) for n in unit]).norm()
         theirs = torch.cat([adam[n].reshape(-1) for n in unit]).norm()
+        if second_moment == "block":  # the unit's blocks: kernels, rows with their bias, entries
+            g = grads[unit[0]].reshape(-1, 9) if unit[0] == "conv.weight" else (
+                torch.cat([grads[unit[0]], grads[unit[1]][:, None]], 1) if len(unit) == 2
+                else grads[unit[0]][:, None])
+            theirs = 1e-3 * (g / (g.square().mean(1, keepdim=True).sqrt() + 1e-7)).norm()
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0, msg=str(unit))
         # ... and the direction is MBF's, not Adam's (a unit of more than one block).
         if unit[0] in ("conv.weight", "fc.weight"):
@@ -1216,7 +1224,8 @@ def test_grafted_state_round_trips_and_resumes_identically(graft_norms):
     opt_b = mk.MBF.from_model(b, **options)
     saved = opt_a.state_dict()
     opt_b.load_state_dict(saved)
-    assert any("exp_avg_sq" in s for s in saved["state"].values())
+    # (on the CPU the default keeps Adam's v per mini-block: every unit here is blocks)
+    assert all("block_exp_avg_sq" in s for s in saved["state"].values() if "block_layout" in s)
     # every unit (5 here) saves its last ratio
     units = [s for s in saved["state"].values() if "block_layout" in s]
     assert len(units) == 5 and all("graft_ratio" in s for s in units)
@@ -1234,7 +1243,8 @@ def test_adams_v_per_block_saves_and_converts_on_load(backend):
     v per entry either way."""
     options = dict(graft="adam", damping_mode="relative", damping=0.1, lr=1e-2,
                    betas=(0.5, 0.999), curvature_update_freq=2, inverse_update_freq=3,
-                   max_block_size=20, backend=backend)  # (fc: d = 49, a shared block)
+                   max_block_size=20, backend=backend,  # (fc: d = 49, a shared block)
+                   graft_second_moment="element")
     block = dict(options, graft_second_moment="block")
     a = _net()
     opt_a = mk.MBF.from_model(a, **block)
@@ -1406,13 +1416,17 @@ def test_loading_groups_saved_without_newer_options_keeps_the_loaders_values():
     assert torch.isfinite(_flat(net)).all() and not torch.equal(before, _flat(net))
 
 
-def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_cleanly():
+@pytest.mark.parametrize("second_moment, match", [
+    ("element", "exp_avg_sq of parameter 0 missing.*graft='adam'"),
+    ("block", "no Adam second moment for conv.weight.*graft='adam'")])
+def test_loading_a_state_without_second_moments_into_a_grafted_optimizer_fails_cleanly(
+        second_moment, match):
     a = _net()
     plain = mk.MBF.from_model(a, **PAPER)
     _train(a, plain, 1)
-    grafted = mk.MBF.from_model(a, graft="adam")
+    grafted = mk.MBF.from_model(a, graft="adam", graft_second_moment=second_moment)
     saved = {k: v.clone() for k, v in grafted.state[a.conv.weight].items() if torch.is_tensor(v)}
-    with pytest.raises(ValueError, match="exp_avg_sq of parameter 0 missing.*graft='adam'"):
+    with pytest.raises(ValueError, match=match):
         grafted.load_state_dict(plain.state_dict())
     for k, v in saved.items():  # nothing changed
         assert torch.equal(grafted.state[a.conv.weight][k], v)

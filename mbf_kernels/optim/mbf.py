@@ -128,7 +128,6 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         buckets: dict[tuple, Bucket] = {}
         shared_units: dict[tuple, list[Unit]] = {}
         graft = group["graft"] == "adam"
-        per_block_v = block_second_moment(group)
         for unit in units:
             p0 = unit.params[0]
             dtype, device = state_dtype(p0), p0.device
@@ -137,7 +136,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
                 continue
             for p in unit.params:
                 self.state[p][MOMENTUM] = torch.zeros(p.shape, dtype=dtype, device=device)
-                if graft and not per_block_v:
+                if graft and not block_second_moment(group, device):
                     self.state[p][SECOND_MOMENT] = torch.zeros(p.shape, dtype=dtype,
                                                                device=device)
             for seg in unit.segments:
@@ -152,7 +151,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             b.factor = torch.zeros(shape, dtype=b.factor_dtype(group), device=b.device)
-            if per_block_v:
+            if block_second_moment(group, b.device):
                 b.block_second_moment = torch.zeros(b.tiles, COMPACT_TILE, dtype=b.dtype,
                                                     device=b.device)
         reduce = None if shards is None else shards.all_reduce

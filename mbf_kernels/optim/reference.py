@@ -57,7 +57,7 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
             st["F"] = [None] * len(unit.segments)  # dense (n, d, d) per segment, or (d, d)
             st["L"] = [None] * len(unit.segments)
             # graft_second_moment="block": Adam's v one per mini-block, (n,) per segment
-            per_block = block_second_moment(group) and unit.kind != "shared"
+            per_block = block_second_moment(group, p0.device) and unit.kind != "shared"
             if per_block:
                 st["block_v"] = [torch.zeros(seg.n_blocks, dtype=dt, device=p0.device)
                                  for seg in unit.segments]
