@@ -251,7 +251,7 @@ StepTiles<T> check_graft(at::TensorList params, at::TensorList second_moments,
   out.norms = check_tiles(norms, "tile_norms", {tiles, 2, out.norm_sums ? 1 : kCompactTile});
   out.directions = check_tiles(directions, "directions", {tiles, tri_dim(curvature.size(1)),
                                                           kCompactTile});
-    out.block_v = check_tiles(block_second_moment, "block_second_moment", {tiles, kCompactTile});
+  out.block_v = check_tiles(block_second_moment, "block_second_moment", {tiles, kCompactTile});
   // (has_value, not the pointers: an empty bucket's tensors have none)
   if (cfg->graft && !cfg->lagged) {
     TORCH_CHECK(directions.has_value() && (cfg->write ? scale.has_value() : norms.has_value()),

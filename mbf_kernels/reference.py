@@ -188,11 +188,11 @@ def mbf_step_(
     stats: int64 (2,) += [blocks whose non-finite gradient skipped the curvature update,
     blocks whose factorisation failed and fell back to the diagonal].
 
-    Beyond the paper (MBF_SPEC section 3b), per block: ``block_damping`` (N,) replaces
-    ``damping`` at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment``
-    (N, d) is Adam's v (or (N, 1): :func:`_second_moment_ema_`), ``block_norms`` (N, 2)
-    receives ``[|u|^2, |a|^2]`` (0, 0 for a block where either is not finite, so that one bad
-    block cannot spread to its unit), ``direction`` (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
+    Beyond the paper (MBF_SPEC section 3b), per block: ``block_damping`` (N,) replaces ``damping``
+    at the refactor (relative damping); with ``mode & GRAFT``, ``second_moment`` (N, d) is Adam's v
+    (or (N, 1): :func:`_second_moment_ema_`), ``block_norms`` (N, 2) receives ``[|u|^2, |a|^2]``
+    (0, 0 where either is not finite: one bad block cannot spread to its unit), ``direction``
+    (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
     ``WRITE | GRAFT | LAGGED``: measured as ``GRAFT``, the update ``lr * block_scale * u``
     (:class:`StepMode`). ``step``: the unit's step count (:func:`graft_bias_corrections`)."""
 
@@ -312,7 +312,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
         measure = mode.measures
         v_per_block = block_second_moment is not None
         if measure and v_per_block:
-            V = block_second_moment[tile0:tile0 + tiles].reshape(-1)[:n, None].clone()
+            V = block_second_moment[tile0:tile0 + tiles].view(-1)[:n, None].clone()
         else:
             V = seg.rows(second_moments) if measure else None
         U = from_compact(directions[tile0:tile0 + tiles], n) if mode.uses_directions else None

@@ -31,7 +31,8 @@ class BoundBuckets:
             counts.append(len(b.entries))
         self.others = [p for u in plan.all_units for p in u.params if id(p) not in index]
         # The grafted step's tensors, where the plan has them (graft="adam" at construction):
-        # Adam's v per entry (the parameters') or per block (the buckets').
+        # Adam's v per entry (the parameters') or per block (the buckets'; then no parameter of
+        # theirs has its own).
         per_block = all(b.block_second_moment is not None for b in plan.buckets)
         entry_v = all(SECOND_MOMENT in state[p] for p in self.params)
         self.graft = per_block or entry_v
@@ -44,8 +45,7 @@ class BoundBuckets:
         self.relative = plan.buckets[0].tile_damping is not None
         self.op = torch.classes.mbf_kernels.BoundBuckets(
             self.params, [state[p][MOMENTUM] for p in self.params],
-            [state[p][SECOND_MOMENT] for p in self.params] if entry_v and not per_block
-            else [],
+            [state[p][SECOND_MOMENT] for p in self.params] if entry_v else [],
             *([getattr(b, name) for b in plan.buckets]
               for name in ("curvature", "factor", "stats")),
             graft, [b.tile_damping for b in plan.buckets] if self.relative else [],

@@ -66,7 +66,6 @@ class Bucket:
     # each parameter's SECOND_MOMENT
     block_second_moment: Tensor | None = None
 
-
     def scratch_directions(self) -> Tensor:
         """The buffer a two-pass grafted step keeps its directions in (made at first use)."""
         if self.directions is None:

@@ -134,9 +134,10 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             if unit.kind == "shared":
                 shared_units.setdefault((dtype, device), []).append(unit)
                 continue
+            entry_v = graft and not block_second_moment(group, device)  # (else the bucket's)
             for p in unit.params:
                 self.state[p][MOMENTUM] = torch.zeros(p.shape, dtype=dtype, device=device)
-                if graft and not block_second_moment(group, device):
+                if entry_v:
                     self.state[p][SECOND_MOMENT] = torch.zeros(p.shape, dtype=dtype,
                                                                device=device)
             for seg in unit.segments:

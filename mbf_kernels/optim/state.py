@@ -262,7 +262,7 @@ class CanonicalState:
         moments = self._block_moments(unit, plan)
         if moments is not None:
             if blocks is not None:
-                per_block = list(blocks)
+                per_block = blocks
             else:
                 saved_v = [saved[index[id(p)]][SECOND_MOMENT] for p in unit.params]
                 per_block = [seg.rows(saved_v).mean(1) for seg, _ in moments]

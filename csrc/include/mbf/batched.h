@@ -94,10 +94,10 @@ inline bool measures_graft(const StepConfig& c) { return c.graft && (!c.write ||
 // or with `norm_sums` (CPU) the two sums over the tile's blocks (2 values per tile: the graft
 // needs them per unit only, and a unit's blocks fill whole tiles),
 // `directions` holds each block's u, compact like the state but with d rows per tile
-// (entry e of block b at directions[((b / 16) * d + e) * 16 + b % 16]), `block_v` (CPU;
-// graft_second_moment="block") Adam's second moment kept per block, one value per block at
-// block_v[b] (16 per tile): v_b = beta2 v_b + (1 - beta2) mean_e(g_e^2), the mean over the
-// block's entries of the per-entry v, which replaces it in Adam's direction
+// (entry e of block b at directions[((b / 16) * d + e) * 16 + b % 16]), `block_v`
+// (graft_second_moment="block") Adam's second moment kept per block, one value per block at
+// block_v[b] (16 per tile): v_b = beta2 v_b + (1 - beta2) mean_e(d_e^2) of the step's direction
+// d, the mean over the block's entries of the per-entry v, which replaces it in Adam's direction
 // a = c1 m / (s2 sqrt(v_b) + eps); the segments' per-entry v is then unused.
 template <typename T>
 struct StepTiles {
