@@ -73,13 +73,16 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // gradient's weight rows (n, width) and bias (n,) (None: no bias column), G = [weight, bias]
   // and omega (d, s), returns (G^T (G omega) (d, s), |G|^2) in one pass over the gradient.
   m.def("sketch_rows(Tensor grad_weight, Tensor? grad_bias, Tensor omega) -> (Tensor, Tensor)");
-  // A grafted step of exact shared blocks in one call (CPU): per block its m, v and work rows
-  // (n, d), its (d, d) inverse, its weight (and bias: params_per_block 1 or 2, gradients
-  // aligned with params, None for none), Adam's bias corrections c1 / s2 and eps / s2; ratios
-  // (blocks,) receives each block's graft ratio |a| / |u|, and with `lagged` the step is taken
-  // at the ratios it held (the previous step's: graft_norms="previous").
+  // A grafted step of shared blocks in one call (CPU): per block its m, v and work rows (n, d),
+  // its (d, d) inverse (exact) or V^T (k, d) and w (k,) in bases and apply_weights (kept at a
+  // rank; both lists empty where every block is exact, else an empty tensor for an exact
+  // block), its weight (and bias: params_per_block 1 or 2, gradients aligned with params, None
+  // for none), Adam's bias corrections c1 / s2 and eps / s2; ratios (blocks,) receives each
+  // block's graft ratio |a| / |u|, and with `lagged` the step is taken at the ratios it held
+  // (the previous step's: graft_norms="previous").
   m.def("shared_graft_step_(Tensor(a!)[] momenta, Tensor(b!)[] second_moments, "
-        "Tensor(c!)[] work, Tensor[] inverses, Tensor(d!)[] params, Tensor?[] grads, "
+        "Tensor(c!)[] work, Tensor[] inverses, Tensor[] bases, Tensor[] apply_weights, "
+        "Tensor(d!)[] params, Tensor?[] grads, "
         "int[] params_per_block, float[] adam_scale, float[] adam_eps, float momentum, "
         "float beta2, float lr, float decay, Tensor(e!) ratios, bool lagged) -> ()");
   // The curvature refresh of exact shared blocks in one call (CPU): per block its (d, d)

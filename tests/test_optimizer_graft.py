@@ -363,14 +363,16 @@ def test_graft_rows_op_matches_its_definition(target, dtype, grads):
                                           0.9, 0.99, 1e-3)
 
 
-@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (8, 37, 16), (9, 4100, 6), (40, 4100, 6)])
+@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (8, 37, 16), (9, 4100, 6), (40, 4100, 6),
+                                   (9, 64, 16)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("target", cpu_levels())
 def test_graft_rows_projection(target, dtype, n, d, k):
     """With a low-rank block's basis V (d, k), graft_rows_ also returns T = m V of the updated
     rows: against torch's product, for row counts that do and do not fill its 4-row blocks, k
-    across its register groups, rows longer than its 2048-column chunks, and more rows than
-    one round (the projection follows the row pass a few rows at a time)."""
+    across its register groups, rows longer than its 2048-column chunks, more rows than one
+    round (the projection follows the row pass a few rows at a time), and rows of whole cache
+    lines (d = 64) besides the others (read from an aligned copy)."""
     m, v = randn(n, d, seed=1).to(dtype), randn(n, d, seed=2).to(dtype) ** 2
     gw, gb = randn(n, d - 1, seed=3).to(dtype), randn(n, seed=4).to(dtype)
     basis = torch.linalg.qr(randn(d, k, seed=5).to(dtype)).Q
@@ -386,7 +388,7 @@ def test_graft_rows_projection(target, dtype, n, d, k):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (40, 4100, 16)])
+@pytest.mark.parametrize("n,d,k", [(11, 37, 5), (40, 4100, 16), (19, 48, 5)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("target", cpu_levels())
 def test_graft_rows_with_the_update(target, dtype, n, d, k, bias):
@@ -534,12 +536,12 @@ def test_unit_ratios_op_matches_its_definition(dtype, case):
 
 @pytest.mark.parametrize("target", cpu_levels())
 def test_shared_graft_step_op_names_bad_arguments(target):
-    """The one-call grafted step of exact shared blocks refuses lists that do not line up and
-    parameters of the wrong shape, naming what is wrong."""
+    """The one-call grafted step of shared blocks refuses lists that do not line up, parameters
+    of the wrong shape and a block at a rank without its V^T and w, naming what is wrong."""
     m, v, work, inv = torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, 5), torch.eye(5)
     weight, bias = torch.zeros(3, 4), torch.zeros(3)
-    args = ([m], [v], [work], [inv], [weight, bias], [None, None], [2], [1.0], [1e-8], 0.9,
-            0.99, 0.1, 1.0, torch.full((1,), 7.0), False)
+    args = ([m], [v], [work], [inv], [], [], [weight, bias], [None, None], [2], [1.0], [1e-8],
+            0.9, 0.99, 0.1, 1.0, torch.full((1,), 7.0), False)
     torch.ops.mbf_kernels.shared_graft_step_(*args)  # zero gradients: nothing moves
     assert not weight.any() and not bias.any()
     assert args[-2].item() == 0  # the measured ratio (|u| = 0: 0)
@@ -548,10 +550,15 @@ def test_shared_graft_step_op_names_bad_arguments(target):
     with pytest.raises(RuntimeError, match="one m, v, work, inverse"):
         torch.ops.mbf_kernels.shared_graft_step_(*args[:2], [], *args[3:])
     with pytest.raises(RuntimeError, match="parameters must be contiguous 3 x 4"):
-        torch.ops.mbf_kernels.shared_graft_step_(*args[:4], [torch.zeros(3, 5), bias],
-                                                 *args[5:])
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:6], [torch.zeros(3, 5), bias],
+                                                 *args[7:])
     with pytest.raises(RuntimeError, match=r"\(d, d\) inverse"):
         torch.ops.mbf_kernels.shared_graft_step_(*args[:3], [torch.eye(4)], *args[4:])
+    with pytest.raises(RuntimeError, match="one of each per block"):
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:4], [torch.zeros(2, 5)], [], *args[6:])
+    with pytest.raises(RuntimeError, match=r"contiguous \(k, 5\) V\^T and k weights"):
+        torch.ops.mbf_kernels.shared_graft_step_(*args[:4], [torch.zeros(2, 4)],
+                                                 [torch.zeros(2)], *args[6:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1074,27 +1081,30 @@ def test_bound_buckets_step_in_one_call_as_the_per_bucket_ops(config, dtype, mon
     assert torch.equal(_flat(twin_model), ends[0])
 
 
+@pytest.mark.parametrize("blocks", ["exact", "mixed"])
 @pytest.mark.parametrize("graft_norms", ["previous", "current"])
-def test_bound_shared_blocks_step_as_the_torch_path(graft_norms, monkeypatch):
-    """On the CPU the grafted step of exact shared blocks runs in one call of the C++
-    BoundShared, which reads the gradients from the parameters. Where a gradient does not
-    qualify (step 3: a non-contiguous one) it touches nothing and the general path steps; a
-    missing weight gradient (step 6) counts as zero, as there. Ten steps (float64, T1 = 2,
-    T2 = 3) end where the torch backend ends; a deep copy taken after step 5 binds its own
+def test_bound_shared_blocks_step_as_the_torch_path(graft_norms, blocks, monkeypatch):
+    """On the CPU the grafted step of shared blocks (exact, or one kept at rank 8 beside an
+    exact one, as VGG16-w512's head) runs in one call of the C++ BoundShared, which reads the
+    gradients from the parameters. Where a gradient does not qualify (step 3: a non-contiguous
+    one) it touches nothing and the general path steps; a missing weight gradient (step 6)
+    counts as zero, as there. Ten steps (float64, T1 = 2, T2 = 3: refactors that rewrite V^T in
+    place) end where the torch backend ends; a deep copy taken after step 5 binds its own
     tensors and ends where the original ends."""
     if not mk.backends()["cpu"].available:
         pytest.skip(mk.backends()["cpu"].detail)
     from mbf_kernels.optim.shared import SharedSet
     bound_at = []
-    fused = SharedSet._exact_step_fused
+    fused = SharedSet._bound_step
 
     def recorded(self, group, active, steps, *rest):
         ran = fused(self, group, active, steps, *rest)
         bound_at.append((steps[0], ran))
         return ran
 
-    monkeypatch.setattr(SharedSet, "_exact_step_fused", recorded)
-    x = randn(16, 70, seed=2)
+    monkeypatch.setattr(SharedSet, "_bound_step", recorded)
+    width = 70 if blocks == "exact" else 1100  # (auto: d^2 above EXACT_MAX_ENTRIES, rank 8)
+    x = randn(16, width, seed=2)
     y = torch.arange(16) % 5
 
     def train(model, opt, steps):
@@ -1112,10 +1122,11 @@ def test_bound_shared_blocks_step_as_the_torch_path(graft_norms, monkeypatch):
     ends = []
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(70, 80), nn.Tanh(), nn.Linear(80, 5)).double()
+        model = nn.Sequential(nn.Linear(width, 80), nn.Tanh(), nn.Linear(80, 5)).double()
         opt = mk.MBF.from_model(model, backend=backend, curvature_update_freq=2,
-                                inverse_update_freq=3, graft_norms=graft_norms)
-        assert [b["kind"] for b in opt.block_summary()] == ["shared", "shared"]
+                                inverse_update_freq=3, graft_norms=graft_norms, shared_rank=8)
+        kinds = ["shared", "shared"] if blocks == "exact" else ["lowrank", "shared"]
+        assert [b["kind"] for b in opt.block_summary()] == kinds
         train(model, opt, range(5))
         if backend == "cpu":
             twin_model, twin = copy.deepcopy((model, opt))

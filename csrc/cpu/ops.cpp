@@ -735,11 +735,9 @@ constexpr int64_t kGemmGrain = int64_t(1) << 26;
 // blocks (for_each_block), the GEMMs one after another, each on all threads (a layer far wider
 // than the others would run on one thread).
 template <typename Before, typename Gemm, typename After>
-void for_each_gemm_block(at::TensorList rows, const std::vector<int64_t>& elems,
+void for_each_gemm_block(const std::vector<int64_t>& flops, const std::vector<int64_t>& elems,
                          Before&& before, Gemm&& gemm, After&& after) {
-  const size_t n = rows.size();
-  std::vector<int64_t> flops(n);
-  for (size_t i = 0; i < n; ++i) flops[i] = 2 * rows[i].numel() * rows[i].size(1);
+  const size_t n = flops.size();
   const int64_t total = std::accumulate(flops.begin(), flops.end(), int64_t(0));
   const int64_t largest = flops.empty() ? 0 : *std::max_element(flops.begin(), flops.end());
   const int64_t threads = at::get_num_threads();
@@ -754,6 +752,13 @@ void for_each_gemm_block(at::TensorList rows, const std::vector<int64_t>& elems,
   for_each_block(elems, before);
   for (size_t i = 0; i < n; ++i) gemm(i);
   for_each_block(elems, after);
+}
+
+// 2 n d^2 per block of (n, d) rows: the flops of its GEMM with a (d, d) matrix.
+std::vector<int64_t> gemm_flops(at::TensorList rows) {
+  std::vector<int64_t> flops(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) flops[i] = 2 * rows[i].numel() * rows[i].size(1);
+  return flops;
 }
 
 // Each block's first entry (its weight; its bias follows) in a list of `total` entries laid out
@@ -775,15 +780,20 @@ std::vector<size_t> block_offsets(at::IntArrayRef params_per_block, size_t total
   return first;
 }
 
-// One grafted step of exact shared blocks (registration.cpp): per block, the row pass (m, v,
-// Adam's row norms), U = M (F + damping I)^{-1} into the work rows, U's row norms, the
-// block's coefficient -lr |a| / |u| (rows whose u or a is not finite count as 0; `lagged`:
-// -lr times the block's entry of `ratios`, which then receives |a| / |u| either way), and p =
-// decay p + coef U. On a small MLP the same in torch calls from Python cost more than the
-// GEMMs themselves (about 10 calls per block). Every block is checked before any is touched;
-// each block's row pass, GEMM and update by for_each_gemm_block.
+// One grafted step of shared blocks (registration.cpp), exact or kept at a rank. Per exact
+// block: the row pass (m, v, Adam's row norms), U = M (F + damping I)^{-1} into the work rows,
+// U's row norms, the block's coefficient -lr |a| / |u| (rows whose u or a is not finite count
+// as 0; `lagged`: -lr times the block's entry of `ratios`, which then receives |a| / |u| either
+// way), and p = decay p + coef U. Per block at a rank (bases[i]: V^T, (k, d); apply_weights[i]:
+// w): the row pass with T = M V, |u_j|^2 from |m_j|^2 and T (LowRankCurvature.row_squares), and
+// p = decay p + coef (M - T diag(w) V^T), in the row pass itself where `lagged`. On a small MLP
+// the same in torch calls from Python cost more than the GEMMs themselves (about 10 calls per
+// block; on VGG16-w512's 512-wide head, two blocks at rank 16 and one exact, 1 ms of Python).
+// Every block is checked before any is touched; each block's row pass, GEMM and update by
+// for_each_gemm_block.
 void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments,
-                           at::TensorList work, at::TensorList inverses, at::TensorList params,
+                           at::TensorList work, at::TensorList inverses, at::TensorList bases,
+                           at::TensorList apply_weights, at::TensorList params,
                            const c10::List<c10::optional<at::Tensor>>& grads,
                            at::IntArrayRef params_per_block, at::ArrayRef<double> adam_scale,
                            at::ArrayRef<double> adam_eps, double momentum, double beta2,
@@ -795,6 +805,10 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                   grads.size() == params.size(),
               "mbf_kernels: shared_graft_step_ takes one m, v, work, inverse, parameter count, "
               "scale and eps per block and one gradient per parameter");
+  TORCH_CHECK((bases.empty() && apply_weights.empty()) ||
+                  (bases.size() == n_blocks && apply_weights.size() == n_blocks),
+              "mbf_kernels: shared_graft_step_ takes no bases and apply_weights (every block "
+              "exact) or one of each per block (empty for an exact block)");
   const std::vector<size_t> first =
       block_offsets(params_per_block, params.size(), "shared_graft_step_", "parameters");
   TORCH_CHECK(ratios.dim() == 1 && ratios.numel() == static_cast<int64_t>(n_blocks) &&
@@ -802,21 +816,36 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                   (n_blocks == 0 || ratios.scalar_type() == momenta[0].scalar_type()),
               "mbf_kernels: shared_graft_step_: ratios must be a contiguous CPU tensor of one "
               "value per block in the rows' dtype, got ", ratios.sizes());
-  std::vector<int64_t> elems(n_blocks);
+  const auto ranked = [&](size_t i) { return !bases.empty() && bases[i].numel() > 0; };
+  std::vector<int64_t> elems(n_blocks), flops(n_blocks);
   for (size_t i = 0; i < n_blocks; ++i) {
     const at::Tensor& m = momenta[i];
     const int64_t count = params_per_block[i];
     const size_t weight_at = first[i];
     TORCH_CHECK(m.dim() == 2 && m.is_contiguous() && work[i].sizes() == m.sizes() &&
-                    work[i].is_contiguous() && inverses[i].dim() == 2 &&
-                    inverses[i].size(0) == m.size(1) && inverses[i].size(1) == m.size(1),
+                    work[i].is_contiguous(),
                 "mbf_kernels: shared_graft_step_: block ", i, " needs contiguous (n, d) m and "
-                "work rows and a (d, d) inverse, got ", m.sizes(), ", ", work[i].sizes(), ", ",
-                inverses[i].sizes());
+                "work rows, got ", m.sizes(), ", ", work[i].sizes());
     check_like(work[i], m, "work");
-    check_inverse(inverses[i], m);
-    const at::Tensor& weight = params[weight_at];
     const int64_t n = m.size(0), d = m.size(1), width = count == 2 ? d - 1 : d;
+    if (ranked(i)) {
+      const at::Tensor& vt = bases[i];
+      TORCH_CHECK(vt.dim() == 2 && vt.size(1) == d && vt.is_contiguous() &&
+                      apply_weights[i].numel() == vt.size(0) && apply_weights[i].is_contiguous(),
+                  "mbf_kernels: shared_graft_step_: block ", i, " at a rank needs a contiguous "
+                  "(k, ", d, ") V^T and k weights, got ", vt.sizes(), " and ",
+                  apply_weights[i].sizes());
+      check_like(vt, m, "basis");
+      check_like(apply_weights[i], m, "apply_weight");
+      flops[i] = 4 * n * d * vt.size(0);
+    } else {
+      TORCH_CHECK(inverses[i].dim() == 2 && inverses[i].size(0) == d && inverses[i].size(1) == d,
+                  "mbf_kernels: shared_graft_step_: exact block ", i, " needs a (d, d) inverse "
+                  "for its ", m.sizes(), " rows, got ", inverses[i].sizes());
+      check_inverse(inverses[i], m);
+      flops[i] = 2 * n * d * d;
+    }
+    const at::Tensor& weight = params[weight_at];
     TORCH_CHECK(weight.is_contiguous() && weight.numel() == n * width &&
                     (count == 1 || (params[weight_at + 1].is_contiguous() &&
                                     params[weight_at + 1].numel() == n)),
@@ -826,30 +855,61 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
     if (count == 2) check_like(params[weight_at + 1], m, "bias");
     elems[i] = n * d;
   }
-  // the row passes, as graft_rows_
-  std::vector<at::Tensor> rows(n_blocks);
+  // the row passes, as graft_rows_ (at a rank: with T = M V; lagged, with the update)
+  std::vector<at::Tensor> rows(n_blocks), projections(n_blocks);
   const auto row_pass = [&](size_t i) {
     const bool bias = params_per_block[i] == 2;
     at::Tensor m = momenta[i], v = second_moments[i];
-    rows[i] = std::get<0>(graft_rows_cpu(m, v, grads.get(first[i]),
-                                         bias ? grads.get(first[i] + 1) : c10::nullopt,
-                                         momentum, beta2, adam_eps[i], c10::nullopt,
-                                         c10::nullopt, c10::nullopt, c10::nullopt, 1.0,
-                                         c10::nullopt));
+    const auto grad_bias = bias ? grads.get(first[i] + 1) : c10::nullopt;
+    if (!ranked(i)) {
+      rows[i] = std::get<0>(graft_rows_cpu(m, v, grads.get(first[i]), grad_bias, momentum, beta2,
+                                           adam_eps[i], c10::nullopt, c10::nullopt,
+                                           c10::nullopt, c10::nullopt, 1.0, c10::nullopt));
+      return;
+    }
+    const at::Tensor basis = bases[i].t();  // V, (d, k): graft_rows_ reads V^T, no copy
+    c10::optional<at::Tensor> weight, bias_p, aw, coef;
+    if (lagged) {  // at the ratio stored before (read here, before this block's update sets it)
+      weight = params[first[i]];
+      if (bias) bias_p = params[first[i] + 1];
+      aw = apply_weights[i];
+      coef = ratios.narrow(0, static_cast<int64_t>(i), 1).mul(-lr);
+    }
+    std::tie(rows[i], projections[i]) =
+        graft_rows_cpu(m, v, grads.get(first[i]), grad_bias, momentum, beta2, adam_eps[i],
+                       basis, weight, bias_p, aw, decay, coef);
   };
   const auto gemm = [&](size_t i) {
-    apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), momenta[i], inverses[i]);
+    if (!ranked(i)) apply_inverse_cpu(const_cast<at::Tensor&>(work[i]), momenta[i], inverses[i]);
   };
   const auto update = [&](size_t i) {
     const int64_t n = momenta[i].size(0), d = momenta[i].size(1);
     const bool has_bias = params_per_block[i] == 2;
     const int64_t width = has_bias ? d - 1 : d;
     AT_DISPATCH_FLOATING_TYPES(momenta[i].scalar_type(), "mbf_shared_graft_step_cpu", [&] {
-      const scalar_t* u = work[i].const_data_ptr<scalar_t>();
       const scalar_t* sq = rows[i].const_data_ptr<scalar_t>();
+      const int64_t k = ranked(i) ? bases[i].size(0) : 0;
+      const scalar_t* tp = k > 0 ? projections[i].const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* w = k > 0 ? apply_weights[i].const_data_ptr<scalar_t>() : nullptr;
+      // the direction's rows: U (exact), or M with T's rank-k term
+      const scalar_t* u = (k > 0 ? momenta[i] : work[i]).const_data_ptr<scalar_t>();
       std::vector<scalar_t> u_sq(n);
       step_parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) u_sq[r] = sum_of_squares(u + r * d, d);
+        for (int64_t r = b; r < e; ++r) {
+          if (k == 0) {
+            u_sq[r] = sum_of_squares(u + r * d, d);
+            continue;
+          }
+          // |u_j|^2 = (|m_j|^2 - |T_j|^2) + |T_j (1 - w)|^2 (V orthonormal: row_squares)
+          scalar_t t_sq = 0, kept = 0;
+          for (int64_t q = 0; q < k; ++q) {
+            const scalar_t t = tp[r * k + q], tw = t * (scalar_t(1) - w[q]);
+            t_sq += t * t;
+            kept += tw * tw;
+          }
+          const scalar_t outside = sq[2 * r + 1] - t_sq;
+          u_sq[r] = (outside < scalar_t(0) ? scalar_t(0) : outside) + kept;
+        }
       });
       double su = 0, sa = 0;
       for (int64_t r = 0; r < n; ++r) {
@@ -863,18 +923,26 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
       const double measured = graft_ratio(su, sa);
       const auto coef = static_cast<scalar_t>(-lr * (lagged ? double(*ratio) : measured));
       *ratio = static_cast<scalar_t>(measured);
+      if (k > 0 && lagged) return;  // (the row pass moved the parameters)
+      // T's rank-k term, as update_in_place forms it: T (w (-coef))
+      std::vector<scalar_t> t_scaled(n * k);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t q = 0; q < k; ++q) t_scaled[r * k + q] = tp[r * k + q] * (w[q] * -coef);
+      const scalar_t* ts = k > 0 ? t_scaled.data() : nullptr;
+      const scalar_t* vt = k > 0 ? bases[i].const_data_ptr<scalar_t>() : nullptr;
       const auto a = static_cast<scalar_t>(decay);
       const auto& kern = cpu::kernels().of<scalar_t>();
       scalar_t* wp = params[first[i]].mutable_data_ptr<scalar_t>();
       scalar_t* bp = has_bias ? params[first[i] + 1].mutable_data_ptr<scalar_t>() : nullptr;
-      step_parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
-        kern.scaled_add_rows(wp, width, u, d, nullptr, 0, nullptr, 0, width, b, e, a, coef);
+      step_parallel_for(0, n, row_grain(d * (k + 1)), [&](int64_t b, int64_t e) {
+        kern.scaled_add_rows(wp, width, u, d, ts, k, vt, d, width, b, e, a, coef);
         if (bp != nullptr)
-          kern.scaled_add_rows(bp, 1, u + width, d, nullptr, 0, nullptr, 0, 1, b, e, a, coef);
+          kern.scaled_add_rows(bp, 1, u + width, d, ts, k, vt == nullptr ? nullptr : vt + width,
+                               d, 1, b, e, a, coef);
       });
     });
   };
-  for_each_gemm_block(momenta, elems, row_pass, gemm, update);
+  for_each_gemm_block(flops, elems, row_pass, gemm, update);
 }
 
 // The curvature refresh of exact shared blocks in one call (registration.cpp): per block, its
@@ -949,7 +1017,7 @@ void shared_refresh_cpu(at::TensorList curvatures, at::TensorList work, at::Tens
     at::Tensor F = curvatures[i];
     F.addmm_(work[i].t(), work[i], from_scratch ? 0.0 : beta, scale);
   };
-  for_each_gemm_block(work, elems, copy, gemm, [](size_t) {});
+  for_each_gemm_block(gemm_flops(work), elems, copy, gemm, [](size_t) {});
 }
 
 // A factorisation of up to this many d^3 runs on one thread, the blocks shared among the
@@ -1347,19 +1415,22 @@ class BoundBuckets : public torch::CustomClassHolder {
   std::vector<std::vector<int64_t>> sizes_;
 };
 
-// A param group's exact shared blocks bound once (mbf_kernels.optim.shared.SharedSet binds
-// them), for their grafted step in one call: shared_graft_step_ with the tensors kept here and
-// the gradients read from the parameters (on the ReLU autoencoder the op's argument lists and
+// A param group's shared blocks bound once (mbf_kernels.optim.shared.SharedSet binds them), for
+// their grafted step in one call: shared_graft_step_ with the tensors kept here and the
+// gradients read from the parameters (on the ReLU autoencoder the op's argument lists and
 // their checks in Python had cost 30 us of a 460-us step). momenta, second_moments, work,
-// inverses: per block; params: each block's weight, then its bias where params_per_block says
-// 2.
+// inverses, bases, apply_weights: per block (bases and apply_weights empty for an exact block,
+// or both lists empty); params: each block's weight, then its bias where params_per_block says
+// 2. A block at a rank is bound to its V^T and w tensors, which its refactor rewrites in place.
 class BoundShared : public torch::CustomClassHolder {
  public:
   BoundShared(std::vector<at::Tensor> momenta, std::vector<at::Tensor> second_moments,
               std::vector<at::Tensor> work, std::vector<at::Tensor> inverses,
+              std::vector<at::Tensor> bases, std::vector<at::Tensor> apply_weights,
               std::vector<at::Tensor> params, std::vector<int64_t> params_per_block)
       : momenta_(std::move(momenta)), second_moments_(std::move(second_moments)),
-        work_(std::move(work)), inverses_(std::move(inverses)), params_(std::move(params)),
+        work_(std::move(work)), inverses_(std::move(inverses)), bases_(std::move(bases)),
+        apply_weights_(std::move(apply_weights)), params_(std::move(params)),
         params_per_block_(std::move(params_per_block)) {
     TORCH_CHECK(!momenta_.empty(), "mbf_kernels: BoundShared takes at least one block");
     block_offsets(params_per_block_, params_.size(), "BoundShared", "parameters");
@@ -1387,14 +1458,16 @@ class BoundShared : public torch::CustomClassHolder {
         return false;
       grads.push_back(g);
     }
-    shared_graft_step_cpu(momenta_, second_moments_, work_, inverses_, params_, grads,
+    shared_graft_step_cpu(momenta_, second_moments_, work_, inverses_, bases_, apply_weights_,
+                          params_, grads,
                           params_per_block_, adam_scale, adam_eps, momentum, beta2, lr, decay,
                           ratios, lagged);
     return true;
   }
 
  private:
-  std::vector<at::Tensor> momenta_, second_moments_, work_, inverses_, params_;
+  std::vector<at::Tensor> momenta_, second_moments_, work_, inverses_, bases_, apply_weights_,
+      params_;
   std::vector<int64_t> params_per_block_;
 };
 
@@ -1441,7 +1514,8 @@ TORCH_LIBRARY_FRAGMENT(mbf_kernels, m) {
       .def("bind", &BoundBuckets::bind)
       .def("step", &BoundBuckets::step);
   m.class_<BoundShared>("BoundShared")
-      .def(torch::init<Tensors, Tensors, Tensors, Tensors, Tensors, std::vector<int64_t>>())
+      .def(torch::init<Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors,
+                       std::vector<int64_t>>())
       .def("step", &BoundShared::step);
 }
 

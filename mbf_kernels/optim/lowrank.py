@@ -91,12 +91,15 @@ class LowRankCurvature:
     @property
     def apply_basis_t(self) -> Tensor:
         """V^T of the cached inverse, (k, d) contiguous: the C++ row passes read it along d. Kept
-        beside the state and rebuilt whenever the basis changed in place (its version counter:
-        a refactor, a load, a checkpoint loaded into it), because the transposing copy cost
-        0.18 ms per call on a 4097-wide layer, four calls a step (CIFAR VGG16, dev VM)."""
-        if self._basis_t is None or self._basis_t_version != self.apply_basis._version:
+        beside the state (one tensor, which the CPU's bound step holds) and rewritten in place
+        whenever the basis changed (its version counter: a refactor, a load, a checkpoint
+        loaded into it), because the transposing copy cost 0.18 ms per call on a 4097-wide
+        layer, four calls a step (CIFAR VGG16, dev VM)."""
+        if self._basis_t is None:
             self._basis_t = self.apply_basis.mT.contiguous()
-            self._basis_t_version = self.apply_basis._version
+        elif self._basis_t_version != self.apply_basis._version:
+            self._basis_t.copy_(self.apply_basis.mT)
+        self._basis_t_version = self.apply_basis._version
         return self._basis_t
 
     def curvature_state(self) -> dict[str, Tensor]:

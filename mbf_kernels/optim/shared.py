@@ -151,7 +151,7 @@ class SharedSet:
             for b in refactoring:
                 self._refactor(group, b)
         decay = 1 - lr * wd if decoupled else 1.0
-        if graft and self._exact_step_fused(group, active, steps, momentum_coef, decay, lagged):
+        if graft and self._bound_step(group, active, steps, momentum_coef, decay, lagged):
             return
         # The direction d = g (+ wd p, coupled; a missing gradient counts as 0), into momentum
         # and Adam's v, parameter by parameter through the row buffers' views.
@@ -226,20 +226,23 @@ class SharedSet:
         return self._row_params_of[key]
 
     def _bound(self, active: list[int], matmul: str) -> object | None:
-        """The ``active`` exact blocks bound to the C++ ``BoundShared`` (their rows, inverses
-        (their bfloat16 copies where the resolved ``matmul`` applies them so) and parameters; it
-        reads the gradients), built once per active set and mode (the tensors persist: a
-        refactor and a load rewrite them in place; the op's argument lists, built and checked
-        each step, had cost 30 us of the ReLU autoencoder's 460-us step); None where a block is
-        kept at a rank."""
+        """The ``active`` blocks bound to the C++ ``BoundShared`` (rows; the exact inverses, in
+        bfloat16 where ``matmul`` says so; V^T and w at a rank; the parameters, whose gradients
+        it reads), once per active set and mode: refactors and loads rewrite them in place (the
+        op's arguments, built and checked per step, cost 30 us of the ReLU autoencoder's
+        460-us step). None where a block at a rank does not project."""
         key = (tuple(active), matmul)
         if key not in self._bound_of:
             blocks = [self.blocks[i] for i in active]
-            params, counts = self._row_params(active)
-            self._bound_of[key] = None if any(b.lowrank is not None for b in blocks) else (
-                torch.classes.mbf_kernels.BoundShared(
+            low = [b.lowrank for b in blocks]
+            none = self.flat["work"].new_empty(0)
+            self._bound_of[key] = None if any(r and not b.projects for r, b in zip(low, blocks)) \
+                else torch.classes.mbf_kernels.BoundShared(
                     *([b.rows[k] for b in blocks] for k in ("momentum", "second_moment", "work")),
-                    [b.applied_inverse(b.bf16_applies(matmul)) for b in blocks], params, counts))
+                    [none if r else b.applied_inverse(b.bf16_applies(matmul))
+                     for r, b in zip(low, blocks)],
+                    *([getattr(r, k) if r else none for r in low] if any(low) else []
+                      for k in ("apply_basis_t", "apply_weight")), *self._row_params(active))
         return self._bound_of[key]
 
     def __getstate__(self) -> dict:
@@ -272,15 +275,16 @@ class SharedSet:
                 return None
         return grads
 
-    def _exact_step_fused(self, group: dict, active: list[int], steps: list[int],
-                          beta1: float, decay: float, lagged: bool) -> bool:
-        """A grafted step of exact blocks in one C++ call (``BoundShared.step``: the op
-        ``shared_graft_step_`` on the bound tensors), where the row passes serve, every
-        gradient qualifies and no FSDP2 sum intervenes; whether it ran. On the ReLU autoencoder
-        (seven shared blocks) the step's Python and small torch calls had cost more than its
-        GEMMs."""
+    def _bound_step(self, group: dict, active: list[int], steps: list[int],
+                    beta1: float, decay: float, lagged: bool) -> bool:
+        """A grafted step in one C++ call (``BoundShared.step``: ``shared_graft_step_`` on the
+        bound tensors) where the row passes serve, the gradients qualify and no FSDP2 sum
+        intervenes; whether it ran. In Python it had cost more than the ReLU autoencoder's
+        GEMMs, and 1 ms of VGG16-w512's step (its head: two rank-16 blocks, one exact)."""
         if self.reduce is not None or not self._row_passes_serve(group):
             return False
+        for r in (self.blocks[i].lowrank for i in active):
+            _ = r and r.apply_basis_t  # (V^T rewritten in place where V moved)
         bound = self._bound(active, self.matmul(group))
         if bound is None:
             return False
