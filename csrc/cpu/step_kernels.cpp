@@ -580,16 +580,19 @@ void momentum_row(T* mr, const T* gr, const T* gb, int64_t width, int64_t d, T r
 
 template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
-                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq) {
+                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq, T* copy,
+                int64_t copy_ld) {
   constexpr int W = Ln<T>::W;
   const T w2 = T(1) - beta2;
   const V<T> b2v = lanes::splat<V<T>>(beta2), w2v = lanes::splat<V<T>>(w2);
   const V<T> epsv = lanes::splat<V<T>>(eps), rhov = lanes::splat<V<T>>(rho);
   for (int64_t r = row_begin; r < row_end; ++r) {
     T* mr = m + r * d;
+    T* cr = copy != nullptr ? copy + (r - row_begin) * copy_ld : nullptr;
     const T* gr = gw != nullptr ? gw + r * width : nullptr;
     if (v == nullptr) {  // no Adam: the momentum and its norm
       momentum_row(mr, gr, gb != nullptr ? gb + r : nullptr, width, d, rho, sq + 2 * r);
+      if (cr != nullptr) std::memcpy(cr, mr, d * sizeof(T));
       continue;
     }
     T* vr = v + r * d;
@@ -604,6 +607,7 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
       vv = b2v * vv + w2v * g * g;
       std::memcpy(mr + j, &mv, sizeof(mv));
       std::memcpy(vr + j, &vv, sizeof(vv));
+      if (cr != nullptr) std::memcpy(cr + j, &mv, sizeof(mv));
       const V<T> a = mv / (lanes::vsqrt<T>(vv) + epsv);
       acc += a * a;
       m_acc += mv * mv;
@@ -617,6 +621,7 @@ void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
       const T g = j < width ? (gr != nullptr ? gr[j] : T(0)) : (gb != nullptr ? gb[r] : T(0));
       mr[j] = rho * mr[j] + g;
       vr[j] = beta2 * vr[j] + w2 * g * g;
+      if (cr != nullptr) cr[j] = mr[j];
       const T a = mr[j] / (std::sqrt(vr[j]) + eps);
       sum += a * a;
       m_sum += mr[j] * mr[j];
@@ -891,7 +896,7 @@ void scaled_add_rows(T* p, int64_t p_ld, const T* u, int64_t u_ld, const T* t, i
                                           int64_t, T);                                       \
   template void compact_solve_tiles<T>(const T*, const T*, T*, int64_t, int, int64_t, int64_t); \
   template void graft_rows<T>(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
-                              T, T, T, T*);                                                   \
+                              T, T, T, T*, T*, int64_t);                                      \
   template void project_rows<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);  \
   template void scaled_add_rows<T>(T*, int64_t, const T*, int64_t, const T*, int64_t,         \
                                    const T*, int64_t, int64_t, int64_t, int64_t, T, T);       \

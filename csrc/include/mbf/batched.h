@@ -206,9 +206,12 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
 // squared norms sq[2 r] = sum_j (m_rj / (sqrt(v_rj) + eps))^2 (Adam's direction) and
 // sq[2 r + 1] = sum_j m_rj^2 (the low-rank block's direction norm is derived from it). One pass
 // instead of seven over the layer. v null: the momentum alone (sq[2 r] = 0), the paper's update.
+// copy (not null): the new m also into copy's rows r - row_begin, copy_ld apart (an aligned
+// copy for the low-rank block's passes that follow; see graft_rows_cpu).
 template <typename T>
 void graft_rows(T* m, T* v, const T* gw, const T* gb, int64_t width, int64_t d,
-                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq);
+                int64_t row_begin, int64_t row_end, T rho, T beta2, T eps, T* sq,
+                T* copy = nullptr, int64_t copy_ld = 0);
 
 // A low-rank shared block's T = M V for rows [row_begin, row_end) of its (n, d) momentum rows
 // m, from V^T (basis_t: k x d, contiguous) into projection (n x k); run on the rows graft_rows

@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 8;
+inline constexpr int kCpuKernelsVersion = 9;
 
 template <typename T>
 struct KernelTable {
@@ -39,7 +39,7 @@ struct KernelTable {
   void (*compact_cholesky_tiles)(const T*, T*, int32_t*, int64_t, int, int64_t, int64_t, T);
   void (*compact_solve_tiles)(const T*, const T*, T*, int64_t, int, int64_t, int64_t);
   void (*graft_rows)(T*, T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, T, T, T,
-                     T*);
+                     T*, T*, int64_t);
   void (*project_rows)(const T*, int64_t, int64_t, int64_t, const T*, int64_t, T*);
   void (*scaled_add_rows)(T*, int64_t, const T*, int64_t, const T*, int64_t, const T*, int64_t,
                           int64_t, int64_t, int64_t, T, T);
