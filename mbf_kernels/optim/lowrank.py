@@ -90,11 +90,15 @@ class LowRankCurvature:
 
     @property
     def apply_basis_t(self) -> Tensor:
-        """V^T of the cached inverse, (k, d) contiguous: the C++ row passes read it along d. Kept
-        beside the state (one tensor, which the CPU's bound step holds) and rewritten in place
-        whenever the basis changed (its version counter: a refactor, a load, a checkpoint
-        loaded into it), because the transposing copy cost 0.18 ms per call on a 4097-wide
-        layer, four calls a step (CIFAR VGG16, dev VM)."""
+        """V^T of the cached inverse, (k, d) contiguous: the C++ row passes read it along d
+        (:meth:`sync_basis_t`)."""
+        return self.sync_basis_t()
+
+    def sync_basis_t(self) -> Tensor:
+        """:attr:`apply_basis_t`, kept beside the state (one tensor, which the CPU's bound step
+        holds) and rewritten in place whenever the basis changed (its version counter: a
+        refactor, a load, a checkpoint loaded into it), because the transposing copy cost 0.18
+        ms per call on a 4097-wide layer, four calls a step (CIFAR VGG16, dev VM)."""
         if self._basis_t is None:
             self._basis_t = self.apply_basis.mT.contiguous()
         elif self._basis_t_version != self.apply_basis._version:

@@ -283,8 +283,8 @@ class SharedSet:
         GEMMs, and 1 ms of VGG16-w512's step (its head: two rank-16 blocks, one exact)."""
         if self.reduce is not None or not self._row_passes_serve(group):
             return False
-        for r in (self.blocks[i].lowrank for i in active):
-            _ = r and r.apply_basis_t  # (V^T rewritten in place where V moved)
+        for low in [self.blocks[i].lowrank for i in active if self.blocks[i].lowrank]:
+            low.sync_basis_t()  # (the bound V^T, rewritten in place where V moved)
         bound = self._bound(active, self.matmul(group))
         if bound is None:
             return False
