@@ -776,10 +776,12 @@ void for_each_gemm_block(const std::vector<int64_t>& flops, const std::vector<in
   for_each_block(elems, after);
 }
 
-// 2 n d^2 per block of (n, d) rows: the flops of its GEMM with a (d, d) matrix.
+// 2 n d^2: the flops of a block's (n, d) rows times a (d, d) matrix.
+int64_t gemm_flops(const at::Tensor& rows) { return 2 * rows.numel() * rows.size(1); }
+
 std::vector<int64_t> gemm_flops(at::TensorList rows) {
   std::vector<int64_t> flops(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) flops[i] = 2 * rows[i].numel() * rows[i].size(1);
+  for (size_t i = 0; i < rows.size(); ++i) flops[i] = gemm_flops(rows[i]);
   return flops;
 }
 
@@ -865,7 +867,7 @@ void shared_graft_step_cpu(at::TensorList momenta, at::TensorList second_moments
                   "mbf_kernels: shared_graft_step_: exact block ", i, " needs a (d, d) inverse "
                   "for its ", m.sizes(), " rows, got ", inverses[i].sizes());
       check_inverse(inverses[i], m);
-      flops[i] = 2 * n * d * d;
+      flops[i] = gemm_flops(m);
     }
     const at::Tensor& weight = params[weight_at];
     TORCH_CHECK(weight.is_contiguous() && weight.numel() == n * width &&
@@ -1481,9 +1483,8 @@ class BoundShared : public torch::CustomClassHolder {
       grads.push_back(g);
     }
     shared_graft_step_cpu(momenta_, second_moments_, work_, inverses_, bases_, apply_weights_,
-                          params_, grads,
-                          params_per_block_, adam_scale, adam_eps, momentum, beta2, lr, decay,
-                          ratios, lagged);
+                          params_, grads, params_per_block_, adam_scale, adam_eps, momentum,
+                          beta2, lr, decay, ratios, lagged);
     return true;
   }
 
