@@ -1,10 +1,11 @@
 // Where the CPU bucket step's time goes, without torch or Python: the shipped default step
 // (grafted at the previous step's ratios, Adam's v per block, bfloat16 factor, d = 9, a conv
 // weight's contiguous 3x3 blocks) on a bucket that fits in L2 (its arithmetic alone) and on
-// one of DRAM size (arithmetic and memory), beside a plain pass over the same bytes (the
-// memory roof for this stream pattern: reads g, m, p and the factor, writes m and p).
+// one of DRAM size (arithmetic and memory), beside plain passes: one over the same bytes (the
+// memory roof for this stream pattern: reads g, m, p, v per block and the factor, writes m, p
+// and v), the same reading only, and Adam's element-wise pass (what fused AdamW moves).
 // One executable per ISA level (CMake target mbf_bucket_step_bench_<level>), all threads of
-// OpenMP (OMP_NUM_THREADS to change), medians over the repetitions:
+// OpenMP (OMP_NUM_THREADS to change), medians (min-max) over the repetitions:
 //
 //   build/cmake/mbf_bucket_step_bench_avx512 [repetitions]
 //
@@ -41,8 +42,12 @@ std::unique_ptr<T[], decltype(&std::free)> buffer(int64_t n) {
   return {static_cast<T*>(p), &std::free};
 }
 
+struct Timing {
+  double median, min, max;
+};
+
 template <typename F>
-double median_seconds(int reps, F&& run) {
+Timing seconds(int reps, F&& run) {
   run();  // warm: page faults, OpenMP's threads
   std::vector<double> t;
   for (int r = 0; r < reps; ++r) {
@@ -51,7 +56,7 @@ double median_seconds(int reps, F&& run) {
     t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return {t[t.size() / 2], t.front(), t.back()};
 }
 
 struct Bucket {
@@ -175,20 +180,20 @@ int main(int argc, char** argv) {
     Bucket b(blocks);
     const int r = blocks < 100000 ? reps * 100 : reps;
     const double elems = double(blocks) * kD;
-    auto report = [&](const char* what, double s, double bytes) {
-      std::printf("%8ld blocks  %-32s %8.3f ms  %6.3f ns/element  %6.1f GB/s\n", long(blocks),
-                  what, s * 1e3, s * 1e9 / elems, bytes * elems / s / 1e9);
-      return s;
+    auto report = [&](const char* what, Timing s, double bytes) {
+      std::printf("%8ld blocks  %-32s %8.3f ms (%.3f-%.3f)  %6.3f ns/element  %6.1f GB/s\n",
+                  long(blocks), what, s.median * 1e3, s.min * 1e3, s.max * 1e3,
+                  s.median * 1e9 / elems, bytes * elems / s.median / 1e9);
+      return s.median;
     };
-    const double step = report("bucket step (default)", median_seconds(r, [&] { b.step(); }),
+    const double step = report("bucket step (default)", seconds(r, [&] { b.step(); }),
                                Bucket::bytes_per_element());
-    const double plain = report("plain pass, same bytes",
-                                median_seconds(r, [&] { b.stream(true); }),
+    const double plain = report("plain pass, same bytes", seconds(r, [&] { b.stream(true); }),
                                 Bucket::bytes_per_element());
-    report("its reads alone (22.4 B/element)", median_seconds(r, [&] { b.stream(false); }),
+    report("its reads alone (22.4 B/element)", seconds(r, [&] { b.stream(false); }),
            Bucket::read_bytes_per_element());
-    const double adam = report("Adam's pass (28 B/element)",
-                               median_seconds(r, [&] { b.adam_pass(); }), 28.0);
+    const double adam = report("Adam's pass (28 B/element)", seconds(r, [&] { b.adam_pass(); }),
+                               28.0);
     std::printf("%8ld blocks  step / plain pass %.2fx, step / Adam's pass %.2fx (bytes read "
                 "per element %.2fx Adam's)\n", long(blocks), step / plain, step / adam,
                 Bucket::read_bytes_per_element() / 16.0);
