@@ -32,6 +32,8 @@
 namespace {
 
 constexpr int kD = 9, kTri = kD * (kD + 1) / 2;
+// Adam's element-wise pass moves p, g, m, v in and p, m, v out: 28 B per element, 16 read.
+constexpr double kAdamBytes = 28, kAdamReadBytes = 16;
 
 // 2 MB-aligned (huge-page friendly), zero-filled.
 template <typename T>
@@ -88,7 +90,7 @@ struct Bucket {
   // Bytes one step moves per element: g, m (read and written), p (read and written), the
   // factor (45 bfloat16 per 9 entries) and v per block.
   static double bytes_per_element() { return 4 + 8 + 8 + 2.0 * kTri / kD + 8.0 / kD; }
-  // Of which read: g, m, p, the factor and v per block (22.4 B; Adam's pass reads 16 of its 28).
+  // Of which read: g, m, p, the factor and v per block (22.4 B).
   static double read_bytes_per_element() { return 4 + 4 + 4 + 2.0 * kTri / kD + 4.0 / kD; }
 
   // The optimizer's default step on the CPU (MBF's lagged grafted pass; see StepConfig).
@@ -151,9 +153,8 @@ struct Bucket {
     if (live == 1) std::puts("");  // (never: keeps the factor's reads)
   }
 
-  // Adam's element-wise pass over the same entries (p, g, m, v read; p, m, v written: 28 B per
-  // element), vectorised in contiguous chunks as torch's fused CPU AdamW runs: that pattern's
-  // roof, beside the step's.
+  // Adam's element-wise pass over the same entries (kAdamBytes), vectorised in contiguous
+  // chunks as torch's fused CPU AdamW runs: that pattern's roof, beside the step's.
   void adam_pass() {
     const int64_t n = blocks * kD;
 #pragma omp parallel for simd schedule(static)
@@ -180,9 +181,12 @@ int main(int argc, char** argv) {
     Bucket b(blocks);
     const int r = blocks < 100000 ? reps * 100 : reps;
     const double elems = double(blocks) * kD;
+    // One line per pass: `what` with the bytes per element it moves, and its rate at them.
     auto report = [&](const char* what, Timing s, double bytes) {
-      std::printf("%8ld blocks  %-32s %8.3f ms (%.3f-%.3f)  %6.3f ns/element  %6.1f GB/s\n",
-                  long(blocks), what, s.median * 1e3, s.min * 1e3, s.max * 1e3,
+      char label[64];
+      std::snprintf(label, sizeof(label), "%s (%.1f B/element)", what, bytes);
+      std::printf("%8ld blocks  %-40s %8.3f ms (%.3f-%.3f)  %6.3f ns/element  %6.1f GB/s\n",
+                  long(blocks), label, s.median * 1e3, s.min * 1e3, s.max * 1e3,
                   s.median * 1e9 / elems, bytes * elems / s.median / 1e9);
       return s.median;
     };
@@ -190,13 +194,12 @@ int main(int argc, char** argv) {
                                Bucket::bytes_per_element());
     const double plain = report("plain pass, same bytes", seconds(r, [&] { b.stream(true); }),
                                 Bucket::bytes_per_element());
-    report("its reads alone (22.4 B/element)", seconds(r, [&] { b.stream(false); }),
+    report("its reads alone", seconds(r, [&] { b.stream(false); }),
            Bucket::read_bytes_per_element());
-    const double adam = report("Adam's pass (28 B/element)", seconds(r, [&] { b.adam_pass(); }),
-                               28.0);
+    const double adam = report("Adam's pass", seconds(r, [&] { b.adam_pass(); }), kAdamBytes);
     std::printf("%8ld blocks  step / plain pass %.2fx, step / Adam's pass %.2fx (bytes read "
                 "per element %.2fx Adam's)\n", long(blocks), step / plain, step / adam,
-                Bucket::read_bytes_per_element() / 16.0);
+                Bucket::read_bytes_per_element() / kAdamReadBytes);
   }
   return 0;
 }
