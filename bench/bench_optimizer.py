@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                          "ratios, with Adam's v per entry, and/or the paper's")
     ap.add_argument("--factor-dtype", nargs="+", default=["auto"],
                     choices=list(mk.optim.options.FACTOR_DTYPE),
-                    help="MBF's factor_dtype (auto: bfloat16 under relative damping, the "
-                         "state's dtype under the paper's absolute damping)")
+                    help="MBF's factor_dtype (auto: an int8 unit factor on CPU, bfloat16 on "
+                         "GPU, under relative damping; the state's dtype under the paper's "
+                         "absolute damping)")
     ap.add_argument("--shared-matmul", nargs="+", default=["auto"],
                     choices=list(mk.optim.precision.MATMUL),
                     help="MBF's shared_matmul for the shared blocks' GEMMs (auto: tf32 on CUDA)")

@@ -164,17 +164,18 @@ inline bool valid_mode(int64_t mode) {
   return mode >= 0 && (mode < kModeLagged || mode == (kModeWrite | kModeGraft | kModeLagged));
 }
 
-// Which buckets a backend's step takes with a bfloat16 factor (factor_dtype): any (the CPU
-// kernels), or those of a hot block size (the CUDA kernels, which keep the factor in registers
-// there and build it in place in memory otherwise).
-enum class Bf16Factor { kAny, kHotSizes };
+// Whose step reads the factor (factor_dtype): the CPU kernels take a float32 bucket's factor in
+// bfloat16 at any block size and in int8 (a unit factor, mbf/batched.h UnitI8) from
+// kUnitMinDim on; the CUDA kernels take bfloat16 at a hot block size only (they keep the factor
+// in registers there and build it in place in memory otherwise), and no int8 factor.
+enum class FactorReaders { kCpu, kCuda };
 
 // mbf_bucket_step_'s tensors: curvature/factor compact and contiguous, params/grads/momenta
 // alike in dtype and device, the in-place ones contiguous; the factor of the curvature's dtype,
-// or bfloat16 beside a float32 curvature where `bf16` allows. Returns d.
+// or bfloat16 or int8 beside a float32 curvature where `readers` take it. Returns d.
 inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                             const at::Tensor& curvature, const at::Tensor& factor,
-                            const at::Tensor& stats, Bf16Factor bf16) {
+                            const at::Tensor& stats, FactorReaders readers) {
   TORCH_CHECK(curvature.dim() == 3 && curvature.size(2) == kCompactTile,
               "mbf_kernels: curvature must be a compact tensor (tiles, d(d+1)/2, ", kCompactTile,
               "), got ", curvature.sizes());
@@ -182,14 +183,30 @@ inline int64_t check_bucket(at::TensorList params, at::TensorList grads, at::Ten
   const int64_t d = tri_dim(tri);
   TORCH_CHECK(d >= 1 && d * (d + 1) / 2 == tri, "mbf_kernels: curvature has ", tri,
               " rows per tile, not a triangle number d(d+1)/2");
-  TORCH_CHECK(factor.sizes() == curvature.sizes(), "mbf_kernels: factor must have shape ",
-              curvature.sizes(), ", got ", factor.sizes());
   TORCH_CHECK(curvature.scalar_type() == at::kFloat || curvature.scalar_type() == at::kDouble,
               "mbf_kernels: curvature must be float32 or float64, got ", curvature.scalar_type());
-  if (factor.scalar_type() == at::kBFloat16 && curvature.scalar_type() == at::kFloat) {
-    TORCH_CHECK(bf16 == Bf16Factor::kAny || is_hot_block_dim(static_cast<int>(d)),
+  const bool unit = factor.scalar_type() == at::kChar;
+  const bool bf16 = factor.scalar_type() == at::kBFloat16 && curvature.scalar_type() == at::kFloat;
+  if (unit) {
+    TORCH_CHECK(readers == FactorReaders::kCpu, "mbf_kernels: the CUDA kernels take no int8 ",
+                "factor (factor_dtype='int8' is the CPU kernels'); use 'bfloat16'");
+    TORCH_CHECK(curvature.scalar_type() == at::kFloat && d >= kUnitMinDim,
+                "mbf_kernels: an int8 factor is a float32 bucket's from d = ", kUnitMinDim,
+                " on, got ", curvature.scalar_type(), " and d = ", d);
+  }
+  if (bf16) {
+    TORCH_CHECK(readers == FactorReaders::kCpu || is_hot_block_dim(static_cast<int>(d)),
                 "mbf_kernels: the CUDA kernels take a bfloat16 factor (factor_dtype) at the hot ",
                 "block sizes only (build_info()['hot_block_sizes']), got d = ", d);
+  }
+  const std::vector<int64_t> shape =
+      unit ? std::vector<int64_t>{curvature.size(0), unit_factor_rows(static_cast<int>(d)),
+                                  kCompactTile}
+           : curvature.sizes().vec();
+  TORCH_CHECK(factor.sizes() == at::IntArrayRef(shape), "mbf_kernels: ",
+              unit ? "an int8 " : "", "factor must have shape ", at::IntArrayRef(shape), ", got ",
+              factor.sizes());
+  if (unit || bf16) {
     TORCH_CHECK(factor.device() == curvature.device(), "mbf_kernels: factor must be on ",
                 curvature.device(), ", got ", factor.device());
   } else {

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .packed import pack_tril, tril_size, unpack_tril
+from .packed import pack_tril, tril_dim, tril_size, unpack_tril
 
 #: Blocks per compact tile (csrc/include/mbf/batched.h: kCompactTile).
 COMPACT_TILE = 16
@@ -74,6 +74,70 @@ def cholesky_from_factor(P: Tensor) -> Tensor:
     L = unpack_tril(P, symmetric=False)
     L.diagonal(dim1=-2, dim2=-1).reciprocal_()
     return L
+
+
+#: The int8 unit factor (factor_dtype="int8"; csrc/include/mbf/batched.h ``UnitI8``): L = U D
+#: with U unit lower, its strictly lower entries int8 codes times one float scale per block,
+#: and r = D^{-2} in bfloat16. A tile is :func:`unit_factor_rows` rows of COMPACT_TILE bytes:
+#: the codes of (i, j), i > j, at row i(i-1)/2 + j, the scales (UNIT_SCALE_ROWS rows), then the
+#: pivots r_i (two rows each). From UNIT_MIN_DIM on it is smaller than the bfloat16 factor.
+UNIT_SCALE_ROWS = 4
+UNIT_MIN_DIM = 4
+
+
+def unit_factor_rows(d: int) -> int:
+    return d * (d - 1) // 2 + UNIT_SCALE_ROWS + 2 * d
+
+
+def unit_from_factor(C: Tensor) -> Tensor:
+    """A compact float32 factor (tiles, T, 16), diagonal inverted, as the int8 unit factor
+    (tiles, unit_factor_rows(d), 16), coded as the CPU kernels' refactor codes it: U_ij = L_ij
+    / L_jj as round(U_ij / scale) (ties to even), scale = max |U| / 127 per block rounded to
+    bfloat16, and r_i = (1 / L_ii)^2 rounded to bfloat16; a block whose U is not finite codes
+    zeros (U = I)."""
+    tiles, t, _ = C.shape
+    d = tril_dim(t)
+    L = unpack_tril(C.transpose(1, 2).float(), symmetric=False)  # (tiles, 16, d, d)
+    inv = L.diagonal(dim1=-2, dim2=-1)
+    strict = torch.tril_indices(d, d, -1, device=C.device)
+    U = L[..., strict[0], strict[1]] * inv[..., strict[1]]  # row-major (i, j), i > j
+    amax = U.abs().amax(dim=-1, keepdim=True) if d > 1 else U.new_zeros(tiles, COMPACT_TILE, 1)
+    finite = amax.isfinite()
+    # (the scale rounded to bfloat16: decoding and coding again gives the same bytes)
+    scale = torch.where(finite, (amax / 127).bfloat16().float(), torch.zeros_like(amax))
+    coding = torch.where(finite & (amax > 0), 1 / scale, torch.zeros_like(amax))
+    codes = torch.round(torch.where(finite, U * coding, torch.zeros_like(U))).to(torch.int8)
+    pivots = (inv * inv).to(torch.bfloat16)
+    parts = (codes.transpose(1, 2), scale.reshape(tiles, COMPACT_TILE).view(torch.int8),
+             pivots.transpose(1, 2).contiguous().view(torch.int8))
+    return torch.cat([x.reshape(tiles, -1, COMPACT_TILE) for x in parts], dim=1)
+
+
+def factor_from_unit(Q: Tensor, d: int) -> Tensor:
+    """The int8 unit factor (tiles, unit_factor_rows(d), 16) as a compact float32 factor
+    (tiles, T, 16), diagonal inverted: L_ij = code_ij scale r_j^{-1/2}, 1 / L_ii = r_i^{1/2}
+    (in float64, then rounded: a coded factor decoded and coded again is the same bytes)."""
+    tiles, rows, width = Q.shape
+    if rows != unit_factor_rows(d) or width != COMPACT_TILE or Q.dtype != torch.int8:
+        raise ValueError(f"factor_from_unit: an int8 factor of d = {d} has shape (tiles, "
+                         f"{unit_factor_rows(d)}, {COMPACT_TILE}), got {Q.dtype} "
+                         f"{tuple(Q.shape)}")
+    k = d * (d - 1) // 2
+    codes = Q[:, :k].transpose(1, 2).double()  # (tiles, 16, k)
+    scale = Q[:, k:k + UNIT_SCALE_ROWS].contiguous().view(torch.float32).reshape(tiles, -1, 1)
+    r = Q[:, k + UNIT_SCALE_ROWS:].contiguous().view(torch.bfloat16).reshape(tiles, d, -1)
+    root = r.double().transpose(1, 2).sqrt()  # (tiles, 16, d): 1 / L_ii
+    L = torch.diag_embed(root)
+    strict = torch.tril_indices(d, d, -1, device=Q.device)
+    pivot = root[..., strict[1]]  # (padding blocks: r = 0, U = 0)
+    L[..., strict[0], strict[1]] = torch.where(pivot > 0, codes * scale.double() / pivot, 0.0)
+    return pack_tril(L).float().transpose(1, 2).contiguous()
+
+
+def unit_coded(rows: Tensor) -> Tensor:
+    """(n, T) float32 factor rows (diagonal inverted) as an int8 unit factor keeps them."""
+    d = tril_dim(rows.shape[-1])
+    return from_compact(factor_from_unit(unit_from_factor(to_compact(rows)), d), rows.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +314,13 @@ def check_bucket_step_fake(params, grads, momenta, curvature, factor, stats,
     for name, t in (("factor", factor), ("stats", stats)):
         torch._check(t.device == curvature.device,
                      lambda: f"{name} must be on {curvature.device}, got {t.device}")
-    torch._check(curvature.dim() == 3 and curvature.shape[2] == COMPACT_TILE
-                 and factor.shape == curvature.shape,
-                 lambda: "curvature and factor must be compact tensors of one shape")
+    torch._check(curvature.dim() == 3 and curvature.shape[2] == COMPACT_TILE,
+                 lambda: "curvature must be a compact tensor")
+    unit_shape = (curvature.shape[0], unit_factor_rows(tril_dim(curvature.shape[1])),
+                  COMPACT_TILE)
+    torch._check(factor.shape == (unit_shape if factor.dtype == torch.int8 else curvature.shape),
+                 lambda: "factor must have the curvature's compact shape (an int8 factor: "
+                         "(tiles, unit_factor_rows(d), 16))")
     torch._check(stats.numel() == 2, lambda: "stats must hold 2 counters")
     torch._check(len(segments) % SEGMENT_FIELDS == 0,
                  lambda: f"segments must hold {SEGMENT_FIELDS} ints per segment")

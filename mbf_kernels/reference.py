@@ -15,13 +15,15 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .layout import (COMPACT_TILE, SEGMENT_FIELDS, Segment, SegmentFlags, StepMode, check_mode,
-                     cholesky_from_factor, factor_from_cholesky, from_compact, n_tiles,
-                     to_compact)
-from .packed import pack_tril, unpack_tril
+                     cholesky_from_factor, factor_from_cholesky, factor_from_unit, from_compact,
+                     n_tiles, to_compact, unit_coded, unit_from_factor)
+from .packed import pack_tril, tril_dim, unpack_tril
 
 __all__ = [
     "mbf_step_",
@@ -174,12 +176,10 @@ def mbf_step_(
     second_moment: Tensor | None = None,
     block_damping: Tensor | None = None,
     block_scale: Tensor | None = None,
-    block_norms: Tensor | None = None,
-    direction: Tensor | None = None,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    step: int = 1,
+    block_norms: Tensor | None = None, direction: Tensor | None = None,
+    beta2: float = 0.999, eps: float = 1e-8, step: int = 1,
     mode: StepMode = StepMode.WRITE,
+    coded: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """One MBF step for a bucket of N blocks of size d, straight from MBF_SPEC section 3.
 
@@ -194,7 +194,8 @@ def mbf_step_(
     (0, 0 where either is not finite: one bad block cannot spread to its unit), ``direction``
     (N, d) receives u; ``WRITE | GRAFT``: the update is ``lr * block_scale * direction``;
     ``WRITE | GRAFT | LAGGED``: measured as ``GRAFT``, the update ``lr * block_scale * u``
-    (:class:`StepMode`). ``step``: the unit's step count (:func:`graft_bias_corrections`)."""
+    (:class:`StepMode`). ``step``: the unit's step count (:func:`graft_bias_corrections`).
+    ``coded``: the new factor as its storage keeps it (an int8 unit factor: layout.unit_coded)."""
 
     if update_curvature:
         finite = torch.isfinite(grad).all(dim=-1)
@@ -209,8 +210,9 @@ def mbf_step_(
         failed = info != 0
         fallback = diagonal_fallback(blocks, lam)
         # Failed blocks: the diagonal preconditioner (fallback already holds 1 / L_ii).
-        factor.copy_(torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
-                                 factor_from_cholesky(L)))
+        new = torch.where(failed[:, None], pack_tril(torch.diag_embed(fallback)),
+                          factor_from_cholesky(L))
+        factor.copy_(new if coded is None else coded(new))
         stats[1] += failed.sum().to(stats.device)
     mode = StepMode(mode)
     if not mode:
@@ -256,13 +258,20 @@ def _graft_norms(u: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, ep
     return torch.where(torch.isfinite(norms).all(-1, keepdim=True), norms, 0)
 
 
+def _factor_rows(C: Tensor, n: int, d: int | None) -> Tensor:
+    """The (n, T) canonical rows of a compact factor C; an int8 unit factor decoded (float32)."""
+    return from_compact(factor_from_unit(C, d) if C.dtype == torch.int8 else C, n)
+
+
 def _write_compact_rows(C: Tensor, X: Tensor) -> None:
     """Write the (n, T) canonical rows X into the first n blocks of the compact C, in place;
-    the padding blocks keep their values."""
+    the padding blocks keep their values (an int8 unit factor's decode and code to the same
+    bytes)."""
 
-    padded = C.transpose(1, 2).reshape(-1, C.shape[1]).clone()
+    d = tril_dim(X.shape[1]) if C.dtype == torch.int8 else None
+    padded = _factor_rows(C, C.shape[0] * COMPACT_TILE, d).clone()
     padded[: X.shape[0]] = X
-    C.copy_(to_compact(padded))
+    C.copy_(unit_from_factor(to_compact(padded)) if C.dtype == torch.int8 else to_compact(padded))
 
 
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
@@ -303,7 +312,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
         tiles = n_tiles(n)
         P, G, Mm = seg.rows(params), seg.rows(grads), seg.rows(momenta)
         F_c, L_c = curvature[tile0:tile0 + tiles], factor[tile0:tile0 + tiles]
-        F, L = from_compact(F_c, n), from_compact(L_c, n)
+        F, L = from_compact(F_c, n), _factor_rows(L_c, n, tril_dim(F_c.shape[1]))
 
         def per_block(x: Tensor | None) -> Tensor | None:
             return None if x is None else x[tile0:tile0 + tiles].repeat_interleave(
@@ -324,7 +333,8 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
                   first_curvature=bool(flags & SegmentFlags.FIRST),
                   refactor=bool(flags & SegmentFlags.REFACTOR), second_moment=V,
                   block_damping=per_block(tile_damping), block_scale=per_block(tile_scale),
-                  block_norms=norms, direction=U, beta2=beta2, eps=eps, step=step, mode=mode)
+                  block_norms=norms, direction=U, beta2=beta2, eps=eps, step=step, mode=mode,
+                  coded=unit_coded if L_c.dtype == torch.int8 else None)
         if mode & StepMode.WRITE:
             seg.write_rows(params, P)
         if mode == StepMode.WRITE or measure:

@@ -27,6 +27,46 @@ def test_compact_round_trip():
     assert torch.equal(C[1, :, 2], P[18])  # block 18 = tile 1, lane 2
 
 
+@pytest.mark.parametrize("d", [4, 9, 17])
+def test_int8_unit_factor_codes_within_its_bounds_and_stays_spd(d):
+    """layout.unit_from_factor / factor_from_unit (factor_dtype="int8"): on blocks from well to
+    badly conditioned (condition numbers 1 to 1e8) the decoded factor's U is within half a code
+    step of U, its pivots within half a bfloat16 ulp, its diagonal positive (so the decoded
+    preconditioner is SPD whatever the conditioning); decoding and coding again gives the same
+    bytes; a block whose factor is not finite codes U = I."""
+    from mbf_kernels.layout import factor_from_unit, unit_factor_rows, unit_from_factor
+    from mbf_kernels.packed import unpack_tril
+
+    n = 48
+    g = torch.Generator().manual_seed(d)
+    Q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=g, dtype=torch.float64))
+    spread = torch.logspace(0, 8, n, dtype=torch.float64)[:, None]  # the condition numbers
+    eigen = spread ** -torch.linspace(0, 1, d, dtype=torch.float64) * 3.0
+    A = Q @ torch.diag_embed(eigen) @ Q.transpose(1, 2)
+    L = torch.linalg.cholesky(A)
+    P = compact.factor_from_cholesky(L).float()
+    P[-1, 1] = float("nan")  # the last block's factor is not finite
+    coded = unit_from_factor(compact.to_compact(P))
+    assert coded.dtype == torch.int8 and coded.shape == (3, unit_factor_rows(d), 16)
+    decoded = compact.from_compact(factor_from_unit(coded, d), n)
+    assert torch.equal(unit_from_factor(compact.to_compact(decoded)), coded)
+    i, j = torch.tril_indices(d, d, -1)
+
+    def unit_and_pivots(rows):
+        M = unpack_tril(rows.double(), symmetric=False)  # diagonal: 1 / L_ii
+        inv = M.diagonal(dim1=-2, dim2=-1)
+        return M[:, i, j] * inv[:, j], inv * inv
+
+    U, r = unit_and_pivots(P[:-1])
+    U_q, r_q = unit_and_pivots(decoded[:-1])
+    scale = U.abs().amax(1, keepdim=True) / 127
+    assert ((U_q - U).abs() <= 0.5 * scale * (1 + 2.0 ** -7) + 1e-6 * scale).all()
+    assert ((r_q - r).abs() <= 2.0 ** -8 * r).all()
+    assert (decoded[:-1].double().view(n - 1, -1)[:, [k * (k + 3) // 2 for k in range(d)]]
+            > 0).all()
+    assert (unit_and_pivots(decoded[-1:])[0] == 0).all()  # U = I
+
+
 @pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,d", CASES + GPU_CASES)

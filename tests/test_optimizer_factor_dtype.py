@@ -1,7 +1,8 @@
-"""``factor_dtype``: a float32 bucket's factor kept in bfloat16 (docs/options.md), through the
-optimizer: which buckets store it ("auto" follows the damping mode), the trajectory against the
-dense ReferenceMBF that rounds its factor the same way, the state it saves, and loads between
-the two storages that keep every saved value. The bucket op's own tests: test_step.py."""
+"""``factor_dtype``: a float32 bucket's factor kept in bfloat16 or as an int8 unit factor
+(docs/options.md), through the optimizer: which buckets store it ("auto" follows the damping
+mode), the trajectory against the dense ReferenceMBF that rounds or codes its factor the same
+way, the state it saves, and loads between the storages that keep every saved value. The
+bucket op's own tests: test_step.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ def _factor_dtypes(opt):
 
 
 @pytest.mark.parametrize("options, dtype, want", [
-    (dict(), torch.float32, "torch.bfloat16"),  # "auto" under the default relative damping
     (dict(PAPER, damping=0.1), torch.float32, "torch.float32"),  # the paper's: exact
     (dict(factor_dtype="bfloat16", **PAPER), torch.float32, "torch.bfloat16"),
     (dict(factor_dtype="state"), torch.float32, "torch.float32"),
@@ -44,6 +44,27 @@ def test_which_buckets_store_a_bfloat16_factor(options, dtype, want):
     assert other.state_bytes() - opt.state_bytes() == saved
 
 
+@pytest.mark.parametrize("options", [dict(factor_dtype="int8"), dict()],
+                         ids=["int8", "auto"])  # "auto" under the default relative damping
+def test_which_buckets_store_an_int8_factor(options):
+    """factor_dtype="int8": the float32 buckets of d >= 4 on CPU tensors (their kernels and the
+    reference step read it) as a unit factor of unit_factor_rows(d) rows of bytes; d = 1 keeps
+    bfloat16, smaller there; float64 state keeps its dtype."""
+    from mbf_kernels.layout import unit_factor_rows
+
+    model = make_net(torch.float32)
+    for backend in ("auto", "torch"):
+        opt = mk.MBF.from_model(model, backend=backend, **options)
+        stored = {(r["d"], r["factor_dtype"]) for r in opt.block_summary()
+                  if r["kind"] == "blocks"}
+        assert stored == {(9, "torch.int8"), (25, "torch.int8"), (21, "torch.int8"),
+                          (1, "torch.bfloat16")}
+        for b in (b for plan in opt._plans for b in plan.buckets if b.d > 1):
+            assert b.factor.shape == (b.tiles, unit_factor_rows(b.d), 16)
+    assert _factor_dtypes(mk.MBF.from_model(make_net(torch.float64), **options)) == {
+        "torch.float64"}
+
+
 def test_bad_factor_dtype_is_named():
     with pytest.raises(ValueError, match="factor_dtype"):
         mk.MBF(make_net().parameters(), factor_dtype="float16")
@@ -52,15 +73,19 @@ def test_bad_factor_dtype_is_named():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", [dict(), dict(PAPER, lr=0.05, damping=0.1)],
                          ids=["defaults", "paper"])
-def test_trajectory_matches_reference_mbf(backend, options):
-    """7 steps with a bfloat16 factor, every block kind, against ReferenceMBF rounding its dense
-    factor alike. The two float32 factorisations agree to float32 rounding, so an entry rounds
-    to another bfloat16 only where it lies that close to a rounding boundary; such an entry
-    moves by 2^-7 of itself and its block's direction by a share of that. Measured here: 7e-6 to
-    3e-5 of the distance travelled (AVX-512 host); bound: 2^-11. A float32 factor on either side
-    is 2^-9 or more away (0.4% with the paper's update, 1.2% grafted), so the bound tells the
-    storages apart."""
-    opts = dict(OPTIONS, factor_dtype="bfloat16", **options)
+@pytest.mark.parametrize("storage, other", [("bfloat16", "state"), ("int8", "bfloat16")])
+def test_trajectory_matches_reference_mbf(backend, options, storage, other):
+    """7 steps with a bfloat16 or int8 unit factor, every block kind, against ReferenceMBF
+    rounding or coding its dense factor alike. The two float32 factorisations agree to float32
+    rounding, so an entry rounds to another bfloat16 (a code to another code) only where it lies
+    that close to a rounding boundary; such an entry moves by 2^-7 of itself (a code step) and
+    its block's direction by a share of that. Measured here (bfloat16): 7e-6 to 3e-5 of the
+    distance travelled (AVX-512 host); bound: 2^-11. The next storage up on either side (float32
+    for bfloat16, bfloat16 for int8) is 2^-9 or more away (0.4% with the paper's update, 1.2%
+    grafted, for bfloat16), so the bound tells the storages apart."""
+    if storage == "int8" and backend not in ("torch", "cpu"):
+        pytest.skip("only the cpu and torch backends read an int8 factor")
+    opts = dict(OPTIONS, factor_dtype=storage, **options)
 
     def net():
         model = make_net(torch.float32)
@@ -72,13 +97,13 @@ def test_trajectory_matches_reference_mbf(backend, options):
     start = net()
     out = {}
     for name, cls, o in (("mbf", mk.MBF, dict(opts, backend=backend)), ("ref", ReferenceMBF, opts),
-                         ("ref32", ReferenceMBF, dict(opts, factor_dtype="state"))):
+                         ("other", ReferenceMBF, dict(opts, factor_dtype=other))):
         model = net()
         train(model, cls.from_model(model, **o), batches(7, torch.float32))
         out[name] = flat(model)
     travelled = (out["ref"] - flat(start)).norm()
     assert (out["mbf"] - out["ref"]).norm() <= 2.0 ** -11 * travelled
-    assert (out["ref32"] - out["ref"]).norm() > 2.0 ** -9 * travelled
+    assert (out["other"] - out["ref"]).norm() > 2.0 ** -9 * travelled
 
 
 def _trained(factor_dtype, steps=4):
@@ -88,30 +113,42 @@ def _trained(factor_dtype, steps=4):
     return model, opt
 
 
-def test_state_dict_resumes_bit_for_bit_with_a_bfloat16_factor():
+@pytest.mark.parametrize("factor_dtype, saved_dtypes", [
+    ("bfloat16", {torch.bfloat16}),
+    # an int8 factor is saved decoded, in float32 (d = 1's bucket keeps bfloat16)
+    ("int8", {torch.float32, torch.bfloat16})])
+def test_state_dict_resumes_bit_for_bit(factor_dtype, saved_dtypes):
+    """Saved, loaded into a new optimizer and stepped on: the same parameters bit for bit. An
+    int8 factor is decoded into the canonical float32 factor and coded again on load, to the
+    same bytes (its scale is a bfloat16 for that)."""
     data = batches(8, torch.float32)
-    model, opt = _trained("bfloat16")
+    model, opt = _trained(factor_dtype)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     saved = [(kind, f) for st in opt.state_dict()["state"].values() if "factor" in st
              for (kind, *_), f in zip(st["block_layout"], st["factor"])]
-    assert {f.dtype for kind, f in saved if kind == "blocks"} == {torch.bfloat16}
+    assert {f.dtype for kind, f in saved if kind == "blocks"} == saved_dtypes
     assert {f.dtype for kind, f in saved if kind != "blocks"} == {torch.float32}  # fc1's
     train(model, opt, data[4:])
     buf.seek(0)
     saved = torch.load(buf, weights_only=False)
     resumed = make_net(torch.float32, seed=123)
     resumed.load_state_dict(saved["model"])
-    opt2 = mk.MBF.from_model(resumed, factor_dtype="bfloat16", **OPTIONS)
+    opt2 = mk.MBF.from_model(resumed, factor_dtype=factor_dtype, **OPTIONS)
     opt2.load_state_dict(saved["opt"])
     train(resumed, opt2, data[4:])
     assert torch.equal(flat(model), flat(resumed))
 
 
-@pytest.mark.parametrize("saved_as, loaded_as", [("bfloat16", "state"), ("state", "bfloat16")])
+@pytest.mark.parametrize("saved_as, loaded_as", [("bfloat16", "state"), ("state", "bfloat16"),
+                                                 ("int8", "state"), ("state", "int8")])
 def test_load_converts_the_factor_to_the_loading_storage(saved_as, loaded_as):
     """A bfloat16 factor loads exactly into float32; a float32 one loads rounded to nearest into
-    bfloat16 (and the next refactor replaces it). Curvature, momenta and counts are untouched."""
+    bfloat16, or coded into int8 (layout.unit_coded), and the next refactor replaces it; an int8
+    one is saved decoded and loads exactly into float32. Curvature, momenta and counts are
+    untouched."""
+    from mbf_kernels.layout import unit_coded
+
     _, opt = _trained(saved_as)
     sd = opt.state_dict()
     model2 = make_net(torch.float32, seed=5)
@@ -122,8 +159,13 @@ def test_load_converts_the_factor_to_the_loading_storage(saved_as, loaded_as):
         st2 = sd2["state"][i]
         for (kind, *_), f, f2 in zip(st.get("block_layout", []), st.get("factor", []),
                                      st2.get("factor", [])):
+            if kind == "blocks" and loaded_as == "int8" and f.shape[1] > 1:  # decoded again
+                assert f2.dtype == torch.float32
+                assert torch.equal(f2, unit_coded(f))
+                continue
             if kind == "blocks":  # (a shared block's factor stays float32)
-                assert f2.dtype == (torch.float32 if loaded_as == "state" else torch.bfloat16)
+                assert f2.dtype == (torch.bfloat16 if loaded_as == "bfloat16" or
+                                    (loaded_as == "int8" and f.shape[1] == 1) else torch.float32)
             assert torch.equal(f2, f.to(f2.dtype))
         for key in ("curvature", "momentum_buffer", "exp_avg_sq", "step"):
             if key in st:

@@ -14,7 +14,8 @@ import samples
 from conftest import STEP_TOL as TOL, StepBucket, Target, assert_refuses_block_size, randn, targets
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.limits import TRITON_MAX_D as MAX_D
-from mbf_kernels.packed import pack_tril
+from mbf_kernels.layout import factor_from_unit, from_compact, unit_from_factor
+from mbf_kernels.packed import pack_tril, unpack_tril
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None
                                   or not dispatch.backends()["triton"].available,
@@ -344,8 +345,11 @@ def _bucket_run(fn, factor_dtype, device, modes, L0=None):
 
     params, grads, momenta, tiles, segments = samples.bucket_step(torch.float32, device)
     F = torch.full((tiles, 45, 16), 0.25, device=device)
-    L = (compact.to_compact(compact.identity_factor(9).expand(tiles * 16, 45)) if L0 is None
-         else L0.clone()).to(device=device, dtype=factor_dtype)
+    if L0 is not None:
+        L = L0.clone().to(device)
+    else:
+        L = compact.to_compact(compact.identity_factor(9).expand(tiles * 16, 45))
+        L = (unit_from_factor(L) if factor_dtype == torch.int8 else L).to(device, factor_dtype)
     stats = torch.zeros(2, dtype=torch.int64, device=device)
     v = [torch.full_like(p, 0.5) for p in params]
     norms = torch.zeros(tiles, 2, 16, device=device)
@@ -397,6 +401,81 @@ def test_bucket_step_with_a_bfloat16_factor(target):
         for a, b in zip(ours[:3] + ours[5:], ref[:3] + ref[5:]):
             for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
                 torch.testing.assert_close(x.cpu(), y, **TOL[torch.float32])
+
+
+def _unit_parts(Q):
+    """(U's strictly lower entries, r, scale) per block of an int8 unit factor, in float64."""
+    L = unpack_tril(from_compact(factor_from_unit(Q.cpu(), 9), Q.shape[0] * 16).double(),
+                    symmetric=False)
+    inv = L.diagonal(dim1=-2, dim2=-1)
+    i, j = torch.tril_indices(9, 9, -1)
+    scale = Q[:, 36:40].cpu().contiguous().view(torch.float32).reshape(-1).double()
+    return L[:, i, j] * inv[:, j], inv * inv, scale
+
+
+@pytest.mark.parametrize("target", [t for t in targets(covering=9, step=True)
+                                    if t.values[0].backend == "cpu"])
+def test_bucket_step_with_an_int8_unit_factor(target):
+    """factor_dtype="int8" (the CPU kernels): the refactor codes U = L D^{-1} within half a code
+    step (scale / 2) of the float32 factor's U and r = D^{-2} within half a bfloat16 ulp, as the
+    reference codes it but where a value sits on a rounding boundary (one code or one ulp);
+    every later solve uses the factor as coded: from the same coded factor the kernels and the
+    reference agree to float32 rounding, on the paper's pass and the grafted pair alike."""
+    from mbf_kernels.layout import StepMode
+
+    fn = dispatch.module(target.backend).mbf_bucket_step_
+    graft = [StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT]
+    L32 = _bucket_run(fn, torch.float32, target.device, [StepMode.WRITE])[4].cpu()
+    Q = _bucket_run(fn, torch.int8, target.device, [StepMode.WRITE])[4].cpu()
+    Q_ref = _bucket_run(reference.mbf_bucket_step_, torch.int8, "cpu", [StepMode.WRITE])[4]
+    assert Q.dtype == torch.int8 and Q.shape == (7, 58, 16)
+    owned = torch.zeros(7, 16, dtype=torch.bool)  # the blocks the segments own (see above)
+    owned.view(-1)[:20] = owned[2, :5] = True
+    owned.view(-1)[48:81] = True
+    owned = owned.view(-1)
+    i, j = torch.tril_indices(9, 9, -1)
+    L = unpack_tril(from_compact(L32, 7 * 16).double(), symmetric=False)
+    inv = L.diagonal(dim1=-2, dim2=-1)
+    U_exact, r_exact = (L[:, i, j] * inv[:, j])[owned], (inv * inv)[owned]
+    U, r, scale = (x[owned] for x in _unit_parts(Q))
+    U_ref, r_ref, scale_ref = (x[owned] for x in _unit_parts(Q_ref))
+    # (V's blocks, not refactored, keep the identity: scale 0)
+    assert (scale[U_exact.abs().amax(1) > 0] > 0).all()
+    assert ((U - U_exact).abs() <= 0.5 * scale[:, None] * (1 + 2.0 ** -8)).all()
+    assert ((r - r_exact).abs() <= 2.0 ** -8 * r_exact).all()
+    assert ((U - U_ref).abs() <= 1.01 * torch.maximum(scale, scale_ref)[:, None]).all()
+    assert ((r - r_ref).abs() <= 2.0 ** -7 * r_exact).all()
+    for modes in ([StepMode.WRITE], graft):
+        ours = _bucket_run(fn, torch.int8, target.device, [StepMode.WRITE] + modes, Q_ref)
+        ref = _bucket_run(reference.mbf_bucket_step_, torch.int8, "cpu",
+                          [StepMode.WRITE] + modes, Q_ref)
+        for a, b in zip(ours[:3] + ours[5:], ref[:3] + ref[5:]):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                torch.testing.assert_close(x.cpu(), y, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+def test_int8_factor_is_refused_where_the_step_cannot_read_it(target):
+    """An int8 factor: the CPU kernels' only, beside float32 state, from d = 4 on, in its own
+    compact shape; anything else is refused, naming the factor."""
+    from mbf_kernels.layout import StepMode
+
+    params, grads, momenta, tiles, segments = samples.bucket_step(torch.float32, target.device)
+    F = torch.zeros(tiles, 45, 16, device=target.device)
+    stats = torch.zeros(2, dtype=torch.int64, device=target.device)
+    fn = dispatch.module(target.backend).mbf_bucket_step_
+    kw = dict(lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+              decoupled_weight_decay=False, mode=StepMode.WRITE)
+    good = torch.zeros(tiles, 58, 16, dtype=torch.int8, device=target.device)
+    if target.backend != "cpu":
+        with pytest.raises((ValueError, RuntimeError), match="int8"):
+            fn(params, grads, momenta, F, good, stats, segments, **kw)
+        return
+    with pytest.raises((ValueError, RuntimeError), match="int8 factor must have shape"):
+        fn(params, grads, momenta, F, good[:, :45], stats, segments, **kw)
+    params64, grads64, momenta64, _, _ = samples.bucket_step(torch.float64, target.device)
+    with pytest.raises((ValueError, RuntimeError), match="float32 bucket"):
+        fn(params64, grads64, momenta64, F.double(), good, stats, segments, **kw)
 
 
 @pytest.mark.parametrize("target", targets(covering=9, step=True))

@@ -1,7 +1,8 @@
 // Where the CPU bucket step's time goes, without torch or Python: the shipped default step
 // (grafted at the previous step's ratios, Adam's v per block, bfloat16 factor, d = 9, a conv
-// weight's contiguous 3x3 blocks) on a bucket that fits in L2 (its arithmetic alone) and on
-// one of DRAM size (arithmetic and memory), beside plain passes: one over the same bytes (the
+// weight's contiguous 3x3 blocks), and the same step with an int8 unit factor
+// (factor_dtype="int8"), on a bucket that fits in L2 (its arithmetic alone) and on one of DRAM
+// size (arithmetic and memory), beside plain passes: one over the same bytes (the
 // memory roof for this stream pattern: reads g, m, p, v per block and the factor, writes m, p
 // and v), the same reading only, and Adam's element-wise pass (what fused AdamW moves).
 // One executable per ISA level (CMake target mbf_bucket_step_bench_<level>), all threads of
@@ -31,7 +32,7 @@
 
 namespace {
 
-constexpr int kD = 9, kTri = kD * (kD + 1) / 2;
+constexpr int kD = 9, kTri = kD * (kD + 1) / 2, kUnitRows = mbf::unit_factor_rows(kD);
 // Adam's element-wise pass moves p, g, m, v in and p, m, v out: 28 B per element, 16 read.
 constexpr double kAdamBytes = 28, kAdamReadBytes = 16;
 
@@ -65,12 +66,14 @@ struct Bucket {
   int64_t blocks, tiles;
   std::unique_ptr<float[], decltype(&std::free)> p, g, m, v, F, block_v, norms, scale;
   std::unique_ptr<mbf::Bf16[], decltype(&std::free)> factor;
+  std::unique_ptr<mbf::UnitI8[], decltype(&std::free)> unit;  // the same factor in int8
   explicit Bucket(int64_t n)
       : blocks(n), tiles((n + mbf::kCompactTile - 1) / mbf::kCompactTile), p(buffer<float>(n * kD)),
         g(buffer<float>(n * kD)), m(buffer<float>(n * kD)), v(buffer<float>(n * kD)),
         F(buffer<float>(tiles * kTri * mbf::kCompactTile)),
         block_v(buffer<float>(tiles * mbf::kCompactTile)), norms(buffer<float>(tiles * 2)),
-        scale(buffer<float>(tiles)), factor(buffer<mbf::Bf16>(tiles * kTri * mbf::kCompactTile)) {
+        scale(buffer<float>(tiles)), factor(buffer<mbf::Bf16>(tiles * kTri * mbf::kCompactTile)),
+        unit(buffer<mbf::UnitI8>(tiles * kUnitRows * mbf::kCompactTile)) {
     for (int64_t i = 0; i < n * kD; ++i) {
       p[i] = float(i % 13) * 0.1f;
       g[i] = float((i * 31) % 89 + 1) * 1e-3f;
@@ -85,16 +88,33 @@ struct Bucket {
             factor[((t * kTri) + i * (i + 1) / 2 + j) * mbf::kCompactTile + l] =
                 mbf::bf16_from_float(i == j ? 1.0f : 0.01f);
     }
+    // ... as a unit factor: codes 127 at scale 0.01 / 127 (batched.h UnitI8), pivots 1.
+    for (int64_t t = 0; t < tiles; ++t) {
+      int8_t* tile = reinterpret_cast<int8_t*>(unit.get()) + t * kUnitRows * mbf::kCompactTile;
+      constexpr int strict = kD * (kD - 1) / 2;
+      std::memset(tile, 127, strict * mbf::kCompactTile);
+      float* scales = reinterpret_cast<float*>(tile + strict * mbf::kCompactTile);
+      mbf::Bf16* pivots =
+          reinterpret_cast<mbf::Bf16*>(tile + (strict + mbf::kUnitScaleRows) * mbf::kCompactTile);
+      for (int l = 0; l < mbf::kCompactTile; ++l) scales[l] = 0.01f / 127;
+      for (int k = 0; k < kD * mbf::kCompactTile; ++k) pivots[k] = mbf::bf16_from_float(1.0f);
+    }
     for (int64_t i = 0; i < tiles * mbf::kCompactTile; ++i) block_v[i] = 1e-4f;
   }
+  // The factor's bytes per block: 45 bfloat16, or the int8 unit factor's 58.
+  static constexpr double kBf16Factor = 2.0 * kTri, kUnitFactor = kUnitRows;
   // Bytes one step moves per element: g, m (read and written), p (read and written), the
-  // factor (45 bfloat16 per 9 entries) and v per block.
-  static double bytes_per_element() { return 4 + 8 + 8 + 2.0 * kTri / kD + 8.0 / kD; }
-  // Of which read: g, m, p, the factor and v per block (22.4 B).
-  static double read_bytes_per_element() { return 4 + 4 + 4 + 2.0 * kTri / kD + 4.0 / kD; }
+  // factor and v per block.
+  static double bytes_per_element(double factor) { return 4 + 8 + 8 + factor / kD + 8.0 / kD; }
+  // Of which read: g, m, p, the factor and v per block (22.4 B with the bfloat16 factor).
+  static double read_bytes_per_element(double factor) {
+    return 4 + 4 + 4 + factor / kD + 4.0 / kD;
+  }
 
-  // The optimizer's default step on the CPU (MBF's lagged grafted pass; see StepConfig).
-  void step() {
+  // The optimizer's default step on the CPU (MBF's lagged grafted pass; see StepConfig), with
+  // the factor at `stored`.
+  template <typename FT>
+  void step(FT* stored) {
     mbf::StepConfig cfg{1e-3, 0.9, 0.95, 1e-2, 1e-4, true};
     cfg.graft = cfg.lagged = true;
     mbf::StepTiles<float> st;
@@ -108,9 +128,8 @@ struct Bucket {
 #pragma omp parallel
     {
       const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-      mbf::cpu::mbf_bucket_step_tiles<float, mbf::Bf16>(&seg, 1, F.get(), factor.get(), kD,
-                                                        tiles * id / nt, tiles * (id + 1) / nt,
-                                                        cfg, st);
+      mbf::cpu::mbf_bucket_step_tiles<float, FT>(&seg, 1, F.get(), stored, kD, tiles * id / nt,
+                                                 tiles * (id + 1) / nt, cfg, st);
     }
   }
 
@@ -174,8 +193,8 @@ int main(int argc, char** argv) {
     return 77;
   }
   const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 30;
-  std::printf("level %s, %d threads, d = %d, %.1f bytes per element, medians of %d\n",
-              MBF_CPU_ISA, omp_get_max_threads(), kD, Bucket::bytes_per_element(), reps);
+  std::printf("level %s, %d threads, d = %d, medians of %d\n", MBF_CPU_ISA,
+              omp_get_max_threads(), kD, reps);
   // 4096 blocks: 0.6 MB of state, in L2; 1.63M blocks: VGG16's conv weights (14.7M entries).
   for (const int64_t blocks : {int64_t(4096), int64_t(1632000)}) {
     Bucket b(blocks);
@@ -190,16 +209,22 @@ int main(int argc, char** argv) {
                   s.median * 1e9 / elems, bytes * elems / s.median / 1e9);
       return s.median;
     };
-    const double step = report("bucket step (default)", seconds(r, [&] { b.step(); }),
-                               Bucket::bytes_per_element());
+    const double step = report("bucket step (default)",
+                               seconds(r, [&] { b.step(b.factor.get()); }),
+                               Bucket::bytes_per_element(Bucket::kBf16Factor));
     const double plain = report("plain pass, same bytes", seconds(r, [&] { b.stream(true); }),
-                                Bucket::bytes_per_element());
+                                Bucket::bytes_per_element(Bucket::kBf16Factor));
     report("its reads alone", seconds(r, [&] { b.stream(false); }),
-           Bucket::read_bytes_per_element());
+           Bucket::read_bytes_per_element(Bucket::kBf16Factor));
+    const double unit = report("bucket step, int8 factor",
+                               seconds(r, [&] { b.step(b.unit.get()); }),
+                               Bucket::bytes_per_element(Bucket::kUnitFactor));
     const double adam = report("Adam's pass", seconds(r, [&] { b.adam_pass(); }), kAdamBytes);
     std::printf("%8ld blocks  step / plain pass %.2fx, step / Adam's pass %.2fx (bytes read "
-                "per element %.2fx Adam's)\n", long(blocks), step / plain, step / adam,
-                Bucket::read_bytes_per_element() / kAdamReadBytes);
+                "per element %.2fx Adam's); int8 factor: step / Adam's pass %.2fx (bytes read "
+                "%.2fx)\n", long(blocks), step / plain, step / adam,
+                Bucket::read_bytes_per_element(Bucket::kBf16Factor) / kAdamReadBytes,
+                unit / adam, Bucket::read_bytes_per_element(Bucket::kUnitFactor) / kAdamReadBytes);
   }
   return 0;
 }

@@ -22,7 +22,8 @@ constexpr KernelTable<T> table() {
 }
 
 const CpuKernels kKernels{kCpuKernelsVersion, MBF_CPU_ISA, lanes::kVectorBytes, table<float>(),
-                          table<double>(), &mbf_bucket_step_tiles<float, Bf16>};
+                          table<double>(), &mbf_bucket_step_tiles<float, Bf16>,
+                          &mbf_bucket_step_tiles<float, UnitI8>};
 
 }  // namespace
 

@@ -222,6 +222,7 @@ void run_step(const std::vector<cpu::StepSegment<T>>& segs, T* F, FT* factor, in
               const StepTiles<T>& tiles = {}) {
   const auto kernel = [] {
     if constexpr (std::is_same_v<FT, T>) return cpu::kernels().of<T>().mbf_bucket_step_tiles;
+    else if constexpr (std::is_same_v<FT, UnitI8>) return cpu::kernels().f32_bucket_step_unit_i8;
     else return cpu::kernels().f32_bucket_step_bf16;
   }();
   std::atomic<int64_t> skipped{0}, failed{0};
@@ -279,10 +280,18 @@ void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
         params, grads, momenta, curvature, segments, d, cfg, second_moments, tile_damping,
         tile_scale, tile_norms, directions, block_second_moment, mode, /*tile_sums=*/true,
         [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
-          with_factor<scalar_t>(factor, [&](auto* L) {
+          const auto run = [&](auto* L) {
             run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(), L, d, used, cfg,
                                stats, tiles);
-          });
+          };
+          // (an int8 factor is a float32 bucket's: check_bucket)
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (factor.scalar_type() == at::kChar) {
+              run(reinterpret_cast<UnitI8*>(factor.mutable_data_ptr<int8_t>()));
+              return;
+            }
+          }
+          with_factor<scalar_t>(factor, run);
         });
   });
 }
@@ -299,7 +308,7 @@ void mbf_bucket_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const c10::optional<at::Tensor>& directions, double beta2, double eps,
                          int64_t mode, const c10::optional<at::Tensor>& block_second_moment) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats,
-                                 Bf16Factor::kAny);
+                                 FactorReaders::kCpu);
   const cpu::StepConfig cfg{lr, momentum_coef, beta, damping, weight_decay,
                             decoupled_weight_decay, beta2, eps};
   bucket_pass(params, contiguous_all(grads), momenta, curvature, factor, stats, segments, d, cfg,
@@ -1387,7 +1396,7 @@ class BoundBuckets : public torch::CustomClassHolder {
     std::vector<int64_t> dims;  // each bucket's d, its tensors checked once for both passes
     for (size_t b = 0; b < curvatures_.size(); ++b)
       dims.push_back(check_bucket(params_, grads, momenta_, curvatures_[b], factors_[b],
-                                  stats_[b], Bf16Factor::kAny));
+                                  stats_[b], FactorReaders::kCpu));
     const std::vector<int64_t> modes =
         !graft   ? std::vector<int64_t>{kModeWrite}
         : lagged ? std::vector<int64_t>{kModeGraft | kModeWrite | kModeLagged}

@@ -55,6 +55,44 @@ struct Bf16Rows {
 #endif
   }
 };
+// Rows of int8 codes (the unit factor's U, factor_dtype="int8") widened to float as read:
+// W bytes sign-extended to 32 bits and converted (vpmovsxbd + vcvtdq2ps; at AVX-512 the
+// maskz form and a vector conversion, as Bf16Rows, for GCC 12's -Wuninitialized).
+struct I8Rows {
+  const int8_t* base;
+  V<float> operator[](int k) const {
+    const int8_t* at = base + k * kCompactTile;
+#if defined(__AVX512F__)
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+    typedef int32_t I __attribute__((vector_size(64)));
+    return __builtin_convertvector((I)_mm512_maskz_cvtepi8_epi32(__mmask16(0xFFFF), c), V<float>);
+#elif defined(__AVX2__)
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at));
+    return (V<float>)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+#else
+    typedef int8_t C __attribute__((vector_size(Ln<float>::W)));
+    C c;
+    std::memcpy(&c, at, sizeof(C));
+    return __builtin_convertvector(c, V<float>);
+#endif
+  }
+};
+
+// The sections of a unit factor's tile (UnitI8, mbf/batched.h) for the sub-tile whose lanes
+// start at u: `at` points at its lanes of the tile's first row.
+struct UnitTile {
+  int8_t* codes;  // row i(i-1)/2 + j: (i, j)'s codes
+  float* scale;   // one per block
+  Bf16* pivots;   // row i: r_i = 1 / L_ii^2
+  UnitTile(UnitI8* at, int u, int d) {
+    int8_t* tile = reinterpret_cast<int8_t*>(at) - u;
+    const int strict = d * (d - 1) / 2;
+    codes = tile + u;
+    scale = reinterpret_cast<float*>(tile + strict * kCompactTile) + u;
+    pivots = reinterpret_cast<Bf16*>(tile + (strict + kUnitScaleRows) * kCompactTile) + u;
+  }
+};
+
 template <typename T>
 CompactRows<T> factor_rows(const T* base) { return {base}; }
 inline Bf16Rows factor_rows(const Bf16* base) { return {base}; }
@@ -238,7 +276,7 @@ struct CompactTile {
   // (1 / sqrt(F_ii + damping) where finite and positive, else 1 / sqrt(damping), else 1),
   // zeros otherwise. Returns the per-lane info of the factorisation.
   template <typename FT>
-  M<T> refactor(FT* Lc, T damping, bool fallback) {
+  M<T> refactor(FT* Lc, T damping, bool fallback, int u = 0) {
     for (int t = 0; t < tri; ++t) L[t] = F[t];
     for (int i = 0; i < n; ++i) L[tri_index(i, i)] += damping;
     const M<T> info = lanes::factor_tile<T, D>(L.data(), inv_diag.data(), n);
@@ -256,16 +294,99 @@ struct CompactTile {
       for (int j = 0; j < i; ++j) L[tri_index(i, j)] = failed ? zero : L[tri_index(i, j)];
       L[tri_index(i, i)] = failed ? replacement : inv_diag[i];
     }
-    store_factor<T>(L.data(), tri, Lc);
+    if constexpr (std::is_same_v<FT, UnitI8>) store_unit_factor(UnitTile(Lc, u, n));
+    else store_factor<T>(L.data(), tri, Lc);
     return info;
+  }
+
+  // The factor in L (diagonal inverted) as a unit factor (factor_dtype="int8"): U_ij = L_ij
+  // / L_jj coded as round(U_ij / scale) with scale = max |U_i'j'| / 127 per block, r_i =
+  // (1 / L_ii)^2 rounded to bfloat16 (layout.unit_from_factor, the same arithmetic). Vector
+  // arithmetic throughout (a refactor touches every block of the bucket).
+  void store_unit_factor(const UnitTile& out) {
+    static_assert(std::is_same_v<T, float>, "the unit factor is a float32 bucket's");
+    constexpr int W = Ln<T>::W;
+    const V<T> zero = lanes::splat<V<T>>(T(0));
+    V<T> amax = zero;
+    for (int i = 1; i < n; ++i)
+      for (int j = 0; j < i; ++j) {
+        const V<T> a = L[tri_index(i, j)] * L[tri_index(j, j)];
+        amax = a > amax ? a : (-a > amax ? -a : amax);
+      }
+    // The scale amax / 127 rounded to bfloat16 (ties to even): a factor decoded and coded
+    // again (a checkpoint loaded) then gets the same scale and codes, where a float32 scale
+    // moved by an ulp. A block whose factor is not finite codes zeros: U = I.
+    const M<T> finite = (amax - amax) == T(0);
+    const M<T> bits = (M<T>)(amax / T(127));
+    const V<T> rounded_scale = (V<T>)((bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF);
+    const V<T> scale = finite ? rounded_scale : zero;
+    const V<T> coding = finite & (amax > T(0)) ? T(1) / scale : zero;
+    std::memcpy(out.scale, &scale, sizeof(V<T>));
+    // Rounded to nearest, ties to even, by the 1.5 * 2^23 trick (|values| <= 127): the
+    // vector conversion to integers truncates.
+    const V<T> magic = lanes::splat<V<T>>(T(12582912));
+    typedef int32_t I32 __attribute__((vector_size(lanes::kVectorBytes)));
+    typedef int8_t I8 __attribute__((vector_size(lanes::kVectorBytes / 4)));
+    for (int i = 1; i < n; ++i)
+      for (int j = 0; j < i; ++j) {
+        const V<T> q = (L[tri_index(i, j)] * L[tri_index(j, j)]) * coding;
+        const V<T> rounded = ((finite ? q : zero) + magic) - magic;
+        const I32 wide = __builtin_convertvector(rounded, I32);
+        const I8 c = __builtin_convertvector(wide, I8);
+        std::memcpy(out.codes + (i * (i - 1) / 2 + j) * kCompactTile, &c, sizeof(I8));
+      }
+    for (int i = 0; i < n; ++i) {
+      const V<T> r = L[tri_index(i, i)] * L[tri_index(i, i)];
+      for (int l = 0; l < W; ++l) out.pivots[i * kCompactTile + l] = bf16_from_float(r[l]);
+    }
+  }
+
+  // x = U^{-T} diag(r) U^{-1} x from a unit factor (factor_dtype="int8"), read in place. The
+  // block's scale multiplies each solved value once (U_ij x_j = code_ij (scale x_j)), not
+  // each code.
+  void solve_unit(const UnitTile& f) {
+    const auto nd = lanes::block_dim<D>(n);
+    constexpr lanes::Ic<1> one;
+    const I8Rows U{f.codes};
+    const Bf16Rows r{f.pivots};
+    V<T> s;
+    std::memcpy(&s, f.scale, sizeof(V<T>));
+    auto code = [&](auto i, auto j) MBF_INLINE { return U[i * (i - 1) / 2 + j]; };
+    auto substitute = [&](V<T>* xs) MBF_INLINE {
+      lanes::loop(lanes::Ic<0>{}, nd, [&](auto j) MBF_INLINE {  // U z = b
+        const V<T> zs = xs[j] * s;
+        lanes::loop(j + one, nd, [&](auto i) MBF_INLINE {
+          xs[i] = lanes::fnmadd(code(int(i), int(j)), zs, xs[i]);
+        });
+      });
+      lanes::loop(lanes::Ic<0>{}, nd, [&](auto i) MBF_INLINE { xs[i] *= r[int(i)]; });
+      lanes::loop(lanes::Ic<0>{}, nd, [&](auto k) MBF_INLINE {  // U^T x = w, from the last
+        const auto i = nd - one - k;
+        const V<T> xs_i = xs[i] * s;
+        lanes::loop(lanes::Ic<0>{}, i, [&](auto j) MBF_INLINE {
+          xs[j] = lanes::fnmadd(code(int(i), int(j)), xs_i, xs[j]);
+        });
+      });
+    };
+    if constexpr (D > 0) {
+      V<T> local[D];
+      for (int i = 0; i < D; ++i) local[i] = x[i];
+      substitute(local);
+      for (int i = 0; i < D; ++i) x[i] = local[i];
+    } else {
+      substitute(x.data());
+    }
   }
 
   // x = (L L^T)^{-1} x, read straight from the compact factor rows at Lc (whose diagonal
   // holds 1 / L_ii): no copy of the factor per tile. A refactor in the same step wrote Lc
   // first, so a bfloat16 factor is used as stored, rounded, from its first step on.
   template <typename FT>
-  void solve(const FT* Lc) {
-    lanes::solve_tile<T, D, /*InvDiagInL=*/true>(factor_rows(Lc), nullptr, x.data(), n, 1);
+  void solve(const FT* Lc, int u = 0) {
+    if constexpr (std::is_same_v<FT, UnitI8>)
+      solve_unit(UnitTile(const_cast<UnitI8*>(Lc), u, n));
+    else
+      lanes::solve_tile<T, D, /*InvDiagInL=*/true>(factor_rows(Lc), nullptr, x.data(), n, 1);
   }
 
   // The fused step for the W blocks of segment `s` starting at its block b0, of which cnt
@@ -287,7 +408,7 @@ struct CompactTile {
     if (s.flags.refactor) {
       if (!s.flags.update_curvature) load_compact<T>(Fc, tri, F.data());
       const T damping = tiles.damping ? tiles.damping[t] : static_cast<T>(cfg.damping);
-      const M<T> info = refactor(Lc, damping, /*fallback=*/true);
+      const M<T> info = refactor(Lc, damping, /*fallback=*/true, u);
       stats.failed_factor += count_lanes<T>(info != 0, cnt);
     }
     if (!cfg.write && !cfg.graft) return;  // the refresh/refactor-only pass
@@ -331,7 +452,7 @@ struct CompactTile {
       store_flat(block_v, v_of_block);
     }
     for (int e = 0; e < n; ++e) x[e] = mv[e];
-    solve(Lc);
+    solve(Lc, u);
     // The measuring pass: m, v, u and the norms stored, p untouched; lagged, the norms, m and
     // v stored and p moved by u at the previous step's ratio (no direction stream).
     if (cfg.graft) {
@@ -449,12 +570,15 @@ template <typename T, typename FT>
 StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, T* F,
                                 FT* factor, int d, int64_t tile_begin, int64_t tile_end,
                                 const StepConfig& cfg, const StepTiles<T>& tiles) {
-  static_assert(std::is_same_v<FT, T> || (std::is_same_v<FT, Bf16> && std::is_same_v<T, float>),
-                "the factor is stored as the state's dtype, or as bfloat16 for float32");
+  static_assert(std::is_same_v<FT, T> || ((std::is_same_v<FT, Bf16> ||
+                 std::is_same_v<FT, UnitI8>) && std::is_same_v<T, float>),
+                "the factor is stored as the state's dtype, or in bfloat16 or int8 for float32");
   StepStats stats;
   const int64_t tri = int64_t(d) * (d + 1) / 2, tile_elems = tri * kCompactTile;
   const int64_t tile_bytes = tile_elems * int64_t(sizeof(T));
-  const int64_t factor_tile_bytes = tile_elems * int64_t(sizeof(FT));
+  const int64_t factor_tile_elems =
+      (std::is_same_v<FT, UnitI8> ? unit_factor_rows(d) : tri) * int64_t(kCompactTile);
+  const int64_t factor_tile_bytes = factor_tile_elems * int64_t(sizeof(FT));
   // The last segment starting at or before tile_begin (segments are sorted by tile_offset).
   const StepSegment<T>* end = segments + n_segments;
   const StepSegment<T>* first = std::upper_bound(
@@ -481,15 +605,15 @@ StepStats mbf_bucket_step_tiles(const StepSegment<T>* segments, int n_segments, 
                            d * kCompactTile * int64_t(sizeof(T)));
             prefetch_bytes(s->p + next_row, rows_bytes);
           } else {
-            prefetch_bytes(factor + ahead * tile_elems, factor_tile_bytes);
+            prefetch_bytes(factor + ahead * factor_tile_elems, factor_tile_bytes);
             prefetch_bytes(s->g + next_row, rows_bytes);
             prefetch_bytes(s->m + next_row, rows_bytes);
             if (needs_p(cfg)) prefetch_bytes(s->p + next_row, rows_bytes);
             if (s->v != nullptr) prefetch_bytes(s->v + next_row, rows_bytes);
           }
         }
-        tile.step(*s, F + t * tile_elems + u, factor + t * tile_elems + u, b0, cnt, cfg, tiles,
-                  t, u, stats);
+        tile.step(*s, F + t * tile_elems + u, factor + t * factor_tile_elems + u, b0, cnt, cfg,
+                  tiles, t, u, stats);
       });
     }
   });
@@ -909,6 +1033,10 @@ MBF_INSTANTIATE(double)
 template StepStats mbf_bucket_step_tiles<float, Bf16>(const StepSegment<float>*, int, float*,
                                                       Bf16*, int, int64_t, int64_t,
                                                       const StepConfig&, const StepTiles<float>&);
+template StepStats mbf_bucket_step_tiles<float, UnitI8>(const StepSegment<float>*, int, float*,
+                                                        UnitI8*, int, int64_t, int64_t,
+                                                        const StepConfig&,
+                                                        const StepTiles<float>&);
 
 }  // namespace cpu
 }  // namespace mbf

@@ -197,7 +197,7 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           const c10::optional<at::Tensor>& directions, double beta2, double eps,
                           int64_t mode, const c10::optional<at::Tensor>& block_second_moment) {
   const int64_t d = check_bucket(params, grads, momenta, curvature, factor, stats,
-                                 Bf16Factor::kHotSizes);
+                                 FactorReaders::kCuda);
   check_step_dim(d);
   const c10::cuda::CUDAGuard guard(curvature.device());
   const auto grads_c = contiguous_all(grads);

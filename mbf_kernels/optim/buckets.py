@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from ..dispatch import cpu_ops, module, select
-from ..layout import COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles
+from ..layout import (COMPACT_TILE, SEGMENT_FIELDS, UNIT_MIN_DIM, SegmentFlags, StepMode,
+                      n_tiles)
 from ..reference import relative_damping
 from .blocks import Unit
 from .fsdp import LocalShards
-from .options import bfloat16_factor, graft_lag_warmup, momentum_coef
+from .options import factor_storage, graft_lag_warmup, momentum_coef
 from .shared import SharedSet
 from .shared_block import SharedBlock
 
@@ -93,12 +94,18 @@ class Bucket:
         return self.step_fn
 
     def factor_dtype(self, group: dict) -> torch.dtype:
-        """The storage of this bucket's factor: bfloat16 for a float32 bucket of a group whose
-        ``factor_dtype`` asks for it (options.bfloat16_factor) where its step reads one (the
-        cpu, triton and torch backends; the CUDA kernels at their hot block sizes only), else
-        the state's dtype."""
-        if not bfloat16_factor(group) or self.dtype != torch.float32:
+        """The storage of this bucket's factor, for a float32 bucket of a group whose
+        ``factor_dtype`` asks for one (options.factor_storage) where its step reads it: int8
+        (a unit factor, layout.unit_factor_rows) on CPU tensors from d = UNIT_MIN_DIM on (the
+        cpu and torch backends), bfloat16 (asked for, or in place of int8) on the cpu, triton
+        and torch backends and the CUDA kernels' hot block sizes; else the state's dtype."""
+        storage = factor_storage(group)
+        if storage == "state" or self.dtype != torch.float32:
             return self.dtype
+        readers = (module("cpu").mbf_bucket_step_, module("torch").mbf_bucket_step_)
+        if (storage == "int8" and self.d >= UNIT_MIN_DIM and self.device.type == "cpu"
+                and self.step_function(group["backend"]) in readers):
+            return torch.int8
         cuda = module("cuda")
         if (self.device.type == "cuda" and self.step_function(group["backend"]) is
                 cuda.mbf_bucket_step_ and self.d not in cuda.build_info()["hot_block_sizes"]):

@@ -23,7 +23,7 @@ from .sharding import SHARD
 __all__ = ["MBFOptions", "DEFAULTS", "PAPER", "PAPER_LR", "PAPER_DAMPING", "SHARED_BETA", "GRAFT",
            "GRAFT_NORMS", "GRAFT_SECOND_MOMENT", "DAMPING_MODE", "FISHER", "FACTOR_DTYPE",
            "RUN_OPTIONS", "validate_group", "prepare_group", "shared_beta", "momentum_coef",
-           "state_dtype", "bfloat16_factor", "graft_lag_warmup", "block_second_moment"]
+           "state_dtype", "factor_storage", "graft_lag_warmup", "block_second_moment"]
 
 #: The shared blocks' curvature EMA decay under graft="adam" (option ``shared_beta``), from the
 #: defaults sweep's beta axes and paired runs over 8 seeds (bench/RESULTS.md, "A shorter
@@ -43,9 +43,10 @@ GRAFT_NORMS = ("current", "previous")
 GRAFT_SECOND_MOMENT = ("auto", "element", "block")
 DAMPING_MODE = ("absolute", "relative")
 FISHER = ("empirical", "true")
-#: How a float32 bucket stores its factor (:func:`bfloat16_factor`): "auto" (bfloat16 under
-#: relative damping), in the state's dtype, or in bfloat16.
-FACTOR_DTYPE = ("auto", "state", "bfloat16")
+#: How a float32 bucket stores its factor (:func:`factor_storage`): "auto" (int8 under relative
+#: damping), in the state's dtype, in bfloat16, or as an int8 unit factor (CPU buckets from d = 4
+#: on; elsewhere bfloat16).
+FACTOR_DTYPE = ("auto", "state", "bfloat16", "int8")
 
 
 def _real(name: str, value: object) -> float:
@@ -97,9 +98,9 @@ class MBFOptions:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     fisher: str = "empirical"  # "empirical" | "true" (MBF-True: sampled labels)
-    # A float32 bucket's Cholesky factor in bfloat16 (half the step's largest stream;
-    # docs/options.md): "auto" under relative damping only (bfloat16_factor).
-    factor_dtype: str = "auto"  # "auto" | "state" | "bfloat16"
+    # A float32 bucket's Cholesky factor in bfloat16 (half the step's largest stream) or as an
+    # int8 unit factor (docs/options.md): "auto" int8 under relative damping only (factor_storage).
+    factor_dtype: str = "auto"  # "auto" | "state" | "bfloat16" | "int8"
     # Each data-parallel rank keeps and works on a share of the blocks (optim/sharding.py);
     # None: when a process group of more than one rank is initialised.
     shard_curvature: bool | None = None
@@ -209,14 +210,18 @@ def graft_lag_warmup(group: dict) -> int:
     return math.ceil(1 / (1 - group["betas"][0]))
 
 
-def bfloat16_factor(group: dict) -> bool:
-    """Whether the group's float32 buckets keep their factor in bfloat16 (``factor_dtype``).
-    "auto" does under relative damping, whose damping is a fixed fraction of each unit's mean
-    curvature eigenvalue and so bounds how much the factor's rounding (half a bfloat16 ulp,
-    2^-8 relative, per entry) can move the direction; it does not under absolute damping, so
-    that the paper's options give section 3's update exactly, whatever the defaults are."""
+def factor_storage(group: dict) -> str:
+    """How the group's float32 buckets keep their factor (``factor_dtype``): "state", "bfloat16"
+    or "int8" (where a bucket's step reads it, else bfloat16: Bucket.factor_dtype). "auto" is
+    "int8" under relative damping, whose damping is a fixed fraction of each unit's mean
+    curvature eigenvalue and so bounds the blocks' conditioning and how much the factor's
+    coding (half a code step of U, half a bfloat16 ulp of the pivots) can move the direction;
+    "state" under absolute damping, so that the paper's options give section 3's update
+    exactly, whatever the defaults are."""
     option = group["factor_dtype"]
-    return option == "bfloat16" or (option == "auto" and group["damping_mode"] == "relative")
+    if option != "auto":
+        return option
+    return "int8" if group["damping_mode"] == "relative" else "state"
 
 
 def block_second_moment(group: dict, device: torch.device) -> bool:

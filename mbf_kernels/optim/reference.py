@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
-from ..layout import cholesky_from_factor, factor_from_cholesky
+from ..layout import UNIT_MIN_DIM, cholesky_from_factor, factor_from_cholesky, unit_coded
 from ..reference import relative_damping
-from .options import (DEFAULTS, bfloat16_factor, block_second_moment, graft_lag_warmup,
+from .options import (DEFAULTS, block_second_moment, factor_storage, graft_lag_warmup,
                       momentum_coef, prepare_group, shared_beta, state_dtype, validate_group)
 
 
@@ -82,11 +82,18 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
 
     @staticmethod
     def _stored(group: dict, unit, L: Tensor) -> Tensor:
-        """The factor L as a bucket stores it: with a bfloat16 factor (factor_dtype, float32
-        blocks that are not shared), packed with 1 / L_ii and each entry rounded."""
-        if bfloat16_factor(group) and L.dtype == torch.float32 and unit.kind != "shared":
-            return cholesky_from_factor(factor_from_cholesky(L).to(torch.bfloat16).to(L))
-        return L
+        """The factor L as a bucket stores it (factor_dtype, float32 blocks that are not
+        shared), packed with 1 / L_ii: each entry rounded to bfloat16, or coded as the int8 unit
+        factor where a CPU bucket keeps one (Bucket.factor_dtype)."""
+        storage = factor_storage(group)
+        if storage == "state" or L.dtype != torch.float32 or unit.kind == "shared":
+            return L
+        packed = factor_from_cholesky(L)
+        d = L.shape[-1]
+        if storage == "int8" and d >= UNIT_MIN_DIM and L.device.type == "cpu":
+            flat = packed.reshape(-1, packed.shape[-1])
+            return cholesky_from_factor(unit_coded(flat).reshape(packed.shape))
+        return cholesky_from_factor(packed.to(torch.bfloat16).to(L))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

@@ -3,9 +3,10 @@ everything before it changes anything (a mixin of :class:`~mbf_kernels.optim.MBF
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ..layout import from_compact, n_tiles, to_compact
+from ..layout import factor_from_unit, from_compact, n_tiles, to_compact, unit_from_factor
 from .blocks import Segment, Unit
 from .fsdp import LocalShards, blocks_per_row, local_part, rows_of, shard_blocks, shard_like
 from .buckets import MOMENTUM, SECOND_MOMENT, STEP, GroupPlan
@@ -123,7 +124,9 @@ class CanonicalState:
                     if kind == "shared":  # the same on every rank (FSDP2: replicated)
                         c, f = C.canonical()
                     else:
-                        c, f = from_compact(C, seg.n_blocks), from_compact(L, seg.n_blocks)
+                        c, f = from_compact(C, seg.n_blocks), from_compact(
+                            factor_from_unit(L, seg.d) if L.dtype == torch.int8 else L,
+                            seg.n_blocks)
                         if plan.shards is not None:  # laid out as the parameter's shards
                             local = unit.params[seg.main]
                             p = plan.shards.dtensor_of(local)
@@ -220,7 +223,10 @@ class CanonicalState:
                 else:
                     # Padding blocks keep finite values (zeros), as on a fresh optimizer.
                     C.copy_(to_compact(c.to(C)))
-                    L.copy_(to_compact(f.to(L)))
+                    if L.dtype == torch.int8:  # coded as the kernels' refactor codes it
+                        L.copy_(unit_from_factor(to_compact(f.float())))
+                    else:
+                        L.copy_(to_compact(f.to(L)))
         self._load_graft_ratios(saved, index)
 
     def _check_moments(self, unit: Unit, plan: GroupPlan, entry: dict, saved: dict,

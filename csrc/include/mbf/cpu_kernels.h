@@ -22,7 +22,7 @@ namespace mbf {
 namespace cpu {
 
 // Bumped whenever the table or the signatures change: a stale library is refused.
-inline constexpr int kCpuKernelsVersion = 9;
+inline constexpr int kCpuKernelsVersion = 10;
 
 template <typename T>
 struct KernelTable {
@@ -56,6 +56,10 @@ struct CpuKernels {
   // The float32 bucket step with its factor stored in bfloat16 (factor_dtype="bfloat16").
   StepStats (*f32_bucket_step_bf16)(const StepSegment<float>*, int, float*, Bf16*, int, int64_t,
                                     int64_t, const StepConfig&, const StepTiles<float>&);
+  // ... with its factor as a unit factor in int8 (factor_dtype="int8", UnitI8).
+  StepStats (*f32_bucket_step_unit_i8)(const StepSegment<float>*, int, float*, UnitI8*, int,
+                                       int64_t, int64_t, const StepConfig&,
+                                       const StepTiles<float>&);
 
   template <typename T>
   const KernelTable<T>& of() const {
