@@ -1,8 +1,8 @@
 // Where the CPU bucket step's time goes, without torch or Python: the shipped default step
-// (grafted at the previous step's ratios, Adam's v per block, bfloat16 factor, d = 9, a conv
-// weight's contiguous 3x3 blocks), and the same step with an int8 unit factor
-// (factor_dtype="int8"), on a bucket that fits in L2 (its arithmetic alone) and on one of DRAM
-// size (arithmetic and memory), beside plain passes: one over the same bytes (the
+// (grafted at the previous step's ratios, Adam's v per block, d = 9, a conv weight's contiguous
+// 3x3 blocks) with a bfloat16 factor and with the int8 unit factor (factor_dtype="auto" on
+// CPU), on a bucket that fits in L2 (its arithmetic alone) and on one of DRAM
+// size (arithmetic and memory), beside plain passes: one over the bfloat16 step's bytes (the
 // memory roof for this stream pattern: reads g, m, p, v per block and the factor, writes m, p
 // and v), the same reading only, and Adam's element-wise pass (what fused AdamW moves).
 // One executable per ISA level (CMake target mbf_bucket_step_bench_<level>), all threads of
@@ -204,25 +204,26 @@ int main(int argc, char** argv) {
     auto report = [&](const char* what, Timing s, double bytes) {
       char label[64];
       std::snprintf(label, sizeof(label), "%s (%.1f B/element)", what, bytes);
-      std::printf("%8ld blocks  %-40s %8.3f ms (%.3f-%.3f)  %6.3f ns/element  %6.1f GB/s\n",
+      std::printf("%8ld blocks  %-52s %8.3f ms (%.3f-%.3f)  %6.3f ns/element  %6.1f GB/s\n",
                   long(blocks), label, s.median * 1e3, s.min * 1e3, s.max * 1e3,
                   s.median * 1e9 / elems, bytes * elems / s.median / 1e9);
       return s.median;
     };
-    const double step = report("bucket step (default)",
+    const double step = report("bucket step, bfloat16 factor",
                                seconds(r, [&] { b.step(b.factor.get()); }),
                                Bucket::bytes_per_element(Bucket::kBf16Factor));
-    const double plain = report("plain pass, same bytes", seconds(r, [&] { b.stream(true); }),
+    const double plain = report("plain pass, the bfloat16 step's bytes",
+                                seconds(r, [&] { b.stream(true); }),
                                 Bucket::bytes_per_element(Bucket::kBf16Factor));
     report("its reads alone", seconds(r, [&] { b.stream(false); }),
            Bucket::read_bytes_per_element(Bucket::kBf16Factor));
-    const double unit = report("bucket step, int8 factor",
+    const double unit = report("bucket step, int8 factor (default)",
                                seconds(r, [&] { b.step(b.unit.get()); }),
                                Bucket::bytes_per_element(Bucket::kUnitFactor));
     const double adam = report("Adam's pass", seconds(r, [&] { b.adam_pass(); }), kAdamBytes);
-    std::printf("%8ld blocks  step / plain pass %.2fx, step / Adam's pass %.2fx (bytes read "
-                "per element %.2fx Adam's); int8 factor: step / Adam's pass %.2fx (bytes read "
-                "%.2fx)\n", long(blocks), step / plain, step / adam,
+    std::printf("%8ld blocks  bfloat16 factor: step / plain pass %.2fx, step / Adam's pass %.2fx "
+                "(bytes read per element %.2fx Adam's); int8 factor: step / Adam's pass %.2fx "
+                "(bytes read %.2fx)\n", long(blocks), step / plain, step / adam,
                 Bucket::read_bytes_per_element(Bucket::kBf16Factor) / kAdamReadBytes,
                 unit / adam, Bucket::read_bytes_per_element(Bucket::kUnitFactor) / kAdamReadBytes);
   }
