@@ -308,15 +308,16 @@ struct CompactTile {
     constexpr int W = Ln<T>::W;
     const V<T> zero = lanes::splat<V<T>>(T(0));
     V<T> amax = zero;
+    M<T> finite = lanes::splat<M<T>>(-1);
     for (int i = 1; i < n; ++i)
       for (int j = 0; j < i; ++j) {
         const V<T> a = L[tri_index(i, j)] * L[tri_index(j, j)];
         amax = a > amax ? a : (-a > amax ? -a : amax);
+        finite &= (a - a) == T(0);
       }
     // The scale amax / 127 rounded to bfloat16 (ties to even): a factor decoded and coded
     // again (a checkpoint loaded) then gets the same scale and codes, where a float32 scale
-    // moved by an ulp. A block whose factor is not finite codes zeros: U = I.
-    const M<T> finite = (amax - amax) == T(0);
+    // moved by an ulp. A block whose U is not finite codes zeros: U = I.
     const M<T> bits = (M<T>)(amax / T(127));
     const V<T> rounded_scale = (V<T>)((bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF);
     const V<T> scale = finite ? rounded_scale : zero;
