@@ -696,6 +696,67 @@ void test_bf16_factor_step() {
   }
 }
 
+// factor_dtype="int8" (mbf/batched.h UnitI8) at this level: the refactor codes U = L D^{-1}
+// within half a code step (the block's scale / 2) of the float32 factor's and r = 1 / L_ii^2
+// within half a bfloat16 ulp; from the coded factor the cached step matches the float32 step
+// from the same factor decoded (L_ij = code_ij scale / sqrt(r_j), 1 / L_ii = sqrt(r_i)) to
+// float32 rounding.
+void test_unit_factor_step() {
+  for (int d : kDims) {
+    if (d < mbf::kUnitMinDim) continue;
+    const int64_t n = kBlocks, tri = int64_t(d) * (d + 1) / 2, strict = tri - d;
+    const int64_t tiles = (n + mbf::kCompactTile - 1) / mbf::kCompactTile;
+    const int64_t state = tiles * tri * mbf::kCompactTile;
+    const int64_t rows = mbf::unit_factor_rows(d);
+    const auto g = random_vec<float>(n * d, 7 + d);
+    auto p8 = random_vec<float>(n * d, 3 + d), p32 = p8;
+    std::vector<float> m8(n * d, 0.5f), m32 = m8, F8(state, 0.0f), F32(state, 0.0f);
+    std::vector<float> L32(state, 0.0f);
+    std::vector<mbf::UnitI8> Q(tiles * rows * mbf::kCompactTile, mbf::UnitI8{0});
+    auto step = [&](std::vector<float>& p, std::vector<float>& m, std::vector<float>& F,
+                    auto* L, mbf::StepFlags flags, const mbf::StepConfig& cfg) {
+      const mbf::StepSegment<float> seg{p.data(), g.data(), m.data(), nullptr, nullptr, nullptr,
+                                        n, d, 0, d, flags};
+      mbf::cpu::mbf_bucket_step_tiles(&seg, 1, F.data(), L, d, 0, tiles, cfg);
+    };
+    const mbf::StepConfig paper{0.05, 0.9, 0.9, 0.1, 0.01, true};
+    step(p8, m8, F8, Q.data(), {true, true, true}, paper);
+    step(p32, m32, F32, L32.data(), {true, true, true}, paper);
+    auto at = [&](int64_t b, int64_t row) { return ((b / 16) * rows + row) * 16 + b % 16; };
+    auto entry = [&](int64_t b, int64_t e) { return ((b / 16) * tri + e) * 16 + b % 16; };
+    std::vector<float> decoded(state, 0.0f);
+    for (int64_t b = 0; b < n; ++b) {
+      float scale;
+      std::memcpy(&scale, &Q[at(b, strict)] - b % 16 + 4 * (b % 16), sizeof(scale));
+      const auto* pivots = reinterpret_cast<const mbf::Bf16*>(&Q[at(b, strict + 4)] - b % 16);
+      for (int i = 0; i < d; ++i) {
+        const double inv_i = L32[entry(b, i * (i + 1) / 2 + i)];
+        const float r = mbf::bf16_to_float(pivots[i * 16 + b % 16]);
+        EXPECT(std::fabs(r - inv_i * inv_i) <= 0x1p-8 * inv_i * inv_i, "d=%d block %lld r_%d",
+               d, (long long)b, i);
+        decoded[entry(b, i * (i + 1) / 2 + i)] = std::sqrt(r);
+        for (int j = 0; j < i; ++j) {
+          const double u = double(L32[entry(b, i * (i + 1) / 2 + j)]) *
+                           L32[entry(b, j * (j + 1) / 2 + j)];
+          const float coded = Q[at(b, i * (i - 1) / 2 + j)].code * scale;
+          EXPECT(std::fabs(coded - u) <= 0.5 * scale * (1 + 0x1p-7), "d=%d block %lld U_%d%d: "
+                 "%g coded, %g", d, (long long)b, i, j, double(coded), u);
+          const double r_j = mbf::bf16_to_float(pivots[j * 16 + b % 16]);
+          decoded[entry(b, i * (i + 1) / 2 + j)] = float(coded / std::sqrt(r_j));
+        }
+      }
+    }
+    // From the same factor, coded and decoded: the cached paper's pass.
+    p32 = p8;
+    m32 = m8;
+    step(p8, m8, F8, Q.data(), {false, false, false}, paper);
+    step(p32, m32, F32, decoded.data(), {false, false, false}, paper);
+    EXPECT(count_mismatches(p8, p32, 20 * tolerance<float>()) == 0 &&
+               count_mismatches(m8, m32, 20 * tolerance<float>()) == 0,
+           "d=%d: the cached step from the unit factor differs", d);
+  }
+}
+
 template <void (*F32)(), void (*F64)()>
 void both() {
   F32();
@@ -723,6 +784,7 @@ int main(int argc, char** argv) {
       {"device_step_matches_cpu_step_v_per_block", both<test_device_step_matches_cpu_step_t<float, true>, test_device_step_matches_cpu_step_t<double, true>>},
       {"device_compact_ops_match_cpu", both<test_device_compact_ops_match_cpu_t<float>, test_device_compact_ops_match_cpu_t<double>>},
       {"bf16_factor_step", test_bf16_factor_step},
+      {"unit_factor_step", test_unit_factor_step},
   };
   if (!mbf::cpu::cpu_runs_level(MBF_CPU_ISA)) {
     std::fprintf(stderr, "skipped: this CPU cannot run the %s kernels\n", MBF_CPU_ISA);
