@@ -366,6 +366,20 @@ def _bucket_run(fn, factor_dtype, device, modes, L0=None):
     return params, momenta, v, F, L, norms
 
 
+def _assert_cached_steps_agree(fn, device, stored):
+    """From the same stored factor (in its storage's dtype), the cached paper's pass and the
+    grafted pair of ``fn`` and of the reference agree to float32 rounding."""
+    from mbf_kernels.layout import StepMode
+
+    for modes in ([StepMode.WRITE], [StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT]):
+        ours = _bucket_run(fn, stored.dtype, device, [StepMode.WRITE] + modes, stored)
+        ref = _bucket_run(reference.mbf_bucket_step_, stored.dtype, "cpu",
+                          [StepMode.WRITE] + modes, stored)
+        for a, b in zip(ours[:3] + ours[5:], ref[:3] + ref[5:]):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                torch.testing.assert_close(x.cpu(), y, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("target", targets(covering=9, step=True))
 def test_bucket_step_with_a_bfloat16_factor(target):
     """factor_dtype="bfloat16": the refactor stores each factor entry rounded to nearest (ties to
@@ -375,7 +389,6 @@ def test_bucket_step_with_a_bfloat16_factor(target):
     from mbf_kernels.layout import StepMode
 
     fn = dispatch.module(target.backend).mbf_bucket_step_
-    graft = [StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT]
     # The refactor: the stored factor against the float32 one, and against the reference's.
     L32 = _bucket_run(fn, torch.float32, target.device, [StepMode.WRITE])[4].cpu()
     L16 = _bucket_run(fn, torch.bfloat16, target.device, [StepMode.WRITE])[4].cpu()
@@ -394,13 +407,7 @@ def test_bucket_step_with_a_bfloat16_factor(target):
     # bfloat16 ulp where a value sits on a rounding boundary, and by no more.
     assert ((entries(L16) - entries(L16_ref)).abs() <= 2.0 ** -7 * exact.abs() + 1e-6).all()
     # From the same stored factor, the cached steps agree to float32 rounding.
-    for modes in ([StepMode.WRITE], graft):
-        ours = _bucket_run(fn, torch.bfloat16, target.device, [StepMode.WRITE] + modes, L16_ref)
-        ref = _bucket_run(reference.mbf_bucket_step_, torch.bfloat16, "cpu",
-                          [StepMode.WRITE] + modes, L16_ref)
-        for a, b in zip(ours[:3] + ours[5:], ref[:3] + ref[5:]):
-            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
-                torch.testing.assert_close(x.cpu(), y, **TOL[torch.float32])
+    _assert_cached_steps_agree(fn, target.device, L16_ref)
 
 
 def _unit_parts(Q):
@@ -424,7 +431,6 @@ def test_bucket_step_with_an_int8_unit_factor(target):
     from mbf_kernels.layout import StepMode
 
     fn = dispatch.module(target.backend).mbf_bucket_step_
-    graft = [StepMode.GRAFT, StepMode.WRITE | StepMode.GRAFT]
     L32 = _bucket_run(fn, torch.float32, target.device, [StepMode.WRITE])[4].cpu()
     Q = _bucket_run(fn, torch.int8, target.device, [StepMode.WRITE])[4].cpu()
     Q_ref = _bucket_run(reference.mbf_bucket_step_, torch.int8, "cpu", [StepMode.WRITE])[4]
@@ -445,27 +451,42 @@ def test_bucket_step_with_an_int8_unit_factor(target):
     assert ((r - r_exact).abs() <= 2.0 ** -8 * r_exact).all()
     assert ((U - U_ref).abs() <= 1.01 * torch.maximum(scale, scale_ref)[:, None]).all()
     assert ((r - r_ref).abs() <= 2.0 ** -7 * r_exact).all()
-    for modes in ([StepMode.WRITE], graft):
-        ours = _bucket_run(fn, torch.int8, target.device, [StepMode.WRITE] + modes, Q_ref)
-        ref = _bucket_run(reference.mbf_bucket_step_, torch.int8, "cpu",
-                          [StepMode.WRITE] + modes, Q_ref)
-        for a, b in zip(ours[:3] + ours[5:], ref[:3] + ref[5:]):
-            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
-                torch.testing.assert_close(x.cpu(), y, **TOL[torch.float32])
+    _assert_cached_steps_agree(fn, target.device, Q_ref)
+
+
+def _assert_refused(target, dtype, factor, match):
+    """samples.bucket_step's bucket in ``dtype`` stepped with ``factor(tiles)``: refused,
+    the error matching ``match``."""
+    from mbf_kernels.layout import StepMode
+
+    params, grads, momenta, tiles, segments = samples.bucket_step(dtype, target.device)
+    F = torch.zeros(tiles, 45, 16, dtype=dtype, device=target.device)
+    stats = torch.zeros(2, dtype=torch.int64, device=target.device)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        dispatch.module(target.backend).mbf_bucket_step_(
+            params, grads, momenta, F, factor(tiles).to(target.device), stats, segments, lr=0.1,
+            momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
+            decoupled_weight_decay=False, mode=StepMode.WRITE)
 
 
 @pytest.mark.parametrize("target", targets(covering=9, step=True))
 def test_int8_factor_is_refused_where_the_step_cannot_read_it(target):
     """An int8 factor: the CPU kernels' only, beside float32 state, from d = 4 on, in its own
     compact shape; anything else is refused, naming the factor."""
-    from mbf_kernels.layout import StepMode
+    def unit(rows):
+        return lambda tiles: torch.zeros(tiles, rows, 16, dtype=torch.int8)
 
-    params, grads, momenta, tiles, segments = samples.bucket_step(torch.float32, target.device)
-    F = torch.zeros(tiles, 45, 16, device=target.device)
-    stats = torch.zeros(2, dtype=torch.int64, device=target.device)
-    fn = dispatch.module(target.backend).mbf_bucket_step_
-    kw = dict(lr=0.1, momentum_coef=0.9, beta=0.8, damping=0.05, weight_decay=0.0,
-              decoupled_weight_decay=False, mode=StepMode.WRITE)
+    if target.backend != "cpu":
+        return _assert_refused(target, torch.float32, unit(58), "int8")
+    _assert_refused(target, torch.float32, unit(45), "int8 factor must have shape")
+    _assert_refused(target, torch.float64, unit(58), "float32 bucket")
+
+
+@pytest.mark.parametrize("target", targets(covering=9, step=True))
+def test_bfloat16_factor_goes_with_float32_state_only(target):
+    _assert_refused(target, torch.float64,
+                    lambda tiles: torch.zeros(tiles, 45, 16, dtype=torch.bfloat16),
+                    "factor must (have dtype|match)")
     good = torch.zeros(tiles, 58, 16, dtype=torch.int8, device=target.device)
     if target.backend != "cpu":
         with pytest.raises((ValueError, RuntimeError), match="int8"):
