@@ -43,7 +43,9 @@ TORCH_LIBRARY(mbf_kernels, m) {
   // directions (tiles, d, 16) and [|u|^2, |a|^2] to tile_norms (tiles, 2, 16)); 3 its writing
   // pass (p by directions, scaled by tile_scale (tiles,)). tile_damping (tiles,) replaces damping
   // at the refactor. block_second_moment (tiles, 16), on the CPU: Adam's v one per block (the
-  // mean of the per-entry v; graft_second_moment="block") in place of second_moments.
+  // mean of the per-entry v; graft_second_moment="block") in place of second_moments. factor:
+  // the curvature's dtype, or bfloat16 beside float32 (factor_dtype), or on the CPU an int8
+  // unit factor (tiles, unit_factor_rows(d), 16) beside float32 (mbf/batched.h UnitI8).
   m.def(
       "mbf_bucket_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, "
       "Tensor(c!) curvature, Tensor(d!) factor, Tensor(e!) stats, int[] segments, float lr, "
