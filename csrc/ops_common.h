@@ -387,14 +387,21 @@ void bucket_pass_with(at::TensorList params, const std::vector<at::Tensor>& grad
   run(segs, cfg, tiles, tiles_used);
 }
 
-// run(factor's data) as the storage its dtype names: T, or Bf16 for a bfloat16 factor beside
-// float32 state (factor_dtype; check_bucket allowed it).
-template <typename T, typename Run>
+// run(factor's data) as the storage its dtype names: T, or beside float32 state (factor_dtype;
+// check_bucket allowed it) Bf16 for a bfloat16 factor and, where `readers` take one (the CPU
+// kernels: run is instantiated for UnitI8 only there), UnitI8 for an int8 unit factor.
+template <typename T, FactorReaders readers, typename Run>
 void with_factor(at::Tensor& factor, Run&& run) {
   if constexpr (std::is_same_v<T, float>) {
     if (factor.scalar_type() == at::kBFloat16) {
       run(reinterpret_cast<Bf16*>(factor.mutable_data_ptr<at::BFloat16>()));
       return;
+    }
+    if constexpr (readers == FactorReaders::kCpu) {
+      if (factor.scalar_type() == at::kChar) {
+        run(reinterpret_cast<UnitI8*>(factor.mutable_data_ptr<int8_t>()));
+        return;
+      }
     }
   }
   run(factor.mutable_data_ptr<T>());

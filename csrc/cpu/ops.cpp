@@ -280,18 +280,10 @@ void bucket_pass(at::TensorList params, const std::vector<at::Tensor>& grads,
         params, grads, momenta, curvature, segments, d, cfg, second_moments, tile_damping,
         tile_scale, tile_norms, directions, block_second_moment, mode, /*tile_sums=*/true,
         [&](const auto& segs, const cpu::StepConfig& cfg, const auto& tiles, int64_t used) {
-          const auto run = [&](auto* L) {
+          with_factor<scalar_t, FactorReaders::kCpu>(factor, [&](auto* L) {
             run_step<scalar_t>(segs, curvature.mutable_data_ptr<scalar_t>(), L, d, used, cfg,
                                stats, tiles);
-          };
-          // (an int8 factor is a float32 bucket's: check_bucket)
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (factor.scalar_type() == at::kChar) {
-              run(reinterpret_cast<UnitI8*>(factor.mutable_data_ptr<int8_t>()));
-              return;
-            }
-          }
-          with_factor<scalar_t>(factor, run);
+          });
         });
   });
 }

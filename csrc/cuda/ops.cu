@@ -208,7 +208,7 @@ void mbf_bucket_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
         params, grads_c, momenta, curvature, segments, d, config, second_moments, tile_damping,
         tile_scale, tile_norms, directions, block_second_moment, mode, /*tile_sums=*/false,
         [&](const auto& segs, const StepConfig& cfg, const auto& tiles, int64_t) {
-          with_factor<scalar_t>(factor, [&](auto* L) {
+          with_factor<scalar_t, FactorReaders::kCuda>(factor, [&](auto* L) {
             run_bucket_step<scalar_t>(segs, curvature, L, stats, d, cfg, tiles);
           });
         });
