@@ -140,6 +140,33 @@ def unit_coded(rows: Tensor) -> Tensor:
     return from_compact(factor_from_unit(unit_from_factor(to_compact(rows)), d), rows.shape[0])
 
 
+def unit_factor_fits(d: int, device: torch.device) -> bool:
+    """Whether a float32 bucket of blocks of size d on ``device`` can keep an int8 unit factor:
+    on CPU tensors (the cpu and torch backends read it) from UNIT_MIN_DIM on (below it the
+    bfloat16 factor is smaller)."""
+    return d >= UNIT_MIN_DIM and device.type == "cpu"
+
+
+def factor_shape(tiles: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """A bucket's compact factor in its storage: (tiles, T, 16), or (tiles,
+    unit_factor_rows(d), 16) for an int8 unit factor."""
+    return (tiles, unit_factor_rows(d) if dtype == torch.int8 else tril_size(d), COMPACT_TILE)
+
+
+def factor_rows(C: Tensor, n_blocks: int, d: int | None) -> Tensor:
+    """(n, T) canonical rows of the compact factor C in its storage: an int8 unit factor (of
+    blocks of size d) decoded to float32, any other as stored."""
+    return from_compact(factor_from_unit(C, d) if C.dtype == torch.int8 else C, n_blocks)
+
+
+def stored_factor(rows: Tensor, like: Tensor) -> Tensor:
+    """(n, T) canonical rows as a compact factor in the storage of ``like`` (padding blocks
+    zeros): rounded to its dtype, or coded as an int8 unit factor (as the CPU kernels code it)."""
+    if like.dtype == torch.int8:
+        return unit_from_factor(to_compact(rows.float()))
+    return to_compact(rows.to(like))
+
+
 # ---------------------------------------------------------------------------------------------
 # The bucket step's segment table (mbf_bucket_step_ in csrc/registration.cpp, the reference and
 # the Triton launcher).
@@ -316,9 +343,8 @@ def check_bucket_step_fake(params, grads, momenta, curvature, factor, stats,
                      lambda: f"{name} must be on {curvature.device}, got {t.device}")
     torch._check(curvature.dim() == 3 and curvature.shape[2] == COMPACT_TILE,
                  lambda: "curvature must be a compact tensor")
-    unit_shape = (curvature.shape[0], unit_factor_rows(tril_dim(curvature.shape[1])),
-                  COMPACT_TILE)
-    torch._check(factor.shape == (unit_shape if factor.dtype == torch.int8 else curvature.shape),
+    torch._check(factor.shape == factor_shape(curvature.shape[0], tril_dim(curvature.shape[1]),
+                                              factor.dtype),
                  lambda: "factor must have the curvature's compact shape (an int8 factor: "
                          "(tiles, unit_factor_rows(d), 16))")
     torch._check(stats.numel() == 2, lambda: "stats must hold 2 counters")

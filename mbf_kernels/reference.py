@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from .layout import (COMPACT_TILE, SEGMENT_FIELDS, Segment, SegmentFlags, StepMode, check_mode,
-                     cholesky_from_factor, factor_from_cholesky, factor_from_unit, from_compact,
-                     n_tiles, to_compact, unit_coded, unit_from_factor)
+                     cholesky_from_factor, factor_from_cholesky, factor_rows, from_compact,
+                     n_tiles, stored_factor, to_compact, unit_coded)
 from .packed import pack_tril, tril_dim, unpack_tril
 
 __all__ = [
@@ -258,20 +258,15 @@ def _graft_norms(u: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, ep
     return torch.where(torch.isfinite(norms).all(-1, keepdim=True), norms, 0)
 
 
-def _factor_rows(C: Tensor, n: int, d: int | None) -> Tensor:
-    """The (n, T) canonical rows of a compact factor C; an int8 unit factor decoded (float32)."""
-    return from_compact(factor_from_unit(C, d) if C.dtype == torch.int8 else C, n)
-
-
 def _write_compact_rows(C: Tensor, X: Tensor) -> None:
     """Write the (n, T) canonical rows X into the first n blocks of the compact C, in place;
     the padding blocks keep their values (an int8 unit factor's decode and code to the same
     bytes)."""
 
     d = tril_dim(X.shape[1]) if C.dtype == torch.int8 else None
-    padded = _factor_rows(C, C.shape[0] * COMPACT_TILE, d).clone()
+    padded = factor_rows(C, C.shape[0] * COMPACT_TILE, d).clone()
     padded[: X.shape[0]] = X
-    C.copy_(unit_from_factor(to_compact(padded)) if C.dtype == torch.int8 else to_compact(padded))
+    C.copy_(stored_factor(padded, C))
 
 
 def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
@@ -312,7 +307,7 @@ def mbf_bucket_step_(params: list[Tensor], grads: list[Tensor], momenta: list[Te
         tiles = n_tiles(n)
         P, G, Mm = seg.rows(params), seg.rows(grads), seg.rows(momenta)
         F_c, L_c = curvature[tile0:tile0 + tiles], factor[tile0:tile0 + tiles]
-        F, L = from_compact(F_c, n), _factor_rows(L_c, n, tril_dim(F_c.shape[1]))
+        F, L = from_compact(F_c, n), factor_rows(L_c, n, tril_dim(F_c.shape[1]))
 
         def per_block(x: Tensor | None) -> Tensor | None:
             return None if x is None else x[tile0:tile0 + tiles].repeat_interleave(

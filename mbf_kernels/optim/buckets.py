@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..dispatch import cpu_ops, module, select
-from ..layout import (COMPACT_TILE, SEGMENT_FIELDS, UNIT_MIN_DIM, SegmentFlags, StepMode,
-                      n_tiles)
+from ..layout import (COMPACT_TILE, SEGMENT_FIELDS, SegmentFlags, StepMode, n_tiles,
+                      unit_factor_fits)
 from ..reference import relative_damping
 from .blocks import Unit
 from .fsdp import LocalShards
@@ -96,14 +96,14 @@ class Bucket:
     def factor_dtype(self, group: dict) -> torch.dtype:
         """The storage of this bucket's factor, for a float32 bucket of a group whose
         ``factor_dtype`` asks for one (options.factor_storage) where its step reads it: int8
-        (a unit factor, layout.unit_factor_rows) on CPU tensors from d = UNIT_MIN_DIM on (the
-        cpu and torch backends), bfloat16 (asked for, or in place of int8) on the cpu, triton
+        (a unit factor, layout.unit_factor_rows) where layout.unit_factor_fits and the step is
+        the cpu or torch backend's, bfloat16 (asked for, or in place of int8) on the cpu, triton
         and torch backends and the CUDA kernels' hot block sizes; else the state's dtype."""
         storage = factor_storage(group)
         if storage == "state" or self.dtype != torch.float32:
             return self.dtype
         readers = (module("cpu").mbf_bucket_step_, module("torch").mbf_bucket_step_)
-        if (storage == "int8" and self.d >= UNIT_MIN_DIM and self.device.type == "cpu"
+        if (storage == "int8" and unit_factor_fits(self.d, self.device)
                 and self.step_function(group["backend"]) in readers):
             return torch.int8
         cuda = module("cuda")

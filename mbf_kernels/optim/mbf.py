@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..layout import COMPACT_TILE, n_tiles, unit_factor_rows
+from ..layout import COMPACT_TILE, factor_shape, n_tiles
 from ..packed import tril_size
 from .blocks import ModuleRoles, Unit, module_roles, plan_group
 from .bound import BoundBuckets
@@ -152,9 +152,8 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
             shape = (b.tiles, tril_size(b.d), COMPACT_TILE)
             b.curvature = torch.zeros(shape, dtype=b.dtype, device=b.device)
             storage = b.factor_dtype(group)
-            if storage == torch.int8:  # a unit factor (layout.unit_factor_rows)
-                shape = (b.tiles, unit_factor_rows(b.d), COMPACT_TILE)
-            b.factor = torch.zeros(shape, dtype=storage, device=b.device)
+            b.factor = torch.zeros(factor_shape(b.tiles, b.d, storage), dtype=storage,
+                                   device=b.device)
             if block_second_moment(group, b.device):
                 b.block_second_moment = torch.zeros(b.tiles, COMPACT_TILE, dtype=b.dtype,
                                                     device=b.device)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .blocks import ModuleRoles, module_roles, plan_group
 from .fisher import FisherCapture
-from ..layout import UNIT_MIN_DIM, cholesky_from_factor, factor_from_cholesky, unit_coded
+from ..layout import cholesky_from_factor, factor_from_cholesky, unit_coded, unit_factor_fits
 from ..reference import relative_damping
 from .options import (DEFAULTS, block_second_moment, factor_storage, graft_lag_warmup,
                       momentum_coef, prepare_group, shared_beta, state_dtype, validate_group)
@@ -90,7 +90,7 @@ class ReferenceMBF(FisherCapture, torch.optim.Optimizer):
             return L
         packed = factor_from_cholesky(L)
         d = L.shape[-1]
-        if storage == "int8" and d >= UNIT_MIN_DIM and L.device.type == "cpu":
+        if storage == "int8" and unit_factor_fits(d, L.device):
             flat = packed.reshape(-1, packed.shape[-1])
             return cholesky_from_factor(unit_coded(flat).reshape(packed.shape))
         return cholesky_from_factor(packed.to(torch.bfloat16).to(L))

@@ -3,10 +3,9 @@ everything before it changes anything (a mixin of :class:`~mbf_kernels.optim.MBF
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from ..layout import factor_from_unit, from_compact, n_tiles, to_compact, unit_from_factor
+from ..layout import factor_rows, from_compact, n_tiles, stored_factor, to_compact
 from .blocks import Segment, Unit
 from .fsdp import LocalShards, blocks_per_row, local_part, rows_of, shard_blocks, shard_like
 from .buckets import MOMENTUM, SECOND_MOMENT, STEP, GroupPlan
@@ -124,9 +123,7 @@ class CanonicalState:
                     if kind == "shared":  # the same on every rank (FSDP2: replicated)
                         c, f = C.canonical()
                     else:
-                        c, f = from_compact(C, seg.n_blocks), from_compact(
-                            factor_from_unit(L, seg.d) if L.dtype == torch.int8 else L,
-                            seg.n_blocks)
+                        c, f = from_compact(C, seg.n_blocks), factor_rows(L, seg.n_blocks, seg.d)
                         if plan.shards is not None:  # laid out as the parameter's shards
                             local = unit.params[seg.main]
                             p = plan.shards.dtensor_of(local)
@@ -223,10 +220,7 @@ class CanonicalState:
                 else:
                     # Padding blocks keep finite values (zeros), as on a fresh optimizer.
                     C.copy_(to_compact(c.to(C)))
-                    if L.dtype == torch.int8:  # coded as the kernels' refactor codes it
-                        L.copy_(unit_from_factor(to_compact(f.float())))
-                    else:
-                        L.copy_(to_compact(f.to(L)))
+                    L.copy_(stored_factor(f, L))
         self._load_graft_ratios(saved, index)
 
     def _check_moments(self, unit: Unit, plan: GroupPlan, entry: dict, saved: dict,
