@@ -28,7 +28,8 @@ from types import ModuleType
 import torch
 
 from . import _extension, reference
-from .limits import CUDA_STEP_MAX_D, TRITON_MAX_D, triton_interpreted
+from .limits import (CUDA_STEP_MAX_D, TRITON_INTERPRETER_MIN, TRITON_MAX_D, triton_interpreted,
+                     version_tuple)
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 CHOICES = ("auto", *BACKEND_NAMES)
@@ -49,6 +50,11 @@ def _triton_status() -> BackendStatus:
         return BackendStatus("triton", False, "triton is not installed")
     version = importlib.metadata.version("triton")
     if triton_interpreted():
+        if version_tuple(version) < TRITON_INTERPRETER_MIN:
+            oldest = ".".join(map(str, TRITON_INTERPRETER_MIN))
+            return BackendStatus("triton", False, f"triton {version}'s CPU interpreter cannot run "
+                                 f"these kernels (TRITON_INTERPRET=1 needs triton >= {oldest}; "
+                                 "compiled for a GPU, older versions serve)")
         return BackendStatus("triton", True, f"triton {version} in its CPU interpreter "
                              f"(TRITON_INTERPRET=1; for tests), d <= {TRITON_MAX_D}")
     if not torch.cuda.is_available():

@@ -231,6 +231,21 @@ def test_cpu_backend_refuses_other_devices():
         dispatch.select("cpu", torch.device("meta"), differentiable=False, fn="t")
 
 
+@pytest.mark.parametrize("version, available", [("3.6.0", False), ("3.7.1+git5", False),
+                                                 ("3.8.0", True), ("4.0", True)])
+def test_triton_interpreter_needs_a_version_that_runs_the_kernels(monkeypatch, version, available):
+    """Triton 3.6 and 3.7's interpreter fail the kernels' tests (their autotuner asks for a GPU
+    driver even for one config): the interpreter backend is unavailable there, and says why."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch.importlib.metadata, "version", lambda name: version)
+    status = dispatch._triton_status()
+    assert status.available is available
+    if not available:
+        assert f"triton {version}'s CPU interpreter" in status.detail and ">= 3.8" in status.detail
+
+
 def test_auto_never_picks_the_interpreter():
     if not mk.backends()["triton"].available:
         pytest.skip(mk.backends()["triton"].detail)
