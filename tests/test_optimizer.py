@@ -200,6 +200,31 @@ def test_lr_scheduler():
     torch.testing.assert_close(out[1], out[0], **TOL[torch.float64])
 
 
+def test_compiled_step_runs_eagerly_under_an_lr_schedule():
+    """torch.compile(opt.step), the shipped defaults (docs/semantics.md): the fused step runs
+    eagerly, so a schedule's new lr at every step compiles nothing (traced, each lr was a new
+    graph), and the trajectory is the eager one bit for bit."""
+    from torch._dynamo.utils import counters
+
+    data = batches(6, torch.float32)
+    out = []
+    for compiled in (False, True):
+        model = make_net(torch.float32)
+        opt = mk.MBF.from_model(model, lr=1e-3, curvature_update_freq=2, inverse_update_freq=3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(opt.step) if compiled else opt.step
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            step()
+            sched.step()
+        out.append(flat(model))
+    assert counters["stats"]["unique_graphs"] == 0
+    assert torch.equal(out[1], out[0])
+
+
 def test_grad_scaler_skips_inf_steps_and_unscales():
     model = make_net(torch.float32)
     opt = mk.MBF.from_model(model, **OPTIONS)

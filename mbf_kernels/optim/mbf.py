@@ -183,6 +183,14 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fused_step()
+        return loss
+
+    # Eager under torch.compile (docs/semantics.md): the step is already a few fused kernel
+    # calls per bucket, and traced it recompiled at every new lr (a Python float in its graph)
+    # and broke its graph at the bound C++ buckets: 0.3 s a step under an LR schedule.
+    @torch.compiler.disable
+    def _fused_step(self) -> None:
         fisher = self._take_fisher_grads()
         fsdp = [plan.shards for plan in self._plans if plan.shards is not None]
         for shards in fsdp:
@@ -192,7 +200,6 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         finally:
             for shards in fsdp:
                 shards.unbind_grads()
-        return loss
 
     def _step(self, fisher: dict[Tensor, Tensor]) -> None:
         # Every check first (a missing sampled gradient raises before any state changes).
