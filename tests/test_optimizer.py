@@ -449,6 +449,31 @@ def test_bad_options_raise_value_error_naming_them(kwargs, name):
         mk.MBF(make_net().parameters(), **kwargs)
 
 
+#: torch.optim.AdamW's keywords at their defaults, as a call copied from AdamW passes them.
+ADAMW_KEYWORDS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                      differentiable=False, fused=None)
+
+
+def test_adamws_keywords_carry_over_and_its_variants_are_refused_by_name():
+    """A constructor call copied from AdamW(fused=True) steps as MBF without its keywords;
+    asking for a variant MBF lacks raises ValueError naming it."""
+    data = batches(3, torch.float32)
+    out = []
+    for extra in ({}, dict(ADAMW_KEYWORDS, fused=True), dict(ADAMW_KEYWORDS, foreach=False)):
+        model = make_net(torch.float32)
+        opt = mk.MBF.from_model(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                                **extra)
+        assert not set(ADAMW_KEYWORDS) & set(opt.param_groups[0])
+        train(model, opt, data)
+        out.append(flat(model))
+    assert torch.equal(out[1], out[0]) and torch.equal(out[2], out[0])
+    for name in ("amsgrad", "maximize", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{name}=True is AdamW's and not supported"):
+            mk.MBF(make_net().parameters(), **dict(ADAMW_KEYWORDS, **{name: True}))
+    with pytest.raises(ValueError, match="fused must be None or a bool"):
+        mk.MBF(make_net().parameters(), fused="yes")
+
+
 def test_bad_group_option_raises():
     model = make_net()
     with pytest.raises(ValueError, match="damping"):

@@ -30,7 +30,8 @@ from .buckets import (FIRST, MOMENTUM, REFACTOR, REFRESH, SECOND_MOMENT, STEP, B
 from .fisher import FisherCapture
 from .fsdp import global_rows, local_roles, local_shards
 from .options import (DEFAULTS, PAPER, PAPER_DAMPING, PAPER_LR, block_second_moment,
-                      momentum_coef, prepare_group, state_dtype, validate_group)
+                      momentum_coef, pop_adamw_switches, prepare_group, state_dtype,
+                      validate_group)
 from .shared import SharedSet
 from .sharding import SHARD_OWNER, ShardSync, assign_owners, wants_sharding, world
 from .state import CanonicalState
@@ -54,6 +55,7 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
         self._rank_loads: list[int] = []  # curvature bytes per rank so far (shard_curvature)
         self._n_params = 0
         self._fisher_grads: dict[Tensor, Tensor] = {}  # fisher_pass() -> the next step()
+        pop_adamw_switches(options)
         defaults = dict(DEFAULTS, lr=lr, **options)
         validate_group(defaults)
         if options.get("graft") == "none" and "damping_mode" not in options:

@@ -172,6 +172,33 @@ RUN_OPTIONS = ("backend", "max_block_size", "large_linear", "shared_rank", "conv
                "graft_second_moment")
 
 
+#: torch.optim.AdamW's keywords that choose how it runs, or a variant of Adam: a constructor call
+#: copied from AdamW keeps working where they ask for nothing MBF lacks, and names the one that
+#: does. `foreach` and `fused` are ignored (the MBF step is always fused; `backend` picks its
+#: implementation); the others are refused when set, with why.
+ADAMW_IMPLEMENTATION = ("foreach", "fused")
+ADAMW_VARIANTS = {
+    "amsgrad": "grafting takes Adam's step length from v itself, not AMSGrad's running maximum",
+    "maximize": "negate the loss instead",
+    "capturable": "the step decides its refreshes on the host, so a CUDA graph cannot capture it",
+    "differentiable": "the fused step has no autograd formula",
+}
+
+
+def pop_adamw_switches(options: dict) -> None:
+    """Take AdamW's keywords out of constructor ``options`` (ADAMW_*): None or a bool for
+    `foreach` / `fused`, a false value for the variants; ValueError naming anything else."""
+    for name in ADAMW_IMPLEMENTATION:
+        value = options.pop(name, None)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"MBF: {name} must be None or a bool (AdamW's keyword; MBF's step "
+                             f"is always fused), got {value!r}")
+    for name, why in ADAMW_VARIANTS.items():
+        value = options.pop(name, False)
+        if value:
+            raise ValueError(f"MBF: {name}={value!r} is AdamW's and not supported: {why}")
+
+
 def validate_group(group: dict) -> None:
     """ValueError naming the first unknown or bad option of a param group."""
     unknown = sorted(set(group) - set(DEFAULTS) - {"params", "name"})
