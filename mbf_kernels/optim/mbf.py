@@ -45,8 +45,10 @@ class MBF(FisherCapture, CanonicalState, torch.optim.Optimizer):
     ``MBF(params, ...)`` maps parameters to blocks by shape; :meth:`from_model` also uses the
     module types (a Linear's bias joins its weight rows, norm layers are diagonal). Options,
     per param group, are the fields of :class:`~mbf_kernels.optim.options.MBFOptions` (their
-    defaults, meanings and checks; MBF_SPEC sections 3-3b). :attr:`stats` counts skipped
-    curvature refreshes and failed blocks.
+    defaults, meanings and checks; MBF_SPEC sections 3-3b); AdamW's own ``foreach`` and
+    ``fused`` are taken and ignored, and its variants (``amsgrad``, ``maximize``, ...) refused
+    when set (:func:`~mbf_kernels.optim.options.pop_adamw_switches`). :attr:`stats` counts
+    skipped curvature refreshes and failed blocks.
     """
 
     def __init__(self, params: Iterable, lr: float = DEFAULTS["lr"], **options) -> None:
