@@ -309,9 +309,12 @@ struct CompactTile {
     const V<T> zero = lanes::splat<V<T>>(T(0));
     V<T> amax = zero;
     M<T> finite = lanes::splat<M<T>>(-1);
+    // U_ij = L_ij / L_jj into L's strictly lower entries (this refactor's scratch; the
+    // diagonal, which each row reads, stays).
     for (int i = 1; i < n; ++i)
       for (int j = 0; j < i; ++j) {
         const V<T> a = L[tri_index(i, j)] * L[tri_index(j, j)];
+        L[tri_index(i, j)] = a;
         amax = a > amax ? a : (-a > amax ? -a : amax);
         finite &= (a - a) == T(0);
       }
@@ -330,7 +333,7 @@ struct CompactTile {
     typedef int8_t I8 __attribute__((vector_size(lanes::kVectorBytes / 4)));
     for (int i = 1; i < n; ++i)
       for (int j = 0; j < i; ++j) {
-        const V<T> q = (L[tri_index(i, j)] * L[tri_index(j, j)]) * coding;
+        const V<T> q = L[tri_index(i, j)] * coding;
         const V<T> rounded = ((finite ? q : zero) + magic) - magic;
         const I32 wide = __builtin_convertvector(rounded, I32);
         const I8 c = __builtin_convertvector(wide, I8);
