@@ -57,6 +57,18 @@ def randn(*shape: int, dtype=torch.float64, seed: int = 1):
     return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype)
 
 
+def unit_and_pivots(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an int8 unit factor codes, per block of (n, T) factor rows (diagonal inverted, as
+    the optimizer stores them), in float64: U's strictly lower entries U_ij = L_ij / L_jj
+    (row-major) and the pivots r_i = 1 / L_ii^2."""
+    from mbf_kernels.packed import unpack_tril
+
+    L = unpack_tril(rows.double(), symmetric=False)
+    inv = L.diagonal(dim1=-2, dim2=-1)
+    i, j = torch.tril_indices(L.shape[-1], L.shape[-1], -1)
+    return L[:, i, j] * inv[:, j], inv * inv
+
+
 def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values as ``t`` in a strided (non-contiguous) view."""
     big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)

@@ -9,7 +9,8 @@ import torch
 
 import mbf_kernels as mk
 import samples
-from conftest import STEP_TOL as TOL, assert_refuses_block_size, randn, targets
+from conftest import (STEP_TOL as TOL, assert_refuses_block_size, randn, targets,
+                      unit_and_pivots)
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.packed import pack_tril
 
@@ -35,7 +36,6 @@ def test_int8_unit_factor_codes_within_its_bounds_and_stays_spd(d):
     preconditioner is SPD whatever the conditioning); decoding and coding again gives the same
     bytes; a block whose factor is not finite codes U = I."""
     from mbf_kernels.layout import factor_from_unit, unit_factor_rows, unit_from_factor
-    from mbf_kernels.packed import unpack_tril
 
     n = 48
     g = torch.Generator().manual_seed(d)
@@ -50,13 +50,6 @@ def test_int8_unit_factor_codes_within_its_bounds_and_stays_spd(d):
     assert coded.dtype == torch.int8 and coded.shape == (3, unit_factor_rows(d), 16)
     decoded = compact.from_compact(factor_from_unit(coded, d), n)
     assert torch.equal(unit_from_factor(compact.to_compact(decoded)), coded)
-    i, j = torch.tril_indices(d, d, -1)
-
-    def unit_and_pivots(rows):
-        M = unpack_tril(rows.double(), symmetric=False)  # diagonal: 1 / L_ii
-        inv = M.diagonal(dim1=-2, dim2=-1)
-        return M[:, i, j] * inv[:, j], inv * inv
-
     U, r = unit_and_pivots(P[:-1])
     U_q, r_q = unit_and_pivots(decoded[:-1])
     scale = U.abs().amax(1, keepdim=True) / 127

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import samples
-from conftest import STEP_TOL as TOL, StepBucket, Target, assert_refuses_block_size, randn, targets
+from conftest import (STEP_TOL as TOL, StepBucket, Target, assert_refuses_block_size, randn,
+                      targets, unit_and_pivots)
 from mbf_kernels import compact, dispatch, reference
 from mbf_kernels.limits import TRITON_MAX_D as MAX_D
 from mbf_kernels.layout import factor_from_unit, from_compact, unit_from_factor
-from mbf_kernels.packed import pack_tril, unpack_tril
+from mbf_kernels.packed import pack_tril
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None
                                   or not dispatch.backends()["triton"].available,
@@ -412,12 +413,9 @@ def test_bucket_step_with_a_bfloat16_factor(target):
 
 def _unit_parts(Q):
     """(U's strictly lower entries, r, scale) per block of an int8 unit factor, in float64."""
-    L = unpack_tril(from_compact(factor_from_unit(Q.cpu(), 9), Q.shape[0] * 16).double(),
-                    symmetric=False)
-    inv = L.diagonal(dim1=-2, dim2=-1)
-    i, j = torch.tril_indices(9, 9, -1)
+    U, r = unit_and_pivots(from_compact(factor_from_unit(Q.cpu(), 9), Q.shape[0] * 16))
     scale = Q[:, 36:40].cpu().contiguous().view(torch.float32).reshape(-1).double()
-    return L[:, i, j] * inv[:, j], inv * inv, scale
+    return U, r, scale
 
 
 @pytest.mark.parametrize("target", [t for t in targets(covering=9, step=True)
@@ -439,10 +437,7 @@ def test_bucket_step_with_an_int8_unit_factor(target):
     owned.view(-1)[:20] = owned[2, :5] = True
     owned.view(-1)[48:81] = True
     owned = owned.view(-1)
-    i, j = torch.tril_indices(9, 9, -1)
-    L = unpack_tril(from_compact(L32, 7 * 16).double(), symmetric=False)
-    inv = L.diagonal(dim1=-2, dim2=-1)
-    U_exact, r_exact = (L[:, i, j] * inv[:, j])[owned], (inv * inv)[owned]
+    U_exact, r_exact = (x[owned] for x in unit_and_pivots(from_compact(L32, 7 * 16)))
     U, r, scale = (x[owned] for x in _unit_parts(Q))
     U_ref, r_ref, scale_ref = (x[owned] for x in _unit_parts(Q_ref))
     # (V's blocks, not refactored, keep the identity: scale 0)
